@@ -1,0 +1,4 @@
+from .schemas import write
+
+for path in write():
+    print(path)

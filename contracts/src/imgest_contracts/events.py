@@ -1,0 +1,290 @@
+"""Event payloads (the `data` of a CloudEvent), one model per event type, version 1.
+
+These models are the source of truth: `python -m imgest_contracts` writes the JSON Schemas in
+contracts/schemas/ from them, and a test fails when the checked-in schemas drift.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Payload(BaseModel):
+    """Base of every event payload: knows its event name and which field keys the message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event: ClassVar[str]  # e.g. "object.stored"; topic is "imgest." + event
+    key_field: ClassVar[str] = "upload_id"
+    description: ClassVar[str] = ""
+
+    def message_key(self) -> str:
+        return str(getattr(self, self.key_field))
+
+
+# --- shared parts ----------------------------------------------------------------------------
+
+
+class FileKind(StrEnum):
+    dicom = "dicom"
+    photo = "photo"  # JPEG/PNG/TIFF photograph
+    slide = "slide"  # whole-slide image (single file or fileset)
+    csv = "csv"
+    unknown = "unknown"
+
+
+class Uploader(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    username: str
+    email: str | None = None
+
+
+class ImportOptions(BaseModel):
+    """What the user asked for with an upload (XNAT's import parameters, in our words)."""
+
+    model_config = ConfigDict(extra="forbid")
+    project: str | None = Field(None, description="Explicit project; overrides DICOM hints.")
+    subject: str | None = None
+    session: str | None = None
+    dest: str | None = Field(None, description="XNAT-style destination, e.g. /archive/projects/P.")
+    overwrite: Literal["none", "append", "delete"] = "none"
+    quarantine: bool | None = None
+    auto_archive: bool | None = Field(None, description="Overrides the project's setting.")
+    trigger_pipelines: bool = True
+    import_handler: str | None = None
+    fields: dict[str, str] = Field(default_factory=dict, description="Free fields: view, date…")
+
+
+class Source(BaseModel):
+    """Where a staged file came from: the stored object and, for archive members, its path."""
+
+    model_config = ConfigDict(extra="forbid")
+    object_key: str
+    member: str | None = Field(None, description="Path inside the archive, if any.")
+    files_total: int = Field(
+        ..., ge=0, description="How many files this stored object yields in all (1 unless archive)."
+    )
+
+
+class Reason(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(..., description="Stable machine code, e.g. 'dicom.malformed'.")
+    message: str = Field(..., description="What a person reads: what was wrong, what was expected.")
+
+
+class SessionHints(BaseModel):
+    """Labels and grouping keys the metadata service found; the importer decides with them."""
+
+    model_config = ConfigDict(extra="forbid")
+    project: str | None = None
+    subject: str | None = None
+    session: str | None = None
+    auto_archive: bool | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_instance_uid: str | None = None
+    modality: str | None = None
+    scan: str | None = Field(None, description="Scan label, e.g. series number.")
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+class ObjectStored(Payload):
+    event: ClassVar[str] = "object.stored"
+    description: ClassVar[str] = "Bytes of an upload are durable in the object store (staging)."
+    upload_id: str
+    project: str | None = None
+    object_key: str
+    filename: str
+    size: int = Field(..., ge=0)
+    sha256: str = Field(..., pattern="^[0-9a-f]{64}$")
+    content_type: str | None = None
+
+
+class UploadSubmitted(Payload):
+    event: ClassVar[str] = "upload.submitted"
+    description: ClassVar[str] = "An upload is complete on the client side; process its objects."
+    upload_id: str
+    uploader: Uploader
+    options: ImportOptions
+    object_keys: list[str]
+    submitted_at: datetime
+
+
+class FileStaged(Payload):
+    event: ClassVar[str] = "file.staged"
+    description: ClassVar[str] = "One file (or archive member) is ready for inspection."
+    upload_id: str
+    file_id: str
+    object_key: str
+    path: str = Field(..., description="What the user calls it: file name or archive/member path.")
+    size: int = Field(..., ge=0)
+    sha256: str = Field(..., pattern="^[0-9a-f]{64}$")
+    source: Source
+
+
+class ArchiveUnpacked(Payload):
+    event: ClassVar[str] = "archive.unpacked"
+    description: ClassVar[str] = "An archive's members are all staged."
+    upload_id: str
+    object_key: str
+    filename: str
+    format: str
+    members_staged: int = Field(..., ge=0)
+    members_skipped: int = Field(..., ge=0, description="Junk such as __MACOSX/ and .DS_Store.")
+    bytes_unpacked: int = Field(..., ge=0)
+
+
+class ArchiveRejected(Payload):
+    event: ClassVar[str] = "archive.rejected"
+    description: ClassVar[str] = "An archive was refused as a whole; none of its members staged."
+    upload_id: str
+    object_key: str
+    filename: str
+    reason: Reason
+
+
+class FileValidated(Payload):
+    event: ClassVar[str] = "file.validated"
+    description: ClassVar[str] = "A file was identified and passed its project's rules."
+    upload_id: str
+    file_id: str
+    object_key: str
+    path: str
+    size: int = Field(..., ge=0)
+    sha256: str = Field(..., pattern="^[0-9a-f]{64}$")
+    source: Source
+    kind: FileKind
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    hints: SessionHints = Field(default_factory=SessionHints)
+
+
+class FileRejected(Payload):
+    event: ClassVar[str] = "file.rejected"
+    description: ClassVar[str] = "A file was refused, with the reason a person reads."
+    upload_id: str
+    file_id: str
+    object_key: str
+    path: str
+    source: Source
+    kind: FileKind = FileKind.unknown
+    reason: Reason
+
+
+class SessionRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    project: str
+    subject: str
+    session: str
+    uri: str = Field(..., description="XNAT-style URI, e.g. /data/archive/projects/P/...")
+
+
+class SessionPrearchived(Payload):
+    event: ClassVar[str] = "session.prearchived"
+    key_field: ClassVar[str] = "session_key"
+    description: ClassVar[str] = "A session waits in the prearchive for review."
+    session_key: str
+    upload_ids: list[str]
+    session: SessionRef
+    timestamp: str = Field(..., description="Prearchive folder timestamp, yyyyMMdd_HHmmssSSS.")
+    state: Literal["RECEIVING", "BUILDING", "READY", "CONFLICT", "ERROR", "ARCHIVING"]
+    files: int = Field(..., ge=0)
+    reason: Reason | None = None
+
+
+class SessionArchived(Payload):
+    event: ClassVar[str] = "session.archived"
+    key_field: ClassVar[str] = "session_key"
+    description: ClassVar[str] = "A session entered the archive (study complete)."
+    session_key: str
+    upload_ids: list[str]
+    session: SessionRef
+    study_uid: str | None = None
+    modalities: list[str] = Field(default_factory=list)
+    scans: int = Field(..., ge=0)
+    files: int = Field(..., ge=0)
+    quarantined: bool = False
+    archived_at: datetime
+
+
+class SessionOutcome(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uri: str
+    label: str
+    state: Literal["archived", "prearchived", "conflict", "failed"]
+    file_ids: list[str]
+
+
+class FileFailure(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file_id: str | None = None
+    path: str
+    reason: Reason
+
+
+class UploadCounts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    files: int = Field(..., ge=0)
+    archived: int = Field(0, ge=0)
+    prearchived: int = Field(0, ge=0)
+    rejected: int = Field(0, ge=0)
+    failed: int = Field(0, ge=0)
+
+
+class UploadCompleted(Payload):
+    event: ClassVar[str] = "upload.completed"
+    description: ClassVar[str] = "Every file of an upload reached an outcome."
+    upload_id: str
+    uploader: Uploader
+    project: str | None = None
+    outcome: Literal["succeeded", "partial", "failed"]
+    counts: UploadCounts
+    sessions: list[SessionOutcome]
+    failures: list[FileFailure]
+    completed_at: datetime
+
+
+class NotificationSent(Payload):
+    event: ClassVar[str] = "notification.sent"
+    key_field: ClassVar[str] = "notification_id"
+    description: ClassVar[str] = "An email was handed to the mail server (or written as .eml)."
+    notification_id: str
+    upload_id: str | None = None
+    kind: str
+    recipients: list[str]
+    subject: str
+    transport: Literal["smtp", "eml"]
+    sent_at: datetime
+
+
+class ProjectUpdated(Payload):
+    event: ClassVar[str] = "project.updated"
+    key_field: ClassVar[str] = "project"
+    description: ClassVar[str] = "A project's settings, as they now are (state transfer)."
+    project: str
+    name: str
+    auto_archive: Literal["manual", "auto", "auto-overwrite"]
+    quarantine: bool
+    accepted_kinds: list[FileKind]
+    notify: list[str] = Field(default_factory=list)
+
+
+EVENTS: tuple[type[Payload], ...] = (
+    ObjectStored,
+    UploadSubmitted,
+    FileStaged,
+    ArchiveUnpacked,
+    ArchiveRejected,
+    FileValidated,
+    FileRejected,
+    SessionPrearchived,
+    SessionArchived,
+    UploadCompleted,
+    NotificationSent,
+    ProjectUpdated,
+)

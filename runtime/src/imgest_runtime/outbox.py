@@ -1,0 +1,172 @@
+"""Transactional outbox and inbox, in each service's own schema.
+
+A handler writes its state change, the events it causes (outbox) and the id of the event it
+handled (inbox) in one transaction. The relay publishes outbox rows afterwards and marks them
+sent; a crash in between publishes them again, which the consumers' inbox makes harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from imgest_contracts import CloudEvent, Payload, topic_of
+from sqlalchemy import event as sa_event
+from sqlalchemy import (BigInteger, Column, DateTime, Identity, MetaData, String, Table, Text,
+                        select, update)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from .db import Database
+
+log = logging.getLogger("imgest.outbox")
+
+
+@dataclass
+class DeliveryTables:
+    outbox: Table
+    inbox: Table
+
+
+def delivery_tables(metadata: MetaData) -> DeliveryTables:
+    """Adds the outbox and inbox tables to a service's metadata (so its migrations create them)."""
+    outbox = Table(
+        "outbox", metadata,
+        Column("seq", BigInteger, Identity(), primary_key=True),
+        Column("event_id", String(64), nullable=False, unique=True),
+        Column("topic", String(200), nullable=False),
+        Column("key", Text, nullable=True),
+        Column("value", JSONB, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("published_at", DateTime(timezone=True), nullable=True, index=True),
+    )
+    inbox = Table(
+        "inbox", metadata,
+        Column("event_id", String(64), primary_key=True),
+        Column("topic", String(200), nullable=False),
+        Column("processed_at", DateTime(timezone=True), nullable=False),
+    )
+    return DeliveryTables(outbox, inbox)
+
+
+@dataclass
+class Outbox:
+    tables: DeliveryTables
+    source: str  # CloudEvents source, "/imgest/<service>"
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def add(self, session: AsyncSession, payload: Payload, *, event_id: str | None = None
+                  ) -> CloudEvent:
+        """Records an event to publish once the surrounding transaction commits.
+
+        A deterministic `event_id` makes a re-run of the same work a no-op here too.
+        """
+        event = CloudEvent.wrap(payload, source=self.source, event_id=event_id)
+        stmt = pg_insert(self.tables.outbox).values(
+            event_id=event.id, topic=topic_of(type(payload)), key=payload.message_key(),
+            value=json.loads(event.model_dump_json(exclude_none=True)),
+            created_at=datetime.now(UTC),
+        ).on_conflict_do_nothing(index_elements=["event_id"])
+        await session.execute(stmt)
+        # Wake the relay once the row is visible, not before: on commit.
+        sa_event.listen(session.sync_session, "after_commit", lambda _s: self.wake.set(), once=True)
+        return event
+
+    async def seen(self, session: AsyncSession, event_id: str, topic: str) -> bool:
+        """Marks an incoming event handled; True if it already was (a redelivery)."""
+        stmt = pg_insert(self.tables.inbox).values(
+            event_id=event_id, topic=topic, processed_at=datetime.now(UTC),
+        ).on_conflict_do_nothing(index_elements=["event_id"]).returning(self.tables.inbox.c.event_id)
+        inserted = (await session.execute(stmt)).first()
+        return inserted is None
+
+
+class Relay:
+    """Publishes the outbox in order of writing; woken at once after a write, polls otherwise."""
+
+    def __init__(self, db: Database, outbox: Outbox, broker, *, batch: int = 500,
+                 poll_seconds: float = 1.0):
+        self.db = db
+        self.outbox = outbox
+        self.broker = broker
+        self.batch = batch
+        self.poll_seconds = poll_seconds
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    async def publish_pending(self) -> int:
+        """One pass: publish up to `batch` rows and mark them; returns how many were sent."""
+        table = self.outbox.tables.outbox
+        async with self.db.session() as session:
+            rows = (await session.execute(
+                select(table.c.seq, table.c.topic, table.c.key, table.c.value)
+                .where(table.c.published_at.is_(None))
+                .order_by(table.c.seq).limit(self.batch)
+                .with_for_update(skip_locked=True)
+            )).all()
+            if not rows:
+                return 0
+            futures = [
+                await self.broker.publish(
+                    row.value, row.topic, key=row.key.encode() if row.key else None,
+                    headers={"content-type": "application/cloudevents+json"}, no_confirm=True,
+                )
+                for row in rows
+            ]
+            await asyncio.gather(*futures)  # every send acknowledged (acks=all) before marking
+            await session.execute(
+                update(table).where(table.c.seq.in_([r.seq for r in rows]))
+                .values(published_at=datetime.now(UTC))
+            )
+        return len(rows)
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self.outbox.wake.clear()
+            try:
+                sent = await self.publish_pending()
+                if sent:
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - broker or database down: try again shortly
+                log.warning("outbox relay pass failed; retrying", exc_info=True)
+                await asyncio.sleep(self.poll_seconds)
+                continue
+            try:
+                await asyncio.wait_for(self.outbox.wake.wait(), self.poll_seconds)
+            except TimeoutError:
+                pass
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        """Flushes what is pending (best effort), then stops."""
+        self._stopping = True
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        try:
+            while await asyncio.wait_for(self.publish_pending(), 10):
+                pass
+        except Exception:  # noqa: BLE001
+            log.warning("outbox not fully flushed at shutdown; it is sent on the next start")
+
+
+async def insert_ignore(session: AsyncSession, table: Table, **values) -> bool:
+    """Insert unless the primary key exists; True if inserted."""
+    result = await session.execute(
+        pg_insert(table).values(**values).on_conflict_do_nothing()
+    )
+    return bool(result.rowcount)
+
+
+__all__ = ["DeliveryTables", "Outbox", "Relay", "delivery_tables", "insert_ignore"]

@@ -1,0 +1,180 @@
+"""The skeleton every service shares: one FastAPI app that runs the broker, the outbox relay and
+periodic re-drive in its lifespan, and serves /healthz, /readyz, /metrics and /asyncapi.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Response
+from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI
+from imgest_contracts import TOPICS
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from sqlalchemy import MetaData
+
+from .broker import ensure_topics, make_broker
+from .db import Database, migrate
+from .outbox import DeliveryTables, Outbox, Relay, delivery_tables
+from .settings import RuntimeSettings
+from .store import ObjectStore, open_store
+
+log = logging.getLogger("imgest.service")
+
+VERSION = "0.1.0"
+
+
+def setup_logging(service: str, level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stdout,
+        format=f"%(asctime)s %(levelname)-7s {service:<8} %(name)s: %(message)s",
+    )
+    for noisy in ("aiokafka", "uvicorn.access", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@dataclass
+class Periodic:
+    """Work a service repeats (re-drive of stuck work, sweeps), first at start."""
+
+    name: str
+    every_seconds: float
+    run: Callable[[], Awaitable[Any]]
+
+
+@dataclass
+class Service:
+    """Everything a service's handlers need, built once by its `bootstrap`."""
+
+    name: str
+    settings: RuntimeSettings
+    metadata: MetaData
+    versions_dir: Path
+    broker: KafkaBroker = field(init=False)
+    db: Database = field(init=False)
+    tables: DeliveryTables = field(init=False)
+    outbox: Outbox = field(init=False)
+    store: ObjectStore | None = None
+    periodic: list[Periodic] = field(default_factory=list)
+    uses_store: bool = True
+
+    def __post_init__(self) -> None:
+        self.broker = make_broker(self.settings, self.name)
+        self.db = Database(self.settings.database_url)
+        self.tables = delivery_tables(self.metadata)
+        self.outbox = Outbox(self.tables, source=f"/imgest/{self.name}")
+
+    def migrate(self) -> None:
+        """Pre-start step: bring the service's schema up to date (blocking)."""
+        migrate(self.settings.database_url, self.metadata, self.versions_dir)
+
+    def asyncapi(self) -> dict[str, Any]:
+        return AsyncAPI(self.broker, title=f"imgest {self.name}", version=VERSION,
+                        description=f"Events the imgest {self.name} consumes and publishes.",
+                        ).to_jsonable()
+
+    async def _run_periodic(self, job: Periodic) -> None:
+        while True:
+            try:
+                await job.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a failed pass is retried on the next tick
+                log.warning("%s: periodic %s failed", self.name, job.name, exc_info=True)
+            await asyncio.sleep(job.every_seconds)
+
+    @asynccontextmanager
+    async def running(self):
+        """Start order: store, topics, broker (consumers), relay, periodic jobs; reverse on stop."""
+        if self.uses_store and self.store is None:
+            self.store = await asyncio.to_thread(open_store, self.settings)
+        await ensure_topics(self.settings.kafka_bootstrap, list(TOPICS),
+                            self.settings.kafka_partitions)
+        await self.broker.start()
+        relay = Relay(self.db, self.outbox, self.broker)
+        relay.start()
+        tasks = [asyncio.create_task(self._run_periodic(job), name=job.name)
+                 for job in self.periodic]
+        log.info("%s started (pid %d)", self.name, os.getpid())
+        try:
+            yield self
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.broker.stop()  # leaves the group; in-flight handlers finish first
+            await relay.stop()  # flush what the last handlers wrote
+            await self.db.close()
+            log.info("%s stopped", self.name)
+
+    async def ready(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        try:
+            await self.db.ping()
+            checks["database"] = "ok"
+        except Exception as e:  # noqa: BLE001
+            checks["database"] = f"error: {e}"
+        try:
+            checks["broker"] = "ok" if await self.broker.ping(timeout=2) else "error: no answer"
+        except Exception as e:  # noqa: BLE001
+            checks["broker"] = f"error: {e}"
+        if self.store is not None:
+            try:
+                await asyncio.to_thread(self.store.ping)
+                checks["store"] = "ok"
+            except Exception as e:  # noqa: BLE001
+                checks["store"] = f"error: {e}"
+        return checks
+
+
+def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        async with service.running():
+            yield
+
+    app = FastAPI(title=f"imgest {service.name}", version=VERSION, lifespan=lifespan,
+                  **fastapi_options)
+    app.state.service = service
+
+    @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "service": service.name}
+
+    @app.get("/readyz", tags=["operations"], summary="Readiness: database, broker and store answer")
+    async def readyz(response: Response) -> dict[str, Any]:
+        checks = await service.ready()
+        ok = all(v == "ok" for v in checks.values())
+        response.status_code = 200 if ok else 503
+        return {"status": "ok" if ok else "unavailable", "checks": checks}
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics",
+             response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/asyncapi.json", tags=["operations"], summary="AsyncAPI document of this service")
+    async def asyncapi() -> dict[str, Any]:
+        return service.asyncapi()
+
+    return app
+
+
+def serve(app_factory: Callable[[], FastAPI], settings: RuntimeSettings, port: int,
+          service: str) -> None:
+    """The process entry point: migrate first, then serve until SIGTERM/SIGINT."""
+    import uvicorn
+
+    setup_logging(service, settings.log_level)
+    app = app_factory()
+    app.state.service.migrate()
+    uvicorn.run(app, host=settings.http_host, port=port, log_config=None,
+                timeout_graceful_shutdown=20, limit_concurrency=None)

@@ -1,0 +1,50 @@
+"""Settings every service shares; each service's own settings module extends `RuntimeSettings`.
+
+Configuration comes only from environment variables prefixed `IMGEST_` (or a .env file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RuntimeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMGEST_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path(".imgest"), description="Where the embedded default keeps state.")
+    log_level: str = Field("INFO", description="Python log level for the services.")
+
+    # broker
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers.")
+    kafka_idempotence: bool = Field(
+        False, description="Idempotent producer (Apache Kafka: on; Tansu does not support it)."
+    )
+    kafka_partitions: int = Field(4, ge=1, description="Partitions of each topic imgest creates.")
+    max_attempts: int = Field(5, ge=1, description="Attempts at an event before it is dead-lettered.")
+    retry_base_seconds: float = Field(0.2, gt=0, description="First retry delay; doubles each time.")
+
+    # database
+    database_url: str = Field(
+        "postgresql+asyncpg://postgres@127.0.0.1/imgest", description="PostgreSQL (asyncpg) URL."
+    )
+
+    # object store
+    store: Literal["local", "s3"] = Field("local", description="Object store adapter.")
+    store_dir: Path | None = Field(None, description="Local store root (default DATA_DIR/objects).")
+    s3_endpoint: str = Field("127.0.0.1:9000", description="S3 endpoint host:port.")
+    s3_access_key: str = Field("minioadmin", description="S3 access key.")
+    s3_secret_key: str = Field("minioadmin", description="S3 secret key.")
+    s3_bucket: str = Field("imgest", description="Bucket holding staging, prearchive and archive.")
+    s3_secure: bool = Field(False, description="Use HTTPS for S3.")
+    s3_region: str | None = Field(None, description="S3 region, if the server needs one.")
+
+    # HTTP (health, metrics, and the gateway's API)
+    http_host: str = Field("127.0.0.1", description="Address the service's HTTP server binds.")
+
+    @property
+    def local_store_dir(self) -> Path:
+        return self.store_dir or self.data_dir / "objects"

@@ -1,0 +1,446 @@
+"""The object store port and its two adapters: a local directory and S3 (through `minio`).
+
+The port is synchronous on purpose: `minio` is synchronous, and so is file I/O. Async code calls
+it through `asyncio.to_thread`, and `put_async` bridges an async byte stream into `put` without
+ever holding a whole object in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import queue
+import shutil
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from .settings import RuntimeSettings
+
+CHUNK = 1024 * 1024
+MIN_PART = 5 * 1024 * 1024
+MAX_PARTS = 10_000
+MAX_COPY = 5 * 1024**3  # S3 CopyObject limit; larger copies are composed from parts
+
+
+class StoreError(Exception):
+    """A store operation failed; transient unless it is `ObjectNotFound` or `InvalidKey`."""
+
+
+class ObjectNotFound(StoreError):
+    pass
+
+
+class InvalidKey(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str | None = None
+
+
+def check_key(key: str) -> str:
+    """Keys are relative, '/'-separated, with no empty, '.' or '..' parts: nothing escapes."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\x00" in key:
+        raise InvalidKey(f"invalid object key: {key!r}")
+    return key
+
+
+def part_size_for(length: int | None) -> int:
+    """Smallest part size (a multiple of 1 MiB, at least 5 MiB) that fits in 10,000 parts."""
+    if length is None or length < 0:
+        return 64 * 1024 * 1024  # unknown length: up to 640 GB
+    size = max(MIN_PART, -(-length // MAX_PARTS))
+    return -(-size // CHUNK) * CHUNK
+
+
+class _Hashing(io.RawIOBase):
+    """Wraps a readable, counting and hashing what passes through."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class ObjectStore(ABC):
+    """Streaming object storage, keyed by '/'-separated paths."""
+
+    @abstractmethod
+    def put(self, key: str, data: BinaryIO, length: int | None = None) -> StoredObject:
+        """Stream `data` (read until EOF) into `key`; returns its size and sha256."""
+
+    @abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """A readable stream of the object; the caller closes it."""
+
+    @abstractmethod
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        """Up to `length` bytes from `offset` (fewer at the end of the object)."""
+
+    @abstractmethod
+    def stat(self, key: str) -> StoredObject | None:
+        """Size of the object, or None if there is none."""
+
+    @abstractmethod
+    def copy(self, src: str, dst: str) -> None:
+        """Server-side copy; replaces `dst`."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Removes the object; no error if it is already gone."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose key starts with `prefix`."""
+
+    def move(self, src: str, dst: str) -> None:
+        """Copy then delete; idempotent: a move already done is not an error."""
+        if self.stat(src) is None:
+            if self.stat(dst) is not None:
+                return
+            raise ObjectNotFound(src)
+        self.copy(src, dst)
+        self.delete(src)
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = [o.key for o in self.list(prefix)]
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def iter_chunks(self, key: str, chunk: int = CHUNK) -> Iterator[bytes]:
+        with self.open(key) as stream:
+            while block := stream.read(chunk):
+                yield block
+
+    def ping(self) -> None:
+        """Raises if the store cannot be reached."""
+
+
+# --- local directory -----------------------------------------------------------------------------
+
+
+class LocalStore(ObjectStore):
+    """Objects as files below a root directory; writes are atomic (temp file, then rename)."""
+
+    def __init__(self, root: Path, fsync: bool = True):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put(self, key: str, data: BinaryIO, length: int | None = None) -> StoredObject:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+        hashing = _Hashing(data)
+        try:
+            with open(tmp, "wb") as out:
+                while block := hashing.read(CHUNK):
+                    out.write(block)
+                if self.fsync:
+                    out.flush()
+                    os.fsync(out.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return StoredObject(key, hashing.size, hashing.sha.hexdigest())
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError as e:
+            raise ObjectNotFound(key) from e
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        with self.open(key) as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def stat(self, key: str) -> StoredObject | None:
+        try:
+            return StoredObject(key, self._path(key).stat().st_size)
+        except FileNotFoundError:
+            return None
+
+    def copy(self, src: str, dst: str) -> None:
+        source, target = self._path(src), self._path(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
+        try:
+            shutil.copyfile(source, tmp)
+        except FileNotFoundError as e:
+            raise ObjectNotFound(src) from e
+        os.replace(tmp, target)
+
+    def move(self, src: str, dst: str) -> None:
+        source, target = self._path(src), self._path(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, target)  # same file system: a rename is the server-side move
+        except FileNotFoundError as e:
+            if not target.exists():
+                raise ObjectNotFound(src) from e
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        base = self.root / prefix.rstrip("/") if prefix else self.root
+        start = base if base.is_dir() else base.parent
+        for dirpath, _dirs, files in os.walk(start):
+            for name in sorted(files):
+                if name.endswith(".part") and name.startswith("."):
+                    continue
+                path = Path(dirpath) / name
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield StoredObject(key, path.stat().st_size)
+
+    def ping(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StoreError(f"{self.root} is not writable")
+
+
+# --- S3 ------------------------------------------------------------------------------------------
+
+
+class S3Store(ObjectStore):
+    """Objects in one S3 bucket (MinIO, AWS, Ceph, SeaweedFS, moto…), through `minio`."""
+
+    def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
+                 secure: bool = False, region: str | None = None):
+        from minio import Minio
+
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
+                            secure=secure, region=region)
+        self.bucket = bucket
+
+    def ensure_bucket(self) -> None:
+        if not self.client.bucket_exists(self.bucket):
+            self.client.make_bucket(self.bucket)
+
+    def _wrap(self, key: str, error: Exception) -> StoreError:
+        from minio.error import S3Error
+
+        if isinstance(error, S3Error) and error.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+            return ObjectNotFound(key)
+        return StoreError(f"S3 {key}: {error}")
+
+    def put(self, key: str, data: BinaryIO, length: int | None = None) -> StoredObject:
+        hashing = _Hashing(data)
+        try:
+            self.client.put_object(
+                self.bucket, check_key(key), hashing,  # type: ignore[arg-type]
+                length=-1 if length is None else length, part_size=part_size_for(length),
+            )
+        except Exception as e:  # noqa: BLE001 - wrapped at the adapter boundary
+            raise self._wrap(key, e) from e
+        return StoredObject(key, hashing.size, hashing.sha.hexdigest())
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            response = self.client.get_object(self.bucket, check_key(key))
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(key, e) from e
+        return _S3Body(response)  # type: ignore[return-value]
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        try:
+            response = self.client.get_object(self.bucket, check_key(key), offset=offset,
+                                              length=length)
+        except Exception as e:  # noqa: BLE001
+            from minio.error import S3Error
+
+            if isinstance(e, S3Error) and e.code == "InvalidRange":
+                return b""
+            raise self._wrap(key, e) from e
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def stat(self, key: str) -> StoredObject | None:
+        try:
+            info = self.client.stat_object(self.bucket, check_key(key))
+        except Exception as e:  # noqa: BLE001
+            error = self._wrap(key, e)
+            if isinstance(error, ObjectNotFound):
+                return None
+            raise error from e
+        return StoredObject(key, info.size or 0)
+
+    def copy(self, src: str, dst: str) -> None:
+        from minio.commonconfig import ComposeSource, CopySource
+
+        try:
+            info = self.stat(src)
+            if info is None:
+                raise ObjectNotFound(src)
+            if info.size <= MAX_COPY:
+                self.client.copy_object(self.bucket, check_key(dst), CopySource(self.bucket, src))
+            else:  # CopyObject stops at 5 GiB; compose from ranged parts instead
+                part = MAX_COPY
+                sources = [ComposeSource(self.bucket, src, offset=o, length=min(part, info.size - o))
+                           for o in range(0, info.size, part)]
+                self.client.compose_object(self.bucket, check_key(dst), sources)
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(src, e) from e
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.remove_object(self.bucket, check_key(key))
+        except Exception as e:  # noqa: BLE001
+            error = self._wrap(key, e)
+            if not isinstance(error, ObjectNotFound):
+                raise error from e
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        try:
+            for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+                yield StoredObject(obj.object_name, obj.size or 0)
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(prefix, e) from e
+
+    def ping(self) -> None:
+        try:
+            self.client.bucket_exists(self.bucket)
+        except Exception as e:  # noqa: BLE001
+            raise StoreError(f"S3 unreachable: {e}") from e
+
+
+class _S3Body(io.RawIOBase):
+    def __init__(self, response):
+        self.response = response
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        return self.response.read(None if n < 0 else n)
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.response.close()
+            self.response.release_conn()
+        super().close()
+
+
+def open_store(settings: RuntimeSettings) -> ObjectStore:
+    if settings.store == "s3":
+        store = S3Store(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
+                        settings.s3_bucket, settings.s3_secure, settings.s3_region)
+        store.ensure_bucket()
+        return store
+    return LocalStore(settings.local_store_dir)
+
+
+# --- async bridge --------------------------------------------------------------------------------
+
+
+class _QueueReader(io.RawIOBase):
+    """A blocking reader fed chunk by chunk from the event loop (bounded, so memory stays flat)."""
+
+    def __init__(self, maxsize: int = 8):
+        self.chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize)
+        self.buffer = bytearray()
+        self.done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while not self.done and (n < 0 or len(self.buffer) < n):
+            item = self.chunks.get()
+            if item is None:
+                self.done = True
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                self.buffer += item
+        if n < 0 or n >= len(self.buffer):
+            data, self.buffer = bytes(self.buffer), bytearray()
+        else:
+            data = bytes(self.buffer[:n])
+            del self.buffer[:n]
+        return data
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+async def put_async(store: ObjectStore, key: str, chunks: AsyncIterator[bytes],
+                    length: int | None = None) -> StoredObject:
+    """Stream an async byte source into the store; the store's blocking writer runs in a thread."""
+    reader = _QueueReader()
+    writer = asyncio.ensure_future(asyncio.to_thread(store.put, key, reader, length))  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+
+    def feed(item: bytes | BaseException | None) -> None:
+        while not writer.done():  # a writer that already failed reads nothing more
+            try:
+                reader.chunks.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    pending = bytearray()  # coalesced to ~1 MiB, so thread hand-offs stay rare
+    try:
+        async for chunk in chunks:
+            if writer.done():
+                break
+            pending += chunk
+            if len(pending) >= CHUNK:
+                await loop.run_in_executor(None, feed, bytes(pending))
+                pending.clear()
+        if pending:
+            await loop.run_in_executor(None, feed, bytes(pending))
+        await loop.run_in_executor(None, feed, None)
+    except BaseException as e:
+        # Tell the writer the stream broke, so it fails and leaves nothing half-written behind.
+        await asyncio.shield(loop.run_in_executor(
+            None, feed, StoreError(f"upload stream interrupted: {e!r}")))
+        try:
+            await writer
+        except StoreError:
+            pass
+        raise
+    return await writer
