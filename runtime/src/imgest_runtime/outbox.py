@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -83,6 +84,14 @@ class Outbox:
         ).on_conflict_do_nothing(index_elements=["event_id"]).returning(self.tables.inbox.c.event_id)
         inserted = (await session.execute(stmt)).first()
         return inserted is None
+
+
+_IDS = uuid.UUID("6f1c3d52-1b2a-4c4e-9f3e-2d6a0b7c8e90")
+
+
+def derived_id(*parts: str) -> str:
+    """A deterministic event id for what handling one event causes, so a re-run is a no-op."""
+    return str(uuid.uuid5(_IDS, "\0".join(parts)))
 
 
 class Relay:
@@ -169,4 +178,4 @@ async def insert_ignore(session: AsyncSession, table: Table, **values) -> bool:
     return bool(result.rowcount)
 
 
-__all__ = ["DeliveryTables", "Outbox", "Relay", "delivery_tables", "insert_ignore"]
+__all__ = ["DeliveryTables", "derived_id", "Outbox", "Relay", "delivery_tables", "insert_ignore"]

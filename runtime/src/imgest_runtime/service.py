@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
-from imgest_contracts import TOPICS
+from imgest_contracts import TOPICS, CloudEvent
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import MetaData
 
@@ -115,6 +118,17 @@ class Service:
             await self.db.close()
             log.info("%s stopped", self.name)
 
+    @asynccontextmanager
+    async def handling(self, event: CloudEvent):
+        """One handler's unit of work: its state change, its outbox rows and the inbox mark
+        commit together. Yields None for a redelivered event (already handled: do nothing)."""
+        async with self.db.session() as session:
+            if await self.outbox.seen(session, event.id, event.type):
+                log.debug("%s: %s %s already handled", self.name, event.type, event.id)
+                yield None
+            else:
+                yield session
+
     async def ready(self) -> dict[str, str]:
         checks: dict[str, str] = {}
         try:
@@ -144,6 +158,7 @@ def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
     app = FastAPI(title=f"imgest {service.name}", version=VERSION, lifespan=lifespan,
                   **fastapi_options)
     app.state.service = service
+    add_problem_handlers(app)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:
@@ -166,6 +181,32 @@ def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
         return service.asyncapi()
 
     return app
+
+
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+    """An RFC 9457 problem document."""
+    return JSONResponse({"type": "about:blank", "title": title, "status": status,
+                         "detail": detail, **extra}, status_code=status, media_type=PROBLEM)
+
+
+def add_problem_handlers(app: FastAPI) -> None:
+    """Every error leaves as problem+json, never as a bare string or an HTML page."""
+    from http import HTTPStatus
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
+        response = problem(error.status_code, HTTPStatus(error.status_code).phrase,
+                           str(error.detail))
+        response.headers.update(error.headers or {})
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in error.errors()]
+        return problem(422, "Unprocessable Content", "The request is not valid.", errors=errors)
 
 
 def serve(app_factory: Callable[[], FastAPI], settings: RuntimeSettings, port: int,

@@ -44,6 +44,8 @@ class RuntimeSettings(BaseSettings):
 
     # HTTP (health, metrics, and the gateway's API)
     http_host: str = Field("127.0.0.1", description="Address the service's HTTP server binds.")
+    public_url: str = Field("http://127.0.0.1:8080",
+                            description="The gateway's URL as users reach it (links in emails).")
 
     @property
     def local_store_dir(self) -> Path:

@@ -444,3 +444,23 @@ async def put_async(store: ObjectStore, key: str, chunks: AsyncIterator[bytes],
             pass
         raise
     return await writer
+
+
+class IterReader(io.RawIOBase):
+    """A blocking reader over an iterator of byte chunks (to stream a generator into `put`)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self.chunks = iter(chunks)
+        self.buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        while not self.buffer:
+            self.buffer = next(self.chunks, b"")
+            if not self.buffer:
+                return 0
+        n = min(len(b), len(self.buffer))
+        b[:n], self.buffer = self.buffer[:n], self.buffer[n:]
+        return n

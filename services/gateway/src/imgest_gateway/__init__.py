@@ -1,0 +1,1 @@
+"""imgest gateway: the HTTP ways in, and the upload status users read."""

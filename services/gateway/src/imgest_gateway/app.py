@@ -1,0 +1,247 @@
+"""The gateway: streams uploads into the object store and keeps the status users read."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from imgest_contracts import (ArchiveRejected, ArchiveUnpacked, CloudEvent, FileRejected,
+                              FileStaged, FileValidated, ImportOptions, ObjectStored,
+                              UploadCompleted, UploadSubmitted, Uploader)
+from imgest_runtime.broker import consumes, publishes
+from imgest_runtime.service import Service, create_app, problem
+from imgest_runtime.store import StoreError, put_async
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from .domain import BadFilename, advances, safe_filename, upload_state
+from .models import Upload, UploadFile, UploadObject, metadata
+from .settings import Settings
+
+NAME = "gateway"
+
+
+def bootstrap(settings: Settings) -> Service:
+    svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
+    register_handlers(svc)
+    for payload in (ObjectStored, UploadSubmitted):
+        publishes(svc.broker, payload)
+    return svc
+
+
+# --- status kept up to date from the pipeline's events ------------------------------------------
+
+
+async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, object_key: str,
+                      path: str, state: str, kind: str | None = None,
+                      reason: dict | None = None, session_uri: str | None = None) -> None:
+    row = await session.get(UploadFile, file_id, with_for_update=True)
+    now = datetime.now(UTC)
+    if row is None:
+        session.add(UploadFile(file_id=file_id, upload_id=upload_id, object_key=object_key,
+                               path=path, kind=kind, state=state, reason=reason,
+                               session=session_uri, updated_at=now))
+    elif advances(row.state, state):
+        row.state, row.updated_at = state, now
+        row.kind = kind or row.kind
+        row.reason = reason or row.reason
+        row.session = session_uri or row.session
+        session.add(row)
+
+
+def register_handlers(svc: Service) -> None:
+    sub = lambda p: consumes(svc.broker, p, service=NAME)  # noqa: E731
+
+    @sub(FileStaged)
+    async def on_file_staged(event: CloudEvent[FileStaged]) -> None:
+        f = event.data
+        async with svc.handling(event) as session:
+            if session:
+                await _track_file(session, upload_id=f.upload_id, file_id=f.file_id,
+                                  object_key=f.object_key, path=f.path, state="staged")
+
+    @sub(FileValidated)
+    async def on_file_validated(event: CloudEvent[FileValidated]) -> None:
+        f = event.data
+        async with svc.handling(event) as session:
+            if session:
+                await _track_file(session, upload_id=f.upload_id, file_id=f.file_id,
+                                  object_key=f.object_key, path=f.path, state="validated",
+                                  kind=f.kind.value)
+
+    @sub(FileRejected)
+    async def on_file_rejected(event: CloudEvent[FileRejected]) -> None:
+        f = event.data
+        async with svc.handling(event) as session:
+            if session:
+                await _track_file(session, upload_id=f.upload_id, file_id=f.file_id,
+                                  object_key=f.object_key, path=f.path, state="rejected",
+                                  kind=f.kind.value, reason=f.reason.model_dump())
+
+    async def _object_state(event: CloudEvent, state: str, reason: dict | None) -> None:
+        async with svc.handling(event) as session:
+            if session:
+                row = await session.get(UploadObject, event.data.object_key, with_for_update=True)
+                if row is not None:
+                    row.state, row.reason = state, reason
+                    session.add(row)
+
+    @sub(ArchiveUnpacked)
+    async def on_archive_unpacked(event: CloudEvent[ArchiveUnpacked]) -> None:
+        await _object_state(event, "unpacked", None)
+
+    @sub(ArchiveRejected)
+    async def on_archive_rejected(event: CloudEvent[ArchiveRejected]) -> None:
+        await _object_state(event, "rejected", event.data.reason.model_dump())
+
+    @sub(UploadCompleted)
+    async def on_upload_completed(event: CloudEvent[UploadCompleted]) -> None:
+        done = event.data
+        async with svc.handling(event) as session:
+            if not session:
+                return
+            for outcome in done.sessions:
+                state = {"archived": "archived", "prearchived": "prearchived"}.get(
+                    outcome.state, "failed")
+                for file_id in outcome.file_ids:
+                    row = await session.get(UploadFile, file_id, with_for_update=True)
+                    if row is not None:
+                        row.state, row.session = state, outcome.uri
+                        session.add(row)
+            upload = await session.get(Upload, done.upload_id, with_for_update=True)
+            if upload is not None:
+                upload.state = upload_state(done.counts)
+                upload.completed_at = done.completed_at
+                upload.summary = done.model_dump(mode="json", include={
+                    "outcome", "counts", "sessions", "failures"})
+                session.add(upload)
+
+
+# --- HTTP API ------------------------------------------------------------------------------------
+
+
+def upload_view(upload: Upload, objects: list[UploadObject], files: list[UploadFile]
+                ) -> dict[str, Any]:
+    summary = upload.summary or {}
+    by_state: dict[str, int] = {}
+    for f in files:
+        by_state[f.state] = by_state.get(f.state, 0) + 1
+    return {
+        "id": upload.id,
+        "state": upload.state,
+        "project": upload.project,
+        "uploader": upload.uploader,
+        "options": upload.options,
+        "created_at": upload.created_at,
+        "completed_at": upload.completed_at,
+        "outcome": summary.get("outcome"),
+        "counts": summary.get("counts") or {"files": len(files), **by_state},
+        "sessions": summary.get("sessions", []),
+        "objects": [{"object_key": o.object_key, "filename": o.filename, "size": o.size,
+                     "sha256": o.sha256, "state": o.state, "reason": o.reason} for o in objects],
+        "files": [{"file_id": f.file_id, "path": f.path, "kind": f.kind, "state": f.state,
+                   "reason": f.reason, "session": f.session} for f in files],
+    }
+
+
+def build_app(settings: Settings) -> FastAPI:
+    svc = bootstrap(settings)
+    app = create_app(svc, description="Uploads into imgest, and what became of them.")
+    api = APIRouter(prefix="/api/v1", tags=["uploads"])
+    public_url = settings.public_url.rstrip("/")
+
+    async def receive(request: Request, filename: str, options: ImportOptions) -> JSONResponse:
+        try:
+            name = safe_filename(filename)
+        except BadFilename as e:
+            return problem(400, "Bad file name", str(e))
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_upload_bytes):
+            return problem(413, "Content Too Large",
+                           f"An upload may be at most {settings.max_upload_bytes} bytes.")
+        upload_id = uuid.uuid4().hex
+        key = f"staging/{upload_id}/{name}"
+        try:
+            stored = await put_async(svc.store, key, request.stream(),  # type: ignore[arg-type]
+                                     int(length) if length else None)
+        except StoreError as e:
+            return problem(503, "Store unavailable", f"The file could not be stored: {e}")
+        if stored.size == 0:
+            await asyncio.to_thread(svc.store.delete, key)
+            return problem(400, "Empty upload", "The request body was empty; nothing to import.")
+        uploader = Uploader(username=settings.admin_user, email=settings.admin_email)
+        now = datetime.now(UTC)
+        async with svc.db.session() as session:
+            upload = Upload(id=upload_id, state="processing", project=options.project,
+                            uploader=uploader.username, email=uploader.email,
+                            options=options.model_dump(mode="json", exclude_defaults=True),
+                            created_at=now)
+            obj = UploadObject(object_key=key, upload_id=upload_id, filename=name,
+                               size=stored.size, sha256=stored.sha256, state="stored")
+            session.add(upload)
+            session.add(obj)
+            await svc.outbox.add(session, ObjectStored(
+                upload_id=upload_id, project=options.project, object_key=key, filename=name,
+                size=stored.size, sha256=stored.sha256,
+                content_type=request.headers.get("content-type")))
+            await svc.outbox.add(session, UploadSubmitted(
+                upload_id=upload_id, uploader=uploader, options=options, object_keys=[key],
+                submitted_at=now))
+        location = f"/api/v1/uploads/{upload_id}"
+        body = upload_view(upload, [obj], [])
+        body["status_url"] = public_url + location
+        return JSONResponse(jsonable(body), status_code=201, headers={"Location": location})
+
+    Project = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                                          description="Project to import into.")]
+    Label = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+    @api.post("/uploads", status_code=201, summary="Upload one file (raw request body)",
+              responses={201: {"description": "Stored; processing has begun."}})
+    async def post_upload(request: Request, filename: Annotated[str, Query(max_length=1024)],
+                          project: Project = None, subject: Label = None,
+                          session: Label = None) -> JSONResponse:
+        options = ImportOptions(project=project, subject=subject, session=session)
+        return await receive(request, filename, options)
+
+    @api.put("/uploads/{filename}", status_code=201,
+             summary="Upload one file by name (what `curl -T file URL/` sends)")
+    async def put_upload(request: Request, filename: str, project: Project = None,
+                         subject: Label = None, session: Label = None) -> JSONResponse:
+        options = ImportOptions(project=project, subject=subject, session=session)
+        return await receive(request, filename, options)
+
+    @api.get("/uploads/{upload_id}", summary="An upload's state, file by file")
+    async def get_upload(upload_id: str) -> JSONResponse:
+        async with svc.db.session() as session:
+            upload = await session.get(Upload, upload_id)
+            if upload is None:
+                return problem(404, "Not Found", f"No upload {upload_id!r}.")
+            objects = (await session.exec(select(UploadObject).where(
+                UploadObject.upload_id == upload_id))).all()
+            files = (await session.exec(select(UploadFile).where(
+                UploadFile.upload_id == upload_id).order_by(col(UploadFile.path)))).all()
+        return JSONResponse(jsonable(upload_view(upload, list(objects), list(files))))
+
+    @api.get("/uploads", summary="Recent uploads, newest first")
+    async def list_uploads(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JSONResponse:
+        async with svc.db.session() as session:
+            rows = (await session.exec(select(Upload).order_by(
+                col(Upload.created_at).desc()).limit(limit))).all()
+        return JSONResponse(jsonable([{"id": u.id, "state": u.state, "project": u.project,
+                                       "created_at": u.created_at,
+                                       "completed_at": u.completed_at} for u in rows]))
+
+    app.include_router(api)
+    return app
+
+
+def jsonable(value: Any) -> Any:
+    from fastapi.encoders import jsonable_encoder
+
+    return jsonable_encoder(value)

@@ -1,0 +1,60 @@
+"""The gateway's own tables (schema `gateway`): uploads as users see them."""
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, DateTime, MetaData
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import registry
+from sqlmodel import Field, SQLModel
+
+metadata = MetaData(schema="gateway")
+
+
+class Base(SQLModel, registry=registry(metadata=metadata)):
+    pass
+
+
+def _ts(**kw: Any) -> Any:
+    return Field(sa_column=Column(DateTime(timezone=True), **kw))
+
+
+class Upload(Base, table=True):
+    __tablename__ = "upload"
+    id: str = Field(primary_key=True, max_length=64)
+    state: str = Field(max_length=20, index=True)
+    project: str | None = Field(default=None, max_length=64)
+    uploader: str = Field(max_length=128)
+    email: str | None = Field(default=None, max_length=320)
+    options: dict = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    summary: dict | None = Field(default=None, sa_column=Column(JSONB))
+    created_at: datetime = _ts(nullable=False)
+    completed_at: datetime | None = _ts(nullable=True)
+
+
+class UploadObject(Base, table=True):
+    """What the client sent: one stored object (a file or an archive)."""
+
+    __tablename__ = "upload_object"
+    object_key: str = Field(primary_key=True, max_length=1024)
+    upload_id: str = Field(index=True, max_length=64)
+    filename: str = Field(max_length=1024)
+    size: int = Field(sa_column=Column(BigInteger, nullable=False))
+    sha256: str = Field(max_length=64)
+    state: str = Field(max_length=20)  # stored | unpacked | rejected
+    reason: dict | None = Field(default=None, sa_column=Column(JSONB))
+
+
+class UploadFile(Base, table=True):
+    """One file as the pipeline sees it (an archive yields many)."""
+
+    __tablename__ = "upload_file"
+    file_id: str = Field(primary_key=True, max_length=64)
+    upload_id: str = Field(index=True, max_length=64)
+    object_key: str = Field(max_length=1024)
+    path: str = Field(max_length=4096)
+    kind: str | None = Field(default=None, max_length=20)
+    state: str = Field(max_length=20)
+    reason: dict | None = Field(default=None, sa_column=Column(JSONB))
+    session: str | None = Field(default=None, max_length=1024)
+    updated_at: datetime = _ts(nullable=False)

@@ -1,0 +1,1 @@
+"""imgest importer: sessions and scans out of validated files; archive, prearchive, catalogue."""

@@ -1,0 +1,307 @@
+"""The importer: collects each upload's outcomes, then places its files into sessions and scans.
+
+An upload is finished in two steps so that nothing is lost in between: a handler that sees the
+last outcome marks the upload `completing` (one transaction with the fact it recorded); `finish`
+then copies the objects to their places and commits the catalogue, the file states and the
+outgoing events together. A crash in between leaves the upload `completing`, and the periodic
+re-drive finishes it; every step is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path, PurePosixPath
+
+from fastapi import FastAPI
+from imgest_contracts import (ArchiveRejected, ArchiveUnpacked, CloudEvent, FileFailure,
+                              FileKind, FileRejected, FileValidated, ImportOptions, Reason,
+                              SessionArchived, SessionHints, SessionOutcome, SessionPrearchived,
+                              SessionRef, UploadCompleted, UploadCounts, UploadSubmitted,
+                              Uploader)
+from imgest_runtime.broker import consumes, publishes
+from imgest_runtime.outbox import derived_id, insert_ignore
+from imgest_runtime.service import Periodic, Service, create_app
+from sqlalchemy import func
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from .domain import ObjectProgress, SessionPlan, ValidFile, is_complete, plan
+from .models import (CatalogueFile, Scan, Session, Subject, Upload, UploadFile, UploadObject,
+                     metadata)
+from .settings import Settings
+
+NAME = "importer"
+log = logging.getLogger("imgest.importer")
+
+
+class Importer:
+    def __init__(self, svc: Service, settings: Settings):
+        self.svc = svc
+        self.settings = settings
+        self._finishing: set[str] = set()
+
+    # --- recording facts --------------------------------------------------------------------
+
+    async def upload(self, session: AsyncSession, upload_id: str) -> Upload:
+        """The upload's row, locked; created on the first fact (events arrive in any order)."""
+        await insert_ignore(session, Upload.__table__, id=upload_id, state="collecting",
+                            submitted=False, updated_at=datetime.now(UTC))
+        row = await session.get(Upload, upload_id, with_for_update=True, populate_existing=True)
+        assert row is not None
+        return row
+
+    async def object(self, session: AsyncSession, upload_id: str, key: str) -> UploadObject:
+        await insert_ignore(session, UploadObject.__table__, object_key=key, upload_id=upload_id)
+        row = await session.get(UploadObject, key, with_for_update=True, populate_existing=True)
+        assert row is not None
+        return row
+
+    async def progress(self, session: AsyncSession, upload: Upload) -> dict[str, ObjectProgress]:
+        objects = (await session.exec(select(UploadObject).where(
+            UploadObject.upload_id == upload.id))).all()
+        terminal = dict((await session.exec(
+            select(UploadFile.object_key, func.count()).where(UploadFile.upload_id == upload.id)
+            .group_by(UploadFile.object_key))).all())
+        return {o.object_key: ObjectProgress(o.files_total, o.rejected is not None,
+                                             terminal.get(o.object_key, 0)) for o in objects}
+
+    async def settle(self, session: AsyncSession, upload: Upload) -> bool:
+        """Marks the upload `completing` if this fact was its last; True if so."""
+        if upload.state != "collecting":
+            return False
+        if not is_complete(upload.submitted, list(upload.object_keys or []),
+                           await self.progress(session, upload)):
+            return False
+        upload.state, upload.updated_at = "completing", datetime.now(UTC)
+        session.add(upload)
+        return True
+
+    async def record_file(self, event: CloudEvent, row: UploadFile, files_total: int) -> None:
+        finish = False
+        async with self.svc.handling(event) as session:
+            if not session:
+                return
+            upload = await self.upload(session, row.upload_id)
+            obj = await self.object(session, row.upload_id, row.object_key)
+            if obj.files_total is None:
+                obj.files_total = files_total
+                session.add(obj)
+            await insert_ignore(session, UploadFile.__table__, **row.model_dump())
+            await session.flush()
+            finish = await self.settle(session, upload)
+        if finish:
+            await self.finish(row.upload_id)
+
+    # --- finishing an upload ------------------------------------------------------------------
+
+    async def finish(self, upload_id: str) -> None:
+        if upload_id in self._finishing:
+            return
+        self._finishing.add(upload_id)
+        try:
+            await self._finish(upload_id)
+        finally:
+            self._finishing.discard(upload_id)
+
+    async def _finish(self, upload_id: str) -> None:
+        store = self.svc.store
+        assert store is not None
+        async with self.svc.db.session() as session:
+            upload = await session.get(Upload, upload_id)
+            if upload is None or upload.state != "completing":
+                return
+            files = (await session.exec(select(UploadFile).where(
+                UploadFile.upload_id == upload_id))).all()
+            objects = (await session.exec(select(UploadObject).where(
+                UploadObject.upload_id == upload_id))).all()
+        options = ImportOptions.model_validate(upload.options or {})
+        valid = [ValidFile(f.file_id, f.staged_key, f.path, FileKind(f.kind),
+                           SessionHints.model_validate(f.hints or {}), f.size or 0, f.sha256 or "")
+                 for f in files if f.state == "validated"]
+        now = datetime.now(UTC)
+        sessions = plan(upload_id, options, valid, self.settings.default_project, now)
+
+        # Copies first (server-side, idempotent): the catalogue only ever names objects that exist.
+        def place() -> None:
+            for s in sessions:
+                for p in s.placements:
+                    store.copy(p.file.staged_key, p.key)
+            for f in files:
+                if f.state == "rejected":
+                    store.copy(f.staged_key,
+                               f"rejected/{upload_id}/{f.file_id}/{PurePosixPath(f.path).name}")
+
+        await asyncio.to_thread(place)
+
+        async with self.svc.db.session() as session:
+            upload = await session.get(Upload, upload_id, with_for_update=True,
+                                       populate_existing=True)
+            if upload is None or upload.state != "completing":
+                return
+            for s in sessions:
+                await self._catalogue(session, upload_id, s, now)
+            failures = [FileFailure(file_id=f.file_id, path=f.path,
+                                    reason=Reason.model_validate(f.reason))
+                        for f in files if f.state == "rejected" and f.reason]
+            failures += [FileFailure(path=o.filename or o.object_key,
+                                     reason=Reason.model_validate(o.rejected))
+                         for o in objects if o.rejected]
+            archived = sum(len(s.placements) for s in sessions if s.archived)
+            prearchived = sum(len(s.placements) for s in sessions if not s.archived)
+            counts = UploadCounts(files=len(valid) + len(failures), archived=archived,
+                                  prearchived=prearchived, rejected=len(failures))
+            outcome = ("succeeded" if not failures and valid
+                       else "partial" if valid else "failed")
+            await self.svc.outbox.add(session, UploadCompleted(
+                upload_id=upload_id, uploader=Uploader.model_validate(upload.uploader or {
+                    "username": "unknown"}),
+                project=options.project or (sessions[0].project if sessions else None),
+                outcome=outcome, counts=counts,
+                sessions=[SessionOutcome(uri=s.uri, label=s.label,
+                                         state="archived" if s.archived else "prearchived",
+                                         file_ids=[p.file.file_id for p in s.placements])
+                          for s in sessions],
+                failures=failures, completed_at=now,
+            ), event_id=derived_id("upload.completed", upload_id))
+            upload.state, upload.updated_at = "completed", now
+            session.add(upload)
+        await asyncio.to_thread(store.delete_prefix, f"staging/{upload_id}/")
+        log.info("upload %s completed: %s, %d archived, %d prearchived, %d rejected", upload_id,
+                 outcome, archived, prearchived, len(failures))
+
+    async def _catalogue(self, session: AsyncSession, upload_id: str, s: SessionPlan,
+                         now: datetime) -> None:
+        subject_id = f"{s.project}/{s.subject}"
+        await insert_ignore(session, Subject.__table__, id=subject_id, project=s.project,
+                            label=s.subject)
+        row = await session.get(Session, s.id, with_for_update=True)
+        if row is None:
+            row = Session(id=s.id, project=s.project, subject_id=subject_id, label=s.label,
+                          state="archived" if s.archived else "prearchived", uri=s.uri,
+                          prefix=s.prefix, study_uid=s.study_uid, modalities=s.modalities,
+                          created_at=now, updated_at=now)
+        else:
+            row.modalities = sorted(set(row.modalities or []) | set(s.modalities))
+            row.updated_at = now
+        session.add(row)
+        scans: dict[str, ValidFile] = {}
+        for p in s.placements:
+            scans.setdefault(p.scan, p.file)
+            await session.merge(CatalogueFile(
+                object_key=p.key, scan_id=f"{s.id}/{p.scan}", name=p.name, size=p.file.size,
+                sha256=p.file.sha256, sop_instance_uid=p.file.hints.sop_instance_uid,
+                file_id=p.file.file_id, upload_id=upload_id))
+            f = await session.get(UploadFile, p.file.file_id, with_for_update=True)
+            if f is not None:
+                f.state, f.session_id = ("archived" if s.archived else "prearchived"), s.id
+                session.add(f)
+        for label, first in scans.items():
+            await insert_ignore(session, Scan.__table__, id=f"{s.id}/{label}", session_id=s.id,
+                                label=label, series_uid=first.hints.series_uid,
+                                modality=first.hints.modality)
+        ref = SessionRef(project=s.project, subject=s.subject, session=s.label, uri=s.uri)
+        upload_ids = [upload_id]
+        if s.archived:
+            await self.svc.outbox.add(session, SessionArchived(
+                session_key=s.id, upload_ids=upload_ids, session=ref, study_uid=s.study_uid,
+                modalities=s.modalities, scans=len(scans), files=len(s.placements),
+                archived_at=now), event_id=derived_id("session.archived", upload_id, s.id))
+        else:
+            await self.svc.outbox.add(session, SessionPrearchived(
+                session_key=s.id, upload_ids=upload_ids, session=ref, timestamp=s.timestamp,
+                state="READY", files=len(s.placements)),
+                event_id=derived_id("session.prearchived", upload_id, s.id))
+
+    async def redrive(self) -> None:
+        """Finishes uploads left `completing` by a crash."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.redrive_seconds)
+        async with self.svc.db.session() as session:
+            stuck = (await session.exec(select(Upload.id).where(
+                Upload.state == "completing", col(Upload.updated_at) < cutoff))).all()
+        for upload_id in stuck:
+            log.warning("upload %s: re-driving its completion", upload_id)
+            await self.finish(upload_id)
+
+
+def bootstrap(settings: Settings) -> Service:
+    svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
+    importer = Importer(svc, settings)
+    svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_seconds / 3),
+                                 importer.redrive))
+    for payload in (SessionArchived, SessionPrearchived, UploadCompleted):
+        publishes(svc.broker, payload)
+    sub = lambda p: consumes(svc.broker, p, service=NAME)  # noqa: E731
+
+    @sub(UploadSubmitted)
+    async def on_upload_submitted(event: CloudEvent[UploadSubmitted]) -> None:
+        u = event.data
+        finish = False
+        async with svc.handling(event) as session:
+            if not session:
+                return
+            upload = await importer.upload(session, u.upload_id)
+            upload.submitted = True
+            upload.uploader = u.uploader.model_dump(mode="json")
+            upload.options = u.options.model_dump(mode="json")
+            upload.object_keys = u.object_keys
+            upload.updated_at = datetime.now(UTC)
+            session.add(upload)
+            for key in u.object_keys:
+                await importer.object(session, u.upload_id, key)
+            await session.flush()
+            finish = await importer.settle(session, upload)
+        if finish:
+            await importer.finish(u.upload_id)
+
+    @sub(FileValidated)
+    async def on_file_validated(event: CloudEvent[FileValidated]) -> None:
+        f = event.data
+        await importer.record_file(event, UploadFile(
+            file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
+            staged_key=f.object_key, path=f.path, kind=f.kind.value, state="validated",
+            size=f.size, sha256=f.sha256, hints=f.hints.model_dump(mode="json"),
+            file_metadata=f.metadata), f.source.files_total)
+
+    @sub(FileRejected)
+    async def on_file_rejected(event: CloudEvent[FileRejected]) -> None:
+        f = event.data
+        await importer.record_file(event, UploadFile(
+            file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
+            staged_key=f.object_key, path=f.path, kind=f.kind.value, state="rejected",
+            reason=f.reason.model_dump()), f.source.files_total)
+
+    async def archive_outcome(event: CloudEvent, files_total: int | None,
+                              rejected: Reason | None) -> None:
+        a = event.data
+        finish = False
+        async with svc.handling(event) as session:
+            if not session:
+                return
+            upload = await importer.upload(session, a.upload_id)
+            obj = await importer.object(session, a.upload_id, a.object_key)
+            obj.filename = a.filename
+            if files_total is not None:
+                obj.files_total = files_total
+            if rejected is not None:
+                obj.rejected = rejected.model_dump()
+            session.add(obj)
+            await session.flush()
+            finish = await importer.settle(session, upload)
+        if finish:
+            await importer.finish(a.upload_id)
+
+    @sub(ArchiveUnpacked)
+    async def on_archive_unpacked(event: CloudEvent[ArchiveUnpacked]) -> None:
+        await archive_outcome(event, event.data.members_staged, None)
+
+    @sub(ArchiveRejected)
+    async def on_archive_rejected(event: CloudEvent[ArchiveRejected]) -> None:
+        await archive_outcome(event, None, event.data.reason)
+
+    return svc
+
+
+def build_app(settings: Settings) -> FastAPI:
+    return create_app(bootstrap(settings))

@@ -1,0 +1,1 @@
+"""imgest metadata: identifies each staged file and reads its headers (DICOM, EXIF)."""

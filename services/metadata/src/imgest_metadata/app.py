@@ -1,0 +1,69 @@
+"""The metadata service: file.staged → file.validated or file.rejected."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI
+from imgest_contracts import CloudEvent, FileRejected, FileStaged, FileValidated, Reason
+from imgest_runtime.broker import consumes, publishes
+from imgest_runtime.outbox import derived_id
+from imgest_runtime.service import Service, create_app
+from imgest_runtime.store import ObjectStore
+
+from .domain import HEAD_BYTES, Identified, NeedMore, identify, sniff
+from .models import metadata
+from .settings import Settings
+
+NAME = "metadata"
+log = logging.getLogger("imgest.metadata")
+
+
+def read_headers(store: ObjectStore, staged: FileStaged, limit: int) -> Identified:
+    """Reads as little as the headers need: 64 KiB first, more only if they go on (blocking)."""
+    length = HEAD_BYTES
+    while True:
+        head = store.read_range(staged.object_key, 0, min(length, staged.size))
+        try:
+            return identify(head, staged.size, staged.path)
+        except NeedMore:
+            if length >= limit:
+                return Identified(sniff(head, staged.path), reason=Reason(
+                    code="file.headers_too_large",
+                    message=f"The headers run past {limit} bytes; refusing to read further."))
+            length = min(length * 4, limit)
+
+
+def bootstrap(settings: Settings) -> Service:
+    svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
+    for payload in (FileValidated, FileRejected):
+        publishes(svc.broker, payload)
+
+    @consumes(svc.broker, FileStaged, service=NAME)
+    async def on_file_staged(event: CloudEvent[FileStaged]) -> None:
+        staged = event.data
+        assert svc.store is not None
+        found = await asyncio.to_thread(read_headers, svc.store, staged, settings.max_header_bytes)
+        async with svc.handling(event) as session:
+            if not session:
+                return
+            common = dict(upload_id=staged.upload_id, file_id=staged.file_id,
+                          object_key=staged.object_key, path=staged.path, source=staged.source,
+                          kind=found.kind)
+            if found.reason:
+                log.info("upload %s: %s rejected: %s", staged.upload_id, staged.path,
+                         found.reason.message)
+                await svc.outbox.add(session, FileRejected(**common, reason=found.reason),
+                                     event_id=derived_id(event.id, "rejected"))
+            else:
+                await svc.outbox.add(session, FileValidated(
+                    **common, size=staged.size, sha256=staged.sha256, metadata=found.metadata,
+                    hints=found.hints), event_id=derived_id(event.id, "validated"))
+
+    return svc
+
+
+def build_app(settings: Settings) -> FastAPI:
+    return create_app(bootstrap(settings))

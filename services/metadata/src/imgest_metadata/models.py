@@ -1,0 +1,5 @@
+"""The metadata service keeps only its delivery tables (schema `metadata`)."""
+
+from sqlalchemy import MetaData
+
+metadata = MetaData(schema="metadata")

@@ -1,0 +1,10 @@
+"""Metadata settings (environment variables prefixed `IMGEST_`)."""
+
+from imgest_runtime.settings import RuntimeSettings
+from pydantic import Field
+
+
+class Settings(RuntimeSettings):
+    metadata_port: int = Field(8082, description="Port of the metadata service's health and metrics.")
+    max_header_bytes: int = Field(
+        64 * 1024**2, ge=1024, description="Most bytes read to find a file's headers.")

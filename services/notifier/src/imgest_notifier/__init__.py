@@ -1,0 +1,1 @@
+"""imgest notifier: tells uploaders by email what became of their uploads."""

@@ -1,0 +1,1 @@
+"""imgest unpacker: archives into staged files; other files passed on as they are."""

