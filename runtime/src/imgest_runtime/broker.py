@@ -118,19 +118,44 @@ def make_broker(settings: RuntimeSettings, service: str,
     return broker
 
 
-def consumes(broker: KafkaBroker, payload: type[Payload], *, service: str,
-             description: str = "", **options: Any):
-    """Subscribes a handler `async def h(event: CloudEvent[X])` for the service's group."""
-    return broker.subscriber(
-        topic_of(payload),
-        group_id=f"imgest-{service}",
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        auto_offset_reset="earliest",
-        max_poll_interval_ms=options.pop("max_poll_interval_ms", 600_000),
-        title=f"{topic_of(payload)}:{service}",
-        description=description or payload.description,
-        **options,
-    )
+class Consumer:
+    """The service's one consumer: a single group member reading every topic the service
+    handles, each event type dispatched to its own typed handler `async def h(e: CloudEvent[X])`.
+
+    One member per service (rather than one per topic) keeps rebalances rare and short.
+    """
+
+    def __init__(self, broker: KafkaBroker, service: str):
+        self.broker = broker
+        self.service = service
+        self.handlers: list[tuple[type[Payload], Callable[..., Awaitable[Any]]]] = []
+        self.built = False
+
+    def on(self, payload: type[Payload]):
+        def register(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            if self.built:
+                raise RuntimeError("handlers must be registered before the consumer starts")
+            self.handlers.append((payload, handler))
+            return handler
+
+        return register
+
+    def build(self) -> None:
+        if self.built or not self.handlers:
+            return
+        self.built = True
+        subscriber = self.broker.subscriber(
+            *(topic_of(p) for p, _ in self.handlers),
+            group_id=f"imgest-{self.service}",
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            auto_offset_reset="earliest",
+            max_poll_interval_ms=600_000,
+            title=f"imgest-{self.service}",
+            description=f"Events the {self.service} consumes (group imgest-{self.service}).",
+        )
+        for payload, handler in self.handlers:
+            topic = topic_of(payload)
+            subscriber(filter=lambda msg, topic=topic: msg.raw_message.topic == topic)(handler)
 
 
 def publishes(broker: KafkaBroker, payload: type[Payload]):

@@ -122,7 +122,8 @@ class Relay:
             futures = [
                 await self.broker.publish(
                     row.value, row.topic, key=row.key.encode() if row.key else None,
-                    headers={"content-type": "application/cloudevents+json"}, no_confirm=True,
+                    # structured-mode CloudEvents; FastStream marks dicts application/json
+                    headers={"ce_type": row.value.get("type", "")}, no_confirm=True,
                 )
                 for row in rows
             ]

@@ -24,7 +24,7 @@ from imgest_contracts import TOPICS, CloudEvent
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import MetaData
 
-from .broker import ensure_topics, make_broker
+from .broker import Consumer, ensure_topics, make_broker
 from .db import Database, migrate
 from .outbox import DeliveryTables, Outbox, Relay, delivery_tables
 from .settings import RuntimeSettings
@@ -40,7 +40,7 @@ def setup_logging(service: str, level: str) -> None:
         level=level.upper(), stream=sys.stdout,
         format=f"%(asctime)s %(levelname)-7s {service:<8} %(name)s: %(message)s",
     )
-    for noisy in ("aiokafka", "uvicorn.access", "httpx"):
+    for noisy in ("aiokafka", "uvicorn.access", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -62,6 +62,7 @@ class Service:
     metadata: MetaData
     versions_dir: Path
     broker: KafkaBroker = field(init=False)
+    consumer: Consumer = field(init=False)
     db: Database = field(init=False)
     tables: DeliveryTables = field(init=False)
     outbox: Outbox = field(init=False)
@@ -71,6 +72,8 @@ class Service:
 
     def __post_init__(self) -> None:
         self.broker = make_broker(self.settings, self.name)
+        self.consumer = Consumer(self.broker, self.name)
+        self.on = self.consumer.on
         self.db = Database(self.settings.database_url)
         self.tables = delivery_tables(self.metadata)
         self.outbox = Outbox(self.tables, source=f"/imgest/{self.name}")
@@ -79,7 +82,13 @@ class Service:
         """Pre-start step: bring the service's schema up to date (blocking)."""
         migrate(self.settings.database_url, self.metadata, self.versions_dir)
 
+    def wired(self) -> KafkaBroker:
+        """The broker with the service's consumer attached (once every handler is registered)."""
+        self.consumer.build()
+        return self.broker
+
     def asyncapi(self) -> dict[str, Any]:
+        self.wired()
         return AsyncAPI(self.broker, title=f"imgest {self.name}", version=VERSION,
                         description=f"Events the imgest {self.name} consumes and publishes.",
                         ).to_jsonable()
@@ -101,7 +110,7 @@ class Service:
             self.store = await asyncio.to_thread(open_store, self.settings)
         await ensure_topics(self.settings.kafka_bootstrap, list(TOPICS),
                             self.settings.kafka_partitions)
-        await self.broker.start()
+        await self.wired().start()
         relay = Relay(self.db, self.outbox, self.broker)
         relay.start()
         tasks = [asyncio.create_task(self._run_periodic(job), name=job.name)

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from imgest_contracts import (ArchiveRejected, ArchiveUnpacked, CloudEvent, FileRejected,
                               FileStaged, FileValidated, ImportOptions, ObjectStored,
                               UploadCompleted, UploadSubmitted, Uploader)
-from imgest_runtime.broker import consumes, publishes
+from imgest_runtime.broker import publishes
 from imgest_runtime.service import Service, create_app, problem
 from imgest_runtime.store import StoreError, put_async
 from sqlmodel import col, select
@@ -55,9 +55,8 @@ async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, ob
 
 
 def register_handlers(svc: Service) -> None:
-    sub = lambda p: consumes(svc.broker, p, service=NAME)  # noqa: E731
 
-    @sub(FileStaged)
+    @svc.on(FileStaged)
     async def on_file_staged(event: CloudEvent[FileStaged]) -> None:
         f = event.data
         async with svc.handling(event) as session:
@@ -65,7 +64,7 @@ def register_handlers(svc: Service) -> None:
                 await _track_file(session, upload_id=f.upload_id, file_id=f.file_id,
                                   object_key=f.object_key, path=f.path, state="staged")
 
-    @sub(FileValidated)
+    @svc.on(FileValidated)
     async def on_file_validated(event: CloudEvent[FileValidated]) -> None:
         f = event.data
         async with svc.handling(event) as session:
@@ -74,7 +73,7 @@ def register_handlers(svc: Service) -> None:
                                   object_key=f.object_key, path=f.path, state="validated",
                                   kind=f.kind.value)
 
-    @sub(FileRejected)
+    @svc.on(FileRejected)
     async def on_file_rejected(event: CloudEvent[FileRejected]) -> None:
         f = event.data
         async with svc.handling(event) as session:
@@ -91,15 +90,15 @@ def register_handlers(svc: Service) -> None:
                     row.state, row.reason = state, reason
                     session.add(row)
 
-    @sub(ArchiveUnpacked)
+    @svc.on(ArchiveUnpacked)
     async def on_archive_unpacked(event: CloudEvent[ArchiveUnpacked]) -> None:
         await _object_state(event, "unpacked", None)
 
-    @sub(ArchiveRejected)
+    @svc.on(ArchiveRejected)
     async def on_archive_rejected(event: CloudEvent[ArchiveRejected]) -> None:
         await _object_state(event, "rejected", event.data.reason.model_dump())
 
-    @sub(UploadCompleted)
+    @svc.on(UploadCompleted)
     async def on_upload_completed(event: CloudEvent[UploadCompleted]) -> None:
         done = event.data
         async with svc.handling(event) as session:

@@ -20,7 +20,7 @@ from imgest_contracts import (ArchiveRejected, ArchiveUnpacked, CloudEvent, File
                               SessionArchived, SessionHints, SessionOutcome, SessionPrearchived,
                               SessionRef, UploadCompleted, UploadCounts, UploadSubmitted,
                               Uploader)
-from imgest_runtime.broker import consumes, publishes
+from imgest_runtime.broker import publishes
 from imgest_runtime.outbox import derived_id, insert_ignore
 from imgest_runtime.service import Periodic, Service, create_app
 from sqlalchemy import func
@@ -232,9 +232,8 @@ def bootstrap(settings: Settings) -> Service:
                                  importer.redrive))
     for payload in (SessionArchived, SessionPrearchived, UploadCompleted):
         publishes(svc.broker, payload)
-    sub = lambda p: consumes(svc.broker, p, service=NAME)  # noqa: E731
 
-    @sub(UploadSubmitted)
+    @svc.on(UploadSubmitted)
     async def on_upload_submitted(event: CloudEvent[UploadSubmitted]) -> None:
         u = event.data
         finish = False
@@ -255,7 +254,7 @@ def bootstrap(settings: Settings) -> Service:
         if finish:
             await importer.finish(u.upload_id)
 
-    @sub(FileValidated)
+    @svc.on(FileValidated)
     async def on_file_validated(event: CloudEvent[FileValidated]) -> None:
         f = event.data
         await importer.record_file(event, UploadFile(
@@ -264,7 +263,7 @@ def bootstrap(settings: Settings) -> Service:
             size=f.size, sha256=f.sha256, hints=f.hints.model_dump(mode="json"),
             file_metadata=f.metadata), f.source.files_total)
 
-    @sub(FileRejected)
+    @svc.on(FileRejected)
     async def on_file_rejected(event: CloudEvent[FileRejected]) -> None:
         f = event.data
         await importer.record_file(event, UploadFile(
@@ -292,11 +291,11 @@ def bootstrap(settings: Settings) -> Service:
         if finish:
             await importer.finish(a.upload_id)
 
-    @sub(ArchiveUnpacked)
+    @svc.on(ArchiveUnpacked)
     async def on_archive_unpacked(event: CloudEvent[ArchiveUnpacked]) -> None:
         await archive_outcome(event, event.data.members_staged, None)
 
-    @sub(ArchiveRejected)
+    @svc.on(ArchiveRejected)
     async def on_archive_rejected(event: CloudEvent[ArchiveRejected]) -> None:
         await archive_outcome(event, None, event.data.reason)
 

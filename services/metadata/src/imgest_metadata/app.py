@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from imgest_contracts import CloudEvent, FileRejected, FileStaged, FileValidated, Reason
-from imgest_runtime.broker import consumes, publishes
+from imgest_runtime.broker import publishes
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, create_app
 from imgest_runtime.store import ObjectStore
@@ -41,7 +41,7 @@ def bootstrap(settings: Settings) -> Service:
     for payload in (FileValidated, FileRejected):
         publishes(svc.broker, payload)
 
-    @consumes(svc.broker, FileStaged, service=NAME)
+    @svc.on(FileStaged)
     async def on_file_staged(event: CloudEvent[FileStaged]) -> None:
         staged = event.data
         assert svc.store is not None

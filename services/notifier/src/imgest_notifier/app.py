@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from imgest_contracts import CloudEvent, NotificationSent, UploadCompleted
-from imgest_runtime.broker import consumes, publishes
+from imgest_runtime.broker import publishes
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, create_app
 
@@ -32,7 +32,7 @@ def bootstrap(settings: Settings) -> Service:
     mailer = make_mailer(settings)
     publishes(svc.broker, NotificationSent)
 
-    @consumes(svc.broker, UploadCompleted, service=NAME)
+    @svc.on(UploadCompleted)
     async def on_upload_completed(event: CloudEvent[UploadCompleted]) -> None:
         done = event.data
         notification_id = derived_id("upload.completed", done.upload_id, "uploader")

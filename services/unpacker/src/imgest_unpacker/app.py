@@ -12,7 +12,7 @@ import stream_unzip
 from fastapi import FastAPI
 from imgest_contracts import (ArchiveRejected, ArchiveUnpacked, CloudEvent, FileStaged,
                               ObjectStored, Reason, Source)
-from imgest_runtime.broker import consumes, publishes
+from imgest_runtime.broker import publishes
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, create_app
 from imgest_runtime.store import IterReader, ObjectStore
@@ -83,7 +83,7 @@ def bootstrap(settings: Settings) -> Service:
     for payload in (FileStaged, ArchiveUnpacked, ArchiveRejected):
         publishes(svc.broker, payload)
 
-    @consumes(svc.broker, ObjectStored, service=NAME)
+    @svc.on(ObjectStored)
     async def on_object_stored(event: CloudEvent[ObjectStored]) -> None:
         obj = event.data
         store = svc.store
