@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 
 from imgest_contracts import UploadCompleted
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
@@ -30,7 +30,7 @@ def upload_completed_email(done: UploadCompleted, *, notification_id: str, sende
     msg["To"] = done.uploader.email
     msg["Date"] = formatdate(localtime=False)
     # Deterministic, so a resend after a crash is recognisably the same message.
-    msg["Message-ID"] = make_msgid(idstring=notification_id, domain="imgest")
+    msg["Message-ID"] = f"<{notification_id}@imgest>"
     msg["X-Imgest-Upload"] = done.upload_id
     msg.set_content(_env.get_template("upload_completed.txt.j2").render(context))
     msg.add_alternative(_env.get_template("upload_completed.html.j2").render(context),
