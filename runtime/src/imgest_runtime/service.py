@@ -91,7 +91,7 @@ class Service:
         self.wired()
         return AsyncAPI(self.broker, title=f"imgest {self.name}", version=VERSION,
                         description=f"Events the imgest {self.name} consumes and publishes.",
-                        ).to_jsonable()
+                        ).to_specification().to_jsonable()
 
     async def _run_periodic(self, job: Periodic) -> None:
         while True:

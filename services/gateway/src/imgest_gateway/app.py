@@ -37,21 +37,27 @@ def bootstrap(settings: Settings) -> Service:
 # --- status kept up to date from the pipeline's events ------------------------------------------
 
 
-async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, object_key: str,
-                      path: str, state: str, kind: str | None = None,
+async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, state: str,
+                      object_key: str = "", path: str = "", kind: str | None = None,
                       reason: dict | None = None, session_uri: str | None = None) -> None:
+    """Merges what one event says about a file; events of different topics come in any order,
+    so the state only moves forward and missing details are filled in whenever they arrive."""
     row = await session.get(UploadFile, file_id, with_for_update=True)
     now = datetime.now(UTC)
     if row is None:
         session.add(UploadFile(file_id=file_id, upload_id=upload_id, object_key=object_key,
                                path=path, kind=kind, state=state, reason=reason,
                                session=session_uri, updated_at=now))
-    elif advances(row.state, state):
-        row.state, row.updated_at = state, now
-        row.kind = kind or row.kind
-        row.reason = reason or row.reason
-        row.session = session_uri or row.session
-        session.add(row)
+        return
+    if advances(row.state, state):
+        row.state = state
+    row.object_key = row.object_key or object_key
+    row.path = row.path or path
+    row.kind = row.kind or kind
+    row.reason = row.reason or reason
+    row.session = row.session or session_uri
+    row.updated_at = now
+    session.add(row)
 
 
 def register_handlers(svc: Service) -> None:
@@ -108,10 +114,13 @@ def register_handlers(svc: Service) -> None:
                 state = {"archived": "archived", "prearchived": "prearchived"}.get(
                     outcome.state, "failed")
                 for file_id in outcome.file_ids:
-                    row = await session.get(UploadFile, file_id, with_for_update=True)
-                    if row is not None:
-                        row.state, row.session = state, outcome.uri
-                        session.add(row)
+                    await _track_file(session, upload_id=done.upload_id, file_id=file_id,
+                                      state=state, session_uri=outcome.uri)
+            for failure in done.failures:
+                if failure.file_id:
+                    await _track_file(session, upload_id=done.upload_id, file_id=failure.file_id,
+                                      state="rejected", path=failure.path,
+                                      reason=failure.reason.model_dump())
             upload = await session.get(Upload, done.upload_id, with_for_update=True)
             if upload is not None:
                 upload.state = upload_state(done.counts)
@@ -146,6 +155,12 @@ def upload_view(upload: Upload, objects: list[UploadObject], files: list[UploadF
         "files": [{"file_id": f.file_id, "path": f.path, "kind": f.kind, "state": f.state,
                    "reason": f.reason, "session": f.session} for f in files],
     }
+
+
+Project = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                                      description="Project to import into (its ID).")]
+Label = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                                    description="Subject or session label (XNAT's characters).")]
 
 
 def build_app(settings: Settings) -> FastAPI:
@@ -195,10 +210,6 @@ def build_app(settings: Settings) -> FastAPI:
         body = upload_view(upload, [obj], [])
         body["status_url"] = public_url + location
         return JSONResponse(jsonable(body), status_code=201, headers={"Location": location})
-
-    Project = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$",
-                                          description="Project to import into.")]
-    Label = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
     @api.post("/uploads", status_code=201, summary="Upload one file (raw request body)",
               responses={201: {"description": "Stored; processing has begun."}})

@@ -1,0 +1,124 @@
+"""imgest_gateway.domain: file names from clients, forward-only file states, upload status words."""
+
+from __future__ import annotations
+
+import pytest
+from imgest_contracts import UploadCounts
+from imgest_gateway.domain import (FILE_STATE_RANK, MAX_FILENAME, BadFilename, advances,
+                                   safe_filename, upload_state)
+
+# --- safe_filename -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("scan.dcm", "scan.dcm"),
+        ("../../etc/passwd", "passwd"),
+        ("/etc/passwd", "passwd"),
+        ("a/b/c/image.jpg", "image.jpg"),
+        ("..\\..\\Windows\\system.ini", "system.ini"),
+        ("C:\\Users\\me\\Desktop\\study.zip", "study.zip"),
+        ("dir\\sub/mixed\\file.txt", "file.txt"),
+        ("  padded name.dcm  ", "padded name.dcm"),
+        ("folder/", "folder"),  # PurePosixPath drops the trailing slash
+        ("ünïcödé – файл.dcm", "ünïcödé – файл.dcm"),
+        (".hidden", ".hidden"),
+        ("...", "..."),
+    ],
+)
+def test_safe_filename_keeps_only_last_component(raw: str, expected: str) -> None:
+    assert safe_filename(raw) == expected
+
+
+@pytest.mark.parametrize("raw", [None, ""])
+def test_safe_filename_requires_a_name(raw: str | None) -> None:
+    with pytest.raises(BadFilename, match="required"):
+        safe_filename(raw)
+
+
+@pytest.mark.parametrize("raw", [".", "..", "/", "a/..", "../", "..\\", "   ", "dir/  ", "\\"])
+def test_safe_filename_refuses_what_is_not_a_file_name(raw: str) -> None:
+    with pytest.raises(BadFilename, match="is not a file name"):
+        safe_filename(raw)
+
+
+@pytest.mark.parametrize("raw", ["a\x00b.dcm", "evil\n.dcm", "tab\there", "bell\x07", "del\x7f",
+                                 "x\r\nSet-Cookie: y", "\x1f"])
+def test_safe_filename_refuses_control_characters(raw: str) -> None:
+    with pytest.raises(BadFilename, match="control characters"):
+        safe_filename(raw)
+
+
+def test_safe_filename_length_limit_is_in_bytes() -> None:
+    assert safe_filename("a" * MAX_FILENAME) == "a" * MAX_FILENAME
+    with pytest.raises(BadFilename, match="longer than 255 bytes"):
+        safe_filename("a" * (MAX_FILENAME + 1))
+    # 128 two-byte characters = 256 bytes although only 128 characters
+    with pytest.raises(BadFilename, match="longer than"):
+        safe_filename("é" * 128)
+    assert safe_filename("é" * 127) == "é" * 127
+
+
+def test_safe_filename_length_counts_only_the_last_component() -> None:
+    long_dir = "d" * 1000
+    assert safe_filename(f"{long_dir}/short.dcm") == "short.dcm"
+
+
+def test_bad_filename_is_a_value_error() -> None:
+    assert issubclass(BadFilename, ValueError)
+
+
+# --- advances ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("new", sorted(FILE_STATE_RANK))
+def test_any_state_advances_from_nothing(new: str) -> None:
+    assert advances(None, new) is True
+
+
+@pytest.mark.parametrize(
+    ("current", "new", "expected"),
+    [
+        ("staged", "validated", True),
+        ("staged", "rejected", True),
+        ("validated", "archived", True),
+        ("validated", "prearchived", True),
+        ("validated", "failed", True),
+        ("staged", "staged", True),  # a redelivery does not move it back
+        ("validated", "staged", False),
+        ("archived", "validated", False),
+        ("archived", "staged", False),
+        ("rejected", "validated", False),
+        ("prearchived", "archived", True),  # terminal states share a rank
+        ("archived", "prearchived", True),
+        ("failed", "archived", True),
+    ],
+)
+def test_states_only_move_forward(current: str, new: str, expected: bool) -> None:
+    assert advances(current, new) is expected
+
+
+def test_unknown_states_rank_lowest() -> None:
+    assert advances("staged", "bogus") is False
+    assert advances("bogus", "staged") is True
+
+
+# --- upload_state --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        (UploadCounts(files=3, archived=3), "archived"),
+        (UploadCounts(files=3, prearchived=3), "prearchived"),
+        (UploadCounts(files=3, archived=1, prearchived=2), "prearchived"),
+        (UploadCounts(files=3, archived=2, rejected=1), "partial"),
+        (UploadCounts(files=3, prearchived=1, failed=2), "partial"),
+        (UploadCounts(files=3, rejected=3), "failed"),
+        (UploadCounts(files=2, rejected=1, failed=1), "failed"),
+        (UploadCounts(files=0), "failed"),
+    ],
+)
+def test_upload_state(counts: UploadCounts, expected: str) -> None:
+    assert upload_state(counts) == expected

@@ -1,0 +1,148 @@
+"""Real infrastructure for the cross-service tests, started from wheels (the default):
+embedded PostgreSQL, Tansu, moto's S3 server over HTTP and an aiosmtpd SMTP server.
+
+With IMGEST_TEST_INFRA=containers and a Docker engine, testcontainers' PostgreSQL, Kafka and
+MinIO are used instead (SMTP stays aiosmtpd: it is a real server either way).
+"""
+
+from __future__ import annotations
+
+import email
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+
+import pytest
+from imgest.infra import Postgres, Tansu, free_port
+
+CONTAINERS = os.environ.get("IMGEST_TEST_INFRA", "wheels") == "containers"
+
+
+@dataclass
+class Mailbox:
+    """What the SMTP server received."""
+
+    messages: list[Message] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def for_upload(self, upload_id: str) -> list[Message]:
+        with self.lock:
+            return [m for m in self.messages if m["X-Imgest-Upload"] == upload_id]
+
+    def wait_for(self, upload_id: str, timeout: float = 30) -> list[Message]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.for_upload(upload_id)
+            if found:
+                time.sleep(0.5)  # a duplicate would arrive right behind the first
+                return self.for_upload(upload_id)
+            time.sleep(0.1)
+        return []
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[tuple[str, Mailbox]]:
+    from aiosmtpd.controller import Controller
+
+    box = Mailbox()
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
+            with box.lock:
+                box.messages.append(email.message_from_bytes(envelope.content))
+            return "250 OK"
+
+    port = free_port()
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    yield f"smtp://127.0.0.1:{port}", box
+    controller.stop()
+
+
+@dataclass
+class Infra:
+    database_url: Callable[[str], str]  # database name → URL
+    kafka: Callable[[], tuple[str, Callable[[], None]]]  # → bootstrap, stop
+    s3: dict[str, str]  # IMGEST_S3_* settings
+    idempotence: bool
+
+
+@pytest.fixture(scope="session")
+def infra(tmp_path_factory) -> Iterator[Infra]:
+    if CONTAINERS:
+        yield from _containers()
+        return
+    from moto.server import ThreadedMotoServer
+
+    pg = Postgres(tmp_path_factory.mktemp("postgres") / "data")
+    pg.start()
+    s3_port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    moto.start()
+
+    def kafka() -> tuple[str, Callable[[], None]]:
+        broker = Tansu(free_port())
+        return broker.start(), broker.stop
+
+    yield Infra(
+        database_url=pg.url,
+        kafka=kafka,
+        s3={"IMGEST_S3_ENDPOINT": f"127.0.0.1:{s3_port}", "IMGEST_S3_ACCESS_KEY": "test",
+            "IMGEST_S3_SECRET_KEY": "test", "IMGEST_S3_REGION": "us-east-1"},
+        idempotence=False,
+    )
+    moto.stop()
+    pg.stop()
+
+
+def _containers() -> Iterator[Infra]:
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.minio import MinioContainer
+    from testcontainers.postgres import PostgresContainer
+
+    with PostgresContainer("postgres:16", driver="asyncpg") as pg, \
+            MinioContainer("minio/minio:RELEASE.2025-04-22T22-12-26Z") as minio:
+        base = pg.get_connection_url()
+        started: list[KafkaContainer] = []
+
+        def database_url(name: str) -> str:
+            import asyncio
+
+            import asyncpg
+
+            async def create() -> None:
+                conn = await asyncpg.connect(base.replace("+asyncpg", ""))
+                if not await conn.fetchval("select 1 from pg_database where datname=$1", name):
+                    await conn.execute(f'create database "{name}"')
+                await conn.close()
+
+            asyncio.run(create())
+            return base.rsplit("/", 1)[0] + f"/{name}"
+
+        def kafka() -> tuple[str, Callable[[], None]]:
+            container = KafkaContainer("confluentinc/cp-kafka:7.6.0").start()
+            started.append(container)
+            return container.get_bootstrap_server(), container.stop
+
+        cfg = minio.get_config()
+        yield Infra(database_url=database_url, kafka=kafka, s3={
+            "IMGEST_S3_ENDPOINT": cfg["endpoint"], "IMGEST_S3_ACCESS_KEY": cfg["access_key"],
+            "IMGEST_S3_SECRET_KEY": cfg["secret_key"]}, idempotence=True)
+
+
+@pytest.fixture(scope="session")
+def pydicom_file() -> Callable[[str], Path]:
+    from pydicom.data import get_testdata_file
+
+    return lambda name: Path(get_testdata_file(name))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -1,0 +1,313 @@
+"""Files travel the whole way through real parts: HTTP → store → unpacker → metadata → importer
+→ archive → email. Runs once with the local-directory store and once with S3 (moto over HTTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pydicom
+import pytest
+from imgest.stack import SERVICES, Stack, port_env
+from imgest_runtime.settings import RuntimeSettings
+from imgest_runtime.store import ObjectStore, open_store
+from pydicom.uid import generate_uid
+
+from .conftest import Infra, Mailbox, free_port
+
+pytestmark = pytest.mark.timeout(600)
+
+
+class Running:
+    """A started stack and what the tests need to talk to it."""
+
+    def __init__(self, stack: Stack, env: dict[str, str], mailbox: Mailbox, log: Path):
+        self.stack, self.env, self.mailbox, self.log = stack, env, mailbox, log
+        self.url = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+        self.store: ObjectStore = open_store(RuntimeSettings(
+            **{k[len("IMGEST_"):].lower(): v for k, v in env.items()
+               if k.startswith("IMGEST_") and k[len("IMGEST_"):].lower()
+               in RuntimeSettings.model_fields}))
+
+    def upload(self, filename: str, body: bytes, **params: str) -> dict[str, Any]:
+        response = self.http.post("/api/v1/uploads", params={"filename": filename, **params},
+                                  content=body)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def wait(self, upload_id: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.http.get(f"/api/v1/uploads/{upload_id}").json()
+            # The status view is eventually consistent: per-file details (kind, path) come from
+            # other topics than the completion and may land a moment after it.
+            if state["state"] != "processing" and all(
+                    f["kind"] and f["path"] for f in state["files"]):
+                return state
+            time.sleep(0.1)
+        raise AssertionError(f"upload {upload_id} still processing after {timeout}s:\n"
+                             f"{state}\n--- service logs ---\n{self.tail()}")
+
+    def tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        url = self.env["IMGEST_DATABASE_URL"].replace("postgresql+asyncpg", "postgresql")
+
+        async def run() -> list[asyncpg.Record]:
+            conn = await asyncpg.connect(url)
+            try:
+                return await conn.fetch(sql, *args)
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def running(request, infra: Infra, smtp_server, tmp_path_factory):
+    store = request.param
+    smtp_url, mailbox = smtp_server
+    data_dir = tmp_path_factory.mktemp(f"stack-{store}")
+    bootstrap, stop_kafka = infra.kafka()
+    env = {
+        "IMGEST_DATABASE_URL": infra.database_url(f"imgest_{store}"),
+        "IMGEST_KAFKA_BOOTSTRAP": bootstrap,
+        "IMGEST_KAFKA_IDEMPOTENCE": str(infra.idempotence).lower(),
+        "IMGEST_STORE": store,
+        "IMGEST_S3_BUCKET": f"imgest-{uuid.uuid4().hex[:8]}",
+        "IMGEST_SMTP_URL": smtp_url,
+        "IMGEST_RETRY_BASE_SECONDS": "0.05",
+        **infra.s3,
+        **{port_env(s): str(free_port()) for s in SERVICES},
+    }
+    env["IMGEST_PUBLIC_URL"] = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
+    log = data_dir / "services.log"
+    sink = log.open("a", buffering=1)
+    stack = Stack(data_dir, env, emit=lambda name, line: sink.write(f"{name:<9}| {line}\n"))
+    resolved = stack.start()
+    try:
+        stack.wait_ready(timeout=180)
+    except TimeoutError:
+        stack.stop()
+        raise AssertionError("stack not ready:\n" + log.read_text()[-5000:]) from None
+    yield Running(stack, resolved, mailbox, log)
+    stack.stop()
+    stop_kafka()
+    sink.close()
+
+
+# --- test data ---------------------------------------------------------------------------------
+
+
+def dicom_bytes(ds: pydicom.Dataset) -> bytes:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def study_zip(template: Path, instances: int = 20, series: int = 2) -> tuple[bytes, str]:
+    """A zip of `instances` DICOM files of one new study, spread over `series` series."""
+    study_uid = generate_uid()
+    patient = f"ZIP{uuid.uuid4().hex[:6]}"
+    series_uids = [generate_uid() for _ in range(series)]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(instances):
+            ds = pydicom.dcmread(template)
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = series_uids[i % series]
+            ds.SeriesNumber = i % series + 1
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.InstanceNumber = i + 1
+            ds.PatientID = patient
+            ds.PatientName = patient
+            zf.writestr(f"study/series{i % series + 1}/IM{i:04d}.dcm", dicom_bytes(ds))
+        zf.writestr("__MACOSX/study/._IM0000.dcm", b"junk")  # skipped, as macOS zips need
+    return out.getvalue(), study_uid
+
+
+def jpeg_with_exif() -> bytes:
+    import piexif
+    from PIL import Image
+
+    exif = piexif.dump({"0th": {piexif.ImageIFD.Make: b"imgest-camera",
+                                piexif.ImageIFD.Model: b"E2E-1"},
+                        "Exif": {piexif.ExifIFD.DateTimeOriginal: b"2026:11:26 10:00:00"}})
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(out, "JPEG", exif=exif)
+    return out.getvalue()
+
+
+def assert_archived(run: Running, state: dict[str, Any], files: int) -> list[asyncpg.Record]:
+    assert state["state"] == "archived", state
+    assert state["counts"]["files"] == files and state["counts"]["archived"] == files, state
+    assert all(f["state"] == "archived" for f in state["files"]), state["files"]
+    assert len(state["files"]) == files
+    rows = run.query(
+        "select f.object_key, f.size, f.sha256, s.label as scan, se.label as session, "
+        "se.uri, se.state from importer.file f join importer.scan s on s.id = f.scan_id "
+        "join importer.session se on se.id = s.session_id where f.upload_id = $1", state["id"])
+    assert len(rows) == files
+    for row in rows:
+        assert row["object_key"].startswith("archive/"), row
+        stat = run.store.stat(row["object_key"])
+        assert stat is not None, f"{row['object_key']} missing from the store"
+        assert stat.size == row["size"]
+        assert row["state"] == "archived"
+    # staging is cleaned once the upload is finished
+    assert list(run.store.list(f"staging/{state['id']}/")) == []
+    mails = run.mailbox.wait_for(state["id"])
+    assert len(mails) == 1, f"expected one email, got {len(mails)}"
+    assert "archived" in mails[0]["Subject"]
+    return rows
+
+
+# --- the three journeys the issue names ---------------------------------------------------------
+
+
+def test_one_dicom_file(running: Running, pydicom_file):
+    body = pydicom_file("CT_small.dcm").read_bytes()
+    started = time.monotonic()
+    created = running.upload("CT_small.dcm", body)
+    assert created["state"] == "processing"
+    state = running.wait(created["id"])
+    elapsed = time.monotonic() - started
+    rows = assert_archived(running, state, 1)
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    assert rows[0]["object_key"].endswith(f"/files/{ds.SOPInstanceUID}.dcm")
+    assert "/scans/1/resources/DICOM/" in rows[0]["object_key"]
+    assert running.store.read_range(rows[0]["object_key"], 0, len(body)) == body
+    print(f"one DICOM file, upload to archived: {elapsed:.2f}s")
+
+
+def test_zip_of_twenty_instances_of_one_study(running: Running, pydicom_file):
+    body, study_uid = study_zip(pydicom_file("CT_small.dcm"))
+    state = running.wait(running.upload("study.zip", body)["id"])
+    rows = assert_archived(running, state, 20)
+    assert len({r["session"] for r in rows}) == 1, "one study is one session"
+    assert {r["scan"] for r in rows} == {"1", "2"}, "one scan per series"
+    assert state["objects"][0]["state"] == "unpacked"
+    sessions = running.query("select * from importer.session where study_uid = $1", study_uid)
+    assert len(sessions) == 1 and sessions[0]["modalities"] == '["CT"]'
+
+
+def test_jpeg_with_exif(running: Running):
+    state = running.wait(running.upload("photo.jpg", jpeg_with_exif(), project="PHOTOS",
+                                        subject="S01", session="S01_visit1")["id"])
+    rows = assert_archived(running, state, 1)
+    assert rows[0]["object_key"].startswith("archive/PHOTOS/S01/S01_visit1/scans/photo/")
+    assert state["files"][0]["kind"] == "photo"
+
+
+# --- bad input: clear reasons, nothing lost -----------------------------------------------------
+
+
+def test_unsupported_file_is_rejected_with_a_reason(running: Running):
+    state = running.wait(running.upload("notes.txt", b"just some text\n")["id"])
+    assert state["state"] == "failed"
+    assert state["files"][0]["reason"]["code"] == "file.unsupported_type"
+    mails = running.mailbox.wait_for(state["id"])
+    assert len(mails) == 1 and "failed" in mails[0]["Subject"]
+    text = mails[0].get_payload()[0].get_payload(decode=True).decode()
+    assert "notes.txt" in text and "file.unsupported_type" in text
+    # the original is kept for inspection, outside staging
+    assert list(running.store.list(f"rejected/{state['id']}/"))
+
+
+def test_zip_with_traversal_paths_is_refused_whole(running: Running, pydicom_file):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("ok.dcm", pydicom_file("CT_small.dcm").read_bytes())
+        zf.writestr("../../etc/evil.dcm", b"x")
+    state = running.wait(running.upload("evil.zip", out.getvalue())["id"])
+    assert state["state"] == "failed"
+    assert state["objects"][0]["state"] == "rejected"
+    assert state["objects"][0]["reason"]["code"] == "archive.unsafe_path"
+    assert not list(running.store.list("etc/"))
+
+
+def test_truncated_zip_is_refused_with_a_reason(running: Running, pydicom_file):
+    body, _ = study_zip(pydicom_file("CT_small.dcm"), instances=3, series=1)
+    state = running.wait(running.upload("cut.zip", body[: len(body) // 2])["id"])
+    assert state["state"] == "failed"
+    assert state["objects"][0]["reason"]["code"] == "archive.corrupt"
+
+
+def test_mixed_upload_is_partial(running: Running, pydicom_file):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("a.dcm", pydicom_file("MR_small.dcm").read_bytes())
+        zf.writestr("readme.txt", b"hello")
+    state = running.wait(running.upload("mixed.zip", out.getvalue())["id"])
+    assert state["state"] == "partial"
+    by_path = {f["path"]: f for f in state["files"]}
+    assert by_path["mixed.zip/a.dcm"]["state"] == "archived"
+    assert by_path["mixed.zip/readme.txt"]["reason"]["code"] == "file.unsupported_type"
+
+
+def test_http_errors_are_problem_json(running: Running):
+    for response, status in [
+        (running.http.post("/api/v1/uploads", params={"filename": "a.dcm"}, content=b""), 400),
+        (running.http.post("/api/v1/uploads", params={"filename": ".."}, content=b"x"), 400),
+        (running.http.post("/api/v1/uploads", content=b"x"), 422),
+        (running.http.post("/api/v1/uploads", params={"filename": "a", "project": "../x"},
+                           content=b"x"), 422),
+        (running.http.get("/api/v1/uploads/nope"), 404),
+    ]:
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        problem = response.json()
+        assert problem["status"] == status and problem["title"] and problem["detail"]
+
+
+def test_curl_style_put_upload(running: Running, pydicom_file):
+    response = running.http.put("/api/v1/uploads/MR_small.dcm",
+                                content=pydicom_file("MR_small.dcm").read_bytes())
+    assert response.status_code == 201
+    assert response.headers["location"] == f"/api/v1/uploads/{response.json()['id']}"
+    assert running.wait(response.json()["id"])["state"] == "archived"
+
+
+# --- operations ---------------------------------------------------------------------------------
+
+
+def test_every_service_serves_health_metrics_and_asyncapi(running: Running):
+    for service in SERVICES:
+        base = f"http://127.0.0.1:{running.env[port_env(service)]}"
+        assert httpx.get(f"{base}/healthz").json()["service"] == service
+        ready = httpx.get(f"{base}/readyz")
+        assert ready.status_code == 200, ready.text
+        metrics = httpx.get(f"{base}/metrics").text
+        assert "faststream_received_messages_total" in metrics or service == "gateway"
+        assert "process_cpu_seconds_total" in metrics
+        assert httpx.get(f"{base}/asyncapi.json").json()["asyncapi"].startswith("3.")
+    openapi = running.http.get("/openapi.json").json()
+    assert "/api/v1/uploads" in openapi["paths"]
+    assert "/api/v1/uploads/{upload_id}" in openapi["paths"]
+
+
+def test_restart_keeps_uploads(running: Running, pydicom_file):
+    """Stop every service and start them again: what was uploaded is still there."""
+    if running.env["IMGEST_STORE"] != "local":
+        pytest.skip("one restart is enough (local store)")
+    before = running.wait(running.upload("CT_small.dcm",
+                                         pydicom_file("CT_small.dcm").read_bytes())["id"])
+    running.stack.supervisor.stop()
+    running.stack.supervisor.start()
+    running.stack.wait_ready(timeout=180)
+    after = running.http.get(f"/api/v1/uploads/{before['id']}").json()
+    assert after["state"] == "archived" and after["files"] == before["files"]
+    again = running.wait(running.upload("MR_small.dcm",
+                                        pydicom_file("MR_small.dcm").read_bytes())["id"])
+    assert again["state"] == "archived"
