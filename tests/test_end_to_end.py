@@ -100,8 +100,11 @@ def running(request, infra: Infra, smtp_server, tmp_path_factory):
     except TimeoutError:
         stack.stop()
         raise AssertionError("stack not ready:\n" + log.read_text()[-5000:]) from None
-    yield Running(stack, resolved, mailbox, log)
+    run = Running(stack, resolved, mailbox, log)
+    yield run
     stack.stop()
+    if request.session.testsfailed:
+        print(f"--- {store} stack, last service log lines ---\n{run.tail(150)}")
     stop_kafka()
     sink.close()
 

@@ -70,12 +70,17 @@ class _Hashing(io.RawIOBase):
         self.raw = raw
         self.sha = hashlib.sha256()
         self.size = 0
+        self.source_error: BaseException | None = None  # the source failed, not the store
 
     def readable(self) -> bool:
         return True
 
     def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
+        try:
+            data = self.raw.read(n)
+        except BaseException as e:
+            self.source_error = e
+            raise
         self.sha.update(data)
         self.size += len(data)
         return data
@@ -261,6 +266,8 @@ class S3Store(ObjectStore):
                 length=-1 if length is None else length, part_size=part_size_for(length),
             )
         except Exception as e:  # noqa: BLE001 - wrapped at the adapter boundary
+            if hashing.source_error is not None:
+                raise hashing.source_error from None  # e.g. a broken archive: not a store fault
             raise self._wrap(key, e) from e
         return StoredObject(key, hashing.size, hashing.sha.hexdigest())
 

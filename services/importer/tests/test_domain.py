@@ -1,0 +1,255 @@
+"""imgest_importer.domain: when an upload is complete, and how its files become sessions."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+import pytest
+from imgest_contracts import FileKind, ImportOptions, SessionHints
+from imgest_importer.domain import (ObjectProgress, ValidFile, is_complete, plan,
+                                    prearchive_timestamp, session_id)
+
+NOW = datetime(2024, 1, 2, 3, 4, 5, 678_901)
+TS = "20240102_030405678"
+
+# --- is_complete ---------------------------------------------------------------------------------
+
+
+def test_not_complete_before_submission() -> None:
+    progress = {"a": ObjectProgress(files_total=1, rejected=False, terminal=1)}
+    assert is_complete(False, ["a"], progress) is False
+    assert is_complete(True, ["a"], progress) is True
+
+
+def test_not_complete_while_an_object_is_unheard_of() -> None:
+    progress = {"a": ObjectProgress(1, False, 1)}
+    assert is_complete(True, ["a", "b"], progress) is False
+
+
+def test_not_complete_while_files_total_unknown() -> None:
+    progress = {"a": ObjectProgress(None, False, 5)}
+    assert is_complete(True, ["a"], progress) is False
+
+
+def test_not_complete_while_files_outstanding() -> None:
+    keys = ["a", "b"]
+    assert is_complete(True, keys, {"a": ObjectProgress(3, False, 3),
+                                    "b": ObjectProgress(10, False, 9)}) is False
+    assert is_complete(True, keys, {"a": ObjectProgress(3, False, 3),
+                                    "b": ObjectProgress(10, False, 10)}) is True
+
+
+def test_rejected_object_counts_as_done() -> None:
+    keys = ["zip", "b"]
+    progress = {"zip": ObjectProgress(None, True, 0), "b": ObjectProgress(1, False, 1)}
+    assert is_complete(True, keys, progress) is True
+
+
+def test_complete_with_more_terminal_than_total_and_with_empty_archive() -> None:
+    # redeliveries may count twice; an empty archive yields nothing and is done at once
+    assert is_complete(True, ["a"], {"a": ObjectProgress(2, False, 3)}) is True
+    assert is_complete(True, ["a"], {"a": ObjectProgress(0, False, 0)}) is True
+
+
+def test_submitted_upload_without_objects_is_complete() -> None:
+    assert is_complete(True, [], {}) is True
+
+
+def test_progress_of_objects_not_in_the_upload_is_ignored() -> None:
+    progress = {"a": ObjectProgress(1, False, 1), "other": ObjectProgress(5, False, 0)}
+    assert is_complete(True, ["a"], progress) is True
+
+
+# --- plan ----------------------------------------------------------------------------------------
+
+
+def dcm(path: str, study: str, sop: str, *, series: str = "1.2.3.9", scan: str | None = "1",
+        subject: str | None = "S1", session: str | None = "E1", project: str | None = None,
+        modality: str | None = "CT", auto_archive: bool | None = None) -> ValidFile:
+    return ValidFile(
+        file_id=f"{sop.replace('.', '')}{'0' * 32}"[:32], staged_key=f"staging/u/{path}",
+        path=path, kind=FileKind.dicom, size=10, sha256="0" * 64,
+        hints=SessionHints(project=project, subject=subject, session=session, study_uid=study,
+                           series_uid=series, sop_instance_uid=sop, modality=modality, scan=scan,
+                           auto_archive=auto_archive))
+
+
+def photo(path: str, fid: str) -> ValidFile:
+    return ValidFile(file_id=fid, staged_key=f"staging/u/{fid}", path=path, kind=FileKind.photo,
+                     hints=SessionHints(), size=5, sha256="1" * 64)
+
+
+ARCHIVE_KEY = re.compile(
+    r"^archive/(?P<project>[^/]+)/(?P<subject>[^/]+)/(?P<session>[^/]+)/scans/(?P<scan>[^/]+)"
+    r"/resources/DICOM/files/(?P<sop>[^/]+)\.dcm$")
+
+
+def test_prearchive_timestamp_format() -> None:
+    assert prearchive_timestamp(NOW) == TS
+    assert prearchive_timestamp(datetime(2030, 12, 31, 23, 59, 59, 999)) == "20301231_235959000"
+    assert prearchive_timestamp(datetime(2030, 12, 31, 23, 59, 59, 999_999)) == \
+        "20301231_235959999"
+    assert re.fullmatch(r"\d{8}_\d{9}", prearchive_timestamp(datetime.now()))
+
+
+def test_one_study_one_session_with_archive_layout() -> None:
+    files = [dcm("b.dcm", "1.2.840.1", "1.2.840.1.2", scan="2", modality="MR"),
+             dcm("a.dcm", "1.2.840.1", "1.2.840.1.1", scan="1", modality="CT")]
+    [s] = plan("u1", ImportOptions(), files, "DEFAULT", NOW)
+    assert (s.project, s.subject, s.label) == ("DEFAULT", "S1", "E1")
+    assert s.archived is True and s.study_uid == "1.2.840.1" and s.timestamp == TS
+    assert s.prefix == "archive/DEFAULT/S1/E1/"
+    assert s.uri == "/data/archive/projects/DEFAULT/subjects/S1/experiments/E1"
+    assert s.id == "DEFAULT/S1/E1" == session_id("DEFAULT", "S1", "E1", True, TS)
+    assert s.modalities == ["CT", "MR"]
+    assert [p.file.path for p in s.placements] == ["a.dcm", "b.dcm"]  # sorted by path
+    for p in s.placements:
+        m = ARCHIVE_KEY.match(p.key)
+        assert m, p.key
+        assert m["project"] == "DEFAULT" and m["subject"] == "S1" and m["session"] == "E1"
+        assert m["scan"] == p.scan == p.file.hints.scan
+        assert m["sop"] == p.file.hints.sop_instance_uid
+        assert p.name == f"{p.file.hints.sop_instance_uid}.dcm"
+    assert s.placements[0].key == \
+        "archive/DEFAULT/S1/E1/scans/1/resources/DICOM/files/1.2.840.1.1.dcm"
+
+
+def test_two_studies_same_hints_get_distinct_labels() -> None:
+    files = [dcm("s1/a.dcm", "1.2.3.100", "1.2.3.100.1"),
+             dcm("s1/b.dcm", "1.2.3.100", "1.2.3.100.2"),
+             dcm("s2/a.dcm", "1.2.3.200", "1.2.3.200.1")]
+    sessions = plan("u1", ImportOptions(), files, "P", NOW)
+    assert len(sessions) == 2
+    by_study = {s.study_uid: s for s in sessions}
+    assert by_study["1.2.3.100"].label == "E1"
+    assert by_study["1.2.3.200"].label == "E1_2"
+    assert len(by_study["1.2.3.100"].placements) == 2
+    assert len(by_study["1.2.3.200"].placements) == 1
+    assert len({s.id for s in sessions}) == 2
+    assert len({s.prefix for s in sessions}) == 2
+    keys = [p.key for s in sessions for p in s.placements]
+    assert len(set(keys)) == 3
+
+
+def test_three_studies_same_label_are_numbered() -> None:
+    files = [dcm(f"{i}.dcm", f"1.9.{i}", f"1.9.{i}.1") for i in range(3)]
+    labels = sorted(s.label for s in plan("u", ImportOptions(), files, "P", NOW))
+    assert labels == ["E1", "E1_2", "E1_3"]
+
+
+def test_two_studies_explicit_session_still_distinct() -> None:
+    files = [dcm("a.dcm", "1.1", "1.1.1"), dcm("b.dcm", "2.2", "2.2.1")]
+    opts = ImportOptions(project="PX", subject="SX", session="EX")
+    sessions = plan("u", opts, files, "P", NOW)
+    assert sorted(s.label for s in sessions) == ["EX", "EX_2"]
+    assert {(s.project, s.subject) for s in sessions} == {("PX", "SX")}
+
+
+def test_explicit_options_win_over_hints() -> None:
+    files = [dcm("a.dcm", "1.5", "1.5.1", project="HP", subject="HS", session="HE")]
+    [s] = plan("u", ImportOptions(project="OP", subject="OS", session="OE"), files, "DEF", NOW)
+    assert (s.project, s.subject, s.label) == ("OP", "OS", "OE")
+    assert s.placements[0].key.startswith("archive/OP/OS/OE/scans/")
+    # partially explicit: the rest still comes from the hints
+    [s] = plan("u", ImportOptions(subject="OS"), files, "DEF", NOW)
+    assert (s.project, s.subject, s.label) == ("HP", "OS", "HE")
+
+
+def test_defaults_without_hints() -> None:
+    f = dcm("a.dcm", "1.2.840.113619.2.55.3.604688119", "9.9", subject=None, session=None,
+            scan=None)
+    [s] = plan("upload-1234", ImportOptions(), [f], "DEF", NOW)
+    assert (s.project, s.subject) == ("DEF", "unassigned")
+    assert s.label == "study_" + "1.2.840.113619.2.55.3.604688119"[-12:].replace(".", "_")
+    assert s.placements[0].scan == "1"  # no scan label: scan 1
+    assert s.placements[0].key == "archive/DEF/unassigned/" + s.label + \
+        "/scans/1/resources/DICOM/files/9.9.dcm"
+
+
+def test_dicom_without_sop_uses_file_id() -> None:
+    f = ValidFile(file_id="abcdef0123456789abcdef0123456789", staged_key="k", path="x.dcm",
+                  kind=FileKind.dicom, hints=SessionHints(study_uid="1.2", session="E"),
+                  size=1, sha256="0" * 64)
+    [s] = plan("u", ImportOptions(), [f], "P", NOW)
+    assert s.placements[0].name == "abcdef0123456789abcdef0123456789.dcm"
+
+
+@pytest.mark.parametrize("opts", [ImportOptions(auto_archive=False),
+                                  ImportOptions(dest="/prearchive"),
+                                  ImportOptions(dest="/prearchive/projects/P")])
+def test_prearchive_layout(opts: ImportOptions) -> None:
+    files = [dcm("a.dcm", "1.7", "1.7.1", scan="3")]
+    [s] = plan("u", opts, files, "P", NOW)
+    assert s.archived is False
+    assert s.timestamp == TS
+    assert s.prefix == f"prearchive/P/{TS}/E1/"
+    assert s.uri == f"/data/prearchive/projects/P/{TS}/E1"
+    assert s.id == f"prearchive/P/{TS}/E1"
+    assert s.placements[0].key == f"prearchive/P/{TS}/E1/scans/3/resources/DICOM/files/1.7.1.dcm"
+    assert re.fullmatch(r"\d{8}_\d{9}", s.timestamp)
+
+
+def test_auto_archive_hint_false_sends_only_that_session_to_prearchive() -> None:
+    files = [dcm("a.dcm", "1.1", "1.1.1", session="A", auto_archive=False),
+             dcm("b.dcm", "2.2", "2.2.1", session="B")]
+    sessions = {s.label: s for s in plan("u", ImportOptions(), files, "P", NOW)}
+    assert sessions["A"].archived is False
+    assert sessions["A"].prefix.startswith("prearchive/")
+    assert sessions["B"].archived is True
+    assert sessions["B"].prefix == "archive/P/S1/B/"
+
+
+def test_archive_dest_and_true_auto_archive_archive() -> None:
+    files = [dcm("a.dcm", "1.1", "1.1.1")]
+    for opts in (ImportOptions(auto_archive=True), ImportOptions(dest="/archive/projects/P")):
+        [s] = plan("u", opts, files, "P", NOW)
+        assert s.archived is True
+
+
+def test_photos_go_into_one_session() -> None:
+    files = [photo("trip/b.jpg", "bbbbbbbb" + "1" * 24),
+             photo("a.jpg", "aaaaaaaa" + "2" * 24),
+             photo("other/a.jpg", "cccccccc" + "3" * 24)]
+    [s] = plan("u", ImportOptions(), files, "P", NOW)
+    assert (s.project, s.subject, s.label) == ("P", "unassigned", "unassigned_photo")
+    assert s.study_uid is None and s.modalities == []
+    assert [p.key for p in s.placements] == [
+        "archive/P/unassigned/unassigned_photo/scans/photo/resources/PHOTO/files/aaaaaaaa_a.jpg",
+        "archive/P/unassigned/unassigned_photo/scans/photo/resources/PHOTO/files/cccccccc_a.jpg",
+        "archive/P/unassigned/unassigned_photo/scans/photo/resources/PHOTO/files/bbbbbbbb_b.jpg",
+    ]
+    assert {p.scan for p in s.placements} == {"photo"}
+
+
+def test_photos_and_dicom_in_separate_sessions() -> None:
+    files = [dcm("x.dcm", "1.1", "1.1.1"), photo("p.jpg", "f" * 32)]
+    sessions = plan("u", ImportOptions(subject="SUBJ"), files, "P", NOW)
+    assert len(sessions) == 2
+    labels = {s.study_uid: s.label for s in sessions}
+    assert labels == {"1.1": "E1", None: "SUBJ_photo"}
+
+
+def test_plan_is_deterministic_regardless_of_input_order() -> None:
+    files = [dcm(f"{i}.dcm", f"1.{i % 2}", f"1.{i % 2}.{i}") for i in range(6)]
+    a = plan("u", ImportOptions(), files, "P", NOW)
+    b = plan("u", ImportOptions(), list(reversed(files)), "P", NOW)
+    assert [(s.label, [p.key for p in s.placements]) for s in a] == \
+        [(s.label, [p.key for p in s.placements]) for s in b]
+
+
+def test_plan_of_nothing_is_empty() -> None:
+    assert plan("u", ImportOptions(), [], "P", NOW) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "labels_taken is keyed by (project, subject, label) but the prearchive prefix and "
+    "session_id are prearchive/<project>/<timestamp>/<label>, without the subject: two studies "
+    "of different subjects with the same session label collide in the prearchive"))
+def test_prearchive_sessions_of_different_subjects_do_not_collide() -> None:
+    files = [dcm("a.dcm", "1.1", "1.1.1", subject="S1", session="E1"),
+             dcm("b.dcm", "2.2", "2.2.1", subject="S2", session="E1")]
+    sessions = plan("u", ImportOptions(auto_archive=False), files, "P", NOW)
+    assert len(sessions) == 2
+    assert len({s.id for s in sessions}) == 2
+    assert len({s.prefix for s in sessions}) == 2
