@@ -180,18 +180,50 @@ def asyncapi_document() -> dict:
                     "are CloudEvents 1.0 (structured JSON); keys as contracts/README.").to_specification().to_jsonable()
 
 
-ASYNCAPI_PATH = Path(__file__).resolve().parents[2] / "contracts" / "asyncapi.json"
+ROOT = Path(__file__).resolve().parents[2]
+ASYNCAPI_PATH = ROOT / "contracts" / "asyncapi.json"
+README_PATH = ROOT / "README.md"
+CONFIG_START, CONFIG_END = "<!-- config:start -->", "<!-- config:end -->"
+
+
+def config_table() -> str:
+    """Markdown table of every IMGEST_* variable, from the services' settings classes."""
+    from imgest_runtime.settings import RuntimeSettings
+
+    rows: dict[str, tuple[str, str, list[str]]] = {}
+    for name, (_mod, st) in _service_modules().items():
+        for field_name, info in st.Settings.model_fields.items():
+            shared = field_name in RuntimeSettings.model_fields
+            default = info.default
+            shown = "—" if default is None else f"`{default}`"
+            entry = rows.setdefault(field_name, (shown, info.description or "", []))
+            if not shared:
+                entry[2].append(name)
+    lines = ["| Variable | Default | Used by | What it sets |", "|---|---|---|---|"]
+    for field_name, (default, description, services) in rows.items():
+        used = ", ".join(services) if services else "all"
+        lines.append(f"| `IMGEST_{field_name.upper()}` | {default} | {used} | {description} |")
+    return "\n".join(lines)
+
+
+def readme_with_config(text: str) -> str:
+    head, rest = text.split(CONFIG_START, 1)
+    _, tail = rest.split(CONFIG_END, 1)
+    return f"{head}{CONFIG_START}\n{config_table()}\n{CONFIG_END}{tail}"
 
 
 @app.command("docs")
 def write_docs() -> None:
-    """Regenerate the checked-in contracts: JSON Schemas and the AsyncAPI document."""
+    """Regenerate what is generated and checked in: the JSON Schemas, the AsyncAPI document
+    and the README's configuration table."""
     from imgest_contracts.schemas import write
 
     for path in write():
         typer.echo(f"wrote {path}")
     ASYNCAPI_PATH.write_text(json.dumps(asyncapi_document(), indent=2, sort_keys=True) + "\n")
     typer.echo(f"wrote {ASYNCAPI_PATH}")
+    README_PATH.write_text(readme_with_config(README_PATH.read_text()))
+    typer.echo(f"wrote the configuration table in {README_PATH}")
 
 
 @db_app.command("revision")

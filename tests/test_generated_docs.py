@@ -21,3 +21,10 @@ def test_every_published_topic_is_documented_with_its_schema():
         assert topic in addresses, topic
     text = json.dumps(doc)
     assert "specversion" in text and "upload_id" in text
+
+
+def test_readme_configuration_table_is_current():
+    from imgest.cli import README_PATH, readme_with_config
+
+    text = README_PATH.read_text()
+    assert readme_with_config(text) == text, "README's configuration table drifted: `imgest docs`"
