@@ -217,8 +217,13 @@ class LocalStore(ObjectStore):
         self._path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
-        base = self.root / prefix.rstrip("/") if prefix else self.root
-        start = base if base.is_dir() else base.parent
+        """Objects whose key starts with `prefix` (a string prefix, as in S3)."""
+        if prefix:
+            check_key(prefix.rstrip("/") or ".")  # nothing outside the root
+        base = self.root / prefix if prefix else self.root
+        start = base if prefix.endswith("/") or not prefix else base.parent
+        if not start.is_dir():
+            return
         for dirpath, _dirs, files in os.walk(start):
             for name in sorted(files):
                 if name.endswith(".part") and name.startswith("."):
@@ -254,6 +259,8 @@ class S3Store(ObjectStore):
     def _wrap(self, key: str, error: Exception) -> StoreError:
         from minio.error import S3Error
 
+        if isinstance(error, StoreError):
+            return error  # e.g. InvalidKey: ours already, and permanent
         if isinstance(error, S3Error) and error.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
             return ObjectNotFound(key)
         return StoreError(f"S3 {key}: {error}")
@@ -465,9 +472,10 @@ class IterReader(io.RawIOBase):
 
     def readinto(self, b) -> int:  # type: ignore[override]
         while not self.buffer:
-            self.buffer = next(self.chunks, b"")
-            if not self.buffer:
+            chunk = next(self.chunks, None)
+            if chunk is None:
                 return 0
+            self.buffer = chunk  # an empty chunk is not the end: read on
         n = min(len(b), len(self.buffer))
         b[:n], self.buffer = self.buffer[:n], self.buffer[n:]
         return n

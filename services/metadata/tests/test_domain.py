@@ -164,10 +164,6 @@ def test_identify_garbage_named_dcm_is_refused_not_raised() -> None:
 
 # Cut points inside a 4-byte length field: (0002,0000) UL value at 140..143, the explicit-VR
 # long length of an element at 152..155, and the length of the pixel data element at 6296..6299.
-@pytest.mark.xfail(strict=True, reason=(
-    "domain.dicom() catches a fixed list of exceptions around dcmread; pydicom raises "
-    "struct.error and pydicom.errors.BytesLengthException (neither is listed) when the bytes "
-    "end inside a length field or a numeric value"))
 @pytest.mark.parametrize("cut", [141, 153, 6297])
 def test_identify_truncated_dicom_never_raises(cut: int) -> None:
     data = _testfile("CT_small.dcm")[:cut]
@@ -175,9 +171,6 @@ def test_identify_truncated_dicom_never_raises(cut: int) -> None:
     assert found.kind is FileKind.dicom and found.reason is not None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "when a partial head ends inside an explicit-VR 4-byte length field, dcmread raises "
-    "struct.error, which dicom() does not catch, so NeedMore is never raised"))
 def test_identify_partial_head_ending_in_a_length_field_needs_more() -> None:
     data = _testfile("CT_small.dcm")
     with pytest.raises(NeedMore):
@@ -231,10 +224,6 @@ def test_identify_empty_file() -> None:
     assert found.reason is not None and found.reason.code == "file.empty"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "identify() only checks size == 0 after the DICOM/photo branches; sniff() calls any "
-    "'*.dcm' a DICOM, so an empty 'x.dcm' is refused as 'dicom.missing_uid' ('lacks "
-    "StudyInstanceUID, …') instead of 'file.empty'"))
 def test_identify_empty_dcm_is_empty() -> None:
     found = identify(b"", 0, "empty.dcm")
     assert found.reason is not None and found.reason.code == "file.empty"
@@ -338,10 +327,6 @@ def test_read_headers_photo_and_empty(store: LocalStore) -> None:
     assert empty.reason is not None and empty.reason.code == "file.empty"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a valid DICOM whose first 64 KiB end inside an explicit-VR 4-byte length field makes "
-    "dcmread raise struct.error; dicom() does not catch it, so read_headers raises instead of "
-    "reading more (the file.staged event would fail on every redelivery)"))
 def test_read_headers_boundary_inside_a_length_field(store: LocalStore) -> None:
     probe = _padded_ct(65_000, second=10)
     start = probe.find(b"\xcd" * 10) - 12  # the second private element's header

@@ -115,9 +115,6 @@ def test_html_part_lists_sessions_and_failures() -> None:
     assert f'href="https://imgest.example.org/api/v1/uploads/{UPLOAD_ID}"' in html
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "domain.py builds the Jinja env with autoescape=select_autoescape(['html']), which matches "
-    "names ending '.html'; the template is 'upload_completed.html.j2', so nothing is escaped"))
 def test_html_part_escapes_user_supplied_text() -> None:
     _, html = _parts(make(completed()))
     assert "<script>" not in html

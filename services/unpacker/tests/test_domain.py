@@ -293,9 +293,6 @@ def test_unpack_zip_member_limit(store: LocalStore) -> None:
     assert err.value.code == "archive.too_many_members"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "unpack_zip only calls check_growth from inside counted(), i.e. per chunk of data; a "
-    "zero-byte member yields no chunk, so archives of empty members bypass max_members"))
 def test_unpack_zip_member_limit_counts_empty_members(store: LocalStore) -> None:
     obj = _stored(store, _zip_bytes({f"f{i}.txt": b"" for i in range(10)}))
     with pytest.raises(ArchiveError) as err:

@@ -108,7 +108,7 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
     archived = options.auto_archive is not False and not (options.dest or "").startswith(
         "/prearchive")
     sessions: dict[str, SessionPlan] = {}
-    labels_taken: dict[tuple[str, str, str], str] = {}
+    labels_taken: dict[tuple[str, str], str] = {}  # XNAT: a session label is unique per project
     for f in sorted(files, key=lambda f: f.path):
         h = f.hints
         group = f"study:{h.study_uid}" if f.kind is FileKind.dicom else f"kind:{f.kind.value}"
@@ -121,10 +121,10 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
                 else f"study_{(h.study_uid or upload_id)[-12:].replace('.', '_')}")
             # Two studies of one upload must not share a session label.
             base, n = label, 1
-            while labels_taken.get((project, subject, label), group) != group:
+            while labels_taken.get((project, label), group) != group:
                 n += 1
                 label = f"{base}_{n}"
-            labels_taken[(project, subject, label)] = group
+            labels_taken[(project, label)] = group
             this_archived = archived and h.auto_archive is not False
             s = SessionPlan(project, subject, label, this_archived, h.study_uid, timestamp)
             sessions[group] = s

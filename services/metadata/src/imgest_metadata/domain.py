@@ -15,7 +15,6 @@ from typing import Any
 import exifread
 import pydicom
 from imgest_contracts import FileKind, Reason, SessionHints
-from pydicom.errors import InvalidDicomError
 
 HEAD_BYTES = 64 * 1024
 
@@ -66,8 +65,7 @@ def dicom(head: bytes, size: int) -> Identified:
     fp = io.BytesIO(head)
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=head[128:132] != b"DICM")
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
-            NotImplementedError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 - pydicom raises many kinds (struct.error, …) on cut data
         if len(head) < size:
             raise NeedMore() from e
         return Identified(FileKind.dicom, reason=Reason(
@@ -124,12 +122,12 @@ def photo(head: bytes) -> Identified:
 def identify(head: bytes, size: int, path: str) -> Identified:
     """Raises NeedMore when the headers run past `head`."""
     kind = sniff(head, path)
+    if size == 0:
+        return Identified(kind, reason=Reason(code="file.empty", message="The file is empty."))
     if kind is FileKind.dicom:
         return dicom(head, size)
     if kind is FileKind.photo:
         return photo(head)
-    if size == 0:
-        return Identified(kind, reason=Reason(code="file.empty", message="The file is empty."))
     return Identified(kind, reason=Reason(
         code="file.unsupported_type",
         message="Not a file imgest imports (DICOM, JPEG/PNG/TIFF photos, zip archives)."))

@@ -9,7 +9,7 @@ from imgest_contracts import UploadCompleted
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 _env = Environment(loader=PackageLoader("imgest_notifier", "templates"),
-                   autoescape=select_autoescape(["html"]), undefined=StrictUndefined,
+                   autoescape=select_autoescape(["html", "html.j2"]), undefined=StrictUndefined,
                    trim_blocks=True, lstrip_blocks=True)
 
 HEADLINE = {"succeeded": "archived", "partial": "partly imported", "failed": "failed"}

@@ -58,6 +58,8 @@ def unpack_zip(store: ObjectStore, obj: ObjectStored, limits: Limits) -> Unpacke
 
     try:
         for raw_name, _size, chunks in stream_unzip.stream_unzip(store.iter_chunks(obj.object_key)):
+            # Per member too, not only per chunk: empty members carry no chunk to count.
+            check_growth(total, obj.size, len(members) + skipped + 1, limits)
             path = member_path(raw_name)
             if path is None:
                 for _ in chunks:  # stream-unzip needs each member read before the next

@@ -1,0 +1,243 @@
+"""Delivery on a real broker (Tansu) and database (embedded PostgreSQL): retries, dead letters,
+offsets committed after the work, and the outbox/inbox pair."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from imgest.infra import Postgres, Tansu, free_port
+from imgest_contracts import (CloudEvent, FileRejected, FileStaged, FileValidated, ObjectStored,
+                              Reason, Source, UploadSubmitted, topic_of)
+from imgest_runtime.broker import Consumer, PermanentError, dlq_topic, ensure_topics, make_broker
+from imgest_runtime.db import Database
+from imgest_runtime.outbox import Outbox, Relay, delivery_tables, derived_id
+from imgest_runtime.settings import RuntimeSettings
+from prometheus_client import CollectorRegistry
+from sqlalchemy import MetaData, text
+
+SHA = "a" * 64
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def bootstrap():
+    tansu = Tansu(free_port())
+    yield tansu.start()
+    tansu.stop()
+
+
+@pytest.fixture(scope="module")
+def database_url():
+    root = Path(tempfile.mkdtemp(prefix="imgest-runtime-pg-"))
+    root.chmod(0o755)
+    pg = Postgres(root / "data")
+    pg.start()
+    yield pg.url("delivery")
+    pg.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def settings(bootstrap: str, **kw) -> RuntimeSettings:
+    return RuntimeSettings(kafka_bootstrap=bootstrap, max_attempts=3, retry_base_seconds=0.01,
+                           **kw)
+
+
+def staged(upload_id: str) -> FileStaged:
+    return FileStaged(upload_id=upload_id, file_id="f", object_key="k", path="p", size=1,
+                      sha256=SHA, source=Source(object_key="k", files_total=1))
+
+
+async def dead_letters(bootstrap: str, topic: str, expect: int, timeout: float = 20):
+    consumer = AIOKafkaConsumer(dlq_topic(topic), bootstrap_servers=bootstrap,
+                                auto_offset_reset="earliest", group_id=f"dlq-{uuid.uuid4()}")
+    await consumer.start()
+    found = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(found) < expect and loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            found += [m for records in batch.values() for m in records]
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def run_consumer(bootstrap, service, payload, handler, publish, until, timeout=30):
+    broker = make_broker(settings(bootstrap), service, registry=CollectorRegistry())
+    consumer = Consumer(broker, service)
+    consumer.on(payload)(handler)
+    consumer.build()
+    await ensure_topics(bootstrap, [topic_of(payload)], 1)
+    await broker.start()
+    try:
+        await publish(broker)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not until() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await broker.stop()
+
+
+async def test_a_failing_handler_is_retried_until_it_succeeds(bootstrap):
+    calls = []
+
+    async def flaky(event: CloudEvent[ObjectStored]) -> None:
+        calls.append(event.id)
+        if len(calls) < 3:
+            raise ConnectionError("database briefly away")
+
+    event = CloudEvent.wrap(ObjectStored(upload_id="u1", object_key="k", filename="f", size=1,
+                                         sha256=SHA), source="/test")
+    await run_consumer(bootstrap, "retry", ObjectStored, flaky,
+                       lambda b: b.publish(json.loads(event.model_dump_json()),
+                                           topic_of(ObjectStored)),
+                       until=lambda: len(calls) >= 3)
+    assert calls == [event.id] * 3
+    assert await dead_letters(bootstrap, topic_of(ObjectStored), 0, timeout=2) == []
+
+
+async def test_permanent_errors_and_poison_events_go_to_the_dead_letter_topic(bootstrap):
+    calls = []
+
+    async def refuses(event: CloudEvent[FileStaged]) -> None:
+        calls.append(event.data.upload_id)
+        if event.data.upload_id == "bad":
+            raise PermanentError("cannot ever work")
+
+    async def publish(broker):
+        topic = topic_of(FileStaged)
+        await broker.publish(json.loads(CloudEvent.wrap(staged("bad"), source="/t")
+                                        .model_dump_json()), topic, key=b"bad")
+        await broker.publish({"not": "a cloudevent"}, topic, key=b"poison")
+        await broker.publish(b"\xff\xfe not json", topic, key=b"garbage")
+        await broker.publish(json.loads(CloudEvent.wrap(staged("good"), source="/t")
+                                        .model_dump_json()), topic, key=b"good")
+
+    await run_consumer(bootstrap, "dlq", FileStaged, refuses, publish,
+                       until=lambda: "good" in calls)
+    assert calls == ["bad", "good"], "a permanent error is not retried; poison never reaches it"
+    letters = await dead_letters(bootstrap, topic_of(FileStaged), 3)
+    assert [m.key for m in letters] == [b"bad", b"poison", b"garbage"]
+    headers = dict(letters[0].headers)
+    assert headers["x-imgest-error-kind"] == b"permanent"
+    assert headers["x-imgest-attempts"] == b"1"
+    assert headers["x-imgest-origin-topic"] == topic_of(FileStaged).encode()
+    assert b"cannot ever work" in headers["x-imgest-error"]
+    assert dict(letters[1].headers)["x-imgest-error-kind"] == b"permanent"
+
+
+async def test_an_event_that_keeps_failing_is_dead_lettered_after_max_attempts(bootstrap):
+    calls = []
+
+    async def broken(event: CloudEvent[FileRejected]) -> None:
+        calls.append(1)
+        raise RuntimeError("always")
+
+    rejected = FileRejected(upload_id="u", file_id="f", object_key="k", path="p",
+                            source=Source(object_key="k", files_total=1),
+                            reason=Reason(code="x", message="y"))
+    await run_consumer(bootstrap, "exhaust", FileRejected, broken,
+                       lambda b: b.publish(json.loads(CloudEvent.wrap(rejected, source="/t")
+                                                      .model_dump_json()), topic_of(FileRejected)),
+                       until=lambda: len(calls) >= 3)
+    letters = await dead_letters(bootstrap, topic_of(FileRejected), 1)
+    assert len(calls) == 3 and len(letters) == 1
+    assert dict(letters[0].headers)["x-imgest-error-kind"] == b"transient"
+    assert dict(letters[0].headers)["x-imgest-attempts"] == b"3"
+
+
+async def test_offsets_are_committed_after_handling_so_a_restart_does_not_redeliver(bootstrap):
+    seen: list[str] = []
+
+    async def handler(event: CloudEvent[UploadSubmitted]) -> None:
+        seen.append(event.data.upload_id)
+
+    def submitted(n: int) -> dict:
+        return json.loads(CloudEvent.wrap(UploadSubmitted(
+            upload_id=f"u{n}", uploader={"username": "a"}, options={}, object_keys=[],
+            submitted_at=datetime.now(UTC)), source="/t").model_dump_json())
+
+    async def publish_two(broker):
+        for n in (1, 2):
+            await broker.publish(submitted(n), topic_of(UploadSubmitted))
+
+    await run_consumer(bootstrap, "offsets", UploadSubmitted, handler, publish_two,
+                       until=lambda: len(seen) == 2)
+    await asyncio.sleep(0.5)
+    # A new member of the same group starts where the last one committed: nothing twice.
+    await run_consumer(bootstrap, "offsets", UploadSubmitted, handler,
+                       lambda b: b.publish(submitted(3), topic_of(UploadSubmitted)),
+                       until=lambda: len(seen) == 3)
+    assert seen == ["u1", "u2", "u3"]
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id="imgest-offsets",
+                             enable_auto_commit=False)
+    await probe.start()
+    try:
+        assert await probe.committed(TopicPartition(topic_of(UploadSubmitted), 0)) == 3
+    finally:
+        await probe.stop()
+
+
+async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(bootstrap,
+                                                                                database_url):
+    metadata = MetaData(schema="delivery_test")
+    tables = delivery_tables(metadata)
+    db = Database(database_url)
+    async with db.engine.begin() as conn:
+        await conn.execute(text('create schema if not exists "delivery_test"'))
+        await conn.run_sync(metadata.create_all)
+    outbox = Outbox(tables, source="/imgest/test")
+    broker = make_broker(settings(bootstrap), "outbox", registry=CollectorRegistry())
+    received: list[CloudEvent] = []
+    consumer = Consumer(broker, "outbox")
+
+    @consumer.on(FileValidated)
+    async def on_validated(event: CloudEvent[FileValidated]) -> None:
+        received.append(event)
+
+    consumer.build()
+    await ensure_topics(bootstrap, [topic_of(FileValidated)], 1)
+    await broker.start()
+    relay = Relay(db, outbox, broker, poll_seconds=0.2)
+    relay.start()
+    try:
+        payload = FileValidated(upload_id="u9", file_id="f", object_key="k", path="p", size=1,
+                                sha256=SHA, source=Source(object_key="k", files_total=1),
+                                kind="dicom")
+        event_id = derived_id("test", "u9")
+        with pytest.raises(RuntimeError):
+            async with db.session() as session:  # rolled back: nothing may be published
+                await outbox.add(session, payload, event_id=derived_id("rolled", "back"))
+                raise RuntimeError("handler failed")
+        async with db.session() as session:
+            await outbox.add(session, payload, event_id=event_id)
+            await outbox.add(session, payload, event_id=event_id)  # same work twice: one row
+        for _ in range(100):
+            if received:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        assert [e.id for e in received] == [event_id]
+        assert received[0].data == payload and received[0].type == "imgest.file.validated.v1"
+        async with db.session() as session:
+            assert await outbox.seen(session, event_id, "t") is False
+        async with db.session() as session:
+            assert await outbox.seen(session, event_id, "t") is True  # a redelivery
+        async with db.session() as session:
+            left = (await session.execute(text(
+                "select count(*) from delivery_test.outbox where published_at is null"))).scalar()
+        assert left == 0
+    finally:
+        await relay.stop()
+        await broker.stop()
+        await db.close()

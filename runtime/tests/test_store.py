@@ -1,0 +1,442 @@
+"""The object store port, against both adapters: LocalStore and S3Store (moto's S3 over HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from imgest_runtime.store import (CHUNK, MIN_PART, InvalidKey, IterReader, LocalStore,
+                                  ObjectNotFound, ObjectStore, S3Store, StoredObject, StoreError,
+                                  check_key, part_size_for, put_async)
+
+MiB = 1024 * 1024
+BIG = os.urandom(12 * MiB + 12345)  # not a multiple of any chunk or part size
+BIG_SHA = hashlib.sha256(BIG).hexdigest()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(moto_endpoint: str) -> S3Store:
+    store = S3Store(endpoint=moto_endpoint, access_key="test", secret_key="test",
+                    bucket="imgest-test", secure=False, region="us-east-1")
+    store.ensure_bucket()
+    store.ensure_bucket()  # a second time is a no-op
+    return store
+
+
+class Scoped:
+    """A store and a prefix of its own, so tests sharing the moto bucket do not see each other."""
+
+    def __init__(self, store: ObjectStore, ns: str):
+        self.store = store
+        self.ns = ns
+
+    def k(self, name: str) -> str:
+        return f"{self.ns}/{name}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def st(request: pytest.FixtureRequest, tmp_path: Path) -> Scoped:
+    ns = f"t-{uuid.uuid4().hex[:12]}"
+    if request.param == "local":
+        return Scoped(LocalStore(tmp_path / "store", fsync=False), ns)
+    return Scoped(request.getfixturevalue("s3"), ns)
+
+
+def put_bytes(store: ObjectStore, key: str, data: bytes, length: int | None = -1) -> StoredObject:
+    return store.put(key, io.BytesIO(data), len(data) if length == -1 else length)
+
+
+# --- round trips ---------------------------------------------------------------------------------
+
+
+def test_put_stat_read_range_open(st: Scoped) -> None:
+    store, key = st.store, st.k("a/b/hello.bin")
+    data = bytes(range(256)) * 40
+    stored = put_bytes(store, key, data)
+    assert stored == StoredObject(key, len(data), sha(data))
+
+    info = store.stat(key)
+    assert info is not None and info.key == key and info.size == len(data)
+
+    assert store.read_range(key, 0, 8) == data[:8]
+    assert store.read_range(key, 1000, 300) == data[1000:1300]
+    assert store.read_range(key, len(data) - 5, 100) == data[-5:]  # fewer at the end
+    assert store.read_range(key, len(data), 10) == b""  # from the end: nothing
+    assert store.read_range(key, len(data) + 100, 10) == b""
+    assert store.read_range(key, 0, 0) == b""
+
+    with store.open(key) as f:
+        assert f.read(10) == data[:10]
+        assert f.read() == data[10:]
+        assert f.read() == b""
+
+
+def test_put_empty_object(st: Scoped) -> None:
+    key = st.k("empty")
+    assert put_bytes(st.store, key, b"") == StoredObject(key, 0, sha(b""))
+    assert st.store.stat(key) == StoredObject(key, 0)
+    assert st.store.read_range(key, 0, 10) == b""
+    assert list(st.store.iter_chunks(key)) == []
+
+
+def test_put_replaces(st: Scoped) -> None:
+    key = st.k("x")
+    put_bytes(st.store, key, b"first version, longer")
+    put_bytes(st.store, key, b"second")
+    with st.store.open(key) as f:
+        assert f.read() == b"second"
+    assert st.store.stat(key).size == 6  # type: ignore[union-attr]
+
+
+def test_big_known_length_iter_chunks(st: Scoped) -> None:
+    key = st.k("big-known.bin")
+    stored = put_bytes(st.store, key, BIG)
+    assert (stored.size, stored.sha256) == (len(BIG), BIG_SHA)
+    chunks = list(st.store.iter_chunks(key))
+    assert all(0 < len(c) <= CHUNK for c in chunks)
+    assert sha(b"".join(chunks)) == BIG_SHA
+    small = list(st.store.iter_chunks(key, chunk=3 * MiB))
+    assert max(len(c) for c in small) <= 3 * MiB
+    assert sha(b"".join(small)) == BIG_SHA
+    if isinstance(st.store, S3Store):  # a known length over 5 MiB goes up in parts
+        etag = st.store.client.stat_object(st.store.bucket, key).etag
+        assert etag.endswith("-3"), etag  # 12 MiB in 5 MiB parts
+
+
+def test_big_unknown_length(st: Scoped) -> None:
+    key = st.k("big-unknown.bin")
+    stored = st.store.put(key, IterReader(BIG[i:i + 777_777] for i in range(0, len(BIG), 777_777)))
+    assert (stored.size, stored.sha256) == (len(BIG), BIG_SHA)
+    assert st.store.stat(key).size == len(BIG)  # type: ignore[union-attr]
+    assert sha(b"".join(st.store.iter_chunks(key))) == BIG_SHA
+    assert st.store.read_range(key, 7 * MiB, 10) == BIG[7 * MiB:7 * MiB + 10]
+
+
+def test_s3_unknown_length_past_one_part_is_multipart(s3: S3Store) -> None:
+    # With length=None minio buffers parts of part_size_for(None) = 64 MiB; 12 MiB goes up in a
+    # single PUT, so only a stream longer than 64 MiB takes the multipart path.
+    key = f"mp-{uuid.uuid4().hex[:8]}/unknown.bin"
+    block = os.urandom(MiB)
+    tail = b"tail" * 1000
+    blocks = 64
+    digest = hashlib.sha256()
+    for _ in range(blocks):
+        digest.update(block)
+    digest.update(tail)
+    stored = s3.put(key, IterReader(iter([block] * blocks + [tail])))
+    assert stored == StoredObject(key, blocks * MiB + len(tail), digest.hexdigest())
+    assert s3.client.stat_object(s3.bucket, key).etag.endswith("-2")
+    assert s3.read_range(key, blocks * MiB, 10_000) == tail
+    s3.delete(key)
+
+
+def test_part_size_for() -> None:
+    assert part_size_for(None) == 64 * MiB
+    assert part_size_for(-1) == 64 * MiB
+    assert part_size_for(0) == MIN_PART
+    assert part_size_for(12 * MiB) == MIN_PART
+    size = part_size_for(100 * 1024**3)  # 100 GiB must fit in 10,000 parts
+    assert size % MiB == 0 and size * 10_000 >= 100 * 1024**3 and size > MIN_PART
+    assert (size - MiB) * 10_000 < 100 * 1024**3  # and is the smallest such
+
+
+# --- copy, move, delete, list --------------------------------------------------------------------
+
+
+def test_copy(st: Scoped) -> None:
+    src, dst = st.k("src/one.dcm"), st.k("dst/deep/one.dcm")
+    put_bytes(st.store, src, b"payload")
+    put_bytes(st.store, dst, b"old content to be replaced")
+    st.store.copy(src, dst)
+    assert st.store.read_range(dst, 0, 100) == b"payload"
+    assert st.store.read_range(src, 0, 100) == b"payload"  # the source stays
+
+
+def test_copy_missing_source(st: Scoped) -> None:
+    with pytest.raises(ObjectNotFound):
+        st.store.copy(st.k("nope"), st.k("dst"))
+    assert st.store.stat(st.k("dst")) is None
+
+
+def test_move_is_idempotent(st: Scoped) -> None:
+    src, dst = st.k("staging/f.bin"), st.k("archive/P/S/E/f.bin")
+    put_bytes(st.store, src, b"moved bytes")
+    st.store.move(src, dst)
+    assert st.store.stat(src) is None
+    assert st.store.read_range(dst, 0, 100) == b"moved bytes"
+    st.store.move(src, dst)  # a redelivery: already done, not an error
+    assert st.store.read_range(dst, 0, 100) == b"moved bytes"
+    with pytest.raises(ObjectNotFound):
+        st.store.move(st.k("never/was"), st.k("nor/is"))
+
+
+def test_move_replaces_destination(st: Scoped) -> None:
+    src, dst = st.k("a"), st.k("b")
+    put_bytes(st.store, src, b"new")
+    put_bytes(st.store, dst, b"old old")
+    st.store.move(src, dst)
+    assert st.store.read_range(dst, 0, 100) == b"new" and st.store.stat(src) is None
+
+
+def test_delete(st: Scoped) -> None:
+    key = st.k("gone")
+    put_bytes(st.store, key, b"x")
+    st.store.delete(key)
+    assert st.store.stat(key) is None
+    st.store.delete(key)  # already gone: no error
+    st.store.delete(st.k("never/existed"))
+
+
+def test_list_and_delete_prefix(st: Scoped) -> None:
+    names = ["up1/members/a/1.dcm", "up1/members/b/2.dcm", "up1/members/b/3.dcm",
+             "up1/objects/x.zip", "up10/objects/y.zip", "up2/objects/z.zip"]
+    for i, name in enumerate(names):
+        put_bytes(st.store, st.k(name), b"z" * (i + 1))
+
+    def listed(prefix: str) -> list[tuple[str, int]]:
+        return sorted((o.key, o.size) for o in st.store.list(st.k(prefix)))
+
+    assert listed("up1/members/") == [(st.k(n), i + 1) for i, n in enumerate(names[:3])]
+    assert [k for k, _ in listed("up1/")] == [st.k(n) for n in names[:4]]
+    assert [k for k, _ in listed("up1/members/b/2")] == [st.k(names[1])]
+    assert listed("nothing/here/") == []
+    assert len(listed("")) == len(names)
+
+    assert st.store.delete_prefix(st.k("up1/members/")) == 3
+    assert listed("up1/members/") == []
+    assert [k for k, _ in listed("")] == [st.k(n) for n in names[3:]]
+    assert st.store.delete_prefix(st.k("up1/members/")) == 0
+
+
+@pytest.mark.parametrize("st", [
+    "local",
+    "s3",
+], indirect=True)
+def test_list_prefix_is_a_string_prefix(st: Scoped) -> None:
+    for name in ("up1/a", "up10/b", "up1x", "up2/c"):
+        put_bytes(st.store, st.k(name), b"z")
+    assert sorted(o.key for o in st.store.list(st.k("up1"))) == \
+        [st.k("up1/a"), st.k("up10/b"), st.k("up1x")]
+
+
+def test_list_skips_local_temp_files(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, fsync=False)
+    put_bytes(store, "d/real.bin", b"1")
+    (tmp_path / "d" / ".real.bin.123.456.part").write_bytes(b"half")
+    assert [o.key for o in store.list("d/")] == ["d/real.bin"]
+
+
+def test_local_put_failure_leaves_nothing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, fsync=True)
+
+    def broken() -> Iterator[bytes]:
+        yield b"a" * 100
+        raise RuntimeError("client went away")
+
+    with pytest.raises(RuntimeError):
+        store.put("d/f.bin", IterReader(broken()))
+    assert [p.name for p in (tmp_path / "d").iterdir()] == []
+    assert store.stat("d/f.bin") is None
+
+
+# --- missing objects, bad keys -------------------------------------------------------------------
+
+
+def test_missing_objects(st: Scoped) -> None:
+    key = st.k("missing/obj")
+    assert st.store.stat(key) is None
+    with pytest.raises(ObjectNotFound):
+        st.store.open(key)
+    with pytest.raises(ObjectNotFound):
+        st.store.read_range(key, 0, 10)
+    with pytest.raises(ObjectNotFound):
+        list(st.store.iter_chunks(key))
+    assert issubclass(ObjectNotFound, StoreError)
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/abs", "", "a//b", "./a", "a/.", "a/",
+                                 "a\x00b"])
+def test_check_key_refuses(key: str) -> None:
+    with pytest.raises(InvalidKey):
+        check_key(key)
+
+
+@pytest.mark.parametrize("key", ["a", "a/b/c.dcm", "staging/u1/members/abc/IM 1.dcm", "..a/b..",
+                                 ".hidden/x"])
+def test_check_key_accepts(key: str) -> None:
+    assert check_key(key) == key
+
+
+def test_local_refuses_bad_keys(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "root", fsync=False)
+    for key in ("../x", "/abs", ""):
+        with pytest.raises(InvalidKey):
+            put_bytes(store, key, b"evil")
+        with pytest.raises(InvalidKey):
+            store.open(key)
+        with pytest.raises(InvalidKey):
+            store.stat(key)
+        with pytest.raises(InvalidKey):
+            store.delete(key)
+        with pytest.raises(InvalidKey):
+            store.read_range(key, 0, 1)
+    put_bytes(store, "ok", b"fine")
+    with pytest.raises(InvalidKey):
+        store.copy("ok", "../escaped")
+    with pytest.raises(InvalidKey):
+        store.move("ok", "/abs")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_s3_refuses_bad_keys_with_a_store_error(s3: S3Store) -> None:
+    # whatever its class, a bad key never reaches S3
+    for key in ("../x", "/abs", ""):
+        with pytest.raises(StoreError):
+            put_bytes(s3, key, b"evil")
+        with pytest.raises(StoreError):
+            s3.open(key)
+        with pytest.raises(StoreError):
+            s3.read_range(key, 0, 1)
+    assert [o.key for o in s3.list("..")] == []
+
+
+@pytest.mark.parametrize("op", ["put", "open", "read_range", "stat", "delete"])
+def test_s3_bad_keys_raise_invalid_key(s3: S3Store, op: str) -> None:
+    calls = {"put": lambda: put_bytes(s3, "../x", b"evil"), "open": lambda: s3.open("../x"),
+             "read_range": lambda: s3.read_range("../x", 0, 1), "stat": lambda: s3.stat("../x"),
+             "delete": lambda: s3.delete("../x")}
+    with pytest.raises(InvalidKey):
+        calls[op]()
+
+
+def test_local_list_stays_inside_root(tmp_path: Path) -> None:
+    (tmp_path / "outside.txt").write_bytes(b"secret")
+    store = LocalStore(tmp_path / "root", fsync=False)
+    put_bytes(store, "inside", b"x")
+    try:
+        listed = [o.key for o in store.list("../")]
+    except InvalidKey:
+        return
+    assert listed == []
+
+
+# --- put_async -----------------------------------------------------------------------------------
+
+
+async def _agen(data: bytes, step: int) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), step):
+        yield data[i:i + step]
+        if i % (step * 16) == 0:
+            await asyncio.sleep(0)
+
+
+async def test_put_async(st: Scoped) -> None:
+    key = st.k("async/big.bin")
+    stored = await put_async(st.store, key, _agen(BIG, 64 * 1024))
+    assert stored == StoredObject(key, len(BIG), BIG_SHA)
+    assert st.store.stat(key).size == len(BIG)  # type: ignore[union-attr]
+    assert sha(b"".join(st.store.iter_chunks(key))) == BIG_SHA
+
+
+async def test_put_async_small_and_known_length(st: Scoped) -> None:
+    key = st.k("async/small.bin")
+    data = b"hello async world"
+    stored = await put_async(st.store, key, _agen(data, 5), length=len(data))
+    assert stored == StoredObject(key, len(data), sha(data))
+    assert st.store.read_range(key, 0, 100) == data
+
+
+async def test_put_async_empty(st: Scoped) -> None:
+    key = st.k("async/empty")
+    stored = await put_async(st.store, key, _agen(b"", 1))
+    assert stored == StoredObject(key, 0, sha(b""))
+    assert st.store.stat(key) == StoredObject(key, 0)
+
+
+async def test_put_async_interrupted_stream_leaves_nothing(st: Scoped) -> None:
+    key = st.k("async/broken.bin")
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"x" * (3 * MiB)
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        await put_async(st.store, key, broken())
+    assert st.store.stat(key) is None
+    assert list(st.store.list(st.ns)) == []
+    if isinstance(st.store, LocalStore):
+        assert list(st.store.root.rglob("*.part")) == []
+
+
+async def test_put_async_bad_key(st: Scoped) -> None:
+    with pytest.raises(StoreError):
+        await put_async(st.store, "../evil", _agen(b"x" * (3 * MiB), 64 * 1024))
+
+
+# --- IterReader ----------------------------------------------------------------------------------
+
+
+def test_iter_reader_reads_across_chunks() -> None:
+    r = IterReader(iter([b"abc", b"defg", b"h"]))
+    assert r.readable()
+    assert r.read(2) == b"ab"
+    assert r.read(2) == b"c"  # at most what one chunk still holds
+    assert r.read(10) == b"defg"
+    assert r.read() == b"h"
+    assert r.read() == b"" and r.read(5) == b""
+
+
+def test_iter_reader_readall_and_buffered() -> None:
+    parts = [os.urandom(n) for n in (1, 1000, 65536, 3, 200_000)]
+    assert IterReader(iter(parts)).readall() == b"".join(parts)
+    assert io.BufferedReader(IterReader(iter(parts))).read() == b"".join(parts)
+    buf = bytearray(7)
+    r = IterReader(iter([b"0123456789"]))
+    assert r.readinto(buf) == 7 and bytes(buf) == b"0123456"
+    assert r.readinto(buf) == 3 and bytes(buf[:3]) == b"789"
+    assert r.readinto(buf) == 0
+
+
+def test_iter_reader_from_generator_into_store(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, fsync=False)
+    gen = (bytes([i]) * 100_000 for i in range(30))
+    stored = store.put("g", IterReader(gen))
+    expected = b"".join(bytes([i]) * 100_000 for i in range(30))
+    assert stored == StoredObject("g", len(expected), sha(expected))
+
+
+def test_iter_reader_skips_empty_chunks() -> None:
+    assert IterReader(iter([b"abc", b"", b"def"])).readall() == b"abcdef"
