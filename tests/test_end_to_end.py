@@ -87,6 +87,7 @@ def running(request, infra: Infra, smtp_server, tmp_path_factory):
         "IMGEST_S3_BUCKET": f"imgest-{uuid.uuid4().hex[:8]}",
         "IMGEST_SMTP_URL": smtp_url,
         "IMGEST_RETRY_BASE_SECONDS": "0.05",
+        "IMGEST_KAFKA_SESSION_TIMEOUT_MS": "3000",
         **infra.s3,
         **{port_env(s): str(free_port()) for s in SERVICES},
     }
@@ -314,3 +315,18 @@ def test_restart_keeps_uploads(running: Running, pydicom_file):
     again = running.wait(running.upload("MR_small.dcm",
                                         pydicom_file("MR_small.dcm").read_bytes())["id"])
     assert again["state"] == "archived"
+
+
+def test_a_crashed_service_is_restarted_and_nothing_is_lost(running: Running, pydicom_file):
+    """kill -9 the metadata service: the supervisor starts it again and the upload completes."""
+    if running.env["IMGEST_STORE"] != "local":
+        pytest.skip("one crash is enough (local store)")
+    supervisor = running.stack.supervisor
+    old_pid = supervisor.children["metadata"].process.pid
+    supervisor.kill("metadata")
+    created = running.upload("CT_small.dcm", pydicom_file("CT_small.dcm").read_bytes())
+    state = running.wait(created["id"], timeout=120)
+    assert state["state"] == "archived"
+    assert supervisor.children["metadata"].process.pid != old_pid
+    assert supervisor.children["metadata"].restarts == 1
+    assert "exited with code -9; restarting" in running.log.read_text()

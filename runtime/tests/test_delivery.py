@@ -7,7 +7,6 @@ import asyncio
 import json
 import shutil
 import tempfile
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def staged(upload_id: str) -> FileStaged:
 
 async def dead_letters(bootstrap: str, topic: str, expect: int, timeout: float = 20):
     consumer = AIOKafkaConsumer(dlq_topic(topic), bootstrap_servers=bootstrap,
-                                auto_offset_reset="earliest", group_id=f"dlq-{uuid.uuid4()}")
+                                auto_offset_reset="earliest")  # no group: no join to wait for
     await consumer.start()
     found = []
     try:
@@ -73,7 +72,7 @@ async def dead_letters(bootstrap: str, topic: str, expect: int, timeout: float =
 
 async def run_consumer(bootstrap, service, payload, handler, publish, until, timeout=30):
     broker = make_broker(settings(bootstrap), service, registry=CollectorRegistry())
-    consumer = Consumer(broker, service)
+    consumer = Consumer(broker, service, session_timeout_ms=3000)
     consumer.on(payload)(handler)
     consumer.build()
     await ensure_topics(bootstrap, [topic_of(payload)], 1)
@@ -199,7 +198,7 @@ async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(
     outbox = Outbox(tables, source="/imgest/test")
     broker = make_broker(settings(bootstrap), "outbox", registry=CollectorRegistry())
     received: list[CloudEvent] = []
-    consumer = Consumer(broker, "outbox")
+    consumer = Consumer(broker, "outbox", session_timeout_ms=3000)
 
     @consumer.on(FileValidated)
     async def on_validated(event: CloudEvent[FileValidated]) -> None:

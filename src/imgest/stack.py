@@ -65,6 +65,7 @@ class Supervisor:
     _thread: threading.Thread | None = None
 
     def start(self, services: tuple[str, ...] = SERVICES) -> None:
+        self._stop.clear()  # a supervisor can be stopped and started again
         for name in services:
             child = Child(name, self.env, self.emit)
             child.start()
@@ -149,6 +150,8 @@ class Stack:
             self.emit("imgest", f"starting Tansu (Kafka API) on 127.0.0.1:{self.tansu.port}")
             env["IMGEST_KAFKA_BOOTSTRAP"] = self.tansu.start()
             env["IMGEST_KAFKA_IDEMPOTENCE"] = "false"  # Tansu does not support it
+            # Tansu holds each group join for half the session timeout: keep it short on loopback.
+            env.setdefault("IMGEST_KAFKA_SESSION_TIMEOUT_MS", "6000")
         for name in SERVICES:
             env.setdefault(port_env(name), str(DEFAULT_PORTS[name]))
         self.supervisor = Supervisor(env, self.emit)

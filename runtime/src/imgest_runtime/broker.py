@@ -125,9 +125,10 @@ class Consumer:
     One member per service (rather than one per topic) keeps rebalances rare and short.
     """
 
-    def __init__(self, broker: KafkaBroker, service: str):
+    def __init__(self, broker: KafkaBroker, service: str, session_timeout_ms: int = 10_000):
         self.broker = broker
         self.service = service
+        self.session_timeout_ms = session_timeout_ms
         self.handlers: list[tuple[type[Payload], Callable[..., Awaitable[Any]]]] = []
         self.built = False
 
@@ -150,6 +151,8 @@ class Consumer:
             ack_policy=AckPolicy.NACK_ON_ERROR,
             auto_offset_reset="earliest",
             max_poll_interval_ms=600_000,
+            session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=self.session_timeout_ms // 3,
             title=f"imgest-{self.service}",
             description=f"Events the {self.service} consumes (group imgest-{self.service}).",
         )

@@ -24,6 +24,9 @@ class RuntimeSettings(BaseSettings):
         False, description="Idempotent producer (Apache Kafka: on; Tansu does not support it)."
     )
     kafka_partitions: int = Field(4, ge=1, description="Partitions of each topic imgest creates.")
+    kafka_session_timeout_ms: int = Field(
+        10_000, ge=1000, description="Consumer group session timeout (Tansu holds a group join "
+        "for half of it, so the embedded stack uses less).")
     max_attempts: int = Field(5, ge=1, description="Attempts at an event before it is dead-lettered.")
     retry_base_seconds: float = Field(0.2, gt=0, description="First retry delay; doubles each time.")
 
