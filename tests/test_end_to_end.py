@@ -303,8 +303,6 @@ def test_every_service_serves_health_metrics_and_asyncapi(running: Running):
 
 def test_restart_keeps_uploads(running: Running, pydicom_file):
     """Stop every service and start them again: what was uploaded is still there."""
-    if running.env["IMGEST_STORE"] != "local":
-        pytest.skip("one restart is enough (local store)")
     before = running.wait(running.upload("CT_small.dcm",
                                          pydicom_file("CT_small.dcm").read_bytes())["id"])
     running.stack.supervisor.stop()
@@ -319,8 +317,6 @@ def test_restart_keeps_uploads(running: Running, pydicom_file):
 
 def test_a_crashed_service_is_restarted_and_nothing_is_lost(running: Running, pydicom_file):
     """kill -9 the metadata service: the supervisor starts it again and the upload completes."""
-    if running.env["IMGEST_STORE"] != "local":
-        pytest.skip("one crash is enough (local store)")
     supervisor = running.stack.supervisor
     old_pid = supervisor.children["metadata"].process.pid
     supervisor.kill("metadata")

@@ -53,9 +53,7 @@ class Database:
 TEMPLATE_DIR = Path(__file__).parent / "migrations"
 
 
-def migrate(url: str, metadata: MetaData, versions_dir: Path, revision: str = "head") -> None:
-    """Bring the service's schema up to date (blocking; call before the service starts)."""
-    from alembic import command
+def _alembic(url: str, metadata: MetaData, versions_dir: Path):
     from alembic.config import Config
 
     config = Config()
@@ -64,18 +62,19 @@ def migrate(url: str, metadata: MetaData, versions_dir: Path, revision: str = "h
     config.set_main_option("path_separator", "os")
     config.attributes["url"] = async_url(url)
     config.attributes["metadata"] = metadata
-    command.upgrade(config, revision)
+    return config
+
+
+def migrate(url: str, metadata: MetaData, versions_dir: Path, revision: str = "head") -> None:
+    """Bring the service's schema up to date (blocking; call before the service starts)."""
+    from alembic import command
+
+    command.upgrade(_alembic(url, metadata, versions_dir), revision)
 
 
 def revision(url: str, metadata: MetaData, versions_dir: Path, message: str) -> None:
     """Autogenerate a migration for a service (a developer's tool: `imgest db revision`)."""
     from alembic import command
-    from alembic.config import Config
 
-    config = Config()
-    config.set_main_option("script_location", str(TEMPLATE_DIR))
-    config.set_main_option("version_locations", str(versions_dir))
-    config.set_main_option("path_separator", "os")
-    config.attributes["url"] = async_url(url)
-    config.attributes["metadata"] = metadata
-    command.revision(config, message=message, autogenerate=True, version_path=str(versions_dir))
+    command.revision(_alembic(url, metadata, versions_dir), message=message, autogenerate=True,
+                     version_path=str(versions_dir))
