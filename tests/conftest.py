@@ -66,9 +66,16 @@ def smtp_server() -> Iterator[tuple[str, Mailbox]]:
 
 
 @dataclass
+class Broker:
+    bootstrap: str
+    stop: Callable[[], None]
+    restart: Callable[[], None] | None  # start again, empty, on the same address
+
+
+@dataclass
 class Infra:
     database_url: Callable[[str], str]  # database name → URL
-    kafka: Callable[[], tuple[str, Callable[[], None]]]  # → bootstrap, stop
+    kafka: Callable[[], Broker]
     s3: dict[str, str]  # IMGEST_S3_* settings
     idempotence: bool
 
@@ -89,9 +96,14 @@ def infra(tmp_path_factory) -> Iterator[Infra]:
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
     moto.start()
 
-    def kafka() -> tuple[str, Callable[[], None]]:
-        broker = Tansu(free_port())
-        return broker.start(), broker.stop
+    def kafka() -> Broker:
+        tansu = Tansu(free_port())
+
+        def restart() -> None:
+            tansu.stop()
+            tansu.start()
+
+        return Broker(tansu.start(), tansu.stop, restart)
 
     yield Infra(
         database_url=pg.url,
@@ -129,10 +141,11 @@ def _containers() -> Iterator[Infra]:
             asyncio.run(create())
             return base.rsplit("/", 1)[0] + f"/{name}"
 
-        def kafka() -> tuple[str, Callable[[], None]]:
+        def kafka() -> Broker:
             container = KafkaContainer("confluentinc/cp-kafka:7.6.0").start()
             started.append(container)
-            return container.get_bootstrap_server(), container.stop
+            # Kafka keeps its log on restart; there is no memory to lose.
+            return Broker(container.get_bootstrap_server(), container.stop, None)
 
         cfg = minio.get_config()
         yield Infra(database_url=database_url, kafka=kafka, s3={

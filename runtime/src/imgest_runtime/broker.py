@@ -178,11 +178,15 @@ async def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> N
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [t for topic in topics for t in (topic, dlq_topic(topic)) if t not in existing]
-        if wanted:
+        from .epoch import EPOCH_TOPIC
+
+        wanted = {t: partitions for topic in topics for t in (topic, dlq_topic(topic))}
+        wanted[EPOCH_TOPIC] = 1  # one partition: its first record is the epoch
+        missing = [NewTopic(t, num_partitions=n, replication_factor=1)
+                   for t, n in wanted.items() if t not in existing]
+        if missing:
             try:
-                await admin.create_topics(
-                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in wanted])
+                await admin.create_topics(missing)
             except TopicAlreadyExistsError:
                 pass
     finally:

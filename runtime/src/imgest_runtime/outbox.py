@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 
 from imgest_contracts import CloudEvent, Payload, topic_of
 from sqlalchemy import event as sa_event
-from sqlalchemy import (BigInteger, Column, DateTime, Identity, MetaData, String, Table, Text,
-                        select, update)
+from sqlalchemy import (BigInteger, Column, DateTime, Identity, Integer, MetaData, String, Table,
+                        Text, select, update)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -31,6 +31,7 @@ log = logging.getLogger("imgest.outbox")
 class DeliveryTables:
     outbox: Table
     inbox: Table
+    broker: Table  # the broker epoch this service last saw (see epoch.py)
 
 
 def delivery_tables(metadata: MetaData) -> DeliveryTables:
@@ -51,7 +52,13 @@ def delivery_tables(metadata: MetaData) -> DeliveryTables:
         Column("topic", String(200), nullable=False),
         Column("processed_at", DateTime(timezone=True), nullable=False),
     )
-    return DeliveryTables(outbox, inbox)
+    broker = Table(
+        "broker", metadata,
+        Column("id", Integer, primary_key=True),
+        Column("epoch", String(64), nullable=False),
+        Column("seen_at", DateTime(timezone=True), nullable=False),
+    )
+    return DeliveryTables(outbox, inbox, broker)
 
 
 @dataclass

@@ -5,6 +5,7 @@ periodic re-drive in its lifespan, and serves /healthz, /readyz, /metrics and /a
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ from sqlalchemy import MetaData
 
 from .broker import Consumer, ensure_topics, make_broker
 from .db import Database, migrate
+from .epoch import check_epoch
 from .outbox import DeliveryTables, Outbox, Relay, delivery_tables
 from .settings import RuntimeSettings
 from .store import ObjectStore, open_store
@@ -104,18 +106,26 @@ class Service:
                 log.warning("%s: periodic %s failed", self.name, job.name, exc_info=True)
             await asyncio.sleep(job.every_seconds)
 
+    async def check_epoch(self) -> None:
+        """Topics exist, and if the broker lost its memory, the outbox is sent again."""
+        await ensure_topics(self.settings.kafka_bootstrap, list(TOPICS),
+                            self.settings.kafka_partitions)
+        if await check_epoch(self.db, self.tables, self.settings.kafka_bootstrap,
+                             timedelta(hours=self.settings.replay_hours)):
+            self.outbox.wake.set()
+
     @asynccontextmanager
     async def running(self):
         """Start order: store, topics, broker (consumers), relay, periodic jobs; reverse on stop."""
         if self.uses_store and self.store is None:
             self.store = await asyncio.to_thread(open_store, self.settings)
-        await ensure_topics(self.settings.kafka_bootstrap, list(TOPICS),
-                            self.settings.kafka_partitions)
+        await self.check_epoch()  # before the relay starts: a replay goes out in order
         await self.wired().start()
         relay = Relay(self.db, self.outbox, self.broker)
         relay.start()
-        tasks = [asyncio.create_task(self._run_periodic(job), name=job.name)
-                 for job in self.periodic]
+        jobs = [*self.periodic,
+                Periodic("broker-epoch", self.settings.epoch_check_seconds, self.check_epoch)]
+        tasks = [asyncio.create_task(self._run_periodic(job), name=job.name) for job in jobs]
         log.info("%s started (pid %d)", self.name, os.getpid())
         try:
             yield self

@@ -27,6 +27,11 @@ class RuntimeSettings(BaseSettings):
     kafka_session_timeout_ms: int = Field(
         10_000, ge=1000, description="Consumer group session timeout (Tansu holds a group join "
         "for half of it, so the embedded stack uses less).")
+    epoch_check_seconds: float = Field(
+        10.0, gt=0, description="How often a service checks whether the broker lost its memory.")
+    replay_hours: float = Field(
+        24.0, gt=0, description="How far back the outbox is sent again after the broker lost "
+        "its memory.")
     max_attempts: int = Field(5, ge=1, description="Attempts at an event before it is dead-lettered.")
     retry_base_seconds: float = Field(0.2, gt=0, description="First retry delay; doubles each time.")
 
