@@ -247,6 +247,9 @@ class UploadCompleted(Payload):
     sessions: list[SessionOutcome]
     failures: list[FileFailure]
     completed_at: datetime
+    generation: int = Field(
+        0, ge=0, description="0 the first time; one more each time a replayed dead letter "
+        "re-opened the upload and it completed again.")
 
 
 class NotificationSent(Payload):

@@ -21,7 +21,7 @@ from faststream import AckPolicy
 from faststream._internal.middlewares import BaseMiddleware
 from faststream.kafka import KafkaBroker
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
-from imgest_contracts import CloudEvent, Payload, topic_of
+from imgest_contracts import CloudEvent, Payload, Reason, topic_of
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from pydantic import ValidationError
 
@@ -129,14 +129,19 @@ class Consumer:
         self.broker = broker
         self.service = service
         self.session_timeout_ms = session_timeout_ms
-        self.handlers: list[tuple[type[Payload], Callable[..., Awaitable[Any]]]] = []
+        self.handlers: list[tuple[str, Callable[..., Awaitable[Any]]]] = []
         self.built = False
 
-    def on(self, payload: type[Payload]):
+    def on(self, payload: type[Payload], *, dead_letters: bool = False):
+        """Registers a handler for an event type, or (dead_letters) for its dead-letter topic:
+        `async def h(event: CloudEvent[X], message: KafkaMessage)` reads the error with
+        `dead_letter_reason(message)`."""
+        topic = dlq_topic(topic_of(payload)) if dead_letters else topic_of(payload)
+
         def register(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             if self.built:
                 raise RuntimeError("handlers must be registered before the consumer starts")
-            self.handlers.append((payload, handler))
+            self.handlers.append((topic, handler))
             return handler
 
         return register
@@ -146,7 +151,7 @@ class Consumer:
             return
         self.built = True
         subscriber = self.broker.subscriber(
-            *(topic_of(p) for p, _ in self.handlers),
+            *(topic for topic, _ in self.handlers),
             group_id=f"imgest-{self.service}",
             ack_policy=AckPolicy.NACK_ON_ERROR,
             auto_offset_reset="earliest",
@@ -156,9 +161,23 @@ class Consumer:
             title=f"imgest-{self.service}",
             description=f"Events the {self.service} consumes (group imgest-{self.service}).",
         )
-        for payload, handler in self.handlers:
-            topic = topic_of(payload)
+        for topic, handler in self.handlers:
             subscriber(filter=lambda msg, topic=topic: msg.raw_message.topic == topic)(handler)
+
+
+def dead_letter_reason(message: Any) -> Reason:
+    """What a person reads about a dead-lettered event (from DeliveryMiddleware's headers)."""
+    headers = message.headers or {}
+
+    def header(name: str, default: str) -> str:
+        value = headers.get(name, default)
+        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+    service = header("x-imgest-service", "pipeline")
+    return Reason(code="pipeline.failed", message=(
+        f"The {service} service could not process this file after "
+        f"{header('x-imgest-attempts', '?')} attempt(s): {header('x-imgest-error', 'unknown')}. "
+        "An operator can replay it (`imgest dlq replay`)."))
 
 
 def publishes(broker: KafkaBroker, payload: type[Payload]):

@@ -28,7 +28,7 @@ from sqlalchemy import MetaData
 from .broker import Consumer, ensure_topics, make_broker
 from .db import Database, migrate
 from .epoch import check_epoch
-from .outbox import DeliveryTables, Outbox, Relay, delivery_tables
+from .outbox import DeliveryTables, Outbox, Relay, delivery_tables, derived_id
 from .settings import RuntimeSettings
 from .store import ObjectStore, open_store
 
@@ -139,11 +139,13 @@ class Service:
             log.info("%s stopped", self.name)
 
     @asynccontextmanager
-    async def handling(self, event: CloudEvent):
+    async def handling(self, event: CloudEvent, *, dead_letter: bool = False):
         """One handler's unit of work: its state change, its outbox rows and the inbox mark
-        commit together. Yields None for a redelivered event (already handled: do nothing)."""
+        commit together. Yields None for a redelivered event (already handled: do nothing).
+        A dead-lettered event has an inbox entry of its own, apart from the live one's."""
+        key = derived_id(event.id, "dead-letter") if dead_letter else event.id
         async with self.db.session() as session:
-            if await self.outbox.seen(session, event.id, event.type):
+            if await self.outbox.seen(session, key, event.type):
                 log.debug("%s: %s %s already handled", self.name, event.type, event.id)
                 yield None
             else:

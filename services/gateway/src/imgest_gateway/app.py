@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse
 from imgest_contracts import (ArchiveRejected, ArchiveUnpacked, CloudEvent, FileRejected,
                               FileStaged, FileValidated, ImportOptions, ObjectStored,
                               UploadCompleted, UploadSubmitted, Uploader)
-from imgest_runtime.broker import publishes
+from faststream.kafka.annotations import KafkaMessage
+from imgest_runtime.broker import dead_letter_reason, publishes
 from imgest_runtime.service import Service, create_app, problem
 from imgest_runtime.store import StoreError, put_async
 from sqlmodel import col, select
@@ -88,8 +89,9 @@ def register_handlers(svc: Service) -> None:
                                   object_key=f.object_key, path=f.path, state="rejected",
                                   kind=f.kind.value, reason=f.reason.model_dump())
 
-    async def _object_state(event: CloudEvent, state: str, reason: dict | None) -> None:
-        async with svc.handling(event) as session:
+    async def _object_state(event: CloudEvent, state: str, reason: dict | None,
+                            dead_letter: bool = False) -> None:
+        async with svc.handling(event, dead_letter=dead_letter) as session:
             if session:
                 row = await session.get(UploadObject, event.data.object_key, with_for_update=True)
                 if row is not None:
@@ -103,6 +105,21 @@ def register_handlers(svc: Service) -> None:
     @svc.on(ArchiveRejected)
     async def on_archive_rejected(event: CloudEvent[ArchiveRejected]) -> None:
         await _object_state(event, "rejected", event.data.reason.model_dump())
+
+    # Dead letters: the file did not get through; say so in the status, with the reason.
+    @svc.on(ObjectStored, dead_letters=True)
+    async def on_object_dead(event: CloudEvent[ObjectStored], message: KafkaMessage) -> None:
+        await _object_state(event, "failed", dead_letter_reason(message).model_dump(),
+                            dead_letter=True)
+
+    @svc.on(FileStaged, dead_letters=True)
+    async def on_file_dead(event: CloudEvent[FileStaged], message: KafkaMessage) -> None:
+        f = event.data
+        async with svc.handling(event, dead_letter=True) as session:
+            if session:
+                await _track_file(session, upload_id=f.upload_id, file_id=f.file_id,
+                                  object_key=f.object_key, path=f.path, state="failed",
+                                  reason=dead_letter_reason(message).model_dump())
 
     @svc.on(UploadCompleted)
     async def on_upload_completed(event: CloudEvent[UploadCompleted]) -> None:

@@ -8,8 +8,8 @@ from pathlib import PurePosixPath
 from imgest_contracts import UploadCounts
 
 # A file's state only moves forward; events from different topics may arrive in any order.
-FILE_STATE_RANK = {"staged": 1, "validated": 2, "rejected": 3, "prearchived": 4, "archived": 4,
-                   "failed": 4}
+FILE_STATE_RANK = {"staged": 1, "validated": 2, "failed": 3, "rejected": 3, "prearchived": 4,
+                   "archived": 4}
 
 MAX_FILENAME = 255
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -16,11 +16,12 @@ from pathlib import Path, PurePosixPath
 
 from fastapi import FastAPI
 from imgest_contracts import (ArchiveRejected, ArchiveUnpacked, CloudEvent, FileFailure,
-                              FileKind, FileRejected, FileValidated, ImportOptions, Reason,
+                              FileKind, FileRejected, FileStaged, FileValidated, ObjectStored, ImportOptions, Reason,
                               SessionArchived, SessionHints, SessionOutcome, SessionPrearchived,
                               SessionRef, UploadCompleted, UploadCounts, UploadSubmitted,
                               Uploader)
-from imgest_runtime.broker import publishes
+from faststream.kafka.annotations import KafkaMessage
+from imgest_runtime.broker import dead_letter_reason, publishes
 from imgest_runtime.outbox import derived_id, insert_ignore
 from imgest_runtime.service import Periodic, Service, create_app
 from sqlalchemy import func
@@ -33,6 +34,7 @@ from .models import (CatalogueFile, Scan, Session, Subject, Upload, UploadFile, 
 from .settings import Settings
 
 NAME = "importer"
+PIPELINE_FAILED = "pipeline.failed"  # the reason code of dead-lettered files
 log = logging.getLogger("imgest.importer")
 
 
@@ -78,9 +80,10 @@ class Importer:
         session.add(upload)
         return True
 
-    async def record_file(self, event: CloudEvent, row: UploadFile, files_total: int) -> None:
+    async def record_file(self, event: CloudEvent, row: UploadFile, files_total: int,
+                          dead_letter: bool = False) -> None:
         finish = False
-        async with self.svc.handling(event) as session:
+        async with self.svc.handling(event, dead_letter=dead_letter) as session:
             if not session:
                 return
             upload = await self.upload(session, row.upload_id)
@@ -88,11 +91,31 @@ class Importer:
             if obj.files_total is None:
                 obj.files_total = files_total
                 session.add(obj)
-            await insert_ignore(session, UploadFile.__table__, **row.model_dump())
+            if not await insert_ignore(session, UploadFile.__table__, **row.model_dump()):
+                await self.retry_outcome(session, upload, row)
             await session.flush()
             finish = await self.settle(session, upload)
         if finish:
             await self.finish(row.upload_id)
+
+    async def retry_outcome(self, session: AsyncSession, upload: Upload, row: UploadFile) -> None:
+        """A replayed dead letter came through: the file's outcome replaces the failure, and a
+        completed upload is re-opened (a new generation) to place it and say so again."""
+        known = await session.get(UploadFile, row.file_id, with_for_update=True)
+        if known is None or known.state != "rejected" or (known.reason or {}).get(
+                "code") != PIPELINE_FAILED:
+            return
+        if row.reason and row.reason.get("code") == PIPELINE_FAILED:
+            return
+        for name, value in row.model_dump().items():
+            setattr(known, name, value)
+        session.add(known)
+        if upload.state == "completed":
+            upload.state, upload.generation = "collecting", upload.generation + 1
+            upload.updated_at = datetime.now(UTC)
+            session.add(upload)
+            log.info("upload %s: re-opened by a replayed file (generation %d)", upload.id,
+                     upload.generation)
 
     # --- finishing an upload ------------------------------------------------------------------
 
@@ -124,14 +147,17 @@ class Importer:
         sessions = plan(upload_id, options, valid, self.settings.default_project, now)
 
         # Copies first (server-side, idempotent): the catalogue only ever names objects that exist.
+        # A re-opened upload (generation > 0) finds its earlier files already placed.
         def place() -> None:
             for s in sessions:
                 for p in s.placements:
-                    store.copy(p.file.staged_key, p.key)
+                    if store.stat(p.key) is None:
+                        store.copy(p.file.staged_key, p.key)
             for f in files:
-                if f.state == "rejected":
-                    store.copy(f.staged_key,
-                               f"rejected/{upload_id}/{f.file_id}/{PurePosixPath(f.path).name}")
+                kept = f"rejected/{upload_id}/{f.file_id}/{PurePosixPath(f.path).name}"
+                if f.state == "rejected" and store.stat(kept) is None and store.stat(
+                        f.staged_key) is not None:
+                    store.copy(f.staged_key, kept)
 
         await asyncio.to_thread(place)
 
@@ -141,7 +167,7 @@ class Importer:
             if upload is None or upload.state != "completing":
                 return
             for s in sessions:
-                await self._catalogue(session, upload_id, s, now)
+                await self._catalogue(session, upload_id, s, now, upload.generation)
             failures = [FileFailure(file_id=f.file_id, path=f.path,
                                     reason=Reason.model_validate(f.reason))
                         for f in files if f.state == "rejected" and f.reason]
@@ -164,15 +190,32 @@ class Importer:
                                          file_ids=[p.file.file_id for p in s.placements])
                           for s in sessions],
                 failures=failures, completed_at=now,
-            ), event_id=derived_id("upload.completed", upload_id))
+                generation=upload.generation,
+            ), event_id=derived_id("upload.completed", upload_id, str(upload.generation)))
             upload.state, upload.updated_at = "completed", now
             session.add(upload)
-        await asyncio.to_thread(store.delete_prefix, f"staging/{upload_id}/")
+        # What arrived is kept until its upload is finished; what failed in the pipeline is kept
+        # longer, so that a replay of its dead letter finds it.
+        keep = {f.staged_key for f in files
+                if f.state == "rejected" and (f.reason or {}).get("code") == PIPELINE_FAILED}
+        keep |= {o.object_key for o in objects
+                 if (o.rejected or {}).get("code") == PIPELINE_FAILED}
+        await asyncio.to_thread(self._clean_staging, upload_id, keep)
         log.info("upload %s completed: %s, %d archived, %d prearchived, %d rejected", upload_id,
                  outcome, archived, prearchived, len(failures))
 
+    def _clean_staging(self, upload_id: str, keep: set[str]) -> None:
+        store = self.svc.store
+        assert store is not None
+        if not keep:
+            store.delete_prefix(f"staging/{upload_id}/")
+            return
+        for obj in list(store.list(f"staging/{upload_id}/")):
+            if obj.key not in keep:
+                store.delete(obj.key)
+
     async def _catalogue(self, session: AsyncSession, upload_id: str, s: SessionPlan,
-                         now: datetime) -> None:
+                         now: datetime, generation: int) -> None:
         subject_id = f"{s.project}/{s.subject}"
         await insert_ignore(session, Subject.__table__, id=subject_id, project=s.project,
                             label=s.subject)
@@ -207,12 +250,13 @@ class Importer:
             await self.svc.outbox.add(session, SessionArchived(
                 session_key=s.id, upload_ids=upload_ids, session=ref, study_uid=s.study_uid,
                 modalities=s.modalities, scans=len(scans), files=len(s.placements),
-                archived_at=now), event_id=derived_id("session.archived", upload_id, s.id))
+                archived_at=now),
+                event_id=derived_id("session.archived", upload_id, s.id, str(generation)))
         else:
             await self.svc.outbox.add(session, SessionPrearchived(
                 session_key=s.id, upload_ids=upload_ids, session=ref, timestamp=s.timestamp,
                 state="READY", files=len(s.placements)),
-                event_id=derived_id("session.prearchived", upload_id, s.id))
+                event_id=derived_id("session.prearchived", upload_id, s.id, str(generation)))
 
     async def redrive(self) -> None:
         """Finishes uploads left `completing` by a crash."""
@@ -272,10 +316,10 @@ def bootstrap(settings: Settings) -> Service:
             reason=f.reason.model_dump()), f.source.files_total)
 
     async def archive_outcome(event: CloudEvent, files_total: int | None,
-                              rejected: Reason | None) -> None:
+                              rejected: Reason | None, dead_letter: bool = False) -> None:
         a = event.data
         finish = False
-        async with svc.handling(event) as session:
+        async with svc.handling(event, dead_letter=dead_letter) as session:
             if not session:
                 return
             upload = await importer.upload(session, a.upload_id)
@@ -290,6 +334,21 @@ def bootstrap(settings: Settings) -> Service:
             finish = await importer.settle(session, upload)
         if finish:
             await importer.finish(a.upload_id)
+
+    # Dead letters: a file that could not get through is an outcome too (failed, with the
+    # reason), so the upload still completes and its email says what happened.
+    @svc.on(ObjectStored, dead_letters=True)
+    async def on_object_dead(event: CloudEvent[ObjectStored], message: KafkaMessage) -> None:
+        await archive_outcome(event, None, dead_letter_reason(message), dead_letter=True)
+
+    @svc.on(FileStaged, dead_letters=True)
+    async def on_file_dead(event: CloudEvent[FileStaged], message: KafkaMessage) -> None:
+        f = event.data
+        await importer.record_file(event, UploadFile(
+            file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
+            staged_key=f.object_key, path=f.path, kind="unknown", state="rejected",
+            reason=dead_letter_reason(message).model_dump()), f.source.files_total,
+            dead_letter=True)
 
     @svc.on(ArchiveUnpacked)
     async def on_archive_unpacked(event: CloudEvent[ArchiveUnpacked]) -> None:

@@ -31,6 +31,7 @@ class Upload(Base, table=True):
     id: str = Field(primary_key=True, max_length=64)
     state: str = Field(default="collecting", max_length=20, index=True)  # → completing → completed
     submitted: bool = False
+    generation: int = 0  # +1 each time a replayed dead letter re-opens a completed upload
     uploader: dict | None = _json()
     options: dict | None = _json()
     object_keys: list | None = _json()

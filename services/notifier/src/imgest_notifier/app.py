@@ -35,7 +35,8 @@ def bootstrap(settings: Settings) -> Service:
     @svc.on(UploadCompleted)
     async def on_upload_completed(event: CloudEvent[UploadCompleted]) -> None:
         done = event.data
-        notification_id = derived_id("upload.completed", done.upload_id, "uploader")
+        notification_id = derived_id("upload.completed", done.upload_id, str(done.generation),
+                                     "uploader")
         async with svc.db.session() as session:
             if await session.get(Notification, notification_id) is not None:
                 return  # already sent: a redelivery

@@ -25,7 +25,7 @@ def upload_completed_email(done: UploadCompleted, *, notification_id: str, sende
     msg = EmailMessage()
     msg["Subject"] = (f"[imgest] Upload {done.upload_id[:8]} {context['headline']}: "
                       f"{done.counts.archived + done.counts.prearchived} of {done.counts.files} "
-                      "files imported")
+                      "files imported" + (" (after a replay)" if done.generation else ""))
     msg["From"] = sender
     msg["To"] = done.uploader.email
     msg["Date"] = formatdate(localtime=False)
