@@ -4,12 +4,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import time
 import uuid
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -17,62 +15,11 @@ import httpx
 import pydicom
 import pytest
 from imgest.stack import SERVICES, Stack, port_env
-from imgest_runtime.settings import RuntimeSettings
-from imgest_runtime.store import ObjectStore, open_store
-from pydicom.uid import generate_uid
 
-from .conftest import Broker, Infra, Mailbox, free_port
+from .conftest import Infra, free_port
+from .pipeline import Running, jpeg_with_exif, study_zip
 
 pytestmark = pytest.mark.timeout(600)
-
-
-class Running:
-    """A started stack and what the tests need to talk to it."""
-
-    def __init__(self, stack: Stack, env: dict[str, str], mailbox: Mailbox, log: Path,
-                 broker: Broker):
-        self.stack, self.env, self.mailbox, self.log = stack, env, mailbox, log
-        self.broker = broker
-        self.url = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
-        self.http = httpx.Client(base_url=self.url, timeout=30)
-        self.store: ObjectStore = open_store(RuntimeSettings(
-            **{k[len("IMGEST_"):].lower(): v for k, v in env.items()
-               if k.startswith("IMGEST_") and k[len("IMGEST_"):].lower()
-               in RuntimeSettings.model_fields}))
-
-    def upload(self, filename: str, body: bytes, **params: str) -> dict[str, Any]:
-        response = self.http.post("/api/v1/uploads", params={"filename": filename, **params},
-                                  content=body)
-        assert response.status_code == 201, response.text
-        return response.json()
-
-    def wait(self, upload_id: str, timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            state = self.http.get(f"/api/v1/uploads/{upload_id}").json()
-            # The status view is eventually consistent: per-file details (kind, path) come from
-            # other topics than the completion and may land a moment after it.
-            if state["state"] != "processing" and all(
-                    f["kind"] and f["path"] for f in state["files"]):
-                return state
-            time.sleep(0.1)
-        raise AssertionError(f"upload {upload_id} still processing after {timeout}s:\n"
-                             f"{state}\n--- service logs ---\n{self.tail()}")
-
-    def tail(self, lines: int = 80) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        url = self.env["IMGEST_DATABASE_URL"].replace("postgresql+asyncpg", "postgresql")
-
-        async def run() -> list[asyncpg.Record]:
-            conn = await asyncpg.connect(url)
-            try:
-                return await conn.fetch(sql, *args)
-            finally:
-                await conn.close()
-
-        return asyncio.run(run())
 
 
 @pytest.fixture(scope="module", params=["local", "s3"])
@@ -111,49 +58,6 @@ def running(request, infra: Infra, smtp_server, tmp_path_factory):
         print(f"--- {store} stack, last service log lines ---\n{run.tail(150)}")
     broker.stop()
     sink.close()
-
-
-# --- test data ---------------------------------------------------------------------------------
-
-
-def dicom_bytes(ds: pydicom.Dataset) -> bytes:
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
-def study_zip(template: Path, instances: int = 20, series: int = 2) -> tuple[bytes, str]:
-    """A zip of `instances` DICOM files of one new study, spread over `series` series."""
-    study_uid = generate_uid()
-    patient = f"ZIP{uuid.uuid4().hex[:6]}"
-    series_uids = [generate_uid() for _ in range(series)]
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        for i in range(instances):
-            ds = pydicom.dcmread(template)
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uids[i % series]
-            ds.SeriesNumber = i % series + 1
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.InstanceNumber = i + 1
-            ds.PatientID = patient
-            ds.PatientName = patient
-            zf.writestr(f"study/series{i % series + 1}/IM{i:04d}.dcm", dicom_bytes(ds))
-        zf.writestr("__MACOSX/study/._IM0000.dcm", b"junk")  # skipped, as macOS zips need
-    return out.getvalue(), study_uid
-
-
-def jpeg_with_exif() -> bytes:
-    import piexif
-    from PIL import Image
-
-    exif = piexif.dump({"0th": {piexif.ImageIFD.Make: b"imgest-camera",
-                                piexif.ImageIFD.Model: b"E2E-1"},
-                        "Exif": {piexif.ExifIFD.DateTimeOriginal: b"2026:11:26 10:00:00"}})
-    out = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(out, "JPEG", exif=exif)
-    return out.getvalue()
 
 
 def assert_archived(run: Running, state: dict[str, Any], files: int) -> list[asyncpg.Record]:

@@ -17,6 +17,12 @@ app = typer.Typer(help="imgest: imaging ingestion (DICOM, slides, photos, manife
                   "archive.", no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Database chores for developers.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+dlq_app = typer.Typer(help="Dead letters: events that failed for good. List, show, replay.",
+                      no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+Bootstrap = Annotated[str, typer.Option(
+    "--kafka-bootstrap", envvar="IMGEST_KAFKA_BOOTSTRAP", show_envvar=True,
+    help="The broker (default: the one `imgest up` starts).")]
 
 COLOUR = {"gateway": 36, "unpacker": 35, "metadata": 33, "importer": 32, "notifier": 34,
           "imgest": 1}
@@ -158,6 +164,86 @@ def upload(
                                        f"{json.dumps(state['counts'])}")
                 failed |= state["state"] == "failed"
     raise typer.Exit(1 if failed else 0)
+
+
+def _on_broker(coro, bootstrap: str):
+    """Runs a broker conversation; an unreachable broker is a one-line error, not a trace."""
+    import asyncio
+    import logging
+
+    from aiokafka.errors import KafkaConnectionError
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # we say it once, below
+
+    try:
+        return asyncio.run(coro)
+    except KafkaConnectionError:
+        typer.echo(f"cannot reach the broker at {bootstrap}: is imgest running? "
+                   "(--kafka-bootstrap / IMGEST_KAFKA_BOOTSTRAP)", err=True)
+        raise typer.Exit(2) from None
+
+
+@dlq_app.command("list")
+def dlq_list(kafka_bootstrap: Bootstrap = "127.0.0.1:19092",
+             as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False
+             ) -> None:
+    """Every dead letter, oldest first, with its error."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .dlq import dead_letters
+
+    letters = _on_broker(dead_letters(kafka_bootstrap), kafka_bootstrap)
+    if as_json:
+        for letter in letters:
+            typer.echo(json.dumps(letter.summary()))
+        return
+    table = Table("id", "time", "service", "tries", "error", "replayed", title=f"{len(letters)} "
+                  "dead letter(s)")
+    for letter in letters:
+        d = letter.summary()
+        table.add_row(d["id"], d["time"], d["service"] or "", d["attempts"] or "",
+                      d["error"][:80], "yes" if d["replayed"] else "")
+    Console().print(table)
+
+
+@dlq_app.command("show")
+def dlq_show(ident: Annotated[str, typer.Argument(metavar="ID", help="topic:partition:offset")],
+             kafka_bootstrap: Bootstrap = "127.0.0.1:19092") -> None:
+    """One dead letter: its headers (error, attempts, origin) and the event."""
+    from .dlq import dead_letters, pretty_value
+
+    found = [d for d in _on_broker(dead_letters(kafka_bootstrap), kafka_bootstrap)
+             if d.id == ident]
+    if not found:
+        typer.echo(f"no dead letter {ident}", err=True)
+        raise typer.Exit(1)
+    for name, value in sorted(found[0].headers.items()):
+        typer.echo(f"{name}: {value}")
+    typer.echo(pretty_value(found[0]))
+
+
+@dlq_app.command("replay")
+def dlq_replay(ids: Annotated[Optional[list[str]], typer.Argument(
+                   metavar="[ID]...", help="Dead letters to replay.")] = None,
+               all_: Annotated[bool, typer.Option("--all", help="Every one not yet replayed.")
+                               ] = False,
+               kafka_bootstrap: Bootstrap = "127.0.0.1:19092") -> None:
+    """Publish dead letters again on the topic they came from (after fixing the cause)."""
+    from .dlq import dead_letters, replay
+
+    letters = _on_broker(dead_letters(kafka_bootstrap), kafka_bootstrap)
+    chosen = [d for d in letters if (all_ and not d.replayed) or d.id in (ids or [])]
+    unknown = set(ids or []) - {d.id for d in letters}
+    if unknown:
+        typer.echo(f"no such dead letter: {', '.join(sorted(unknown))}", err=True)
+        raise typer.Exit(1)
+    if not chosen:
+        typer.echo("nothing to replay (name IDs, or --all)")
+        return
+    _on_broker(replay(kafka_bootstrap, chosen), kafka_bootstrap)
+    for d in chosen:
+        typer.echo(f"replayed {d.id} onto {d.origin}")
 
 
 def _service_modules():

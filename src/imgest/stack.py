@@ -61,6 +61,7 @@ class Supervisor:
     env: dict[str, str]
     emit: Callable[[str, str], None]
     children: dict[str, Child] = field(default_factory=dict)
+    held: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -83,8 +84,8 @@ class Supervisor:
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
-            for child in self.children.values():
-                if child.alive() or self._stop.is_set():
+            for child in list(self.children.values()):
+                if child.alive() or self._stop.is_set() or child.name in self.held:
                     continue
                 code = child.process.returncode if child.process else None
                 # A service that ran a while is restarted at once; one that keeps dying, slower.
@@ -95,6 +96,17 @@ class Supervisor:
                     return
                 child.restarts += 1
                 child.start()
+
+    def hold(self, name: str) -> None:
+        """Stops one child and keeps it stopped (until `release`)."""
+        self.held.add(name)
+        child = self.children[name]
+        if child.alive():
+            child.process.terminate()  # type: ignore[union-attr]
+            child.process.wait(30)  # type: ignore[union-attr]
+
+    def release(self, name: str) -> None:
+        self.held.discard(name)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Test hook: what a crash looks like."""

@@ -45,9 +45,11 @@ def dlq_topic(topic: str) -> str:
     return topic + DLQ_SUFFIX
 
 
-def backoff(attempt: int, base: float, cap: float = 30.0) -> float:
-    """Exponential backoff with full jitter (attempt 1 → up to `base`)."""
-    return random.uniform(base / 2, min(cap, base * 2 ** (attempt - 1)))
+def backoff(attempt: int, base: float, cap: float = 60.0) -> float:
+    """Exponential backoff with "equal jitter": half the delay fixed, half random, so retries
+    spread out yet a run of them always lasts long enough to outwait a short outage."""
+    delay = min(cap, base * 2 ** (attempt - 1))
+    return random.uniform(delay / 2, delay)
 
 
 def _is_permanent(error: BaseException) -> bool:

@@ -31,8 +31,8 @@ EPOCH_TOPIC = "imgest.broker.epoch"
 async def _first_record(bootstrap: str, timeout_ms: int = 1500) -> str | None:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
-    await consumer.start()
     try:
+        await consumer.start()
         partition = TopicPartition(EPOCH_TOPIC, 0)
         consumer.assign([partition])
         await consumer.seek_to_beginning(partition)
@@ -49,8 +49,8 @@ async def broker_epoch(bootstrap: str) -> str:
     if found:
         return found
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
     try:
+        await producer.start()
         await producer.send_and_wait(EPOCH_TOPIC, uuid.uuid4().hex.encode(), partition=0)
     finally:
         await producer.stop()

@@ -1,0 +1,265 @@
+"""Nothing lost, nothing done twice: faults injected into a running stack — processes killed,
+the broker's memory lost, the database, the store and the mail server away for a while, a dead
+letter replayed, events delivered twice and out of order.
+
+The stack is `imgest up`'s own (embedded PostgreSQL, supervised Tansu, local store), so the
+faults are the ones a user of the embedded default meets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+from imgest.stack import SERVICES, Stack, port_env
+
+from .conftest import Mailbox, free_port
+from .pipeline import Running, study_zip
+
+pytestmark = pytest.mark.timeout(900)
+
+FILES = 200  # per upload; see the note on issue 3 for why not 500
+
+
+class SmtpServer:
+    """aiosmtpd that can be taken down and brought back on the same port."""
+
+    def __init__(self) -> None:
+        self.mailbox = Mailbox()
+        self.port = free_port()
+        self.controller: Controller | None = None
+
+    def start(self) -> None:
+        import email
+
+        box = self.mailbox
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):  # noqa: N802
+                with box.lock:
+                    box.messages.append(email.message_from_bytes(envelope.content))
+                return "250 OK"
+
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def stop(self) -> None:
+        if self.controller:
+            self.controller.stop()
+            self.controller = None
+
+
+@pytest.fixture(scope="module")
+def smtp() -> SmtpServer:
+    server = SmtpServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def faulty(smtp: SmtpServer):
+    root = Path(tempfile.mkdtemp(prefix="imgest-faults-"))
+    root.chmod(0o755)  # as root, embedded PostgreSQL runs as its own user and must get in
+    env = {
+        "IMGEST_SMTP_URL": f"smtp://127.0.0.1:{smtp.port}",
+        "IMGEST_RETRY_BASE_SECONDS": "0.5",  # six attempts span 8-16 s: outlives the outages
+        "IMGEST_MAX_ATTEMPTS": "6",
+        "IMGEST_KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "IMGEST_EPOCH_CHECK_SECONDS": "1",
+        "IMGEST_REDRIVE_SECONDS": "3",
+        **{port_env(s): str(free_port()) for s in SERVICES},
+    }
+    env["IMGEST_PUBLIC_URL"] = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
+    log = root / "services.log"
+    sink = log.open("a", buffering=1)
+    stack = Stack(root / "data", env, emit=lambda n, line: sink.write(f"{n:<9}| {line}\n"))
+    resolved = stack.start()
+    stack.wait_ready(timeout=180)
+    run = Running(stack, resolved, smtp.mailbox, log, None)
+    yield run
+    stack.stop()
+    sink.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def upload_study(run: Running, pydicom_file, files: int = FILES) -> str:
+    body, _ = study_zip(pydicom_file("CT_small.dcm"), instances=files, series=2)
+    return run.upload("study.zip", body)["id"]
+
+
+def assert_exactly_once(run: Running, upload_id: str, files: int, emails: int = 1) -> None:
+    state = run.wait(upload_id, timeout=180)
+    assert state["state"] == "archived", (state["state"], run.tail())
+    assert sum(f["state"] == "archived" for f in state["files"]) == files
+    rows = run.query("select object_key, sop_instance_uid from importer.file "
+                     "where upload_id = $1", upload_id)
+    assert len(rows) == files and len({r["sop_instance_uid"] for r in rows}) == files
+    session_prefix = rows[0]["object_key"].split("/scans/")[0] + "/"
+    in_store = [o.key for o in run.store.list(session_prefix)]
+    assert sorted(in_store) == sorted(r["object_key"] for r in rows), "no object twice or lost"
+    assert run.query("select state from importer.upload where id = $1",
+                     upload_id)[0]["state"] == "completed"
+    notes = run.query("select id from notifier.notification where upload_id = $1", upload_id)
+    assert len(notes) == emails
+    assert len(run.mailbox.wait_for(upload_id)) == emails
+    assert list(run.store.list(f"staging/{upload_id}/")) == []
+
+
+@pytest.mark.parametrize("victim", SERVICES)
+def test_kill_9_a_service_mid_upload(faulty: Running, pydicom_file, victim: str):
+    upload_id = upload_study(faulty, pydicom_file)
+    # mid-flight: while the archive is unpacked, or once a quarter of the files got through
+    if victim != "unpacker":
+        faulty.wait_files(upload_id, {"staged", "validated"}, FILES // 4)
+    before = faulty.stack.supervisor.children[victim].process.pid
+    faulty.stack.supervisor.kill(victim)
+    assert_exactly_once(faulty, upload_id, FILES)
+    assert faulty.stack.supervisor.children[victim].process.pid != before
+
+
+def test_broker_loses_its_memory_mid_upload(faulty: Running, pydicom_file):
+    """Tansu killed and started again, empty: the services' epoch check sends again what it
+    forgot, and the work ends exactly once."""
+    upload_id = upload_study(faulty, pydicom_file)
+    faulty.wait_files(upload_id, {"validated"}, FILES // 4)
+    faulty.stack.supervisor.kill("tansu")
+    assert_exactly_once(faulty, upload_id, FILES)
+    assert "the broker lost its memory" in faulty.log.read_text()
+
+
+def test_database_away_for_a_while(faulty: Running, pydicom_file):
+    upload_id = upload_study(faulty, pydicom_file)
+    faulty.wait_files(upload_id, {"validated"}, FILES // 4)
+    faulty.stack.postgres.stop()
+    time.sleep(2)
+    faulty.stack.postgres.start()
+    assert_exactly_once(faulty, upload_id, FILES)
+
+
+def test_store_away_for_a_while(faulty: Running, pydicom_file):
+    """The object store's directory disappears (a file in its place) and comes back."""
+    upload_id = upload_study(faulty, pydicom_file)
+    faulty.wait_files(upload_id, {"validated"}, FILES // 4)
+    objects = Path(faulty.env["IMGEST_DATA_DIR"]) / "objects"
+    aside = objects.with_name("objects.away")
+    objects.rename(aside)
+    objects.write_text("the store is away")
+    time.sleep(2)
+    objects.unlink()
+    aside.rename(objects)
+    assert_exactly_once(faulty, upload_id, FILES)
+
+
+def test_mail_server_away_for_a_while(faulty: Running, pydicom_file, smtp: SmtpServer):
+    smtp.stop()
+    try:
+        upload_id = faulty.upload("CT_small.dcm", pydicom_file("CT_small.dcm").read_bytes())["id"]
+        assert faulty.wait(upload_id)["state"] == "archived"
+        time.sleep(1)  # the notifier is retrying now
+    finally:
+        smtp.start()
+    mails = faulty.mailbox.wait_for(upload_id, timeout=60)
+    assert len(mails) == 1
+
+
+def imgest(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("imgest")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env}, check=False)
+
+
+def test_dead_letter_shows_in_status_and_email_and_replay_fixes_it(faulty: Running,
+                                                                   pydicom_file):
+    """A staged file vanishes from the store before the metadata service reads it: after its
+    retries it is dead-lettered, the upload completes as partial with the reason; the file is
+    put back and `imgest dlq replay` gets it archived, with a second email saying so."""
+    supervisor = faulty.stack.supervisor
+    supervisor.hold("metadata")
+    try:
+        upload_id = upload_study(faulty, pydicom_file, files=3)
+        faulty.wait_files(upload_id, {"staged"}, 3)
+        lost = faulty.status(upload_id)["files"][0]
+        key = [o.key for o in faulty.store.list(f"staging/{upload_id}/members/{lost['file_id']}/")]
+        assert len(key) == 1
+        saved = faulty.store.read_range(key[0], 0, 10**7)
+        faulty.store.delete(key[0])
+    finally:
+        supervisor.release("metadata")
+    state = faulty.wait(upload_id, timeout=120)
+    assert state["state"] == "partial"
+    failed = {f["file_id"]: f for f in state["files"]}[lost["file_id"]]
+    assert failed["state"] in ("failed", "rejected")
+    assert failed["reason"]["code"] == "pipeline.failed"
+    assert "ObjectNotFound" in failed["reason"]["message"]
+    first = faulty.mailbox.wait_for(upload_id)
+    assert len(first) == 1 and "pipeline.failed" in first[0].get_payload()[0].get_payload(
+        decode=True).decode()
+
+    cli_env = {"IMGEST_KAFKA_BOOTSTRAP": faulty.env["IMGEST_KAFKA_BOOTSTRAP"]}
+    listed = [json.loads(line) for line in imgest("dlq", "list", "--json",
+                                                  env=cli_env).stdout.splitlines()]
+    letter = [d for d in listed if d["key"] == upload_id and not d["replayed"]]
+    assert len(letter) == 1 and letter[0]["origin"] == "imgest.file.staged"
+    assert "ObjectNotFound" in letter[0]["error"]
+    shown = imgest("dlq", "show", letter[0]["id"], env=cli_env)
+    assert shown.returncode == 0 and lost["file_id"] in shown.stdout
+
+    from io import BytesIO
+
+    faulty.store.put(key[0], BytesIO(saved))  # the cause is fixed
+    replayed = imgest("dlq", "replay", letter[0]["id"], env=cli_env)
+    assert replayed.returncode == 0, replayed.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = faulty.status(upload_id)
+        if state and state["state"] == "archived":
+            break
+        time.sleep(0.2)
+    assert state["state"] == "archived", state
+    assert all(f["state"] == "archived" for f in state["files"])
+    mails = faulty.mailbox.wait_for(upload_id)
+    assert len(mails) == 2 and "after a replay" in mails[1]["Subject"]
+    again = [json.loads(line) for line in imgest("dlq", "list", "--json",
+                                                 env=cli_env).stdout.splitlines()]
+    assert [d["replayed"] for d in again if d["id"] == letter[0]["id"]] == [True]
+
+
+def test_events_delivered_twice_and_out_of_order_change_nothing(faulty: Running, pydicom_file):
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+    from imgest.dlq import _read_all
+    from imgest_contracts import TOPICS
+
+    upload_id = upload_study(faulty, pydicom_file, files=10)
+    assert_exactly_once(faulty, upload_id, 10)
+    before = faulty.status(upload_id)
+    bootstrap = faulty.env["IMGEST_KAFKA_BOOTSTRAP"]
+
+    async def replay_backwards() -> int:
+        records = [r for r in await _read_all(bootstrap, list(TOPICS))
+                   if r.key == upload_id.encode()]
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            for r in reversed(records):  # every event of the upload again, last first
+                await producer.send_and_wait(r.topic, r.value, key=r.key,
+                                             headers=[("content-type", b"application/json")])
+        finally:
+            await producer.stop()
+        return len(records)
+
+    assert asyncio.run(replay_backwards()) >= 10 * 3
+    time.sleep(5)
+    assert_exactly_once(faulty, upload_id, 10)
+    after = faulty.status(upload_id)
+    assert after["files"] == before["files"] and after["counts"] == before["counts"]
