@@ -46,6 +46,8 @@ class Running:
         state: dict[str, Any] = {}
         while time.monotonic() < deadline:
             state = self.status(upload_id) or state
+            if not state:
+                continue
             # The status view is eventually consistent: per-file details (kind, path) come from
             # other topics than the completion and may land a moment after it.
             if state["state"] != "processing" and all(

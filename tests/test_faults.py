@@ -66,7 +66,7 @@ def smtp() -> SmtpServer:
 
 
 @pytest.fixture(scope="module")
-def faulty(smtp: SmtpServer):
+def faulty(request, smtp: SmtpServer):
     root = Path(tempfile.mkdtemp(prefix="imgest-faults-"))
     root.chmod(0o755)  # as root, embedded PostgreSQL runs as its own user and must get in
     env = {
@@ -88,7 +88,10 @@ def faulty(smtp: SmtpServer):
     yield run
     stack.stop()
     sink.close()
-    shutil.rmtree(root, ignore_errors=True)
+    if request.session.testsfailed:
+        print(f"services' log kept: {log}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def upload_study(run: Running, pydicom_file, files: int = FILES) -> str:
@@ -108,9 +111,9 @@ def assert_exactly_once(run: Running, upload_id: str, files: int, emails: int = 
     assert sorted(in_store) == sorted(r["object_key"] for r in rows), "no object twice or lost"
     assert run.query("select state from importer.upload where id = $1",
                      upload_id)[0]["state"] == "completed"
+    assert len(run.mailbox.wait_for(upload_id, timeout=60)) == emails
     notes = run.query("select id from notifier.notification where upload_id = $1", upload_id)
     assert len(notes) == emails
-    assert len(run.mailbox.wait_for(upload_id)) == emails
     assert list(run.store.list(f"staging/{upload_id}/")) == []
 
 

@@ -127,10 +127,12 @@ class Consumer:
     One member per service (rather than one per topic) keeps rebalances rare and short.
     """
 
-    def __init__(self, broker: KafkaBroker, service: str, session_timeout_ms: int = 10_000):
+    def __init__(self, broker: KafkaBroker, service: str, session_timeout_ms: int = 10_000,
+                 max_poll_interval_ms: int = 1_800_000):
         self.broker = broker
         self.service = service
         self.session_timeout_ms = session_timeout_ms
+        self.max_poll_interval_ms = max_poll_interval_ms
         self.handlers: list[tuple[str, Callable[..., Awaitable[Any]]]] = []
         self.built = False
 
@@ -157,7 +159,7 @@ class Consumer:
             group_id=f"imgest-{self.service}",
             ack_policy=AckPolicy.NACK_ON_ERROR,
             auto_offset_reset="earliest",
-            max_poll_interval_ms=600_000,
+            max_poll_interval_ms=self.max_poll_interval_ms,
             session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=self.session_timeout_ms // 3,
             title=f"imgest-{self.service}",

@@ -75,7 +75,8 @@ class Service:
     def __post_init__(self) -> None:
         self.broker = make_broker(self.settings, self.name)
         self.consumer = Consumer(self.broker, self.name,
-                                 self.settings.kafka_session_timeout_ms)
+                                 self.settings.kafka_session_timeout_ms,
+                                 self.settings.kafka_max_poll_interval_ms)
         self.on = self.consumer.on
         self.db = Database(self.settings.database_url)
         self.tables = delivery_tables(self.metadata)

@@ -27,6 +27,9 @@ class RuntimeSettings(BaseSettings):
     kafka_session_timeout_ms: int = Field(
         10_000, ge=1000, description="Consumer group session timeout (Tansu holds a group join "
         "for half of it, so the embedded stack uses less).")
+    kafka_max_poll_interval_ms: int = Field(
+        1_800_000, ge=10_000, description="Longest a handler may run (e.g. unpacking a "
+        "multi-GB archive) before the group considers its consumer dead.")
     epoch_check_seconds: float = Field(
         10.0, gt=0, description="How often a service checks whether the broker lost its memory.")
     replay_hours: float = Field(
