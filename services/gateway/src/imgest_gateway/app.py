@@ -119,7 +119,7 @@ def register_handlers(svc: Service) -> None:
             if session:
                 await _track_file(session, upload_id=f.upload_id, file_id=f.file_id,
                                   object_key=f.object_key, path=f.path, state="failed",
-                                  reason=dead_letter_reason(message).model_dump())
+                                  kind="unknown", reason=dead_letter_reason(message).model_dump())
 
     @svc.on(UploadCompleted)
     async def on_upload_completed(event: CloudEvent[UploadCompleted]) -> None:
