@@ -267,3 +267,15 @@ def test_events_delivered_twice_and_out_of_order_change_nothing(faulty: Running,
     assert_exactly_once(faulty, upload_id, 10)
     after = faulty.status(upload_id)
     assert after["files"] == before["files"] and after["counts"] == before["counts"]
+
+
+def test_sigterm_mid_upload_finishes_or_hands_back(faulty: Running, pydicom_file):
+    """A polite stop (SIGTERM, as compose and Ctrl-C send) in the middle of the work: the
+    service finishes the event in hand, flushes its outbox, leaves the group; nothing is lost."""
+    import signal
+
+    upload_id = upload_study(faulty, pydicom_file)
+    faulty.wait_files(upload_id, {"validated"}, FILES // 4)
+    faulty.stack.supervisor.kill("metadata", signal.SIGTERM)
+    assert_exactly_once(faulty, upload_id, FILES)
+    assert "metadata stopped" in faulty.log.read_text()

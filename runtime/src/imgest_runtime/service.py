@@ -23,7 +23,7 @@ from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 from imgest_contracts import TOPICS, CloudEvent
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, select
 
 from .broker import Consumer, ensure_topics, make_broker
 from .db import Database, migrate
@@ -151,6 +151,15 @@ class Service:
                 yield None
             else:
                 yield session
+
+    async def handled_before(self, event: CloudEvent) -> bool:
+        """A cheap look at the inbox before costly work (reading objects): a redelivered or
+        replayed event is dropped without touching the store. `handling` still decides."""
+        table = self.tables.inbox
+        async with self.db.session() as session:
+            found = (await session.execute(
+                select(table.c.event_id).where(table.c.event_id == event.id))).first()
+        return found is not None
 
     async def ready(self) -> dict[str, str]:
         checks: dict[str, str] = {}

@@ -45,6 +45,8 @@ def bootstrap(settings: Settings) -> Service:
     async def on_file_staged(event: CloudEvent[FileStaged]) -> None:
         staged = event.data
         assert svc.store is not None
+        if await svc.handled_before(event):
+            return
         found = await asyncio.to_thread(read_headers, svc.store, staged, settings.max_header_bytes)
         async with svc.handling(event) as session:
             if not session:

@@ -90,6 +90,8 @@ def bootstrap(settings: Settings) -> Service:
         obj = event.data
         store = svc.store
         assert store is not None
+        if await svc.handled_before(event):
+            return
         head = await asyncio.to_thread(store.read_range, obj.object_key, 0, 8)
         fmt = archive_format(head)
         if fmt is None:
