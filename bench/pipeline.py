@@ -47,11 +47,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=500)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--log", type=Path, help="Keep the services' log here.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imgest-bench-") as tmp:
         Path(tmp).chmod(0o755)
         env = {port_env(s): str(free_port()) for s in SERVICES}
-        log = open(Path(tmp) / "services.log", "a")  # noqa: SIM115
+        log = open(args.log or Path(tmp) / "services.log", "a", buffering=1)  # noqa: SIM115
         stack = Stack(Path(tmp) / "data", env,
                       emit=lambda n, line: log.write(f"{n:<9}| {line}\n"))
         started = time.monotonic()

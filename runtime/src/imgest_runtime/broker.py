@@ -116,6 +116,7 @@ def make_broker(settings: RuntimeSettings, service: str,
         ),
         description=f"imgest {service}",
         logger=logging.getLogger(f"imgest.{service}.broker"),
+        log_level=logging.DEBUG,  # "Received"/"Processed" per event: too many lines for INFO
     )
     return broker
 

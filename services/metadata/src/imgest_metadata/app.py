@@ -45,12 +45,13 @@ def bootstrap(settings: Settings) -> Service:
     async def on_file_staged(event: CloudEvent[FileStaged]) -> None:
         staged = event.data
         assert svc.store is not None
-        if await svc.handled_before(event):
-            return
-        found = await asyncio.to_thread(read_headers, svc.store, staged, settings.max_header_bytes)
+        # One transaction around a short read (headers only): a replayed event is dropped by
+        # the inbox before the store is touched, at the cost of no extra round trip.
         async with svc.handling(event) as session:
             if not session:
                 return
+            found = await asyncio.to_thread(read_headers, svc.store, staged,
+                                            settings.max_header_bytes)
             common = dict(upload_id=staged.upload_id, file_id=staged.file_id,
                           object_key=staged.object_key, path=staged.path, source=staged.source,
                           kind=found.kind)
