@@ -279,3 +279,14 @@ def test_sigterm_mid_upload_finishes_or_hands_back(faulty: Running, pydicom_file
     faulty.stack.supervisor.kill("metadata", signal.SIGTERM)
     assert_exactly_once(faulty, upload_id, FILES)
     assert "metadata stopped" in faulty.log.read_text()
+
+
+def test_whole_stack_stopped_and_started_mid_upload(faulty: Running, pydicom_file):
+    """Ctrl-C on `imgest up` mid-upload and `imgest up` again: the broker comes back empty
+    (in memory), the services replay their outboxes, and the upload ends exactly once."""
+    upload_id = upload_study(faulty, pydicom_file)
+    faulty.wait_files(upload_id, {"validated"}, FILES // 4)
+    faulty.stack.stop()
+    faulty.env = faulty.stack.start()  # same data directory: same database and objects
+    faulty.stack.wait_ready(timeout=180)
+    assert_exactly_once(faulty, upload_id, FILES)
