@@ -19,6 +19,7 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
+
 from imgest.infra import Postgres, Tansu, free_port
 
 CONTAINERS = os.environ.get("IMGEST_TEST_INFRA", "wheels") == "containers"
@@ -46,23 +47,42 @@ class Mailbox:
         return []
 
 
+class SmtpServer:
+    """A real SMTP server (aiosmtpd) keeping what it receives; can go away and come back on
+    the same port."""
+
+    def __init__(self) -> None:
+        self.mailbox = Mailbox()
+        self.port = free_port()
+        self.url = f"smtp://127.0.0.1:{self.port}"
+        self.controller = None
+
+    def start(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        box = self.mailbox
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's
+                with box.lock:
+                    box.messages.append(email.message_from_bytes(envelope.content))
+                return "250 OK"
+
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def stop(self) -> None:
+        if self.controller:
+            self.controller.stop()
+            self.controller = None
+
+
 @pytest.fixture(scope="session")
-def smtp_server() -> Iterator[tuple[str, Mailbox]]:
-    from aiosmtpd.controller import Controller
-
-    box = Mailbox()
-
-    class Handler:
-        async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
-            with box.lock:
-                box.messages.append(email.message_from_bytes(envelope.content))
-            return "250 OK"
-
-    port = free_port()
-    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
-    controller.start()
-    yield f"smtp://127.0.0.1:{port}", box
-    controller.stop()
+def smtp_server() -> Iterator[SmtpServer]:
+    server = SmtpServer()
+    server.start()
+    yield server
+    server.stop()
 
 
 @dataclass

@@ -13,10 +13,11 @@ from typing import Any
 import asyncpg
 import httpx
 import pydicom
-from imgest.stack import Stack
 from imgest_runtime.settings import RuntimeSettings
 from imgest_runtime.store import ObjectStore, open_store
 from pydicom.uid import generate_uid
+
+from imgest.stack import Stack
 
 from .conftest import Broker, Mailbox
 

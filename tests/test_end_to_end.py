@@ -14,6 +14,7 @@ import asyncpg
 import httpx
 import pydicom
 import pytest
+
 from imgest.stack import SERVICES, Stack, port_env
 
 from .conftest import Infra, free_port
@@ -25,7 +26,6 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module", params=["local", "s3"])
 def running(request, infra: Infra, smtp_server, tmp_path_factory):
     store = request.param
-    smtp_url, mailbox = smtp_server
     data_dir = tmp_path_factory.mktemp(f"stack-{store}")
     broker = infra.kafka()
     env = {
@@ -35,7 +35,7 @@ def running(request, infra: Infra, smtp_server, tmp_path_factory):
         "IMGEST_KAFKA_IDEMPOTENCE": str(infra.idempotence).lower(),
         "IMGEST_STORE": store,
         "IMGEST_S3_BUCKET": f"imgest-{uuid.uuid4().hex[:8]}",
-        "IMGEST_SMTP_URL": smtp_url,
+        "IMGEST_SMTP_URL": smtp_server.url,
         "IMGEST_RETRY_BASE_SECONDS": "0.05",
         "IMGEST_KAFKA_SESSION_TIMEOUT_MS": "3000",
         **infra.s3,
@@ -51,7 +51,7 @@ def running(request, infra: Infra, smtp_server, tmp_path_factory):
     except TimeoutError:
         stack.stop()
         raise AssertionError("stack not ready:\n" + log.read_text()[-5000:]) from None
-    run = Running(stack, resolved, mailbox, log, broker)
+    run = Running(stack, resolved, smtp_server.mailbox, log, broker)
     yield run
     stack.stop()
     if request.session.testsfailed:

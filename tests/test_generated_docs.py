@@ -2,8 +2,9 @@
 
 import json
 
-from imgest.cli import ASYNCAPI_PATH, asyncapi_document
 from imgest_contracts import TOPICS
+
+from imgest.cli import ASYNCAPI_PATH, asyncapi_document
 
 
 def test_asyncapi_document_has_not_drifted():

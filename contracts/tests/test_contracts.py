@@ -8,9 +8,23 @@ from datetime import UTC, datetime
 
 import jsonschema
 import pytest
-from imgest_contracts import (EVENTS, CloudEvent, FileKind, FileStaged, ImportOptions,
-                              ObjectStored, Reason, SessionArchived, SessionRef, Source,
-                              UploadCompleted, UploadCounts, UploadSubmitted, Uploader, topic_of)
+from imgest_contracts import (
+    EVENTS,
+    CloudEvent,
+    FileKind,
+    FileStaged,
+    ImportOptions,
+    ObjectStored,
+    Reason,
+    SessionArchived,
+    SessionRef,
+    Source,
+    UploadCompleted,
+    UploadCounts,
+    Uploader,
+    UploadSubmitted,
+    topic_of,
+)
 from imgest_contracts.schemas import SCHEMA_DIR, all_schemas, render
 from pydantic import ValidationError
 

@@ -12,15 +12,25 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from imgest.infra import Postgres, Tansu, free_port
-from imgest_contracts import (CloudEvent, FileRejected, FileStaged, FileValidated, ObjectStored,
-                              Reason, Source, UploadSubmitted, topic_of)
+from imgest_contracts import (
+    CloudEvent,
+    FileRejected,
+    FileStaged,
+    FileValidated,
+    ObjectStored,
+    Reason,
+    Source,
+    UploadSubmitted,
+    topic_of,
+)
 from imgest_runtime.broker import Consumer, PermanentError, dlq_topic, ensure_topics, make_broker
 from imgest_runtime.db import Database
 from imgest_runtime.outbox import Outbox, Relay, delivery_tables, derived_id
 from imgest_runtime.settings import RuntimeSettings
 from prometheus_client import CollectorRegistry
 from sqlalchemy import MetaData, text
+
+from imgest.infra import Postgres, Tansu, free_port
 
 SHA = "a" * 64
 pytestmark = pytest.mark.timeout(120)

@@ -12,9 +12,21 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from imgest_runtime.store import (CHUNK, MIN_PART, InvalidKey, IterReader, LocalStore,
-                                  ObjectNotFound, ObjectStore, S3Store, StoredObject, StoreError,
-                                  check_key, part_size_for, put_async)
+from imgest_runtime.store import (
+    CHUNK,
+    MIN_PART,
+    InvalidKey,
+    IterReader,
+    LocalStore,
+    ObjectNotFound,
+    ObjectStore,
+    S3Store,
+    StoredObject,
+    StoreError,
+    check_key,
+    part_size_for,
+    put_async,
+)
 
 MiB = 1024 * 1024
 BIG = os.urandom(12 * MiB + 12345)  # not a multiple of any chunk or part size

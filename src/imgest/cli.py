@@ -52,13 +52,13 @@ def up(
     host: Annotated[str, _opt("IMGEST_HTTP_HOST", "Address the services bind.")] = "127.0.0.1",
     tansu_port: Annotated[int, _opt("IMGEST_TANSU_PORT",
                                     "Port of the embedded Tansu broker.")] = 19092,
-    kafka_bootstrap: Annotated[Optional[str], _opt(
+    kafka_bootstrap: Annotated[str | None, _opt(
         "IMGEST_KAFKA_BOOTSTRAP", "Use this Kafka instead of the embedded Tansu.")] = None,
-    database_url: Annotated[Optional[str], _opt(
+    database_url: Annotated[str | None, _opt(
         "IMGEST_DATABASE_URL", "Use this PostgreSQL instead of the embedded one.")] = None,
     store: Annotated[str, _opt("IMGEST_STORE", "Object store: local or s3.")] = "local",
-    s3_endpoint: Annotated[Optional[str], _opt("IMGEST_S3_ENDPOINT", "S3 host:port.")] = None,
-    smtp_url: Annotated[Optional[str], _opt(
+    s3_endpoint: Annotated[str | None, _opt("IMGEST_S3_ENDPOINT", "S3 host:port.")] = None,
+    smtp_url: Annotated[str | None, _opt(
         "IMGEST_SMTP_URL", "Send mail through this server (else .eml files).")] = None,
     log_level: Annotated[str, _opt("IMGEST_LOG_LEVEL", "Service log level.")] = "INFO",
     colour: Annotated[bool, typer.Option(help="Colour the log prefixes.")] = sys.stdout.isatty(),
@@ -117,15 +117,21 @@ def upload(
     paths: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False,
                                                 help="Files to upload (DICOM, zip, photos).")],
     url: Annotated[str, _opt("IMGEST_PUBLIC_URL", "The gateway.")] = "http://127.0.0.1:8080",
-    project: Annotated[Optional[str], typer.Option(help="Project to import into.")] = None,
-    subject: Annotated[Optional[str], typer.Option(help="Subject label.")] = None,
-    session: Annotated[Optional[str], typer.Option(help="Session label.")] = None,
+    project: Annotated[str | None, typer.Option(help="Project to import into.")] = None,
+    subject: Annotated[str | None, typer.Option(help="Subject label.")] = None,
+    session: Annotated[str | None, typer.Option(help="Session label.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait until each upload completes.")] = True,
 ) -> None:
     """Upload files through the gateway, with a progress bar, and show what became of them."""
     import httpx
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TransferSpeedColumn,
-                               TextColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     params = {k: v for k, v in {"project": project, "subject": subject,
                                 "session": session}.items() if v}
@@ -224,7 +230,7 @@ def dlq_show(ident: Annotated[str, typer.Argument(metavar="ID", help="topic:part
 
 
 @dlq_app.command("replay")
-def dlq_replay(ids: Annotated[Optional[list[str]], typer.Argument(
+def dlq_replay(ids: Annotated[list[str] | None, typer.Argument(
                    metavar="[ID]...", help="Dead letters to replay.")] = None,
                all_: Annotated[bool, typer.Option("--all", help="Every one not yet replayed.")
                                ] = False,

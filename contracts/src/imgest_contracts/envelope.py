@@ -45,7 +45,7 @@ class CloudEvent(BaseModel, Generic[P]):
     data: P
 
     @classmethod
-    def wrap(cls, payload: P, *, source: str, event_id: str | None = None) -> "CloudEvent[P]":
+    def wrap(cls, payload: P, *, source: str, event_id: str | None = None) -> CloudEvent[P]:
         kind = type(payload)
         return cls[kind](  # type: ignore[index]
             id=event_id or str(uuid.uuid4()),

@@ -15,9 +15,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from imgest_contracts import CloudEvent, Payload, topic_of
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Identity,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    select,
+    update,
+)
 from sqlalchemy import event as sa_event
-from sqlalchemy import (BigInteger, Column, DateTime, Identity, Integer, MetaData, String, Table,
-                        Text, select, update)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel.ext.asyncio.session import AsyncSession

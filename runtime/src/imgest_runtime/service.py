@@ -5,25 +5,25 @@ periodic re-drive in its lifespan, and serves /healthz, /readyz, /metrics and /a
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 from imgest_contracts import TOPICS, CloudEvent
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import MetaData, select
+from starlette.exceptions import HTTPException
 
 from .broker import Consumer, ensure_topics, make_broker
 from .db import Database, migrate

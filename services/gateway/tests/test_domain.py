@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 from imgest_contracts import UploadCounts
-from imgest_gateway.domain import (FILE_STATE_RANK, MAX_FILENAME, BadFilename, advances,
-                                   safe_filename, upload_state)
+from imgest_gateway.domain import (
+    FILE_STATE_RANK,
+    MAX_FILENAME,
+    BadFilename,
+    advances,
+    safe_filename,
+    upload_state,
+)
 
 # --- safe_filename -------------------------------------------------------------------------------
 

@@ -7,8 +7,14 @@ from datetime import datetime
 
 import pytest
 from imgest_contracts import FileKind, ImportOptions, SessionHints
-from imgest_importer.domain import (ObjectProgress, ValidFile, is_complete, plan,
-                                    prearchive_timestamp, session_id)
+from imgest_importer.domain import (
+    ObjectProgress,
+    ValidFile,
+    is_complete,
+    plan,
+    prearchive_timestamp,
+    session_id,
+)
 
 NOW = datetime(2024, 1, 2, 3, 4, 5, 678_901)
 TS = "20240102_030405678"

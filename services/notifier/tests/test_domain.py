@@ -9,8 +9,14 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from imgest_contracts import (FileFailure, Reason, SessionOutcome, UploadCompleted, UploadCounts,
-                              Uploader)
+from imgest_contracts import (
+    FileFailure,
+    Reason,
+    SessionOutcome,
+    UploadCompleted,
+    UploadCounts,
+    Uploader,
+)
 from imgest_notifier.domain import upload_completed_email
 from imgest_notifier.mailer import EmlMailer
 

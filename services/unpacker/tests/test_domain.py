@@ -11,8 +11,14 @@ import pytest
 from imgest_contracts import ObjectStored
 from imgest_runtime.store import LocalStore
 from imgest_unpacker.app import unpack_zip
-from imgest_unpacker.domain import (ArchiveError, Limits, archive_format, check_growth, file_id,
-                                    member_path)
+from imgest_unpacker.domain import (
+    ArchiveError,
+    Limits,
+    archive_format,
+    check_growth,
+    file_id,
+    member_path,
+)
 
 GENEROUS = Limits(max_members=1000, max_unpacked_bytes=1024**3, max_ratio=1000)
 

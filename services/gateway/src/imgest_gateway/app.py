@@ -10,10 +10,20 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from imgest_contracts import (ArchiveRejected, ArchiveUnpacked, CloudEvent, FileRejected,
-                              FileStaged, FileValidated, ImportOptions, ObjectStored,
-                              UploadCompleted, UploadSubmitted, Uploader)
 from faststream.kafka.annotations import KafkaMessage
+from imgest_contracts import (
+    ArchiveRejected,
+    ArchiveUnpacked,
+    CloudEvent,
+    FileRejected,
+    FileStaged,
+    FileValidated,
+    ImportOptions,
+    ObjectStored,
+    UploadCompleted,
+    Uploader,
+    UploadSubmitted,
+)
 from imgest_runtime.broker import dead_letter_reason, publishes
 from imgest_runtime.service import Service, create_app, problem
 from imgest_runtime.store import StoreError, put_async

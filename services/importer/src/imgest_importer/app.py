@@ -15,12 +15,29 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 
 from fastapi import FastAPI
-from imgest_contracts import (ArchiveRejected, ArchiveUnpacked, CloudEvent, FileFailure,
-                              FileKind, FileRejected, FileStaged, FileValidated, ObjectStored, ImportOptions, Reason,
-                              SessionArchived, SessionHints, SessionOutcome, SessionPrearchived,
-                              SessionRef, UploadCompleted, UploadCounts, UploadSubmitted,
-                              Uploader)
 from faststream.kafka.annotations import KafkaMessage
+from imgest_contracts import (
+    ArchiveRejected,
+    ArchiveUnpacked,
+    CloudEvent,
+    FileFailure,
+    FileKind,
+    FileRejected,
+    FileStaged,
+    FileValidated,
+    ImportOptions,
+    ObjectStored,
+    Reason,
+    SessionArchived,
+    SessionHints,
+    SessionOutcome,
+    SessionPrearchived,
+    SessionRef,
+    UploadCompleted,
+    UploadCounts,
+    Uploader,
+    UploadSubmitted,
+)
 from imgest_runtime.broker import dead_letter_reason, publishes
 from imgest_runtime.outbox import derived_id, insert_ignore
 from imgest_runtime.service import Periodic, Service, create_app
@@ -29,8 +46,16 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from .domain import ObjectProgress, SessionPlan, ValidFile, is_complete, plan
-from .models import (CatalogueFile, Scan, Session, Subject, Upload, UploadFile, UploadObject,
-                     metadata)
+from .models import (
+    CatalogueFile,
+    Scan,
+    Session,
+    Subject,
+    Upload,
+    UploadFile,
+    UploadObject,
+    metadata,
+)
 from .settings import Settings
 
 NAME = "importer"

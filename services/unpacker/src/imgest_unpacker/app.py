@@ -10,14 +10,21 @@ from pathlib import Path
 
 import stream_unzip
 from fastapi import FastAPI
-from imgest_contracts import (ArchiveRejected, ArchiveUnpacked, CloudEvent, FileStaged,
-                              ObjectStored, Reason, Source)
+from imgest_contracts import (
+    ArchiveRejected,
+    ArchiveUnpacked,
+    CloudEvent,
+    FileStaged,
+    ObjectStored,
+    Reason,
+    Source,
+)
 from imgest_runtime.broker import publishes
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, create_app
 from imgest_runtime.store import IterReader, ObjectStore
 
-from .domain import (ArchiveError, Limits, archive_format, check_growth, file_id, member_path)
+from .domain import ArchiveError, Limits, archive_format, check_growth, file_id, member_path
 from .models import metadata
 from .settings import Settings
 
