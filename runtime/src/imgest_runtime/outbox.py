@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     select,
+    text,
     update,
 )
 from sqlalchemy import event as sa_event
@@ -129,6 +130,9 @@ class Relay:
         """One pass: publish up to `batch` rows and mark them; returns how many were sent."""
         table = self.outbox.tables.outbox
         async with self.db.session() as session:
+            # Marking rows sent need not wait for the disk: if the mark is lost in a crash, the
+            # rows are sent again, which consumers' inboxes absorb. Saves an fsync per pass.
+            await session.execute(text("set local synchronous_commit = off"))
             rows = (await session.execute(
                 select(table.c.seq, table.c.topic, table.c.key, table.c.value)
                 .where(table.c.published_at.is_(None))
