@@ -37,6 +37,7 @@ def running(request, infra: Infra, smtp_server, tmp_path_factory):
         "IMGEST_S3_BUCKET": f"imgest-{uuid.uuid4().hex[:8]}",
         "IMGEST_SMTP_URL": smtp_server.url,
         "IMGEST_RETRY_BASE_SECONDS": "0.05",
+        "IMGEST_MAX_UPLOAD_BYTES": str(3 * 1024 * 1024),
         "IMGEST_KAFKA_SESSION_TIMEOUT_MS": "3000",
         **infra.s3,
         **{port_env(s): str(free_port()) for s in SERVICES},
@@ -233,3 +234,18 @@ def test_a_crashed_service_is_restarted_and_nothing_is_lost(running: Running, py
     assert supervisor.children["metadata"].process.pid != old_pid
     assert supervisor.children["metadata"].restarts == 1
     assert "exited with code -9; restarting" in running.log.read_text()
+
+
+def test_chunked_upload_past_the_limit_is_refused(running: Running, workdir):
+    """No Content-Length to check up front: the limit holds while the body streams in."""
+    if running.env.get("IMGEST_MAX_UPLOAD_BYTES") is None:
+        pytest.fail("the stack must run with a small IMGEST_MAX_UPLOAD_BYTES for this test")
+
+    def chunks():
+        for _ in range(64):
+            yield b"\0" * 65536  # 4 MiB in all, past the 3 MiB limit
+
+    response = running.http.post("/api/v1/uploads", params={"filename": "big.bin"},
+                                 content=chunks())
+    assert response.status_code == 413, response.text
+    assert response.headers["content-type"] == "application/problem+json"

@@ -37,6 +37,10 @@ from .settings import Settings
 NAME = "gateway"
 
 
+class TooLarge(Exception):
+    pass
+
+
 def bootstrap(settings: Settings) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
     register_handlers(svc)
@@ -207,9 +211,23 @@ def build_app(settings: Settings) -> FastAPI:
                            f"An upload may be at most {settings.max_upload_bytes} bytes.")
         upload_id = uuid.uuid4().hex
         key = f"staging/{upload_id}/{name}"
+        limit = settings.max_upload_bytes
+
+        async def body():
+            """The request body as it streams in, refused once past the limit (a chunked
+            request announces no length to check up front)."""
+            received = 0
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise TooLarge()
+                yield chunk
+
         try:
-            stored = await put_async(svc.store, key, request.stream(),  # type: ignore[arg-type]
+            stored = await put_async(svc.store, key, body(),  # type: ignore[arg-type]
                                      int(length) if length else None)
+        except TooLarge:
+            return problem(413, "Content Too Large", f"An upload may be at most {limit} bytes.")
         except StoreError as e:
             return problem(503, "Store unavailable", f"The file could not be stored: {e}")
         if stored.size == 0:
