@@ -204,6 +204,11 @@ def test_every_service_serves_health_metrics_and_asyncapi(running: Running):
         assert "faststream_received_messages_total" in metrics or service == "gateway"
         assert "process_cpu_seconds_total" in metrics
         assert httpx.get(f"{base}/asyncapi.json").json()["asyncapi"].startswith("3.")
+    docs = running.http.get("/docs")
+    assert docs.status_code == 200 and "/static/swagger-ui/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower(), "the API page must work on a closed network"
+    bundle = running.http.get("/static/swagger-ui/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and len(bundle.content) > 100_000
     openapi = running.http.get("/openapi.json").json()
     assert "/api/v1/uploads" in openapi["paths"]
     assert "/api/v1/uploads/{upload_id}" in openapi["paths"]

@@ -188,9 +188,10 @@ def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
             yield
 
     app = FastAPI(title=f"imgest {service.name}", version=VERSION, lifespan=lifespan,
-                  **fastapi_options)
+                  docs_url=None, redoc_url=None, **fastapi_options)
     app.state.service = service
     add_problem_handlers(app)
+    add_local_docs(app)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:
@@ -213,6 +214,24 @@ def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
         return service.asyncapi()
 
     return app
+
+
+def add_local_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from files shipped in a wheel: FastAPI's default page loads its
+    scripts from a CDN, which a closed network (or a careful hospital) does not reach."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/static/swagger-ui", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} — API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png")
 
 
 PROBLEM = "application/problem+json"
