@@ -217,13 +217,15 @@ def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
 
 
 def add_local_docs(app: FastAPI) -> None:
-    """Swagger UI at /docs from files shipped in a wheel: FastAPI's default page loads its
-    scripts from a CDN, which a closed network (or a careful hospital) does not reach."""
+    """Swagger UI at /docs from files shipped in a wheel (fastapi-offline's, Swagger UI 5, which
+    reads OpenAPI 3.1): FastAPI's default page loads its scripts from a CDN, which a closed
+    network (or a careful hospital) does not reach."""
+    import fastapi_offline
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
 
-    app.mount("/static/swagger-ui", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+    static = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/static/swagger-ui", StaticFiles(directory=static), name="swagger-ui")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> Response:
@@ -231,7 +233,7 @@ def add_local_docs(app: FastAPI) -> None:
             openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} — API",
             swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
             swagger_css_url="/static/swagger-ui/swagger-ui.css",
-            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png")
+            swagger_favicon_url="/static/swagger-ui/favicon.png")
 
 
 PROBLEM = "application/problem+json"
