@@ -212,6 +212,9 @@ def test_every_service_serves_health_metrics_and_asyncapi(running: Running):
     openapi = running.http.get("/openapi.json").json()
     assert "/api/v1/uploads" in openapi["paths"]
     assert "/api/v1/uploads/{upload_id}" in openapi["paths"]
+    errors = openapi["paths"]["/api/v1/uploads"]["post"]["responses"]
+    for status in ("400", "413", "422"):
+        assert list(errors[status]["content"]) == ["application/problem+json"], status
 
 
 def test_restart_keeps_uploads(running: Running, pydicom_file):

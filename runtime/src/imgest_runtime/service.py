@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from pydantic import BaseModel
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from faststream.kafka import KafkaBroker
@@ -191,6 +192,7 @@ def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
                   docs_url=None, redoc_url=None, **fastapi_options)
     app.state.service = service
     add_problem_handlers(app)
+    problem_only_openapi(app)
     add_local_docs(app)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
@@ -237,6 +239,44 @@ def add_local_docs(app: FastAPI) -> None:
 
 
 PROBLEM = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, the body of every HTTP error."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` saying that these statuses answer with problem+json."""
+    from http import HTTPStatus
+
+    ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    return {status: {"model": Problem, "description": HTTPStatus(status).phrase,
+                     "content": {PROBLEM: ref}} for status in statuses}
+
+
+def problem_only_openapi(app: FastAPI) -> None:
+    """FastAPI also lists `application/json` for a response that has a model; errors are
+    problem+json only, so the document says just that."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            for path in document.get("paths", {}).values():
+                for operation in path.values():
+                    for response in operation.get("responses", {}).values():
+                        content = response.get("content", {})
+                        if PROBLEM in content:
+                            content.pop("application/json", None)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:

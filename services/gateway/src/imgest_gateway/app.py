@@ -25,7 +25,7 @@ from imgest_contracts import (
     UploadSubmitted,
 )
 from imgest_runtime.broker import dead_letter_reason, publishes
-from imgest_runtime.service import Service, create_app, problem
+from imgest_runtime.service import Service, create_app, problem, problem_responses
 from imgest_runtime.store import StoreError, put_async
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -197,7 +197,8 @@ Label = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$",
 def build_app(settings: Settings) -> FastAPI:
     svc = bootstrap(settings)
     app = create_app(svc, description="Uploads into imgest, and what became of them.")
-    api = APIRouter(prefix="/api/v1", tags=["uploads"])
+    api = APIRouter(prefix="/api/v1", tags=["uploads"],
+                    responses=problem_responses(400, 404, 413, 422, 503))
     public_url = settings.public_url.rstrip("/")
 
     async def receive(request: Request, filename: str, options: ImportOptions) -> JSONResponse:
