@@ -7,13 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("imgest.infra")
+
+
+def die_with_parent() -> None:
+    """For Popen's preexec_fn: on Linux the child gets SIGTERM when the process (strictly, the
+    thread) that started it dies, so a killed `imgest up` or test run leaves no orphans."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1  # noqa: N806 - the kernel's name
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -98,7 +110,7 @@ class Tansu:
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             self.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)  # Ctrl-C is for us: we stop the broker after the services
+            start_new_session=True, preexec_fn=die_with_parent)  # Ctrl-C is for us: we stop the broker after the services
         wait_for_port("127.0.0.1", self.port, timeout, "Tansu")
         return self.bootstrap
 

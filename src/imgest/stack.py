@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .infra import Postgres, Tansu, free_port, wait_for_port
+from .infra import Postgres, Tansu, die_with_parent, free_port, wait_for_port
 
 SERVICES = ("gateway", "unpacker", "metadata", "importer", "notifier")
 DEFAULT_PORTS = {"gateway": 8080, "unpacker": 8081, "metadata": 8082, "importer": 8083,
@@ -44,6 +44,7 @@ class Child:
             self.argv, env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+            preexec_fn=die_with_parent,
         )
         threading.Thread(target=self._pump, args=(self.process,), daemon=True).start()
 
