@@ -168,6 +168,10 @@ def upload(
                     time.sleep(0.3)
                 progress.console.print(f"{upload_id}: [bold]{state['state']}[/bold] "
                                        f"{json.dumps(state['counts'])}")
+                for f in state["files"]:
+                    if f.get("reason"):
+                        progress.console.print(f"  {f['path']}: {f['reason']['message']} "
+                                               f"[dim]\\[{f['reason']['code']}][/dim]")
                 failed |= state["state"] == "failed"
     raise typer.Exit(1 if failed else 0)
 
