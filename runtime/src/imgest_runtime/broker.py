@@ -170,6 +170,9 @@ class Consumer:
             subscriber(filter=lambda msg, topic=topic: msg.raw_message.topic == topic)(handler)
 
 
+PIPELINE_FAILED = "pipeline.failed"  # the reason code of a dead-lettered file
+
+
 def dead_letter_reason(message: Any) -> Reason:
     """What a person reads about a dead-lettered event (from DeliveryMiddleware's headers)."""
     headers = message.headers or {}
@@ -179,7 +182,7 @@ def dead_letter_reason(message: Any) -> Reason:
         return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
     service = header("x-imgest-service", "pipeline")
-    return Reason(code="pipeline.failed", message=(
+    return Reason(code=PIPELINE_FAILED, message=(
         f"The {service} service could not process this file after "
         f"{header('x-imgest-attempts', '?')} attempt(s): {header('x-imgest-error', 'unknown')}. "
         "An operator can replay it (`imgest dlq replay`)."))

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from pydantic import BaseModel
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 from imgest_contracts import TOPICS, CloudEvent
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BaseModel
 from sqlalchemy import MetaData, select
 from starlette.exceptions import HTTPException
 

@@ -38,7 +38,7 @@ from imgest_contracts import (
     Uploader,
     UploadSubmitted,
 )
-from imgest_runtime.broker import dead_letter_reason, publishes
+from imgest_runtime.broker import PIPELINE_FAILED, dead_letter_reason, publishes
 from imgest_runtime.outbox import derived_id, insert_ignore
 from imgest_runtime.service import Periodic, Service, create_app
 from sqlalchemy import func
@@ -59,7 +59,6 @@ from .models import (
 from .settings import Settings
 
 NAME = "importer"
-PIPELINE_FAILED = "pipeline.failed"  # the reason code of dead-lettered files
 log = logging.getLogger("imgest.importer")
 
 

@@ -81,8 +81,6 @@ def unpack_zip(store: ObjectStore, obj: ObjectStored, limits: Limits) -> Unpacke
         raise ArchiveError("archive.corrupt",
                            f"The zip archive cannot be read ({type(e).__name__}); "
                            "it may be truncated or damaged.") from e
-    except ArchiveError:
-        raise
     return Unpacked(members, skipped, total)
 
 
