@@ -23,7 +23,14 @@ from imgest_contracts import (
     UploadSubmitted,
     topic_of,
 )
-from imgest_runtime.broker import Consumer, PermanentError, dlq_topic, ensure_topics, make_broker
+from imgest_runtime.broker import (
+    Consumer,
+    Delivery,
+    PermanentError,
+    dlq_topic,
+    ensure_topics,
+    make_broker,
+)
 from imgest_runtime.db import Database
 from imgest_runtime.outbox import Outbox, Relay, delivery_tables, derived_id
 from imgest_runtime.settings import RuntimeSettings
@@ -80,10 +87,18 @@ async def dead_letters(bootstrap: str, topic: str, expect: int, timeout: float =
     return found
 
 
-async def run_consumer(bootstrap, service, payload, handler, publish, until, timeout=30):
+def each(handler):
+    """A batch handler calling `handler(event)` for each event, in order."""
+    async def batch(deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            await handler(delivery.event)
+    return batch
+
+
+async def run_consumer(bootstrap, service, payload, handler, publish, until, timeout=30, **kw):
     broker = make_broker(settings(bootstrap), service, registry=CollectorRegistry())
-    consumer = Consumer(broker, service, session_timeout_ms=3000)
-    consumer.on(payload)(handler)
+    consumer = Consumer(broker, service, settings(bootstrap, kafka_session_timeout_ms=3000, **kw))
+    consumer.on(payload)(each(handler))
     consumer.build()
     await ensure_topics(bootstrap, [topic_of(payload)], 1)
     await broker.start()
@@ -134,15 +149,18 @@ async def test_permanent_errors_and_poison_events_go_to_the_dead_letter_topic(bo
 
     await run_consumer(bootstrap, "dlq", FileStaged, refuses, publish,
                        until=lambda: "good" in calls)
-    assert calls == ["bad", "good"], "a permanent error is not retried; poison never reaches it"
-    letters = await dead_letters(bootstrap, topic_of(FileStaged), 3)
-    assert [m.key for m in letters] == [b"bad", b"poison", b"garbage"]
-    headers = dict(letters[0].headers)
-    assert headers["x-imgest-error-kind"] == b"permanent"
-    assert headers["x-imgest-attempts"] == b"1"
-    assert headers["x-imgest-origin-topic"] == topic_of(FileStaged).encode()
-    assert b"cannot ever work" in headers["x-imgest-error"]
-    assert dict(letters[1].headers)["x-imgest-error-kind"] == b"permanent"
+    # "bad" fails once in its batch and once alone (which shows it is the culprit); it is not
+    # retried beyond that, and "good" is handled once, after it.
+    assert calls in (["bad", "good"], ["bad", "bad", "good"]), calls
+    letters = {m.key: dict(m.headers) for m in await dead_letters(bootstrap, topic_of(FileStaged), 3)}
+    assert set(letters) == {b"bad", b"poison", b"garbage"}, "poison never reaches the handler"
+    bad = letters[b"bad"]
+    assert bad["x-imgest-error-kind"] == b"permanent"
+    assert bad["x-imgest-attempts"] == b"1"
+    assert bad["x-imgest-origin-topic"] == topic_of(FileStaged).encode()
+    assert b"cannot ever work" in bad["x-imgest-error"]
+    assert letters[b"poison"]["x-imgest-error-kind"] == b"permanent"
+    assert b"ValidationError" in letters[b"garbage"]["x-imgest-error"]
 
 
 async def test_an_event_that_keeps_failing_is_dead_lettered_after_max_attempts(bootstrap):
@@ -208,11 +226,11 @@ async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(
     outbox = Outbox(tables, source="/imgest/test")
     broker = make_broker(settings(bootstrap), "outbox", registry=CollectorRegistry())
     received: list[CloudEvent] = []
-    consumer = Consumer(broker, "outbox", session_timeout_ms=3000)
+    consumer = Consumer(broker, "outbox", settings(bootstrap, kafka_session_timeout_ms=3000))
 
     @consumer.on(FileValidated)
-    async def on_validated(event: CloudEvent[FileValidated]) -> None:
-        received.append(event)
+    async def on_validated(deliveries: list[Delivery]) -> None:
+        received.extend(d.event for d in deliveries)
 
     consumer.build()
     await ensure_topics(bootstrap, [topic_of(FileValidated)], 1)
@@ -250,3 +268,49 @@ async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(
         await relay.stop()
         await broker.stop()
         await db.close()
+
+
+@pytest.mark.parametrize("keep_polling", [True, False], ids=["kept-alive", "unguarded"])
+async def test_long_work_keeps_the_member_in_its_group(bootstrap, monkeypatch, keep_polling):
+    """A handler busy for 2.5× max_poll_interval_ms (a multi-GB archive, in small): the member
+    keeps polling with its partitions paused, stays in the group, commits, and the event is
+    handled once. Unguarded (the control), aiokafka drops the member mid-work and the event is
+    handled a second time after it rejoins."""
+    if not keep_polling:
+        async def idle(self, consumer, paused) -> None:
+            await asyncio.sleep(3600)
+        monkeypatch.setattr(Consumer, "_keep_polling", idle)
+    topic = f"long.{'kept' if keep_polling else 'unguarded'}"
+    calls: list[str] = []
+
+    async def slow(deliveries: list[Delivery]) -> None:
+        calls.extend(d.event.id for d in deliveries)
+        await asyncio.sleep(5)
+
+    s = settings(bootstrap, kafka_session_timeout_ms=3000, kafka_max_poll_interval_ms=2000)
+    broker = make_broker(s, topic, registry=CollectorRegistry())
+    consumer = Consumer(broker, topic, s)
+    consumer.routes.clear()
+    from imgest_runtime.broker import Route
+    consumer.routes[topic] = Route(topic, ObjectStored, slow)
+    consumer.build()
+    await ensure_topics(bootstrap, [topic], 1)
+    await broker.start()
+    event = CloudEvent.wrap(ObjectStored(upload_id="big", object_key="k", filename="f", size=1,
+                                         sha256=SHA), source="/t")
+    try:
+        await broker.publish(json.loads(event.model_dump_json()), topic)
+        await asyncio.sleep(14)  # 5 s of work, then time for a redelivery if there is one
+    finally:
+        await broker.stop()
+    if keep_polling:
+        assert calls == [event.id]
+        probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=f"imgest-{topic}",
+                                 enable_auto_commit=False)
+        await probe.start()
+        try:
+            assert await probe.committed(TopicPartition(topic, 0)) == 1
+        finally:
+            await probe.stop()
+    else:
+        assert calls == [event.id, event.id], "the control shows the hazard is real"

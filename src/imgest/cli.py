@@ -270,7 +270,7 @@ def asyncapi_document() -> dict:
     from faststream.specification import AsyncAPI
     from imgest_runtime.service import VERSION
 
-    brokers = [mod.bootstrap(st.Settings()).wired() for mod, st in _service_modules().values()]
+    brokers = [mod.bootstrap(st.Settings()).documented() for mod, st in _service_modules().values()]
     return AsyncAPI(*brokers, title="imgest", version=VERSION,
                     description="Every event imgest's services publish and consume. Payloads "
                     "are CloudEvents 1.0 (structured JSON); keys as contracts/README.").to_specification().to_jsonable()

@@ -1,11 +1,17 @@
-"""The Kafka broker every service uses, and how it consumes: at least once, retried, dead-lettered.
+"""The Kafka broker every service uses, and how it consumes: in batches, at least once, retried,
+dead-lettered.
 
 - Producer: `acks=all`; idempotence when the broker supports it (a setting: Tansu does not).
-- Consumers: one group per service, offsets committed only after the handler finished
-  (`AckPolicy.NACK_ON_ERROR`: an exception seeks back, so nothing is skipped).
-- `DeliveryMiddleware` retries a failing handler with exponential backoff and jitter; a permanent
-  error (bad input) or the last failed attempt sends the event to `<topic>.dlq` with the error,
-  the attempt count and its origin in headers, and then lets the offset move on.
+- Consumer: one group member per service reads every topic the service handles, in batches of
+  up to `IMGEST_KAFKA_BATCH_MAX` events. Offsets are committed only after the whole batch was
+  handled (`AckPolicy.NACK_ON_ERROR`: an exception seeks back, so nothing is skipped).
+- A batch goes to each topic's handler at once (one transaction for many events). If it fails,
+  its events are handled one by one, each retried with exponential backoff and jitter; a
+  permanent error (bad input) or the last failed attempt sends the event to `<topic>.dlq` with
+  the error, the attempt count and its origin in headers, and the batch moves on.
+- Long work (a multi-GB archive) never gets the member thrown out of its group: while a batch
+  runs past a quarter of `max_poll_interval_ms`, the consumer pauses its partitions and keeps
+  polling, which tells the group it is alive without taking more records.
 """
 
 from __future__ import annotations
@@ -15,14 +21,17 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka import ConsumerRecord, TopicPartition
 from faststream import AckPolicy
-from faststream._internal.middlewares import BaseMiddleware
 from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from imgest_contracts import CloudEvent, Payload, Reason, topic_of
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 
 from .settings import RuntimeSettings
@@ -35,6 +44,8 @@ dead_letters = Counter("imgest_dead_letters_total", "Events sent to a dead-lette
                        ["topic", "service"])
 retries = Counter("imgest_handler_retries_total", "Handler attempts that failed and were retried",
                   ["topic", "service"])
+batch_sizes = Histogram("imgest_batch_events", "Events per batch handed to a handler",
+                        ["topic", "service"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500))
 
 
 class PermanentError(Exception):
@@ -52,148 +63,253 @@ def backoff(attempt: int, base: float, cap: float = 60.0) -> float:
     return random.uniform(delay / 2, delay)
 
 
-def _is_permanent(error: BaseException) -> bool:
-    return isinstance(error, (PermanentError, ValidationError, UnicodeDecodeError, json.JSONDecodeError))
+def is_permanent(error: BaseException) -> bool:
+    return isinstance(error, (PermanentError, ValidationError, UnicodeDecodeError,
+                              json.JSONDecodeError))
 
 
-def delivery_middleware(service: str, settings: RuntimeSettings,
-                        broker_ref: Callable[[], KafkaBroker]) -> type[BaseMiddleware]:
-    class DeliveryMiddleware(BaseMiddleware):
-        async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: Any) -> Any:
-            record = msg.raw_message
-            topic = getattr(record, "topic", "?")
-            attempt = 0
-            while True:
-                attempt += 1
-                try:
-                    return await call_next(msg)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as error:  # noqa: BLE001
-                    if _is_permanent(error) or attempt >= settings.max_attempts:
-                        await self._dead_letter(msg, record, topic, error, attempt)
-                        return None
-                    retries.labels(topic, service).inc()
-                    delay = backoff(attempt, settings.retry_base_seconds)
-                    log.warning("%s: attempt %d failed (%s: %s); retrying in %.2fs", topic,
-                                attempt, type(error).__name__, error, delay)
-                    await asyncio.sleep(delay)
+class GaveUp(Exception):
+    """`retrying` stopped: the error was permanent, or the attempts ran out."""
 
-        async def _dead_letter(self, msg: Any, record: Any, topic: str, error: BaseException,
-                               attempt: int) -> None:
-            headers = {
-                "x-imgest-error": f"{type(error).__name__}: {error}"[:2000],
-                "x-imgest-error-kind": "permanent" if _is_permanent(error) else "transient",
-                "x-imgest-attempts": str(attempt),
-                "x-imgest-origin-topic": topic,
-                "x-imgest-origin-partition": str(getattr(record, "partition", "")),
-                "x-imgest-origin-offset": str(getattr(record, "offset", "")),
-                "x-imgest-service": service,
-            }
-            await broker_ref().publish(msg.body, dlq_topic(topic), key=getattr(record, "key", None),
-                                       headers=headers)
-            dead_letters.labels(topic, service).inc()
-            log.error("%s: dead-lettered after %d attempt(s): %s", topic, attempt, headers[
-                "x-imgest-error"])
+    def __init__(self, error: Exception, attempts: int):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+        self.attempts = attempts
 
-    return DeliveryMiddleware
+
+async def retrying(work: Callable[[], Awaitable[Any]], *, what: str, attempts: int,
+                   base_seconds: float, on_retry: Callable[[], None] = lambda: None) -> Any:
+    """Runs `work` until it succeeds, at most `attempts` times with backoff between; raises
+    GaveUp at once on a permanent error, or after the last attempt."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            if is_permanent(error) or attempt >= attempts:
+                raise GaveUp(error, attempt) from error
+            on_retry()
+            delay = backoff(attempt, base_seconds)
+            log.warning("%s: attempt %d failed (%s: %s); retrying in %.2fs", what, attempt,
+                        type(error).__name__, error, delay)
+            await asyncio.sleep(delay)
 
 
 def make_broker(settings: RuntimeSettings, service: str,
                 registry: CollectorRegistry = REGISTRY) -> KafkaBroker:
     """Builds (does not connect) the service's broker."""
-    broker: KafkaBroker | None = None
-    broker = KafkaBroker(
+    return KafkaBroker(
         settings.kafka_bootstrap,
         acks="all",
         enable_idempotence=settings.kafka_idempotence,
         client_id=f"imgest-{service}",
         max_request_size=8 * 1024 * 1024,
         linger_ms=2,
-        middlewares=(
-            KafkaPrometheusMiddleware(registry=registry, app_name=f"imgest-{service}"),
-            delivery_middleware(service, settings, lambda: broker),  # type: ignore[arg-type,return-value]
-        ),
+        middlewares=(KafkaPrometheusMiddleware(registry=registry,
+                                               app_name=f"imgest-{service}"),),
         description=f"imgest {service}",
         logger=logging.getLogger(f"imgest.{service}.broker"),
-        log_level=logging.DEBUG,  # "Received"/"Processed" per event: too many lines for INFO
+        log_level=logging.DEBUG,  # "Received"/"Processed" per batch: too many lines for INFO
     )
-    return broker
+
+
+@dataclass
+class Delivery:
+    """One consumed event and the record it came in."""
+
+    event: CloudEvent
+    record: ConsumerRecord
+
+    def header(self, name: str, default: str = "") -> str:
+        for key, value in self.record.headers or ():
+            if key == name:
+                return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        return default
+
+
+BatchHandler = Callable[[list[Delivery]], Awaitable[None]]
+
+
+@dataclass
+class Route:
+    topic: str
+    payload: type[Payload]
+    handler: BatchHandler
+    model: type[CloudEvent] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model = CloudEvent[self.payload]  # type: ignore[name-defined]
+
+
+async def _raw_values(message: Any) -> list[bytes]:
+    """The batch is decoded here, event by event, so that one bad record is dead-lettered
+    instead of failing the batch (FastStream's default decoder would)."""
+    return [record.value for record in message.raw_message]
 
 
 class Consumer:
     """The service's one consumer: a single group member reading every topic the service
-    handles, each event type dispatched to its own typed handler `async def h(e: CloudEvent[X])`.
+    handles, in batches, each topic's events handed to its handler together.
 
     One member per service (rather than one per topic) keeps rebalances rare and short.
     """
 
-    def __init__(self, broker: KafkaBroker, service: str, session_timeout_ms: int = 10_000,
-                 max_poll_interval_ms: int = 1_800_000):
+    def __init__(self, broker: KafkaBroker, service: str, settings: RuntimeSettings):
         self.broker = broker
         self.service = service
-        self.session_timeout_ms = session_timeout_ms
-        self.max_poll_interval_ms = max_poll_interval_ms
-        self.handlers: list[tuple[str, Callable[..., Awaitable[Any]]]] = []
-        self.built = False
+        self.settings = settings
+        self.routes: dict[str, Route] = {}
+        self.subscriber: Any = None
 
     def on(self, payload: type[Payload], *, dead_letters: bool = False):
-        """Registers a handler for an event type, or (dead_letters) for its dead-letter topic:
-        `async def h(event: CloudEvent[X], message: KafkaMessage)` reads the error with
-        `dead_letter_reason(message)`."""
+        """Registers the batch handler of an event type, or (dead_letters) of its dead-letter
+        topic: `async def h(deliveries: list[Delivery])`. The deliveries of one topic come in
+        the order of their partitions."""
         topic = dlq_topic(topic_of(payload)) if dead_letters else topic_of(payload)
 
-        def register(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            if self.built:
+        def register(handler: BatchHandler) -> BatchHandler:
+            if self.subscriber is not None:
                 raise RuntimeError("handlers must be registered before the consumer starts")
-            self.handlers.append((topic, handler))
+            self.routes[topic] = Route(topic, payload, handler)
             return handler
 
         return register
 
     def build(self) -> None:
-        if self.built or not self.handlers:
+        if self.subscriber is not None or not self.routes:
             return
-        self.built = True
-        subscriber = self.broker.subscriber(
-            *(topic for topic, _ in self.handlers),
+        s = self.settings
+        self.subscriber = self.broker.subscriber(
+            *self.routes,
             group_id=f"imgest-{self.service}",
             ack_policy=AckPolicy.NACK_ON_ERROR,
             auto_offset_reset="earliest",
-            max_poll_interval_ms=self.max_poll_interval_ms,
-            session_timeout_ms=self.session_timeout_ms,
-            heartbeat_interval_ms=self.session_timeout_ms // 3,
-            title=f"imgest-{self.service}",
-            description=f"Events the {self.service} consumes (group imgest-{self.service}).",
+            batch=True,
+            max_records=s.kafka_batch_max,
+            batch_timeout_ms=50,  # also the pause after an empty poll: latency
+            max_poll_interval_ms=s.kafka_max_poll_interval_ms,
+            session_timeout_ms=s.kafka_session_timeout_ms,
+            heartbeat_interval_ms=s.kafka_session_timeout_ms // 3,
+            decoder=_raw_values,
+            include_in_schema=False,  # the document lists each topic (see Service.asyncapi)
         )
-        for topic, handler in self.handlers:
-            subscriber(filter=lambda msg, topic=topic: msg.raw_message.topic == topic)(handler)
+        self.subscriber(self._consume)
+
+    async def _consume(self, _values: list[bytes], message: KafkaMessage) -> None:
+        async with self._kept_alive():
+            await self.handle(list(message.raw_message))
+
+    async def handle(self, records: list[ConsumerRecord]) -> None:
+        """Decodes a batch, dead-letters what cannot be read, and hands each topic's events to
+        its handler."""
+        by_topic: dict[str, list[Delivery]] = {}
+        for record in records:
+            route = self.routes.get(record.topic)
+            if route is None:
+                continue
+            try:
+                event = route.model.model_validate_json(record.value)
+            except (ValidationError, ValueError) as error:
+                await self.dead_letter(record, error, 1)
+                continue
+            by_topic.setdefault(record.topic, []).append(Delivery(event, record))
+        for topic, deliveries in by_topic.items():
+            batch_sizes.labels(topic, self.service).observe(len(deliveries))
+            await self._deliver(self.routes[topic].handler, deliveries)
+
+    async def _deliver(self, handler: BatchHandler, deliveries: list[Delivery]) -> None:
+        if len(deliveries) > 1:
+            try:
+                await handler(deliveries)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001
+                log.warning("%s: a batch of %d failed (%s: %s); handling its events one by one",
+                            deliveries[0].record.topic, len(deliveries), type(error).__name__,
+                            error)
+        # In order: a failed event is retried (or dead-lettered) before a later one is handled,
+        # and the offsets move past it only with the whole batch.
+        for delivery in deliveries:
+            topic = delivery.record.topic
+            try:
+                await retrying(lambda d=delivery: handler([d]), what=topic,
+                               attempts=self.settings.max_attempts,
+                               base_seconds=self.settings.retry_base_seconds,
+                               on_retry=retries.labels(topic, self.service).inc)
+            except GaveUp as gave_up:
+                await self.dead_letter(delivery.record, gave_up.error, gave_up.attempts)
+
+    async def dead_letter(self, record: ConsumerRecord, error: BaseException, attempts: int
+                          ) -> None:
+        headers = {key: value.decode(errors="replace") for key, value in record.headers or ()
+                   if not key.startswith("x-imgest-")}
+        headers.update({
+            "x-imgest-error": f"{type(error).__name__}: {error}"[:2000],
+            "x-imgest-error-kind": "permanent" if is_permanent(error) else "transient",
+            "x-imgest-attempts": str(attempts),
+            "x-imgest-origin-topic": record.topic,
+            "x-imgest-origin-partition": str(record.partition),
+            "x-imgest-origin-offset": str(record.offset),
+            "x-imgest-service": self.service,
+        })
+        await self.broker.publish(record.value, dlq_topic(record.topic), key=record.key,
+                                  headers=headers)
+        dead_letters.labels(record.topic, self.service).inc()
+        log.error("%s: dead-lettered after %d attempt(s): %s", record.topic, attempts,
+                  headers["x-imgest-error"])
+
+    @asynccontextmanager
+    async def _kept_alive(self):
+        """While a batch is handled, keep the member in its group however long it takes."""
+        consumer = getattr(self.subscriber, "consumer", None)
+        if consumer is None:
+            yield
+            return
+        paused: set[TopicPartition] = set()
+        task = asyncio.create_task(self._keep_polling(consumer, paused), name="keep-polling")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if paused:
+                consumer.resume(*(paused & consumer.assignment()))
+
+    async def _keep_polling(self, consumer: Any, paused: set[TopicPartition]) -> None:
+        """aiokafka counts a member dead when it has not polled for `max_poll_interval_ms`.
+        Polling with every partition paused returns nothing and proves it alive; a partition
+        assigned meanwhile (a rebalance) may return records, which are sought back so that
+        they are read again after this batch, never lost."""
+        every = self.settings.kafka_max_poll_interval_ms / 4000
+        started = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(every)
+            assigned = consumer.assignment()
+            consumer.pause(*assigned)
+            paused |= assigned
+            fetched = await consumer.getmany(timeout_ms=0)
+            for tp, records in fetched.items():
+                if records:
+                    consumer.seek(tp, records[0].offset)
+            log.info("%s: still handling a batch after %.0fs; polled to stay in the group",
+                     self.service, asyncio.get_running_loop().time() - started)
 
 
 PIPELINE_FAILED = "pipeline.failed"  # the reason code of a dead-lettered file
 
 
-def dead_letter_reason(message: Any) -> Reason:
-    """What a person reads about a dead-lettered event (from DeliveryMiddleware's headers)."""
-    headers = message.headers or {}
-
-    def header(name: str, default: str) -> str:
-        value = headers.get(name, default)
-        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
+def dead_letter_reason(delivery: Delivery) -> Reason:
+    """What a person reads about a dead-lettered event (from `Consumer.dead_letter`'s headers)."""
+    header = delivery.header
     service = header("x-imgest-service", "pipeline")
     return Reason(code=PIPELINE_FAILED, message=(
         f"The {service} service could not process this file after "
         f"{header('x-imgest-attempts', '?')} attempt(s): {header('x-imgest-error', 'unknown')}. "
         "An operator can replay it (`imgest dlq replay`)."))
-
-
-def publishes(broker: KafkaBroker, payload: type[Payload]):
-    """Declares what a service publishes (for the AsyncAPI document; sending is the outbox's)."""
-    return broker.publisher(
-        topic_of(payload), title=f"{topic_of(payload)}:publish",
-        description=payload.description, schema=CloudEvent[payload],  # type: ignore[valid-type]
-    )
 
 
 async def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:

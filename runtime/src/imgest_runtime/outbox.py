@@ -98,11 +98,20 @@ class Outbox:
 
     async def seen(self, session: AsyncSession, event_id: str, topic: str) -> bool:
         """Marks an incoming event handled; True if it already was (a redelivery)."""
-        stmt = pg_insert(self.tables.inbox).values(
-            event_id=event_id, topic=topic, processed_at=datetime.now(UTC),
-        ).on_conflict_do_nothing(index_elements=["event_id"]).returning(self.tables.inbox.c.event_id)
-        inserted = (await session.execute(stmt)).first()
-        return inserted is None
+        return event_id not in await self.fresh(session, {event_id: topic})
+
+    async def fresh(self, session: AsyncSession, events: dict[str, str]) -> set[str]:
+        """Marks a batch of incoming events (id → type) handled in one statement; returns the
+        ids not handled before."""
+        if not events:
+            return set()
+        now = datetime.now(UTC)
+        stmt = pg_insert(self.tables.inbox).values([
+            {"event_id": event_id, "topic": topic, "processed_at": now}
+            for event_id, topic in events.items()
+        ]).on_conflict_do_nothing(index_elements=["event_id"]).returning(
+            self.tables.inbox.c.event_id)
+        return set((await session.execute(stmt)).scalars())
 
 
 _IDS = uuid.UUID("6f1c3d52-1b2a-4c4e-9f3e-2d6a0b7c8e90")

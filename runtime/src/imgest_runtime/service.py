@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -20,13 +20,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
-from imgest_contracts import TOPICS, CloudEvent
+from imgest_contracts import TOPICS, CloudEvent, Payload, topic_of
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import MetaData, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException
 
-from .broker import Consumer, ensure_topics, make_broker
+from .broker import (
+    Consumer,
+    Delivery,
+    GaveUp,
+    dead_letter_reason,
+    dlq_topic,
+    ensure_topics,
+    make_broker,
+    retrying,
+)
 from .db import Database, migrate
 from .epoch import check_epoch
 from .outbox import DeliveryTables, Outbox, Relay, delivery_tables, derived_id
@@ -57,6 +67,39 @@ class Periodic:
 
 
 @dataclass
+class Tx:
+    """The unit of work of one batch of events: handlers change state and add events through
+    it, and it all commits once, with the inbox marks of the events handled."""
+
+    session: AsyncSession
+    outbox: Outbox
+    before: dict[Hashable, Callable[[], Awaitable[Any]]] = field(default_factory=dict)
+    after: dict[Hashable, Callable[[], Awaitable[Any]]] = field(default_factory=dict)
+
+    async def publish(self, payload: Payload, *, event_id: str | None = None) -> CloudEvent:
+        """Adds an event to the outbox; it is sent once the transaction commits."""
+        return await self.outbox.add(self.session, payload, event_id=event_id)
+
+    def before_commit(self, key: Hashable, work: Callable[[], Awaitable[Any]]) -> None:
+        """Runs `work` once per key at the end of the batch, inside its transaction (e.g. look
+        at an upload once after all of its events in the batch were recorded)."""
+        self.before.setdefault(key, work)
+
+    def after_commit(self, key: Hashable, work: Callable[[], Awaitable[Any]]) -> None:
+        """Runs `work` once per key after the commit (e.g. finish what was just completed);
+        it is retried, and what still fails is left to the service's re-drive."""
+        self.after.setdefault(key, work)
+
+
+TxHandler = Callable[..., Awaitable[None]]
+
+
+def inbox_key(event: CloudEvent, dead_letter: bool) -> str:
+    """A dead-lettered event has an inbox entry of its own, apart from the live one's."""
+    return derived_id(event.id, "dead-letter") if dead_letter else event.id
+
+
+@dataclass
 class Service:
     """Everything a service's handlers need, built once by its `bootstrap`."""
 
@@ -72,16 +115,73 @@ class Service:
     store: ObjectStore | None = None
     periodic: list[Periodic] = field(default_factory=list)
     uses_store: bool = True
+    consumed: list[tuple[type[Payload], bool]] = field(default_factory=list)
+    published: list[type[Payload]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.broker = make_broker(self.settings, self.name)
-        self.consumer = Consumer(self.broker, self.name,
-                                 self.settings.kafka_session_timeout_ms,
-                                 self.settings.kafka_max_poll_interval_ms)
-        self.on = self.consumer.on
+        self.consumer = Consumer(self.broker, self.name, self.settings)
         self.db = Database(self.settings.database_url)
         self.tables = delivery_tables(self.metadata)
         self.outbox = Outbox(self.tables, source=f"/imgest/{self.name}")
+
+    def on(self, payload: type[Payload], *, dead_letters: bool = False,
+           own_transaction: bool = False):
+        """Registers the handler of an event type (or, with `dead_letters`, of its dead-letter
+        topic).
+
+        - By default `async def h(event, tx: Tx)` (dead letters: `h(event, tx, reason)`) is
+          called for each event of a batch not handled before; the batch commits once.
+        - `own_transaction`: `async def h(event)` is called for each event and opens its own
+          unit of work with `handling(event)`, for work too long to do inside a transaction
+          (unpacking an archive, sending an email).
+        """
+
+        def register(handler: TxHandler) -> TxHandler:
+            async def each(deliveries: list[Delivery]) -> None:
+                for delivery in deliveries:
+                    await handler(delivery.event)
+
+            async def together(deliveries: list[Delivery]) -> None:
+                await self._in_one_transaction(handler, deliveries, dead_letters)
+
+            self.consumer.on(payload, dead_letters=dead_letters)(
+                each if own_transaction else together)
+            self.consumed.append((payload, dead_letters))
+            return handler
+
+        return register
+
+    def publishes(self, *payloads: type[Payload]) -> None:
+        """Declares what the service publishes (for the AsyncAPI document; the outbox sends)."""
+        self.published.extend(payloads)
+
+    async def _in_one_transaction(self, handler: TxHandler, deliveries: list[Delivery],
+                                  dead_letters: bool) -> None:
+        keys = [inbox_key(d.event, dead_letters) for d in deliveries]
+        async with self.db.session() as session:
+            fresh = await self.outbox.fresh(session, {key: d.event.type
+                                                      for key, d in zip(keys, deliveries)})
+            tx = Tx(session, self.outbox)
+            for key, delivery in zip(keys, deliveries):
+                if key not in fresh:
+                    log.debug("%s: %s %s already handled", self.name, delivery.event.type, key)
+                    continue
+                fresh.discard(key)  # the same event twice in one batch is handled once
+                if dead_letters:
+                    await handler(delivery.event, tx, dead_letter_reason(delivery))
+                else:
+                    await handler(delivery.event, tx)
+            for work in tx.before.values():
+                await work()
+        for key, work in tx.after.items():
+            try:
+                await retrying(work, what=f"{self.name}: {key}",
+                               attempts=self.settings.max_attempts,
+                               base_seconds=self.settings.retry_base_seconds)
+            except GaveUp as gave_up:
+                log.error("%s: %s failed after %d attempt(s) (%s); the re-drive will finish it",
+                          self.name, key, gave_up.attempts, gave_up)
 
     def migrate(self) -> None:
         """Pre-start step: bring the service's schema up to date (blocking)."""
@@ -93,10 +193,26 @@ class Service:
         return self.broker
 
     def asyncapi(self) -> dict[str, Any]:
-        self.wired()
-        return AsyncAPI(self.broker, title=f"imgest {self.name}", version=VERSION,
+        return AsyncAPI(self.documented(), title=f"imgest {self.name}", version=VERSION,
                         description=f"Events the imgest {self.name} consumes and publishes.",
                         ).to_specification().to_jsonable()
+
+    def documented(self) -> KafkaBroker:
+        """A broker for the AsyncAPI document, never started: a topic a channel, each with its
+        event's schema. (The running consumer is one batch subscriber over all topics.)"""
+        docs = KafkaBroker(self.settings.kafka_bootstrap, description=f"imgest {self.name}")
+        group = f"imgest-{self.name}"
+        for payload, dead_letters in self.consumed:
+            topic = dlq_topic(topic_of(payload)) if dead_letters else topic_of(payload)
+            docs.subscriber(topic, group_id=group, title=f"{group}:{topic}",
+                            description=f"Consumed by the {self.name} (group {group}"
+                            f"{', dead letters' if dead_letters else ''}).",
+                            )(_documented(payload))
+        for payload in self.published:
+            docs.publisher(topic_of(payload), title=f"{topic_of(payload)}:publish",
+                           description=payload.description,
+                           schema=CloudEvent[payload])  # type: ignore[valid-type]
+        return docs
 
     async def _run_periodic(self, job: Periodic) -> None:
         while True:
@@ -141,13 +257,12 @@ class Service:
             log.info("%s stopped", self.name)
 
     @asynccontextmanager
-    async def handling(self, event: CloudEvent, *, dead_letter: bool = False):
-        """One handler's unit of work: its state change, its outbox rows and the inbox mark
-        commit together. Yields None for a redelivered event (already handled: do nothing).
-        A dead-lettered event has an inbox entry of its own, apart from the live one's."""
-        key = derived_id(event.id, "dead-letter") if dead_letter else event.id
+    async def handling(self, event: CloudEvent):
+        """The unit of work of an `own_transaction` handler: its state change, its outbox rows
+        and the inbox mark commit together. Yields None for a redelivered event (already
+        handled: do nothing)."""
         async with self.db.session() as session:
-            if await self.outbox.seen(session, key, event.type):
+            if await self.outbox.seen(session, event.id, event.type):
                 log.debug("%s: %s %s already handled", self.name, event.type, event.id)
                 yield None
             else:
@@ -180,6 +295,15 @@ class Service:
             except Exception as e:  # noqa: BLE001
                 checks["store"] = f"error: {e}"
         return checks
+
+
+def _documented(payload: type[Payload]) -> Callable[..., Awaitable[None]]:
+    async def handler(event) -> None:  # never called: it carries the schema
+        return None
+
+    handler.__annotations__ = {"event": CloudEvent[payload], "return": None}  # type: ignore[valid-type]
+    handler.__name__ = payload.__name__
+    return handler
 
 
 def create_app(service: Service, **fastapi_options: Any) -> FastAPI:

@@ -28,8 +28,12 @@ class RuntimeSettings(BaseSettings):
         10_000, ge=1000, description="Consumer group session timeout (Tansu holds a group join "
         "for half of it, so the embedded stack uses less).")
     kafka_max_poll_interval_ms: int = Field(
-        1_800_000, ge=10_000, description="Longest a handler may run (e.g. unpacking a "
-        "multi-GB archive) before the group considers its consumer dead.")
+        300_000, ge=1000, description="Longest a consumer may go without polling before its group "
+        "counts it dead. Long work (a multi-GB archive) keeps polling with its partitions paused, "
+        "so this bounds how fast a hung consumer is noticed, not how long work may take.")
+    kafka_batch_max: int = Field(
+        200, ge=1, description="Most events a service takes from the broker at once (handled in "
+        "one transaction per topic).")
     epoch_check_seconds: float = Field(
         10.0, gt=0, description="How often a service checks whether the broker lost its memory.")
     replay_hours: float = Field(

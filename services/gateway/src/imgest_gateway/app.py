@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from faststream.kafka.annotations import KafkaMessage
 from imgest_contracts import (
     ArchiveRejected,
     ArchiveUnpacked,
@@ -20,12 +19,12 @@ from imgest_contracts import (
     FileValidated,
     ImportOptions,
     ObjectStored,
+    Reason,
     UploadCompleted,
     Uploader,
     UploadSubmitted,
 )
-from imgest_runtime.broker import dead_letter_reason, publishes
-from imgest_runtime.service import Service, create_app, problem, problem_responses
+from imgest_runtime.service import Service, Tx, create_app, problem, problem_responses
 from imgest_runtime.store import StoreError, put_async
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -44,8 +43,7 @@ class TooLarge(Exception):
 def bootstrap(settings: Settings) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
     register_handlers(svc)
-    for payload in (ObjectStored, UploadSubmitted):
-        publishes(svc.broker, payload)
+    svc.publishes(ObjectStored, UploadSubmitted)
     return svc
 
 
@@ -78,87 +76,74 @@ async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, st
 def register_handlers(svc: Service) -> None:
 
     @svc.on(FileStaged)
-    async def on_file_staged(event: CloudEvent[FileStaged]) -> None:
+    async def on_file_staged(event: CloudEvent[FileStaged], tx: Tx) -> None:
         f = event.data
-        async with svc.handling(event) as session:
-            if session:
-                await _track_file(session, upload_id=f.upload_id, file_id=f.file_id,
-                                  object_key=f.object_key, path=f.path, state="staged")
+        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id,
+                          object_key=f.object_key, path=f.path, state="staged")
 
     @svc.on(FileValidated)
-    async def on_file_validated(event: CloudEvent[FileValidated]) -> None:
+    async def on_file_validated(event: CloudEvent[FileValidated], tx: Tx) -> None:
         f = event.data
-        async with svc.handling(event) as session:
-            if session:
-                await _track_file(session, upload_id=f.upload_id, file_id=f.file_id,
-                                  object_key=f.object_key, path=f.path, state="validated",
-                                  kind=f.kind.value)
+        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id,
+                          object_key=f.object_key, path=f.path, state="validated",
+                          kind=f.kind.value)
 
     @svc.on(FileRejected)
-    async def on_file_rejected(event: CloudEvent[FileRejected]) -> None:
+    async def on_file_rejected(event: CloudEvent[FileRejected], tx: Tx) -> None:
         f = event.data
-        async with svc.handling(event) as session:
-            if session:
-                await _track_file(session, upload_id=f.upload_id, file_id=f.file_id,
-                                  object_key=f.object_key, path=f.path, state="rejected",
-                                  kind=f.kind.value, reason=f.reason.model_dump())
+        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id,
+                          object_key=f.object_key, path=f.path, state="rejected",
+                          kind=f.kind.value, reason=f.reason.model_dump())
 
-    async def _object_state(event: CloudEvent, state: str, reason: dict | None,
-                            dead_letter: bool = False) -> None:
-        async with svc.handling(event, dead_letter=dead_letter) as session:
-            if session:
-                row = await session.get(UploadObject, event.data.object_key, with_for_update=True)
-                if row is not None:
-                    row.state, row.reason = state, reason
-                    session.add(row)
+    async def _object_state(tx: Tx, object_key: str, state: str, reason: dict | None) -> None:
+        row = await tx.session.get(UploadObject, object_key, with_for_update=True)
+        if row is not None:
+            row.state, row.reason = state, reason
+            tx.session.add(row)
 
     @svc.on(ArchiveUnpacked)
-    async def on_archive_unpacked(event: CloudEvent[ArchiveUnpacked]) -> None:
-        await _object_state(event, "unpacked", None)
+    async def on_archive_unpacked(event: CloudEvent[ArchiveUnpacked], tx: Tx) -> None:
+        await _object_state(tx, event.data.object_key, "unpacked", None)
 
     @svc.on(ArchiveRejected)
-    async def on_archive_rejected(event: CloudEvent[ArchiveRejected]) -> None:
-        await _object_state(event, "rejected", event.data.reason.model_dump())
+    async def on_archive_rejected(event: CloudEvent[ArchiveRejected], tx: Tx) -> None:
+        await _object_state(tx, event.data.object_key, "rejected",
+                            event.data.reason.model_dump())
 
     # Dead letters: the file did not get through; say so in the status, with the reason.
     @svc.on(ObjectStored, dead_letters=True)
-    async def on_object_dead(event: CloudEvent[ObjectStored], message: KafkaMessage) -> None:
-        await _object_state(event, "failed", dead_letter_reason(message).model_dump(),
-                            dead_letter=True)
+    async def on_object_dead(event: CloudEvent[ObjectStored], tx: Tx, reason: Reason) -> None:
+        await _object_state(tx, event.data.object_key, "failed", reason.model_dump())
 
     @svc.on(FileStaged, dead_letters=True)
-    async def on_file_dead(event: CloudEvent[FileStaged], message: KafkaMessage) -> None:
+    async def on_file_dead(event: CloudEvent[FileStaged], tx: Tx, reason: Reason) -> None:
         f = event.data
-        async with svc.handling(event, dead_letter=True) as session:
-            if session:
-                await _track_file(session, upload_id=f.upload_id, file_id=f.file_id,
-                                  object_key=f.object_key, path=f.path, state="failed",
-                                  kind="unknown", reason=dead_letter_reason(message).model_dump())
+        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id,
+                          object_key=f.object_key, path=f.path, state="failed",
+                          kind="unknown", reason=reason.model_dump())
 
     @svc.on(UploadCompleted)
-    async def on_upload_completed(event: CloudEvent[UploadCompleted]) -> None:
+    async def on_upload_completed(event: CloudEvent[UploadCompleted], tx: Tx) -> None:
         done = event.data
-        async with svc.handling(event) as session:
-            if not session:
-                return
-            for outcome in done.sessions:
-                state = {"archived": "archived", "prearchived": "prearchived"}.get(
-                    outcome.state, "failed")
-                for file_id in outcome.file_ids:
-                    await _track_file(session, upload_id=done.upload_id, file_id=file_id,
-                                      state=state, session_uri=outcome.uri)
-            for failure in done.failures:
-                if failure.file_id:
-                    await _track_file(session, upload_id=done.upload_id, file_id=failure.file_id,
-                                      state="rejected", path=failure.path,
-                                      reason=failure.reason.model_dump())
-            upload = await session.get(Upload, done.upload_id, with_for_update=True)
-            if upload is not None:
-                upload.state = upload_state(done.counts)
-                upload.completed_at = done.completed_at
-                upload.summary = done.model_dump(mode="json", include={
-                    "outcome", "counts", "sessions", "failures"})
-                session.add(upload)
+        session = tx.session
+        for outcome in done.sessions:
+            state = {"archived": "archived", "prearchived": "prearchived"}.get(
+                outcome.state, "failed")
+            for file_id in outcome.file_ids:
+                await _track_file(session, upload_id=done.upload_id, file_id=file_id,
+                                  state=state, session_uri=outcome.uri)
+        for failure in done.failures:
+            if failure.file_id:
+                await _track_file(session, upload_id=done.upload_id, file_id=failure.file_id,
+                                  state="rejected", path=failure.path,
+                                  reason=failure.reason.model_dump())
+        upload = await session.get(Upload, done.upload_id, with_for_update=True)
+        if upload is not None:
+            upload.state = upload_state(done.counts)
+            upload.completed_at = done.completed_at
+            upload.summary = done.model_dump(mode="json", include={
+                "outcome", "counts", "sessions", "failures"})
+            session.add(upload)
 
 
 # --- HTTP API ------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 
 from fastapi import FastAPI
-from faststream.kafka.annotations import KafkaMessage
 from imgest_contracts import (
     ArchiveRejected,
     ArchiveUnpacked,
@@ -38,9 +37,9 @@ from imgest_contracts import (
     Uploader,
     UploadSubmitted,
 )
-from imgest_runtime.broker import PIPELINE_FAILED, dead_letter_reason, publishes
+from imgest_runtime.broker import PIPELINE_FAILED
 from imgest_runtime.outbox import derived_id, insert_ignore
-from imgest_runtime.service import Periodic, Service, create_app
+from imgest_runtime.service import Periodic, Service, Tx, create_app
 from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -104,25 +103,29 @@ class Importer:
         session.add(upload)
         return True
 
-    async def record_file(self, event: CloudEvent, row: UploadFile, files_total: int,
-                          dead_letter: bool = False) -> None:
-        finish = False
-        async with self.svc.handling(event, dead_letter=dead_letter) as session:
-            if not session:
-                return
-            upload = await self.upload(session, row.upload_id)
-            obj = await self.object(session, row.upload_id, row.object_key)
-            if obj.files_total is None:
-                obj.files_total = files_total
-                session.add(obj)
-            if not await insert_ignore(session, UploadFile.__table__, **row.model_dump()):
-                await self.retry_outcome(session, upload, row)
-            await session.flush()
-            finish = await self.settle(session, upload)
-        if finish:
-            await self.finish(row.upload_id)
+    async def record_file(self, tx: Tx, row: UploadFile, files_total: int) -> None:
+        session = tx.session
+        await self.upload(session, row.upload_id)
+        obj = await self.object(session, row.upload_id, row.object_key)
+        if obj.files_total is None:
+            obj.files_total = files_total
+            session.add(obj)
+        if not await insert_ignore(session, UploadFile.__table__, **row.model_dump()):
+            await self.retry_outcome(session, row)
+        self.settle_later(tx, row.upload_id)
 
-    async def retry_outcome(self, session: AsyncSession, upload: Upload, row: UploadFile) -> None:
+    def settle_later(self, tx: Tx, upload_id: str) -> None:
+        """Once the batch's events are recorded, looks once at each upload they touched; one
+        that became complete is finished after the commit."""
+        async def settle() -> None:
+            upload = await self.upload(tx.session, upload_id)
+            await tx.session.flush()
+            if await self.settle(tx.session, upload):
+                tx.after_commit(("finish", upload_id), lambda: self.finish(upload_id))
+
+        tx.before_commit(("settle", upload_id), settle)
+
+    async def retry_outcome(self, session: AsyncSession, row: UploadFile) -> None:
         """A replayed dead letter came through: the file's outcome replaces the failure, and a
         completed upload is re-opened (a new generation) to place it and say so again."""
         known = await session.get(UploadFile, row.file_id, with_for_update=True)
@@ -134,6 +137,7 @@ class Importer:
         for name, value in row.model_dump().items():
             setattr(known, name, value)
         session.add(known)
+        upload = await self.upload(session, row.upload_id)
         if upload.state == "completed":
             upload.state, upload.generation = "collecting", upload.generation + 1
             upload.updated_at = datetime.now(UTC)
@@ -298,89 +302,73 @@ def bootstrap(settings: Settings) -> Service:
     importer = Importer(svc, settings)
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_seconds / 3),
                                  importer.redrive))
-    for payload in (SessionArchived, SessionPrearchived, UploadCompleted):
-        publishes(svc.broker, payload)
+    svc.publishes(SessionArchived, SessionPrearchived, UploadCompleted)
 
     @svc.on(UploadSubmitted)
-    async def on_upload_submitted(event: CloudEvent[UploadSubmitted]) -> None:
+    async def on_upload_submitted(event: CloudEvent[UploadSubmitted], tx: Tx) -> None:
         u = event.data
-        finish = False
-        async with svc.handling(event) as session:
-            if not session:
-                return
-            upload = await importer.upload(session, u.upload_id)
-            upload.submitted = True
-            upload.uploader = u.uploader.model_dump(mode="json")
-            upload.options = u.options.model_dump(mode="json")
-            upload.object_keys = u.object_keys
-            upload.updated_at = datetime.now(UTC)
-            session.add(upload)
-            for key in u.object_keys:
-                await importer.object(session, u.upload_id, key)
-            await session.flush()
-            finish = await importer.settle(session, upload)
-        if finish:
-            await importer.finish(u.upload_id)
+        upload = await importer.upload(tx.session, u.upload_id)
+        upload.submitted = True
+        upload.uploader = u.uploader.model_dump(mode="json")
+        upload.options = u.options.model_dump(mode="json")
+        upload.object_keys = u.object_keys
+        upload.updated_at = datetime.now(UTC)
+        tx.session.add(upload)
+        for key in u.object_keys:
+            await importer.object(tx.session, u.upload_id, key)
+        importer.settle_later(tx, u.upload_id)
 
     @svc.on(FileValidated)
-    async def on_file_validated(event: CloudEvent[FileValidated]) -> None:
+    async def on_file_validated(event: CloudEvent[FileValidated], tx: Tx) -> None:
         f = event.data
-        await importer.record_file(event, UploadFile(
+        await importer.record_file(tx, UploadFile(
             file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
             staged_key=f.object_key, path=f.path, kind=f.kind.value, state="validated",
             size=f.size, sha256=f.sha256, hints=f.hints.model_dump(mode="json"),
             file_metadata=f.metadata), f.source.files_total)
 
     @svc.on(FileRejected)
-    async def on_file_rejected(event: CloudEvent[FileRejected]) -> None:
+    async def on_file_rejected(event: CloudEvent[FileRejected], tx: Tx) -> None:
         f = event.data
-        await importer.record_file(event, UploadFile(
+        await importer.record_file(tx, UploadFile(
             file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
             staged_key=f.object_key, path=f.path, kind=f.kind.value, state="rejected",
             reason=f.reason.model_dump()), f.source.files_total)
 
-    async def archive_outcome(event: CloudEvent, files_total: int | None,
-                              rejected: Reason | None, dead_letter: bool = False) -> None:
+    async def archive_outcome(tx: Tx, event: CloudEvent, files_total: int | None,
+                              rejected: Reason | None) -> None:
         a = event.data
-        finish = False
-        async with svc.handling(event, dead_letter=dead_letter) as session:
-            if not session:
-                return
-            upload = await importer.upload(session, a.upload_id)
-            obj = await importer.object(session, a.upload_id, a.object_key)
-            obj.filename = a.filename
-            if files_total is not None:
-                obj.files_total = files_total
-            if rejected is not None:
-                obj.rejected = rejected.model_dump()
-            session.add(obj)
-            await session.flush()
-            finish = await importer.settle(session, upload)
-        if finish:
-            await importer.finish(a.upload_id)
+        await importer.upload(tx.session, a.upload_id)
+        obj = await importer.object(tx.session, a.upload_id, a.object_key)
+        obj.filename = a.filename
+        if files_total is not None:
+            obj.files_total = files_total
+        if rejected is not None:
+            obj.rejected = rejected.model_dump()
+        tx.session.add(obj)
+        importer.settle_later(tx, a.upload_id)
 
     # Dead letters: a file that could not get through is an outcome too (failed, with the
     # reason), so the upload still completes and its email says what happened.
     @svc.on(ObjectStored, dead_letters=True)
-    async def on_object_dead(event: CloudEvent[ObjectStored], message: KafkaMessage) -> None:
-        await archive_outcome(event, None, dead_letter_reason(message), dead_letter=True)
+    async def on_object_dead(event: CloudEvent[ObjectStored], tx: Tx, reason: Reason) -> None:
+        await archive_outcome(tx, event, None, reason)
 
     @svc.on(FileStaged, dead_letters=True)
-    async def on_file_dead(event: CloudEvent[FileStaged], message: KafkaMessage) -> None:
+    async def on_file_dead(event: CloudEvent[FileStaged], tx: Tx, reason: Reason) -> None:
         f = event.data
-        await importer.record_file(event, UploadFile(
+        await importer.record_file(tx, UploadFile(
             file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
             staged_key=f.object_key, path=f.path, kind="unknown", state="rejected",
-            reason=dead_letter_reason(message).model_dump()), f.source.files_total,
-            dead_letter=True)
+            reason=reason.model_dump()), f.source.files_total)
 
     @svc.on(ArchiveUnpacked)
-    async def on_archive_unpacked(event: CloudEvent[ArchiveUnpacked]) -> None:
-        await archive_outcome(event, event.data.members_staged, None)
+    async def on_archive_unpacked(event: CloudEvent[ArchiveUnpacked], tx: Tx) -> None:
+        await archive_outcome(tx, event, event.data.members_staged, None)
 
     @svc.on(ArchiveRejected)
-    async def on_archive_rejected(event: CloudEvent[ArchiveRejected]) -> None:
-        await archive_outcome(event, None, event.data.reason)
+    async def on_archive_rejected(event: CloudEvent[ArchiveRejected], tx: Tx) -> None:
+        await archive_outcome(tx, event, None, event.data.reason)
 
     return svc
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from imgest_contracts import CloudEvent, FileRejected, FileStaged, FileValidated, Reason
-from imgest_runtime.broker import publishes
 from imgest_runtime.outbox import derived_id
-from imgest_runtime.service import Service, create_app
+from imgest_runtime.service import Service, Tx, create_app
 from imgest_runtime.store import ObjectStore
 
 from .domain import HEAD_BYTES, Identified, NeedMore, identify, sniff
@@ -38,32 +37,28 @@ def read_headers(store: ObjectStore, staged: FileStaged, limit: int) -> Identifi
 
 def bootstrap(settings: Settings) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
-    for payload in (FileValidated, FileRejected):
-        publishes(svc.broker, payload)
+    svc.publishes(FileValidated, FileRejected)
 
     @svc.on(FileStaged)
-    async def on_file_staged(event: CloudEvent[FileStaged]) -> None:
+    async def on_file_staged(event: CloudEvent[FileStaged], tx: Tx) -> None:
+        # Inside the batch's transaction, after the inbox: a replayed event is dropped before
+        # the store is touched. Only headers are read, so the transaction stays short.
         staged = event.data
         assert svc.store is not None
-        # One transaction around a short read (headers only): a replayed event is dropped by
-        # the inbox before the store is touched, at the cost of no extra round trip.
-        async with svc.handling(event) as session:
-            if not session:
-                return
-            found = await asyncio.to_thread(read_headers, svc.store, staged,
-                                            settings.max_header_bytes)
-            common = dict(upload_id=staged.upload_id, file_id=staged.file_id,
-                          object_key=staged.object_key, path=staged.path, source=staged.source,
-                          kind=found.kind)
-            if found.reason:
-                log.info("upload %s: %s rejected: %s", staged.upload_id, staged.path,
-                         found.reason.message)
-                await svc.outbox.add(session, FileRejected(**common, reason=found.reason),
-                                     event_id=derived_id(event.id, "rejected"))
-            else:
-                await svc.outbox.add(session, FileValidated(
-                    **common, size=staged.size, sha256=staged.sha256, metadata=found.metadata,
-                    hints=found.hints), event_id=derived_id(event.id, "validated"))
+        found = await asyncio.to_thread(read_headers, svc.store, staged,
+                                        settings.max_header_bytes)
+        common = dict(upload_id=staged.upload_id, file_id=staged.file_id,
+                      object_key=staged.object_key, path=staged.path, source=staged.source,
+                      kind=found.kind)
+        if found.reason:
+            log.info("upload %s: %s rejected: %s", staged.upload_id, staged.path,
+                     found.reason.message)
+            await tx.publish(FileRejected(**common, reason=found.reason),
+                             event_id=derived_id(event.id, "rejected"))
+        else:
+            await tx.publish(FileValidated(
+                **common, size=staged.size, sha256=staged.sha256, metadata=found.metadata,
+                hints=found.hints), event_id=derived_id(event.id, "validated"))
 
     return svc
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from imgest_contracts import CloudEvent, NotificationSent, UploadCompleted
-from imgest_runtime.broker import publishes
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, create_app
 
@@ -30,9 +29,9 @@ def make_mailer(settings: Settings) -> Mailer:
 def bootstrap(settings: Settings) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations", uses_store=False)
     mailer = make_mailer(settings)
-    publishes(svc.broker, NotificationSent)
+    svc.publishes(NotificationSent)
 
-    @svc.on(UploadCompleted)
+    @svc.on(UploadCompleted, own_transaction=True)  # the email goes out between transactions
     async def on_upload_completed(event: CloudEvent[UploadCompleted]) -> None:
         done = event.data
         notification_id = derived_id("upload.completed", done.upload_id, str(done.generation),

@@ -19,7 +19,6 @@ from imgest_contracts import (
     Reason,
     Source,
 )
-from imgest_runtime.broker import publishes
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, create_app
 from imgest_runtime.store import IterReader, ObjectStore
@@ -87,10 +86,11 @@ def unpack_zip(store: ObjectStore, obj: ObjectStored, limits: Limits) -> Unpacke
 def bootstrap(settings: Settings) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
     limits = Limits(settings.max_members, settings.max_unpacked_bytes, settings.max_ratio)
-    for payload in (FileStaged, ArchiveUnpacked, ArchiveRejected):
-        publishes(svc.broker, payload)
+    svc.publishes(FileStaged, ArchiveUnpacked, ArchiveRejected)
 
-    @svc.on(ObjectStored)
+    # Its own transactions: an archive may take minutes to unpack, and no transaction should
+    # stay open that long.
+    @svc.on(ObjectStored, own_transaction=True)
     async def on_object_stored(event: CloudEvent[ObjectStored]) -> None:
         obj = event.data
         store = svc.store
