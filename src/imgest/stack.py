@@ -72,8 +72,10 @@ class Supervisor:
             self.start_child(name, [sys.executable, "-m", f"imgest_{name}"])
         self.watch()
 
-    def start_child(self, name: str, argv: list[str]) -> Child:
-        child = Child(name, argv, self.env, self.emit)
+    def start_child(self, name: str, argv: list[str], env: dict[str, str] | None = None
+                    ) -> Child:
+        """Starts and supervises one process (`env` adds to the supervisor's environment)."""
+        child = Child(name, argv, {**self.env, **(env or {})}, self.emit)
         child.start()
         self.children[name] = child
         return child
@@ -107,6 +109,12 @@ class Supervisor:
             child.process.wait(30)  # type: ignore[union-attr]
 
     def release(self, name: str) -> None:
+        self.held.discard(name)
+
+    def remove(self, name: str) -> None:
+        """Stops one child (SIGTERM, as a scale-down does) and forgets it."""
+        self.hold(name)
+        del self.children[name]
         self.held.discard(name)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

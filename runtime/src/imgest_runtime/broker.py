@@ -185,7 +185,8 @@ class Consumer:
         self.subscriber = self.broker.subscriber(
             *self.routes,
             group_id=f"imgest-{self.service}",
-            ack_policy=AckPolicy.NACK_ON_ERROR,
+            ack_policy=(AckPolicy.NACK_ON_ERROR if s.delivery == "guarded"
+                        else AckPolicy.ACK_FIRST),
             auto_offset_reset="earliest",
             batch=True,
             max_records=s.kafka_batch_max,

@@ -11,8 +11,10 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from imgest_contracts import CloudEvent, Payload, topic_of
 from sqlalchemy import (
@@ -78,6 +80,10 @@ class Outbox:
     tables: DeliveryTables
     source: str  # CloudEvents source, "/imgest/<service>"
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Unguarded (IMGEST_DELIVERY=unguarded, for bench/pipeline.py only): no outbox rows, events
+    # sent straight after the commit, and no inbox. Lossy on a crash; it measures the cost.
+    send_directly: Callable[[str, bytes | None, dict], Awaitable[Any]] | None = None
+    _sending: set[asyncio.Task] = field(default_factory=set)
 
     async def add(self, session: AsyncSession, payload: Payload, *, event_id: str | None = None
                   ) -> CloudEvent:
@@ -85,16 +91,44 @@ class Outbox:
 
         A deterministic `event_id` makes a re-run of the same work a no-op here too.
         """
-        event = CloudEvent.wrap(payload, source=self.source, event_id=event_id)
-        stmt = pg_insert(self.tables.outbox).values(
-            event_id=event.id, topic=topic_of(type(payload)), key=payload.message_key(),
-            value=json.loads(event.model_dump_json(exclude_none=True)),
-            created_at=datetime.now(UTC),
-        ).on_conflict_do_nothing(index_elements=["event_id"])
-        await session.execute(stmt)
-        # Wake the relay once the row is visible, not before: on commit.
+        return (await self.add_many(session, [(payload, event_id)]))[0]
+
+    async def add_many(self, session: AsyncSession,
+                       payloads: list[tuple[Payload, str | None]]) -> list[CloudEvent]:
+        """`add` for many events in one statement (a batch's outcomes)."""
+        events = [CloudEvent.wrap(payload, source=self.source, event_id=event_id)
+                  for payload, event_id in payloads]
+        if self.send_directly is not None:
+            for event, (payload, _) in zip(events, payloads):
+                self._send_after_commit(session, event, payload)
+            return events
+        if not events:
+            return events
+        now = datetime.now(UTC)
+        await session.execute(pg_insert(self.tables.outbox).values([
+            {"event_id": event.id, "topic": topic_of(type(payload)),
+             "key": payload.message_key(),
+             "value": json.loads(event.model_dump_json(exclude_none=True)), "created_at": now}
+            for event, (payload, _) in zip(events, payloads)
+        ]).on_conflict_do_nothing(index_elements=["event_id"]))
+        # Wake the relay once the rows are visible, not before: on commit.
         sa_event.listen(session.sync_session, "after_commit", lambda _s: self.wake.set(), once=True)
-        return event
+        return events
+
+    def _send_after_commit(self, session: AsyncSession, event: CloudEvent, payload: Payload
+                           ) -> None:
+        assert self.send_directly is not None
+        send = self.send_directly
+        topic, key = topic_of(type(payload)), payload.message_key()
+        value = json.loads(event.model_dump_json(exclude_none=True))
+
+        def sent(_session) -> None:
+            task = asyncio.get_running_loop().create_task(
+                send(topic, key.encode() if key else None, value))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+        sa_event.listen(session.sync_session, "after_commit", sent, once=True)
 
     async def seen(self, session: AsyncSession, event_id: str, topic: str) -> bool:
         """Marks an incoming event handled; True if it already was (a redelivery)."""
@@ -105,6 +139,8 @@ class Outbox:
         ids not handled before."""
         if not events:
             return set()
+        if self.send_directly is not None:
+            return set(events)  # unguarded: no inbox
         now = datetime.now(UTC)
         stmt = pg_insert(self.tables.inbox).values([
             {"event_id": event_id, "topic": topic, "processed_at": now}

@@ -39,6 +39,10 @@ class RuntimeSettings(BaseSettings):
     replay_hours: float = Field(
         24.0, gt=0, description="How far back the outbox is sent again after the broker lost "
         "its memory.")
+    delivery: Literal["guarded", "unguarded"] = Field(
+        "guarded", description="`unguarded` drops the inbox, the outbox and commit-after-work "
+        "(at most once, lossy on a crash): only for bench/pipeline.py to measure what the "
+        "guarantees cost.")
     max_attempts: int = Field(5, ge=1, description="Attempts at an event before it is dead-lettered.")
     retry_base_seconds: float = Field(0.2, gt=0, description="First retry delay; doubles each time.")
 

@@ -53,10 +53,10 @@ def bootstrap(settings: Settings) -> Service:
         if found.reason:
             log.info("upload %s: %s rejected: %s", staged.upload_id, staged.path,
                      found.reason.message)
-            await tx.publish(FileRejected(**common, reason=found.reason),
-                             event_id=derived_id(event.id, "rejected"))
+            tx.publish(FileRejected(**common, reason=found.reason),
+                       event_id=derived_id(event.id, "rejected"))
         else:
-            await tx.publish(FileValidated(
+            tx.publish(FileValidated(
                 **common, size=staged.size, sha256=staged.sha256, metadata=found.metadata,
                 hints=found.hints), event_id=derived_id(event.id, "validated"))
 
