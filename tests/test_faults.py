@@ -50,6 +50,7 @@ def faulty(request, smtp: SmtpServer):
         "IMGEST_KAFKA_SESSION_TIMEOUT_MS": "3000",
         "IMGEST_EPOCH_CHECK_SECONDS": "1",
         "IMGEST_REDRIVE_SECONDS": "3",
+        "IMGEST_REDRIVE_IDLE_SECONDS": "6",
         **{port_env(s): str(free_port()) for s in SERVICES},
     }
     env["IMGEST_PUBLIC_URL"] = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
@@ -146,6 +147,66 @@ def test_mail_server_away_for_a_while(faulty: Running, pydicom_file, smtp: SmtpS
         smtp.start()
     mails = faulty.mailbox.wait_for(upload_id, timeout=60)
     assert len(mails) == 1
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        return await consumer.end_offsets(partitions)
+    finally:
+        await consumer.stop()
+
+
+async def skip_to_end(bootstrap: str, group: str, offsets: dict) -> None:
+    """Commits a group's offsets at these positions, as `kafka-consumer-groups
+    --reset-offsets --to-latest` does: whatever was before them is never delivered."""
+    from aiokafka import AIOKafkaConsumer
+
+    topics = {tp.topic for tp in offsets}
+    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False, session_timeout_ms=3000)
+    await consumer.start()  # the group's only member (its service is stopped): every partition
+    try:
+        while set(offsets) - consumer.assignment():
+            await consumer.getmany(timeout_ms=200, max_records=1)
+        await consumer.commit(offsets)
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.parametrize("stage", ["unpacker", "metadata"])
+def test_redrive_moves_on_work_whose_events_were_skipped(faulty: Running, pydicom_file,
+                                                         stage: str):
+    """A durable broker loses nothing, but a stage can still miss work: an operator resets its
+    offsets, a bug commits past events. Here the stage is stopped, its group is moved past the
+    upload's events, and it comes back: the upload stalls with objects stored but never
+    unpacked (or files staged but never validated). After IMGEST_REDRIVE_IDLE_SECONDS the
+    gateway sends the unfinished work again under the same event ids, and it ends exactly
+    once."""
+    import asyncio
+
+    bootstrap = faulty.env["IMGEST_KAFKA_BOOTSTRAP"]
+    topic = {"unpacker": "imgest.object.stored", "metadata": "imgest.file.staged"}[stage]
+    files = 40
+    before = asyncio.run(end_offsets(bootstrap, topic))
+    faulty.stack.supervisor.hold(stage)
+    try:
+        upload_id = upload_study(faulty, pydicom_file, files=files)
+        if stage == "metadata":
+            faulty.wait_files(upload_id, {"staged"}, files)
+        deadline = time.monotonic() + 30
+        while (after := asyncio.run(end_offsets(bootstrap, topic))) == before:
+            assert time.monotonic() < deadline, f"nothing reached {topic}"
+            time.sleep(0.2)
+        asyncio.run(skip_to_end(bootstrap, f"imgest-{stage}", after))
+    finally:
+        faulty.stack.supervisor.release(stage)
+    assert_exactly_once(faulty, upload_id, files)
+    assert f"upload {upload_id}: no progress for" in faulty.log.read_text()
 
 
 def imgest(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

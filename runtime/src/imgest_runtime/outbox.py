@@ -115,6 +115,25 @@ class Outbox:
         sa_event.listen(session.sync_session, "after_commit", lambda _s: self.wake.set(), once=True)
         return events
 
+    async def resend(self, session: AsyncSession, topic: str, key: str | None, value: dict
+                     ) -> None:
+        """Sends an event again under its own id (a re-drive), whoever first sent it."""
+        stmt = pg_insert(self.tables.outbox).values(
+            event_id=value["id"], topic=topic, key=key, value=value,
+            created_at=datetime.now(UTC))
+        await session.execute(stmt.on_conflict_do_update(
+            index_elements=["event_id"], set_={"published_at": None}))
+        sa_event.listen(session.sync_session, "after_commit", lambda _s: self.wake.set(), once=True)
+
+    async def resend_key(self, session: AsyncSession, key: str) -> int:
+        """Marks this service's events with this key unsent (a re-drive); returns how many."""
+        table = self.tables.outbox
+        marked = (await session.execute(update(table).where(
+            table.c.key == key, table.c.published_at.is_not(None)).values(
+            published_at=None))).rowcount
+        sa_event.listen(session.sync_session, "after_commit", lambda _s: self.wake.set(), once=True)
+        return marked
+
     def _send_after_commit(self, session: AsyncSession, event: CloudEvent, payload: Payload
                            ) -> None:
         assert self.send_directly is not None

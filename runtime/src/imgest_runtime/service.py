@@ -64,6 +64,7 @@ class Periodic:
     name: str
     every_seconds: float
     run: Callable[[], Awaitable[Any]]
+    at_start: bool = True  # False: first after one period (e.g. once the consumer caught up)
 
 
 @dataclass
@@ -221,6 +222,8 @@ class Service:
         return docs
 
     async def _run_periodic(self, job: Periodic) -> None:
+        if not job.at_start:
+            await asyncio.sleep(job.every_seconds)
         while True:
             try:
                 await job.run()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,17 +24,27 @@ from imgest_contracts import (
     UploadCompleted,
     Uploader,
     UploadSubmitted,
+    topic_of,
 )
-from imgest_runtime.service import Service, Tx, create_app, problem, problem_responses
+from imgest_runtime.service import (
+    Periodic,
+    Service,
+    Tx,
+    create_app,
+    problem,
+    problem_responses,
+)
 from imgest_runtime.store import StoreError, put_async
+from sqlalchemy import func, or_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .domain import BadFilename, advances, safe_filename, upload_state
+from .domain import UNFINISHED, BadFilename, advances, safe_filename, upload_state
 from .models import Upload, UploadFile, UploadObject, metadata
 from .settings import Settings
 
 NAME = "gateway"
+log = logging.getLogger("imgest.gateway")
 
 
 class TooLarge(Exception):
@@ -43,6 +54,9 @@ class TooLarge(Exception):
 def bootstrap(settings: Settings) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
     register_handlers(svc)
+    # Not at the very start: the status must first catch up with events sent while it was down.
+    svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_idle_seconds / 3),
+                                 lambda: redrive(svc, settings), at_start=False))
     svc.publishes(ObjectStored, UploadSubmitted)
     return svc
 
@@ -52,7 +66,8 @@ def bootstrap(settings: Settings) -> Service:
 
 async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, state: str,
                       object_key: str = "", path: str = "", kind: str | None = None,
-                      reason: dict | None = None, session_uri: str | None = None) -> None:
+                      reason: dict | None = None, session_uri: str | None = None,
+                      staged: dict | None = None) -> None:
     """Merges what one event says about a file; events of different topics come in any order,
     so the state only moves forward and missing details are filled in whenever they arrive."""
     row = await session.get(UploadFile, file_id, with_for_update=True)
@@ -60,15 +75,16 @@ async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, st
     if row is None:
         session.add(UploadFile(file_id=file_id, upload_id=upload_id, object_key=object_key,
                                path=path, kind=kind, state=state, reason=reason,
-                               session=session_uri, updated_at=now))
+                               session=session_uri, staged=staged, updated_at=now))
         return
     if advances(row.state, state):
         row.state = state
     row.object_key = row.object_key or object_key
     row.path = row.path or path
     row.kind = row.kind or kind
-    row.reason = row.reason or reason
+    row.reason = row.reason or (reason if advances(row.state, state) else None)
     row.session = row.session or session_uri
+    row.staged = row.staged or staged
     row.updated_at = now
     session.add(row)
 
@@ -79,7 +95,8 @@ def register_handlers(svc: Service) -> None:
     async def on_file_staged(event: CloudEvent[FileStaged], tx: Tx) -> None:
         f = event.data
         await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id,
-                          object_key=f.object_key, path=f.path, state="staged")
+                          object_key=f.object_key, path=f.path, state="staged",
+                          staged=event.model_dump(mode="json", exclude_none=True))
 
     @svc.on(FileValidated)
     async def on_file_validated(event: CloudEvent[FileValidated], tx: Tx) -> None:
@@ -144,6 +161,45 @@ def register_handlers(svc: Service) -> None:
             upload.summary = done.model_dump(mode="json", include={
                 "outcome", "counts", "sessions", "failures"})
             session.add(upload)
+
+
+# --- re-drive ------------------------------------------------------------------------------------
+
+
+async def redrive(svc: Service, settings: Settings) -> None:
+    """Uploads with no progress for `redrive_idle_seconds` have their unfinished work sent again:
+    the upload's own events (object.stored, upload.submitted) and the file.staged event of each
+    file not yet placed, each under its original id. A stage that did the work drops it (its
+    inbox); a stage that never got it (an event lost, an offset skipped) does it now."""
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(seconds=settings.redrive_idle_seconds)
+    last_change = func.coalesce(func.max(UploadFile.updated_at), Upload.created_at)
+    async with svc.db.session() as session:
+        stuck = (await session.exec(
+            select(Upload.id).join(UploadFile, col(UploadFile.upload_id) == Upload.id,
+                                   isouter=True)
+            .where(Upload.state == "processing", col(Upload.created_at) < cutoff,
+                   col(Upload.redrives) < settings.redrive_max,
+                   or_(col(Upload.redriven_at).is_(None), col(Upload.redriven_at) < cutoff))
+            .group_by(Upload.id).having(last_change < cutoff))).all()
+    for upload_id in stuck:
+        async with svc.db.session() as session:
+            upload = await session.get(Upload, upload_id, with_for_update=True)
+            if upload is None or upload.state != "processing":
+                continue
+            upload.redrives += 1
+            upload.redriven_at = now
+            session.add(upload)
+            files = (await session.exec(select(UploadFile).where(
+                UploadFile.upload_id == upload_id, col(UploadFile.state).in_(UNFINISHED),
+                col(UploadFile.staged).is_not(None)))).all()
+            for f in files:
+                await svc.outbox.resend(session, topic_of(FileStaged), upload_id, f.staged)
+            own = await svc.outbox.resend_key(session, upload_id)
+        log.warning("upload %s: no progress for %.0fs; sending again its %d event(s) and %d "
+                    "unfinished file(s) (re-drive %d of at most %d)", upload_id,
+                    settings.redrive_idle_seconds, own, len(files), upload.redrives,
+                    settings.redrive_max)
 
 
 # --- HTTP API ------------------------------------------------------------------------------------

@@ -33,6 +33,10 @@ def safe_filename(name: str | None) -> str:
     return base
 
 
+# A file in these states is not done: a stuck upload sends it through the pipeline again.
+UNFINISHED = {"staged", "validated"}
+
+
 def advances(current: str | None, new: str) -> bool:
     return current is None or FILE_STATE_RANK.get(new, 0) >= FILE_STATE_RANK.get(current, 0)
 

@@ -30,6 +30,8 @@ class Upload(Base, table=True):
     summary: dict | None = Field(default=None, sa_column=Column(JSONB))
     created_at: datetime = _ts(nullable=False)
     completed_at: datetime | None = _ts(nullable=True)
+    redrives: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    redriven_at: datetime | None = _ts(nullable=True)
 
 
 class UploadObject(Base, table=True):
@@ -57,4 +59,5 @@ class UploadFile(Base, table=True):
     state: str = Field(max_length=20)
     reason: dict | None = Field(default=None, sa_column=Column(JSONB))
     session: str | None = Field(default=None, max_length=1024)
+    staged: dict | None = Field(default=None, sa_column=Column(JSONB))  # its file.staged event
     updated_at: datetime = _ts(nullable=False)

@@ -10,3 +10,7 @@ class Settings(RuntimeSettings):
         1024**4, ge=1, description="Largest single upload accepted, in bytes (default 1 TiB).")
     admin_user: str = Field("admin", description="Uploader recorded until authentication exists.")
     admin_email: str = Field("admin@localhost", description="Where that uploader's email goes.")
+    redrive_idle_seconds: float = Field(
+        600.0, gt=0, description="An upload with no progress this long has its unfinished work "
+        "published again (objects never unpacked, files never placed).")
+    redrive_max: int = Field(5, ge=0, description="Most times one upload is re-driven.")
