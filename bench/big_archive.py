@@ -13,6 +13,7 @@ tests.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import tempfile
 import time
@@ -25,8 +26,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from imgest.infra import free_port  # noqa: E402
-from imgest.stack import SERVICES, Stack, port_env  # noqa: E402
+from imgest.infra import free_port
+from imgest.stack import SERVICES, Stack, port_env
 
 INSTANCE_MB = 16
 
@@ -44,8 +45,9 @@ def build_zip(path: Path, gigabytes: float) -> int:
         for i in range(count):
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            with zf.open(f"IM{i:05d}.dcm", "w", force_zip64=True) as member:
-                ds.save_as(member, enforce_file_format=True)
+            buf = io.BytesIO()  # pydicom needs to seek; one instance in memory at a time
+            ds.save_as(buf, enforce_file_format=True)
+            zf.writestr(f"IM{i:05d}.dcm", buf.getvalue())
     return count
 
 

@@ -28,13 +28,13 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import MetaData, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from imgest.infra import Postgres, Tansu, free_port  # noqa: E402
-from imgest_contracts import (CloudEvent, FileStaged, FileValidated, Source,  # noqa: E402
-                              topic_of)
-from imgest_runtime.broker import Consumer, Delivery, ensure_topics, make_broker  # noqa: E402
-from imgest_runtime.outbox import Relay, derived_id  # noqa: E402
-from imgest_runtime.service import Service, Tx  # noqa: E402
-from imgest_runtime.settings import RuntimeSettings  # noqa: E402
+from imgest_contracts import CloudEvent, FileStaged, FileValidated, Source, topic_of
+from imgest_runtime.broker import Consumer, Delivery, ensure_topics, make_broker
+from imgest_runtime.outbox import Relay, derived_id
+from imgest_runtime.service import Service, Tx
+from imgest_runtime.settings import RuntimeSettings
+
+from imgest.infra import Postgres, Tansu, free_port
 
 MODES = {"plain": 200, "guarded-1": 1, "guarded": 200}  # mode → batch size
 

@@ -24,8 +24,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from imgest.infra import free_port  # noqa: E402
-from imgest.stack import SERVICES, Stack, port_env  # noqa: E402
+from imgest.infra import free_port
+from imgest.stack import SERVICES, Stack, port_env
 
 
 def study_zip(files: int) -> bytes:

@@ -63,7 +63,7 @@ class SmtpServer:
         box = self.mailbox
 
         class Handler:
-            async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's
+            async def handle_DATA(self, server, session, envelope):  # aiosmtpd's name
                 with box.lock:
                     box.messages.append(email.message_from_bytes(envelope.content))
                 return "250 OK"

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -41,7 +41,7 @@ def _emitter(colour: bool):
     return emit
 
 
-def _opt(env: str, help: str, **kw):  # noqa: A002
+def _opt(env: str, help: str, **kw):
     return typer.Option(envvar=env, help=help, show_envvar=True, **kw)
 
 

@@ -12,20 +12,30 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("imgest.infra")
 
 
-def die_with_parent() -> None:
-    """For Popen's preexec_fn: on Linux the child gets SIGTERM when the process (strictly, the
-    thread) that started it dies, so a killed `imgest up` or test run leaves no orphans."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def die_with_parent() -> Callable[[], None] | None:
+    """A Popen preexec_fn: on Linux the child gets SIGTERM when the process (strictly, the
+    thread) that started it dies, so a killed `imgest up` or test run leaves no orphans.
 
-        PR_SET_PDEATHSIG = 1  # noqa: N806 - the kernel's name
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl is looked up here, before the fork; the child runs only the system call, never an
+    import (which could deadlock on a lock another thread held at the fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return preexec
 
 
 _handed_out: set[int] = set()
@@ -119,7 +129,8 @@ class Tansu:
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             self.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=die_with_parent)  # Ctrl-C is for us: we stop the broker after the services
+            # Ctrl-C is for us: we stop the broker after the services.
+            start_new_session=True, preexec_fn=die_with_parent())  # noqa: PLW1509 - see there
         wait_for_port("127.0.0.1", self.port, timeout, "Tansu")
         return self.bootstrap
 

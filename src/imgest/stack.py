@@ -44,7 +44,7 @@ class Child:
             self.argv, env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent(),  # noqa: PLW1509 - only a system call runs there
         )
         threading.Thread(target=self._pump, args=(self.process,), daemon=True).start()
 

@@ -88,7 +88,7 @@ async def retrying(work: Callable[[], Awaitable[Any]], *, what: str, attempts: i
             return await work()
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             if is_permanent(error) or attempt >= attempts:
                 raise GaveUp(error, attempt) from error
             on_retry()

@@ -229,7 +229,7 @@ class Relay:
                     continue
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - broker or database down: try again shortly
+            except Exception:  # broker or database down: try again shortly
                 log.warning("outbox relay pass failed; retrying", exc_info=True)
                 await asyncio.sleep(self.poll_seconds)
                 continue
@@ -246,10 +246,7 @@ class Relay:
         self._stopping = True
         if self._task:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+            await asyncio.gather(self._task, return_exceptions=True)  # its errors were logged
         try:
             while await asyncio.wait_for(self.publish_pending(), 10):
                 pass
@@ -265,4 +262,4 @@ async def insert_ignore(session: AsyncSession, table: Table, **values) -> bool:
     return bool(result.rowcount)
 
 
-__all__ = ["DeliveryTables", "derived_id", "Outbox", "Relay", "delivery_tables", "insert_ignore"]
+__all__ = ["DeliveryTables", "Outbox", "Relay", "delivery_tables", "derived_id", "insert_ignore"]

@@ -229,7 +229,7 @@ class Service:
                 await job.run()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a failed pass is retried on the next tick
+            except Exception:  # a failed pass is retried on the next tick
                 log.warning("%s: periodic %s failed", self.name, job.name, exc_info=True)
             await asyncio.sleep(job.every_seconds)
 

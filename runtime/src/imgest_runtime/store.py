@@ -272,7 +272,7 @@ class S3Store(ObjectStore):
                 self.bucket, check_key(key), hashing,  # type: ignore[arg-type]
                 length=-1 if length is None else length, part_size=part_size_for(length),
             )
-        except Exception as e:  # noqa: BLE001 - wrapped at the adapter boundary
+        except Exception as e:  # wrapped at the adapter boundary
             if hashing.source_error is not None:
                 raise hashing.source_error from None  # e.g. a broken archive: not a store fault
             raise self._wrap(key, e) from e
@@ -281,7 +281,7 @@ class S3Store(ObjectStore):
     def open(self, key: str) -> BinaryIO:
         try:
             response = self.client.get_object(self.bucket, check_key(key))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise self._wrap(key, e) from e
         return _S3Body(response)  # type: ignore[return-value]
 
@@ -291,7 +291,7 @@ class S3Store(ObjectStore):
         try:
             response = self.client.get_object(self.bucket, check_key(key), offset=offset,
                                               length=length)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             from minio.error import S3Error
 
             if isinstance(e, S3Error) and e.code == "InvalidRange":
@@ -306,7 +306,7 @@ class S3Store(ObjectStore):
     def stat(self, key: str) -> StoredObject | None:
         try:
             info = self.client.stat_object(self.bucket, check_key(key))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             error = self._wrap(key, e)
             if isinstance(error, ObjectNotFound):
                 return None
@@ -329,13 +329,13 @@ class S3Store(ObjectStore):
                 self.client.compose_object(self.bucket, check_key(dst), sources)
         except StoreError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise self._wrap(src, e) from e
 
     def delete(self, key: str) -> None:
         try:
             self.client.remove_object(self.bucket, check_key(key))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             error = self._wrap(key, e)
             if not isinstance(error, ObjectNotFound):
                 raise error from e
@@ -344,13 +344,13 @@ class S3Store(ObjectStore):
         try:
             for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
                 yield StoredObject(obj.object_name, obj.size or 0)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise self._wrap(prefix, e) from e
 
     def ping(self) -> None:
         try:
             self.client.bucket_exists(self.bucket)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise StoreError(f"S3 unreachable: {e}") from e
 
 

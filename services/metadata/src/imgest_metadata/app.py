@@ -47,9 +47,9 @@ def bootstrap(settings: Settings) -> Service:
         assert svc.store is not None
         found = await asyncio.to_thread(read_headers, svc.store, staged,
                                         settings.max_header_bytes)
-        common = dict(upload_id=staged.upload_id, file_id=staged.file_id,
-                      object_key=staged.object_key, path=staged.path, source=staged.source,
-                      kind=found.kind)
+        common = {"upload_id": staged.upload_id, "file_id": staged.file_id,
+                  "object_key": staged.object_key, "path": staged.path, "source": staged.source,
+                  "kind": found.kind}
         if found.reason:
             log.info("upload %s: %s rejected: %s", staged.upload_id, staged.path,
                      found.reason.message)

@@ -65,7 +65,7 @@ def dicom(head: bytes, size: int) -> Identified:
     fp = io.BytesIO(head)
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=head[128:132] != b"DICM")
-    except Exception as e:  # noqa: BLE001 - pydicom raises many kinds (struct.error, …) on cut data
+    except Exception as e:  # pydicom raises many kinds (struct.error, …) on cut data
         if len(head) < size:
             raise NeedMore() from e
         return Identified(FileKind.dicom, reason=Reason(
