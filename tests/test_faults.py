@@ -84,8 +84,11 @@ def assert_exactly_once(run: Running, upload_id: str, files: int, emails: int = 
     session_prefix = rows[0]["object_key"].split("/scans/")[0] + "/"
     in_store = [o.key for o in run.store.list(session_prefix)]
     assert sorted(in_store) == sorted(r["object_key"] for r in rows), "no object twice or lost"
-    assert run.query("select state from importer.upload where id = $1",
-                     upload_id)[0]["state"] == "completed"
+    deadline = time.monotonic() + 30  # "cleaning" (staging being emptied) → "completed"
+    while run.query("select state from importer.upload where id = $1",
+                    upload_id)[0]["state"] != "completed":
+        assert time.monotonic() < deadline, "the importer never completed the upload"
+        time.sleep(0.1)
     assert len(run.mailbox.wait_for(upload_id, timeout=60)) == emails
     notes = run.query("select id from notifier.notification where upload_id = $1", upload_id)
     assert len(notes) == emails
@@ -178,26 +181,28 @@ async def skip_to_end(bootstrap: str, group: str, offsets: dict) -> None:
         await consumer.stop()
 
 
-@pytest.mark.parametrize("stage", ["unpacker", "metadata"])
+@pytest.mark.parametrize("stage", ["unpacker", "metadata", "importer"])
 def test_redrive_moves_on_work_whose_events_were_skipped(faulty: Running, pydicom_file,
                                                          stage: str):
     """A durable broker loses nothing, but a stage can still miss work: an operator resets its
     offsets, a bug commits past events. Here the stage is stopped, its group is moved past the
     upload's events, and it comes back: the upload stalls with objects stored but never
-    unpacked (or files staged but never validated). After IMGEST_REDRIVE_IDLE_SECONDS the
+    unpacked, files staged but never validated, or validated but never placed. After IMGEST_REDRIVE_IDLE_SECONDS the
     gateway sends the unfinished work again under the same event ids, and it ends exactly
     once."""
     import asyncio
 
     bootstrap = faulty.env["IMGEST_KAFKA_BOOTSTRAP"]
-    topic = {"unpacker": "imgest.object.stored", "metadata": "imgest.file.staged"}[stage]
+    topic = {"unpacker": "imgest.object.stored", "metadata": "imgest.file.staged",
+             "importer": "imgest.file.validated"}[stage]
     files = 40
     before = asyncio.run(end_offsets(bootstrap, topic))
     faulty.stack.supervisor.hold(stage)
     try:
         upload_id = upload_study(faulty, pydicom_file, files=files)
-        if stage == "metadata":
-            faulty.wait_files(upload_id, {"staged"}, files)
+        if stage != "unpacker":
+            faulty.wait_files(upload_id, {"metadata": {"staged"}, "importer": {"validated"}}[
+                stage], files)
         deadline = time.monotonic() + 30
         while (after := asyncio.run(end_offsets(bootstrap, topic))) == before:
             assert time.monotonic() < deadline, f"nothing reached {topic}"

@@ -277,8 +277,8 @@ async def test_long_work_keeps_the_member_in_its_group(bootstrap, monkeypatch, k
     handled once. Unguarded (the control), aiokafka drops the member mid-work and the event is
     handled a second time after it rejoins."""
     if not keep_polling:
-        async def idle(self, consumer, paused) -> None:
-            await asyncio.sleep(3600)
+        async def idle(self, consumer, paused, done) -> None:
+            await done.wait()
         monkeypatch.setattr(Consumer, "_keep_polling", idle)
     topic = f"long.{'kept' if keep_polling else 'unguarded'}"
     calls: list[str] = []
@@ -314,3 +314,39 @@ async def test_long_work_keeps_the_member_in_its_group(bootstrap, monkeypatch, k
             await probe.stop()
     else:
         assert calls == [event.id, event.id], "the control shows the hazard is real"
+
+
+async def test_foreign_records_do_not_wedge_the_consumer(bootstrap):
+    """Records a foreign producer might write: a header that is not UTF-8 and a record with no
+    value (a tombstone). FastStream would fail the whole batch on the header, again and again;
+    here the event is handled, the tombstone is dead-lettered, and the next event goes on."""
+    from aiokafka import AIOKafkaProducer
+
+    calls = []
+
+    async def handler(event: CloudEvent[ObjectStored]) -> None:
+        calls.append(event.data.upload_id)
+
+    def stored(upload_id: str) -> bytes:
+        return CloudEvent.wrap(ObjectStored(upload_id=upload_id, object_key="k", filename="f",
+                                            size=1, sha256=SHA), source="/t").model_dump_json(
+                                            ).encode()
+
+    topic = "imgest.object.stored"
+
+    async def publish(_broker):
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, stored("odd-header"), key=b"odd",
+                                         headers=[("x-vendor", b"\xff\xfe")])
+            await producer.send_and_wait(topic, None, key=b"tombstone")
+            await producer.send_and_wait(topic, stored("after"), key=b"after")
+        finally:
+            await producer.stop()
+
+    await run_consumer(bootstrap, "foreign", ObjectStored, handler, publish,
+                       until=lambda: "after" in calls)
+    assert calls[-2:] == ["odd-header", "after"]
+    letters = await dead_letters(bootstrap, topic, 1)
+    assert [m.key for m in letters if m.key == b"tombstone"] == [b"tombstone"]

@@ -144,10 +144,31 @@ class Route:
         self.model = CloudEvent[self.payload]  # type: ignore[name-defined]
 
 
-async def _raw_values(message: Any) -> list[bytes]:
+async def _raw_values(message: Any) -> list[bytes | None]:
     """The batch is decoded here, event by event, so that one bad record is dead-lettered
     instead of failing the batch (FastStream's default decoder would)."""
     return [record.value for record in message.raw_message]
+
+
+def _utf8(value: bytes | None) -> bool:
+    try:
+        (value or b"").decode()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+async def _tolerant_parse(batch: tuple[ConsumerRecord, ...], original: Any) -> Any:
+    """FastStream decodes every header strictly before any handler runs: one record with a
+    foreign producer's non-UTF-8 or empty header would fail the whole batch, again and again.
+    Such headers are made readable here; the record itself is judged by `handle`."""
+    for record in batch:
+        if record.headers and not all(value is not None and _utf8(value)
+                                      for _, value in record.headers):
+            record.headers = tuple(
+                (key, (value or b"").decode(errors="replace").encode())
+                for key, value in record.headers)
+    return await original(batch)
 
 
 class Consumer:
@@ -194,12 +215,13 @@ class Consumer:
             max_poll_interval_ms=s.kafka_max_poll_interval_ms,
             session_timeout_ms=s.kafka_session_timeout_ms,
             heartbeat_interval_ms=s.kafka_session_timeout_ms // 3,
+            parser=_tolerant_parse,
             decoder=_raw_values,
             include_in_schema=False,  # the document lists each topic (see Service.asyncapi)
         )
         self.subscriber(self._consume)
 
-    async def _consume(self, _values: list[bytes], message: KafkaMessage) -> None:
+    async def _consume(self, _values: Any, message: KafkaMessage) -> None:
         async with self._kept_alive():
             await self.handle(list(message.raw_message))
 
@@ -212,8 +234,10 @@ class Consumer:
             if route is None:
                 continue
             try:
+                if record.value is None:
+                    raise PermanentError("the record has no value (a tombstone?)")
                 event = route.model.model_validate_json(record.value)
-            except (ValidationError, ValueError) as error:
+            except (ValidationError, ValueError, PermanentError) as error:
                 await self.dead_letter(record, error, 1)
                 continue
             by_topic.setdefault(record.topic, []).append(Delivery(event, record))
@@ -242,6 +266,13 @@ class Consumer:
                                base_seconds=self.settings.retry_base_seconds,
                                on_retry=retries.labels(topic, self.service).inc)
             except GaveUp as gave_up:
+                if topic.endswith(DLQ_SUFFIX):
+                    # A dead letter is not dead-lettered again: it stays in its topic for the
+                    # operator (`imgest dlq`), and this service moves on.
+                    dead_letters.labels(topic, self.service).inc()
+                    log.error("%s: handling a dead letter failed after %d attempt(s): %s; it "
+                              "stays in %s", topic, gave_up.attempts, gave_up, topic)
+                    continue
                 await self.dead_letter(delivery.record, gave_up.error, gave_up.attempts)
 
     async def dead_letter(self, record: ConsumerRecord, error: BaseException, attempts: int
@@ -257,7 +288,7 @@ class Consumer:
             "x-imgest-origin-offset": str(record.offset),
             "x-imgest-service": self.service,
         })
-        await self.broker.publish(record.value, dlq_topic(record.topic), key=record.key,
+        await self.broker.publish(record.value or b"", dlq_topic(record.topic), key=record.key,
                                   headers=headers)
         dead_letters.labels(record.topic, self.service).inc()
         log.error("%s: dead-lettered after %d attempt(s): %s", record.topic, attempts,
@@ -265,39 +296,62 @@ class Consumer:
 
     @asynccontextmanager
     async def _kept_alive(self):
-        """While a batch is handled, keep the member in its group however long it takes."""
+        """While a batch is handled, keep the member in its group however long it takes (up to
+        `kafka_max_batch_seconds`)."""
         consumer = getattr(self.subscriber, "consumer", None)
         if consumer is None:
             yield
             return
         paused: set[TopicPartition] = set()
-        task = asyncio.create_task(self._keep_polling(consumer, paused), name="keep-polling")
+        done = asyncio.Event()
+        task = asyncio.create_task(self._keep_polling(consumer, paused, done),
+                                   name="keep-polling")
         try:
             yield
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            # Told to stop, not cancelled: cancelling aiokafka's getmany mid-call can leave its
+            # idle timer stuck, which would switch off the max-poll check for good.
+            done.set()
+            await asyncio.shield(task)
             if paused:
                 consumer.resume(*(paused & consumer.assignment()))
 
-    async def _keep_polling(self, consumer: Any, paused: set[TopicPartition]) -> None:
+    async def _keep_polling(self, consumer: Any, paused: set[TopicPartition],
+                            done: asyncio.Event) -> None:
         """aiokafka counts a member dead when it has not polled for `max_poll_interval_ms`.
         Polling with every partition paused returns nothing and proves it alive; a partition
         assigned meanwhile (a rebalance) may return records, which are sought back so that
-        they are read again after this batch, never lost."""
+        they are read again after this batch, never lost. Past `kafka_max_batch_seconds` the
+        batch is taken for hung: polling stops, and the group hands its partitions on."""
         every = self.settings.kafka_max_poll_interval_ms / 4000
-        started = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
-            await asyncio.sleep(every)
-            assigned = consumer.assignment()
-            consumer.pause(*assigned)
-            paused |= assigned
-            fetched = await consumer.getmany(timeout_ms=0)
-            for tp, records in fetched.items():
-                if records:
-                    consumer.seek(tp, records[0].offset)
+            try:
+                await asyncio.wait_for(done.wait(), every)
+                return
+            except TimeoutError:
+                pass
+            running = loop.time() - started
+            if running > self.settings.kafka_max_batch_seconds:
+                log.error("%s: a batch has run for %.0fs, past IMGEST_KAFKA_MAX_BATCH_SECONDS; "
+                          "no longer polling, so the group gives its partitions to another "
+                          "member", self.service, running)
+                return
+            try:
+                assigned = consumer.assignment()
+                consumer.pause(*assigned)
+                paused |= assigned
+                fetched = await consumer.getmany(timeout_ms=0)
+                for tp, records in fetched.items():
+                    if records:
+                        consumer.seek(tp, records[0].offset)
+            except Exception:  # the next tick tries again; the batch goes on regardless
+                log.warning("%s: polling during a long batch failed", self.service,
+                            exc_info=True)
+                continue
             log.info("%s: still handling a batch after %.0fs; polled to stay in the group",
-                     self.service, asyncio.get_running_loop().time() - started)
+                     self.service, running)
 
 
 PIPELINE_FAILED = "pipeline.failed"  # the reason code of a dead-lettered file

@@ -125,12 +125,13 @@ class Outbox:
             index_elements=["event_id"], set_={"published_at": None}))
         sa_event.listen(session.sync_session, "after_commit", lambda _s: self.wake.set(), once=True)
 
-    async def resend_key(self, session: AsyncSession, key: str) -> int:
-        """Marks this service's events with this key unsent (a re-drive); returns how many."""
+    async def resend_key(self, session: AsyncSession, key: str, topic: str) -> int:
+        """Marks this service's events of a topic with this key unsent (a re-drive); returns
+        how many."""
         table = self.tables.outbox
         marked = (await session.execute(update(table).where(
-            table.c.key == key, table.c.published_at.is_not(None)).values(
-            published_at=None))).rowcount
+            table.c.key == key, table.c.topic == topic, table.c.published_at.is_not(None))
+            .values(published_at=None))).rowcount
         sa_event.listen(session.sync_session, "after_commit", lambda _s: self.wake.set(), once=True)
         return marked
 

@@ -131,10 +131,11 @@ class Service:
             self.outbox.send_directly = lambda topic, key, value: self.broker.publish(
                 value, topic, key=key, headers={"ce_type": value.get("type", "")})
 
-    def on(self, payload: type[Payload], *, dead_letters: bool = False,
+    def on(self, payload: type[Payload], *, dead_letters_of: str | None = None,
            own_transaction: bool = False):
-        """Registers the handler of an event type (or, with `dead_letters`, of its dead-letter
-        topic).
+        """Registers the handler of an event type (or, with `dead_letters_of`, of the dead
+        letters that service wrote for it: a file the metadata service gave up on, not one the
+        gateway's status failed to record).
 
         - By default `async def h(event, tx: Tx)` (dead letters: `h(event, tx, reason)`) is
           called for each event of a batch not handled before; the batch commits once.
@@ -142,6 +143,7 @@ class Service:
           unit of work with `handling(event)`, for work too long to do inside a transaction
           (unpacking an archive, sending an email).
         """
+        dead_letters = dead_letters_of is not None
 
         def register(handler: TxHandler) -> TxHandler:
             async def each(deliveries: list[Delivery]) -> None:
@@ -149,6 +151,9 @@ class Service:
                     await handler(delivery.event)
 
             async def together(deliveries: list[Delivery]) -> None:
+                if dead_letters:
+                    deliveries = [d for d in deliveries
+                                  if d.header("x-imgest-service") == dead_letters_of]
                 await self._in_one_transaction(handler, deliveries, dead_letters)
 
             self.consumer.on(payload, dead_letters=dead_letters)(
@@ -164,6 +169,8 @@ class Service:
 
     async def _in_one_transaction(self, handler: TxHandler, deliveries: list[Delivery],
                                   dead_letters: bool) -> None:
+        if not deliveries:
+            return
         keys = [inbox_key(d.event, dead_letters) for d in deliveries]
         async with self.db.session() as session:
             fresh = await self.outbox.fresh(session, {key: d.event.type

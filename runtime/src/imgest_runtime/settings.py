@@ -30,7 +30,10 @@ class RuntimeSettings(BaseSettings):
     kafka_max_poll_interval_ms: int = Field(
         300_000, ge=1000, description="Longest a consumer may go without polling before its group "
         "counts it dead. Long work (a multi-GB archive) keeps polling with its partitions paused, "
-        "so this bounds how fast a hung consumer is noticed, not how long work may take.")
+        "so this is not a limit on how long work may take.")
+    kafka_max_batch_seconds: float = Field(
+        7200.0, gt=0, description="Longest one batch may run (and keep polling) before it is "
+        "taken for hung and its partitions are left to another member.")
     kafka_batch_max: int = Field(
         200, ge=1, description="Most events a service takes from the broker at once (handled in "
         "one transaction per topic).")

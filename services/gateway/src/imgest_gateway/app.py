@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from imgest_contracts import (
+    TOPICS,
     ArchiveRejected,
     ArchiveUnpacked,
     CloudEvent,
@@ -24,6 +25,7 @@ from imgest_contracts import (
     UploadCompleted,
     Uploader,
     UploadSubmitted,
+    event_type,
     topic_of,
 )
 from imgest_runtime.service import (
@@ -39,12 +41,13 @@ from sqlalchemy import func, or_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .domain import UNFINISHED, BadFilename, advances, safe_filename, upload_state
+from .domain import UNPLACED, BadFilename, advances, safe_filename, upload_state
 from .models import Upload, UploadFile, UploadObject, metadata
 from .settings import Settings
 
 NAME = "gateway"
 log = logging.getLogger("imgest.gateway")
+TOPIC_OF_TYPE = {event_type(payload): topic for topic, payload in TOPICS.items()}
 
 
 class TooLarge(Exception):
@@ -64,27 +67,34 @@ def bootstrap(settings: Settings) -> Service:
 # --- status kept up to date from the pipeline's events ------------------------------------------
 
 
+def _json(event: CloudEvent) -> dict:
+    return event.model_dump(mode="json", exclude_none=True)
+
+
 async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, state: str,
-                      object_key: str = "", path: str = "", kind: str | None = None,
-                      reason: dict | None = None, session_uri: str | None = None,
-                      staged: dict | None = None) -> None:
+                      event: CloudEvent | None = None, object_key: str = "", path: str = "",
+                      kind: str | None = None, reason: dict | None = None,
+                      session_uri: str | None = None) -> None:
     """Merges what one event says about a file; events of different topics come in any order,
-    so the state only moves forward and missing details are filled in whenever they arrive."""
+    so the state only moves forward and missing details are filled in whenever they arrive.
+    The event that moved the state is kept: a re-drive sends it again."""
     row = await session.get(UploadFile, file_id, with_for_update=True)
     now = datetime.now(UTC)
     if row is None:
         session.add(UploadFile(file_id=file_id, upload_id=upload_id, object_key=object_key,
                                path=path, kind=kind, state=state, reason=reason,
-                               session=session_uri, staged=staged, updated_at=now))
+                               session=session_uri, event=event and _json(event),
+                               updated_at=now))
         return
-    if advances(row.state, state):
+    moved = advances(row.state, state)
+    if moved:
         row.state = state
+        row.event = _json(event) if event else row.event
+        row.reason = row.reason or reason  # a late failure does not mark an archived file
     row.object_key = row.object_key or object_key
     row.path = row.path or path
     row.kind = row.kind or kind
-    row.reason = row.reason or (reason if advances(row.state, state) else None)
     row.session = row.session or session_uri
-    row.staged = row.staged or staged
     row.updated_at = now
     session.add(row)
 
@@ -94,45 +104,46 @@ def register_handlers(svc: Service) -> None:
     @svc.on(FileStaged)
     async def on_file_staged(event: CloudEvent[FileStaged], tx: Tx) -> None:
         f = event.data
-        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id,
-                          object_key=f.object_key, path=f.path, state="staged",
-                          staged=event.model_dump(mode="json", exclude_none=True))
+        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id, event=event,
+                          object_key=f.object_key, path=f.path, state="staged")
 
     @svc.on(FileValidated)
     async def on_file_validated(event: CloudEvent[FileValidated], tx: Tx) -> None:
         f = event.data
-        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id,
+        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id, event=event,
                           object_key=f.object_key, path=f.path, state="validated",
                           kind=f.kind.value)
 
     @svc.on(FileRejected)
     async def on_file_rejected(event: CloudEvent[FileRejected], tx: Tx) -> None:
         f = event.data
-        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id,
+        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id, event=event,
                           object_key=f.object_key, path=f.path, state="rejected",
                           kind=f.kind.value, reason=f.reason.model_dump())
 
-    async def _object_state(tx: Tx, object_key: str, state: str, reason: dict | None) -> None:
-        row = await tx.session.get(UploadObject, object_key, with_for_update=True)
+    async def _object_state(tx: Tx, event: CloudEvent, state: str, reason: dict | None,
+                            keep_event: bool = True) -> None:
+        row = await tx.session.get(UploadObject, event.data.object_key, with_for_update=True)
         if row is not None:
             row.state, row.reason = state, reason
+            row.event = _json(event) if keep_event else None
             tx.session.add(row)
 
     @svc.on(ArchiveUnpacked)
     async def on_archive_unpacked(event: CloudEvent[ArchiveUnpacked], tx: Tx) -> None:
-        await _object_state(tx, event.data.object_key, "unpacked", None)
+        await _object_state(tx, event, "unpacked", None)
 
     @svc.on(ArchiveRejected)
     async def on_archive_rejected(event: CloudEvent[ArchiveRejected], tx: Tx) -> None:
-        await _object_state(tx, event.data.object_key, "rejected",
-                            event.data.reason.model_dump())
+        await _object_state(tx, event, "rejected", event.data.reason.model_dump())
 
     # Dead letters: the file did not get through; say so in the status, with the reason.
-    @svc.on(ObjectStored, dead_letters=True)
+    @svc.on(ObjectStored, dead_letters_of="unpacker")
     async def on_object_dead(event: CloudEvent[ObjectStored], tx: Tx, reason: Reason) -> None:
-        await _object_state(tx, event.data.object_key, "failed", reason.model_dump())
+        # A dead letter is never sent again by a re-drive: that is the operator's replay.
+        await _object_state(tx, event, "failed", reason.model_dump(), keep_event=False)
 
-    @svc.on(FileStaged, dead_letters=True)
+    @svc.on(FileStaged, dead_letters_of="metadata")
     async def on_file_dead(event: CloudEvent[FileStaged], tx: Tx, reason: Reason) -> None:
         f = event.data
         await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id,
@@ -168,12 +179,12 @@ def register_handlers(svc: Service) -> None:
 
 async def redrive(svc: Service, settings: Settings) -> None:
     """Uploads with no progress for `redrive_idle_seconds` have their unfinished work sent again:
-    the upload's own events (object.stored, upload.submitted) and the file.staged event of each
-    file not yet placed, each under its original id. A stage that did the work drops it (its
-    inbox); a stage that never got it (an event lost, an offset skipped) does it now."""
-    now = datetime.now(UTC)
-    cutoff = now - timedelta(seconds=settings.redrive_idle_seconds)
-    last_change = func.coalesce(func.max(UploadFile.updated_at), Upload.created_at)
+    the last event each object and each unplaced file got (object.stored, archive.unpacked or
+    .rejected; file.staged, .validated or .rejected) and the upload's upload.submitted, each
+    under its original id. A stage that already handled one drops it (its inbox); a stage that
+    never saw it (an event lost, an offset skipped) does its work now. Dead letters are not sent
+    again: replaying them is the operator's call (`imgest dlq replay`)."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=settings.redrive_idle_seconds)
     async with svc.db.session() as session:
         stuck = (await session.exec(
             select(Upload.id).join(UploadFile, col(UploadFile.upload_id) == Upload.id,
@@ -181,25 +192,39 @@ async def redrive(svc: Service, settings: Settings) -> None:
             .where(Upload.state == "processing", col(Upload.created_at) < cutoff,
                    col(Upload.redrives) < settings.redrive_max,
                    or_(col(Upload.redriven_at).is_(None), col(Upload.redriven_at) < cutoff))
-            .group_by(Upload.id).having(last_change < cutoff))).all()
+            .group_by(Upload.id)
+            .having(func.coalesce(func.max(UploadFile.updated_at), Upload.created_at) < cutoff)
+        )).all()
     for upload_id in stuck:
-        async with svc.db.session() as session:
-            upload = await session.get(Upload, upload_id, with_for_update=True)
-            if upload is None or upload.state != "processing":
-                continue
-            upload.redrives += 1
-            upload.redriven_at = now
-            session.add(upload)
-            files = (await session.exec(select(UploadFile).where(
-                UploadFile.upload_id == upload_id, col(UploadFile.state).in_(UNFINISHED),
-                col(UploadFile.staged).is_not(None)))).all()
-            for f in files:
-                await svc.outbox.resend(session, topic_of(FileStaged), upload_id, f.staged)
-            own = await svc.outbox.resend_key(session, upload_id)
-        log.warning("upload %s: no progress for %.0fs; sending again its %d event(s) and %d "
-                    "unfinished file(s) (re-drive %d of at most %d)", upload_id,
-                    settings.redrive_idle_seconds, own, len(files), upload.redrives,
-                    settings.redrive_max)
+        try:
+            await _redrive_upload(svc, settings, upload_id, cutoff)
+        except Exception:  # one upload's trouble does not stop the others'
+            log.exception("upload %s: re-drive failed; trying again on the next pass", upload_id)
+
+
+async def _redrive_upload(svc: Service, settings: Settings, upload_id: str,
+                          cutoff: datetime) -> None:
+    async with svc.db.session() as session:
+        upload = await session.get(Upload, upload_id, with_for_update=True)
+        # Looked at again under the lock: another gateway replica may have just done it.
+        if upload is None or upload.state != "processing" or (
+                upload.redriven_at is not None and upload.redriven_at >= cutoff):
+            return
+        upload.redrives += 1
+        upload.redriven_at = datetime.now(UTC)
+        session.add(upload)
+        objects = (await session.exec(select(UploadObject).where(
+            UploadObject.upload_id == upload_id))).all()
+        files = (await session.exec(select(UploadFile).where(
+            UploadFile.upload_id == upload_id, col(UploadFile.state).in_(UNPLACED)))).all()
+        events = [row.event for row in (*objects, *files) if row.event]
+        for event in events:
+            await svc.outbox.resend(session, TOPIC_OF_TYPE[event["type"]], upload_id, event)
+        await svc.outbox.resend_key(session, upload_id, topic_of(UploadSubmitted))
+    log.warning("upload %s: no progress for %.0fs; sent again the last event of %d object(s) "
+                "and file(s) and its submission (re-drive %d of at most %d)", upload_id,
+                settings.redrive_idle_seconds, len(events), upload.redrives,
+                settings.redrive_max)
 
 
 # --- HTTP API ------------------------------------------------------------------------------------
@@ -285,11 +310,11 @@ def build_app(settings: Settings) -> FastAPI:
             obj = UploadObject(object_key=key, upload_id=upload_id, filename=name,
                                size=stored.size, sha256=stored.sha256, state="stored")
             session.add(upload)
-            session.add(obj)
-            await svc.outbox.add(session, ObjectStored(
+            obj.event = _json(await svc.outbox.add(session, ObjectStored(
                 upload_id=upload_id, project=options.project, object_key=key, filename=name,
                 size=stored.size, sha256=stored.sha256,
-                content_type=request.headers.get("content-type")))
+                content_type=request.headers.get("content-type"))))
+            session.add(obj)
             await svc.outbox.add(session, UploadSubmitted(
                 upload_id=upload_id, uploader=uploader, options=options, object_keys=[key],
                 submitted_at=now))

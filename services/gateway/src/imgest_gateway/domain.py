@@ -33,8 +33,8 @@ def safe_filename(name: str | None) -> str:
     return base
 
 
-# A file in these states is not done: a stuck upload sends it through the pipeline again.
-UNFINISHED = {"staged", "validated"}
+# A file in these states is not placed yet: a stuck upload sends its last event again.
+UNPLACED = {"staged", "validated", "rejected"}
 
 
 def advances(current: str | None, new: str) -> bool:

@@ -43,8 +43,10 @@ class UploadObject(Base, table=True):
     filename: str = Field(max_length=1024)
     size: int = Field(sa_column=Column(BigInteger, nullable=False))
     sha256: str = Field(max_length=64)
-    state: str = Field(max_length=20)  # stored | unpacked | rejected
+    state: str = Field(max_length=20)  # stored | unpacked | rejected | failed
     reason: dict | None = Field(default=None, sa_column=Column(JSONB))
+    event: dict | None = Field(  # the event that last moved it on: a re-drive sends it again
+        default=None, sa_column=Column(JSONB(none_as_null=True)))
 
 
 class UploadFile(Base, table=True):
@@ -59,5 +61,6 @@ class UploadFile(Base, table=True):
     state: str = Field(max_length=20)
     reason: dict | None = Field(default=None, sa_column=Column(JSONB))
     session: str | None = Field(default=None, max_length=1024)
-    staged: dict | None = Field(default=None, sa_column=Column(JSONB))  # its file.staged event
+    event: dict | None = Field(  # the event that last moved it on: a re-drive sends it again
+        default=None, sa_column=Column(JSONB(none_as_null=True)))
     updated_at: datetime = _ts(nullable=False)

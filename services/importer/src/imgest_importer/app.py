@@ -138,7 +138,7 @@ class Importer:
             setattr(known, name, value)
         session.add(known)
         upload = await self.upload(session, row.upload_id)
-        if upload.state == "completed":
+        if upload.state in ("cleaning", "completed"):
             upload.state, upload.generation = "collecting", upload.generation + 1
             upload.updated_at = datetime.now(UTC)
             session.add(upload)
@@ -161,12 +161,15 @@ class Importer:
         assert store is not None
         async with self.svc.db.session() as session:
             upload = await session.get(Upload, upload_id)
-            if upload is None or upload.state != "completing":
+            if upload is None or upload.state not in ("completing", "cleaning"):
                 return
             files = (await session.exec(select(UploadFile).where(
                 UploadFile.upload_id == upload_id))).all()
             objects = (await session.exec(select(UploadObject).where(
                 UploadObject.upload_id == upload_id))).all()
+        if upload.state == "cleaning":  # completed, but its staging not yet emptied
+            await self._clean(upload_id, files, objects)
+            return
         options = ImportOptions.model_validate(upload.options or {})
         valid = [ValidFile(f.file_id, f.staged_key, f.path, FileKind(f.kind),
                            SessionHints.model_validate(f.hints or {}), f.size or 0, f.sha256 or "")
@@ -220,17 +223,28 @@ class Importer:
                 failures=failures, completed_at=now,
                 generation=upload.generation,
             ), event_id=derived_id("upload.completed", upload_id, str(upload.generation)))
-            upload.state, upload.updated_at = "completed", now
+            # Not yet "completed": staging is emptied next, and a crash or a store outage in
+            # between leaves the upload "cleaning", which the re-drive finishes.
+            upload.state, upload.updated_at = "cleaning", now
             session.add(upload)
-        # What arrived is kept until its upload is finished; what failed in the pipeline is kept
-        # longer, so that a replay of its dead letter finds it.
+        await self._clean(upload_id, files, objects)
+        log.info("upload %s completed: %s, %d archived, %d prearchived, %d rejected", upload_id,
+                 outcome, archived, prearchived, len(failures))
+
+    async def _clean(self, upload_id: str, files: list[UploadFile],
+                     objects: list[UploadObject]) -> None:
+        """What arrived is kept until its upload is finished; what failed in the pipeline is
+        kept longer, so that a replay of its dead letter finds it."""
         keep = {f.staged_key for f in files
                 if f.state == "rejected" and (f.reason or {}).get("code") == PIPELINE_FAILED}
         keep |= {o.object_key for o in objects
                  if (o.rejected or {}).get("code") == PIPELINE_FAILED}
         await asyncio.to_thread(self._clean_staging, upload_id, keep)
-        log.info("upload %s completed: %s, %d archived, %d prearchived, %d rejected", upload_id,
-                 outcome, archived, prearchived, len(failures))
+        async with self.svc.db.session() as session:
+            upload = await session.get(Upload, upload_id, with_for_update=True)
+            if upload is not None and upload.state == "cleaning":
+                upload.state, upload.updated_at = "completed", datetime.now(UTC)
+                session.add(upload)
 
     def _clean_staging(self, upload_id: str, keep: set[str]) -> None:
         store = self.svc.store
@@ -287,11 +301,12 @@ class Importer:
                 event_id=derived_id("session.prearchived", upload_id, s.id, str(generation)))
 
     async def redrive(self) -> None:
-        """Finishes uploads left `completing` by a crash."""
+        """Finishes uploads left `completing` or `cleaning` by a crash or an outage."""
         cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.redrive_seconds)
         async with self.svc.db.session() as session:
             stuck = (await session.exec(select(Upload.id).where(
-                Upload.state == "completing", col(Upload.updated_at) < cutoff))).all()
+                col(Upload.state).in_(("completing", "cleaning")),
+                col(Upload.updated_at) < cutoff))).all()
         for upload_id in stuck:
             log.warning("upload %s: re-driving its completion", upload_id)
             await self.finish(upload_id)
@@ -350,11 +365,11 @@ def bootstrap(settings: Settings) -> Service:
 
     # Dead letters: a file that could not get through is an outcome too (failed, with the
     # reason), so the upload still completes and its email says what happened.
-    @svc.on(ObjectStored, dead_letters=True)
+    @svc.on(ObjectStored, dead_letters_of="unpacker")
     async def on_object_dead(event: CloudEvent[ObjectStored], tx: Tx, reason: Reason) -> None:
         await archive_outcome(tx, event, None, reason)
 
-    @svc.on(FileStaged, dead_letters=True)
+    @svc.on(FileStaged, dead_letters_of="metadata")
     async def on_file_dead(event: CloudEvent[FileStaged], tx: Tx, reason: Reason) -> None:
         f = event.data
         await importer.record_file(tx, UploadFile(

@@ -29,7 +29,8 @@ def _ts(nullable: bool = True) -> Any:
 class Upload(Base, table=True):
     __tablename__ = "upload"
     id: str = Field(primary_key=True, max_length=64)
-    state: str = Field(default="collecting", max_length=20, index=True)  # → completing → completed
+    state: str = Field(default="collecting", max_length=20,
+                       index=True)  # → completing → cleaning → completed
     submitted: bool = False
     generation: int = 0  # +1 each time a replayed dead letter re-opens a completed upload
     uploader: dict | None = _json()
