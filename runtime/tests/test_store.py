@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from imgest_runtime.store import (
     CHUNK,
+    MAX_NAME,
     MIN_PART,
     InvalidKey,
     IterReader,
@@ -24,6 +25,7 @@ from imgest_runtime.store import (
     StoredObject,
     StoreError,
     check_key,
+    fit_name,
     part_size_for,
     put_async,
 )
@@ -452,3 +454,31 @@ def test_iter_reader_from_generator_into_store(tmp_path: Path) -> None:
 
 def test_iter_reader_skips_empty_chunks() -> None:
     assert IterReader(iter([b"abc", b"", b"def"])).readall() == b"abcdef"
+
+
+def test_a_name_as_long_as_a_name_can_be_round_trips(st: Scoped) -> None:
+    """255 bytes is every local file system's limit for one name; the temporary file an object
+    is written to first must not be longer than the object's own name (it once was: a 500)."""
+    fitted = fit_name("é" * 126 + ".dcm")  # 256 bytes: one too many
+    assert len(fitted.encode()) == MAX_NAME - 1 and fitted == "é" * 125 + ".dcm"
+    fitted += "x"  # exactly 255 bytes
+    key = st.k(f"long/{fitted}")
+    assert put_bytes(st.store, key, b"data").size == 4
+    st.store.copy(key, st.k(f"copy/{fitted}"))
+    assert st.store.read_range(st.k(f"copy/{fitted}"), 0, 10) == b"data"
+
+
+def test_a_key_part_longer_than_a_name_is_refused() -> None:
+    check_key("a/" + "x" * MAX_NAME)
+    with pytest.raises(InvalidKey, match="longer than 255 bytes"):
+        check_key("a/" + "x" * (MAX_NAME + 1))
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("short.dcm", "short.dcm"),
+    ("a" * 300 + ".dcm", "a" * 251 + ".dcm"),
+    ("é" * 200, "é" * 127),  # never half a character
+    ("x." + "y" * 300, "x." + "y" * 253),  # an "extension" past 32 bytes is no extension
+])
+def test_fit_name(name: str, expected: str) -> None:
+    assert fit_name(name) == expected

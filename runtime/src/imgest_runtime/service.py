@@ -421,6 +421,14 @@ def problem_only_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    from starlette.routing import Route
+
+    methods = {method for route in app.router.routes if isinstance(route, Route)
+               and route.methods and route.path_regex.match(path) for method in route.methods}
+    return sorted(methods)
+
+
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
     """An RFC 9457 problem document."""
     return JSONResponse({"type": "about:blank", "title": title, "status": status,
@@ -432,10 +440,14 @@ def add_problem_handlers(app: FastAPI) -> None:
     from http import HTTPStatus
 
     @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         response = problem(error.status_code, HTTPStatus(error.status_code).phrase,
                            str(error.detail))
         response.headers.update(error.headers or {})
+        if error.status_code == 405:
+            # Starlette names only the first route whose path matched; two routes may share a
+            # path (GET /uploads/{id}, PUT /uploads/{filename}).
+            response.headers["Allow"] = ", ".join(allowed_methods(app, request.url.path))
         return response
 
     @app.exception_handler(RequestValidationError)

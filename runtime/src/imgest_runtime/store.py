@@ -13,11 +13,11 @@ import io
 import os
 import queue
 import shutil
-import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from .settings import RuntimeSettings
@@ -47,12 +47,30 @@ class StoredObject:
     sha256: str | None = None
 
 
+MAX_NAME = 255  # bytes in one key component (a file name on every local file system)
+
+
 def check_key(key: str) -> str:
-    """Keys are relative, '/'-separated, with no empty, '.' or '..' parts: nothing escapes."""
+    """Keys are relative, '/'-separated, with no empty, '.' or '..' parts: nothing escapes;
+    and no part longer than a file name may be."""
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\x00" in key:
         raise InvalidKey(f"invalid object key: {key!r}")
+    if any(len(p.encode()) > MAX_NAME for p in parts):
+        raise InvalidKey(f"object key part longer than {MAX_NAME} bytes: {key[:80]!r}…")
     return key
+
+
+def fit_name(name: str, limit: int = MAX_NAME) -> str:
+    """A name shortened to `limit` UTF-8 bytes if it is longer, keeping its extension and
+    never cutting a character in half."""
+    if len(name.encode()) <= limit:
+        return name
+    suffix = PurePosixPath(name).suffix
+    if len(suffix.encode()) > 32:
+        suffix = ""
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    return stem.encode()[: limit - len(suffix.encode())].decode(errors="ignore") + suffix
 
 
 def part_size_for(length: int | None) -> int:
@@ -61,6 +79,12 @@ def part_size_for(length: int | None) -> int:
         return 64 * 1024 * 1024  # unknown length: up to 640 GB
     size = max(MIN_PART, -(-length // MAX_PARTS))
     return -(-size // CHUNK) * CHUNK
+
+
+def _temporary_beside(path: Path) -> Path:
+    """Where an object is written before its atomic rename: same directory, short unique name
+    (the object's own name may already be as long as a name can be)."""
+    return path.with_name(f".{uuid.uuid4().hex}.part")
 
 
 class _Hashing(io.RawIOBase):
@@ -163,7 +187,7 @@ class LocalStore(ObjectStore):
     def put(self, key: str, data: BinaryIO, length: int | None = None) -> StoredObject:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+        tmp = _temporary_beside(path)
         hashing = _Hashing(data)
         try:
             with open(tmp, "wb") as out:
@@ -197,7 +221,7 @@ class LocalStore(ObjectStore):
     def copy(self, src: str, dst: str) -> None:
         source, target = self._path(src), self._path(dst)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
+        tmp = _temporary_beside(target)
         try:
             shutil.copyfile(source, tmp)
         except FileNotFoundError as e:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from imgest_contracts import (
     TOPICS,
@@ -254,6 +255,12 @@ def upload_view(upload: Upload, objects: list[UploadObject], files: list[UploadF
     }
 
 
+FILENAME = ("The client's name for the file. Only its last path component is kept; control "
+            "characters become `_` and a name over 255 bytes is shortened, keeping its extension.")
+# The body is read as a stream (never parsed by FastAPI), so the document says what it is.
+FILE_BODY = {"requestBody": {"required": True, "description": "The file's bytes, as they are.",
+                             "content": {"application/octet-stream": {"schema": {
+                                 "type": "string", "format": "binary", "minLength": 1}}}}}
 Project = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$",
                                       description="Project to import into (its ID).")]
 Label = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$",
@@ -324,16 +331,20 @@ def build_app(settings: Settings) -> FastAPI:
         return JSONResponse(jsonable(body), status_code=201, headers={"Location": location})
 
     @api.post("/uploads", status_code=201, summary="Upload one file (raw request body)",
-              responses={201: {"description": "Stored; processing has begun."}})
-    async def post_upload(request: Request, filename: Annotated[str, Query(max_length=1024)],
+              responses={201: {"description": "Stored; processing has begun."}},
+              openapi_extra=FILE_BODY)
+    async def post_upload(request: Request, filename: Annotated[str, Query(
+                              min_length=1, max_length=1024, description=FILENAME)],
                           project: Project = None, subject: Label = None,
                           session: Label = None) -> JSONResponse:
         options = ImportOptions(project=project, subject=subject, session=session)
         return await receive(request, filename, options)
 
     @api.put("/uploads/{filename}", status_code=201,
-             summary="Upload one file by name (what `curl -T file URL/` sends)")
-    async def put_upload(request: Request, filename: str, project: Project = None,
+             summary="Upload one file by name (what `curl -T file URL/` sends)",
+             openapi_extra=FILE_BODY)
+    async def put_upload(request: Request, filename: Annotated[str, PathParam(description=FILENAME)],
+                         project: Project = None,
                          subject: Label = None, session: Label = None) -> JSONResponse:
         options = ImportOptions(project=project, subject=subject, session=session)
         return await receive(request, filename, options)

@@ -6,12 +6,13 @@ import re
 from pathlib import PurePosixPath
 
 from imgest_contracts import UploadCounts
+from imgest_runtime.store import MAX_NAME, fit_name
 
 # A file's state only moves forward; events from different topics may arrive in any order.
 FILE_STATE_RANK = {"staged": 1, "validated": 2, "failed": 3, "rejected": 3, "prearchived": 4,
                    "archived": 4}
 
-MAX_FILENAME = 255
+MAX_FILENAME = MAX_NAME
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -20,17 +21,17 @@ class BadFilename(ValueError):
 
 
 def safe_filename(name: str | None) -> str:
-    """The last path component of what the client called the file; refuses what cannot be one."""
+    """The last path component of what the client called the file, made safe to be the last
+    component of an object key: control characters become `_`, a name that is no name (`.`,
+    `..`, blanks) becomes `file`, and a name longer than 255 UTF-8 bytes is shortened, keeping
+    its extension. Only a missing name is refused: a browser or scanner sends whatever name the
+    file has, and the upload should not fail for it."""
     if not name:
         raise BadFilename("A file name is required (the 'filename' query parameter or the URL).")
-    if _CONTROL.search(name):
-        raise BadFilename("The file name contains control characters.")
-    base = PurePosixPath(name.replace("\\", "/")).name.strip()
+    base = PurePosixPath(_CONTROL.sub("_", name).replace("\\", "/")).name.strip()
     if base in ("", ".", ".."):
-        raise BadFilename(f"{name!r} is not a file name.")
-    if len(base.encode()) > MAX_FILENAME:
-        raise BadFilename(f"The file name is longer than {MAX_FILENAME} bytes.")
-    return base
+        base = "file"
+    return fit_name(base, MAX_FILENAME)
 
 
 # A file in these states is not placed yet: a stuck upload sends its last event again.

@@ -40,6 +40,7 @@ from imgest_contracts import (
 from imgest_runtime.broker import PIPELINE_FAILED
 from imgest_runtime.outbox import derived_id, insert_ignore
 from imgest_runtime.service import Periodic, Service, Tx, create_app
+from imgest_runtime.store import fit_name
 from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -185,7 +186,7 @@ class Importer:
                     if store.stat(p.key) is None:
                         store.copy(p.file.staged_key, p.key)
             for f in files:
-                kept = f"rejected/{upload_id}/{f.file_id}/{PurePosixPath(f.path).name}"
+                kept = f"rejected/{upload_id}/{f.file_id}/{fit_name(PurePosixPath(f.path).name)}"
                 if f.state == "rejected" and store.stat(kept) is None and store.stat(
                         f.staged_key) is not None:
                     store.copy(f.staged_key, kept)

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import PurePosixPath
 
 from imgest_contracts import FileKind, ImportOptions, SessionHints
+from imgest_runtime.store import fit_name
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
             resource = "DICOM"
         else:
             scan = f.kind.value
-            name = f"{f.file_id[:8]}_{PurePosixPath(f.path).name}"
+            name = fit_name(f"{f.file_id[:8]}_{PurePosixPath(f.path).name}")
             resource = f.kind.value.upper()
         key = f"{s.prefix}scans/{scan}/resources/{resource}/files/{name}"
         s.placements.append(Placement(f, scan, key, name))

@@ -21,7 +21,7 @@ from imgest_contracts import (
 )
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, create_app
-from imgest_runtime.store import IterReader, ObjectStore
+from imgest_runtime.store import IterReader, ObjectStore, fit_name
 
 from .domain import ArchiveError, Limits, archive_format, check_growth, file_id, member_path
 from .models import metadata
@@ -73,7 +73,7 @@ def unpack_zip(store: ObjectStore, obj: ObjectStored, limits: Limits) -> Unpacke
                 skipped += 1
                 continue
             fid = file_id(obj.upload_id, obj.object_key, path)
-            key = f"staging/{obj.upload_id}/members/{fid}/{Path(path).name}"
+            key = f"staging/{obj.upload_id}/members/{fid}/{fit_name(Path(path).name)}"
             stored = store.put(key, IterReader(counted(chunks)))  # type: ignore[arg-type]
             members.append(Member(path, key, stored.size, stored.sha256))
     except stream_unzip.UnzipError as e:
