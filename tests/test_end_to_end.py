@@ -259,7 +259,7 @@ def test_chunked_upload_past_the_limit_is_refused(running: Running, workdir):
     assert response.headers["content-type"] == "application/problem+json"
 
 
-def test_schemathesis_finds_nothing_wrong_with_the_api(running: Running):
+def test_schemathesis_finds_nothing_wrong_with_the_api(running: Running, tmp_path):
     """Schemathesis generates requests from the OpenAPI document (examples, coverage, fuzzing,
     stateful sequences) against the running gateway with every check: no 500s, no status or
     body the document does not declare, nothing valid refused. It found a 500 (a 255-byte file
@@ -273,7 +273,7 @@ def test_schemathesis_finds_nothing_wrong_with_the_api(running: Running):
     url = f"{running.env['IMGEST_PUBLIC_URL']}/openapi.json"
     result = subprocess.run([str(exe), "run", url, "--checks", "all", "--max-examples", "15",
                              "--seed", "1", "--no-color"], capture_output=True, text=True,
-                            timeout=300, check=False)
+                            timeout=300, check=False, cwd=tmp_path)  # its cache goes there
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "No issues found" in result.stdout
     assert "Server error" not in result.stdout
