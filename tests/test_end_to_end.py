@@ -171,7 +171,7 @@ def test_mixed_upload_is_partial(running: Running, pydicom_file):
 def test_http_errors_are_problem_json(running: Running):
     for response, status in [
         (running.http.post("/api/v1/uploads", params={"filename": "a.dcm"}, content=b""), 400),
-        (running.http.post("/api/v1/uploads", params={"filename": ".."}, content=b"x"), 400),
+        (running.http.delete("/api/v1/uploads/x"), 405),
         (running.http.post("/api/v1/uploads", content=b"x"), 422),
         (running.http.post("/api/v1/uploads", params={"filename": "a", "project": "../x"},
                            content=b"x"), 422),
@@ -181,6 +181,11 @@ def test_http_errors_are_problem_json(running: Running):
         assert response.headers["content-type"] == "application/problem+json"
         problem = response.json()
         assert problem["status"] == status and problem["title"] and problem["detail"]
+        if status == 405:  # both routes of the shared path, not just the first
+            assert response.headers["allow"] == "GET, PUT"
+    # A name that is no name is not refused; the object gets a neutral one.
+    created = running.upload("..", b"x")
+    assert [o["filename"] for o in created["objects"]] == ["file"]
 
 
 def test_curl_style_put_upload(running: Running, pydicom_file):
@@ -211,7 +216,7 @@ def test_every_service_serves_health_metrics_and_asyncapi(running: Running):
     assert bundle.status_code == 200 and len(bundle.content) > 100_000
     openapi = running.http.get("/openapi.json").json()
     assert "/api/v1/uploads" in openapi["paths"]
-    assert "/api/v1/uploads/{upload_id}" in openapi["paths"]
+    assert "/api/v1/uploads/{upload}" in openapi["paths"]
     errors = openapi["paths"]["/api/v1/uploads"]["post"]["responses"]
     for status in ("400", "413", "422"):
         assert list(errors[status]["content"]) == ["application/problem+json"], status

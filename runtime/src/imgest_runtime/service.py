@@ -422,11 +422,15 @@ def problem_only_openapi(app: FastAPI) -> None:
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
-    from starlette.routing import Route
+    """The methods some route answers on this path, asked of the routes themselves."""
+    from starlette.routing import Match
 
-    methods = {method for route in app.router.routes if isinstance(route, Route)
-               and route.methods and route.path_regex.match(path) for method in route.methods}
-    return sorted(methods)
+    def answered(method: str) -> bool:
+        scope = {"type": "http", "path": path, "method": method, "root_path": "", "app": app,
+                 "headers": []}
+        return any(route.matches(scope)[0] is Match.FULL for route in app.router.routes)
+
+    return [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE") if answered(m)]
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:

@@ -340,26 +340,31 @@ def build_app(settings: Settings) -> FastAPI:
         options = ImportOptions(project=project, subject=subject, session=session)
         return await receive(request, filename, options)
 
-    @api.put("/uploads/{filename}", status_code=201,
+    # One path, two meanings, as `curl -T file URL/` needs: PUT names a new file, GET an
+    # existing upload. One template keeps the document (and Allow) true to the URL space.
+    @api.put("/uploads/{upload}", status_code=201,
              summary="Upload one file by name (what `curl -T file URL/` sends)",
              openapi_extra=FILE_BODY)
-    async def put_upload(request: Request, filename: Annotated[str, PathParam(description=FILENAME)],
-                         project: Project = None,
-                         subject: Label = None, session: Label = None) -> JSONResponse:
+    async def put_upload(request: Request,
+                         upload: Annotated[str, PathParam(description=FILENAME)],
+                         project: Project = None, subject: Label = None,
+                         session: Label = None) -> JSONResponse:
         options = ImportOptions(project=project, subject=subject, session=session)
-        return await receive(request, filename, options)
+        return await receive(request, upload, options)
 
-    @api.get("/uploads/{upload_id}", summary="An upload's state, file by file")
-    async def get_upload(upload_id: str) -> JSONResponse:
+    @api.get("/uploads/{upload}", summary="An upload's state, file by file")
+    async def get_upload(upload: Annotated[str, PathParam(
+                             description="The upload's id (as `POST`/`PUT` returned it).")]
+                         ) -> JSONResponse:
         async with svc.db.session() as session:
-            upload = await session.get(Upload, upload_id)
-            if upload is None:
-                return problem(404, "Not Found", f"No upload {upload_id!r}.")
+            row = await session.get(Upload, upload)
+            if row is None:
+                return problem(404, "Not Found", f"No upload {upload!r}.")
             objects = (await session.exec(select(UploadObject).where(
-                UploadObject.upload_id == upload_id))).all()
+                UploadObject.upload_id == upload))).all()
             files = (await session.exec(select(UploadFile).where(
-                UploadFile.upload_id == upload_id).order_by(col(UploadFile.path)))).all()
-        return JSONResponse(jsonable(upload_view(upload, list(objects), list(files))))
+                UploadFile.upload_id == upload).order_by(col(UploadFile.path)))).all()
+        return JSONResponse(jsonable(upload_view(row, list(objects), list(files))))
 
     @api.get("/uploads", summary="Recent uploads, newest first")
     async def list_uploads(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JSONResponse:
