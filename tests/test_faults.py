@@ -27,7 +27,8 @@ from .pipeline import Running, study_zip
 
 pytestmark = pytest.mark.timeout(900)
 
-FILES = 500  # per upload in the crash tests
+FILES = 500  # per upload in the kill -9 tests, as issue 3 asks
+FEWER = 150  # in the other fault tests: what they prove does not depend on the count
 
 
 @pytest.fixture(scope="module")
@@ -118,18 +119,18 @@ def test_broker_loses_its_memory_mid_upload(faulty: Running, pydicom_file):
 
 
 def test_database_away_for_a_while(faulty: Running, pydicom_file):
-    upload_id = upload_study(faulty, pydicom_file)
-    faulty.wait_files(upload_id, {"validated"}, FILES // 4)
+    upload_id = upload_study(faulty, pydicom_file, FEWER)
+    faulty.wait_files(upload_id, {"validated"}, FEWER // 4)
     faulty.stack.postgres.stop()
     time.sleep(2)
     faulty.stack.postgres.start()
-    assert_exactly_once(faulty, upload_id, FILES)
+    assert_exactly_once(faulty, upload_id, FEWER)
 
 
 def test_store_away_for_a_while(faulty: Running, pydicom_file):
     """The object store's directory disappears (a file in its place) and comes back."""
-    upload_id = upload_study(faulty, pydicom_file)
-    faulty.wait_files(upload_id, {"validated"}, FILES // 4)
+    upload_id = upload_study(faulty, pydicom_file, FEWER)
+    faulty.wait_files(upload_id, {"validated"}, FEWER // 4)
     objects = Path(faulty.env["IMGEST_DATA_DIR"]) / "objects"
     aside = objects.with_name("objects.away")
     objects.rename(aside)
@@ -137,7 +138,7 @@ def test_store_away_for_a_while(faulty: Running, pydicom_file):
     time.sleep(2)
     objects.unlink()
     aside.rename(objects)
-    assert_exactly_once(faulty, upload_id, FILES)
+    assert_exactly_once(faulty, upload_id, FEWER)
 
 
 def test_mail_server_away_for_a_while(faulty: Running, pydicom_file, smtp: SmtpServer):
@@ -315,10 +316,10 @@ def test_sigterm_mid_upload_finishes_or_hands_back(faulty: Running, pydicom_file
     service finishes the event in hand, flushes its outbox, leaves the group; nothing is lost."""
     import signal
 
-    upload_id = upload_study(faulty, pydicom_file)
-    faulty.wait_files(upload_id, {"validated"}, FILES // 4)
+    upload_id = upload_study(faulty, pydicom_file, FEWER)
+    faulty.wait_files(upload_id, {"validated"}, FEWER // 4)
     faulty.stack.supervisor.kill("metadata", signal.SIGTERM)
-    assert_exactly_once(faulty, upload_id, FILES)
+    assert_exactly_once(faulty, upload_id, FEWER)
     assert "metadata stopped" in faulty.log.read_text()
 
 
@@ -337,12 +338,12 @@ def test_replicas_share_the_work_and_survive_rebalances(faulty: Running, pydicom
         deadline = time.monotonic() + 60
         while not all(ready(p) for p in ports.values()) and time.monotonic() < deadline:
             time.sleep(0.2)
-        uploads = [upload_study(faulty, pydicom_file) for _ in range(2)]
-        faulty.wait_files(uploads[0], {"validated"}, FILES // 4)
+        uploads = [upload_study(faulty, pydicom_file, FEWER) for _ in range(2)]
+        faulty.wait_files(uploads[0], {"validated"}, FEWER // 4)
         supervisor.kill("metadata")
         supervisor.remove("importer-2")
         for upload_id in uploads:
-            assert_exactly_once(faulty, upload_id, FILES)
+            assert_exactly_once(faulty, upload_id, FEWER)
         # The replica did part of the work (its own metrics say so), at least while the other
         # member was dead.
         metrics = httpx.get(f"http://127.0.0.1:{ports['metadata']}/metrics").text
@@ -359,9 +360,9 @@ def test_replicas_share_the_work_and_survive_rebalances(faulty: Running, pydicom
 def test_whole_stack_stopped_and_started_mid_upload(faulty: Running, pydicom_file):
     """Ctrl-C on `imgest up` mid-upload and `imgest up` again: the broker comes back empty
     (in memory), the services replay their outboxes, and the upload ends exactly once."""
-    upload_id = upload_study(faulty, pydicom_file)
-    faulty.wait_files(upload_id, {"validated"}, FILES // 4)
+    upload_id = upload_study(faulty, pydicom_file, FEWER)
+    faulty.wait_files(upload_id, {"validated"}, FEWER // 4)
     faulty.stack.stop()
     faulty.env = faulty.stack.start()  # same data directory: same database and objects
     faulty.stack.wait_ready(timeout=180)
-    assert_exactly_once(faulty, upload_id, FILES)
+    assert_exactly_once(faulty, upload_id, FEWER)
