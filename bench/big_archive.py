@@ -26,7 +26,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from imgest.infra import free_port
+from imgest.infra import exit_on_sigterm, free_port
 from imgest.stack import SERVICES, Stack, port_env
 
 INSTANCE_MB = 16
@@ -52,6 +52,7 @@ def build_zip(path: Path, gigabytes: float) -> int:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.0, help="archive size in GB")
     parser.add_argument("--poll-interval-ms", type=int, default=5000,
@@ -70,8 +71,8 @@ def main() -> None:
         log_path = root / "services.log"
         log = log_path.open("a", buffering=1)
         stack = Stack(root / "data", env, emit=lambda n, line: log.write(f"{n:<9}| {line}\n"))
-        stack.start()
         try:
+            stack.start()
             stack.wait_ready(180)
             http = httpx.Client(base_url=f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}",
                                 timeout=600)

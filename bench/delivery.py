@@ -34,7 +34,7 @@ from imgest_runtime.outbox import Relay, derived_id
 from imgest_runtime.service import Service, Tx
 from imgest_runtime.settings import RuntimeSettings
 
-from imgest.infra import Postgres, Tansu, free_port
+from imgest.infra import Postgres, Tansu, exit_on_sigterm, free_port
 
 MODES = {"plain": 200, "guarded-1": 1, "guarded": 200}  # mode → batch size
 
@@ -121,6 +121,7 @@ async def measure(events: int, url: str) -> None:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=5000)
     args = parser.parse_args()

@@ -24,7 +24,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from imgest.infra import free_port
+from imgest.infra import exit_on_sigterm, free_port
 from imgest.stack import SERVICES, Stack, port_env
 
 
@@ -51,12 +51,13 @@ def measure(delivery: str, args: argparse.Namespace, tmp: Path) -> list[float]:
     stack = Stack(tmp / f"data-{delivery}", env,
                   emit=lambda n, line: log.write(f"{n:<9}| {line}\n"))
     started = time.monotonic()
-    stack.start()
-    stack.wait_ready(180)
-    print(f"{delivery}: stack ready in {time.monotonic() - started:.1f}s")
-    http = httpx.Client(base_url=f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}", timeout=120)
     rates = []
     try:
+        stack.start()
+        stack.wait_ready(180)
+        print(f"{delivery}: stack ready in {time.monotonic() - started:.1f}s")
+        http = httpx.Client(base_url=f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}",
+                            timeout=120)
         for run in range(args.runs):
             body = study_zip(args.files)
             t0 = time.monotonic()
@@ -80,6 +81,7 @@ def measure(delivery: str, args: argparse.Namespace, tmp: Path) -> list[float]:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=500)
     parser.add_argument("--runs", type=int, default=3)

@@ -38,6 +38,12 @@ def die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (a `timeout`, a CI runner) ends a script like Ctrl-C does, so its `finally`
+    blocks run and stop the embedded PostgreSQL, which outlives its parent otherwise."""
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(128 + signal.SIGTERM))
+
+
 _handed_out: set[int] = set()
 
 
