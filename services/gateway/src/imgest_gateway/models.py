@@ -43,7 +43,7 @@ class UploadObject(Base, table=True):
     filename: str = Field(max_length=1024)
     size: int = Field(sa_column=Column(BigInteger, nullable=False))
     sha256: str = Field(max_length=64)
-    state: str = Field(max_length=20)  # stored → staged (one file) | unpacked | rejected | failed
+    state: str = Field(max_length=20)  # stored | unpacked | rejected | failed
     reason: dict | None = Field(default=None, sa_column=Column(JSONB))
     event: dict | None = Field(  # the event that last moved it on: a re-drive sends it again
         default=None, sa_column=Column(JSONB(none_as_null=True)))
