@@ -30,7 +30,10 @@ class Running:
         self.stack, self.env, self.mailbox, self.log = stack, env, mailbox, log
         self.broker = broker
         self.url = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
-        self.http = httpx.Client(base_url=self.url, timeout=30)
+        # The administrator's token, as the first start wrote it for scripts.
+        self.token = (stack.data_dir / "admin.token").read_text().strip()
+        self.http = httpx.Client(base_url=self.url, timeout=30,
+                                 headers={"Authorization": f"Bearer {self.token}"})
         self.store: ObjectStore = open_store(RuntimeSettings(
             **{k[len("IMGEST_"):].lower(): v for k, v in env.items()
                if k.startswith("IMGEST_") and k[len("IMGEST_"):].lower()
@@ -41,6 +44,18 @@ class Running:
                                   content=body)
         assert response.status_code == 201, response.text
         return response.json()
+
+    def project(self, project_id: str, **settings: Any) -> str:
+        """Makes sure the project exists (created by the administrator) with these settings."""
+        created = self.http.post("/api/v1/projects", json={"id": project_id,
+                                                          "settings": settings})
+        if created.status_code == 409:
+            changed = self.http.patch(f"/api/v1/projects/{project_id}",
+                                      json={"settings": settings})
+            assert changed.status_code == 200, changed.text
+        else:
+            assert created.status_code == 201, created.text
+        return project_id
 
     def wait(self, upload_id: str, timeout: float = 60) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

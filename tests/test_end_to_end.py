@@ -115,7 +115,7 @@ def test_zip_of_twenty_instances_of_one_study(running: Running, pydicom_file):
 
 
 def test_jpeg_with_exif(running: Running):
-    state = running.wait(running.upload("photo.jpg", jpeg_with_exif(), project="PHOTOS",
+    state = running.wait(running.upload("photo.jpg", jpeg_with_exif(), project=running.project("PHOTOS"),
                                         subject="S01", session="S01_visit1")["id"])
     rows = assert_archived(running, state, 1)
     assert rows[0]["object_key"].startswith("archive/PHOTOS/S01/S01_visit1/scans/photo/")
@@ -277,7 +277,8 @@ def test_schemathesis_finds_nothing_wrong_with_the_api(running: Running, tmp_pat
     exe = Path(sys.executable).with_name("schemathesis")
     url = f"{running.env['IMGEST_PUBLIC_URL']}/openapi.json"
     result = subprocess.run([str(exe), "run", url, "--checks", "all", "--max-examples", "15",
-                             "--seed", "1", "--no-color"], capture_output=True, text=True,
+                             "--seed", "1", "--no-color",
+                             "--header", f"Authorization: Bearer {running.token}"], capture_output=True, text=True,
                             timeout=300, check=False, cwd=tmp_path)  # its cache goes there
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "No issues found" in result.stdout

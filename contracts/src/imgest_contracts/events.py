@@ -265,16 +265,37 @@ class NotificationSent(Payload):
     sent_at: datetime
 
 
+class ProjectSettings(BaseModel):
+    """What a project decides for the uploads into it (its owner sets it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    auto_archive: Literal["manual", "auto", "auto-overwrite"] = Field(
+        "auto", description="manual: sessions wait in the prearchive for review; auto: they go "
+        "to the archive; auto-overwrite: and replace what is there.")
+    quarantine: bool = Field(False, description="Archived content is quarantined by default.")
+    accepted_kinds: list[FileKind] = Field(
+        default_factory=lambda: [FileKind.dicom, FileKind.photo, FileKind.slide, FileKind.csv],
+        description="Kinds of file the project takes; others are rejected with a reason.")
+    required_fields: list[str] = Field(
+        default_factory=list, description="Upload fields every upload must carry (e.g. "
+        "view_name, capture_date); a missing one is refused when the upload is created.")
+    max_files_per_upload: int = Field(1500, ge=1, le=1_000_000,
+                                      description="Most files one upload may hold.")
+    metadata_rules: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="A JSON Schema per file kind that a file's metadata "
+        "must satisfy (e.g. a photo must carry DateTimeOriginal).")
+    notify: list[str] = Field(default_factory=list,
+                              description="Addresses told of every upload's outcome.")
+
+
 class ProjectUpdated(Payload):
     event: ClassVar[str] = "project.updated"
     key_field: ClassVar[str] = "project"
     description: ClassVar[str] = "A project's settings, as they now are (state transfer)."
     project: str
     name: str
-    auto_archive: Literal["manual", "auto", "auto-overwrite"]
-    quarantine: bool
-    accepted_kinds: list[FileKind]
-    notify: list[str] = Field(default_factory=list)
+    settings: ProjectSettings
+    updated_at: datetime
 
 
 EVENTS: tuple[type[Payload], ...] = (

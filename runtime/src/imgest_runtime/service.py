@@ -117,6 +117,7 @@ class Service:
     outbox: Outbox = field(init=False)
     store: ObjectStore | None = None
     periodic: list[Periodic] = field(default_factory=list)
+    startup: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)  # before serving
     uses_store: bool = True
     consumed: list[tuple[type[Payload], bool]] = field(default_factory=list)
     published: list[type[Payload]] = field(default_factory=list)
@@ -254,6 +255,8 @@ class Service:
         if self.uses_store and self.store is None:
             self.store = await asyncio.to_thread(open_store, self.settings)
         await self.check_epoch()  # before the relay starts: a replay goes out in order
+        for work in self.startup:
+            await work()
         await self.wired().start()
         relay = Relay(self.db, self.outbox, self.broker)
         relay.start()

@@ -22,6 +22,7 @@ from imgest_contracts import (
     FileValidated,
     ImportOptions,
     ObjectStored,
+    ProjectUpdated,
     Reason,
     UploadCompleted,
     Uploader,
@@ -42,8 +43,11 @@ from sqlalchemy import func, or_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from .auth import CallerDep, ensure_first_admin, forbidden
 from .domain import UNPLACED, BadFilename, advances, safe_filename, upload_state
-from .models import Upload, UploadFile, UploadObject, metadata
+from .identity import Action, Caller, hash_password
+from .identity_api import identity_router
+from .models import Project, Upload, UploadFile, UploadObject, metadata
 from .settings import Settings
 
 NAME = "gateway"
@@ -61,7 +65,12 @@ def bootstrap(settings: Settings) -> Service:
     # Not at the very start: the status must first catch up with events sent while it was down.
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_idle_seconds / 3),
                                  lambda: redrive(svc, settings), at_start=False))
-    svc.publishes(ObjectStored, UploadSubmitted)
+    svc.publishes(ObjectStored, UploadSubmitted, ProjectUpdated)
+    svc.startup.append(lambda: ensure_first_admin(
+        svc.db, settings.admin_user, settings.admin_email, settings.admin_token_file,
+        token=settings.admin_token.get_secret_value() if settings.admin_token else None,
+        password_hash=(hash_password(settings.admin_password.get_secret_value())
+                       if settings.admin_password else None)))
     return svc
 
 
@@ -261,7 +270,7 @@ FILENAME = ("The client's name for the file. Only its last path component is kep
 FILE_BODY = {"requestBody": {"required": True, "description": "The file's bytes, as they are.",
                              "content": {"application/octet-stream": {"schema": {
                                  "type": "string", "format": "binary", "minLength": 1}}}}}
-Project = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$",
+ProjectParam = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$",
                                       description="Project to import into (its ID).")]
 Label = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$",
                                     description="Subject or session label (XNAT's characters).")]
@@ -274,7 +283,10 @@ def build_app(settings: Settings) -> FastAPI:
                     responses=problem_responses(400, 404, 413, 422, 503))
     public_url = settings.public_url.rstrip("/")
 
-    async def receive(request: Request, filename: str, options: ImportOptions) -> JSONResponse:
+    async def receive(request: Request, caller: Caller, filename: str, options: ImportOptions
+                      ) -> JSONResponse:
+        if refused := await may_upload(svc, caller, options.project):
+            return refused
         try:
             name = safe_filename(filename)
         except BadFilename as e:
@@ -307,7 +319,7 @@ def build_app(settings: Settings) -> FastAPI:
         if stored.size == 0:
             await asyncio.to_thread(svc.store.delete, key)
             return problem(400, "Empty upload", "The request body was empty; nothing to import.")
-        uploader = Uploader(username=settings.admin_user, email=settings.admin_email)
+        uploader = Uploader(username=caller.username, email=caller.email)
         now = datetime.now(UTC)
         async with svc.db.session() as session:
             upload = Upload(id=upload_id, state="processing", project=options.project,
@@ -335,10 +347,10 @@ def build_app(settings: Settings) -> FastAPI:
               openapi_extra=FILE_BODY)
     async def post_upload(request: Request, filename: Annotated[str, Query(
                               min_length=1, max_length=1024, description=FILENAME)],
-                          project: Project = None, subject: Label = None,
-                          session: Label = None) -> JSONResponse:
+                          caller: CallerDep, project: ProjectParam = None,
+                          subject: Label = None, session: Label = None) -> JSONResponse:
         options = ImportOptions(project=project, subject=subject, session=session)
-        return await receive(request, filename, options)
+        return await receive(request, caller, filename, options)
 
     # One path, two meanings, as `curl -T file URL/` needs: PUT names a new file, GET an
     # existing upload. One template keeps the document (and Allow) true to the URL space.
@@ -347,19 +359,22 @@ def build_app(settings: Settings) -> FastAPI:
              openapi_extra=FILE_BODY)
     async def put_upload(request: Request,
                          upload: Annotated[str, PathParam(description=FILENAME)],
-                         project: Project = None, subject: Label = None,
-                         session: Label = None) -> JSONResponse:
+                         caller: CallerDep, project: ProjectParam = None,
+                         subject: Label = None, session: Label = None) -> JSONResponse:
         options = ImportOptions(project=project, subject=subject, session=session)
-        return await receive(request, upload, options)
+        return await receive(request, caller, upload, options)
 
     @api.get("/uploads/{upload}", summary="An upload's state, file by file")
     async def get_upload(upload: Annotated[str, PathParam(
-                             description="The upload's id (as `POST`/`PUT` returned it).")]
-                         ) -> JSONResponse:
+                             description="The upload's id (as `POST`/`PUT` returned it).")],
+                         caller: CallerDep) -> JSONResponse:
         async with svc.db.session() as session:
             row = await session.get(Upload, upload)
             if row is None:
                 return problem(404, "Not Found", f"No upload {upload!r}.")
+            if not caller.may_see_upload(row.uploader, row.project):
+                raise forbidden(f"Upload {upload!r} is neither yours nor in a project you "
+                                "may view.")
             objects = (await session.exec(select(UploadObject).where(
                 UploadObject.upload_id == upload))).all()
             files = (await session.exec(select(UploadFile).where(
@@ -367,16 +382,38 @@ def build_app(settings: Settings) -> FastAPI:
         return JSONResponse(jsonable(upload_view(row, list(objects), list(files))))
 
     @api.get("/uploads", summary="Recent uploads, newest first")
-    async def list_uploads(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JSONResponse:
+    async def list_uploads(caller: CallerDep,
+                           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JSONResponse:
+        query = select(Upload).order_by(col(Upload.created_at).desc()).limit(limit)
+        if not caller.admin:
+            viewable = [p for p in caller.roles if caller.may(Action.view, p)]
+            query = query.where(or_(Upload.uploader == caller.username,
+                                    col(Upload.project).in_(viewable)))
         async with svc.db.session() as session:
-            rows = (await session.exec(select(Upload).order_by(
-                col(Upload.created_at).desc()).limit(limit))).all()
+            rows = (await session.exec(query)).all()
         return JSONResponse(jsonable([{"id": u.id, "state": u.state, "project": u.project,
                                        "created_at": u.created_at,
                                        "completed_at": u.completed_at} for u in rows]))
 
     app.include_router(api)
+    app.include_router(identity_router(svc))
     return app
+
+
+async def may_upload(svc: Service, caller: Caller, project: str | None) -> JSONResponse | None:
+    """Why the caller may not upload into the project (a problem), or None if they may."""
+    if project is None:
+        if caller.admin:
+            return None
+        return problem(403, "Forbidden", "Name a project (?project=…): uploads without one go "
+                       "to Unassigned, which only administrators use.")
+    if not caller.may(Action.upload, project):
+        return problem(403, "Forbidden", f"You may not upload into project {project!r} (no "
+                       "role in it, or no such project).")
+    async with svc.db.session() as session:
+        if await session.get(Project, project) is None:
+            return problem(404, "Not Found", f"No project {project!r}.")
+    return None
 
 
 def jsonable(value: Any) -> Any:

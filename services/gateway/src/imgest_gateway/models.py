@@ -64,3 +64,57 @@ class UploadFile(Base, table=True):
     event: dict | None = Field(  # the event that last moved it on: a re-drive sends it again
         default=None, sa_column=Column(JSONB(none_as_null=True)))
     updated_at: datetime = _ts(nullable=False)
+
+
+# --- identity and projects ----------------------------------------------------------------------
+
+
+class User(Base, table=True):
+    __tablename__ = "user"
+    username: str = Field(primary_key=True, max_length=64)
+    email: str | None = Field(default=None, max_length=320)
+    password_hash: str | None = Field(default=None, max_length=200)  # None: tokens only
+    admin: bool = Field(default=False)
+    active: bool = Field(default=True)
+    created_at: datetime = _ts(nullable=False)
+
+
+class ApiToken(Base, table=True):
+    """A secret that stands for its user (shown once; only its SHA-256 is kept)."""
+
+    __tablename__ = "api_token"
+    id: str = Field(primary_key=True, max_length=32)
+    username: str = Field(index=True, max_length=64)
+    name: str = Field(max_length=200)
+    secret_hash: str = Field(max_length=64, unique=True)
+    created_at: datetime = _ts(nullable=False)
+    expires_at: datetime | None = _ts(nullable=True)
+    last_used_at: datetime | None = _ts(nullable=True)
+    revoked_at: datetime | None = _ts(nullable=True)
+
+
+class LoginSession(Base, table=True):
+    """An XNAT-style `JSESSIONID`: what `/data/JSESSION` and `/data/services/auth` hand out."""
+
+    __tablename__ = "login_session"
+    id_hash: str = Field(primary_key=True, max_length=64)
+    username: str = Field(index=True, max_length=64)
+    created_at: datetime = _ts(nullable=False)
+    expires_at: datetime = _ts(nullable=False)
+
+
+class Project(Base, table=True):
+    __tablename__ = "project"
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=200)
+    description: str = Field(default="", max_length=4000)
+    settings: dict = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+
+
+class Membership(Base, table=True):
+    __tablename__ = "membership"
+    project: str = Field(primary_key=True, max_length=64)
+    username: str = Field(primary_key=True, max_length=64, index=True)
+    role: str = Field(max_length=20)  # owner | member | uploader

@@ -1,16 +1,40 @@
 """Gateway settings (environment variables prefixed `IMGEST_`)."""
 
+import re
+from pathlib import Path
+
 from imgest_runtime.settings import RuntimeSettings
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
+
+from .identity import USERNAME
 
 
 class Settings(RuntimeSettings):
     gateway_port: int = Field(8080, description="Port of the gateway's HTTP API.")
     max_upload_bytes: int = Field(
         1024**4, ge=1, description="Largest single upload accepted, in bytes (default 1 TiB).")
-    admin_user: str = Field("admin", description="Uploader recorded until authentication exists.")
-    admin_email: str = Field("admin@localhost", description="Where that uploader's email goes.")
+    admin_user: str = Field("admin", pattern=USERNAME,
+                            description="The administrator created on the first start.")
+    admin_email: str = Field("admin@localhost", description="The administrator's email address.")
+    admin_token: SecretStr | None = Field(
+        None, description="A token the administrator always "
+        "has (deployments; the way back in if admin.token is lost). Default: one is made on the "
+        "first start and written to DATA_DIR/admin.token.")
+    admin_password: SecretStr | None = Field(
+        None, description="The administrator's password on the first start (default: none, "
+        "tokens only).")
     redrive_idle_seconds: float = Field(
         600.0, gt=0, description="An upload with no progress this long has its unfinished work "
         "published again (objects never unpacked, files never placed).")
     redrive_max: int = Field(5, ge=0, description="Most times one upload is re-driven.")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.fullmatch(r"igt_[A-Za-z0-9_-]{20,}", value.get_secret_value()):
+            raise ValueError("an imgest token: 'igt_' and at least 20 of A-Z a-z 0-9 _ -")
+        return value
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin.token"

@@ -1,0 +1,242 @@
+"""Who is calling: credentials from a request to a `Caller` (with their project roles).
+
+Accepted, in this order: `Authorization: Bearer <token>`; `Authorization: Basic user:secret`
+where the secret is the password or a token (XNAT clients send that); an XNAT `JSESSIONID`
+cookie from `/data/JSESSION` or `/data/services/auth`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyCookie, HTTPBasic, HTTPBearer
+from imgest_runtime.db import Database
+from sqlalchemy import delete, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.exceptions import HTTPException
+
+from .identity import (
+    BadCredentials,
+    Caller,
+    Role,
+    looks_like_token,
+    new_token,
+    parse_basic,
+    password_matches,
+    token_hash,
+)
+from .models import ApiToken, LoginSession, Membership, User
+
+log = logging.getLogger("imgest.gateway.auth")
+
+SESSION_COOKIE = "JSESSIONID"
+SESSION_HOURS = 12
+REALM = 'Basic realm="imgest", Bearer'
+_TOUCH_EVERY = timedelta(minutes=5)  # last_used_at is a hint, not worth a write per request
+
+# Declared for the OpenAPI document (Swagger's "Authorize", Schemathesis' auth checks); the
+# credentials themselves are read by `authenticate`, which knows all three.
+_DOCUMENTED = (HTTPBearer(auto_error=False, description="An API token (`imgest token create`)."),
+               HTTPBasic(auto_error=False, description="User name, and the password or a token."),
+               APIKeyCookie(name=SESSION_COOKIE, auto_error=False,
+                            description="XNAT session (`/data/JSESSION`)."))
+
+
+def unauthorized(detail: str) -> HTTPException:
+    return HTTPException(401, detail, headers={"WWW-Authenticate": REALM})
+
+
+def forbidden(detail: str) -> HTTPException:
+    return HTTPException(403, detail)
+
+
+async def caller_named(session: AsyncSession, username: str) -> Caller | None:
+    user = await session.get(User, username)
+    if user is None or not user.active:
+        return None
+    roles = (await session.exec(select(Membership).where(Membership.username == username))).all()
+    return Caller(username=user.username, email=user.email, admin=user.admin,
+                  roles={m.project: Role(m.role) for m in roles})
+
+
+async def by_token(session: AsyncSession, token: str, username: str | None = None
+                   ) -> Caller | None:
+    row = (await session.exec(select(ApiToken).where(
+        ApiToken.secret_hash == token_hash(token)))).first()
+    now = datetime.now(UTC)
+    if row is None or row.revoked_at is not None or (
+            row.expires_at is not None and row.expires_at <= now):
+        return None
+    if username is not None and username != row.username:
+        return None
+    if row.last_used_at is None or now - row.last_used_at > _TOUCH_EVERY:
+        await session.execute(update(ApiToken).where(col(ApiToken.id) == row.id)
+                              .values(last_used_at=now))
+    return await caller_named(session, row.username)
+
+
+async def by_password(session: AsyncSession, username: str, password: str) -> Caller | None:
+    user = await session.get(User, username)
+    # The hash is checked even for an unknown user, so the answer takes as long either way.
+    stored = user.password_hash if user is not None else _DUMMY_HASH
+    if not await asyncio.to_thread(password_matches, password, stored) or user is None:
+        return None
+    return await caller_named(session, username)
+
+
+async def by_login_session(session: AsyncSession, session_id: str) -> Caller | None:
+    row = await session.get(LoginSession, token_hash(session_id))
+    if row is None or row.expires_at <= datetime.now(UTC):
+        return None
+    return await caller_named(session, row.username)
+
+
+async def credentials(session: AsyncSession, username: str, secret: str) -> Caller | None:
+    """A user name with a password or a token in the password's place (XNAT's alias tokens)."""
+    if looks_like_token(secret):
+        return await by_token(session, secret, username)
+    return await by_password(session, username, secret)
+
+
+async def identify(db: Database, request: Request) -> Caller | None:
+    """The caller, None when no credentials came; raises 401 on wrong ones."""
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    async with db.session() as session:
+        if scheme.lower() == "bearer" and value.strip():
+            caller = await by_token(session, value.strip())
+            if caller is None:
+                raise unauthorized("The token is unknown, revoked or expired.")
+            return caller
+        if scheme.lower() == "basic":
+            try:
+                username, secret = parse_basic(value)
+            except BadCredentials as e:
+                raise unauthorized(str(e)) from e
+            caller = await credentials(session, username, secret)
+            if caller is None:
+                raise unauthorized("Wrong user name, password or token.")
+            return caller
+        if header:
+            raise unauthorized("Use 'Authorization: Bearer <token>' or Basic credentials.")
+        session_id = request.cookies.get(SESSION_COOKIE)
+        if session_id:
+            caller = await by_login_session(session, session_id)
+            if caller is None:
+                raise unauthorized("The session has expired; log in again.")
+            return caller
+    return None
+
+
+async def authenticated(request: Request, _b: Annotated[Any, Depends(_DOCUMENTED[0])],
+                        _u: Annotated[Any, Depends(_DOCUMENTED[1])],
+                        _c: Annotated[Any, Depends(_DOCUMENTED[2])]) -> Caller:
+    caller = await identify(request.app.state.service.db, request)
+    if caller is None:
+        raise unauthorized("Authentication required: an API token (Authorization: Bearer …) "
+                           "or a user name and password or token (Basic).")
+    request.state.caller = caller
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(authenticated)]
+
+
+async def admin_only(caller: CallerDep) -> Caller:
+    if not caller.admin:
+        raise forbidden("Only an administrator may do this.")
+    return caller
+
+
+AdminDep = Annotated[Caller, Depends(admin_only)]
+
+
+# --- login sessions (XNAT's JSESSIONID) ----------------------------------------------------------
+
+
+async def open_login_session(db: Database, username: str) -> str:
+    session_id = uuid.uuid4().hex.upper()  # XNAT's look: 32 hex characters
+    now = datetime.now(UTC)
+    async with db.session() as session:
+        session.add(LoginSession(id_hash=token_hash(session_id), username=username,
+                                 created_at=now, expires_at=now + timedelta(hours=SESSION_HOURS)))
+        # Expired sessions are swept as new ones open: no periodic job needed for them.
+        await session.execute(delete(LoginSession).where(col(LoginSession.expires_at) < now))
+    return session_id
+
+
+async def close_login_session(db: Database, session_id: str) -> None:
+    async with db.session() as session:
+        await session.execute(delete(LoginSession).where(
+            col(LoginSession.id_hash) == token_hash(session_id)))
+
+
+# --- tokens ---------------------------------------------------------------------------------------
+
+
+async def issue_token(session: AsyncSession, username: str, name: str,
+                      expires_at: datetime | None = None, secret: str | None = None
+                      ) -> tuple[ApiToken, str]:
+    """A new token for the user: the row (kept) and the secret (shown once, never kept)."""
+    secret = secret or new_token()
+    row = ApiToken(id=uuid.uuid4().hex[:12], username=username, name=name,
+                   secret_hash=token_hash(secret), created_at=datetime.now(UTC),
+                   expires_at=expires_at)
+    session.add(row)
+    return row, secret
+
+
+# --- the first administrator ----------------------------------------------------------------------
+
+
+async def ensure_first_admin(db: Database, username: str, email: str | None,
+                             token_file: Path, token: str | None = None,
+                             password_hash: str | None = None) -> None:
+    """On the very first start (no user yet) the administrator is created with a token, printed
+    once and written to `token_file` (mode 0600) for scripts. A token given in the settings
+    (IMGEST_ADMIN_TOKEN) is made valid for the administrator on any start: the way back in
+    when the file is lost, and a fixed credential for deployments."""
+    now = datetime.now(UTC)
+    async with db.session() as session:
+        anyone = (await session.exec(select(User.username).limit(1))).first()
+        created = False
+        if anyone is None:
+            created = bool((await session.execute(pg_insert(User).values(
+                username=username, email=email, password_hash=password_hash, admin=True,
+                active=True, created_at=now).on_conflict_do_nothing())).rowcount)
+        if created:
+            _row, secret = await issue_token(session, username, "first start", secret=token)
+        elif token and (await session.exec(select(ApiToken).where(
+                ApiToken.secret_hash == token_hash(token)))).first() is None and (
+                await session.get(User, username)) is not None:
+            await issue_token(session, username, "IMGEST_ADMIN_TOKEN", secret=token)
+    if not created:
+        return
+    if token is None:
+        _write_secret(token_file, secret + "\n")
+        log.warning("first start: created the administrator %r. Its API token, shown this once "
+                    "(also in %s, mode 0600): %s", username, token_file, secret)
+    else:
+        log.warning("first start: created the administrator %r with the token in "
+                    "IMGEST_ADMIN_TOKEN", username)
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its mode on open: make sure
+
+
+_DUMMY_HASH = ("scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA$"
+               "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")

@@ -1,0 +1,83 @@
+"""Who may do what, and how secrets are kept (no I/O)."""
+
+import base64
+
+import pytest
+from imgest_gateway.identity import (
+    UNASSIGNED,
+    Action,
+    BadCredentials,
+    Caller,
+    Role,
+    hash_password,
+    looks_like_token,
+    new_token,
+    parse_basic,
+    password_matches,
+    token_hash,
+    weak_password,
+)
+
+
+def caller(admin: bool = False, **roles: Role) -> Caller:
+    return Caller(username="ann", email=None, admin=admin, roles=dict(roles))
+
+
+def test_a_password_is_kept_salted_and_checked():
+    stored = hash_password("correct horse")
+    assert stored.startswith("scrypt$") and "correct horse" not in stored
+    assert stored != hash_password("correct horse")  # salted
+    assert password_matches("correct horse", stored)
+    assert not password_matches("correct hors", stored)
+    assert not password_matches("correct horse", None)
+    assert not password_matches("x", "bcrypt$whatever")
+    assert not password_matches("x", "scrypt$not$a$valid$hash$!")
+
+
+def test_tokens_are_random_and_kept_as_their_hash():
+    a, b = new_token(), new_token()
+    assert a != b and looks_like_token(a) and len(a) > 40
+    assert token_hash(a) != token_hash(b) and len(token_hash(a)) == 64
+    assert not looks_like_token("a password")
+
+
+@pytest.mark.parametrize(("role", "upload", "view", "manage"), [
+    (Role.owner, True, True, True),
+    (Role.member, True, True, False),
+    (Role.uploader, True, False, False),
+])
+def test_roles(role, upload, view, manage):
+    c = caller(P1=role)
+    assert c.may(Action.upload, "P1") is upload
+    assert c.may(Action.view, "P1") is view
+    assert c.may(Action.manage, "P1") is manage
+    assert not c.may(Action.upload, "P2")  # no role elsewhere
+
+
+def test_unassigned_and_no_project_are_for_admins_only():
+    assert not caller(P1=Role.owner).may(Action.upload, None)
+    assert not caller(P1=Role.owner).may(Action.view, UNASSIGNED)
+    assert caller(admin=True).may(Action.view, UNASSIGNED)
+    assert caller(admin=True).may(Action.manage, "anything")
+
+
+def test_an_uploader_sees_their_own_uploads_and_no_one_elses():
+    c = caller(P1=Role.uploader)
+    assert c.may_see_upload("ann", "P1")
+    assert not c.may_see_upload("bob", "P1")
+    assert caller(P1=Role.member).may_see_upload("bob", "P1")
+
+
+def test_basic_credentials():
+    encoded = base64.b64encode(b"ann:pa:ss").decode()
+    assert parse_basic(encoded) == ("ann", "pa:ss")  # a colon in the password is kept
+    for bad in ("%%%", base64.b64encode(b"no-colon").decode(),
+                base64.b64encode(b":nouser").decode()):
+        with pytest.raises(BadCredentials):
+            parse_basic(bad)
+
+
+def test_weak_passwords_are_refused():
+    assert weak_password("short")
+    assert weak_password("igt_" + "x" * 30)  # would be read as a token
+    assert weak_password("long enough") is None
