@@ -7,6 +7,8 @@ import io
 import time
 import uuid
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,9 @@ from imgest_runtime.settings import RuntimeSettings
 from imgest_runtime.store import ObjectStore, open_store
 from pydicom.uid import generate_uid
 
-from imgest.stack import Stack
+from imgest.stack import SERVICES, Stack, port_env
 
-from .conftest import Broker, Mailbox
+from .conftest import Broker, Infra, Mailbox, free_port
 
 
 class Running:
@@ -107,6 +109,50 @@ class Running:
                 await conn.close()
 
         return asyncio.run(run())
+
+
+@contextmanager
+def started_stack(request, infra: Infra, smtp_server, tmp_path_factory, store: str,
+                  **env: str) -> Iterator[Running]:
+    """The whole stack on the session's PostgreSQL server (a database of its own), a broker of
+    its own and the given store; its log is printed if a test failed."""
+    data_dir = tmp_path_factory.mktemp(f"stack-{store}")
+    broker = infra.kafka()
+    database = f"imgest_{data_dir.name.replace('-', '_')}"
+    env = {
+        "IMGEST_DATABASE_URL": infra.database_url(database),
+        "IMGEST_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "IMGEST_EPOCH_CHECK_SECONDS": "1",
+        "IMGEST_KAFKA_IDEMPOTENCE": str(infra.idempotence).lower(),
+        "IMGEST_STORE": store,
+        "IMGEST_S3_BUCKET": f"imgest-{uuid.uuid4().hex[:8]}",
+        "IMGEST_SMTP_URL": smtp_server.url,
+        "IMGEST_RETRY_BASE_SECONDS": "0.05",
+        "IMGEST_MAX_UPLOAD_BYTES": str(3 * 1024 * 1024),
+        "IMGEST_KAFKA_SESSION_TIMEOUT_MS": "3000",
+        **infra.s3,
+        **{port_env(s): str(free_port()) for s in SERVICES},
+        **env,
+    }
+    env["IMGEST_PUBLIC_URL"] = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
+    log = data_dir / "services.log"
+    sink = log.open("a", buffering=1)
+    stack = Stack(data_dir, env, emit=lambda name, line: sink.write(f"{name:<9}| {line}\n"))
+    resolved = stack.start()
+    try:
+        stack.wait_ready(timeout=180)
+    except TimeoutError:
+        stack.stop()
+        raise AssertionError("stack not ready:\n" + log.read_text()[-5000:]) from None
+    run = Running(stack, resolved, smtp_server.mailbox, log, broker)
+    try:
+        yield run
+    finally:
+        stack.stop()
+        if request.session.testsfailed:
+            print(f"--- {store} stack, last service log lines ---\n{run.tail(150)}")
+        broker.stop()
+        sink.close()
 
 
 # --- test data ---------------------------------------------------------------------------------

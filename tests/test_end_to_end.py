@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import time
-import uuid
 import zipfile
 from typing import Any
 
@@ -15,50 +14,18 @@ import httpx
 import pydicom
 import pytest
 
-from imgest.stack import SERVICES, Stack, port_env
+from imgest.stack import SERVICES, port_env
 
-from .conftest import Infra, free_port
-from .pipeline import Running, jpeg_with_exif, study_zip
+from .conftest import Infra
+from .pipeline import Running, jpeg_with_exif, started_stack, study_zip
 
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module", params=["local", "s3"])
 def running(request, infra: Infra, smtp_server, tmp_path_factory):
-    store = request.param
-    data_dir = tmp_path_factory.mktemp(f"stack-{store}")
-    broker = infra.kafka()
-    env = {
-        "IMGEST_DATABASE_URL": infra.database_url(f"imgest_{store}"),
-        "IMGEST_KAFKA_BOOTSTRAP": broker.bootstrap,
-        "IMGEST_EPOCH_CHECK_SECONDS": "1",
-        "IMGEST_KAFKA_IDEMPOTENCE": str(infra.idempotence).lower(),
-        "IMGEST_STORE": store,
-        "IMGEST_S3_BUCKET": f"imgest-{uuid.uuid4().hex[:8]}",
-        "IMGEST_SMTP_URL": smtp_server.url,
-        "IMGEST_RETRY_BASE_SECONDS": "0.05",
-        "IMGEST_MAX_UPLOAD_BYTES": str(3 * 1024 * 1024),
-        "IMGEST_KAFKA_SESSION_TIMEOUT_MS": "3000",
-        **infra.s3,
-        **{port_env(s): str(free_port()) for s in SERVICES},
-    }
-    env["IMGEST_PUBLIC_URL"] = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
-    log = data_dir / "services.log"
-    sink = log.open("a", buffering=1)
-    stack = Stack(data_dir, env, emit=lambda name, line: sink.write(f"{name:<9}| {line}\n"))
-    resolved = stack.start()
-    try:
-        stack.wait_ready(timeout=180)
-    except TimeoutError:
-        stack.stop()
-        raise AssertionError("stack not ready:\n" + log.read_text()[-5000:]) from None
-    run = Running(stack, resolved, smtp_server.mailbox, log, broker)
-    yield run
-    stack.stop()
-    if request.session.testsfailed:
-        print(f"--- {store} stack, last service log lines ---\n{run.tail(150)}")
-    broker.stop()
-    sink.close()
+    with started_stack(request, infra, smtp_server, tmp_path_factory, request.param) as run:
+        yield run
 
 
 def assert_archived(run: Running, state: dict[str, Any], files: int) -> list[asyncpg.Record]:

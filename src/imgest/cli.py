@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from . import admin
+
 app = typer.Typer(help="imgest: imaging ingestion (DICOM, slides, photos, manifests) into an "
                   "archive.", no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Database chores for developers.", no_args_is_help=True)
@@ -20,6 +22,9 @@ app.add_typer(db_app, name="db")
 dlq_app = typer.Typer(help="Dead letters: events that failed for good. List, show, replay.",
                       no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(admin.user_app, name="user")
+app.add_typer(admin.token_app, name="token")
+app.add_typer(admin.project_app, name="project")
 Bootstrap = Annotated[str, typer.Option(
     "--kafka-bootstrap", envvar="IMGEST_KAFKA_BOOTSTRAP", show_envvar=True,
     help="The broker (default: the one `imgest up` starts).")]
@@ -102,8 +107,12 @@ def up(
             mail = smtp_url or f"{(data_dir / 'mail').resolve()}/*.eml"
             emit("imgest", f"ready in {time.monotonic() - started:.1f}s. Gateway: {url}  "
                  f"(API docs {url}/docs)")
-            emit("imgest", f"upload a file:   curl -T scan.dcm {url}/api/v1/uploads/")
-            emit("imgest", f"see what became of it:   curl {url}/api/v1/uploads/<id>   "
+            token_file = (data_dir / "admin.token").resolve()
+            emit("imgest", f"administrator's API token: {token_file}  (TOKEN=$(cat {token_file}))")
+            emit("imgest", f"upload a file:   curl -H \"Authorization: Bearer $TOKEN\" "
+                 f"-T scan.dcm '{url}/api/v1/uploads/?project=P'   (imgest project create P)")
+            emit("imgest", f"see what became of it:   curl -H \"Authorization: Bearer $TOKEN\" "
+                 f"{url}/api/v1/uploads/<id>   "
                  f"· emails: {mail}   · Ctrl-C stops")
         stopping.wait()
     finally:
@@ -121,6 +130,7 @@ def upload(
     subject: Annotated[str | None, typer.Option(help="Subject label.")] = None,
     session: Annotated[str | None, typer.Option(help="Session label.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait until each upload completes.")] = True,
+    token: admin.Token = None,
 ) -> None:
     """Upload files through the gateway, with a progress bar, and show what became of them."""
     import httpx
@@ -137,7 +147,9 @@ def upload(
                                 "session": session}.items() if v}
     ids: list[str] = []
     failed = False
-    with httpx.Client(base_url=url, timeout=httpx.Timeout(60, read=None)) as client, Progress(
+    auth = {"Authorization": f"Bearer {admin.resolve_token(token)}"}
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(60, read=None),
+                      headers=auth) as client, Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
             TransferSpeedColumn(), TimeRemainingColumn()) as progress:
         for path in paths:

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+)
+from typing_extensions import TypeAliasType
 
 
 class Payload(BaseModel):
@@ -265,6 +273,27 @@ class NotificationSent(Payload):
     sent_at: datetime
 
 
+def _json_integer(value: Any) -> Any:
+    """JSON's integers: 3 and 3.0 (JSON Schema counts both), not "3" or true."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("a JSON integer is required")  # noqa: TRY004 (pydantic wants ValueError)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def json_int(ge: int, le: int) -> Any:
+    """An integer in [ge, le] as JSON has it (the bounds sit under the check, so the JSON
+    Schema keeps them as minimum and maximum)."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_json_integer)]
+# JSON without NUL characters (PostgreSQL's jsonb cannot hold U+0000), for what users write.
+NulFree = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+Json = TypeAliasType(  # type: ignore[misc]
+    "Json", "NulFree | int | float | bool | None | list[Json] | dict[NulFree, Json]")
+EMAIL = r"^[^@\x00-\x20\x7f]+@[^@\x00-\x20\x7f]+$"  # same in Python and ECMA regex
+FIELD_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+
+
 class ProjectSettings(BaseModel):
     """What a project decides for the uploads into it (its owner sets it)."""
 
@@ -272,20 +301,35 @@ class ProjectSettings(BaseModel):
     auto_archive: Literal["manual", "auto", "auto-overwrite"] = Field(
         "auto", description="manual: sessions wait in the prearchive for review; auto: they go "
         "to the archive; auto-overwrite: and replace what is there.")
-    quarantine: bool = Field(False, description="Archived content is quarantined by default.")
+    quarantine: StrictBool = Field(False,
+                                   description="Archived content is quarantined by default.")
     accepted_kinds: list[FileKind] = Field(
         default_factory=lambda: [FileKind.dicom, FileKind.photo, FileKind.slide, FileKind.csv],
         description="Kinds of file the project takes; others are rejected with a reason.")
-    required_fields: list[str] = Field(
+    required_fields: list[Annotated[str, Field(pattern=FIELD_NAME)]] = Field(
         default_factory=list, description="Upload fields every upload must carry (e.g. "
         "view_name, capture_date); a missing one is refused when the upload is created.")
-    max_files_per_upload: int = Field(1500, ge=1, le=1_000_000,
-                                      description="Most files one upload may hold.")
-    metadata_rules: dict[str, dict[str, Any]] = Field(
+    max_files_per_upload: json_int(1, 1_000_000) = Field(  # type: ignore[valid-type]
+        1500, description="Most files one upload may hold.")
+    metadata_rules: dict[FileKind, dict[NulFree, Json]] = Field(
         default_factory=dict, description="A JSON Schema per file kind that a file's metadata "
         "must satisfy (e.g. a photo must carry DateTimeOriginal).")
-    notify: list[str] = Field(default_factory=list,
-                              description="Addresses told of every upload's outcome.")
+    notify: list[Annotated[str, Field(pattern=EMAIL, max_length=320)]] = Field(
+        default_factory=list, description="Addresses told of every upload's outcome.")
+
+    @field_validator("metadata_rules")
+    @classmethod
+    def _rules_are_schemas(cls, rules: dict[FileKind, dict[str, Any]]
+                           ) -> dict[FileKind, dict[str, Any]]:
+        import jsonschema
+
+        for kind, schema in rules.items():
+            try:
+                jsonschema.Draft202012Validator.check_schema(schema)
+            except jsonschema.SchemaError as e:
+                raise ValueError(f"the rule for {kind.value} is not a JSON Schema: {e.message}"
+                                 ) from None
+        return rules
 
 
 class ProjectUpdated(Payload):

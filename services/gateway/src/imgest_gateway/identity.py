@@ -106,15 +106,6 @@ def looks_like_token(secret: str) -> bool:
     return secret.startswith(TOKEN_PREFIX) and len(secret) > len(TOKEN_PREFIX) + 20
 
 
-def weak_password(password: str) -> str | None:
-    """Why a new password is refused, or None."""
-    if len(password) < MIN_PASSWORD:
-        return f"A password needs at least {MIN_PASSWORD} characters."
-    if password.startswith(TOKEN_PREFIX):
-        return f"A password may not start with {TOKEN_PREFIX!r} (tokens do)."
-    return None
-
-
 class BadCredentials(ValueError):
     pass
 

@@ -8,15 +8,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
-from imgest_contracts import ProjectSettings, ProjectUpdated
+from imgest_contracts import EMAIL, ProjectSettings, ProjectUpdated
+from imgest_contracts.events import json_int
 from imgest_runtime.service import Service, problem, problem_responses
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sqlalchemy import update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from .auth import AdminDep, CallerDep, forbidden, issue_token
 from .identity import (
+    MIN_PASSWORD,
     PROJECT_ID,
     UNASSIGNED,
     USERNAME,
@@ -24,53 +26,58 @@ from .identity import (
     Caller,
     Role,
     hash_password,
-    weak_password,
 )
 from .models import ApiToken, Membership, Project, User
 
 Username = Annotated[str, PathParam(pattern=USERNAME, description="A user name.")]
+# Text a person writes: no control characters (PostgreSQL refuses NUL, and none belongs there).
+Text = Annotated[str, Field(pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$")]
+Password = Annotated[str, Field(min_length=MIN_PASSWORD, max_length=1024,
+                                pattern=r"^[^\x00]*$")]
 ProjectId = Annotated[str, PathParam(pattern=PROJECT_ID, description="A project's ID.")]
 
 
 class NewUser(BaseModel):
     model_config = ConfigDict(extra="forbid")
     username: str = Field(pattern=USERNAME)
-    email: str | None = Field(None, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
-    password: str | None = Field(None, max_length=1024, description="None: tokens only.")
-    admin: bool = False
+    email: str | None = Field(None, max_length=320, pattern=EMAIL)
+    password: Password | None = Field(None, description="None: tokens only.")
+    admin: StrictBool = False
 
 
 class UserChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    email: str | None = Field(None, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
-    password: str | None = Field(None, max_length=1024)
-    admin: bool | None = Field(None, description="Administrators only.")
-    active: bool | None = Field(None, description="Administrators only; false also revokes "
+    email: str | None = Field(None, max_length=320, pattern=EMAIL)
+    password: Password | None = None
+    admin: StrictBool | None = Field(None, description="Administrators only.")
+    active: StrictBool | None = Field(None, description="Administrators only; false also revokes "
                                 "every token.")
 
 
 class NewToken(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field("token", min_length=1, max_length=200,
-                      description="What it is for (a script, a scanner).")
-    expires_in_days: int | None = Field(None, ge=1, le=3650, description="None: never expires.")
+    name: Text = Field("token", min_length=1, max_length=200,
+                       description="What it is for (a script, a scanner).")
+    expires_in_days: json_int(1, 3650) | None = Field(  # type: ignore[valid-type]
+        None, description="None: never expires.")
 
 
 class NewProject(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(pattern=PROJECT_ID, description="The project's ID (XNAT's characters).")
-    name: str | None = Field(None, max_length=200, description="Default: the ID.")
-    description: str = Field("", max_length=4000)
+    name: Text | None = Field(None, max_length=200, description="Default: the ID.")
+    description: Text = Field("", max_length=4000)
     settings: ProjectSettings = Field(default_factory=ProjectSettings)
-    owners: list[str] = Field(default_factory=list, description="Users made its owners.")
+    owners: list[Annotated[str, Field(pattern=USERNAME)]] = Field(
+        default_factory=list, description="Users made its owners.")
 
 
 class ProjectChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, min_length=1, max_length=200)
-    description: str | None = Field(None, max_length=4000)
-    settings: dict[str, Any] | None = Field(
-        None, description="Settings to change (the others stay); see ProjectSettings.")
+    name: Text | None = Field(None, min_length=1, max_length=200)
+    description: Text | None = Field(None, max_length=4000)
+    settings: ProjectSettings | None = Field(
+        None, description="Settings to change; those not given stay as they are.")
 
 
 class RoleBody(BaseModel):
@@ -105,11 +112,6 @@ def _json(value: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(jsonable_encoder(value), status_code=status)
 
 
-def _refused(password: str | None) -> JSONResponse | None:
-    why = weak_password(password) if password is not None else None
-    return problem(422, "Weak password", why) if why else None
-
-
 async def _publish_project(svc: Service, session: AsyncSession, project: Project) -> None:
     """Every change goes out as the project's whole state, so a consumer needs only the last."""
     await svc.outbox.add(session, ProjectUpdated(
@@ -118,7 +120,7 @@ async def _publish_project(svc: Service, session: AsyncSession, project: Project
 
 
 def identity_router(svc: Service) -> APIRouter:
-    api = APIRouter(prefix="/api/v1", responses=problem_responses(401, 403, 404, 422))
+    api = APIRouter(prefix="/api/v1", responses=problem_responses(400, 401, 403, 404, 422))
 
     # --- the caller ------------------------------------------------------------------------------
 
@@ -138,8 +140,6 @@ def identity_router(svc: Service) -> APIRouter:
     @api.post("/users", tags=["identity"], status_code=201, summary="Add a user (administrators)",
               responses=problem_responses(409))
     async def add_user(body: NewUser, _admin: AdminDep) -> JSONResponse:
-        if refused := _refused(body.password):
-            return refused
         async with svc.db.session() as session:
             if await session.get(User, body.username) is not None:
                 return problem(409, "Conflict", f"User {body.username!r} exists.")
@@ -169,8 +169,6 @@ def identity_router(svc: Service) -> APIRouter:
         if username == caller.username and (body.admin is False or body.active is False):
             # Another administrator does it, so that imgest is never left without one.
             raise forbidden("You may not take away your own administrator rights or account.")
-        if refused := _refused(body.password):
-            return refused
         async with svc.db.session() as session:
             user = await session.get(User, username, with_for_update=True)
             if user is None:
@@ -193,7 +191,12 @@ def identity_router(svc: Service) -> APIRouter:
     # --- tokens ----------------------------------------------------------------------------------
 
     @api.post("/users/{username}/tokens", tags=["identity"], status_code=201,
-              summary="Create an API token (shown this once)")
+              summary="Create an API token (shown this once)",
+              responses={201: {"description": "The token (its secret in `token`, this once).",
+                               "links": {"RevokeToken": {
+                                   "operationId": "revoke_token",
+                                   "parameters": {"username": "$response.body#/username",
+                                                  "token_id": "$response.body#/id"}}}}})
     async def create_token(username: Username, caller: CallerDep,
                            body: Annotated[NewToken | None, Body()] = None) -> JSONResponse:
         _self_or_admin(caller, username)
@@ -216,7 +219,7 @@ def identity_router(svc: Service) -> APIRouter:
         return _json([token_view(t) for t in rows])
 
     @api.delete("/users/{username}/tokens/{token_id}", tags=["identity"], status_code=204,
-                summary="Revoke a token")
+                summary="Revoke a token", operation_id="revoke_token")
     async def revoke_token(username: Username, caller: CallerDep,
                            token_id: Annotated[str, PathParam(max_length=32)]) -> Response:
         _self_or_admin(caller, username)
@@ -243,7 +246,7 @@ def identity_router(svc: Service) -> APIRouter:
               summary="Create a project (administrators)", responses=problem_responses(409))
     async def create_project(body: NewProject, _admin: AdminDep) -> JSONResponse:
         if body.id.lower() == UNASSIGNED.lower():
-            return problem(422, "Reserved name", f"{UNASSIGNED!r} is where sessions without a "
+            return problem(409, "Reserved name", f"{UNASSIGNED!r} is where sessions without a "
                            "project go; it cannot be a project.")
         now = datetime.now(UTC)
         async with svc.db.session() as session:
@@ -251,7 +254,7 @@ def identity_router(svc: Service) -> APIRouter:
                 return problem(409, "Conflict", f"Project {body.id!r} exists.")
             for owner in body.owners:
                 if await session.get(User, owner) is None:
-                    return problem(422, "Unknown user", f"No user {owner!r} to be an owner.")
+                    return problem(404, "Not Found", f"No user {owner!r} (to be an owner).")
             project = Project(id=body.id, name=body.name or body.id, description=body.description,
                               settings=body.settings.model_dump(mode="json"), created_at=now,
                               updated_at=now)
@@ -281,15 +284,8 @@ def identity_router(svc: Service) -> APIRouter:
             if project is None:
                 return problem(404, "Not Found", f"No project {project_id!r}.")
             if body.settings is not None:
-                from pydantic import ValidationError
-
-                try:
-                    merged = ProjectSettings.model_validate({**project.settings, **body.settings})
-                except ValidationError as e:
-                    return problem(422, "Unprocessable Content", "The settings are not valid.",
-                                   errors=[{"loc": ["settings", *e_["loc"]], "msg": e_["msg"]}
-                                           for e_ in e.errors()])
-                project.settings = merged.model_dump(mode="json")
+                project.settings = {**project.settings,
+                                    **body.settings.model_dump(mode="json", exclude_unset=True)}
             if body.name is not None:
                 project.name = body.name
             if body.description is not None:
