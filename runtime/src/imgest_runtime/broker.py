@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -184,6 +184,7 @@ class Consumer:
         self.settings = settings
         self.routes: dict[str, Route] = {}
         self.subscriber: Any = None
+        self._rewind_until = 0.0  # loop time: partitions assigned before then start over
 
     def on(self, payload: type[Payload], *, dead_letters: bool = False):
         """Registers the batch handler of an event type, or (dead_letters) of its dead-letter
@@ -217,6 +218,7 @@ class Consumer:
             heartbeat_interval_ms=s.kafka_session_timeout_ms // 3,
             parser=_tolerant_parse,
             decoder=_raw_values,
+            listener=_Rewinding(self),
             include_in_schema=False,  # the document lists each topic (see Service.asyncapi)
         )
         self.subscriber(self._consume)
@@ -294,6 +296,29 @@ class Consumer:
         log.error("%s: dead-lettered after %d attempt(s): %s", record.topic, attempts,
                   headers["x-imgest-error"])
 
+    async def rewind(self, grace_seconds: float) -> None:
+        """The broker lost its memory: read every partition from its beginning again (the
+        inbox drops what was handled). Positions, and offsets committed against the old broker
+        (a member may commit one after the restart, before it notices), point past records of
+        the new broker's logs. Partitions assigned during `grace_seconds` (the group settling
+        again) start from the beginning too."""
+        self._rewind_until = asyncio.get_running_loop().time() + grace_seconds
+        consumer = getattr(self.subscriber, "consumer", None)
+        if consumer is None:
+            return
+        assigned = consumer.assignment()
+        _from_the_start(consumer, assigned)
+        log.warning("%s: the broker is new; reading %d partition(s) from the beginning again",
+                    self.service, len(assigned))
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        consumer = getattr(self.subscriber, "consumer", None)
+        if assigned and consumer is not None and (
+                asyncio.get_running_loop().time() < self._rewind_until):
+            _from_the_start(consumer, assigned)
+            log.warning("%s: partitions assigned soon after the broker lost its memory: "
+                        "reading them from the beginning", self.service)
+
     @asynccontextmanager
     async def _kept_alive(self):
         """While a batch is handled, keep the member in its group however long it takes (up to
@@ -352,6 +377,24 @@ class Consumer:
                 continue
             log.info("%s: still handling a batch after %.0fs; polled to stay in the group",
                      self.service, running)
+
+
+def _from_the_start(consumer: Any, partitions: set[TopicPartition]) -> None:
+    """Offset 0, or the log's start if it was trimmed (out of range resets to "earliest"). A
+    plain seek, not `seek_to_beginning`: it must not wait on the fetcher inside a rebalance."""
+    for tp in partitions:
+        consumer.seek(tp, 0)
+
+
+class _Rewinding(ConsumerRebalanceListener):
+    def __init__(self, consumer: Consumer):
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.consumer._on_assigned(assigned)
 
 
 PIPELINE_FAILED = "pipeline.failed"  # the reason code of a dead-lettered file

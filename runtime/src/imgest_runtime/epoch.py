@@ -6,7 +6,8 @@ a broker that lost its memory has no such record, so the first service to look w
 Each service remembers the epoch it last saw; when it changes, the service marks its recent
 outbox rows unsent, and the relay publishes them again in their original order. Consumers'
 inboxes make the replay harmless for work already done, and every service replays its own
-outputs, so each stage of the pipeline is fed again. On a durable Kafka the epoch never changes
+outputs, so each stage of the pipeline is fed again. Each process also rewinds its consumer:
+offsets of the old broker mean nothing in the new one's logs (see `Consumer.rewind`). On a durable Kafka the epoch never changes
 and nothing is replayed.
 """
 
@@ -60,11 +61,10 @@ async def broker_epoch(bootstrap: str) -> str:
     return found
 
 
-async def check_epoch(db: Database, tables: DeliveryTables, bootstrap: str,
+async def check_epoch(db: Database, tables: DeliveryTables, epoch: str,
                       replay_window: timedelta) -> int:
-    """Replays the outbox of the last `replay_window` if the broker's epoch changed; returns how
-    many events were marked for sending again."""
-    epoch = await broker_epoch(bootstrap)
+    """Replays the outbox of the last `replay_window` if the broker's epoch is not the one the
+    service last saw; returns how many events were marked for sending again."""
     table = tables.broker
     async with db.session() as session:
         known = (await session.execute(

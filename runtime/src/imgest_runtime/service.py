@@ -38,7 +38,7 @@ from .broker import (
     retrying,
 )
 from .db import Database, migrate
-from .epoch import check_epoch
+from .epoch import broker_epoch, check_epoch
 from .outbox import DeliveryTables, Outbox, Relay, delivery_tables, derived_id
 from .settings import RuntimeSettings
 from .store import ObjectStore, open_store
@@ -121,6 +121,7 @@ class Service:
     uses_store: bool = True
     consumed: list[tuple[type[Payload], bool]] = field(default_factory=list)
     published: list[type[Payload]] = field(default_factory=list)
+    _epoch: str | None = field(default=None, init=False)  # the broker epoch it consumes from
 
     def __post_init__(self) -> None:
         self.broker = make_broker(self.settings, self.name)
@@ -242,12 +243,19 @@ class Service:
             await asyncio.sleep(job.every_seconds)
 
     async def check_epoch(self) -> None:
-        """Topics exist, and if the broker lost its memory, the outbox is sent again."""
+        """Topics exist, and if the broker lost its memory, the outbox is sent again (once, by
+        whichever replica sees it first) and this process's consumer starts over."""
         await ensure_topics(self.settings.kafka_bootstrap, list(TOPICS),
                             self.settings.kafka_partitions)
-        if await check_epoch(self.db, self.tables, self.settings.kafka_bootstrap,
+        epoch = await broker_epoch(self.settings.kafka_bootstrap)
+        if await check_epoch(self.db, self.tables, epoch,
                              timedelta(hours=self.settings.replay_hours)):
             self.outbox.wake.set()
+        if self._epoch not in (None, epoch):
+            # Positions and commits made against the old broker skip records of the new one.
+            await self.consumer.rewind(grace_seconds=3 * self.settings.epoch_check_seconds
+                                       + 2 * self.settings.kafka_session_timeout_ms / 1000)
+        self._epoch = epoch
 
     @asynccontextmanager
     async def running(self):
