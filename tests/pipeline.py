@@ -137,7 +137,7 @@ def started_stack(request, infra: Infra, smtp_server, tmp_path_factory, store: s
     env["IMGEST_PUBLIC_URL"] = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
     log = data_dir / "services.log"
     sink = log.open("a", buffering=1)
-    stack = Stack(data_dir, env, emit=lambda name, line: sink.write(f"{name:<9}| {line}\n"))
+    stack = Stack(data_dir, env, emit=lambda name, line: sink.closed or sink.write(f"{name:<9}| {line}\n"))
     resolved = stack.start()
     try:
         stack.wait_ready(timeout=180)

@@ -57,7 +57,7 @@ def faulty(request, smtp: SmtpServer):
     env["IMGEST_PUBLIC_URL"] = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
     log = root / "services.log"
     sink = log.open("a", buffering=1)
-    stack = Stack(root / "data", env, emit=lambda n, line: sink.write(f"{n:<9}| {line}\n"))
+    stack = Stack(root / "data", env, emit=lambda n, line: sink.closed or sink.write(f"{n:<9}| {line}\n"))
     resolved = stack.start()
     stack.wait_ready(timeout=180)
     run = Running(stack, resolved, smtp.mailbox, log, None)

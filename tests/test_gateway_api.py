@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -171,3 +172,151 @@ def _token_via_basic(run: Running, user: str, password: str) -> str:
                                                          json={"name": "bootstrap"})
     assert response.status_code == 201, response.text
     return response.json()["token"]
+
+
+# --- upload sessions -----------------------------------------------------------------------------
+
+
+def _dicom(pydicom_file, patient: str) -> bytes:
+    """A DICOM file of its own (new UIDs): distinct content for each call."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from .pipeline import dicom_bytes
+
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID = ds.PatientName = patient
+    return dicom_bytes(ds)
+
+
+def test_upload_session_fields_duplicates_cap_progress_and_listing(gateway: Running,
+                                                                   pydicom_file):
+    import json
+    import threading
+
+    http = gateway.http
+    gateway.project("SLIDES", required_fields=["view_name", "capture_date"],
+                    max_files_per_upload=3)
+    missing = http.post("/api/v1/projects/SLIDES/uploads", json={"fields": {"view_name": "AP"}})
+    assert missing.status_code == 422, missing.text
+    assert "capture_date" in missing.json()["detail"]
+    assert missing.json()["errors"] == [{"loc": ["body", "fields", "capture_date"],
+                                         "msg": "Field required"}]
+    created = http.post("/api/v1/projects/SLIDES/uploads", json={
+        "fields": {"view_name": "AP", "capture_date": "2026-11-26"}, "subject": "S1"})
+    assert created.status_code == 201, created.text
+    upload = created.json()
+    assert upload["state"] == "open" and upload["options"]["fields"]["view_name"] == "AP"
+    files = f"/api/v1/uploads/{upload['id']}/files"
+
+    a, b, c, d = (_dicom(pydicom_file, f"SESS{i}") for i in range(4))
+    first = http.post(files, params={"filename": "a.dcm"}, content=a)
+    assert first.status_code == 201 and first.json()["added"] == 1, first.text
+    # Many at once (multipart): one is the same content as a.dcm, so it is skipped and said so.
+    many = http.post(files, files=[("file", ("again.dcm", a)), ("file", ("b.dcm", b)),
+                                   ("file", ("c.dcm", c))])
+    assert many.status_code == 201, many.text
+    assert (many.json()["added"], many.json()["duplicates"]) == (2, 1)
+    skipped = [f for f in many.json()["files"] if f["state"] == "duplicate"]
+    assert skipped[0]["filename"] == "again.dcm"
+    assert skipped[0]["reason"]["code"] == "upload.duplicate" and "a.dcm" in skipped[0][
+        "reason"]["message"]
+    # The project allows 3 files per upload.
+    over = http.post(files, params={"filename": "d.dcm"}, content=d)
+    assert over.status_code == 409 and "max_files_per_upload" in over.json()["detail"]
+    listed = http.get("/api/v1/projects/SLIDES/uploads").json()
+    mine = [u for u in listed if u["id"] == upload["id"]]
+    assert mine and mine[0]["state"] == "open" and mine[0]["objects"] == {"added": 3,
+                                                                          "duplicate": 1}
+
+    # Live progress while it is processed (Server-Sent Events), then the per-file status.
+    events: list[tuple[str, dict]] = []
+
+    def follow() -> None:
+        with httpx.stream("GET", f"{gateway.url}/api/v1/uploads/{upload['id']}/events",
+                          headers={"Authorization": f"Bearer {gateway.token}"},
+                          timeout=120) as stream:
+            if not stream.headers["content-type"].startswith("text/event-stream"):
+                events.append(("unexpected", {"status": stream.status_code,
+                                              "body": stream.read().decode()}))
+                return
+            name = None
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    name = line[len("event: "):]
+                elif line.startswith("data: ") and name:
+                    events.append((name, json.loads(line[len("data: "):])))
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    submitted = http.post(f"/api/v1/uploads/{upload['id']}/submit")
+    assert submitted.status_code == 200 and submitted.json()["state"] == "processing"
+    assert http.post(f"/api/v1/uploads/{upload['id']}/submit").status_code == 200  # idempotent
+    reader.join(timeout=120)
+    assert events and events[-1][0] == "done", events
+    assert events[0][1]["state"] in ("open", "processing")
+    assert events[-1][1]["state"] == "archived" and events[-1][1]["files"] == {"archived": 3}
+    state = gateway.wait(upload["id"])
+    assert state["counts"]["archived"] == 3
+    duplicate = [o for o in state["objects"] if o["state"] == "duplicate"]
+    assert len(duplicate) == 1 and duplicate[0]["reason"]["code"] == "upload.duplicate"
+    assert http.post(files, params={"filename": "late.dcm"}, content=d).status_code == 409
+
+    # A second upload with content already archived in the project: skipped, and said where.
+    again = http.post("/api/v1/projects/SLIDES/uploads", json={
+        "fields": {"view_name": "PA", "capture_date": "2026-11-26"}}).json()
+    known = http.post(f"/api/v1/uploads/{again['id']}/files", params={"filename": "x.dcm"},
+                      content=b)
+    assert known.status_code == 200 and known.json()["added"] == 0
+    assert known.json()["files"][0]["reason"]["code"] == "upload.already_archived"
+    nothing = http.post(f"/api/v1/uploads/{again['id']}/submit")
+    assert nothing.status_code == 409 and "no files" in nothing.json()["detail"]
+
+
+def test_cancel_an_open_upload_and_retry_failed_files(gateway: Running, pydicom_file):
+    from io import BytesIO
+
+    http = gateway.http
+    gateway.project("RETRY")
+    # Cancel: the files go, nothing is processed, nothing more can be added.
+    upload = http.post("/api/v1/projects/RETRY/uploads", json={}).json()
+    http.post(f"/api/v1/uploads/{upload['id']}/files", params={"filename": "a.dcm"},
+              content=_dicom(pydicom_file, "CANCEL"))
+    assert list(gateway.store.list(f"staging/{upload['id']}/"))
+    cancelled = http.post(f"/api/v1/uploads/{upload['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    assert not list(gateway.store.list(f"staging/{upload['id']}/"))
+    assert http.post(f"/api/v1/uploads/{upload['id']}/files", params={"filename": "b.dcm"},
+                     content=b"x").status_code == 409
+
+    # Retry: a file the pipeline gave up on (its staged copy vanished) is processed again once
+    # the cause is fixed.
+    upload = http.post("/api/v1/projects/RETRY/uploads", json={}).json()
+    http.post(f"/api/v1/uploads/{upload['id']}/files", params={"filename": "r.dcm"},
+              content=_dicom(pydicom_file, "RETRY"))
+    supervisor = gateway.stack.supervisor
+    supervisor.hold("metadata")
+    try:
+        http.post(f"/api/v1/uploads/{upload['id']}/submit")
+        gateway.wait_files(upload["id"], {"staged"}, 1)
+        file_id = gateway.status(upload["id"])["files"][0]["file_id"]
+        staged = [r["object_key"] for r in gateway.query(
+            "select object_key from gateway.upload_file where file_id = $1", file_id)]
+        saved = gateway.store.read_range(staged[0], 0, 10**7)
+        gateway.store.delete(staged[0])
+    finally:
+        supervisor.release("metadata")
+    failed = gateway.wait(upload["id"], timeout=120)
+    assert failed["state"] == "failed" and failed["files"][0]["reason"]["code"] == (
+        "pipeline.failed")
+    assert http.post(f"/api/v1/uploads/{upload['id']}/cancel").status_code == 409
+    gateway.store.put(staged[0], BytesIO(saved))
+    retried = http.post(f"/api/v1/uploads/{upload['id']}/retry")
+    assert retried.status_code == 200 and retried.json()["retried"] == 1, retried.text
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and gateway.status(upload["id"])["state"] != "archived":
+        time.sleep(0.2)
+    assert gateway.status(upload["id"])["state"] == "archived"
+    assert http.post(f"/api/v1/uploads/{upload['id']}/retry").status_code == 409

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -25,7 +24,6 @@ from imgest_contracts import (
     ProjectUpdated,
     Reason,
     UploadCompleted,
-    Uploader,
     UploadSubmitted,
     event_type,
     topic_of,
@@ -38,7 +36,6 @@ from imgest_runtime.service import (
     problem,
     problem_responses,
 )
-from imgest_runtime.store import StoreError, put_async
 from sqlalchemy import func, or_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -49,14 +46,11 @@ from .identity import Action, Caller, hash_password
 from .identity_api import identity_router
 from .models import Project, Upload, UploadFile, UploadObject, metadata
 from .settings import Settings
+from .uploads_api import Refused, stream_to_store, submit, uploads_router
 
 NAME = "gateway"
 log = logging.getLogger("imgest.gateway")
 TOPIC_OF_TYPE = {event_type(payload): topic for topic, payload in TOPICS.items()}
-
-
-class TooLarge(Exception):
-    pass
 
 
 def bootstrap(settings: Settings) -> Service:
@@ -84,7 +78,7 @@ def _json(event: CloudEvent) -> dict:
 async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, state: str,
                       event: CloudEvent | None = None, object_key: str = "", path: str = "",
                       kind: str | None = None, reason: dict | None = None,
-                      session_uri: str | None = None) -> None:
+                      session_uri: str | None = None, sha256: str | None = None) -> None:
     """Merges what one event says about a file; events of different topics come in any order,
     so the state only moves forward and missing details are filled in whenever they arrive.
     The event that moved the state is kept: a re-drive sends it again."""
@@ -94,7 +88,7 @@ async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, st
         session.add(UploadFile(file_id=file_id, upload_id=upload_id, object_key=object_key,
                                path=path, kind=kind, state=state, reason=reason,
                                session=session_uri, event=event and _json(event),
-                               updated_at=now))
+                               sha256=sha256, updated_at=now))
         return
     moved = advances(row.state, state)
     if moved:
@@ -104,6 +98,7 @@ async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, st
     row.object_key = row.object_key or object_key
     row.path = row.path or path
     row.kind = row.kind or kind
+    row.sha256 = row.sha256 or sha256
     row.session = row.session or session_uri
     row.updated_at = now
     session.add(row)
@@ -115,14 +110,15 @@ def register_handlers(svc: Service) -> None:
     async def on_file_staged(event: CloudEvent[FileStaged], tx: Tx) -> None:
         f = event.data
         await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id, event=event,
-                          object_key=f.object_key, path=f.path, state="staged")
+                          object_key=f.object_key, path=f.path, state="staged",
+                          sha256=f.sha256)
 
     @svc.on(FileValidated)
     async def on_file_validated(event: CloudEvent[FileValidated], tx: Tx) -> None:
         f = event.data
         await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id, event=event,
                           object_key=f.object_key, path=f.path, state="validated",
-                          kind=f.kind.value)
+                          kind=f.kind.value, sha256=f.sha256)
 
     @svc.on(FileRejected)
     async def on_file_rejected(event: CloudEvent[FileRejected], tx: Tx) -> None:
@@ -292,51 +288,26 @@ def build_app(settings: Settings) -> FastAPI:
         except BadFilename as e:
             return problem(400, "Bad file name", str(e))
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_upload_bytes):
-            return problem(413, "Content Too Large",
-                           f"An upload may be at most {settings.max_upload_bytes} bytes.")
+        if length is not None and not length.isdigit():
+            return problem(400, "Bad Content-Length", "Content-Length is not a number.")
         upload_id = uuid.uuid4().hex
         key = f"staging/{upload_id}/{name}"
-        limit = settings.max_upload_bytes
-
-        async def body():
-            """The request body as it streams in, refused once past the limit (a chunked
-            request announces no length to check up front)."""
-            received = 0
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > limit:
-                    raise TooLarge()
-                yield chunk
-
         try:
-            stored = await put_async(svc.store, key, body(),  # type: ignore[arg-type]
-                                     int(length) if length else None)
-        except TooLarge:
-            return problem(413, "Content Too Large", f"An upload may be at most {limit} bytes.")
-        except StoreError as e:
-            return problem(503, "Store unavailable", f"The file could not be stored: {e}")
-        if stored.size == 0:
-            await asyncio.to_thread(svc.store.delete, key)
-            return problem(400, "Empty upload", "The request body was empty; nothing to import.")
-        uploader = Uploader(username=caller.username, email=caller.email)
-        now = datetime.now(UTC)
+            stored = await stream_to_store(svc, settings, key, request.stream(),
+                                           int(length) if length else None)
+        except Refused as refused:
+            return refused.response
         async with svc.db.session() as session:
             upload = Upload(id=upload_id, state="processing", project=options.project,
-                            uploader=uploader.username, email=uploader.email,
-                            options=options.model_dump(mode="json", exclude_defaults=True),
-                            created_at=now)
+                            uploader=caller.username, email=caller.email,
+                            options=options.model_dump(mode="json", exclude_defaults=True,
+                                                       exclude={"project"}),
+                            created_at=datetime.now(UTC))
             obj = UploadObject(object_key=key, upload_id=upload_id, filename=name,
-                               size=stored.size, sha256=stored.sha256, state="stored")
+                               size=stored.size, sha256=stored.sha256 or "", state="stored",
+                               content_type=request.headers.get("content-type"))
             session.add(upload)
-            obj.event = _json(await svc.outbox.add(session, ObjectStored(
-                upload_id=upload_id, project=options.project, object_key=key, filename=name,
-                size=stored.size, sha256=stored.sha256,
-                content_type=request.headers.get("content-type"))))
-            session.add(obj)
-            await svc.outbox.add(session, UploadSubmitted(
-                upload_id=upload_id, uploader=uploader, options=options, object_keys=[key],
-                submitted_at=now))
+            await submit(svc, session, upload, [obj])
         location = f"/api/v1/uploads/{upload_id}"
         body = upload_view(upload, [obj], [])
         body["status_url"] = public_url + location
@@ -397,6 +368,7 @@ def build_app(settings: Settings) -> FastAPI:
 
     app.include_router(api)
     app.include_router(identity_router(svc))
+    app.include_router(uploads_router(svc, settings))
     return app
 
 

@@ -23,8 +23,8 @@ class Upload(Base, table=True):
     __tablename__ = "upload"
     id: str = Field(primary_key=True, max_length=64)
     state: str = Field(max_length=20, index=True)
-    project: str | None = Field(default=None, max_length=64)
-    uploader: str = Field(max_length=128)
+    project: str | None = Field(default=None, max_length=64, index=True)
+    uploader: str = Field(max_length=128, index=True)
     email: str | None = Field(default=None, max_length=320)
     options: dict = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
     summary: dict | None = Field(default=None, sa_column=Column(JSONB))
@@ -42,8 +42,10 @@ class UploadObject(Base, table=True):
     upload_id: str = Field(index=True, max_length=64)
     filename: str = Field(max_length=1024)
     size: int = Field(sa_column=Column(BigInteger, nullable=False))
-    sha256: str = Field(max_length=64)
-    state: str = Field(max_length=20)  # stored | unpacked | rejected | failed
+    sha256: str = Field(max_length=64, index=True)
+    content_type: str | None = Field(default=None, max_length=255)
+    # added (in an open upload) | duplicate (skipped) | stored | unpacked | rejected | failed
+    state: str = Field(max_length=20)
     reason: dict | None = Field(default=None, sa_column=Column(JSONB))
     event: dict | None = Field(  # the event that last moved it on: a re-drive sends it again
         default=None, sa_column=Column(JSONB(none_as_null=True)))
@@ -58,6 +60,7 @@ class UploadFile(Base, table=True):
     object_key: str = Field(max_length=1024)
     path: str = Field(max_length=4096)
     kind: str | None = Field(default=None, max_length=20)
+    sha256: str | None = Field(default=None, max_length=64, index=True)  # duplicate checks
     state: str = Field(max_length=20)
     reason: dict | None = Field(default=None, sa_column=Column(JSONB))
     session: str | None = Field(default=None, max_length=1024)
