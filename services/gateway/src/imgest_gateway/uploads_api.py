@@ -9,6 +9,7 @@ as it is added, skipped, and reported.
 
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from imgest_contracts.events import FIELD_NAME
 from imgest_runtime.broker import PIPELINE_FAILED
 from imgest_runtime.service import Service, problem, problem_responses
 from imgest_runtime.store import StoredObject, StoreError, put_async
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -38,6 +39,8 @@ from .settings import Settings
 OPEN, PROCESSING, CANCELLED = "open", "processing", "cancelled"
 TERMINAL = {"archived", "prearchived", "partial", "failed", CANCELLED}
 LABEL = r"^[A-Za-z0-9_-]{1,64}$"
+UploadState = Literal["open", "processing", "archived", "prearchived", "partial", "failed",
+                      "cancelled"]
 FieldValue = Annotated[str, Field(max_length=1000, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$")]
 
 
@@ -54,14 +57,24 @@ class Refused(Exception):
 
 class NewUpload(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    fields: dict[Annotated[str, Field(pattern=FIELD_NAME)], FieldValue] = Field(
+    fields: dict[str, FieldValue] = Field(
         default_factory=dict, description="Free fields (e.g. view_name, capture_date); the "
-        "project says which are required.")
+        "project says which are required.", json_schema_extra={
+            "propertyNames": {"pattern": FIELD_NAME}})
     subject: str | None = Field(None, pattern=LABEL)
     session: str | None = Field(None, pattern=LABEL)
     overwrite: Literal["none", "append", "delete"] = "none"
     quarantine: StrictBool | None = None
     auto_archive: StrictBool | None = None
+
+    @field_validator("fields")
+    @classmethod
+    def _field_names(cls, fields: dict[str, str]) -> dict[str, str]:
+        for name in fields:
+            if not re.fullmatch(FIELD_NAME, name):
+                raise ValueError(f"a field name is a letter, then letters, digits, _ . - "
+                                 f"(got {name!r})")
+        return fields
 
 
 async def stream_to_store(svc: Service, settings: Settings, key: str,
@@ -155,7 +168,11 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
                             headers={"Location": f"/api/v1/uploads/{upload_id}"})
 
     @api.post("/projects/{project_id}/uploads", status_code=201,
-              summary="Create an upload session for a project (then add files, then submit)")
+              summary="Create an upload session for a project (then add files, then submit)",
+              responses={201: {"description": "The upload, open for files.", "links": {
+                  op: {"operationId": op, "parameters": {"upload_id": "$response.body#/id"}}
+                  for op in ("add_files", "submit_upload", "cancel_upload", "retry_upload",
+                             "upload_events")}}})
     async def create_upload(project_id: Annotated[str, PathParam(pattern=PROJECT_ID)],
                             body: NewUpload, caller: CallerDep) -> JSONResponse:
         if not caller.may(Action.upload, project_id):
@@ -232,7 +249,7 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
         return {"filename": safe, "object_key": key, "size": stored.size,
                 "sha256": stored.sha256, "state": "added"}
 
-    @api.post("/uploads/{upload_id}/files", status_code=201,
+    @api.post("/uploads/{upload_id}/files", status_code=201, operation_id="add_files",
               summary="Add files to an open upload: the raw body (with ?filename=) or many "
               "files as multipart/form-data",
               openapi_extra={"requestBody": {"required": True, "content": {
@@ -288,7 +305,7 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
                                       "files": results}),
                             status_code=201 if added else 200)
 
-    @api.post("/uploads/{upload_id}/submit", summary="Submit an open upload for processing")
+    @api.post("/uploads/{upload_id}/submit", operation_id="submit_upload", summary="Submit an open upload for processing")
     async def submit_upload(upload_id: UploadId, caller: CallerDep) -> JSONResponse:
         try:
             async with svc.db.session() as session:
@@ -310,7 +327,7 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             return refused.response
         return await view(upload_id)
 
-    @api.post("/uploads/{upload_id}/cancel",
+    @api.post("/uploads/{upload_id}/cancel", operation_id="cancel_upload",
               summary="Cancel an open upload: its files are deleted, nothing is processed")
     async def cancel_upload(upload_id: UploadId, caller: CallerDep) -> JSONResponse:
         try:
@@ -327,7 +344,7 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
         await asyncio.to_thread(svc.store.delete_prefix, f"staging/{upload_id}/")
         return await view(upload_id)
 
-    @api.post("/uploads/{upload_id}/retry",
+    @api.post("/uploads/{upload_id}/retry", operation_id="retry_upload",
               summary="Process the upload's failed files again (those the pipeline gave up on)")
     async def retry_upload(upload_id: UploadId, caller: CallerDep) -> JSONResponse:
         try:
@@ -365,7 +382,7 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
              summary="A project's uploads (default: those in progress), with counts by state")
     async def project_uploads(project_id: Annotated[str, PathParam(pattern=PROJECT_ID)],
                               caller: CallerDep,
-                              state: Annotated[list[str] | None, Query(
+                              state: Annotated[list[UploadState] | None, Query(
                                   description="open, processing, archived, prearchived, "
                                   "partial, failed, cancelled (repeat; default: open and "
                                   "processing)")] = None,
@@ -406,6 +423,7 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             return (await own_upload(session, caller, upload_id)).id
 
     @api.get("/uploads/{upload_id}/events", response_class=EventSourceResponse,
+             operation_id="upload_events",
              summary="Live progress of an upload (Server-Sent Events), until it ends")
     async def upload_events(upload_id: Annotated[str, Depends(visible)], request: Request
                             ) -> AsyncIterator[ServerSentEvent]:
