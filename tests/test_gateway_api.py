@@ -320,3 +320,105 @@ def test_cancel_an_open_upload_and_retry_failed_files(gateway: Running, pydicom_
         time.sleep(0.2)
     assert gateway.status(upload["id"])["state"] == "archived"
     assert http.post(f"/api/v1/uploads/{upload['id']}/retry").status_code == 409
+
+
+# --- XNAT compatibility --------------------------------------------------------------------------
+
+
+def _two_study_zip(pydicom_file) -> bytes:
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("one.dcm", _dicom(pydicom_file, "ZIPONE"))
+        zf.writestr("two.dcm", _dicom(pydicom_file, "ZIPTWO"))
+    return out.getvalue()
+
+
+def _curl(*args: str) -> tuple[int, str, str]:
+    """curl as a user types it: (status, content type, body)."""
+    out = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code} %{content_type}",
+                          *args], capture_output=True, text=True, timeout=120, check=True)
+    body, _, tail = out.stdout.rpartition("\n")
+    status, _, content_type = tail.partition(" ")
+    return int(status), content_type, body
+
+
+def test_xnat_import_with_curl(gateway: Running, pydicom_file, tmp_path):
+    gateway.project("XP")
+    token = gateway.token
+    scan = tmp_path / "scan.dcm"
+    scan.write_bytes(_dicom(pydicom_file, "CURL1"))
+    url = f"{gateway.url}/data/services/import"
+    # One file, archived where the parameters say (Basic auth with a token as the password).
+    status, kind, body = _curl("-u", f"admin:{token}", "-X", "POST", "--data-binary",
+                               f"@{scan}", "-H", "Content-Type: application/dicom",
+                               f"{url}?PROJECT_ID=XP&SUBJECT_ID=S1&EXPT_LABEL=E1&dest=/archive")
+    assert (status, kind.split(";")[0]) == (200, "text/plain"), body
+    assert body.strip() == "/data/archive/projects/XP/subjects/S1/experiments/E1"
+    # A zip of two studies into the prearchive: two URIs, as text/uri-list.
+    zipped = tmp_path / "two.zip"
+    zipped.write_bytes(_two_study_zip(pydicom_file))
+    status, kind, body = _curl("-u", f"admin:{token}", "-F", f"file=@{zipped}",
+                               f"{url}?project=XP&dest=/prearchive&import-handler=DICOM-zip")
+    assert status == 200 and kind.startswith("text/uri-list"), body
+    lines = body.splitlines()  # CRLF on the wire (text mode reads both as one)
+    assert len(lines) == 2 and all(line.startswith("/data/prearchive/projects/XP/")
+                                   for line in lines), body
+    # SI takes one session: the same zip is refused (its sessions are named).
+    status, _, body = _curl("-u", f"admin:{token}", "-X", "POST", "--data-binary",
+                            f"@{zipped}", "-H", "Content-Type: application/zip",
+                            f"{url}?project=XP&import-handler=SI&overwrite=append")
+    assert status == 400 and "SI" in body
+    # XNAT's errors: plain text and its codes.
+    for args, expected in [((f"{url}?import-handler=NOPE",), 404),
+                           ((f"{url}?dest=/elsewhere",), 400),
+                           ((f"{url}?project=NOSUCH",), 404)]:
+        status, kind, body = _curl("-u", f"admin:{token}", "-X", "POST", "--data-binary",
+                                   f"@{scan}", *args)
+        assert status == expected and kind.startswith("text/plain"), (args, status, body)
+    status, kind, body = _curl("-X", "POST", "--data-binary", f"@{scan}", url)
+    assert status == 401 and kind.startswith("text/plain") and "application/problem" not in kind
+    # Progress under http-session-listener, and an earlier upload imported by src.
+    upload = gateway.http.post("/api/v1/projects/XP/uploads", json={}).json()
+    gateway.http.post(f"/api/v1/uploads/{upload['id']}/files", params={"filename": "s.dcm"},
+                      content=_dicom(pydicom_file, "SRC1"))
+    status, _, body = _curl("-u", f"admin:{token}", "-X", "POST",
+                            f"{url}?src={upload['id']}&project=XP&SUBJECT_ID=SRC"
+                            "&EXPT_LABEL=SRC_E&dest=/archive&http-session-listener=L1")
+    assert status == 200 and body.strip() == (
+        "/data/archive/projects/XP/subjects/SRC/experiments/SRC_E"), body
+    status, _, body = _curl("-u", f"admin:{token}", f"{gateway.url}/data/status/L1")
+    assert status == 200 and body.startswith("archived"), body
+
+
+def test_xnat_python_client_logs_in_and_imports(gateway: Running, pydicom_file, tmp_path):
+    import xnat
+
+    gateway.project("XPY")
+    assert imgest(gateway, "user", "add", "xuser", "--password-stdin",
+                  stdin="xnat password 1\n").returncode == 0
+    assert imgest(gateway, "project", "set", "XPY", "--member", "xuser=member").returncode == 0
+    scan = tmp_path / "scan.dcm"
+    scan.write_bytes(_dicom(pydicom_file, "XNATPY"))
+    # Logs in with PUT /data/services/auth, checks GET /data/auth, imports, logs out.
+    with xnat.connect(gateway.url, user="xuser", password="xnat password 1",
+                      no_parse_model=True) as session:
+        assert session.logged_in_user == "xuser"
+        entry = session.services.import_(scan, project="XPY", subject="PY1",
+                                         experiment="PY1_MR", destination="/prearchive")
+        assert entry.uri.startswith("/data/prearchive/projects/XPY/"), entry.uri
+        assert entry.uri.endswith("/PY1_MR")
+        jsession = session.jsession
+    # The session it used is gone after the client closed it.
+    assert httpx.get(f"{gateway.url}/data/auth",
+                     cookies={"JSESSIONID": jsession}).status_code == 401
+    # A token in the password's place (XNAT's alias tokens) works the same way.
+    token = _token_via_basic(gateway, "xuser", "xnat password 1")
+    with xnat.connect(gateway.url, user="xuser", password=token,
+                      no_parse_model=True) as session:
+        assert session.logged_in_user == "xuser"
+    # Wrong password: the client's own login error.
+    with pytest.raises(xnat.exceptions.XNATLoginFailedError):
+        xnat.connect(gateway.url, user="xuser", password="wrong", no_parse_model=True)

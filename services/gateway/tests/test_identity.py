@@ -74,3 +74,48 @@ def test_basic_credentials():
                 base64.b64encode(b":nouser").decode()):
         with pytest.raises(BadCredentials):
             parse_basic(bad)
+
+
+# --- XNAT's import parameters ------------------------------------------------------------------
+
+from imgest_gateway.xnat_api import XnatError, import_options
+
+
+def test_xnat_parameters_in_all_their_spellings():
+    options, handler, ignore = import_options({
+        "PROJECT_ID": "P1", "subject_id": "S1", "EXPT_LABEL": "E1", "overwrite": "append",
+        "quarantine": "true", "triggerPipelines": "false", "AA": "false",
+        "Ignore-Unparsable": "true", "import-handler": "si"})
+    assert (options.project, options.subject, options.session) == ("P1", "S1", "E1")
+    assert options.overwrite == "append" and options.quarantine is True
+    assert options.trigger_pipelines is False and options.auto_archive is False
+    assert handler == "SI" and ignore is True
+
+
+@pytest.mark.parametrize(("dest", "project", "subject", "session", "archive"), [
+    ("/prearchive", None, None, None, None),
+    ("/prearchive/projects/P", "P", None, None, None),
+    ("/prearchive/projects/P/20261126_101500123/SESS", "P", None, "SESS", None),
+    ("/archive", None, None, None, True),
+    ("/data/archive/projects/P/subjects/S", "P", "S", None, True),
+    ("/archive/projects/P/subjects/S/experiments/E", "P", "S", "E", True),
+    ("/prearchive/projects/Unassigned", None, None, None, None),
+])
+def test_xnat_dest_in_all_its_forms(dest, project, subject, session, archive):
+    options, _, _ = import_options({"dest": dest})
+    assert (options.project, options.subject, options.session) == (project, subject, session)
+    assert options.auto_archive is archive
+    assert options.dest.startswith(("/prearchive", "/archive"))
+
+
+@pytest.mark.parametrize(("params", "status"), [
+    ({"import-handler": "XAR-please"}, 404),
+    ({"dest": "/elsewhere"}, 400),
+    ({"dest": "/archive/projects/../etc"}, 400),
+    ({"overwrite": "always"}, 400),
+    ({"project": "a b"}, 400),
+])
+def test_xnat_refusals(params, status):
+    with pytest.raises(XnatError) as refused:
+        import_options(params)
+    assert refused.value.status == status

@@ -26,6 +26,9 @@ class Settings(RuntimeSettings):
     redrive_idle_seconds: float = Field(
         600.0, gt=0, description="An upload with no progress this long has its unfinished work "
         "published again (objects never unpacked, files never placed).")
+    xnat_import_wait_seconds: float = Field(
+        600.0, gt=0, description="How long `POST /data/services/import` waits for the importer's "
+        "outcome before answering 504 with where to follow the upload.")
     redrive_max: int = Field(5, ge=0, description="Most times one upload is re-driven.")
 
     @field_validator("admin_token")

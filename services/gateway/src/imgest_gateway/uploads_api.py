@@ -128,7 +128,9 @@ async def submit(svc: Service, session: AsyncSession, upload: Upload,
     session.add(upload)
     await svc.outbox.add(session, UploadSubmitted(
         upload_id=upload.id, uploader=Uploader(username=upload.uploader, email=upload.email),
-        options=ImportOptions.model_validate({"project": upload.project, **upload.options}),
+        options=ImportOptions.model_validate({  # (the gateway keeps more, e.g. a listener id)
+            "project": upload.project,
+            **{k: v for k, v in upload.options.items() if k in ImportOptions.model_fields}}),
         object_keys=[o.object_key for o in objects], submitted_at=datetime.now(UTC)))
 
 

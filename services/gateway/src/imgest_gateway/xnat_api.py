@@ -1,0 +1,341 @@
+"""XNAT's import service and login endpoints, so tools written for XNAT work unchanged.
+
+`POST /data/services/import` stores the body (raw, or one file of a multipart form), hands it
+to the pipeline like any upload, and waits (within `xnat_import_wait_seconds`) for the
+importer's outcome: 200 with the `/data/prearchive/…` or `/data/archive/…` URI of each session,
+one per line. Errors are plain text with XNAT's status codes, not problem+json.
+"""
+
+import asyncio
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import PlainTextResponse, Response
+from imgest_contracts import ImportOptions
+from imgest_runtime.service import Service
+from pydantic import ValidationError
+from sqlmodel import col, select
+from starlette.exceptions import HTTPException
+
+from .auth import SESSION_COOKIE, CallerDep, close_login_session, credentials, open_login_session
+from .domain import BadFilename, safe_filename
+from .identity import PROJECT_ID, UNASSIGNED, Action, Caller
+from .models import Project, Upload, UploadObject
+from .settings import Settings
+from .uploads_api import OPEN, TERMINAL, Refused, stream_to_store, submit
+
+XNAT_VERSION = "1.8.10"  # the API generation imgest answers like (clients check it)
+HANDLERS = {"si": "SI", "dicom-zip": "DICOM-zip", "gradual-dicom": "gradual-DICOM"}
+_DEST = re.compile(
+    r"^(?:/data)?/(?P<where>prearchive|archive)"
+    r"(?:/projects/(?P<project>[^/]+)"
+    r"(?:/(?P<timestamp>\d{8}_\d{6,9})/(?P<entry>[^/]+)"
+    r"|/subjects/(?P<subject>[^/]+)(?:/experiments/(?P<session>[^/]+))?)?)?/?$")
+_TRUE = {"true", "1", "yes", "y", "on"}
+
+
+class XnatError(Exception):
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+def text(status: int, body: str, **headers: str) -> PlainTextResponse:
+    return PlainTextResponse(body + ("\n" if body and not body.endswith("\n") else ""),
+                             status_code=status, headers=headers)
+
+
+def first(params: dict[str, str], *names: str) -> str | None:
+    """XNAT accepts several spellings of a parameter (PROJECT_ID, project); case-insensitive."""
+    lowered = {k.lower(): v for k, v in params.items()}
+    for name in names:
+        value = lowered.get(name.lower())
+        if value not in (None, ""):
+            return value
+    return None
+
+
+def flag(value: str | None) -> bool | None:
+    return None if value is None else value.strip().lower() in _TRUE
+
+
+def import_options(params: dict[str, str]) -> tuple[ImportOptions, str, bool]:
+    """XNAT's query parameters → (the upload's options, its import handler, Ignore-Unparsable).
+    Pure: raises XnatError for what XNAT refuses."""
+    handler_name = first(params, "import-handler", "import_handler") or "DICOM-zip"
+    handler = HANDLERS.get(handler_name.lower())
+    if handler is None:
+        raise XnatError(404, f"Unknown import handler {handler_name!r}; imgest has "
+                        f"{', '.join(HANDLERS.values())}.")
+    project = first(params, "PROJECT_ID", "project")
+    subject = first(params, "SUBJECT_ID", "subject")
+    session = first(params, "EXPT_LABEL", "session", "expt_label")
+    dest = first(params, "dest")
+    if dest is not None:
+        match = _DEST.match(dest)
+        if match is None:
+            raise XnatError(400, f"Bad dest {dest!r}: /prearchive[/projects/P[/TIMESTAMP/"
+                            "SESSION]] or /archive[/projects/P[/subjects/S[/experiments/E]]]")
+        project = project or match["project"]
+        subject = subject or match["subject"]
+        session = session or match["session"] or match["entry"]
+    for name, value in (("project", project), ("subject", subject), ("session", session)):
+        if value is not None and not re.fullmatch(PROJECT_ID, value):
+            raise XnatError(400, f"Bad {name} label {value!r}: letters, digits, _ and - only.")
+    if project == UNASSIGNED:
+        project = None
+    overwrite = (first(params, "overwrite") or "none").lower()
+    if overwrite not in ("none", "append", "delete"):
+        raise XnatError(400, f"overwrite is none, append or delete (got {overwrite!r}).")
+    auto_archive = flag(first(params, "AA", "auto-archive", "autoArchive"))
+    if dest is not None and dest.lstrip("/").removeprefix("data/").startswith("archive"):
+        auto_archive = True if auto_archive is None else auto_archive
+    try:
+        options = ImportOptions(
+            project=project, subject=subject, session=session,
+            dest=dest if dest is None else "/" + dest.lstrip("/").removeprefix("data/"),
+            overwrite=overwrite,  # type: ignore[arg-type]
+            quarantine=True if flag(first(params, "quarantine")) else None,
+            auto_archive=auto_archive,
+            trigger_pipelines=flag(first(params, "triggerPipelines", "tiggerPipelines")) is not False,
+            import_handler=handler)
+    except ValidationError as e:
+        raise XnatError(400, f"Bad import parameters: {e}") from e
+    return options, handler, bool(flag(first(params, "Ignore-Unparsable", "ignore-unparsable")))
+
+
+def outcome_response(upload: Upload, handler: str, ignore_unparsable: bool) -> PlainTextResponse:
+    """What XNAT answers for a finished import: the sessions' URIs, or its error codes."""
+    summary = upload.summary or {}
+    sessions = summary.get("sessions") or []
+    failures = summary.get("failures") or []
+    conflicts = [s for s in sessions if s.get("state") == "conflict"]
+    placed = [s["uri"] for s in sessions if s.get("state") in ("archived", "prearchived")]
+    reasons = "\n".join(f"{f['path']}: {f['reason']['message']}" for f in failures)
+    if conflicts:
+        return text(409, "Session exists and overwrite is none: " + ", ".join(
+            s["uri"] for s in conflicts) + ("\n" + reasons if reasons else ""))
+    if not placed:
+        return text(400, "Nothing could be imported.\n" + reasons)
+    if handler == "SI" and len(placed) > 1:
+        return text(400, f"The SI handler takes one session; this upload made {len(placed)}:\n"
+                    + "\n".join(placed))
+    if failures and not ignore_unparsable:
+        return text(400, "Some files could not be imported (Ignore-Unparsable=true skips "
+                    "them); these sessions were:\n" + "\n".join(placed) + "\n" + reasons)
+    if len(placed) == 1:
+        return text(200, placed[0])
+    return PlainTextResponse("\r\n".join(placed) + "\r\n", media_type="text/uri-list")
+
+
+def xnat_router(svc: Service, settings: Settings) -> APIRouter:
+    api = APIRouter(tags=["XNAT compatibility"])
+
+    # --- logging in ------------------------------------------------------------------------------
+
+    async def login(username: str, password: str) -> Response:
+        async with svc.db.session() as session:
+            caller = await credentials(session, username, password)
+        if caller is None:
+            return text(401, "Login attempt failed. Please try again.")
+        session_id = await open_login_session(svc.db, caller.username)
+        response = PlainTextResponse(session_id)  # bare, as XNAT sends it: clients use it as is
+        response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="lax")
+        return response
+
+    @api.put("/data/services/auth", summary="Log in (form username, password): a session id",
+             response_class=PlainTextResponse)
+    async def services_auth(username: Annotated[str, Form(max_length=64)],
+                            password: Annotated[str, Form(max_length=1024)]) -> Response:
+        return await login(username, password)
+
+    @api.post("/data/services/auth", include_in_schema=False)
+    async def services_auth_post(username: Annotated[str, Form(max_length=64)],
+                                 password: Annotated[str, Form(max_length=1024)]) -> Response:
+        return await login(username, password)
+
+    @api.get("/data/auth", summary="Who is logged in", response_class=PlainTextResponse)
+    async def data_auth(caller: CallerDep) -> Response:
+        return text(200, f"User '{caller.username}' is logged in")
+
+    @api.get("/data/JSESSION", summary="A session id for the caller (Basic auth → cookie)",
+             response_class=PlainTextResponse)
+    async def get_jsession(request: Request, caller: CallerDep) -> Response:
+        existing = request.cookies.get(SESSION_COOKIE)
+        if existing and not request.headers.get("authorization"):
+            return PlainTextResponse(existing)  # the session the caller came with
+        session_id = await open_login_session(svc.db, caller.username)
+        response = PlainTextResponse(session_id)  # bare, as XNAT sends it: clients use it as is
+        response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="lax")
+        return response
+
+    @api.delete("/data/JSESSION", summary="Log out (ends the session)",
+                response_class=PlainTextResponse)
+    async def delete_jsession(request: Request) -> Response:
+        session_id = request.cookies.get(SESSION_COOKIE)
+        if session_id:
+            await close_login_session(svc.db, session_id)
+        response = text(200, "")
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    @api.get("/data/version", summary="The XNAT API version imgest answers like",
+             response_class=PlainTextResponse)
+    async def version() -> Response:
+        return text(200, XNAT_VERSION)
+
+    # --- importing -------------------------------------------------------------------------------
+
+    @api.post("/data/services/import", summary="XNAT's import service",
+              response_class=PlainTextResponse,
+              openapi_extra={"requestBody": {"content": {
+                  "application/octet-stream": {"schema": {"type": "string",
+                                                          "format": "binary"}},
+                  "multipart/form-data": {"schema": {"type": "object", "properties": {
+                      "file": {"type": "string", "format": "binary"}}}}}},
+                  "responses": {"200": {"description": "The session URI(s).", "content": {
+                      "text/plain": {}, "text/uri-list": {}}}}})
+    async def import_(request: Request, caller: CallerDep) -> Response:
+        params = dict(request.query_params)
+        try:
+            options, handler, ignore_unparsable = import_options(params)
+            if not caller.may(Action.upload, options.project):
+                raise XnatError(403, "Name a project you may upload to (PROJECT_ID=…)"
+                                if options.project is None else
+                                f"You may not import into project {options.project!r}.")
+            if options.project is not None:
+                async with svc.db.session() as session:
+                    if await session.get(Project, options.project) is None:
+                        raise XnatError(404, f"No project {options.project!r}.")
+            upload_id = await _receive(request, caller, options, params)
+        except XnatError as e:
+            return text(e.status, e.text)
+        except Refused as refused:
+            return text(refused.response.status_code, refused.args[0])
+        listener = first(params, "http-session-listener")
+        deadline = asyncio.get_running_loop().time() + settings.xnat_import_wait_seconds
+        while True:
+            async with svc.db.session() as session:
+                upload = await session.get(Upload, upload_id)
+            assert upload is not None
+            if upload.state in TERMINAL:
+                return outcome_response(upload, handler, ignore_unparsable)
+            if asyncio.get_running_loop().time() > deadline:
+                return text(504, f"Still processing after {settings.xnat_import_wait_seconds:.0f}"
+                            f"s; follow it at /api/v1/uploads/{upload_id}"
+                            + (f" or /data/status/{listener}" if listener else ""),
+                            Location=f"/api/v1/uploads/{upload_id}")
+            await asyncio.sleep(0.2)
+
+    async def _receive(request: Request, caller: Caller, options: ImportOptions,
+                       params: dict[str, str]) -> str:
+        """Stores what came (the body, one multipart file, or the caller's earlier upload named
+        by `src`) as a submitted upload; returns its id."""
+        listener = first(params, "http-session-listener")
+        src = first(params, "src")
+        async with svc.db.session() as session:
+            if src is not None:
+                upload_id = src.rstrip("/").rsplit("/", 1)[-1]
+                upload = await session.get(Upload, upload_id, with_for_update=True)
+                if upload is None or upload.uploader != caller.username or upload.state != OPEN:
+                    raise XnatError(404, f"No open upload of yours named by src={src!r}.")
+                objects = list((await session.exec(select(UploadObject).where(
+                    UploadObject.upload_id == upload_id,
+                    UploadObject.state == "added"))).all())
+                if not objects:
+                    raise XnatError(400, f"Upload {upload_id} (src) holds no files.")
+                upload.project = options.project
+                upload.options = _stored_options(options, listener)
+                for obj in objects:
+                    obj.state = "stored"
+                await submit(svc, session, upload, objects)
+                return upload_id
+        upload_id = uuid.uuid4().hex
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            async with request.form(max_files=2) as form:
+                parts = [p for _, p in form.multi_items() if hasattr(p, "read")]
+                if len(parts) != 1:
+                    raise XnatError(400, f"The form must hold exactly one file (it holds "
+                                    f"{len(parts)}).")
+                part = parts[0]
+                name, part_type = part.filename or "upload", part.content_type
+
+                async def chunks():
+                    while chunk := await part.read(1024 * 1024):
+                        yield chunk
+
+                stored = await stream_to_store(svc, settings, _key(upload_id, name), chunks(),
+                                               part.size)
+        else:
+            name = first(params, "filename") or _name_for(content_type)
+            part_type = content_type or None
+            length = request.headers.get("content-length", "")
+            stored = await stream_to_store(svc, settings, _key(upload_id, name),
+                                           request.stream(),
+                                           int(length) if length.isdigit() else None)
+        async with svc.db.session() as session:
+            upload = Upload(id=upload_id, state="processing", project=options.project,
+                            uploader=caller.username, email=caller.email,
+                            options=_stored_options(options, listener),
+                            created_at=datetime.now(UTC))
+            session.add(upload)
+            obj = UploadObject(object_key=stored.key, upload_id=upload_id,
+                               filename=stored.key.rsplit("/", 1)[-1], size=stored.size,
+                               sha256=stored.sha256 or "", state="stored",
+                               content_type=part_type)
+            await submit(svc, session, upload, [obj])
+        return upload_id
+
+    @api.get("/data/status/{listener}", summary="Progress of an import, by its "
+             "http-session-listener id", response_class=PlainTextResponse)
+    async def status(listener: str, caller: CallerDep) -> Response:
+        async with svc.db.session() as session:
+            upload = (await session.exec(select(Upload).where(
+                col(Upload.options)["listener"].astext == listener,
+                Upload.uploader == caller.username))).first()
+        if upload is None:
+            return text(404, f"No import of yours is listened to as {listener!r}.")
+        counts = (upload.summary or {}).get("counts") or {}
+        return text(200, f"{upload.state}" + "".join(f" {k}={v}" for k, v in counts.items()))
+
+    return api
+
+
+def _stored_options(options: ImportOptions, listener: str | None) -> dict:
+    stored = options.model_dump(mode="json", exclude_defaults=True, exclude={"project"})
+    if listener:
+        stored["listener"] = listener
+    return stored
+
+
+def _key(upload_id: str, name: str) -> str:
+    try:
+        return f"staging/{upload_id}/{safe_filename(name)}"
+    except BadFilename:
+        return f"staging/{upload_id}/upload"
+
+
+def _name_for(content_type: str) -> str:
+    """A raw body has no name; its type says what it is (the unpacker sniffs it anyway)."""
+    return {"application/zip": "upload.zip", "application/x-zip-compressed": "upload.zip",
+            "application/x-tar": "upload.tar", "application/gzip": "upload.tar.gz",
+            "application/x-gzip": "upload.tar.gz", "application/dicom": "upload.dcm",
+            }.get(content_type.split(";")[0].strip().lower(), "upload")
+
+
+def plain_http_errors(app) -> None:
+    """Errors under /data/ (the XNAT endpoints) are plain text, as XNAT clients read them;
+    everything else keeps problem+json."""
+    problem_handler = app.exception_handlers[HTTPException]
+
+    async def handler(request: Request, error: HTTPException) -> Response:
+        if request.url.path.startswith("/data/"):
+            return text(error.status_code, str(error.detail), **(error.headers or {}))
+        return await problem_handler(request, error)
+
+    app.add_exception_handler(HTTPException, handler)
