@@ -243,7 +243,17 @@ def test_schemathesis_finds_nothing_wrong_with_the_api(running: Running, tmp_pat
 
     exe = Path(sys.executable).with_name("schemathesis")
     url = f"{running.env['IMGEST_PUBLIC_URL']}/openapi.json"
-    result = subprocess.run([str(exe), "run", url, "--checks", "all", "--max-examples", "15",
+    # Random bytes fit the import body's schema but are no image: XNAT's 400 is right there.
+    # (Every check on, in the file: a --checks option would win over the operation's line.)
+    (tmp_path / "schemathesis.toml").write_text(
+        "checks.enabled = true\n"
+        + "".join(f"checks.{name}.enabled = true\n" for name in (
+            "use_after_free", "ensure_resource_availability", "ignored_auth",
+            "object_level_authorization", "missing_required_header", "unsupported_method",
+            "allow_header_conformance", "negative_data_rejection", "positive_data_acceptance"))
+        + '[[operations]]\ninclude-path = "/data/services/import"\n'
+        "checks.positive_data_acceptance.enabled = false\n")
+    result = subprocess.run([str(exe), "run", url, "--max-examples", "15",
                              "--seed", "1", "--no-color",
                              "--header", f"Authorization: Bearer {running.token}"], capture_output=True, text=True,
                             timeout=300, check=False, cwd=tmp_path)  # its cache goes there

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -314,7 +315,6 @@ def test_events_delivered_twice_and_out_of_order_change_nothing(faulty: Running,
 def test_sigterm_mid_upload_finishes_or_hands_back(faulty: Running, pydicom_file):
     """A polite stop (SIGTERM, as compose and Ctrl-C send) in the middle of the work: the
     service finishes the event in hand, flushes its outbox, leaves the group; nothing is lost."""
-    import signal
 
     upload_id = upload_study(faulty, pydicom_file, FEWER)
     faulty.wait_files(upload_id, {"validated"}, FEWER // 4)
@@ -340,6 +340,11 @@ def test_replicas_share_the_work_and_survive_rebalances(faulty: Running, pydicom
             time.sleep(0.2)
         uploads = [upload_study(faulty, pydicom_file, FEWER) for _ in range(2)]
         faulty.wait_files(uploads[0], {"validated"}, FEWER // 4)
+        # Frozen past its session timeout, the first metadata member is dropped from the group
+        # and metadata-2 takes every partition (with work, whatever the upload ids hashed to);
+        # then the frozen member is killed -9 and comes back.
+        supervisor.kill("metadata", signal.SIGSTOP)
+        time.sleep(2 * int(faulty.env["IMGEST_KAFKA_SESSION_TIMEOUT_MS"]) / 1000)
         supervisor.kill("metadata")
         supervisor.remove("importer-2")
         for upload_id in uploads:

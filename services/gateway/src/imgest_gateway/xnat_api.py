@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from imgest_contracts import ImportOptions
-from imgest_runtime.service import Service
+from imgest_runtime.service import Service, allowed_methods
 from pydantic import ValidationError
 from sqlmodel import col, select
 from starlette.exceptions import HTTPException
@@ -133,11 +134,18 @@ def outcome_response(upload: Upload, handler: str, ignore_unparsable: bool) -> P
 
 
 def xnat_router(svc: Service, settings: Settings) -> APIRouter:
-    api = APIRouter(tags=["XNAT compatibility"])
+    api = APIRouter(tags=["XNAT compatibility"], responses={
+        status: {"description": phrase, "content": {"text/plain": {}}}
+        for status, phrase in ((400, "Bad Request"), (401, "Unauthorized"),
+                               (403, "Forbidden"), (404, "Not Found"), (409, "Conflict"),
+                               (413, "Content Too Large"), (503, "Store unavailable"),
+                               (504, "Still processing"))})
 
     # --- logging in ------------------------------------------------------------------------------
 
     async def login(username: str, password: str) -> Response:
+        if not username or not password:
+            return text(401, "Login attempt failed. Please try again.")
         async with svc.db.session() as session:
             caller = await credentials(session, username, password)
         if caller is None:
@@ -149,13 +157,15 @@ def xnat_router(svc: Service, settings: Settings) -> APIRouter:
 
     @api.put("/data/services/auth", summary="Log in (form username, password): a session id",
              response_class=PlainTextResponse)
-    async def services_auth(username: Annotated[str, Form(max_length=64)],
-                            password: Annotated[str, Form(max_length=1024)]) -> Response:
+    async def services_auth(username: Annotated[str, Form(max_length=64)] = "",
+                            password: Annotated[str, Form(max_length=1024)] = "") -> Response:
         return await login(username, password)
 
-    @api.post("/data/services/auth", include_in_schema=False)
-    async def services_auth_post(username: Annotated[str, Form(max_length=64)],
-                                 password: Annotated[str, Form(max_length=1024)]) -> Response:
+    @api.post("/data/services/auth", summary="Log in (the same, as POST)",
+              response_class=PlainTextResponse)
+    async def services_auth_post(username: Annotated[str, Form(max_length=64)] = "",
+                                 password: Annotated[str, Form(max_length=1024)] = ""
+                                 ) -> Response:
         return await login(username, password)
 
     @api.get("/data/auth", summary="Who is logged in", response_class=PlainTextResponse)
@@ -195,8 +205,10 @@ def xnat_router(svc: Service, settings: Settings) -> APIRouter:
               openapi_extra={"requestBody": {"content": {
                   "application/octet-stream": {"schema": {"type": "string",
                                                           "format": "binary"}},
-                  "multipart/form-data": {"schema": {"type": "object", "properties": {
-                      "file": {"type": "string", "format": "binary"}}}}}},
+                  "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                                     "properties": {"file": {
+                                                         "type": "string",
+                                                         "format": "binary"}}}}}},
                   "responses": {"200": {"description": "The session URI(s).", "content": {
                       "text/plain": {}, "text/uri-list": {}}}}})
     async def import_(request: Request, caller: CallerDep) -> Response:
@@ -335,7 +347,19 @@ def plain_http_errors(app) -> None:
 
     async def handler(request: Request, error: HTTPException) -> Response:
         if request.url.path.startswith("/data/"):
-            return text(error.status_code, str(error.detail), **(error.headers or {}))
+            headers = dict(error.headers or {})
+            if error.status_code == 405:
+                headers["Allow"] = ", ".join(allowed_methods(app, request.url.path))
+            return text(error.status_code, str(error.detail), **headers)
         return await problem_handler(request, error)
 
     app.add_exception_handler(HTTPException, handler)
+    invalid_handler = app.exception_handlers[RequestValidationError]
+
+    async def invalid(request: Request, error: RequestValidationError) -> Response:
+        if request.url.path.startswith("/data/"):
+            return text(400, "Bad request: " + "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()))
+        return await invalid_handler(request, error)
+
+    app.add_exception_handler(RequestValidationError, invalid)
