@@ -21,7 +21,8 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def gateway(request, infra: Infra, smtp_server, tmp_path_factory):
-    with started_stack(request, infra, smtp_server, tmp_path_factory, "local") as run:
+    with started_stack(request, infra, smtp_server, tmp_path_factory, "local",
+                       IMGEST_MAX_UPLOAD_BYTES=str(1024**3)) as run:
         yield run
 
 
@@ -422,3 +423,117 @@ def test_xnat_python_client_logs_in_and_imports(gateway: Running, pydicom_file, 
     # Wrong password: the client's own login error.
     with pytest.raises(xnat.exceptions.XNATLoginFailedError):
         xnat.connect(gateway.url, user="xuser", password="wrong", no_parse_model=True)
+
+
+# --- resumable uploads (tus) ---------------------------------------------------------------------
+
+TUS_CLIENT = """
+import sys
+from tusclient import client
+
+url, token, path, upload_id, stop_at, resume = sys.argv[1:7]
+tus = client.TusClient(url + "/api/v1/tus/", headers={"Authorization": "Bearer " + token})
+if resume:
+    uploader = tus.uploader(path, url=resume, chunk_size=4 * 1024 * 1024)
+else:
+    uploader = tus.uploader(path, chunk_size=4 * 1024 * 1024,
+                            metadata={"upload": upload_id, "filename": "slide.svs"})
+uploader.upload(stop_at=int(stop_at) if stop_at else None)
+print(uploader.url, uploader.offset)
+"""
+
+
+def _tus_process(run: Running, path, upload_id: str, stop_at: int | None = None,
+                 resume: str = "") -> tuple[str, int]:
+    """tuspy in a process of its own, as a separate client would be."""
+    done = subprocess.run([sys.executable, "-c", TUS_CLIENT, run.url, run.token, str(path),
+                           upload_id, str(stop_at or ""), resume], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    url, offset = done.stdout.split()
+    return url, int(offset)
+
+
+def test_tus_upload_interrupted_then_resumed_by_another_process_after_a_restart(
+        gateway: Running, tmp_path):
+    import hashlib
+
+    http = gateway.http
+    gateway.project("TUS")
+    upload = http.post("/api/v1/projects/TUS/uploads", json={}).json()
+    big = tmp_path / "slide.svs"
+    big.write_bytes(os.urandom(20 * 1024 * 1024 + 12345))
+    # The first client sends 8 MiB and stops (its process ends: a closed laptop).
+    url, offset = _tus_process(gateway, big, upload["id"], stop_at=8 * 1024 * 1024)
+    assert offset >= 8 * 1024 * 1024 and url.startswith(f"{gateway.url}/api/v1/tus/")
+    # The gateway goes down hard and comes back: what it had is still there.
+    gateway.stack.supervisor.kill("gateway")
+    time.sleep(1)
+    gateway.stack.wait_ready(timeout=120)
+    tus = {"Tus-Resumable": "1.0.0"}
+    head = http.head(url, headers=tus)
+    assert head.status_code == 200 and int(head.headers["upload-offset"]) == offset
+    assert head.headers["upload-length"] == str(big.stat().st_size)
+    assert "upload-expires" in head.headers and "filename" in head.headers["upload-metadata"]
+    # Another process resumes from there and finishes.
+    _, final = _tus_process(gateway, big, upload["id"], resume=url)
+    assert final == big.stat().st_size
+    files = [o for o in gateway.status(upload["id"])["objects"] if o["state"] == "added"]
+    assert len(files) == 1 and files[0]["filename"] == "slide.svs"
+    assert files[0]["size"] == big.stat().st_size
+    assert files[0]["sha256"] == hashlib.sha256(big.read_bytes()).hexdigest()
+    stored = gateway.store.read_range(files[0]["object_key"], 0, 10**9)
+    assert stored == big.read_bytes()
+    assert not list(gateway.store.list(".tus/"))  # the segments are gone
+
+
+def test_tus_protocol_details(gateway: Running):
+    import base64
+    import hashlib
+
+    http = gateway.http
+    gateway.project("TUS2")
+    upload = http.post("/api/v1/projects/TUS2/uploads", json={}).json()
+    options = http.options("/api/v1/tus/")
+    assert options.status_code == 204
+    assert set(options.headers["tus-extension"].split(",")) == {
+        "creation", "creation-with-upload", "termination", "expiration", "checksum"}
+    meta = (f"upload {base64.b64encode(upload['id'].encode()).decode()},"
+            f"filename {base64.b64encode(b'a.bin').decode()}")
+    tus = {"Tus-Resumable": "1.0.0"}
+    body = os.urandom(3000)
+    # creation-with-upload: the first bytes come with the POST.
+    created = http.post("/api/v1/tus/", content=body[:1000], headers={
+        **tus, "Upload-Length": "3000", "Upload-Metadata": meta,
+        "Content-Type": "application/offset+octet-stream"})
+    assert created.status_code == 201 and created.headers["upload-offset"] == "1000"
+    assert "upload-expires" in created.headers
+    location = created.headers["location"]
+    patch = {**tus, "Content-Type": "application/offset+octet-stream"}
+    # A wrong offset is a conflict; a wrong checksum keeps nothing (460).
+    assert http.patch(location, content=body[1000:2000],
+                      headers={**patch, "Upload-Offset": "0"}).status_code == 409
+    wrong = http.patch(location, content=body[1000:2000], headers={
+        **patch, "Upload-Offset": "1000",
+        "Upload-Checksum": "sha1 " + base64.b64encode(hashlib.sha1(b"x").digest()).decode()})
+    assert wrong.status_code == 460
+    assert http.head(location, headers=tus).headers["upload-offset"] == "1000"
+    right = http.patch(location, content=body[1000:], headers={
+        **patch, "Upload-Offset": "1000",
+        "Upload-Checksum": "sha256 " + base64.b64encode(
+            hashlib.sha256(body[1000:]).digest()).decode()})
+    assert right.status_code == 204 and right.headers["upload-offset"] == "3000"
+    # No Tus-Resumable, wrong content type, a session that is not open: refused.
+    assert http.patch(location, content=b"x", headers={
+        "Content-Type": "application/offset+octet-stream", "Upload-Offset": "3000"}
+    ).status_code == 412
+    assert http.post("/api/v1/tus/", headers={**tus, "Upload-Length": "10", "Upload-Metadata":
+                                               "filename " + base64.b64encode(b"x").decode()}
+                     ).status_code == 404
+    # Termination: the bytes go, the upload is no more.
+    other = http.post("/api/v1/tus/", headers={**tus, "Upload-Length": "10",
+                                               "Upload-Metadata": meta})
+    assert http.delete(other.headers["location"], headers=tus).status_code == 204
+    assert http.head(other.headers["location"], headers=tus).status_code == 404
+    # Someone else's tus upload is not theirs to read or write.
+    assert as_user(gateway).head(location, headers=tus).status_code == 401

@@ -46,6 +46,7 @@ from .identity import Action, Caller, hash_password
 from .identity_api import identity_router
 from .models import Project, Upload, UploadFile, UploadObject, metadata
 from .settings import Settings
+from .tus_api import tus_router
 from .uploads_api import Refused, stream_to_store, submit, uploads_router
 from .xnat_api import plain_http_errors, xnat_router
 
@@ -370,6 +371,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(api)
     app.include_router(identity_router(svc))
     app.include_router(uploads_router(svc, settings))
+    app.include_router(tus_router(svc, settings))
     app.include_router(xnat_router(svc, settings))
     plain_http_errors(app)
     return app

@@ -121,3 +121,21 @@ class Membership(Base, table=True):
     project: str = Field(primary_key=True, max_length=64)
     username: str = Field(primary_key=True, max_length=64, index=True)
     role: str = Field(max_length=20)  # owner | member | uploader
+
+
+class TusUpload(Base, table=True):
+    """A resumable (tus) upload of one file into an upload session. Its bytes so far are
+    segments in the store (`.tus/{id}/{offset}`); once complete they become the file."""
+
+    __tablename__ = "tus_upload"
+    id: str = Field(primary_key=True, max_length=32)
+    upload_id: str = Field(index=True, max_length=64)
+    username: str = Field(max_length=64)
+    filename: str = Field(max_length=1024)
+    length: int = Field(sa_column=Column(BigInteger, nullable=False))
+    offset: int = Field(sa_column=Column(BigInteger, nullable=False))
+    metadata_header: str = Field(default="", max_length=8192)  # as the client sent it
+    segments: list = Field(default_factory=list, sa_column=Column(JSONB, nullable=False))
+    created_at: datetime = _ts(nullable=False)
+    expires_at: datetime = _ts(nullable=False, index=True)
+    object_key: str | None = Field(default=None, max_length=1024)  # set once complete

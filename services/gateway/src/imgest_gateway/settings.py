@@ -29,6 +29,9 @@ class Settings(RuntimeSettings):
     xnat_import_wait_seconds: float = Field(
         600.0, gt=0, description="How long `POST /data/services/import` waits for the importer's "
         "outcome before answering 504 with where to follow the upload.")
+    tus_expire_hours: float = Field(
+        24.0, gt=0, description="An unfinished resumable (tus) upload is kept this long, then "
+        "its bytes are deleted (Upload-Expires).")
     redrive_max: int = Field(5, ge=0, description="Most times one upload is re-driven.")
 
     @field_validator("admin_token")

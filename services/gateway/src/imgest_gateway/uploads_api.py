@@ -212,44 +212,7 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             raise Refused(400, "Bad file name", str(e)) from e
         key = f"staging/{upload.id}/{uuid.uuid4().hex[:12]}/{safe}"
         stored = await stream_to_store(svc, settings, key, chunks, length)
-        async with svc.db.session() as session:
-            locked = await session.get(Upload, upload.id, with_for_update=True)
-            if locked is None or locked.state != OPEN:
-                await asyncio.to_thread(svc.store.delete, key)
-                raise Refused(409, "Upload not open", f"Upload {upload.id} is "
-                              f"{locked.state if locked else 'gone'}; files are added to an "
-                              "open upload only.")
-            same = (await session.exec(select(UploadObject).where(
-                UploadObject.upload_id == upload.id, UploadObject.sha256 == stored.sha256,
-                UploadObject.state == "added"))).first()
-            archived = None if same else (await session.exec(
-                select(UploadFile.path, Upload.id).join(Upload, col(Upload.id) == UploadFile.upload_id)
-                .where(Upload.project == upload.project, UploadFile.sha256 == stored.sha256,
-                       col(UploadFile.state).in_(["archived", "prearchived"])).limit(1))).first()
-            if same or archived:
-                reason = ({"code": "upload.duplicate", "message": (
-                    f"The same content as {same.filename!r}, already in this upload; skipped.")}
-                    if same else {"code": "upload.already_archived", "message": (
-                        f"The same content as {archived[0]!r} (upload {archived[1]}), already "
-                        f"in project {upload.project}; skipped.")})
-                session.add(UploadObject(object_key=key, upload_id=upload.id, filename=safe,
-                                         size=stored.size, sha256=stored.sha256 or "",
-                                         state="duplicate", reason=reason))
-                await asyncio.to_thread(svc.store.delete, key)
-                return {"filename": safe, "state": "duplicate", "reason": reason}
-            count = (await session.exec(select(func.count()).where(
-                UploadObject.upload_id == upload.id, UploadObject.state == "added"))).one()
-            if count >= rules.max_files_per_upload:
-                await asyncio.to_thread(svc.store.delete, key)
-                raise Refused(409, "Too many files", (
-                    f"Upload {upload.id} holds {count} files, the most project "
-                    f"{upload.project} allows in one upload (max_files_per_upload); submit it "
-                    "and start another."))
-            session.add(UploadObject(object_key=key, upload_id=upload.id, filename=safe,
-                                     size=stored.size, sha256=stored.sha256 or "",
-                                     state="added", content_type=content_type))
-        return {"filename": safe, "object_key": key, "size": stored.size,
-                "sha256": stored.sha256, "state": "added"}
+        return await record_object(svc, upload, rules, key, safe, stored, content_type)
 
     @api.post("/uploads/{upload_id}/files", status_code=201, operation_id="add_files",
               summary="Add files to an open upload: the raw body (with ?filename=) or many "
@@ -450,6 +413,52 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             await asyncio.sleep(0.5)
 
     return api
+
+
+async def record_object(svc: Service, upload: Upload, rules: ProjectSettings, key: str,
+                        name: str, stored: StoredObject, content_type: str | None
+                        ) -> dict[str, Any]:
+    """Adds a stored file to an open upload, unless it is a duplicate (the same content in this
+    upload, or already archived in the project): then it is deleted, recorded as skipped, and
+    reported. Past the project's cap, the file is deleted and refused."""
+    async with svc.db.session() as session:
+        locked = await session.get(Upload, upload.id, with_for_update=True)
+        if locked is None or locked.state != OPEN:
+            await asyncio.to_thread(svc.store.delete, key)
+            raise Refused(409, "Upload not open", f"Upload {upload.id} is "
+                          f"{locked.state if locked else 'gone'}; files are added to an "
+                          "open upload only.")
+        same = (await session.exec(select(UploadObject).where(
+            UploadObject.upload_id == upload.id, UploadObject.sha256 == stored.sha256,
+            UploadObject.state == "added"))).first()
+        archived = None if same else (await session.exec(
+            select(UploadFile.path, Upload.id).join(Upload, col(Upload.id) == UploadFile.upload_id)
+            .where(Upload.project == upload.project, UploadFile.sha256 == stored.sha256,
+                   col(UploadFile.state).in_(["archived", "prearchived"])).limit(1))).first()
+        if same or archived:
+            reason = ({"code": "upload.duplicate", "message": (
+                f"The same content as {same.filename!r}, already in this upload; skipped.")}
+                if same else {"code": "upload.already_archived", "message": (
+                    f"The same content as {archived[0]!r} (upload {archived[1]}), already "
+                    f"in project {upload.project}; skipped.")})
+            session.add(UploadObject(object_key=key, upload_id=upload.id, filename=name,
+                                     size=stored.size, sha256=stored.sha256 or "",
+                                     state="duplicate", reason=reason))
+            await asyncio.to_thread(svc.store.delete, key)
+            return {"filename": name, "state": "duplicate", "reason": reason}
+        count = (await session.exec(select(func.count()).where(
+            UploadObject.upload_id == upload.id, UploadObject.state == "added"))).one()
+        if count >= rules.max_files_per_upload:
+            await asyncio.to_thread(svc.store.delete, key)
+            raise Refused(409, "Too many files", (
+                f"Upload {upload.id} holds {count} files, the most project "
+                f"{upload.project} allows in one upload (max_files_per_upload); submit it "
+                "and start another."))
+        session.add(UploadObject(object_key=key, upload_id=upload.id, filename=name,
+                                 size=stored.size, sha256=stored.sha256 or "",
+                                 state="added", content_type=content_type))
+    return {"filename": name, "object_key": key, "size": stored.size,
+            "sha256": stored.sha256, "state": "added"}
 
 
 async def _chunks(part: Any, size: int = 1024 * 1024) -> AsyncIterator[bytes]:

@@ -1,0 +1,402 @@
+"""Resumable uploads for large files: tus 1.0 (core, creation, creation-with-upload,
+termination, expiration, checksum) at /api/v1/tus/, each attached to an upload session.
+
+The bytes of a PATCH are cut into segments (a multiple of the S3 part size chosen from the
+length) and each is stored as its own object as it completes, so a dropped connection loses at
+most the segment in flight, and a gateway restart loses nothing committed: the offset lives in
+PostgreSQL. Memory holds one chunk at a time, whatever the file's size. Once the last byte is
+in, the segments become the file (server-side compose on S3) and join the upload session with
+the same duplicate checks as any added file. SHA-256 is computed while the bytes stream in; a
+process that did not see them all (a restart, another replica) reads the file once to hash it.
+"""
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi import Path as PathParam
+from imgest_runtime.service import Periodic, Service, problem, problem_responses
+from imgest_runtime.store import StoredObject, StoreError, part_size_for, put_async
+from sqlalchemy import delete, update
+from sqlmodel import col, select
+from starlette.requests import ClientDisconnect
+
+from .auth import CallerDep, forbidden
+from .domain import BadFilename, safe_filename
+from .identity import Action
+from .models import TusUpload, Upload
+from .settings import Settings
+from .uploads_api import OPEN, Refused, project_settings, record_object
+
+TUS_VERSION = "1.0.0"
+EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
+CHECKSUMS = {"sha1": hashlib.sha1, "md5": hashlib.md5, "sha256": hashlib.sha256}
+OFFSET_STREAM = "application/offset+octet-stream"
+SEGMENT_MIN = 16 * 1024 * 1024
+TusId = Annotated[str, PathParam(max_length=32, pattern=r"^[0-9a-f]{32}$",
+                                 description="The tus upload's id (its Location).")]
+
+
+class Hashes:
+    """This process's running SHA-256 of each tus upload, valid up to `offset`."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, tuple[int, Any]] = {}
+
+    def at(self, tus_id: str, offset: int) -> Any | None:
+        found = self.state.get(tus_id)
+        if offset == 0:
+            return hashlib.sha256()
+        if found is None or found[0] != offset:
+            return None  # bytes this process did not see: hashed at the end instead
+        return found[1].copy()
+
+    def keep(self, tus_id: str, offset: int, hasher: Any | None) -> None:
+        if hasher is None:
+            self.state.pop(tus_id, None)
+        else:
+            self.state[tus_id] = (offset, hasher)
+
+
+def parse_metadata(header: str) -> dict[str, str]:
+    """`key base64value,key2 base64value2` (a value may be absent)."""
+    metadata: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in header.split(","))):
+        key, _, value = pair.partition(" ")
+        try:
+            metadata[key] = base64.b64decode(value, validate=True).decode() if value else ""
+        except (binascii.Error, UnicodeDecodeError) as e:
+            raise Refused(400, "Bad Upload-Metadata", f"The value of {key!r} is not base64 "
+                          "of UTF-8 text.") from e
+    return metadata
+
+
+def segment_size(length: int) -> int:
+    """Big enough for S3 to compose the file from the segments (10,000 parts at most)."""
+    return max(SEGMENT_MIN, part_size_for(length))
+
+
+def tus_headers(**extra: str) -> dict[str, str]:
+    return {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store", **extra}
+
+
+def tus_router(svc: Service, settings: Settings) -> APIRouter:
+    api = APIRouter(prefix="/api/v1/tus", tags=["resumable uploads (tus)"],
+                    responses=problem_responses(400, 401, 403, 404, 409, 410, 412, 413, 415))
+    hashes = Hashes()
+    locks: dict[str, asyncio.Lock] = {}
+
+    def refuse(status: int, title: str, detail: str) -> Response:
+        response = problem(status, title, detail)
+        response.headers.update(tus_headers())
+        return response
+
+    def check_version(request: Request) -> Response | None:
+        if request.headers.get("tus-resumable") != TUS_VERSION:
+            return refuse(412, "Precondition Failed", f"Tus-Resumable: {TUS_VERSION} is required.")
+        return None
+
+    async def owned(tus_id: str, caller) -> TusUpload:
+        async with svc.db.session() as session:
+            row = await session.get(TusUpload, tus_id)
+        if row is None:
+            raise Refused(404, "Not Found", f"No tus upload {tus_id}.")
+        if row.username != caller.username and not caller.admin:
+            raise forbidden(f"Tus upload {tus_id} is not yours.")
+        if row.object_key is None and row.expires_at <= datetime.now(UTC):
+            raise Refused(410, "Gone", f"Tus upload {tus_id} expired at {row.expires_at}.")
+        return row
+
+    @api.options("/", summary="What this tus server supports", status_code=204)
+    async def options() -> Response:
+        return Response(status_code=204, headers=tus_headers(
+            **{"Tus-Version": TUS_VERSION, "Tus-Extension": EXTENSIONS,
+               "Tus-Max-Size": str(settings.max_upload_bytes),
+               "Tus-Checksum-Algorithm": ",".join(CHECKSUMS)}))
+
+    @api.post("/", status_code=201, summary="Create a tus upload (Upload-Length; Upload-Metadata "
+              "names the upload session as `upload` and the file as `filename`); a body is its "
+              "first bytes (creation-with-upload)")
+    async def create(request: Request, caller: CallerDep) -> Response:
+        if refused := check_version(request):
+            return refused
+        try:
+            length_header = request.headers.get("upload-length", "")
+            if not length_header.isdigit():
+                raise Refused(400, "Upload-Length required", "Upload-Length must be the file's "
+                              "size in bytes (deferred lengths are not supported).")
+            length = int(length_header)
+            if length == 0:
+                raise Refused(400, "Empty file", "The file is empty; nothing to import.")
+            if length > settings.max_upload_bytes:
+                raise Refused(413, "Content Too Large",
+                              f"A file may be at most {settings.max_upload_bytes} bytes.")
+            header = request.headers.get("upload-metadata", "")
+            metadata = parse_metadata(header)
+            upload_id = metadata.get("upload") or metadata.get("upload_id") or ""
+            try:
+                filename = safe_filename(metadata.get("filename") or metadata.get("name"))
+            except BadFilename as e:
+                raise Refused(400, "File name missing", "Upload-Metadata needs `filename`.") from e
+            async with svc.db.session() as session:
+                upload = await session.get(Upload, upload_id) if upload_id else None
+                if upload is None:
+                    raise Refused(404, "Upload session not found", (
+                        "Upload-Metadata must name an open upload session as `upload` "
+                        "(POST /api/v1/projects/{project}/uploads makes one)."))
+                if upload.uploader != caller.username or not caller.may(Action.upload,
+                                                                         upload.project):
+                    raise forbidden(f"Upload {upload_id} is not yours to add to.")
+                if upload.state != OPEN:
+                    raise Refused(409, "Upload not open", f"Upload {upload_id} is "
+                                  f"{upload.state}; files are added to an open upload only.")
+                now = datetime.now(UTC)
+                row = TusUpload(id=uuid.uuid4().hex, upload_id=upload_id,
+                                username=caller.username, filename=filename, length=length,
+                                offset=0, metadata_header=header[:8192], segments=[],
+                                created_at=now,
+                                expires_at=now + timedelta(hours=settings.tus_expire_hours))
+                session.add(row)
+        except Refused as refused:
+            refused.response.headers.update(tus_headers())
+            return refused.response
+        location = f"/api/v1/tus/{row.id}"
+        headers = tus_headers(Location=location,
+                              **{"Upload-Expires": format_datetime(row.expires_at, usegmt=True)})
+        if request.headers.get("content-type") == OFFSET_STREAM:
+            outcome = await receive(request, row, 0)
+            if isinstance(outcome, Response):
+                outcome.headers["Location"] = location
+                return outcome
+            headers["Upload-Offset"] = str(outcome)
+        return Response(status_code=201, headers=headers)
+
+    @api.head("/{tus_id}", summary="How much of the file the server has")
+    async def head(tus_id: TusId, request: Request, caller: CallerDep) -> Response:
+        try:
+            row = await owned(tus_id, caller)
+        except Refused as refused:
+            return Response(status_code=refused.response.status_code, headers=tus_headers())
+        headers = tus_headers(**{"Upload-Offset": str(row.offset),
+                                 "Upload-Length": str(row.length)})
+        if row.metadata_header:
+            headers["Upload-Metadata"] = row.metadata_header
+        if row.object_key is None:
+            headers["Upload-Expires"] = format_datetime(row.expires_at, usegmt=True)
+        return Response(status_code=200, headers=headers)
+
+    @api.patch("/{tus_id}", status_code=204, summary="Append bytes at Upload-Offset",
+               openapi_extra={"requestBody": {"required": True, "content": {
+                   OFFSET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}})
+    async def patch(tus_id: TusId, request: Request, caller: CallerDep) -> Response:
+        if refused := check_version(request):
+            return refused
+        if request.headers.get("content-type") != OFFSET_STREAM:
+            return refuse(415, "Unsupported Media Type", f"PATCH bodies are {OFFSET_STREAM}.")
+        offset_header = request.headers.get("upload-offset", "")
+        if not offset_header.isdigit():
+            return refuse(400, "Upload-Offset required", "Upload-Offset must be a number.")
+        try:
+            row = await owned(tus_id, caller)
+        except Refused as refused:
+            refused.response.headers.update(tus_headers())
+            return refused.response
+        if int(offset_header) != row.offset:
+            return refuse(409, "Offset mismatch", f"The server has {row.offset} bytes of this "
+                          f"file, not {offset_header}: HEAD tells where to resume.")
+        lock = locks.setdefault(tus_id, asyncio.Lock())
+        if lock.locked():
+            return refuse(409, "Upload in progress", "Another PATCH to this upload is running.")
+        async with lock:
+            outcome = await receive(request, row, row.offset)
+        if isinstance(outcome, Response):
+            return outcome
+        return Response(status_code=204, headers=tus_headers(**{"Upload-Offset": str(outcome)}))
+
+    @api.delete("/{tus_id}", status_code=204, summary="Terminate: drop the bytes received")
+    async def terminate(tus_id: TusId, request: Request, caller: CallerDep) -> Response:
+        if refused := check_version(request):
+            return refused
+        try:
+            row = await owned(tus_id, caller)
+        except Refused as refused:
+            refused.response.headers.update(tus_headers())
+            return refused.response
+        await drop(row)
+        return Response(status_code=204, headers=tus_headers())
+
+    async def receive(request: Request, row: TusUpload, start: int) -> int | Response:
+        """Appends the request body at `start`, a segment at a time; returns the new offset, or
+        a refusal. Without a checksum each segment counts as soon as it is stored (a dropped
+        connection keeps them); with one, the PATCH counts whole or not at all."""
+        checksum = request.headers.get("upload-checksum")
+        expected = None
+        if checksum:
+            algorithm, _, digest = checksum.partition(" ")
+            if algorithm not in CHECKSUMS:
+                return refuse(400, "Unsupported checksum", f"Upload-Checksum algorithms: "
+                              f"{', '.join(CHECKSUMS)}.")
+            try:
+                expected = base64.b64decode(digest, validate=True)
+            except binascii.Error:
+                return refuse(400, "Bad Upload-Checksum", "The digest is not base64.")
+            checker = CHECKSUMS[algorithm]()
+        hasher = hashes.at(row.id, start)
+        size = segment_size(row.length)
+        stream = request.stream().__aiter__()
+        leftover = bytearray()
+        ended = False
+        offset = start
+        written: list[list] = []  # this PATCH's segments: [offset, key, size]
+
+        async def segment() -> AsyncIterator[bytes]:
+            nonlocal ended
+            sent = 0
+            while sent < size:
+                if leftover:
+                    chunk = bytes(leftover[: size - sent])
+                    del leftover[: len(chunk)]
+                else:
+                    try:
+                        chunk = await stream.__anext__()
+                    except StopAsyncIteration:
+                        ended = True
+                        return
+                    if len(chunk) > size - sent:
+                        leftover.extend(chunk[size - sent:])
+                        chunk = chunk[: size - sent]
+                if offset + sent + len(chunk) > row.length:
+                    raise Refused(413, "Past Upload-Length", f"The file is {row.length} bytes; "
+                                  "this PATCH goes past its end.")
+                sent += len(chunk)
+                if expected is not None:
+                    checker.update(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
+                yield chunk
+
+        try:
+            while not ended and offset < row.length:
+                key = f".tus/{row.id}/{offset:020d}"
+                before = hasher.copy() if hasher is not None else None
+                try:
+                    stored = await put_async(svc.store, key, segment())
+                except StoreError as e:
+                    await forget(written if expected is not None else [])
+                    return refuse(503, "Store unavailable", f"The bytes could not be stored: "
+                                  f"{e}; resume from Upload-Offset once it is back.")
+                except (ClientDisconnect, OSError):
+                    hasher = before  # what was hashed of the lost segment does not count
+                    await asyncio.to_thread(svc.store.delete, key)
+                    break
+                if stored.size == 0:
+                    await asyncio.to_thread(svc.store.delete, key)
+                    break
+                written.append([offset, key, stored.size])
+                offset += stored.size
+                if expected is None:
+                    await commit(row, written[-1:], offset)
+        except Refused as refused:
+            await forget(written if expected is not None else [])
+            hashes.keep(row.id, row.offset, None)
+            refused.response.headers.update(tus_headers())
+            return refused.response
+        if expected is not None:
+            if checker.digest() != expected:
+                await forget(written)
+                hashes.keep(row.id, start, None)
+                return refuse(460, "Checksum Mismatch", "The PATCH body does not match "
+                              "Upload-Checksum; nothing of it was kept.")
+            await commit(row, written, offset)
+        hashes.keep(row.id, offset, hasher)
+        try:
+            return await finish_if_done(row, offset)
+        except Refused as refused:
+            refused.response.headers.update(tus_headers())
+            return refused.response
+
+    async def commit(row: TusUpload, segments: list[list], offset: int) -> None:
+        if not segments:
+            return
+        async with svc.db.session() as session:
+            done = (await session.execute(update(TusUpload).where(
+                col(TusUpload.id) == row.id, col(TusUpload.offset) == segments[0][0])
+                .values(offset=offset,
+                        segments=col(TusUpload.segments).op("||")(_jsonb(segments))))).rowcount
+        if not done:  # another replica appended first: ours do not count
+            await forget(segments)
+            raise Refused(409, "Offset mismatch", "Another PATCH appended to this upload.")
+        row.offset = offset
+        row.segments = [*row.segments, *segments]
+
+    async def forget(segments: list[list]) -> None:
+        for _, key, _ in segments:
+            await asyncio.to_thread(svc.store.delete, key)
+
+    async def finish_if_done(row: TusUpload, offset: int) -> int:
+        """The last byte is in: the segments become the file in the upload session."""
+        if offset < row.length or row.object_key is not None:
+            return offset
+        async with svc.db.session() as session:
+            fresh = await session.get(TusUpload, row.id)
+            upload = await session.get(Upload, row.upload_id)
+            rules = await project_settings(session, upload.project or "") if upload else None
+        assert fresh is not None
+        if upload is None or rules is None:
+            raise Refused(409, "Upload not open", f"Upload {row.upload_id} is gone.")
+        key = f"staging/{row.upload_id}/{row.id[:12]}/{row.filename}"
+        sources = [k for _, k, _ in sorted(fresh.segments)]
+        stored = await asyncio.to_thread(svc.store.concat, sources, key)
+        hashed = hashes.at(row.id, offset)
+        sha256 = hashed.hexdigest() if hashed is not None else await asyncio.to_thread(
+            _sha256_of, svc, key)
+        hashes.keep(row.id, 0, None)
+        result = await record_object(svc, upload, rules, key, row.filename,
+                                     StoredObject(key, stored.size, sha256), None)
+        async with svc.db.session() as session:
+            await session.execute(update(TusUpload).where(col(TusUpload.id) == row.id)
+                                  .values(object_key=key if result["state"] == "added" else "",
+                                          segments=[]))
+        await forget(fresh.segments)
+        row.object_key = key
+        return offset
+
+    async def drop(row: TusUpload) -> None:
+        await forget(row.segments)
+        await asyncio.to_thread(svc.store.delete_prefix, f".tus/{row.id}/")
+        async with svc.db.session() as session:
+            await session.execute(delete(TusUpload).where(col(TusUpload.id) == row.id))
+        hashes.keep(row.id, 0, None)
+
+    async def sweep() -> None:
+        """Expired, unfinished tus uploads give their space back."""
+        async with svc.db.session() as session:
+            expired = (await session.exec(select(TusUpload).where(
+                col(TusUpload.expires_at) < datetime.now(UTC),
+                col(TusUpload.object_key).is_(None)).limit(100))).all()
+        for row in expired:
+            await drop(row)
+
+    svc.periodic.append(Periodic("tus-expiry", 600, sweep))
+    return api
+
+
+def _jsonb(value: Any) -> Any:
+    from sqlalchemy import cast
+    from sqlalchemy.dialects.postgresql import JSONB
+
+    return cast(value, JSONB)
+
+
+def _sha256_of(svc: Service, key: str) -> str:
+    digest = hashlib.sha256()
+    for block in svc.store.iter_chunks(key):
+        digest.update(block)
+    return digest.hexdigest()
