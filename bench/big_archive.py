@@ -20,12 +20,13 @@ import time
 import zipfile
 from pathlib import Path
 
-import httpx
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import gateway_client
+
 from imgest.infra import exit_on_sigterm, free_port
 from imgest.stack import SERVICES, Stack, port_env
 
@@ -74,8 +75,7 @@ def main() -> None:
         try:
             stack.start()
             stack.wait_ready(180)
-            http = httpx.Client(base_url=f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}",
-                                timeout=600)
+            http = gateway_client(stack, env["IMGEST_GATEWAY_PORT"], timeout=600)
             t0 = time.monotonic()
             with archive.open("rb") as body:
                 upload = http.post("/api/v1/uploads", params={"filename": "big.zip"},

@@ -18,12 +18,13 @@ import time
 import zipfile
 from pathlib import Path
 
-import httpx
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import gateway_client
+
 from imgest.infra import exit_on_sigterm, free_port
 from imgest.stack import SERVICES, Stack, port_env
 
@@ -56,8 +57,7 @@ def measure(delivery: str, args: argparse.Namespace, tmp: Path) -> list[float]:
         stack.start()
         stack.wait_ready(180)
         print(f"{delivery}: stack ready in {time.monotonic() - started:.1f}s")
-        http = httpx.Client(base_url=f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}",
-                            timeout=120)
+        http = gateway_client(stack, env["IMGEST_GATEWAY_PORT"], timeout=120)
         for run in range(args.runs):
             body = study_zip(args.files)
             t0 = time.monotonic()

@@ -110,7 +110,7 @@ def up(
             token_file = (data_dir / "admin.token").resolve()
             emit("imgest", f"administrator's API token: {token_file}  (TOKEN=$(cat {token_file}))")
             emit("imgest", f"upload a file:   curl -H \"Authorization: Bearer $TOKEN\" "
-                 f"-T scan.dcm '{url}/api/v1/uploads/?project=P'   (imgest project create P)")
+                 f"-T scan.dcm '{url}/api/v1/uploads/scan.dcm?project=P'   (imgest project create P)")
             emit("imgest", f"see what became of it:   curl -H \"Authorization: Bearer $TOKEN\" "
                  f"{url}/api/v1/uploads/<id>   "
                  f"· emails: {mail}   · Ctrl-C stops")

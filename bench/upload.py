@@ -1,0 +1,167 @@
+"""Upload throughput of the gateway against writing the same bytes straight to the store.
+
+    uv run python bench/upload.py [--gb 2] [--files 1000] [--file-kb 256] [--clients 4]
+
+On the embedded stack (local store) in a temporary directory:
+
+1. one big file (2 GB of random bytes, from disk) through `POST /api/v1/uploads/{id}/files`,
+   against the same file written with the store's own `put`; with the gateway's peak memory
+   (VmHWM) during the upload;
+2. 1,000 small files by 4 clients at once through the same endpoint (one request per file),
+   against 4 threads putting the same files into the store.
+
+The files are added to an upload session and not submitted: this measures the way in, not the
+pipeline (bench/pipeline.py does that). Never part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import gateway_client
+from imgest_runtime.store import LocalStore
+
+from imgest.infra import exit_on_sigterm, free_port
+from imgest.stack import SERVICES, Stack, port_env
+
+MB = 1024 * 1024
+
+
+def memory_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_watch(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    """VmRSS sampled every 50 ms (VmHWM covers the whole life; this covers the upload)."""
+    while not stop.is_set():
+        peak[0] = max(peak[0], memory_kb(pid, "VmRSS"))
+        time.sleep(0.05)
+
+
+def make_file(path: Path, size: int) -> None:
+    block = os.urandom(4 * MB)
+    with path.open("wb") as f:
+        left = size
+        while left > 0:
+            f.write(block[: min(left, len(block))])
+            left -= len(block)
+
+
+def file_body(path: Path):
+    with path.open("rb") as f:
+        while chunk := f.read(MB):
+            yield chunk
+
+
+def main() -> None:
+    exit_on_sigterm()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=2.0, help="Size of the big file.")
+    parser.add_argument("--files", type=int, default=1000, help="How many small files.")
+    parser.add_argument("--file-kb", type=int, default=256, help="Size of each small file.")
+    parser.add_argument("--clients", type=int, default=4, help="Clients sending small files.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="imgest-upload-") as tmp:
+        root = Path(tmp)
+        root.chmod(0o755)
+        big = root / "big.bin"
+        size = int(args.gb * 1024**3)
+        make_file(big, size)
+        small = [os.urandom(args.file_kb * 1024) for _ in range(args.files)]
+
+        # Straight to a store of the same kind, on the same disk.
+        direct = LocalStore(root / "direct")
+        t0 = time.monotonic()
+        with big.open("rb") as f:
+            direct.put("big/big.bin", f, size)
+        direct_big = size / (time.monotonic() - t0)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(lambda i: direct.put(f"small/{i}.bin", _Bytes(small[i]),
+                                               len(small[i])), range(args.files)))
+        direct_small = args.files / (time.monotonic() - t0)
+
+        env = {port_env(s): str(free_port()) for s in SERVICES}
+        env["IMGEST_MAX_UPLOAD_BYTES"] = str(size + MB)
+        log = (root / "services.log").open("a", buffering=1)
+        stack = Stack(root / "data", env, emit=lambda n, line: log.write(f"{n:<9}| {line}\n"))
+        try:
+            stack.start()
+            stack.wait_ready(180)
+            port = env["IMGEST_GATEWAY_PORT"]
+            http = gateway_client(stack, port, timeout=600)
+            http.post("/api/v1/projects", json={"id": "BENCH", "settings": {
+                "max_files_per_upload": args.files + 10}})
+            pid = stack.supervisor.children["gateway"].process.pid  # type: ignore[union-attr]
+            before = memory_kb(pid, "VmRSS")
+
+            upload = http.post("/api/v1/projects/BENCH/uploads", json={}).json()
+            stop, peak = threading.Event(), [before]
+            watcher = threading.Thread(target=peak_watch, args=(pid, stop, peak))
+            watcher.start()
+            t0 = time.monotonic()
+            added = http.post(f"/api/v1/uploads/{upload['id']}/files",
+                              params={"filename": "big.bin"}, content=file_body(big),
+                              headers={"Content-Length": str(size)})
+            gateway_big = size / (time.monotonic() - t0)
+            stop.set()
+            watcher.join()
+            assert added.status_code == 201, added.text
+
+            upload = http.post("/api/v1/projects/BENCH/uploads", json={}).json()
+            clients = [gateway_client(stack, port) for _ in range(args.clients)]
+
+            def send(i: int) -> None:
+                response = clients[i % args.clients].post(
+                    f"/api/v1/uploads/{upload['id']}/files", params={"filename": f"{i}.bin"},
+                    content=small[i])
+                assert response.status_code == 201, response.text
+
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(args.clients) as pool:
+                list(pool.map(send, range(args.files)))
+            gateway_small = args.files / (time.monotonic() - t0)
+        finally:
+            stack.stop()
+            log.close()
+
+    print(f"\none {size / 1e9:.2f} GB file:")
+    print(f"  straight to the store  {direct_big / 1e6:8.0f} MB/s")
+    print(f"  through the gateway    {gateway_big / 1e6:8.0f} MB/s   "
+          f"= {gateway_big / direct_big:.0%} of direct (target: at least 70%)")
+    print(f"  gateway memory: {before / 1024:.0f} MB before, peak {peak[0] / 1024:.0f} MB "
+          "during the upload (target: under 300 MB)")
+    print(f"\n{args.files} files of {args.file_kb} KB, {args.clients} clients:")
+    print(f"  straight to the store  {direct_small:8.0f} files/s "
+          f"({direct_small * args.file_kb / 1024:.0f} MB/s)")
+    print(f"  through the gateway    {gateway_small:8.0f} files/s "
+          f"({gateway_small * args.file_kb / 1024:.0f} MB/s)   "
+          f"= {gateway_small / direct_small:.0%} of direct")
+
+
+class _Bytes:
+    """A readable over bytes (the store reads streams)."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n < 0 else self.pos + n
+        chunk = self.data[self.pos:end]
+        self.pos += len(chunk)
+        return chunk
+
+
+if __name__ == "__main__":
+    main()
