@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, DateTime, MetaData
+from sqlalchemy import BigInteger, Column, DateTime, Index, MetaData, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
@@ -31,6 +31,7 @@ class Upload(Base, table=True):
     created_at: datetime = _ts(nullable=False)
     completed_at: datetime | None = _ts(nullable=True)
     redrives: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    files_added: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # the cap
     redriven_at: datetime | None = _ts(nullable=True)
 
 
@@ -38,6 +39,10 @@ class UploadObject(Base, table=True):
     """What the client sent: one stored object (a file or an archive)."""
 
     __tablename__ = "upload_object"
+    # The same content twice in an open upload is a duplicate: the database says so, at once,
+    # however many clients add files at the same time.
+    __table_args__ = (Index("upload_object_added_once", "upload_id", "sha256", unique=True,
+                            postgresql_where=text("state = 'added'")),)
     object_key: str = Field(primary_key=True, max_length=1024)
     upload_id: str = Field(index=True, max_length=64)
     filename: str = Field(max_length=1024)

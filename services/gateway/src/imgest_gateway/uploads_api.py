@@ -25,7 +25,8 @@ from imgest_runtime.broker import PIPELINE_FAILED
 from imgest_runtime.service import Service, problem, problem_responses
 from imgest_runtime.store import StoredObject, StoreError, put_async
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
-from sqlalchemy import func
+from sqlalchemy import func, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException
@@ -421,24 +422,33 @@ async def record_object(svc: Service, upload: Upload, rules: ProjectSettings, ke
     """Adds a stored file to an open upload, unless it is a duplicate (the same content in this
     upload, or already archived in the project): then it is deleted, recorded as skipped, and
     reported. Past the project's cap, the file is deleted and refused."""
+    # No lock on the upload while looking: the unique index finds a duplicate within the
+    # upload, and the counter (updated last, so its row lock lasts only until the commit)
+    # keeps the cap however many clients add at once.
     async with svc.db.session() as session:
-        locked = await session.get(Upload, upload.id, with_for_update=True)
-        if locked is None or locked.state != OPEN:
+        state = (await session.exec(select(Upload.state).where(Upload.id == upload.id))).first()
+        if state != OPEN:
             await asyncio.to_thread(svc.store.delete, key)
-            raise Refused(409, "Upload not open", f"Upload {upload.id} is "
-                          f"{locked.state if locked else 'gone'}; files are added to an "
-                          "open upload only.")
-        same = (await session.exec(select(UploadObject).where(
-            UploadObject.upload_id == upload.id, UploadObject.sha256 == stored.sha256,
-            UploadObject.state == "added"))).first()
-        archived = None if same else (await session.exec(
+            raise Refused(409, "Upload not open", f"Upload {upload.id} is {state or 'gone'}; "
+                          "files are added to an open upload only.")
+        archived = (await session.exec(
             select(UploadFile.path, Upload.id).join(Upload, col(Upload.id) == UploadFile.upload_id)
             .where(Upload.project == upload.project, UploadFile.sha256 == stored.sha256,
                    col(UploadFile.state).in_(["archived", "prearchived"])).limit(1))).first()
-        if same or archived:
+        added = None if archived else (await session.execute(
+            pg_insert(UploadObject).values(
+                object_key=key, upload_id=upload.id, filename=name, size=stored.size,
+                sha256=stored.sha256 or "", state="added", content_type=content_type)
+            .on_conflict_do_nothing(index_elements=["upload_id", "sha256"],
+                                    index_where=text("state = 'added'"))
+            .returning(col(UploadObject.object_key)))).first()
+        if added is None:
+            same = None if archived else (await session.exec(select(UploadObject.filename).where(
+                UploadObject.upload_id == upload.id, UploadObject.sha256 == stored.sha256,
+                UploadObject.state == "added"))).first()
             reason = ({"code": "upload.duplicate", "message": (
-                f"The same content as {same.filename!r}, already in this upload; skipped.")}
-                if same else {"code": "upload.already_archived", "message": (
+                f"The same content as {same!r}, already in this upload; skipped.")}
+                if not archived else {"code": "upload.already_archived", "message": (
                     f"The same content as {archived[0]!r} (upload {archived[1]}), already "
                     f"in project {upload.project}; skipped.")})
             session.add(UploadObject(object_key=key, upload_id=upload.id, filename=name,
@@ -446,17 +456,18 @@ async def record_object(svc: Service, upload: Upload, rules: ProjectSettings, ke
                                      state="duplicate", reason=reason))
             await asyncio.to_thread(svc.store.delete, key)
             return {"filename": name, "state": "duplicate", "reason": reason}
-        count = (await session.exec(select(func.count()).where(
-            UploadObject.upload_id == upload.id, UploadObject.state == "added"))).one()
-        if count >= rules.max_files_per_upload:
+        counted = (await session.execute(
+            update(Upload).where(col(Upload.id) == upload.id,
+                                 col(Upload.files_added) < rules.max_files_per_upload)
+            .values(files_added=col(Upload.files_added) + 1)
+            .returning(col(Upload.files_added)))).first()
+        if counted is None:
+            await session.rollback()
             await asyncio.to_thread(svc.store.delete, key)
             raise Refused(409, "Too many files", (
-                f"Upload {upload.id} holds {count} files, the most project "
+                f"Upload {upload.id} holds {rules.max_files_per_upload} files, the most project "
                 f"{upload.project} allows in one upload (max_files_per_upload); submit it "
                 "and start another."))
-        session.add(UploadObject(object_key=key, upload_id=upload.id, filename=name,
-                                 size=stored.size, sha256=stored.sha256 or "",
-                                 state="added", content_type=content_type))
     return {"filename": name, "object_key": key, "size": stored.size,
             "sha256": stored.sha256, "state": "added"}
 
