@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -260,6 +261,10 @@ class Service:
     @asynccontextmanager
     async def running(self):
         """Start order: store, topics, broker (consumers), relay, periodic jobs; reverse on stop."""
+        # Each upload streaming into the store holds a thread for as long as it lasts; the
+        # default pool (CPU count + 4) would queue the 7th upload behind the first six.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=64, thread_name_prefix="imgest-io"))
         if self.uses_store and self.store is None:
             self.store = await asyncio.to_thread(open_store, self.settings)
         await self.check_epoch()  # before the relay starts: a replay goes out in order

@@ -496,32 +496,35 @@ async def put_async(store: ObjectStore, key: str, chunks: AsyncIterator[bytes],
     """Stream an async byte source into the store; the store's blocking writer runs in a thread."""
     reader = _QueueReader()
     writer = asyncio.ensure_future(asyncio.to_thread(store.put, key, reader, length))  # type: ignore[arg-type]
-    loop = asyncio.get_running_loop()
 
-    def feed(item: bytes | BaseException | None) -> None:
+    async def feed(item: bytes | BaseException | None) -> None:
+        """Hands a chunk to the writer thread from the loop itself: no worker thread is taken
+        for it (with the pool busy with writers, that could wait for ever). A full queue
+        means the store is slower than the client: wait a moment, which slows the client."""
+        pause = 0.001
         while not writer.done():  # a writer that already failed reads nothing more
             try:
-                reader.chunks.put(item, timeout=0.2)
+                reader.chunks.put_nowait(item)
                 return
             except queue.Full:
-                continue
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.02)
 
-    pending = bytearray()  # coalesced to ~1 MiB, so thread hand-offs stay rare
+    pending = bytearray()  # coalesced to ~1 MiB, so hand-offs stay rare
     try:
         async for chunk in chunks:
             if writer.done():
                 break
             pending += chunk
             if len(pending) >= CHUNK:
-                await loop.run_in_executor(None, feed, bytes(pending))
+                await feed(bytes(pending))
                 pending.clear()
         if pending:
-            await loop.run_in_executor(None, feed, bytes(pending))
-        await loop.run_in_executor(None, feed, None)
+            await feed(bytes(pending))
+        await feed(None)
     except BaseException as e:
         # Tell the writer the stream broke, so it fails and leaves nothing half-written behind.
-        await asyncio.shield(loop.run_in_executor(
-            None, feed, StoreError(f"upload stream interrupted: {e!r}")))
+        await asyncio.shield(feed(StoreError(f"upload stream interrupted: {e!r}")))
         try:
             await writer
         except StoreError:
