@@ -64,6 +64,7 @@ def test_one_dicom_file(running: Running, pydicom_file):
     state = running.wait(created["id"])
     elapsed = time.monotonic() - started
     rows = assert_archived(running, state, 1)
+    assert [o["state"] for o in state["objects"]] == ["staged"]  # went on as itself
     ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
     assert rows[0]["object_key"].endswith(f"/files/{ds.SOPInstanceUID}.dcm")
     assert "/scans/1/resources/DICOM/" in rows[0]["object_key"]

@@ -114,6 +114,11 @@ def register_handlers(svc: Service) -> None:
         await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id, event=event,
                           object_key=f.object_key, path=f.path, state="staged",
                           sha256=f.sha256)
+        if f.source.member is None:  # not an archive: the object itself went on, as one file
+            row = await tx.session.get(UploadObject, f.source.object_key, with_for_update=True)
+            if row is not None and row.state == "stored":
+                row.state = "staged"
+                tx.session.add(row)
 
     @svc.on(FileValidated)
     async def on_file_validated(event: CloudEvent[FileValidated], tx: Tx) -> None:

@@ -49,7 +49,8 @@ class UploadObject(Base, table=True):
     size: int = Field(sa_column=Column(BigInteger, nullable=False))
     sha256: str = Field(max_length=64, index=True)
     content_type: str | None = Field(default=None, max_length=255)
-    # added (in an open upload) | duplicate (skipped) | stored | unpacked | rejected | failed
+    # added (in an open upload) | duplicate (skipped) | stored → staged (one file) | unpacked |
+    # rejected | failed
     state: str = Field(max_length=20)
     reason: dict | None = Field(default=None, sa_column=Column(JSONB))
     event: dict | None = Field(  # the event that last moved it on: a re-drive sends it again
