@@ -6,13 +6,12 @@ import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from imgest_contracts import (
-    TOPICS,
     ArchiveRejected,
     ArchiveUnpacked,
     CloudEvent,
@@ -25,7 +24,6 @@ from imgest_contracts import (
     Reason,
     UploadCompleted,
     UploadSubmitted,
-    event_type,
     topic_of,
 )
 from imgest_runtime.service import (
@@ -48,11 +46,11 @@ from .models import Project, Upload, UploadFile, UploadObject, metadata
 from .settings import Settings
 from .tus_api import tus_router
 from .uploads_api import Refused, stream_to_store, submit, uploads_router
+from .views import TOPIC_OF_TYPE, event_json, json_response, upload_view
 from .xnat_api import plain_http_errors, xnat_router
 
 NAME = "gateway"
 log = logging.getLogger("imgest.gateway")
-TOPIC_OF_TYPE = {event_type(payload): topic for topic, payload in TOPICS.items()}
 
 
 def bootstrap(settings: Settings) -> Service:
@@ -73,10 +71,6 @@ def bootstrap(settings: Settings) -> Service:
 # --- status kept up to date from the pipeline's events ------------------------------------------
 
 
-def _json(event: CloudEvent) -> dict:
-    return event.model_dump(mode="json", exclude_none=True)
-
-
 async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, state: str,
                       event: CloudEvent | None = None, object_key: str = "", path: str = "",
                       kind: str | None = None, reason: dict | None = None,
@@ -89,13 +83,13 @@ async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, st
     if row is None:
         session.add(UploadFile(file_id=file_id, upload_id=upload_id, object_key=object_key,
                                path=path, kind=kind, state=state, reason=reason,
-                               session=session_uri, event=event and _json(event),
+                               session=session_uri, event=event and event_json(event),
                                sha256=sha256, updated_at=now))
         return
     moved = advances(row.state, state)
     if moved:
         row.state = state
-        row.event = _json(event) if event else row.event
+        row.event = event_json(event) if event else row.event
         row.reason = row.reason or reason  # a late failure does not mark an archived file
     row.object_key = row.object_key or object_key
     row.path = row.path or path
@@ -139,7 +133,7 @@ def register_handlers(svc: Service) -> None:
         row = await tx.session.get(UploadObject, event.data.object_key, with_for_update=True)
         if row is not None:
             row.state, row.reason = state, reason
-            row.event = _json(event) if keep_event else None
+            row.event = event_json(event) if keep_event else None
             tx.session.add(row)
 
     @svc.on(ArchiveUnpacked)
@@ -243,30 +237,6 @@ async def _redrive_upload(svc: Service, settings: Settings, upload_id: str,
 # --- HTTP API ------------------------------------------------------------------------------------
 
 
-def upload_view(upload: Upload, objects: list[UploadObject], files: list[UploadFile]
-                ) -> dict[str, Any]:
-    summary = upload.summary or {}
-    by_state: dict[str, int] = {}
-    for f in files:
-        by_state[f.state] = by_state.get(f.state, 0) + 1
-    return {
-        "id": upload.id,
-        "state": upload.state,
-        "project": upload.project,
-        "uploader": upload.uploader,
-        "options": upload.options,
-        "created_at": upload.created_at,
-        "completed_at": upload.completed_at,
-        "outcome": summary.get("outcome"),
-        "counts": summary.get("counts") or {"files": len(files), **by_state},
-        "sessions": summary.get("sessions", []),
-        "objects": [{"object_key": o.object_key, "filename": o.filename, "size": o.size,
-                     "sha256": o.sha256, "state": o.state, "reason": o.reason} for o in objects],
-        "files": [{"file_id": f.file_id, "path": f.path, "kind": f.kind, "state": f.state,
-                   "reason": f.reason, "session": f.session} for f in files],
-    }
-
-
 FILENAME = ("The client's name for the file. Only its last path component is kept; control "
             "characters become `_` and a name over 255 bytes is shortened, keeping its extension.")
 # The body is read as a stream (never parsed by FastAPI), so the document says what it is.
@@ -318,7 +288,7 @@ def build_app(settings: Settings) -> FastAPI:
         location = f"/api/v1/uploads/{upload_id}"
         body = upload_view(upload, [obj], [])
         body["status_url"] = public_url + location
-        return JSONResponse(jsonable(body), status_code=201, headers={"Location": location})
+        return json_response(body, 201, Location=location)
 
     @api.post("/uploads", status_code=201, summary="Upload one file (raw request body)",
               responses={201: {"description": "Stored; processing has begun."}},
@@ -357,7 +327,7 @@ def build_app(settings: Settings) -> FastAPI:
                 UploadObject.upload_id == upload))).all()
             files = (await session.exec(select(UploadFile).where(
                 UploadFile.upload_id == upload).order_by(col(UploadFile.path)))).all()
-        return JSONResponse(jsonable(upload_view(row, list(objects), list(files))))
+        return json_response(upload_view(row, list(objects), list(files)))
 
     @api.get("/uploads", summary="Recent uploads, newest first")
     async def list_uploads(caller: CallerDep,
@@ -369,9 +339,9 @@ def build_app(settings: Settings) -> FastAPI:
                                     col(Upload.project).in_(viewable)))
         async with svc.db.session() as session:
             rows = (await session.exec(query)).all()
-        return JSONResponse(jsonable([{"id": u.id, "state": u.state, "project": u.project,
+        return json_response([{"id": u.id, "state": u.state, "project": u.project,
                                        "created_at": u.created_at,
-                                       "completed_at": u.completed_at} for u in rows]))
+                                       "completed_at": u.completed_at} for u in rows])
 
     app.include_router(api)
     app.include_router(identity_router(svc))
@@ -397,8 +367,3 @@ async def may_upload(svc: Service, caller: Caller, project: str | None) -> JSONR
             return problem(404, "Not Found", f"No project {project!r}.")
     return None
 
-
-def jsonable(value: Any) -> Any:
-    from fastapi.encoders import jsonable_encoder
-
-    return jsonable_encoder(value)

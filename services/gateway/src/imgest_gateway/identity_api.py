@@ -28,6 +28,7 @@ from .identity import (
     hash_password,
 )
 from .models import ApiToken, Membership, Project, User
+from .views import json_response
 
 Username = Annotated[str, PathParam(pattern=USERNAME, description="A user name.")]
 # Text a person writes: no control characters (PostgreSQL refuses NUL, and none belongs there).
@@ -106,12 +107,6 @@ def project_view(project: Project, members: list[Membership] | None = None) -> d
     return view
 
 
-def _json(value: Any, status: int = 200) -> JSONResponse:
-    from fastapi.encoders import jsonable_encoder
-
-    return JSONResponse(jsonable_encoder(value), status_code=status)
-
-
 async def _publish_project(svc: Service, session: AsyncSession, project: Project) -> None:
     """Every change goes out as the project's whole state, so a consumer needs only the last."""
     await svc.outbox.add(session, ProjectUpdated(
@@ -126,7 +121,7 @@ def identity_router(svc: Service) -> APIRouter:
 
     @api.get("/me", tags=["identity"], summary="Who I am, and my roles by project")
     async def me(caller: CallerDep) -> JSONResponse:
-        return _json({"username": caller.username, "email": caller.email, "admin": caller.admin,
+        return json_response({"username": caller.username, "email": caller.email, "admin": caller.admin,
                       "projects": {p: r.value for p, r in sorted(caller.roles.items())}})
 
     # --- users -----------------------------------------------------------------------------------
@@ -135,7 +130,7 @@ def identity_router(svc: Service) -> APIRouter:
     async def list_users(_admin: AdminDep) -> JSONResponse:
         async with svc.db.session() as session:
             users = (await session.exec(select(User).order_by(col(User.username)))).all()
-        return _json([user_view(u) for u in users])
+        return json_response([user_view(u) for u in users])
 
     @api.post("/users", tags=["identity"], status_code=201, summary="Add a user (administrators)",
               responses=problem_responses(409))
@@ -147,7 +142,7 @@ def identity_router(svc: Service) -> APIRouter:
                         password_hash=hash_password(body.password) if body.password else None,
                         created_at=datetime.now(UTC))
             session.add(user)
-        return _json(user_view(user), 201)
+        return json_response(user_view(user), 201)
 
     @api.get("/users/{username}", tags=["identity"], summary="A user (themself or an admin)")
     async def get_user(username: Username, caller: CallerDep) -> JSONResponse:
@@ -156,7 +151,7 @@ def identity_router(svc: Service) -> APIRouter:
             user = await session.get(User, username)
         if user is None:
             return problem(404, "Not Found", f"No user {username!r}.")
-        return _json(user_view(user))
+        return json_response(user_view(user))
 
     @api.patch("/users/{username}", tags=["identity"],
                summary="Change a user's email or password (themself or an admin); admin flag "
@@ -186,7 +181,7 @@ def identity_router(svc: Service) -> APIRouter:
                         col(ApiToken.username) == username, col(ApiToken.revoked_at).is_(None))
                         .values(revoked_at=datetime.now(UTC)))
             session.add(user)
-        return _json(user_view(user))
+        return json_response(user_view(user))
 
     # --- tokens ----------------------------------------------------------------------------------
 
@@ -208,7 +203,7 @@ def identity_router(svc: Service) -> APIRouter:
             if user is None or not user.active:
                 return problem(404, "Not Found", f"No active user {username!r}.")
             row, secret = await issue_token(session, username, body.name, expires)
-        return _json({**token_view(row), "token": secret}, 201)
+        return json_response({**token_view(row), "token": secret}, 201)
 
     @api.get("/users/{username}/tokens", tags=["identity"], summary="A user's tokens (no secrets)")
     async def list_tokens(username: Username, caller: CallerDep) -> JSONResponse:
@@ -216,7 +211,7 @@ def identity_router(svc: Service) -> APIRouter:
         async with svc.db.session() as session:
             rows = (await session.exec(select(ApiToken).where(ApiToken.username == username)
                                        .order_by(col(ApiToken.created_at)))).all()
-        return _json([token_view(t) for t in rows])
+        return json_response([token_view(t) for t in rows])
 
     @api.delete("/users/{username}/tokens/{token_id}", tags=["identity"], status_code=204,
                 summary="Revoke a token", operation_id="revoke_token")
@@ -240,7 +235,7 @@ def identity_router(svc: Service) -> APIRouter:
             if not caller.admin:
                 query = query.where(col(Project.id).in_(list(caller.roles)))
             rows = (await session.exec(query)).all()
-        return _json([{**project_view(p), "role": caller.roles.get(p.id)} for p in rows])
+        return json_response([{**project_view(p), "role": caller.roles.get(p.id)} for p in rows])
 
     @api.post("/projects", tags=["projects"], status_code=201,
               summary="Create a project (administrators)", responses=problem_responses(409))
@@ -263,7 +258,7 @@ def identity_router(svc: Service) -> APIRouter:
                        for u in dict.fromkeys(body.owners)]
             session.add_all(members)
             await _publish_project(svc, session, project)
-        return _json(project_view(project, members), 201)
+        return json_response(project_view(project, members), 201)
 
     @api.get("/projects/{project_id}", tags=["projects"], summary="A project, its settings and "
              "members")
@@ -272,7 +267,7 @@ def identity_router(svc: Service) -> APIRouter:
             project = await _visible_project(session, caller, project_id)
             members = (await session.exec(select(Membership).where(
                 Membership.project == project_id).order_by(col(Membership.username)))).all()
-        return _json(project_view(project, list(members)))
+        return json_response(project_view(project, list(members)))
 
     @api.patch("/projects/{project_id}", tags=["projects"],
                summary="Change a project's name, description or settings (owners, admins)")
@@ -293,7 +288,7 @@ def identity_router(svc: Service) -> APIRouter:
             project.updated_at = datetime.now(UTC)
             session.add(project)
             await _publish_project(svc, session, project)
-        return _json(project_view(project))
+        return json_response(project_view(project))
 
     @api.put("/projects/{project_id}/members/{username}", tags=["projects"],
              summary="Give a user a role in the project (owners, admins)")
@@ -309,7 +304,7 @@ def identity_router(svc: Service) -> APIRouter:
             row = row or Membership(project=project_id, username=username, role=body.role.value)
             row.role = body.role.value
             session.add(row)
-        return _json({"project": project_id, "username": username, "role": body.role.value})
+        return json_response({"project": project_id, "username": username, "role": body.role.value})
 
     @api.delete("/projects/{project_id}/members/{username}", tags=["projects"], status_code=204,
                 summary="Take a user's role in the project away (owners, admins)")

@@ -36,6 +36,7 @@ from .domain import BadFilename, safe_filename
 from .identity import PROJECT_ID, Action, Caller
 from .models import Project, Upload, UploadFile, UploadObject
 from .settings import Settings
+from .views import TOPIC_OF_TYPE, event_json, json_response, upload_view
 
 OPEN, PROCESSING, CANCELLED = "open", "processing", "cancelled"
 TERMINAL = {"archived", "prearchived", "partial", "failed", CANCELLED}
@@ -120,10 +121,8 @@ async def submit(svc: Service, session: AsyncSession, upload: Upload,
                  objects: list[UploadObject]) -> None:
     """Hands the upload to the pipeline: each object's object.stored, then upload.submitted
     naming them all (the importer completes the upload once every one has an outcome)."""
-    from .app import _json  # the status view's serialisation of an event
-
     for obj in objects:
-        obj.event = _json(await svc.outbox.add(session, object_stored(upload, obj)))
+        obj.event = event_json(await svc.outbox.add(session, object_stored(upload, obj)))
         session.add(obj)
     upload.state = PROCESSING
     session.add(upload)
@@ -143,8 +142,6 @@ async def project_settings(session: AsyncSession, project_id: str) -> ProjectSet
 
 
 def uploads_router(svc: Service, settings: Settings) -> APIRouter:
-    from .app import jsonable, upload_view
-
     api = APIRouter(prefix="/api/v1", tags=["upload sessions"],
                     responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 503))
 
@@ -166,9 +163,8 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             files = (await session.exec(select(UploadFile).where(
                 UploadFile.upload_id == upload_id).order_by(col(UploadFile.path)))).all()
         assert upload is not None
-        return JSONResponse(jsonable({**upload_view(upload, list(objects), list(files)),
-                                      **extra}), status_code=status,
-                            headers={"Location": f"/api/v1/uploads/{upload_id}"})
+        return json_response({**upload_view(upload, list(objects), list(files)), **extra},
+                             status, Location=f"/api/v1/uploads/{upload_id}")
 
     @api.post("/projects/{project_id}/uploads", status_code=201,
               summary="Create an upload session for a project (then add files, then submit)",
@@ -267,9 +263,8 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             return refused.response
         added = [r for r in results if r["state"] == "added"]
         duplicates = [r for r in results if r["state"] == "duplicate"]
-        return JSONResponse(jsonable({"added": len(added), "duplicates": len(duplicates),
-                                      "files": results}),
-                            status_code=201 if added else 200)
+        return json_response({"added": len(added), "duplicates": len(duplicates),
+                              "files": results}, 201 if added else 200)
 
     @api.post("/uploads/{upload_id}/submit", operation_id="submit_upload", summary="Submit an open upload for processing")
     async def submit_upload(upload_id: UploadId, caller: CallerDep) -> JSONResponse:
@@ -329,8 +324,6 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
                     raise Refused(409, "Nothing to retry", (
                         "No file of this upload failed in the pipeline; rejected files were "
                         "refused for their content and need a new upload."))
-                from .app import TOPIC_OF_TYPE
-
                 for row in failed:
                     # The event that brought it to the stage that gave up, under its own id: that
                     # stage never recorded it as handled, so it does the work now.
@@ -379,9 +372,9 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             counts[upload_id]["files"][file_state] = n
         for upload_id, object_state, n in by_object:
             counts[upload_id]["objects"][object_state] = n
-        return JSONResponse(jsonable([{
+        return json_response([{
             "id": u.id, "state": u.state, "uploader": u.uploader, "created_at": u.created_at,
-            "fields": (u.options or {}).get("fields", {}), **counts[u.id]} for u in uploads]))
+            "fields": (u.options or {}).get("fields", {}), **counts[u.id]} for u in uploads])
 
     async def visible(upload_id: UploadId, caller: CallerDep) -> str:
         """Checked before a stream starts: its errors are still HTTP ones."""

@@ -1,0 +1,44 @@
+"""How the gateway shows what it keeps: uploads as JSON, events as stored for a re-drive."""
+
+from typing import Any
+
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from imgest_contracts import TOPICS, CloudEvent, event_type
+
+from .models import Upload, UploadFile, UploadObject
+
+TOPIC_OF_TYPE = {event_type(payload): topic for topic, payload in TOPICS.items()}
+
+
+def event_json(event: CloudEvent) -> dict:
+    """An event as a JSONB column keeps it (a re-drive sends it again from there)."""
+    return event.model_dump(mode="json", exclude_none=True)
+
+
+def json_response(value: Any, status: int = 200, **headers: str) -> JSONResponse:
+    return JSONResponse(jsonable_encoder(value), status_code=status, headers=headers or None)
+
+
+def upload_view(upload: Upload, objects: list[UploadObject], files: list[UploadFile]
+                ) -> dict[str, Any]:
+    summary = upload.summary or {}
+    by_state: dict[str, int] = {}
+    for f in files:
+        by_state[f.state] = by_state.get(f.state, 0) + 1
+    return {
+        "id": upload.id,
+        "state": upload.state,
+        "project": upload.project,
+        "uploader": upload.uploader,
+        "options": upload.options,
+        "created_at": upload.created_at,
+        "completed_at": upload.completed_at,
+        "outcome": summary.get("outcome"),
+        "counts": summary.get("counts") or {"files": len(files), **by_state},
+        "sessions": summary.get("sessions", []),
+        "objects": [{"object_key": o.object_key, "filename": o.filename, "size": o.size,
+                     "sha256": o.sha256, "state": o.state, "reason": o.reason} for o in objects],
+        "files": [{"file_id": f.file_id, "path": f.path, "kind": f.kind, "state": f.state,
+                   "reason": f.reason, "session": f.session} for f in files],
+    }
