@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from imgest_contracts import (
     ArchiveRejected,
     ArchiveUnpacked,
@@ -269,11 +269,8 @@ def build_app(settings: Settings) -> FastAPI:
             return problem(400, "Bad Content-Length", "Content-Length is not a number.")
         upload_id = uuid.uuid4().hex
         key = f"staging/{upload_id}/{name}"
-        try:
-            stored = await stream_to_store(svc, settings, key, request.stream(),
-                                           int(length) if length else None)
-        except Refused as refused:
-            return refused.response
+        stored = await stream_to_store(svc, settings, key, request.stream(),
+                                       int(length) if length else None)
         async with svc.db.session() as session:
             upload = Upload(id=upload_id, state="processing", project=options.project,
                             uploader=caller.username, email=caller.email,
@@ -349,6 +346,11 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(tus_router(svc, settings))
     app.include_router(xnat_router(svc, settings))
     plain_http_errors(app)
+
+    async def refused(_request: Request, error: Exception) -> Response:
+        return error.response  # type: ignore[attr-defined]  # a problem document, made at raise
+
+    app.add_exception_handler(Refused, refused)
     return app
 
 

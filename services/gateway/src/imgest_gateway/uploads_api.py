@@ -50,7 +50,7 @@ UploadId = Annotated[str, PathParam(max_length=64, description="The upload's id.
 
 
 class Refused(Exception):
-    """A request refused with a problem document."""
+    """A request refused with a problem document (the app's handler answers with it)."""
 
     def __init__(self, status: int, title: str, detail: str):
         super().__init__(detail)
@@ -177,25 +177,22 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
         if not caller.may(Action.upload, project_id):
             raise forbidden(f"You may not upload into project {project_id!r} (no role in it, "
                             "or no such project).")
-        try:
-            async with svc.db.session() as session:
-                rules = await project_settings(session, project_id)
-                missing = [f for f in rules.required_fields if not body.fields.get(f)]
-                if missing:
-                    return problem(422, "Missing required field", (
-                        f"Project {project_id!r} requires the field(s) {', '.join(missing)}."),
-                        errors=[{"loc": ["body", "fields", f], "msg": "Field required"}
-                                for f in missing])
-                options = ImportOptions(project=project_id, **body.model_dump(
-                    exclude_defaults=True))
-                upload = Upload(id=uuid.uuid4().hex, state=OPEN, project=project_id,
-                                uploader=caller.username, email=caller.email,
-                                options=options.model_dump(mode="json", exclude_defaults=True,
-                                                           exclude={"project"}),
-                                created_at=datetime.now(UTC))
-                session.add(upload)
-        except Refused as refused:
-            return refused.response
+        async with svc.db.session() as session:
+            rules = await project_settings(session, project_id)
+            missing = [f for f in rules.required_fields if not body.fields.get(f)]
+            if missing:
+                return problem(422, "Missing required field", (
+                    f"Project {project_id!r} requires the field(s) {', '.join(missing)}."),
+                    errors=[{"loc": ["body", "fields", f], "msg": "Field required"}
+                            for f in missing])
+            options = ImportOptions(project=project_id, **body.model_dump(
+                exclude_defaults=True))
+            upload = Upload(id=uuid.uuid4().hex, state=OPEN, project=project_id,
+                            uploader=caller.username, email=caller.email,
+                            options=options.model_dump(mode="json", exclude_defaults=True,
+                                                       exclude={"project"}),
+                            created_at=datetime.now(UTC))
+            session.add(upload)
         return await view(upload.id, 201)
 
     async def add_one(upload: Upload, rules: ProjectSettings, name: str,
@@ -224,43 +221,40 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
                         filename: Annotated[str | None, Query(
                             max_length=1024, description="The file's name (raw body).")] = None
                         ) -> JSONResponse:
-        try:
-            async with svc.db.session() as session:
-                upload = await own_upload(session, caller, upload_id)
-                if not caller.may(Action.upload, upload.project):
-                    raise forbidden(f"You may not upload into project {upload.project!r}.")
-                rules = await project_settings(session, upload.project or "")
-            if upload.state != OPEN:
-                raise Refused(409, "Upload not open", f"Upload {upload_id} is {upload.state}; "
-                              "files are added to an open upload only.")
-            results = []
-            content_type = request.headers.get("content-type", "")
-            if content_type.startswith("multipart/form-data"):
-                length = request.headers.get("content-length", "")
-                if length.isdigit() and int(length) > settings.max_upload_bytes:
-                    raise Refused(413, "Content Too Large", "A request may be at most "
-                                  f"{settings.max_upload_bytes} bytes.")
-                # Parts are spooled by Starlette (memory up to 1 MB each, then a temporary
-                # file), then streamed into the store one by one.
-                async with request.form(max_files=rules.max_files_per_upload + 1,
-                                        max_part_size=1024 * 1024) as form:
-                    parts = [p for _, p in form.multi_items() if hasattr(p, "read")]
-                    if not parts:
-                        raise Refused(422, "No files", "The form holds no file parts.")
-                    for part in parts:
-                        results.append(await add_one(
-                            upload, rules, part.filename or "file", _chunks(part), part.size,
-                            part.content_type))
-            else:
-                if not filename:
-                    raise Refused(422, "File name missing", "Name the file: ?filename=…")
-                length = request.headers.get("content-length")
-                results.append(await add_one(
-                    upload, rules, filename, request.stream(),
-                    int(length) if length and length.isdigit() else None,
-                    content_type or None))
-        except Refused as refused:
-            return refused.response
+        async with svc.db.session() as session:
+            upload = await own_upload(session, caller, upload_id)
+            if not caller.may(Action.upload, upload.project):
+                raise forbidden(f"You may not upload into project {upload.project!r}.")
+            rules = await project_settings(session, upload.project or "")
+        if upload.state != OPEN:
+            raise Refused(409, "Upload not open", f"Upload {upload_id} is {upload.state}; "
+                          "files are added to an open upload only.")
+        results = []
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > settings.max_upload_bytes:
+                raise Refused(413, "Content Too Large", "A request may be at most "
+                              f"{settings.max_upload_bytes} bytes.")
+            # Parts are spooled by Starlette (memory up to 1 MB each, then a temporary
+            # file), then streamed into the store one by one.
+            async with request.form(max_files=rules.max_files_per_upload + 1,
+                                    max_part_size=1024 * 1024) as form:
+                parts = [p for _, p in form.multi_items() if hasattr(p, "read")]
+                if not parts:
+                    raise Refused(422, "No files", "The form holds no file parts.")
+                for part in parts:
+                    results.append(await add_one(
+                        upload, rules, part.filename or "file", _chunks(part), part.size,
+                        part.content_type))
+        else:
+            if not filename:
+                raise Refused(422, "File name missing", "Name the file: ?filename=…")
+            length = request.headers.get("content-length")
+            results.append(await add_one(
+                upload, rules, filename, request.stream(),
+                int(length) if length and length.isdigit() else None,
+                content_type or None))
         added = [r for r in results if r["state"] == "added"]
         duplicates = [r for r in results if r["state"] == "duplicate"]
         return json_response({"added": len(added), "duplicates": len(duplicates),
@@ -268,73 +262,64 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
 
     @api.post("/uploads/{upload_id}/submit", operation_id="submit_upload", summary="Submit an open upload for processing")
     async def submit_upload(upload_id: UploadId, caller: CallerDep) -> JSONResponse:
-        try:
-            async with svc.db.session() as session:
-                upload = await own_upload(session, caller, upload_id, lock=True)
-                if upload.state != OPEN:
-                    if upload.state == CANCELLED:
-                        raise Refused(409, "Upload cancelled", f"Upload {upload_id} was "
-                                      "cancelled.")
-                    return await view(upload_id)  # submitted before: the same answer again
-                objects = list((await session.exec(select(UploadObject).where(
-                    UploadObject.upload_id == upload_id, UploadObject.state == "added"))).all())
-                if not objects:
-                    raise Refused(409, "No files", f"Upload {upload_id} has no files to "
-                                  "process; add some first.")
-                for obj in objects:
-                    obj.state = "stored"
-                await submit(svc, session, upload, objects)
-        except Refused as refused:
-            return refused.response
+        async with svc.db.session() as session:
+            upload = await own_upload(session, caller, upload_id, lock=True)
+            if upload.state != OPEN:
+                if upload.state == CANCELLED:
+                    raise Refused(409, "Upload cancelled", f"Upload {upload_id} was "
+                                  "cancelled.")
+                return await view(upload_id)  # submitted before: the same answer again
+            objects = list((await session.exec(select(UploadObject).where(
+                UploadObject.upload_id == upload_id, UploadObject.state == "added"))).all())
+            if not objects:
+                raise Refused(409, "No files", f"Upload {upload_id} has no files to "
+                              "process; add some first.")
+            for obj in objects:
+                obj.state = "stored"
+            await submit(svc, session, upload, objects)
         return await view(upload_id)
 
     @api.post("/uploads/{upload_id}/cancel", operation_id="cancel_upload",
               summary="Cancel an open upload: its files are deleted, nothing is processed")
     async def cancel_upload(upload_id: UploadId, caller: CallerDep) -> JSONResponse:
-        try:
-            async with svc.db.session() as session:
-                upload = await own_upload(session, caller, upload_id, lock=True)
-                if upload.state not in (OPEN, CANCELLED):
-                    raise Refused(409, "Already submitted", (
-                        f"Upload {upload_id} is {upload.state}: once submitted, its files are "
-                        "processed to the end."))
-                upload.state, upload.completed_at = CANCELLED, datetime.now(UTC)
-                session.add(upload)
-        except Refused as refused:
-            return refused.response
+        async with svc.db.session() as session:
+            upload = await own_upload(session, caller, upload_id, lock=True)
+            if upload.state not in (OPEN, CANCELLED):
+                raise Refused(409, "Already submitted", (
+                    f"Upload {upload_id} is {upload.state}: once submitted, its files are "
+                    "processed to the end."))
+            upload.state, upload.completed_at = CANCELLED, datetime.now(UTC)
+            session.add(upload)
         await asyncio.to_thread(svc.store.delete_prefix, f"staging/{upload_id}/")
         return await view(upload_id)
 
     @api.post("/uploads/{upload_id}/retry", operation_id="retry_upload",
               summary="Process the upload's failed files again (those the pipeline gave up on)")
     async def retry_upload(upload_id: UploadId, caller: CallerDep) -> JSONResponse:
-        try:
-            async with svc.db.session() as session:
-                upload = await own_upload(session, caller, upload_id, lock=True)
-                if upload.state not in ("partial", "failed"):
-                    raise Refused(409, "Nothing to retry", (
-                        f"Upload {upload_id} is {upload.state}; only a partial or failed "
-                        "upload has failed files to retry."))
-                failed = (await session.exec(select(UploadFile).where(
-                    UploadFile.upload_id == upload_id,
-                    col(UploadFile.state).in_(["failed", "rejected"]),
-                    col(UploadFile.reason)["code"].astext == PIPELINE_FAILED,
-                    col(UploadFile.event).is_not(None)))).all()
-                if not failed:
-                    raise Refused(409, "Nothing to retry", (
-                        "No file of this upload failed in the pipeline; rejected files were "
-                        "refused for their content and need a new upload."))
-                for row in failed:
-                    # The event that brought it to the stage that gave up, under its own id: that
-                    # stage never recorded it as handled, so it does the work now.
-                    await svc.outbox.resend(session, TOPIC_OF_TYPE[row.event["type"]],
-                                            upload_id, row.event)
-                    row.state, row.reason = "staged", None
-                    session.add(row)
-                upload.state = PROCESSING
-                session.add(upload)
-        except Refused as refused:
-            return refused.response
+        async with svc.db.session() as session:
+            upload = await own_upload(session, caller, upload_id, lock=True)
+            if upload.state not in ("partial", "failed"):
+                raise Refused(409, "Nothing to retry", (
+                    f"Upload {upload_id} is {upload.state}; only a partial or failed "
+                    "upload has failed files to retry."))
+            failed = (await session.exec(select(UploadFile).where(
+                UploadFile.upload_id == upload_id,
+                col(UploadFile.state).in_(["failed", "rejected"]),
+                col(UploadFile.reason)["code"].astext == PIPELINE_FAILED,
+                col(UploadFile.event).is_not(None)))).all()
+            if not failed:
+                raise Refused(409, "Nothing to retry", (
+                    "No file of this upload failed in the pipeline; rejected files were "
+                    "refused for their content and need a new upload."))
+            for row in failed:
+                # The event that brought it to the stage that gave up, under its own id: that
+                # stage never recorded it as handled, so it does the work now.
+                await svc.outbox.resend(session, TOPIC_OF_TYPE[row.event["type"]],
+                                        upload_id, row.event)
+                row.state, row.reason = "staged", None
+                session.add(row)
+            upload.state = PROCESSING
+            session.add(upload)
         return await view(upload_id, retried=len(failed))
 
     @api.get("/projects/{project_id}/uploads",
