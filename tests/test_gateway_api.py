@@ -276,6 +276,54 @@ def test_upload_session_fields_duplicates_cap_progress_and_listing(gateway: Runn
     assert nothing.status_code == 409 and "no files" in nothing.json()["detail"]
 
 
+def test_many_files_in_one_form_are_streamed_and_each_gets_a_verdict(gateway: Running,
+                                                                    pydicom_file):
+    http = gateway.http
+    gateway.project("FORMS", max_files_per_upload=4)
+    upload = http.post("/api/v1/projects/FORMS/uploads", json={}).json()
+    files = f"/api/v1/uploads/{upload['id']}/files"
+    a, b, c = (_dicom(pydicom_file, f"FORM{i}") for i in range(3))
+    # A nameless part (what a browser sends for an empty file input) and an empty file are
+    # refused on their own; the others are added; a text field is read and dropped.
+    boundary = "b0undary"
+
+    def part(name: str, filename: str | None, data: bytes) -> bytes:
+        named = f'; filename="{filename}"' if filename is not None else ""
+        return (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{named}\r\n'
+                "\r\n").encode() + data + b"\r\n"
+
+    form_type = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    sent = http.post(files, headers=form_type, content=b"".join([
+        part("note", None, b"hello"), part("file", "a.dcm", a), part("file", "", b"stray"),
+        part("file", "empty.dcm", b""), part("file", "b.dcm", b), f"--{boundary}--\r\n".encode()]))
+    assert sent.status_code == 201, sent.text
+    verdicts = {f["filename"]: f for f in sent.json()["files"]}
+    assert (sent.json()["added"], sent.json()["refused"]) == (2, 2)
+    assert verdicts[""]["reason"]["code"] == "upload.bad_file_name"
+    assert verdicts["empty.dcm"]["reason"]["code"] == "upload.empty_file"
+    assert {verdicts["a.dcm"]["state"], verdicts["b.dcm"]["state"]} == {"added"}
+    keys = sorted(o.key for o in gateway.store.list(f"staging/{upload['id']}/"))
+    assert keys == sorted([verdicts["a.dcm"]["object_key"], verdicts["b.dcm"]["object_key"]])
+
+    # A form that breaks off is refused whole: nothing of it stays in the store or the upload.
+    broken = http.post(files, headers=form_type, content=part("file", "c.dcm", c) + part(
+        "file", "d.dcm", c)[:700])
+    assert broken.status_code == 400, broken.text
+    assert broken.headers["content-type"] == "application/problem+json"
+    assert "broke off" in broken.json()["detail"]
+    assert sorted(o.key for o in gateway.store.list(f"staging/{upload['id']}/")) == keys
+
+    # Past the cap (4): the form's files beyond it are refused, each saying why.
+    over = http.post(files, files=[("file", (f"{i}.dcm", _dicom(pydicom_file, f"OVER{i}")))
+                                   for i in range(3)])
+    assert over.status_code == 201 and over.json()["added"] == 2, over.text
+    assert over.json()["files"][2]["reason"]["code"] == "upload.too_many_files"
+    full = http.post(files, files=[("file", ("late.dcm", c))])
+    assert full.status_code == 409 and "max_files_per_upload" in full.json()["detail"]
+    assert full.json()["files"][0]["state"] == "refused"
+    assert len(list(gateway.store.list(f"staging/{upload['id']}/"))) == 4
+
+
 def test_cancel_an_open_upload_and_retry_failed_files(gateway: Running, pydicom_file):
     from io import BytesIO
 

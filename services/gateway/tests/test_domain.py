@@ -7,9 +7,11 @@ from imgest_contracts import UploadCounts
 from imgest_gateway.domain import (
     FILE_STATE_RANK,
     MAX_FILENAME,
+    Arrival,
     BadFilename,
     advances,
     safe_filename,
+    sort_arrivals,
     upload_state,
 )
 
@@ -127,3 +129,40 @@ def test_unknown_states_rank_lowest() -> None:
 )
 def test_upload_state(counts: UploadCounts, expected: str) -> None:
     assert upload_state(counts) == expected
+
+
+# --- sort_arrivals -------------------------------------------------------------------------------
+
+
+def _arrival(name: str, sha: str) -> Arrival:
+    return Arrival(f"staging/u/{name}", name, 10, sha)
+
+
+def test_arrivals_are_added_until_the_cap_then_refused():
+    arrivals = [_arrival(f"{i}.dcm", f"sha{i}") for i in range(4)]
+    verdicts = sort_arrivals(arrivals, upload_id="u", project="P", in_upload={}, archived={},
+                             room=2, cap=3)
+    assert [v.state for v in verdicts] == ["added", "added", "refused", "refused"]
+    assert verdicts[2].status == 409 and verdicts[2].reason["code"] == "upload.too_many_files"
+    assert "max_files_per_upload" in verdicts[2].reason["message"]
+
+
+def test_duplicates_in_the_upload_in_the_batch_and_in_the_archive_are_skipped_and_named():
+    arrivals = [_arrival("a.dcm", "A"), _arrival("b.dcm", "B"), _arrival("b2.dcm", "B"),
+                _arrival("c.dcm", "C")]
+    verdicts = sort_arrivals(arrivals, upload_id="u", project="P",
+                             in_upload={"A": "first.dcm"}, archived={"C": ("x/c.dcm", "u0")},
+                             room=10, cap=10)
+    assert [v.state for v in verdicts] == ["duplicate", "added", "duplicate", "duplicate"]
+    assert verdicts[0].reason["code"] == "upload.duplicate"
+    assert "'first.dcm'" in verdicts[0].reason["message"]
+    assert "'b.dcm'" in verdicts[2].reason["message"]
+    assert verdicts[3].reason["code"] == "upload.already_archived"
+    assert "u0" in verdicts[3].reason["message"] and "P" in verdicts[3].reason["message"]
+
+
+def test_a_duplicate_takes_no_room_under_the_cap():
+    arrivals = [_arrival("a.dcm", "A"), _arrival("a2.dcm", "A"), _arrival("b.dcm", "B")]
+    verdicts = sort_arrivals(arrivals, upload_id="u", project="P", in_upload={}, archived={},
+                             room=2, cap=2)
+    assert [v.state for v in verdicts] == ["added", "duplicate", "added"]

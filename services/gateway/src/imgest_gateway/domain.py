@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from imgest_contracts import UploadCounts
@@ -52,3 +54,54 @@ def upload_state(counts: UploadCounts) -> str:
     if done:
         return "partial"
     return "failed"
+
+
+# --- files arriving in an open upload ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A file just stored in an open upload, not yet recorded."""
+
+    object_key: str
+    filename: str
+    size: int
+    sha256: str
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    arrival: Arrival
+    state: str  # added | duplicate (recorded, skipped) | refused (not recorded)
+    reason: dict | None = None
+    status: int = 201  # for a refused file: the HTTP status it would have on its own
+
+
+def sort_arrivals(arrivals: list[Arrival], *, upload_id: str, project: str | None,
+                  in_upload: Mapping[str, str], archived: Mapping[str, tuple[str, str]],
+                  room: int, cap: int) -> list[Verdict]:
+    """What becomes of each arriving file, in order: a duplicate of a file already in the
+    upload (`in_upload`: sha256 → its name), of an earlier one in the same batch, or of one
+    archived in the project (`archived`: sha256 → (path, upload)) is skipped and said why; past
+    the project's cap (`room` files left of `cap`) it is refused; otherwise added."""
+    seen = dict(in_upload)
+    verdicts = []
+    for a in arrivals:
+        if a.sha256 in archived:
+            path, earlier = archived[a.sha256]
+            verdicts.append(Verdict(a, "duplicate", {"code": "upload.already_archived", "message": (
+                f"The same content as {path!r} (upload {earlier}), already in project "
+                f"{project}; skipped.")}))
+        elif a.sha256 in seen:
+            verdicts.append(Verdict(a, "duplicate", {"code": "upload.duplicate", "message": (
+                f"The same content as {seen[a.sha256]!r}, already in this upload; skipped.")}))
+        elif room <= 0:
+            verdicts.append(Verdict(a, "refused", {"code": "upload.too_many_files", "message": (
+                f"Upload {upload_id} holds {cap} files, the most project {project} allows in "
+                "one upload (max_files_per_upload); submit it and start another.")}, 409))
+        else:
+            seen[a.sha256] = a.filename
+            room -= 1
+            verdicts.append(Verdict(a, "added"))
+    return verdicts

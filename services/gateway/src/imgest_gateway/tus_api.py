@@ -18,22 +18,23 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi import Path as PathParam
 from imgest_runtime.service import Periodic, Service, problem, problem_responses
-from imgest_runtime.store import StoredObject, StoreError, part_size_for, put_async
+from imgest_runtime.store import StoreError, part_size_for, put_async
 from sqlalchemy import delete, update
 from sqlmodel import col, select
 from starlette.requests import ClientDisconnect
 
 from .auth import CallerDep, forbidden
-from .domain import safe_filename
+from .domain import Arrival, safe_filename
 from .identity import Action
 from .models import TusUpload, Upload
 from .settings import Settings
-from .uploads_api import OPEN, Refused, project_settings, record_object
+from .uploads_api import OPEN, Refused, project_settings, record_arrivals
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
@@ -358,11 +359,14 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         sha256 = hashed.hexdigest() if hashed is not None else await asyncio.to_thread(
             _sha256_of, svc, key)
         hashes.keep(row.id, 0, None)
-        result = await record_object(svc, upload, rules, key, row.filename,
-                                     StoredObject(key, stored.size, sha256), None)
+        [verdict] = await record_arrivals(svc, upload, rules, [
+            Arrival(key, row.filename, stored.size, sha256)])
+        if verdict.state == "refused":
+            raise Refused(verdict.status, HTTPStatus(verdict.status).phrase,
+                          verdict.reason["message"] if verdict.reason else "")
         async with svc.db.session() as session:
             await session.execute(update(TusUpload).where(col(TusUpload.id) == row.id)
-                                  .values(object_key=key if result["state"] == "added" else "",
+                                  .values(object_key=key if verdict.state == "added" else "",
                                           segments=[]))
         await forget(fresh.segments)
         row.object_key = key

@@ -13,6 +13,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -25,14 +26,15 @@ from imgest_runtime.broker import PIPELINE_FAILED
 from imgest_runtime.service import Service, problem, problem_responses
 from imgest_runtime.store import StoredObject, StoreError, put_async
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
-from sqlalchemy import func, text, update
+from sqlalchemy import func, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException
 
 from .auth import CallerDep, forbidden
-from .domain import BadFilename, safe_filename
+from .domain import Arrival, BadFilename, Verdict, safe_filename, sort_arrivals
+from .form_parts import BadForm, FilePart, file_parts
 from .identity import PROJECT_ID, Action, Caller
 from .models import Project, Upload, UploadFile, UploadObject
 from .settings import Settings
@@ -54,7 +56,11 @@ class Refused(Exception):
 
     def __init__(self, status: int, title: str, detail: str):
         super().__init__(detail)
-        self.response = problem(status, title, detail)
+        self.status, self.title, self.detail = status, title, detail
+
+    @property
+    def response(self) -> JSONResponse:
+        return problem(self.status, self.title, self.detail)
 
 
 class NewUpload(BaseModel):
@@ -195,18 +201,69 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             session.add(upload)
         return await view(upload.id, 201)
 
-    async def add_one(upload: Upload, rules: ProjectSettings, name: str,
-                      chunks: AsyncIterator[bytes], length: int | None,
-                      content_type: str | None) -> dict[str, Any]:
-        """Stores one file of an open upload; a duplicate is stored no longer than it takes to
-        know its hash, and reported."""
+    async def receive_form(upload: Upload, rules: ProjectSettings, content_type: str,
+                           body: AsyncIterator[bytes]) -> list[Verdict]:
+        """Streams each file part into the store as it arrives; while one part is flushed
+        (fsync), the next is already read. Then records them all in one transaction."""
+        slots = asyncio.Semaphore(8)  # files being flushed at once
+        stored: list[tuple[FilePart, str, asyncio.Task[StoredObject]] | Verdict] = []
+
+        async def store(part: FilePart, key: str) -> StoredObject:
+            try:
+                return await stream_to_store(svc, settings, key, part.chunks, None)
+            finally:
+                slots.release()
+
         try:
-            safe = safe_filename(name)
-        except BadFilename as e:
-            raise Refused(400, "Bad file name", str(e)) from e
-        key = f"staging/{upload.id}/{uuid.uuid4().hex[:12]}/{safe}"
-        stored = await stream_to_store(svc, settings, key, chunks, length)
-        return await record_object(svc, upload, rules, key, safe, stored, content_type)
+            async for part in file_parts(content_type, body):
+                if len(stored) >= rules.max_files_per_upload:
+                    raise Refused(409, "Too many files", (
+                        f"A request may add at most {rules.max_files_per_upload} files to an "
+                        f"upload of project {upload.project} (max_files_per_upload)."))
+                try:
+                    key = staging_key(upload.id, part.filename)
+                except Refused as e:
+                    stored.append(refusal(part.filename, e))
+                    continue
+                await slots.acquire()
+                task = asyncio.create_task(store(part, key))
+                stored.append((part, key, task))
+                ended = asyncio.create_task(part.chunks.ended.wait())
+                await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
+                ended.cancel()
+                if task.done() and not isinstance(task.exception(), BadForm):
+                    await part.chunks.skip()  # refused early (too large, store down): skip it
+            if not stored:
+                raise Refused(422, "No files", "The form holds no file parts.")
+            await asyncio.gather(*(s[2] for s in stored if not isinstance(s, Verdict)),
+                                 return_exceptions=True)
+        except BaseException as e:
+            tasks = [s[2] for s in stored if not isinstance(s, Verdict)]
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await delete_objects(svc, [t.result().key for t in tasks
+                                       if not t.cancelled() and t.exception() is None])
+            if isinstance(e, BadForm):
+                raise Refused(400, "Bad form", str(e)) from e
+            raise
+        arrivals, verdicts = [], []
+        for s in stored:
+            if isinstance(s, Verdict):
+                verdicts.append(s)
+                continue
+            part, key, task = s
+            error = task.exception()
+            if isinstance(error, Refused):
+                verdicts.append(refusal(part.filename, error))
+                continue
+            if error is not None:
+                raise error
+            obj = task.result()
+            arrival = Arrival(key, key.rsplit("/", 1)[-1], obj.size, obj.sha256 or "",
+                              part.content_type)
+            arrivals.append(arrival)
+            verdicts.append(Verdict(arrival, "pending"))
+        recorded = iter(await record_arrivals(svc, upload, rules, arrivals))
+        return [next(recorded) if v.state == "pending" else v for v in verdicts]
 
     @api.post("/uploads/{upload_id}/files", status_code=201, operation_id="add_files",
               summary="Add files to an open upload: the raw body (with ?filename=) or many "
@@ -229,36 +286,23 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
         if upload.state != OPEN:
             raise Refused(409, "Upload not open", f"Upload {upload_id} is {upload.state}; "
                           "files are added to an open upload only.")
-        results = []
         content_type = request.headers.get("content-type", "")
+        length = request.headers.get("content-length", "")
         if content_type.startswith("multipart/form-data"):
-            length = request.headers.get("content-length", "")
             if length.isdigit() and int(length) > settings.max_upload_bytes:
                 raise Refused(413, "Content Too Large", "A request may be at most "
                               f"{settings.max_upload_bytes} bytes.")
-            # Parts are spooled by Starlette (memory up to 1 MB each, then a temporary
-            # file), then streamed into the store one by one.
-            async with request.form(max_files=rules.max_files_per_upload + 1,
-                                    max_part_size=1024 * 1024) as form:
-                parts = [p for _, p in form.multi_items() if hasattr(p, "read")]
-                if not parts:
-                    raise Refused(422, "No files", "The form holds no file parts.")
-                for part in parts:
-                    results.append(await add_one(
-                        upload, rules, part.filename or "file", _chunks(part), part.size,
-                        part.content_type))
+            verdicts = await receive_form(upload, rules, content_type, request.stream())
         else:
             if not filename:
                 raise Refused(422, "File name missing", "Name the file: ?filename=…")
-            length = request.headers.get("content-length")
-            results.append(await add_one(
-                upload, rules, filename, request.stream(),
-                int(length) if length and length.isdigit() else None,
-                content_type or None))
-        added = [r for r in results if r["state"] == "added"]
-        duplicates = [r for r in results if r["state"] == "duplicate"]
-        return json_response({"added": len(added), "duplicates": len(duplicates),
-                              "files": results}, 201 if added else 200)
+            key = staging_key(upload.id, filename)
+            stored = await stream_to_store(svc, settings, key, request.stream(),
+                                           int(length) if length.isdigit() else None)
+            verdicts = await record_arrivals(svc, upload, rules, [Arrival(
+                key, key.rsplit("/", 1)[-1], stored.size, stored.sha256 or "",
+                content_type or None)])
+        return verdicts_response(verdicts)
 
     @api.post("/uploads/{upload_id}/submit", operation_id="submit_upload", summary="Submit an open upload for processing")
     async def submit_upload(upload_id: UploadId, caller: CallerDep) -> JSONResponse:
@@ -394,62 +438,96 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
     return api
 
 
-async def record_object(svc: Service, upload: Upload, rules: ProjectSettings, key: str,
-                        name: str, stored: StoredObject, content_type: str | None
-                        ) -> dict[str, Any]:
-    """Adds a stored file to an open upload, unless it is a duplicate (the same content in this
-    upload, or already archived in the project): then it is deleted, recorded as skipped, and
-    reported. Past the project's cap, the file is deleted and refused."""
-    # No lock on the upload while looking: the unique index finds a duplicate within the
-    # upload, and the counter (updated last, so its row lock lasts only until the commit)
-    # keeps the cap however many clients add at once.
-    async with svc.db.session() as session:
-        state = (await session.exec(select(Upload.state).where(Upload.id == upload.id))).first()
-        if state != OPEN:
-            await asyncio.to_thread(svc.store.delete, key)
-            raise Refused(409, "Upload not open", f"Upload {upload.id} is {state or 'gone'}; "
-                          "files are added to an open upload only.")
-        archived = (await session.exec(
-            select(UploadFile.path, Upload.id).join(Upload, col(Upload.id) == UploadFile.upload_id)
-            .where(Upload.project == upload.project, UploadFile.sha256 == stored.sha256,
-                   col(UploadFile.state).in_(["archived", "prearchived"])).limit(1))).first()
-        added = None if archived else (await session.execute(
-            pg_insert(UploadObject).values(
-                object_key=key, upload_id=upload.id, filename=name, size=stored.size,
-                sha256=stored.sha256 or "", state="added", content_type=content_type)
-            .on_conflict_do_nothing(index_elements=["upload_id", "sha256"],
-                                    index_where=text("state = 'added'"))
-            .returning(col(UploadObject.object_key)))).first()
-        if added is None:
-            same = None if archived else (await session.exec(select(UploadObject.filename).where(
-                UploadObject.upload_id == upload.id, UploadObject.sha256 == stored.sha256,
-                UploadObject.state == "added"))).first()
-            reason = ({"code": "upload.duplicate", "message": (
-                f"The same content as {same!r}, already in this upload; skipped.")}
-                if not archived else {"code": "upload.already_archived", "message": (
-                    f"The same content as {archived[0]!r} (upload {archived[1]}), already "
-                    f"in project {upload.project}; skipped.")})
-            session.add(UploadObject(object_key=key, upload_id=upload.id, filename=name,
-                                     size=stored.size, sha256=stored.sha256 or "",
-                                     state="duplicate", reason=reason))
-            await asyncio.to_thread(svc.store.delete, key)
-            return {"filename": name, "state": "duplicate", "reason": reason}
-        counted = (await session.execute(
-            update(Upload).where(col(Upload.id) == upload.id,
-                                 col(Upload.files_added) < rules.max_files_per_upload)
-            .values(files_added=col(Upload.files_added) + 1)
-            .returning(col(Upload.files_added)))).first()
-        if counted is None:
-            await session.rollback()
-            await asyncio.to_thread(svc.store.delete, key)
-            raise Refused(409, "Too many files", (
-                f"Upload {upload.id} holds {rules.max_files_per_upload} files, the most project "
-                f"{upload.project} allows in one upload (max_files_per_upload); submit it "
-                "and start another."))
-    return {"filename": name, "object_key": key, "size": stored.size,
-            "sha256": stored.sha256, "state": "added"}
+def staging_key(upload_id: str, name: str) -> str:
+    """Where a file of an open upload is kept (each under its own prefix: two files of the same
+    name are two objects)."""
+    try:
+        safe = safe_filename(name)
+    except BadFilename as e:
+        raise Refused(400, "Bad file name", str(e)) from e
+    return f"staging/{upload_id}/{uuid.uuid4().hex[:12]}/{safe}"
 
 
-async def _chunks(part: Any, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
-    while chunk := await part.read(size):
-        yield chunk
+def refusal(filename: str, refused: Refused) -> Verdict:
+    """A file of a form refused on its own (the others may be added)."""
+    code = "upload." + re.sub(r"\W+", "_", refused.title.lower()).strip("_")
+    return Verdict(Arrival("", filename, 0, ""), "refused",
+                   {"code": code, "message": refused.detail}, refused.status)
+
+
+def verdict_view(v: Verdict) -> dict[str, Any]:
+    a = v.arrival
+    if v.state == "added":
+        return {"filename": a.filename, "object_key": a.object_key, "size": a.size,
+                "sha256": a.sha256, "state": "added"}
+    return {"filename": a.filename, "state": v.state, "reason": v.reason}
+
+
+def verdicts_response(verdicts: list[Verdict]) -> JSONResponse:
+    """201 when a file was added; 200 when all were duplicates; when none was added and some
+    were refused, the first refusal's problem (with every file's verdict)."""
+    files = [verdict_view(v) for v in verdicts]
+    added = sum(v.state == "added" for v in verdicts)
+    duplicates = sum(v.state == "duplicate" for v in verdicts)
+    refused = [v for v in verdicts if v.state == "refused"]
+    if not added and refused:
+        first = refused[0]
+        return problem(first.status, HTTPStatus(first.status).phrase,
+                       first.reason["message"] if first.reason else "", files=files)
+    return json_response({"added": added, "duplicates": duplicates, "refused": len(refused),
+                          "files": files}, 201 if added else 200)
+
+
+async def delete_objects(svc: Service, keys: list[str]) -> None:
+    if keys:
+        await asyncio.to_thread(lambda: [svc.store.delete(k) for k in keys])
+
+
+async def record_arrivals(svc: Service, upload: Upload, rules: ProjectSettings,
+                          arrivals: list[Arrival]) -> list[Verdict]:
+    """Records files just stored in an open upload, in one transaction: duplicates (in the
+    upload, or already archived in the project) are recorded as skipped and their objects
+    deleted; files past the project's cap are refused and deleted; the rest are added."""
+    if not arrivals:
+        return []
+    try:
+        async with svc.db.session() as session:
+            # The upload's row is locked while deciding: with many clients adding at once,
+            # "already in the upload" and the cap stay true.
+            row = (await session.execute(select(Upload.state, Upload.files_added)
+                                         .where(col(Upload.id) == upload.id)
+                                         .with_for_update())).first()
+            if row is None or row.state != OPEN:
+                raise Refused(409, "Upload not open", f"Upload {upload.id} is "
+                              f"{row.state if row else 'gone'}; files are added to an open "
+                              "upload only.")
+            shas = list({a.sha256 for a in arrivals})
+            in_upload = dict((await session.execute(
+                select(UploadObject.sha256, UploadObject.filename).where(
+                    UploadObject.upload_id == upload.id, UploadObject.state == "added",
+                    col(UploadObject.sha256).in_(shas)))).tuples().all())
+            archived = {sha: (path, earlier) for sha, path, earlier in (await session.execute(
+                select(UploadFile.sha256, UploadFile.path, Upload.id)
+                .join(Upload, col(Upload.id) == UploadFile.upload_id)
+                .where(Upload.project == upload.project, col(UploadFile.sha256).in_(shas),
+                       col(UploadFile.state).in_(["archived", "prearchived"])))).tuples()}
+            verdicts = sort_arrivals(
+                arrivals, upload_id=upload.id, project=upload.project, in_upload=in_upload,
+                archived=archived, room=rules.max_files_per_upload - row.files_added,
+                cap=rules.max_files_per_upload)
+            rows = [{"object_key": v.arrival.object_key, "upload_id": upload.id,
+                     "filename": v.arrival.filename, "size": v.arrival.size,
+                     "sha256": v.arrival.sha256, "content_type": v.arrival.content_type,
+                     "state": v.state, "reason": v.reason}
+                    for v in verdicts if v.state != "refused"]
+            if rows:
+                await session.execute(pg_insert(UploadObject).values(rows))
+            added = sum(v.state == "added" for v in verdicts)
+            if added:
+                await session.execute(update(Upload).where(col(Upload.id) == upload.id).values(
+                    files_added=col(Upload.files_added) + added))
+    except BaseException:
+        await delete_objects(svc, [a.object_key for a in arrivals])
+        raise
+    await delete_objects(svc, [v.arrival.object_key for v in verdicts if v.state != "added"])
+    return verdicts

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from .auth import SESSION_COOKIE, CallerDep, close_login_session, credentials, open_login_session
 from .domain import BadFilename, safe_filename
+from .form_parts import BadForm, file_parts
 from .identity import PROJECT_ID, UNASSIGNED, Action, Caller
 from .models import Project, Upload, UploadObject
 from .settings import Settings
@@ -269,20 +270,21 @@ def xnat_router(svc: Service, settings: Settings) -> APIRouter:
         upload_id = uuid.uuid4().hex
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            async with request.form(max_files=2) as form:
-                parts = [p for _, p in form.multi_items() if hasattr(p, "read")]
-                if len(parts) != 1:
-                    raise XnatError(400, f"The form must hold exactly one file (it holds "
-                                    f"{len(parts)}).")
-                part = parts[0]
-                name, part_type = part.filename or "upload", part.content_type
-
-                async def chunks():
-                    while chunk := await part.read(1024 * 1024):
-                        yield chunk
-
-                stored = await stream_to_store(svc, settings, _key(upload_id, name), chunks(),
-                                               part.size)
+            stored = None
+            try:
+                async for part in file_parts(content_type, request.stream()):
+                    if stored is not None:
+                        await asyncio.to_thread(svc.store.delete, stored.key)
+                        raise XnatError(400, "The form must hold exactly one file.")
+                    name, part_type = part.filename or "upload", part.content_type
+                    stored = await stream_to_store(svc, settings, _key(upload_id, name),
+                                                   part.chunks, None)
+            except BadForm as e:
+                if stored is not None:
+                    await asyncio.to_thread(svc.store.delete, stored.key)
+                raise XnatError(400, str(e)) from e
+            if stored is None:
+                raise XnatError(400, "The form must hold exactly one file (it holds none).")
         else:
             name = first(params, "filename") or _name_for(content_type)
             part_type = content_type or None
