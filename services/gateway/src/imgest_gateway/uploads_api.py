@@ -26,7 +26,7 @@ from imgest_runtime.broker import PIPELINE_FAILED
 from imgest_runtime.service import Service, problem, problem_responses
 from imgest_runtime.store import StoredObject, StoreError, put_async
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
-from sqlalchemy import func, update
+from sqlalchemy import func, literal, union_all, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -151,15 +151,18 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
     api = APIRouter(prefix="/api/v1", tags=["upload sessions"],
                     responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 503))
 
-    async def own_upload(session: AsyncSession, caller: Caller, upload_id: str,
-                         lock: bool = False) -> Upload:
-        upload = await session.get(Upload, upload_id, with_for_update=lock)
+    def visible_to(caller: Caller, upload_id: str, upload: Upload | None) -> Upload:
         if upload is None:
             raise HTTPException(404, f"No upload {upload_id!r}.")
         if not caller.may_see_upload(upload.uploader, upload.project):
             raise forbidden(f"Upload {upload_id!r} is neither yours nor in a project you may "
                             "view.")
         return upload
+
+    async def own_upload(session: AsyncSession, caller: Caller, upload_id: str,
+                         lock: bool = False) -> Upload:
+        return visible_to(caller, upload_id, await session.get(
+            Upload, upload_id, with_for_update=lock))
 
     async def view(upload_id: str, status: int = 200, **extra: Any) -> JSONResponse:
         async with svc.db.session() as session:
@@ -278,11 +281,14 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
                         filename: Annotated[str | None, Query(
                             max_length=1024, description="The file's name (raw body).")] = None
                         ) -> JSONResponse:
-        async with svc.db.session() as session:
-            upload = await own_upload(session, caller, upload_id)
-            if not caller.may(Action.upload, upload.project):
-                raise forbidden(f"You may not upload into project {upload.project!r}.")
-            rules = await project_settings(session, upload.project or "")
+        async with svc.db.session() as session:  # the upload and its project's rules at once
+            found = (await session.exec(select(Upload, Project.settings).join(
+                Project, col(Project.id) == Upload.project, isouter=True).where(
+                Upload.id == upload_id))).first()
+        upload = visible_to(caller, upload_id, found[0] if found else None)
+        if not caller.may(Action.upload, upload.project):
+            raise forbidden(f"You may not upload into project {upload.project!r}.")
+        rules = ProjectSettings.model_validate(found[1] or {})  # type: ignore[index]
         if upload.state != OPEN:
             raise Refused(409, "Upload not open", f"Upload {upload_id} is {upload.state}; "
                           "files are added to an open upload only.")
@@ -501,16 +507,19 @@ async def record_arrivals(svc: Service, upload: Upload, rules: ProjectSettings,
                 raise Refused(409, "Upload not open", f"Upload {upload.id} is "
                               f"{row.state if row else 'gone'}; files are added to an open "
                               "upload only.")
+            # The same content already in this upload, or archived in the project: one
+            # statement (after the lock, so it sees what the last holder added).
             shas = list({a.sha256 for a in arrivals})
-            in_upload = dict((await session.execute(
-                select(UploadObject.sha256, UploadObject.filename).where(
+            known = (await session.execute(union_all(
+                select(UploadObject.sha256, UploadObject.filename, literal(None)).where(
                     UploadObject.upload_id == upload.id, UploadObject.state == "added",
-                    col(UploadObject.sha256).in_(shas)))).tuples().all())
-            archived = {sha: (path, earlier) for sha, path, earlier in (await session.execute(
+                    col(UploadObject.sha256).in_(shas)),
                 select(UploadFile.sha256, UploadFile.path, Upload.id)
                 .join(Upload, col(Upload.id) == UploadFile.upload_id)
                 .where(Upload.project == upload.project, col(UploadFile.sha256).in_(shas),
-                       col(UploadFile.state).in_(["archived", "prearchived"])))).tuples()}
+                       col(UploadFile.state).in_(["archived", "prearchived"]))))).tuples().all()
+            in_upload = {sha: name for sha, name, earlier in known if earlier is None}
+            archived = {sha: (path, earlier) for sha, path, earlier in known if earlier}
             verdicts = sort_arrivals(
                 arrivals, upload_id=upload.id, project=upload.project, in_upload=in_upload,
                 archived=archived, room=rules.max_files_per_upload - row.files_added,
@@ -520,12 +529,13 @@ async def record_arrivals(svc: Service, upload: Upload, rules: ProjectSettings,
                      "sha256": v.arrival.sha256, "content_type": v.arrival.content_type,
                      "state": v.state, "reason": v.reason}
                     for v in verdicts if v.state != "refused"]
-            if rows:
-                await session.execute(pg_insert(UploadObject).values(rows))
             added = sum(v.state == "added" for v in verdicts)
-            if added:
-                await session.execute(update(Upload).where(col(Upload.id) == upload.id).values(
-                    files_added=col(Upload.files_added) + added))
+            if rows:  # the rows and the count in one statement
+                inserted = pg_insert(UploadObject).values(rows).cte("inserted")
+                await session.execute(
+                    update(Upload).where(col(Upload.id) == upload.id)
+                    .values(files_added=col(Upload.files_added) + added)
+                    .add_cte(inserted))
     except BaseException:
         await delete_objects(svc, [a.object_key for a in arrivals])
         raise
