@@ -68,8 +68,9 @@ class Running:
                 continue
             # The status view is eventually consistent: per-file details (kind, path) come from
             # other topics than the completion and may land a moment after it.
-            if state["state"] != "processing" and all(
-                    f["kind"] and f["path"] for f in state["files"]):
+            if state["state"] not in ("processing", "cancelling") and (
+                    state["state"] == "cancelled"  # its files may never be looked at
+                    or all(f["kind"] and f["path"] for f in state["files"])):
                 return state
             time.sleep(0.1)
         raise AssertionError(f"upload {upload_id} still processing after {timeout}s:\n"

@@ -371,6 +371,46 @@ def test_cancel_an_open_upload_and_retry_failed_files(gateway: Running, pydicom_
     assert http.post(f"/api/v1/uploads/{upload['id']}/retry").status_code == 409
 
 
+def test_cancel_an_upload_being_processed(gateway: Running, pydicom_file):
+    http = gateway.http
+    gateway.project("STOP")
+    upload = http.post("/api/v1/projects/STOP/uploads", json={}).json()
+    http.post(f"/api/v1/uploads/{upload['id']}/files", files=[
+        ("file", (f"{i}.dcm", _dicom(pydicom_file, f"STOP{i}"))) for i in range(3)])
+    supervisor = gateway.stack.supervisor
+    supervisor.hold("metadata")  # the files stop half-way: staged, not yet checked
+    try:
+        http.post(f"/api/v1/uploads/{upload['id']}/submit")
+        gateway.wait_files(upload["id"], {"staged"}, 3)
+        cancel = http.post(f"/api/v1/uploads/{upload['id']}/cancel")
+        assert cancel.status_code == 202 and cancel.json()["state"] == "cancelling", cancel.text
+        again = http.post(f"/api/v1/uploads/{upload['id']}/cancel")
+        assert again.status_code == 202 and again.json()["state"] == "cancelling"
+        done = gateway.wait(upload["id"], timeout=60)
+    finally:
+        supervisor.release("metadata")
+    # Nothing was placed; the files say why; staging is emptied, also of what was still on its
+    # way (checked by metadata after the cancel).
+    assert done["state"] == "cancelled" and done["outcome"] == "cancelled", done
+    assert {f["state"] for f in done["files"]} == {"cancelled"}
+    assert done["files"][0]["reason"]["code"] == "upload.cancelled"
+    assert not gateway.query("select 1 from importer.file where upload_id = $1", upload["id"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and list(gateway.store.list(f"staging/{upload['id']}/")):
+        time.sleep(0.2)
+    assert not list(gateway.store.list(f"staging/{upload['id']}/"))
+    assert gateway.status(upload["id"])["state"] == "cancelled"
+
+    # Once an upload finished, it is too late.
+    finished = http.post("/api/v1/projects/STOP/uploads", json={}).json()
+    http.post(f"/api/v1/uploads/{finished['id']}/files", params={"filename": "f.dcm"},
+              content=_dicom(pydicom_file, "FINISHED"))
+    http.post(f"/api/v1/uploads/{finished['id']}/submit")
+    assert gateway.wait(finished["id"])["state"] == "archived"
+    late = http.post(f"/api/v1/uploads/{finished['id']}/cancel")
+    assert late.status_code == 409 and "finished" in late.json()["detail"]
+
+
 # --- XNAT compatibility --------------------------------------------------------------------------
 
 

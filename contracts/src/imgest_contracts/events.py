@@ -124,6 +124,17 @@ class UploadSubmitted(Payload):
     submitted_at: datetime
 
 
+class UploadCancelled(Payload):
+    event: ClassVar[str] = "upload.cancelled"
+    description: ClassVar[str] = (
+        "The uploader cancelled an upload being processed: nothing of it not yet placed is "
+        "placed; it completes with the outcome `cancelled`. A cancel that comes after the "
+        "importer began placing the upload's files changes nothing.")
+    upload_id: str
+    username: str
+    cancelled_at: datetime
+
+
 class FileStaged(Payload):
     event: ClassVar[str] = "file.staged"
     description: ClassVar[str] = "One file (or archive member) is ready for inspection."
@@ -250,7 +261,7 @@ class UploadCompleted(Payload):
     upload_id: str
     uploader: Uploader
     project: str | None = None
-    outcome: Literal["succeeded", "partial", "failed"]
+    outcome: Literal["succeeded", "partial", "failed", "cancelled"]
     counts: UploadCounts
     sessions: list[SessionOutcome]
     failures: list[FileFailure]
@@ -345,6 +356,7 @@ class ProjectUpdated(Payload):
 EVENTS: tuple[type[Payload], ...] = (
     ObjectStored,
     UploadSubmitted,
+    UploadCancelled,
     FileStaged,
     ArchiveUnpacked,
     ArchiveRejected,

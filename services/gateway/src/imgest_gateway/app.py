@@ -22,6 +22,7 @@ from imgest_contracts import (
     ObjectStored,
     ProjectUpdated,
     Reason,
+    UploadCancelled,
     UploadCompleted,
     UploadSubmitted,
     topic_of,
@@ -34,7 +35,7 @@ from imgest_runtime.service import (
     problem,
     problem_responses,
 )
-from sqlalchemy import func, or_
+from sqlalchemy import func, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -59,7 +60,7 @@ def bootstrap(settings: Settings) -> Service:
     # Not at the very start: the status must first catch up with events sent while it was down.
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_idle_seconds / 3),
                                  lambda: redrive(svc, settings), at_start=False))
-    svc.publishes(ObjectStored, UploadSubmitted, ProjectUpdated)
+    svc.publishes(ObjectStored, UploadSubmitted, UploadCancelled, ProjectUpdated)
     svc.startup.append(lambda: ensure_first_admin(
         svc.db, settings.admin_user, settings.admin_email, settings.admin_token_file,
         token=settings.admin_token.get_secret_value() if settings.admin_token else None,
@@ -172,9 +173,16 @@ def register_handlers(svc: Service) -> None:
                 await _track_file(session, upload_id=done.upload_id, file_id=failure.file_id,
                                   state="rejected", path=failure.path,
                                   reason=failure.reason.model_dump())
+        if done.outcome == "cancelled":  # what had not reached an outcome never will
+            await session.execute(update(UploadFile).where(
+                col(UploadFile.upload_id) == done.upload_id,
+                col(UploadFile.state).in_(["staged", "validated"])).values(
+                state="cancelled", reason={"code": "upload.cancelled", "message": (
+                    "The upload was cancelled before this file was placed.")}))
         upload = await session.get(Upload, done.upload_id, with_for_update=True)
         if upload is not None:
-            upload.state = upload_state(done.counts)
+            upload.state = "cancelled" if done.outcome == "cancelled" else upload_state(
+                done.counts)
             upload.completed_at = done.completed_at
             upload.summary = done.model_dump(mode="json", include={
                 "outcome", "counts", "sessions", "failures"})
@@ -196,7 +204,8 @@ async def redrive(svc: Service, settings: Settings) -> None:
         stuck = (await session.exec(
             select(Upload.id).join(UploadFile, col(UploadFile.upload_id) == Upload.id,
                                    isouter=True)
-            .where(Upload.state == "processing", col(Upload.created_at) < cutoff,
+            .where(col(Upload.state).in_(["processing", "cancelling"]),
+                   col(Upload.created_at) < cutoff,
                    col(Upload.redrives) < settings.redrive_max,
                    or_(col(Upload.redriven_at).is_(None), col(Upload.redriven_at) < cutoff))
             .group_by(Upload.id)
@@ -214,7 +223,7 @@ async def _redrive_upload(svc: Service, settings: Settings, upload_id: str,
     async with svc.db.session() as session:
         upload = await session.get(Upload, upload_id, with_for_update=True)
         # Looked at again under the lock: another gateway replica may have just done it.
-        if upload is None or upload.state != "processing" or (
+        if upload is None or upload.state not in ("processing", "cancelling") or (
                 upload.redriven_at is not None and upload.redriven_at >= cutoff):
             return
         upload.redrives += 1
@@ -228,6 +237,8 @@ async def _redrive_upload(svc: Service, settings: Settings, upload_id: str,
         for event in events:
             await svc.outbox.resend(session, TOPIC_OF_TYPE[event["type"]], upload_id, event)
         await svc.outbox.resend_key(session, upload_id, topic_of(UploadSubmitted))
+        if upload.state == "cancelling":
+            await svc.outbox.resend_key(session, upload_id, topic_of(UploadCancelled))
     log.warning("upload %s: no progress for %.0fs; sent again the last event of %d object(s) "
                 "and file(s) and its submission (re-drive %d of at most %d)", upload_id,
                 settings.redrive_idle_seconds, len(events), upload.redrives,

@@ -20,7 +20,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from imgest_contracts import ImportOptions, ObjectStored, ProjectSettings, Uploader, UploadSubmitted
+from imgest_contracts import (
+    ImportOptions,
+    ObjectStored,
+    ProjectSettings,
+    UploadCancelled,
+    Uploader,
+    UploadSubmitted,
+)
 from imgest_contracts.events import FIELD_NAME
 from imgest_runtime.broker import PIPELINE_FAILED
 from imgest_runtime.service import Service, problem, problem_responses
@@ -40,11 +47,11 @@ from .models import Project, Upload, UploadFile, UploadObject
 from .settings import Settings
 from .views import TOPIC_OF_TYPE, event_json, json_response, upload_view
 
-OPEN, PROCESSING, CANCELLED = "open", "processing", "cancelled"
+OPEN, PROCESSING, CANCELLING, CANCELLED = "open", "processing", "cancelling", "cancelled"
 TERMINAL = {"archived", "prearchived", "partial", "failed", CANCELLED}
 LABEL = r"^[A-Za-z0-9_-]{1,64}$"
-UploadState = Literal["open", "processing", "archived", "prearchived", "partial", "failed",
-                      "cancelled"]
+UploadState = Literal["open", "processing", "cancelling", "archived", "prearchived", "partial",
+                      "failed", "cancelled"]
 FieldValue = Annotated[str, Field(max_length=1000, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$")]
 
 
@@ -330,18 +337,31 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
         return await view(upload_id)
 
     @api.post("/uploads/{upload_id}/cancel", operation_id="cancel_upload",
-              summary="Cancel an open upload: its files are deleted, nothing is processed")
+              summary="Cancel an upload: an open one at once (its files are deleted); one being "
+              "processed as soon as the importer hears of it (202; nothing not yet placed is "
+              "placed, and its files are deleted)",
+              responses={202: {"description": "Being cancelled (state `cancelling`); follow it "
+                               "until it is `cancelled` (or finished, if it was too late)."}})
     async def cancel_upload(upload_id: UploadId, caller: CallerDep) -> JSONResponse:
         async with svc.db.session() as session:
             upload = await own_upload(session, caller, upload_id, lock=True)
-            if upload.state not in (OPEN, CANCELLED):
-                raise Refused(409, "Already submitted", (
-                    f"Upload {upload_id} is {upload.state}: once submitted, its files are "
-                    "processed to the end."))
-            upload.state, upload.completed_at = CANCELLED, datetime.now(UTC)
+            if upload.state in TERMINAL - {CANCELLED}:
+                raise Refused(409, "Already finished", (
+                    f"Upload {upload_id} is {upload.state}: it finished before it could be "
+                    "cancelled."))
+            status = 200
+            if upload.state == PROCESSING:
+                upload.state, status = CANCELLING, 202
+                await svc.outbox.add(session, UploadCancelled(
+                    upload_id=upload_id, username=caller.username,
+                    cancelled_at=datetime.now(UTC)))
+            elif upload.state == OPEN:
+                upload.state, upload.completed_at = CANCELLED, datetime.now(UTC)
             session.add(upload)
-        await asyncio.to_thread(svc.store.delete_prefix, f"staging/{upload_id}/")
-        return await view(upload_id)
+            state = upload.state
+        if state == CANCELLED:
+            await asyncio.to_thread(svc.store.delete_prefix, f"staging/{upload_id}/")
+        return await view(upload_id, 202 if state == CANCELLING else status)
 
     @api.post("/uploads/{upload_id}/retry", operation_id="retry_upload",
               summary="Process the upload's failed files again (those the pipeline gave up on)")

@@ -23,9 +23,14 @@ def json_response(value: Any, status: int = 200, **headers: str) -> JSONResponse
 def upload_view(upload: Upload, objects: list[UploadObject], files: list[UploadFile]
                 ) -> dict[str, Any]:
     summary = upload.summary or {}
+    cancelled = upload.state == "cancelled"
+
+    def state(f: UploadFile) -> str:  # a file still on its way when its upload was cancelled
+        return "cancelled" if cancelled and f.state in ("staged", "validated") else f.state
+
     by_state: dict[str, int] = {}
     for f in files:
-        by_state[f.state] = by_state.get(f.state, 0) + 1
+        by_state[state(f)] = by_state.get(state(f), 0) + 1
     return {
         "id": upload.id,
         "state": upload.state,
@@ -39,6 +44,6 @@ def upload_view(upload: Upload, objects: list[UploadObject], files: list[UploadF
         "sessions": summary.get("sessions", []),
         "objects": [{"object_key": o.object_key, "filename": o.filename, "size": o.size,
                      "sha256": o.sha256, "state": o.state, "reason": o.reason} for o in objects],
-        "files": [{"file_id": f.file_id, "path": f.path, "kind": f.kind, "state": f.state,
+        "files": [{"file_id": f.file_id, "path": f.path, "kind": f.kind, "state": state(f),
                    "reason": f.reason, "session": f.session} for f in files],
     }

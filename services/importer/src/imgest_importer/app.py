@@ -32,6 +32,7 @@ from imgest_contracts import (
     SessionOutcome,
     SessionPrearchived,
     SessionRef,
+    UploadCancelled,
     UploadCompleted,
     UploadCounts,
     Uploader,
@@ -97,8 +98,11 @@ class Importer:
         """Marks the upload `completing` if this fact was its last; True if so."""
         if upload.state != "collecting":
             return False
-        if not is_complete(upload.submitted, list(upload.object_keys or []),
-                           await self.progress(session, upload)):
+        # A cancelled upload is done as soon as it is known (submitted): what it holds so far
+        # is dropped, not waited for.
+        if not (upload.cancelled and upload.submitted) and not is_complete(
+                upload.submitted, list(upload.object_keys or []),
+                await self.progress(session, upload)):
             return False
         upload.state, upload.updated_at = "completing", datetime.now(UTC)
         session.add(upload)
@@ -106,7 +110,13 @@ class Importer:
 
     async def record_file(self, tx: Tx, row: UploadFile, files_total: int) -> None:
         session = tx.session
-        await self.upload(session, row.upload_id)
+        upload = await self.upload(session, row.upload_id)
+        if upload.cancelled and upload.state in ("cleaning", "completed"):
+            # Still on its way when the upload was cancelled: its staged copy goes too.
+            store = self.svc.store
+            assert store is not None
+            tx.after_commit(("drop", row.staged_key),
+                            lambda: asyncio.to_thread(store.delete, row.staged_key))
         obj = await self.object(session, row.upload_id, row.object_key)
         if obj.files_total is None:
             obj.files_total = files_total
@@ -139,7 +149,7 @@ class Importer:
             setattr(known, name, value)
         session.add(known)
         upload = await self.upload(session, row.upload_id)
-        if upload.state in ("cleaning", "completed"):
+        if upload.state in ("cleaning", "completed") and not upload.cancelled:
             upload.state, upload.generation = "collecting", upload.generation + 1
             upload.updated_at = datetime.now(UTC)
             session.add(upload)
@@ -169,14 +179,16 @@ class Importer:
             objects = (await session.exec(select(UploadObject).where(
                 UploadObject.upload_id == upload_id))).all()
         if upload.state == "cleaning":  # completed, but its staging not yet emptied
-            await self._clean(upload_id, files, objects)
+            await self._clean(upload_id, files, objects, upload.cancelled)
             return
         options = ImportOptions.model_validate(upload.options or {})
         valid = [ValidFile(f.file_id, f.staged_key, f.path, FileKind(f.kind),
                            SessionHints.model_validate(f.hints or {}), f.size or 0, f.sha256 or "")
                  for f in files if f.state == "validated"]
         now = datetime.now(UTC)
-        sessions = plan(upload_id, options, valid, self.settings.default_project, now)
+        cancelled = upload.cancelled  # then nothing is placed, and nothing kept
+        sessions = [] if cancelled else plan(upload_id, options, valid,
+                                             self.settings.default_project, now)
 
         # Copies first (server-side, idempotent): the catalogue only ever names objects that exist.
         # A re-opened upload (generation > 0) finds its earlier files already placed.
@@ -187,7 +199,8 @@ class Importer:
                         store.copy(p.file.staged_key, p.key)
             for f in files:
                 kept = f"rejected/{upload_id}/{f.file_id}/{fit_name(PurePosixPath(f.path).name)}"
-                if f.state == "rejected" and store.stat(kept) is None and store.stat(
+                if f.state == "rejected" and not cancelled and store.stat(
+                        kept) is None and store.stat(
                         f.staged_key) is not None:
                     store.copy(f.staged_key, kept)
 
@@ -210,7 +223,7 @@ class Importer:
             prearchived = sum(len(s.placements) for s in sessions if not s.archived)
             counts = UploadCounts(files=len(valid) + len(failures), archived=archived,
                                   prearchived=prearchived, rejected=len(failures))
-            outcome = ("succeeded" if not failures and valid
+            outcome = ("cancelled" if cancelled else "succeeded" if not failures and valid
                        else "partial" if valid else "failed")
             await self.svc.outbox.add(session, UploadCompleted(
                 upload_id=upload_id, uploader=Uploader.model_validate(upload.uploader or {
@@ -228,18 +241,20 @@ class Importer:
             # between leaves the upload "cleaning", which the re-drive finishes.
             upload.state, upload.updated_at = "cleaning", now
             session.add(upload)
-        await self._clean(upload_id, files, objects)
+        await self._clean(upload_id, files, objects, cancelled)
         log.info("upload %s completed: %s, %d archived, %d prearchived, %d rejected", upload_id,
                  outcome, archived, prearchived, len(failures))
 
     async def _clean(self, upload_id: str, files: list[UploadFile],
-                     objects: list[UploadObject]) -> None:
+                     objects: list[UploadObject], cancelled: bool) -> None:
         """What arrived is kept until its upload is finished; what failed in the pipeline is
-        kept longer, so that a replay of its dead letter finds it."""
-        keep = {f.staged_key for f in files
-                if f.state == "rejected" and (f.reason or {}).get("code") == PIPELINE_FAILED}
-        keep |= {o.object_key for o in objects
-                 if (o.rejected or {}).get("code") == PIPELINE_FAILED}
+        kept longer, so that a replay of its dead letter finds it (unless it was cancelled)."""
+        keep: set[str] = set()
+        if not cancelled:
+            keep = {f.staged_key for f in files if f.state == "rejected" and (
+                f.reason or {}).get("code") == PIPELINE_FAILED}
+            keep |= {o.object_key for o in objects
+                     if (o.rejected or {}).get("code") == PIPELINE_FAILED}
         await asyncio.to_thread(self._clean_staging, upload_id, keep)
         async with self.svc.db.session() as session:
             upload = await session.get(Upload, upload_id, with_for_update=True)
@@ -333,6 +348,18 @@ def bootstrap(settings: Settings) -> Service:
         for key in u.object_keys:
             await importer.object(tx.session, u.upload_id, key)
         importer.settle_later(tx, u.upload_id)
+
+    @svc.on(UploadCancelled)
+    async def on_upload_cancelled(event: CloudEvent[UploadCancelled], tx: Tx) -> None:
+        upload = await importer.upload(tx.session, event.data.upload_id)
+        if upload.state != "collecting":
+            log.info("upload %s: cancelled by %s too late; it is already being placed",
+                     upload.id, event.data.username)
+            return
+        upload.cancelled, upload.updated_at = True, datetime.now(UTC)
+        tx.session.add(upload)
+        log.info("upload %s: cancelled by %s", upload.id, event.data.username)
+        importer.settle_later(tx, upload.id)
 
     @svc.on(FileValidated)
     async def on_file_validated(event: CloudEvent[FileValidated], tx: Tx) -> None:

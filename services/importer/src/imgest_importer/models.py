@@ -30,8 +30,9 @@ class Upload(Base, table=True):
     __tablename__ = "upload"
     id: str = Field(primary_key=True, max_length=64)
     state: str = Field(default="collecting", max_length=20,
-                       index=True)  # → completing → cleaning → completed
+                       index=True)  # → completing → cleaning → completed (also if cancelled)
     submitted: bool = False
+    cancelled: bool = Field(default=False, sa_column_kwargs={"server_default": "false"})
     generation: int = 0  # +1 each time a replayed dead letter re-opens a completed upload
     uploader: dict | None = _json()
     options: dict | None = _json()

@@ -12,7 +12,8 @@ _env = Environment(loader=PackageLoader("imgest_notifier", "templates"),
                    autoescape=select_autoescape(["html", "html.j2"]), undefined=StrictUndefined,
                    trim_blocks=True, lstrip_blocks=True)
 
-HEADLINE = {"succeeded": "archived", "partial": "partly imported", "failed": "failed"}
+HEADLINE = {"succeeded": "archived", "partial": "partly imported", "failed": "failed",
+            "cancelled": "cancelled"}
 
 
 def upload_completed_email(done: UploadCompleted, *, notification_id: str, sender: str,
