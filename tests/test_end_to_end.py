@@ -118,6 +118,43 @@ def test_zip_with_traversal_paths_is_refused_whole(running: Running, pydicom_fil
     assert not list(running.store.list("etc/"))
 
 
+def test_tar_xz_holding_a_zip_and_a_tar_gz_with_a_link(running: Running, pydicom_file):
+    import tarfile
+
+    def tar(mode: str, files: dict[str, bytes], link: str | None = None) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode=mode) as tf:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            if link:
+                info = tarfile.TarInfo(link)
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/shadow"
+                tf.addfile(info)
+        return out.getvalue()
+
+    # A study zipped, the zip in a tar.xz (named .bin: the content says what it is).
+    study, _ = study_zip(pydicom_file("CT_small.dcm"), instances=4, series=1)
+    state = running.wait(running.upload("batch.bin", tar("w:xz", {"day1/study.zip": study}))[
+        "id"])
+    assert state["state"] == "archived", state
+    assert state["counts"]["archived"] == 4
+    assert {f["path"].rsplit("/", 1)[0] for f in state["files"]} == {
+        "batch.bin/day1/study.zip/study/series1"}
+    assert state["objects"][0]["state"] == "unpacked"
+
+    # A link inside: the whole archive is refused, with the reason, and its original kept.
+    bad = tar("w:gz", {"a.dcm": pydicom_file("CT_small.dcm").read_bytes()}, link="passwords")
+    state = running.wait(running.upload("with-link.tgz", bad)["id"])
+    assert state["state"] == "failed"
+    assert state["objects"][0]["reason"]["code"] == "archive.link"
+    assert "passwords" in state["objects"][0]["reason"]["message"]
+    kept = list(running.store.list(f"rejected/{state['id']}/"))
+    assert [k.key.rsplit("/", 1)[-1] for k in kept] == ["with-link.tgz"]
+    assert not list(running.store.list(f"staging/{state['id']}/"))
+
+
 def test_truncated_zip_is_refused_with_a_reason(running: Running, pydicom_file):
     body, _ = study_zip(pydicom_file("CT_small.dcm"), instances=3, series=1)
     state = running.wait(running.upload("cut.zip", body[: len(body) // 2])["id"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from imgest_contracts import ObjectStored
 from imgest_runtime.store import LocalStore
-from imgest_unpacker.app import unpack_zip
+from imgest_unpacker.app import unpack
 from imgest_unpacker.domain import (
     ArchiveError,
     Limits,
@@ -211,7 +211,7 @@ def _sample_zip() -> bytes:
 
 def test_unpack_zip_stages_each_member(store: LocalStore) -> None:
     obj = _stored(store, _sample_zip())
-    result = unpack_zip(store, obj, GENEROUS)
+    result = unpack(store, obj, "zip", GENEROUS)
 
     expected = dict(MEMBERS, **{"stored.raw": b"not compressed"})
     assert [m.path for m in result.members] == list(expected)
@@ -232,22 +232,22 @@ def test_unpack_zip_stages_each_member(store: LocalStore) -> None:
 
 def test_unpack_zip_is_deterministic(store: LocalStore) -> None:
     obj = _stored(store, _sample_zip())
-    first = unpack_zip(store, obj, GENEROUS)
-    second = unpack_zip(store, obj, GENEROUS)
+    first = unpack(store, obj, "zip", GENEROUS)
+    second = unpack(store, obj, "zip", GENEROUS)
     assert first == second
     assert len(list(store.list(f"staging/{obj.upload_id}/members/"))) == len(first.members)
 
 
 def test_unpack_empty_zip(store: LocalStore) -> None:
     obj = _stored(store, _zip_bytes({}))
-    result = unpack_zip(store, obj, GENEROUS)
+    result = unpack(store, obj, "zip", GENEROUS)
     assert result.members == [] and result.skipped == 0 and result.bytes == 0
 
 
 def test_unpack_zip_refuses_traversal(store: LocalStore) -> None:
     obj = _stored(store, _zip_bytes({"ok.txt": b"fine", "../../evil.txt": b"gotcha"}))
     with pytest.raises(ArchiveError) as err:
-        unpack_zip(store, obj, GENEROUS)
+        unpack(store, obj, "zip", GENEROUS)
     assert err.value.code == "archive.unsafe_path"
     assert not (store.root.parent / "evil.txt").exists()
 
@@ -256,7 +256,7 @@ def test_unpack_truncated_zip_is_corrupt(store: LocalStore) -> None:
     data = _sample_zip()
     obj = _stored(store, data[: len(data) // 2])
     with pytest.raises(ArchiveError) as err:
-        unpack_zip(store, obj, GENEROUS)
+        unpack(store, obj, "zip", GENEROUS)
     assert err.value.code == "archive.corrupt"
     assert isinstance(err.value.__cause__, Exception)
 
@@ -266,7 +266,7 @@ def test_unpack_damaged_zip_is_corrupt(store: LocalStore) -> None:
     data[60:80] = b"\xff" * 20  # inside the deflate stream of the only member
     obj = _stored(store, bytes(data))
     with pytest.raises(ArchiveError) as err:
-        unpack_zip(store, obj, GENEROUS)
+        unpack(store, obj, "zip", GENEROUS)
     assert err.value.code == "archive.corrupt"
 
 
@@ -275,7 +275,7 @@ def test_unpack_zip_bomb(store: LocalStore) -> None:
     assert len(bomb) < 100 * 1024
     obj = _stored(store, bomb)
     with pytest.raises(ArchiveError) as err:
-        unpack_zip(store, obj, Limits(max_members=1000, max_unpacked_bytes=10**12, max_ratio=100))
+        unpack(store, obj, "zip", Limits(max_members=1000, max_unpacked_bytes=10**12, max_ratio=100))
     assert err.value.code == "archive.bomb"
     # the member being written is not left behind, neither complete nor as a temp file
     leftovers = [p for p in (store.root / "staging").rglob("*")
@@ -286,21 +286,21 @@ def test_unpack_zip_bomb(store: LocalStore) -> None:
 def test_unpack_zip_total_size_limit(store: LocalStore) -> None:
     obj = _stored(store, _sample_zip())
     with pytest.raises(ArchiveError) as err:
-        unpack_zip(store, obj, Limits(max_members=1000, max_unpacked_bytes=10_000,
+        unpack(store, obj, "zip", Limits(max_members=1000, max_unpacked_bytes=10_000,
                                       max_ratio=10**6))
     assert err.value.code == "archive.too_large"
 
 
 def test_unpack_zip_member_limit(store: LocalStore) -> None:
     obj = _stored(store, _zip_bytes({f"f{i}.txt": b"data %d" % i for i in range(5)}))
-    assert len(unpack_zip(store, obj, Limits(5, 10**9, 10**6)).members) == 5
+    assert len(unpack(store, obj, "zip", Limits(5, 10**9, 10**6)).members) == 5
     with pytest.raises(ArchiveError) as err:
-        unpack_zip(store, obj, Limits(4, 10**9, 10**6))
+        unpack(store, obj, "zip", Limits(4, 10**9, 10**6))
     assert err.value.code == "archive.too_many_members"
 
 
 def test_unpack_zip_member_limit_counts_empty_members(store: LocalStore) -> None:
     obj = _stored(store, _zip_bytes({f"f{i}.txt": b"" for i in range(10)}))
     with pytest.raises(ArchiveError) as err:
-        unpack_zip(store, obj, Limits(max_members=3, max_unpacked_bytes=10**9, max_ratio=10**6))
+        unpack(store, obj, "zip", Limits(max_members=3, max_unpacked_bytes=10**9, max_ratio=10**6))
     assert err.value.code == "archive.too_many_members"

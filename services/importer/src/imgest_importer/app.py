@@ -10,6 +10,7 @@ re-drive finishes it; every step is idempotent.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -197,12 +198,17 @@ class Importer:
                 for p in s.placements:
                     if store.stat(p.key) is None:
                         store.copy(p.file.staged_key, p.key)
-            for f in files:
-                kept = f"rejected/{upload_id}/{f.file_id}/{fit_name(PurePosixPath(f.path).name)}"
-                if f.state == "rejected" and not cancelled and store.stat(
-                        kept) is None and store.stat(
-                        f.staged_key) is not None:
-                    store.copy(f.staged_key, kept)
+            if cancelled:
+                return
+            # Originals of what was refused (files, and archives refused whole) are kept for
+            # inspection outside staging, which is emptied next.
+            refused = [(f.staged_key, f.file_id, f.path) for f in files if f.state == "rejected"]
+            refused += [(o.object_key, hashlib.sha256(o.object_key.encode()).hexdigest()[:32],
+                         o.filename or o.object_key) for o in objects if o.rejected]
+            for key, name, path in refused:
+                kept = f"rejected/{upload_id}/{name}/{fit_name(PurePosixPath(path).name)}"
+                if store.stat(kept) is None and store.stat(key) is not None:
+                    store.copy(key, kept)
 
         await asyncio.to_thread(place)
 

@@ -1,4 +1,5 @@
-"""The unpacker: object.stored → file.staged for each file (archive members unpacked)."""
+"""The unpacker: object.stored → file.staged for each file (archive members unpacked: zip, tar,
+tar.gz, tar.bz2, tar.xz, by content; archives inside them one level deep)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import stream_unzip
 from fastapi import FastAPI
 from imgest_contracts import (
     ArchiveRejected,
@@ -23,7 +23,8 @@ from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, create_app
 from imgest_runtime.store import IterReader, ObjectStore, fit_name
 
-from .domain import ArchiveError, Limits, archive_format, check_growth, file_id, member_path
+from .archives import entries, sniff
+from .domain import ArchiveError, Limits, Tally, file_id
 from .models import metadata
 from .settings import Settings
 
@@ -46,41 +47,40 @@ class Unpacked:
     bytes: int
 
 
-def unpack_zip(store: ObjectStore, obj: ObjectStored, limits: Limits) -> Unpacked:
+def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits) -> Unpacked:
     """Streams the archive from the store and each member back into it (blocking; in a thread).
-
-    Nothing is buffered whole: a member flows chunk by chunk from the archive into its object.
-    """
-    members: list[Member] = []
-    skipped = 0
-    total = 0
-
-    def counted(chunks: Iterator[bytes]) -> Iterator[bytes]:
-        nonlocal total
-        for chunk in chunks:
-            total += len(chunk)
-            check_growth(total, obj.size, len(members) + 1, limits)
-            yield chunk
-
+    An archive inside it (one level deep) is unpacked in its place. Nothing is held whole: a
+    member flows chunk by chunk from the archive into its object. If the archive is refused,
+    what was staged of it is deleted again (all or nothing); the original stays."""
+    tally = Tally(limits, obj.size)
+    staged: list[Member] = []
     try:
-        for raw_name, _size, chunks in stream_unzip.stream_unzip(store.iter_chunks(obj.object_key)):
-            # Per member too, not only per chunk: empty members carry no chunk to count.
-            check_growth(total, obj.size, len(members) + skipped + 1, limits)
-            path = member_path(raw_name)
-            if path is None:
-                for _ in chunks:  # stream-unzip needs each member read before the next
-                    pass
-                skipped += 1
+        for member in _stage(store, obj, obj.object_key, obj.size, fmt, tally, staged, ""):
+            fmt_inside = sniff(store, member.key)
+            if fmt_inside is None:
                 continue
-            fid = file_id(obj.upload_id, obj.object_key, path)
-            key = f"staging/{obj.upload_id}/members/{fid}/{fit_name(Path(path).name)}"
-            stored = store.put(key, IterReader(counted(chunks)))  # type: ignore[arg-type]
-            members.append(Member(path, key, stored.size, stored.sha256))
-    except stream_unzip.UnzipError as e:
-        raise ArchiveError("archive.corrupt",
-                           f"The zip archive cannot be read ({type(e).__name__}); "
-                           "it may be truncated or damaged.") from e
-    return Unpacked(members, skipped, total)
+            for _ in _stage(store, obj, member.key, member.size, fmt_inside, tally, staged,
+                            member.path + "/"):
+                pass
+            staged.remove(member)  # the archive inside gives way to its members
+            store.delete(member.key)
+    except BaseException:
+        for m in staged:
+            store.delete(m.key)
+        raise
+    return Unpacked(staged, tally.skipped, tally.unpacked)
+
+
+def _stage(store: ObjectStore, obj: ObjectStored, key: str, size: int, fmt: str, tally: Tally,
+           staged: list[Member], prefix: str) -> Iterator[Member]:
+    """Stages each file of the archive at `key`; yields each once it is stored."""
+    for entry in entries(store, key, size, fmt, tally):
+        path = prefix + entry.path
+        fid = file_id(obj.upload_id, obj.object_key, path)
+        member_key = f"staging/{obj.upload_id}/members/{fid}/{fit_name(Path(path).name)}"
+        stored = store.put(member_key, IterReader(entry.chunks))  # type: ignore[arg-type]
+        staged.append(Member(path, member_key, stored.size, stored.sha256))
+        yield staged[-1]
 
 
 def bootstrap(settings: Settings) -> Service:
@@ -97,8 +97,7 @@ def bootstrap(settings: Settings) -> Service:
         assert store is not None
         if await svc.handled_before(event):
             return
-        head = await asyncio.to_thread(store.read_range, obj.object_key, 0, 8)
-        fmt = archive_format(head)
+        fmt = await asyncio.to_thread(sniff, store, obj.object_key)
         if fmt is None:
             async with svc.handling(event) as session:
                 if session:
@@ -111,10 +110,9 @@ def bootstrap(settings: Settings) -> Service:
             return
 
         try:
-            result = await asyncio.to_thread(unpack_zip, store, obj, limits)
+            result = await asyncio.to_thread(unpack, store, obj, fmt, limits)
         except ArchiveError as e:
             log.warning("upload %s: %s refused: %s", obj.upload_id, obj.filename, e.message)
-            await asyncio.to_thread(store.delete_prefix, f"staging/{obj.upload_id}/members/")
             async with svc.handling(event) as session:
                 if session:
                     await svc.outbox.add(session, ArchiveRejected(

@@ -1,0 +1,205 @@
+"""Archives read out of the store member by member, never whole (blocking; run in a thread).
+
+- zip: the central directory is read first with ranged reads (a few requests, however big
+  the archive), so links, devices, encryption, duplicates and declared sizes are refused
+  before a byte is unpacked; the members are then streamed from the front (stream-unzip:
+  stored, deflate, deflate64, bzip2, zip64), their sizes and CRCs checked as they flow.
+- tar, tar.gz, tar.bz2, tar.xz: streamed (tarfile's `r|*`), nothing seeks.
+"""
+
+from __future__ import annotations
+
+import bz2
+import io
+import lzma
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import stream_unzip
+from imgest_runtime.store import IterReader, ObjectStore
+
+from .domain import (
+    DIRECTORY,
+    FILE,
+    HEAD,
+    LINK,
+    SPECIAL,
+    ArchiveError,
+    Tally,
+    archive_format,
+    compression,
+)
+
+_DECOMPRESSORS = {"gz": lambda: zlib.decompressobj(31), "bz2": bz2.BZ2Decompressor,
+                  "xz": lzma.LZMADecompressor}
+
+
+@dataclass
+class Entry:
+    path: str
+    chunks: Iterator[bytes]  # read it to the end before asking for the next entry
+
+
+def sniff(store: ObjectStore, key: str) -> str | None:
+    """The archive format of an object, from its first bytes (decompressed if need be)."""
+    head = store.read_range(key, 0, 64 * 1024)
+    suffix = compression(head)
+    unpacked = None
+    if suffix == "bz2":  # bzip2 gives nothing before its first block (up to ~900 KB) is in
+        head = store.read_range(key, 0, 1100 * 1024)
+    if suffix:
+        try:
+            unpacked = _DECOMPRESSORS[suffix]().decompress(head)[:HEAD]
+        except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError):
+            unpacked = None  # not really compressed: a file like any other
+    return archive_format(head, unpacked)
+
+
+def entries(store: ObjectStore, key: str, size: int, fmt: str, tally: Tally
+            ) -> Iterator[Entry]:
+    """The files of the archive at `key`, each checked by `tally` (which raises ArchiveError
+    for what refuses the whole archive), junk and directories skipped."""
+    if fmt == "zip":
+        yield from _zip_entries(store, key, size, tally)
+    else:
+        yield from _tar_entries(store, key, size, fmt, tally)
+
+
+# --- zip ------------------------------------------------------------------------------------------
+
+
+class _RangeFile(io.RawIOBase):
+    """A seekable read-only file over an object, each read a ranged read (zipfile wants one)."""
+
+    def __init__(self, store: ObjectStore, key: str, size: int):
+        self.store, self.key, self.size, self.pos = store, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.store.read_range(self.key, self.pos, len(b)) if self.pos < self.size else b""
+        b[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    if info.is_dir():
+        return DIRECTORY
+    # File types are in the upper half of the external attributes, written by Unix zippers.
+    kind = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0
+    if kind == stat.S_IFLNK:
+        return LINK
+    if kind == stat.S_IFDIR:
+        return DIRECTORY
+    if kind and kind != stat.S_IFREG:
+        return SPECIAL
+    return FILE
+
+
+def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally) -> Iterator[Entry]:
+    try:
+        with zipfile.ZipFile(io.BufferedReader(_RangeFile(store, key, size), 1024 * 1024)) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
+        raise ArchiveError("archive.corrupt", "The zip archive cannot be read (its central "
+                           f"directory: {e}); it may be truncated or damaged.") from e
+    # All of it checked before anything is unpacked (declared sizes too: a bomb is refused
+    # before it explodes); the tally itself then counts what really flows.
+    check = Tally(tally.limits, tally.packed, members=tally.members, skipped=tally.skipped,
+                  unpacked=tally.unpacked)
+    kinds: dict[bytes, str] = {}
+    for info in infos:
+        raw = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+        kinds[raw] = _zip_kind(info)
+        check.member(raw, kinds[raw], encrypted=bool(info.flag_bits & 0x1))
+        check.grew(info.file_size)
+    try:
+        for raw_name, _size, chunks in stream_unzip.stream_unzip(store.iter_chunks(key)):
+            # A name the central directory does not list is not unpacked.
+            path = tally.member(raw_name, kinds.get(raw_name, DIRECTORY))
+            if path is None:
+                for _ in chunks:  # stream-unzip needs each member read before the next
+                    pass
+                continue
+            yield Entry(path, _guarded(chunks, tally, "zip"))
+    except _ERRORS["zip"] as e:
+        raise _corrupt("zip", e) from e
+
+
+# --- tar (plain or compressed) ----------------------------------------------------------------------
+
+
+def _tar_kind(info: tarfile.TarInfo) -> str:
+    if info.isdir():
+        return DIRECTORY
+    if info.issym() or info.islnk():
+        return LINK
+    if not info.isreg():
+        return SPECIAL
+    return FILE
+
+
+def _tar_entries(store: ObjectStore, key: str, size: int, fmt: str, tally: Tally
+                 ) -> Iterator[Entry]:
+    # A plain tar cut at a member's boundary reads as a shorter, whole archive: only its end
+    # marker (two zero blocks) tells. A compressed one that is cut fails in decompression.
+    if fmt == "tar" and (size < 1024 or store.read_range(key, size - 1024, 1024) != bytes(1024)):
+        raise ArchiveError("archive.corrupt", "The tar archive has no end-of-archive marker; "
+                           "it is truncated.")
+    source = io.BufferedReader(IterReader(store.iter_chunks(key)), 1024 * 1024)
+    try:
+        with tarfile.open(fileobj=source, mode="r|*") as tf:
+            for info in tf:
+                path = tally.member(info.name, _tar_kind(info))
+                if path is None:
+                    continue
+                member = tf.extractfile(info)
+                assert member is not None  # a regular file
+                yield Entry(path, _guarded(_read_all(member), tally, "tar"))
+    except _ERRORS["tar"] as e:
+        raise _corrupt("tar", e) from e
+
+
+def _read_all(stream: io.BufferedReader) -> Iterator[bytes]:
+    while block := stream.read(1024 * 1024):
+        yield block
+
+
+# What a damaged archive raises, while its listing is read or while a member's bytes flow.
+_ERRORS: dict[str, tuple[type[BaseException], ...]] = {
+    "zip": (stream_unzip.UnzipError,),
+    "tar": (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)}
+
+
+def _corrupt(fmt: str, error: BaseException) -> ArchiveError:
+    detail = str(error) or type(error).__name__
+    return ArchiveError("archive.corrupt", f"The {fmt} archive cannot be read ({detail}); it "
+                        "may be truncated or damaged.")
+
+
+def _guarded(chunks: Iterator[bytes], tally: Tally, fmt: str) -> Iterator[bytes]:
+    """A member's bytes, counted against the limits; a damaged archive raises ArchiveError
+    here too (the bytes are read by the store, outside the listing's loop)."""
+    try:
+        for chunk in chunks:
+            tally.grew(len(chunk))
+            yield chunk
+    except _ERRORS[fmt] as e:
+        raise _corrupt(fmt, e) from e

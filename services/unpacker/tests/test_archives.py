@@ -1,0 +1,294 @@
+"""Every archive format, nested archives and the refusals, unpacked for real into both store
+adapters (a directory, and S3 over HTTP through moto's server)."""
+
+from __future__ import annotations
+
+import io
+import socket
+import stat
+import tarfile
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from imgest_contracts import ObjectStored
+from imgest_runtime.store import LocalStore, ObjectStore, S3Store, check_key
+from imgest_unpacker.app import unpack
+from imgest_unpacker.archives import sniff
+from imgest_unpacker.domain import ArchiveError, Limits
+
+GENEROUS = Limits(max_members=10_000, max_unpacked_bytes=1024**3, max_ratio=1000)
+FILES = {"study/IM1.dcm": b"one" * 5000, "study/IM2.dcm": b"two" * 7000, "notes.txt": b"hi\n"}
+
+
+@pytest.fixture(scope="module")
+def s3_store() -> Iterator[S3Store]:
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    store = S3Store(endpoint=f"127.0.0.1:{port}", access_key="test", secret_key="test",
+                    bucket="unpacker-test", secure=False, region="us-east-1")
+    store.ensure_bucket()
+    try:
+        yield store
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    if request.param == "local":
+        return LocalStore(tmp_path / "store", fsync=False)
+    return request.getfixturevalue("s3_store")
+
+
+def stored(store: ObjectStore, data: bytes, filename: str = "upload.bin") -> ObjectStored:
+    upload = uuid.uuid4().hex[:12]  # each test its own upload (the S3 bucket is shared)
+    key = f"staging/{upload}/o/{filename}"
+    put = store.put(key, io.BytesIO(data), len(data))
+    return ObjectStored(upload_id=upload, object_key=key, filename=filename, size=put.size,
+                        sha256=put.sha256)
+
+
+def tar_bytes(files: dict[str, bytes], mode: str = "w", extra=None) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode=mode) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        if extra:
+            extra(tf)
+    return out.getvalue()
+
+
+def zip_bytes(files: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return out.getvalue()
+
+
+def unpacked(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits = GENEROUS
+             ) -> dict[str, bytes]:
+    result = unpack(store, obj, fmt, limits)
+    files = {}
+    for m in result.members:
+        with store.open(m.key) as f:
+            files[m.path] = f.read()
+        assert m.key.startswith(f"staging/{obj.upload_id}/members/")
+    return files
+
+
+def refused(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits = GENEROUS
+            ) -> ArchiveError:
+    with pytest.raises(ArchiveError) as err:
+        unpack(store, obj, fmt, limits)
+    # All or nothing: no member is left behind; the original stays for inspection.
+    assert [o.key for o in store.list(f"staging/{obj.upload_id}/")] == [obj.object_key]
+    return err.value
+
+
+# --- formats, by content ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("w", "tar"), ("w:gz", "tar.gz"),
+                                           ("w:bz2", "tar.bz2"), ("w:xz", "tar.xz")])
+def test_every_tar_flavour_is_recognised_by_content_and_unpacked(store, mode, fmt):
+    obj = stored(store, tar_bytes(FILES, mode), "no-extension")  # the name says nothing
+    assert sniff(store, obj.object_key) == fmt
+    assert unpacked(store, obj, fmt) == FILES
+
+
+@pytest.mark.parametrize("kw", [{}, {"compression": zipfile.ZIP_STORED},
+                                {"compression": zipfile.ZIP_BZIP2}])
+def test_zip_stored_deflated_bzip2(store, kw):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", kw.get("compression", zipfile.ZIP_DEFLATED)) as zf:
+        for name, data in FILES.items():
+            zf.writestr(name, data)
+    obj = stored(store, out.getvalue())
+    assert sniff(store, obj.object_key) == "zip"
+    assert unpacked(store, obj, "zip") == FILES
+
+
+def test_zip64(store):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        for name, data in FILES.items():
+            with zf.open(name, "w", force_zip64=True) as member:
+                member.write(data)
+    assert b"PK\x06\x06" in out.getvalue() or b"\x01\x00" in out.getvalue()
+    obj = stored(store, out.getvalue())
+    assert unpacked(store, obj, "zip") == FILES
+
+
+def test_a_compressed_file_that_is_no_tar_passes_through(store):
+    import gzip
+
+    obj = stored(store, gzip.compress(b"\x00" * 128 + b"DICM" + b"x" * 1000), "scan.dcm.gz")
+    assert sniff(store, obj.object_key) is None
+
+
+def test_junk_is_skipped_and_counted(store):
+    files = {**FILES, "__MACOSX/study/._IM1.dcm": b"fork", "study/.DS_Store": b"junk",
+             "Thumbs.db": b"junk"}
+    obj = stored(store, tar_bytes(files, "w:gz"))
+    result = unpack(store, obj, "tar.gz", GENEROUS)
+    assert sorted(m.path for m in result.members) == sorted(FILES)
+    assert result.skipped == 3
+
+
+# --- archives inside archives -------------------------------------------------------------------
+
+
+def test_archives_inside_an_archive_are_unpacked_one_level_deep(store):
+    inner_zip = zip_bytes({"a.dcm": b"A" * 100})
+    inner_tgz = tar_bytes({"b/b.dcm": b"B" * 100}, "w:gz")
+    deeper = zip_bytes({"deep.dcm": b"D"})
+    third = zip_bytes({"in.zip": deeper})  # a zip in a zip in the archive: stays a file
+    obj = stored(store, tar_bytes({"x/inner.zip": inner_zip, "inner.tgz": inner_tgz,
+                                   "top.dcm": b"T", "third.zip": third}))
+    files = unpacked(store, obj, "tar")
+    assert files == {"x/inner.zip/a.dcm": b"A" * 100, "inner.tgz/b/b.dcm": b"B" * 100,
+                     "top.dcm": b"T", "third.zip/in.zip": deeper}
+    # The inner archives themselves are not left behind as files.
+    assert len(list(store.list(f"staging/{obj.upload_id}/members/"))) == 4
+
+
+def test_a_nested_zip_bomb_is_refused(store):
+    """42.zip's idea: small zips of zeros inside a zip; each level looks harmless."""
+    layer = zip_bytes({f"zeros{i}.bin": bytes(8 * 1024**2) for i in range(4)})
+    outer = zip_bytes({f"layer{i}.zip": layer for i in range(4)})
+    assert len(outer) < 200 * 1024
+    obj = stored(store, outer)
+    error = refused(store, obj, "zip", Limits(10_000, 1024**4, max_ratio=100))
+    assert error.code == "archive.bomb"
+
+
+def test_a_bad_archive_inside_refuses_the_whole(store):
+    inner = zip_bytes({"../escape.dcm": b"x"})
+    obj = stored(store, tar_bytes({"good.dcm": b"fine", "bad.zip": inner}))
+    assert refused(store, obj, "tar").code == "archive.unsafe_path"
+
+
+# --- refusals, one by one -----------------------------------------------------------------------
+
+
+def _tar_with(kind: bytes, name: str = "link", linkname: str = "/etc/passwd"):
+    def add(tf: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, linkname
+        tf.addfile(info)
+    return add
+
+
+@pytest.mark.parametrize(("kind", "code"), [
+    (tarfile.SYMTYPE, "archive.link"), (tarfile.LNKTYPE, "archive.link"),
+    (tarfile.CHRTYPE, "archive.special_file"), (tarfile.BLKTYPE, "archive.special_file"),
+    (tarfile.FIFOTYPE, "archive.special_file")])
+def test_tar_links_and_devices_are_refused(store, kind, code):
+    obj = stored(store, tar_bytes(FILES, "w:gz", _tar_with(kind)))
+    error = refused(store, obj, "tar.gz")
+    assert error.code == code and "'link'" in error.message
+
+
+def test_zip_symlink_is_refused(store):
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("ok.dcm", b"fine")
+        link = zipfile.ZipInfo("link")
+        link.create_system = 3
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+    assert refused(store, stored(store, out.getvalue()), "zip").code == "archive.link"
+
+
+def test_encrypted_zip_is_refused(store):
+    data = bytearray(zip_bytes({"secret.dcm": b"x" * 100}, compression=zipfile.ZIP_STORED))
+    # Bit 0 of the general purpose flags, in the local and the central header: encrypted.
+    data[6] |= 1
+    central = data.index(b"PK\x01\x02")
+    data[central + 8] |= 1
+    error = refused(store, stored(store, bytes(data)), "zip")
+    assert error.code == "archive.encrypted" and "secret.dcm" in error.message
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+def test_duplicate_member_names_are_refused(store, fmt):
+    if fmt == "zip":
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as zf:
+            zf.writestr("a.dcm", b"one")
+            with pytest.warns(UserWarning, match="Duplicate name"):
+                zf.writestr("a.dcm", b"two")
+        data = out.getvalue()
+    else:
+        data = tar_bytes({"a.dcm": b"one"}, "w", lambda tf: tf.addfile(
+            tarfile.TarInfo("./a.dcm"), io.BytesIO()))
+    assert refused(store, stored(store, data), fmt).code == "archive.duplicate_member"
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("../../etc/cron.d/x", "tar"),
+                                           ("/etc/passwd", "tar"), ("../x.dcm", "zip")])
+def test_traversal_is_refused(store, name, fmt):
+    data = tar_bytes({name: b"x"}) if fmt == "tar" else zip_bytes({name: b"x"})
+    assert refused(store, stored(store, data), fmt).code == "archive.unsafe_path"
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("w", "tar"), ("w:gz", "tar.gz"),
+                                           ("w:bz2", "tar.bz2"), ("w:xz", "tar.xz")])
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_truncated_archives_are_refused(store, mode, fmt, cut):
+    data = tar_bytes({f"f{i}.bin": bytes(range(256)) * 200 for i in range(4)}, mode)
+    obj = stored(store, data[: int(len(data) * cut)])
+    assert refused(store, obj, fmt).code == "archive.corrupt"
+
+
+def test_truncated_zip_is_refused(store):
+    data = zip_bytes(FILES)
+    assert refused(store, stored(store, data[: len(data) - 30]), "zip").code == "archive.corrupt"
+
+
+def test_too_many_members_and_too_many_bytes(store):
+    obj = stored(store, tar_bytes(FILES, "w:gz"))
+    assert refused(store, obj, "tar.gz", Limits(2, 10**9, 10**6)).code == (
+        "archive.too_many_members")
+    assert refused(store, obj, "tar.gz", Limits(100, 10_000, 10**6)).code == "archive.too_large"
+
+
+# --- no member path leaves the upload's prefix --------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1,
+                    max_size=60)
+       | st.lists(st.sampled_from(["..", ".", "", "a", "/", "\\", "C:", "b.dcm", "~"]),
+                  min_size=1, max_size=6).map("/".join))
+def test_member_paths_never_escape_the_upload(tmp_path: Path, name: str):
+    root = tmp_path / uuid.uuid4().hex  # (the fixture is shared by all examples)
+    local = LocalStore(root, fsync=False)
+    obj = stored(local, tar_bytes({name: b"x"}))
+    try:
+        result = unpack(local, obj, "tar", GENEROUS)
+    except ArchiveError as e:
+        assert e.code in ("archive.unsafe_path", "archive.corrupt")
+        return
+    for m in result.members:
+        check_key(m.key)
+        assert m.key.startswith(f"staging/{obj.upload_id}/members/")
+        assert ".." not in m.key.split("/")
+    # Every file written by any example is inside its own store root's staging/{upload}/.
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert p.relative_to(tmp_path).parts[1] == "staging", p
