@@ -79,6 +79,7 @@ def test_zip_of_twenty_instances_of_one_study(running: Running, pydicom_file):
     assert len({r["session"] for r in rows}) == 1, "one study is one session"
     assert {r["scan"] for r in rows} == {"1", "2"}, "one scan per series"
     assert state["objects"][0]["state"] == "unpacked"
+    assert state["objects"][0]["progress"]["members_done"] == 20
     sessions = running.query("select * from importer.session where study_uid = $1", study_uid)
     assert len(sessions) == 1 and sessions[0]["modalities"] == '["CT"]'
 
@@ -89,6 +90,28 @@ def test_jpeg_with_exif(running: Running):
     rows = assert_archived(running, state, 1)
     assert rows[0]["object_key"].startswith("archive/PHOTOS/S01/S01_visit1/scans/photo/")
     assert state["files"][0]["kind"] == "photo"
+
+
+def test_a_multi_file_slide_is_one_image_in_one_scan(running: Running):
+    slidedat = b"[DATAFILE]\nFILE_COUNT=2\nFILE_0=Data0000.dat\nFILE_1=Data0001.dat\n"
+    files = {"CMU-1.mrxs": b"index", "CMU-1/Slidedat.ini": slidedat,
+             "CMU-1/Data0000.dat": b"d0" * 1000, "CMU-1/Data0001.dat": b"d1" * 1000}
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    state = running.wait(running.upload("slides.zip", out.getvalue(),
+                                        project=running.project("SLIDESETS"),
+                                        subject="P1", session="P1_biopsy")["id"])
+    assert state["state"] == "archived", (state["files"], state["objects"])
+    [image] = state["files"]  # one image, not four loose files
+    assert image["kind"] == "slide" and image["path"] == "slides.zip/CMU-1.mrxs"
+    files_at = "archive/SLIDESETS/P1/P1_biopsy/scans/CMU-1/resources/MRXS/files/"
+    placed = {o.key[len(files_at):] for o in running.store.list(files_at)}
+    assert placed == set(files)  # the vendor's layout, as OpenSlide expects it
+    rows = running.query("select name, size from importer.file where object_key like $1",
+                         files_at + "%")
+    assert {r["name"]: r["size"] for r in rows} == {k: len(v) for k, v in files.items()}
 
 
 # --- bad input: clear reasons, nothing lost -----------------------------------------------------

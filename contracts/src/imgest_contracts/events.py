@@ -78,6 +78,24 @@ class Source(BaseModel):
     )
 
 
+class FilesetFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(..., description="Relative to the index file's folder: where the vendor's "
+                      "software expects it (e.g. `slide/Data0001.dat`).")
+    object_key: str
+    size: int = Field(..., ge=0)
+    sha256: str = Field(..., pattern="^[0-9a-f]{64}$")
+
+
+class Fileset(BaseModel):
+    """A whole-slide image in several files, kept together as one image."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["mrxs", "vsi", "afi", "ndpis"]
+    files: list[FilesetFile] = Field(..., description="The related files; the index file is "
+                                     "the event's own object.")
+
+
 class Reason(BaseModel):
     model_config = ConfigDict(extra="forbid")
     code: str = Field(..., description="Stable machine code, e.g. 'dicom.malformed'.")
@@ -145,6 +163,8 @@ class FileStaged(Payload):
     size: int = Field(..., ge=0)
     sha256: str = Field(..., pattern="^[0-9a-f]{64}$")
     source: Source
+    fileset: Fileset | None = Field(None, description="Set for a multi-file slide: the object "
+                                    "is its index file, these its related files.")
 
 
 class ArchiveUnpacked(Payload):
@@ -157,6 +177,19 @@ class ArchiveUnpacked(Payload):
     members_staged: int = Field(..., ge=0)
     members_skipped: int = Field(..., ge=0, description="Junk such as __MACOSX/ and .DS_Store.")
     bytes_unpacked: int = Field(..., ge=0)
+
+
+class ArchiveProgress(Payload):
+    event: ClassVar[str] = "archive.progress"
+    description: ClassVar[str] = (
+        "How far the unpacking of an archive has got; sent every few seconds while a large one "
+        "unpacks. archive.unpacked or archive.rejected says how it ended.")
+    upload_id: str
+    object_key: str
+    members_done: int = Field(..., ge=0, description="Files staged so far.")
+    members_total: int | None = Field(None, ge=0, description="Files in all, when the archive "
+                                      "says (a zip's directory does; a tar does not).")
+    bytes_done: int = Field(..., ge=0)
 
 
 class ArchiveRejected(Payload):
@@ -181,6 +214,7 @@ class FileValidated(Payload):
     kind: FileKind
     metadata: dict[str, Any] = Field(default_factory=dict)
     hints: SessionHints = Field(default_factory=SessionHints)
+    fileset: Fileset | None = Field(None, description="As file.staged said: a multi-file slide.")
 
 
 class FileRejected(Payload):
@@ -358,6 +392,7 @@ EVENTS: tuple[type[Payload], ...] = (
     UploadSubmitted,
     UploadCancelled,
     FileStaged,
+    ArchiveProgress,
     ArchiveUnpacked,
     ArchiveRejected,
     FileValidated,

@@ -4,6 +4,7 @@ adapters (a directory, and S3 over HTTP through moto's server)."""
 from __future__ import annotations
 
 import io
+import os
 import socket
 import stat
 import tarfile
@@ -130,6 +131,19 @@ def test_zip64(store):
     assert b"PK\x06\x06" in out.getvalue() or b"\x01\x00" in out.getvalue()
     obj = stored(store, out.getvalue())
     assert unpacked(store, obj, "zip") == FILES
+
+
+def test_deflate64(store):
+    """Windows' "compressed folders" write Deflate64 (method 9) for large files. A deflate
+    stream without length code 285 is also a valid Deflate64 one: with random data (no long
+    matches), relabelling the method makes a true Deflate64 zip."""
+    data = os.urandom(200_000)
+    raw = bytearray(zip_bytes({"big.dcm": data}))
+    raw[8:10] = (9).to_bytes(2, "little")  # the local header's method
+    central = raw.index(b"PK\x01\x02")
+    raw[central + 10:central + 12] = (9).to_bytes(2, "little")  # the central directory's
+    obj = stored(store, bytes(raw))
+    assert unpacked(store, obj, "zip") == {"big.dcm": data}
 
 
 def test_a_compressed_file_that_is_no_tar_passes_through(store):
@@ -292,3 +306,78 @@ def test_member_paths_never_escape_the_upload(tmp_path: Path, name: str):
     for p in tmp_path.rglob("*"):
         if p.is_file():
             assert p.relative_to(tmp_path).parts[1] == "staging", p
+
+
+# --- multi-file slides ----------------------------------------------------------------------------
+
+SLIDEDAT = b"[GENERAL]\nSLIDE_VERSION=1.0\n[DATAFILE]\nFILE_COUNT=2\nFILE_0=Data0000.dat\n" \
+           b"FILE_1=Data0001.dat\n"
+AFI = (b'<?xml version="1.0"?><ImageList><Image><Path>s_DAPI.svs</Path></Image>'
+       b"<Image><Path>s_FITC.svs</Path></Image></ImageList>")
+NDPIS = b"[NanoZoomer Digital Pathology Image Set]\nNoImages=2\nImage0=s-DAPI.ndpi\n" \
+        b"Image1=s-FITC.ndpi\n"
+FILESETS = {
+    "mrxs": ({"s.mrxs": b"index", "s/Slidedat.ini": SLIDEDAT, "s/Data0000.dat": b"d0",
+              "s/Data0001.dat": b"d1", "s/Index.dat": b"ix"}, "s.mrxs"),
+    "vsi": ({"s.vsi": b"II*\x00vsi", "_s_/stack1/frame_t.ets": b"ets",
+             "_s_/stack10001/frame_t.ets": b"ets2"}, "s.vsi"),
+    "afi": ({"s.afi": AFI, "s_DAPI.svs": b"II*\x00a", "s_FITC.svs": b"II*\x00b"}, "s.afi"),
+    "ndpis": ({"s.ndpis": NDPIS, "s-DAPI.ndpi": b"II*\x00a", "s-FITC.ndpi": b"II*\x00b"},
+              "s.ndpis"),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FILESETS))
+def test_multi_file_slides_are_kept_together(store, fmt):
+    files, index = FILESETS[fmt]
+    obj = stored(store, zip_bytes({**files, "other.dcm": b"loose"}))
+    result = unpack(store, obj, "zip", GENEROUS)
+    assert [m.path for m in result.members] == ["other.dcm"]  # the rest is one image
+    [fileset] = result.filesets
+    assert fileset.format == fmt and fileset.index.path == index
+    assert sorted(p for p, _ in fileset.files) == sorted(set(files) - {index})
+    for path, member in fileset.files:
+        with store.open(member.key) as f:
+            assert f.read() == files[path]
+
+
+def test_a_slide_in_an_archive_inside_is_found_at_that_archive_root(store):
+    files, _ = FILESETS["ndpis"]
+    obj = stored(store, tar_bytes({"case7.zip": zip_bytes(files)}, "w:gz"))
+    [fileset] = unpack(store, obj, "tar.gz", GENEROUS).filesets
+    assert fileset.index.path == "case7.zip/s.ndpis" and len(fileset.files) == 2
+
+
+@pytest.mark.parametrize(("fmt", "drop", "says"), [
+    ("mrxs", "s/Data0001.dat", "Data0001.dat"), ("mrxs", "s/Slidedat.ini", "Slidedat.ini"),
+    ("vsi", "_s_/stack1/frame_t.ets", None), ("afi", "s_FITC.svs", "s_FITC.svs"),
+    ("ndpis", "s-DAPI.ndpi", "s-DAPI.ndpi")])
+def test_a_slide_with_a_missing_companion_is_refused(store, fmt, drop, says):
+    files, index = FILESETS[fmt]
+    files = dict(files)
+    if fmt == "vsi":
+        files = {k: v for k, v in files.items() if not k.startswith("_s_/")}
+    else:
+        del files[drop]
+    error = refused(store, stored(store, zip_bytes(files)), "zip")
+    assert error.code == "slide.missing_companion" and index in error.message
+    assert says is None or says in error.message
+
+
+def test_a_slide_index_not_at_the_root_is_refused(store):
+    files, _ = FILESETS["mrxs"]
+    obj = stored(store, zip_bytes({f"case/{k}": v for k, v in files.items()}))
+    error = refused(store, obj, "zip")
+    assert error.code == "slide.index_not_at_root" and "case/s.mrxs" in error.message
+
+
+def test_progress_is_told_member_by_member_with_the_zip_directory_total(store):
+    obj = stored(store, zip_bytes({f"f{i}.dcm": b"x" * i for i in range(5)}))
+    told: list[tuple] = []
+    unpack(store, obj, "zip", GENEROUS, lambda *p: told.append(p))
+    assert [t[:2] for t in told] == [(i, 5) for i in range(1, 6)]
+    assert told[-1][2] == sum(range(5))
+    told.clear()
+    unpack(store, stored(store, tar_bytes(FILES, "w:gz")), "tar.gz", GENEROUS,
+           lambda *p: told.append(p))
+    assert [t[:2] for t in told] == [(1, None), (2, None), (3, None)]  # a tar does not say

@@ -12,6 +12,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from imgest_contracts import (
+    ArchiveProgress,
     ArchiveRejected,
     ArchiveUnpacked,
     CloudEvent,
@@ -134,7 +135,20 @@ def register_handlers(svc: Service) -> None:
         row = await tx.session.get(UploadObject, event.data.object_key, with_for_update=True)
         if row is not None:
             row.state, row.reason = state, reason
+            if isinstance(event.data, ArchiveUnpacked):
+                row.progress = {"members_done": event.data.members_staged,
+                                "members_total": event.data.members_staged,
+                                "bytes_done": event.data.bytes_unpacked}
             row.event = event_json(event) if keep_event else None
+            tx.session.add(row)
+
+    @svc.on(ArchiveProgress)
+    async def on_archive_progress(event: CloudEvent[ArchiveProgress], tx: Tx) -> None:
+        p = event.data
+        row = await tx.session.get(UploadObject, p.object_key, with_for_update=True)
+        if row is not None and row.state == "stored":  # (a late one changes nothing after)
+            row.progress = p.model_dump(include={"members_done", "members_total",
+                                                 "bytes_done"})
             tx.session.add(row)
 
     @svc.on(ArchiveUnpacked)

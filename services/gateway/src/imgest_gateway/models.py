@@ -55,6 +55,8 @@ class UploadObject(Base, table=True):
     reason: dict | None = Field(default=None, sa_column=Column(JSONB))
     event: dict | None = Field(  # the event that last moved it on: a re-drive sends it again
         default=None, sa_column=Column(JSONB(none_as_null=True)))
+    progress: dict | None = Field(  # an archive being unpacked: files done / in all, bytes
+        default=None, sa_column=Column(JSONB(none_as_null=True)))
 
 
 class UploadFile(Base, table=True):

@@ -449,8 +449,13 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
                 by_state = dict((await session.exec(
                     select(UploadFile.state, func.count()).where(
                         UploadFile.upload_id == upload_id).group_by(UploadFile.state))).all())
+                unpacking = (await session.exec(select(
+                    UploadObject.filename, UploadObject.progress).where(
+                    UploadObject.upload_id == upload_id, UploadObject.state == "stored",
+                    col(UploadObject.progress).is_not(None)))).all()
             assert upload is not None
             progress = {"id": upload_id, "state": upload.state, "files": by_state,
+                        "unpacking": {name: p for name, p in unpacking},
                         "outcome": (upload.summary or {}).get("outcome")}
             if progress != last:
                 sequence += 1

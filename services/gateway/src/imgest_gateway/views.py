@@ -43,7 +43,8 @@ def upload_view(upload: Upload, objects: list[UploadObject], files: list[UploadF
         "counts": summary.get("counts") or {"files": len(files), **by_state},
         "sessions": summary.get("sessions", []),
         "objects": [{"object_key": o.object_key, "filename": o.filename, "size": o.size,
-                     "sha256": o.sha256, "state": o.state, "reason": o.reason} for o in objects],
+                     "sha256": o.sha256, "state": o.state, "reason": o.reason,
+                     "progress": o.progress} for o in objects],
         "files": [{"file_id": f.file_id, "path": f.path, "kind": f.kind, "state": state(f),
                    "reason": f.reason, "session": f.session} for f in files],
     }

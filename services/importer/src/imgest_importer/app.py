@@ -47,7 +47,7 @@ from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .domain import ObjectProgress, SessionPlan, ValidFile, is_complete, plan
+from .domain import ObjectProgress, Part, SessionPlan, ValidFile, is_complete, plan
 from .models import (
     CatalogueFile,
     Scan,
@@ -62,6 +62,15 @@ from .settings import Settings
 
 NAME = "importer"
 log = logging.getLogger("imgest.importer")
+
+
+def valid_file(f: UploadFile) -> ValidFile:
+    fileset = f.fileset or {}
+    return ValidFile(f.file_id, f.staged_key, f.path, FileKind(f.kind),
+                     SessionHints.model_validate(f.hints or {}), f.size or 0, f.sha256 or "",
+                     fileset.get("format"), tuple(
+                         Part(p["path"], p["object_key"], p["size"], p["sha256"])
+                         for p in fileset.get("files", [])))
 
 
 class Importer:
@@ -183,9 +192,7 @@ class Importer:
             await self._clean(upload_id, files, objects, upload.cancelled)
             return
         options = ImportOptions.model_validate(upload.options or {})
-        valid = [ValidFile(f.file_id, f.staged_key, f.path, FileKind(f.kind),
-                           SessionHints.model_validate(f.hints or {}), f.size or 0, f.sha256 or "")
-                 for f in files if f.state == "validated"]
+        valid = [valid_file(f) for f in files if f.state == "validated"]
         now = datetime.now(UTC)
         cancelled = upload.cancelled  # then nothing is placed, and nothing kept
         sessions = [] if cancelled else plan(upload_id, options, valid,
@@ -197,7 +204,7 @@ class Importer:
             for s in sessions:
                 for p in s.placements:
                     if store.stat(p.key) is None:
-                        store.copy(p.file.staged_key, p.key)
+                        store.copy(p.source_key, p.key)
             if cancelled:
                 return
             # Originals of what was refused (files, and archives refused whole) are kept for
@@ -225,8 +232,8 @@ class Importer:
             failures += [FileFailure(path=o.filename or o.object_key,
                                      reason=Reason.model_validate(o.rejected))
                          for o in objects if o.rejected]
-            archived = sum(len(s.placements) for s in sessions if s.archived)
-            prearchived = sum(len(s.placements) for s in sessions if not s.archived)
+            archived = sum(len(s.file_ids) for s in sessions if s.archived)
+            prearchived = sum(len(s.file_ids) for s in sessions if not s.archived)
             counts = UploadCounts(files=len(valid) + len(failures), archived=archived,
                                   prearchived=prearchived, rejected=len(failures))
             outcome = ("cancelled" if cancelled else "succeeded" if not failures and valid
@@ -238,7 +245,7 @@ class Importer:
                 outcome=outcome, counts=counts,
                 sessions=[SessionOutcome(uri=s.uri, label=s.label,
                                          state="archived" if s.archived else "prearchived",
-                                         file_ids=[p.file.file_id for p in s.placements])
+                                         file_ids=s.file_ids)
                           for s in sessions],
                 failures=failures, completed_at=now,
                 generation=upload.generation,
@@ -297,8 +304,9 @@ class Importer:
         for p in s.placements:
             scans.setdefault(p.scan, p.file)
             await session.merge(CatalogueFile(
-                object_key=p.key, scan_id=f"{s.id}/{p.scan}", name=p.name, size=p.file.size,
-                sha256=p.file.sha256, sop_instance_uid=p.file.hints.sop_instance_uid,
+                object_key=p.key, scan_id=f"{s.id}/{p.scan}", name=p.name,
+                size=p.file.size if p.size is None else p.size,
+                sha256=p.sha256 or p.file.sha256, sop_instance_uid=p.file.hints.sop_instance_uid,
                 file_id=p.file.file_id, upload_id=upload_id))
             f = await session.get(UploadFile, p.file.file_id, with_for_update=True)
             if f is not None:
@@ -374,7 +382,8 @@ def bootstrap(settings: Settings) -> Service:
             file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
             staged_key=f.object_key, path=f.path, kind=f.kind.value, state="validated",
             size=f.size, sha256=f.sha256, hints=f.hints.model_dump(mode="json"),
-            file_metadata=f.metadata), f.source.files_total)
+            file_metadata=f.metadata,
+            fileset=f.fileset.model_dump() if f.fileset else None), f.source.files_total)
 
     @svc.on(FileRejected)
     async def on_file_rejected(event: CloudEvent[FileRejected], tx: Tx) -> None:

@@ -7,6 +7,7 @@ Layout (XNAT's, in object keys):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import PurePosixPath
@@ -39,6 +40,16 @@ def is_complete(submitted: bool, object_keys: list[str],
 
 
 @dataclass(frozen=True)
+class Part:
+    """One related file of a multi-file slide."""
+
+    path: str  # relative to the index file's folder
+    staged_key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class ValidFile:
     file_id: str
     staged_key: str
@@ -47,6 +58,8 @@ class ValidFile:
     hints: SessionHints
     size: int
     sha256: str
+    fileset_format: str | None = None  # a multi-file slide: this is its index file …
+    parts: tuple[Part, ...] = ()  # … and these its related files
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,13 @@ class Placement:
     scan: str
     key: str  # destination object key
     name: str
+    source: str = ""  # the staged object copied there (default: the file's own)
+    size: int | None = None  # (default: the file's own)
+    sha256: str | None = None
+
+    @property
+    def source_key(self) -> str:
+        return self.source or self.file.staged_key
 
 
 @dataclass
@@ -85,8 +105,16 @@ class SessionPlan:
         return f"/data/prearchive/projects/{self.project}/{self.timestamp}/{self.label}"
 
     @property
+    def file_ids(self) -> list[str]:
+        """The files placed, once each (a multi-file slide is one file in several objects)."""
+        return list(dict.fromkeys(p.file.file_id for p in self.placements))
+
+    @property
     def modalities(self) -> list[str]:
         return sorted({p.file.hints.modality for p in self.placements if p.file.hints.modality})
+
+
+_LABEL = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def session_id(project: str, subject: str, label: str, archived: bool, timestamp: str) -> str:
@@ -129,6 +157,16 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
             this_archived = archived and h.auto_archive is not False
             s = SessionPlan(project, subject, label, this_archived, h.study_uid, timestamp)
             sessions[group] = s
+        if f.fileset_format:  # one image in several files: one scan, the vendor's layout
+            scan = _LABEL.sub("_", PurePosixPath(f.path).stem).strip("_")[:64] or "slide"
+            files = f"{s.prefix}scans/{scan}/resources/{f.fileset_format.upper()}/files/"
+            name = fit_name(PurePosixPath(f.path).name)
+            s.placements.append(Placement(f, scan, files + name, name))
+            for part in f.parts:
+                rel = "/".join(fit_name(c) for c in PurePosixPath(part.path).parts)
+                s.placements.append(Placement(f, scan, files + rel, rel, part.staged_key,
+                                              part.size, part.sha256))
+            continue
         if f.kind is FileKind.dicom:
             scan = h.scan or "1"
             name = f"{h.sop_instance_uid or f.file_id}.dcm"

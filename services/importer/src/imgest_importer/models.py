@@ -63,6 +63,7 @@ class UploadFile(Base, table=True):
     reason: dict | None = _json()
     hints: dict | None = _json()
     file_metadata: dict | None = _json()
+    fileset: dict | None = _json()  # a multi-file slide: its format and related files
     session_id: str | None = Field(default=None, max_length=512)
 
 

@@ -7,7 +7,14 @@ import logging
 from pathlib import Path
 
 from fastapi import FastAPI
-from imgest_contracts import CloudEvent, FileRejected, FileStaged, FileValidated, Reason
+from imgest_contracts import (
+    CloudEvent,
+    FileKind,
+    FileRejected,
+    FileStaged,
+    FileValidated,
+    Reason,
+)
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, Tx, create_app
 from imgest_runtime.store import ObjectStore
@@ -45,8 +52,13 @@ def bootstrap(settings: Settings) -> Service:
         # the store is touched. Only headers are read, so the transaction stays short.
         staged = event.data
         assert svc.store is not None
-        found = await asyncio.to_thread(read_headers, svc.store, staged,
-                                        settings.max_header_bytes)
+        if staged.fileset is not None:  # a multi-file slide, checked whole by the unpacker
+            found = Identified(FileKind.slide, {
+                "format": staged.fileset.format, "files": len(staged.fileset.files) + 1,
+                "bytes": staged.size + sum(f.size for f in staged.fileset.files)})
+        else:
+            found = await asyncio.to_thread(read_headers, svc.store, staged,
+                                            settings.max_header_bytes)
         common = {"upload_id": staged.upload_id, "file_id": staged.file_id,
                   "object_key": staged.object_key, "path": staged.path, "source": staged.source,
                   "kind": found.kind}
@@ -58,7 +70,8 @@ def bootstrap(settings: Settings) -> Service:
         else:
             tx.publish(FileValidated(
                 **common, size=staged.size, sha256=staged.sha256, metadata=found.metadata,
-                hints=found.hints), event_id=derived_id(event.id, "validated"))
+                hints=found.hints, fileset=staged.fileset),
+                event_id=derived_id(event.id, "validated"))
 
     return svc
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI
 from imgest_contracts import (
+    ArchiveProgress,
     ArchiveRejected,
     ArchiveUnpacked,
     CloudEvent,
+    Fileset,
+    FilesetFile,
     FileStaged,
     ObjectStored,
     Reason,
@@ -24,7 +27,7 @@ from imgest_runtime.service import Service, create_app
 from imgest_runtime.store import IterReader, ObjectStore, fit_name
 
 from .archives import entries, sniff
-from .domain import ArchiveError, Limits, Tally, file_id
+from .domain import ArchiveError, Limits, Tally, file_id, listing_files, plan_filesets
 from .models import metadata
 from .settings import Settings
 
@@ -38,16 +41,47 @@ class Member:
     key: str
     size: int
     sha256: str
+    root: str = ""  # the path of the archive it came from inside the upload's archive, + "/"
+
+
+@dataclass
+class StagedFileset:
+    format: str
+    index: Member
+    files: list[tuple[str, Member]]  # (path relative to the index's folder, member)
 
 
 @dataclass
 class Unpacked:
-    members: list[Member]
+    members: list[Member]  # loose files
     skipped: int
     bytes: int
+    filesets: list[StagedFileset] = field(default_factory=list)
 
 
-def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits) -> Unpacked:
+LISTING_MAX = 1024 * 1024  # an index or Slidedat.ini larger than this is not a listing
+
+
+def group_filesets(store: ObjectStore, members: list[Member]
+                   ) -> tuple[list[StagedFileset], list[Member]]:
+    """Multi-file slides among the members, per archive (the outer one, each inner one)."""
+    filesets, loose = [], []
+    for root in sorted({m.root for m in members}):
+        here = {m.path[len(root):]: m for m in members if m.root == root}
+        texts = {p: store.read_range(here[p].key, 0, LISTING_MAX).decode("utf-8", "replace")
+                 for p in listing_files(list(here))}
+        plans, rest = plan_filesets(list(here), texts)
+        filesets += [StagedFileset(p.format, here[p.index], [(f, here[f]) for f in p.files])
+                     for p in plans]
+        loose += [here[p] for p in rest]
+    return filesets, loose
+
+
+Progress = Callable[[int, int | None, int], None]  # (files staged, files in all, bytes)
+
+
+def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
+           progress: Progress | None = None) -> Unpacked:
     """Streams the archive from the store and each member back into it (blocking; in a thread).
     An archive inside it (one level deep) is unpacked in its place. Nothing is held whole: a
     member flows chunk by chunk from the archive into its object. If the archive is refused,
@@ -56,6 +90,8 @@ def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits) -> U
     staged: list[Member] = []
     try:
         for member in _stage(store, obj, obj.object_key, obj.size, fmt, tally, staged, ""):
+            if progress:
+                progress(len(staged), tally.expected, tally.unpacked)
             fmt_inside = sniff(store, member.key)
             if fmt_inside is None:
                 continue
@@ -64,11 +100,12 @@ def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits) -> U
                 pass
             staged.remove(member)  # the archive inside gives way to its members
             store.delete(member.key)
+        filesets, loose = group_filesets(store, staged)
     except BaseException:
         for m in staged:
             store.delete(m.key)
         raise
-    return Unpacked(staged, tally.skipped, tally.unpacked)
+    return Unpacked(loose, tally.skipped, tally.unpacked, filesets)
 
 
 def _stage(store: ObjectStore, obj: ObjectStored, key: str, size: int, fmt: str, tally: Tally,
@@ -79,14 +116,29 @@ def _stage(store: ObjectStore, obj: ObjectStored, key: str, size: int, fmt: str,
         fid = file_id(obj.upload_id, obj.object_key, path)
         member_key = f"staging/{obj.upload_id}/members/{fid}/{fit_name(Path(path).name)}"
         stored = store.put(member_key, IterReader(entry.chunks))  # type: ignore[arg-type]
-        staged.append(Member(path, member_key, stored.size, stored.sha256))
+        staged.append(Member(path, member_key, stored.size, stored.sha256, prefix))
         yield staged[-1]
 
 
 def bootstrap(settings: Settings) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
     limits = Limits(settings.max_members, settings.max_unpacked_bytes, settings.max_ratio)
-    svc.publishes(FileStaged, ArchiveUnpacked, ArchiveRejected)
+    svc.publishes(FileStaged, ArchiveProgress, ArchiveUnpacked, ArchiveRejected)
+
+    async def report_progress(obj: ObjectStored, latest: list) -> None:
+        """While an archive unpacks, says every few seconds how far it got (what the thread
+        appended last; nothing if it did not move)."""
+        sent = None
+        while True:
+            await asyncio.sleep(settings.progress_seconds)
+            if latest[0] is None or latest[0] == sent:
+                continue
+            sent = latest[0]
+            done, total, size = sent
+            async with svc.db.session() as session:
+                await svc.outbox.add(session, ArchiveProgress(
+                    upload_id=obj.upload_id, object_key=obj.object_key, members_done=done,
+                    members_total=total, bytes_done=size))
 
     # Its own transactions: an archive may take minutes to unpack, and no transaction should
     # stay open that long.
@@ -109,8 +161,11 @@ def bootstrap(settings: Settings) -> Service:
                     ), event_id=derived_id(event.id, "staged"))
             return
 
+        latest: list[tuple[int, int | None, int] | None] = [None]  # set by the thread
+        reporter = asyncio.create_task(report_progress(obj, latest))
         try:
-            result = await asyncio.to_thread(unpack, store, obj, fmt, limits)
+            result = await asyncio.to_thread(unpack, store, obj, fmt, limits,
+                                             lambda *p: latest.__setitem__(0, p))
         except ArchiveError as e:
             log.warning("upload %s: %s refused: %s", obj.upload_id, obj.filename, e.message)
             async with svc.handling(event) as session:
@@ -120,11 +175,25 @@ def bootstrap(settings: Settings) -> Service:
                         reason=Reason(code=e.code, message=e.message)),
                         event_id=derived_id(event.id, "rejected"))
             return
+        finally:
+            reporter.cancel()
 
-        n = len(result.members)
+        n = len(result.members) + len(result.filesets)
         async with svc.handling(event) as session:
             if not session:
                 return
+            for fs in result.filesets:  # one image: one event for the index and its files
+                index = fs.index
+                await svc.outbox.add(session, FileStaged(
+                    upload_id=obj.upload_id,
+                    file_id=file_id(obj.upload_id, obj.object_key, index.path),
+                    object_key=index.key, path=f"{obj.filename}/{index.path}",
+                    size=index.size, sha256=index.sha256,
+                    source=Source(object_key=obj.object_key, member=index.path, files_total=n),
+                    fileset=Fileset(format=fs.format, files=[  # type: ignore[arg-type]
+                        FilesetFile(path=p, object_key=m.key, size=m.size, sha256=m.sha256)
+                        for p, m in fs.files]),
+                ), event_id=derived_id(event.id, "staged", index.path))
             for m in result.members:
                 await svc.outbox.add(session, FileStaged(
                     upload_id=obj.upload_id, file_id=file_id(obj.upload_id, obj.object_key, m.path),

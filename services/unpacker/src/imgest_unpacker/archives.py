@@ -130,6 +130,10 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally) -> Itera
         kinds[raw] = _zip_kind(info)
         check.member(raw, kinds[raw], encrypted=bool(info.flag_bits & 0x1))
         check.grew(info.file_size)
+    if tally.members == 0:  # the outermost archive: its directory gives the total
+        tally.expected = check.members
+    elif tally.expected is not None:  # a zip inside a zip: its files replace it
+        tally.expected += check.members - tally.members - 1
     try:
         for raw_name, _size, chunks in stream_unzip.stream_unzip(store.iter_chunks(key)):
             # A name the central directory does not list is not unpacked.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from xml.etree import ElementTree
 
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header; empty archive
 JUNK_DIRS = {"__MACOSX"}
@@ -78,6 +79,7 @@ class Tally:
     skipped: int = 0
     unpacked: int = 0
     paths: set[str] = field(default_factory=set)
+    expected: int | None = None  # files in all, once an archive's directory said
 
     def member(self, raw: bytes | str, kind: str, encrypted: bool = False) -> str | None:
         """The member's path if it is to be unpacked; None for directories and junk. Raises
@@ -143,3 +145,131 @@ def check_growth(unpacked: int, packed: int, members: int, limits: Limits) -> No
 def file_id(upload_id: str, object_key: str, member: str | None) -> str:
     """Deterministic, so unpacking the same object again yields the same ids."""
     return hashlib.sha256(f"{upload_id}\0{object_key}\0{member or ''}".encode()).hexdigest()[:32]
+
+
+# --- multi-file slides -----------------------------------------------------------------------------
+#
+# A whole-slide image in several files travels as one *fileset*: its index file at the root of
+# the archive, the related files where the vendor's software expects them.
+#   MRXS (3DHISTECH)   slide.mrxs + slide/Slidedat.ini + the Data*.dat files Slidedat.ini lists
+#   VSI (Olympus)      slide.vsi + _slide_/stack*/frame_t*.ets
+#   AFI (Leica/Aperio) slide.afi (XML) + the .svs files its <Path> elements name
+#   NDPIS (Hamamatsu)  slide.ndpis (INI) + the .ndpi files its ImageN= lines name
+
+INDEX_FORMATS = {".mrxs": "mrxs", ".vsi": "vsi", ".afi": "afi", ".ndpis": "ndpis"}
+
+
+@dataclass(frozen=True)
+class FilesetPlan:
+    format: str
+    index: str  # the index file's path
+    files: tuple[str, ...]  # the companions' paths, in order
+
+
+def listing_files(paths: list[str]) -> list[str]:
+    """The members whose text a fileset check needs: AFI and NDPIS indexes, MRXS Slidedat.ini."""
+    wanted = []
+    for path in paths:
+        stem, suffix = _split(path)
+        fmt = INDEX_FORMATS.get(suffix)
+        if fmt in ("afi", "ndpis"):
+            wanted.append(path)
+        elif fmt == "mrxs":
+            folder = f"{stem}/"
+            wanted += [p for p in paths if p.startswith(folder) and
+                       p[len(folder):].lower() == "slidedat.ini"]
+    return wanted
+
+
+def plan_filesets(paths: list[str], texts: dict[str, str]) -> tuple[list[FilesetPlan], list[str]]:
+    """Splits an archive's members (paths relative to its root) into multi-file slides and the
+    loose files that remain. `texts`: the content of the members `listing_files` named. Raises
+    ArchiveError for a set that is incomplete or misplaced, saying what is wrong."""
+    present = set(paths)
+    lowered = {p.lower(): p for p in paths}
+    filesets: list[FilesetPlan] = []
+    for path in sorted(paths):
+        stem, suffix = _split(path)
+        fmt = INDEX_FORMATS.get(suffix)
+        if fmt is None:
+            continue
+        name = PurePosixPath(path).name
+        if "/" in path:
+            raise ArchiveError("slide.index_not_at_root", (
+                f"The {fmt.upper()} slide {path!r} is not at the archive's root: put {name} "
+                "at the top of the archive, with its related files where they belong beside it."))
+        files = _companions(fmt, stem, paths, present, lowered, texts)
+        filesets.append(FilesetPlan(fmt, path, tuple(files)))
+    taken = {f.index for f in filesets} | {c for f in filesets for c in f.files}
+    return filesets, [p for p in paths if p not in taken]
+
+
+def _companions(fmt: str, stem: str, paths: list[str], present: set[str],
+                lowered: dict[str, str], texts: dict[str, str]) -> list[str]:
+    index = f"{stem}{next(s for s, f in INDEX_FORMATS.items() if f == fmt)}"
+    if fmt in ("mrxs", "vsi"):
+        folder = f"{stem}/" if fmt == "mrxs" else f"_{stem}_/"
+        inside = sorted(p for p in paths if p.startswith(folder))
+        if fmt == "vsi":
+            if not any(p.lower().endswith(".ets") for p in inside):
+                raise ArchiveError("slide.missing_companion", (
+                    f"The VSI slide {index!r} comes without its image data: the folder "
+                    f"{folder} with stack*/frame_t*.ets files is missing."))
+            return inside
+        ini = lowered.get(f"{folder}slidedat.ini".lower())
+        if ini is None:
+            raise ArchiveError("slide.missing_companion", (
+                f"The MRXS slide {index!r} comes without {folder}Slidedat.ini (its folder "
+                f"{folder} must hold Slidedat.ini and the Data*.dat files)."))
+        listed = _mrxs_data_files(texts.get(ini, ""))
+        missing = [n for n in listed if f"{folder}{n}".lower() not in lowered]
+        if not listed or missing:
+            raise ArchiveError("slide.missing_companion", (
+                f"The MRXS slide {index!r} lacks data files its Slidedat.ini names: "
+                f"{', '.join(missing) or 'none are listed'} (expected in {folder})."))
+        return inside
+    listed = (_afi_files(texts.get(index, "")) if fmt == "afi"
+              else _ndpis_files(texts.get(index, "")))
+    missing = [n for n in listed if n not in present]
+    if not listed or missing:
+        raise ArchiveError("slide.missing_companion", (
+            f"The {fmt.upper()} slide {index!r} names image files that are not in the "
+            f"archive beside it: {', '.join(missing) or 'it names none'}."))
+    return listed
+
+
+def _split(path: str) -> tuple[str, str]:
+    pure = PurePosixPath(path)
+    return str(pure.with_suffix("")) if pure.suffix else path, pure.suffix.lower()
+
+
+def _mrxs_data_files(ini: str) -> list[str]:
+    """Slidedat.ini's [DATAFILE] FILE_n = Data000n.dat entries."""
+    section, files = "", []
+    for line in ini.splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip().upper()
+        elif section == "DATAFILE" and "=" in line:
+            key, value = (s.strip() for s in line.split("=", 1))
+            if key.upper().startswith("FILE_") and key[5:].isdigit() and value:
+                files.append(value)
+    return files
+
+
+def _afi_files(xml: str) -> list[str]:
+    # expat refuses entity-expansion bombs (Python ≥ 3.7.1); the caller bounds the text.
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return []
+    return [p.text.strip() for p in root.iter("Path") if p.text and p.text.strip()]
+
+
+def _ndpis_files(ini: str) -> list[str]:
+    files = []
+    for line in ini.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip().lower().startswith("image") and key.strip()[5:].isdigit() and value:
+            files.append(value.strip())
+    return files

@@ -11,3 +11,5 @@ class Settings(RuntimeSettings):
         2 * 1024**4, ge=1, description="Most bytes one archive may unpack to (bomb guard).")
     max_ratio: int = Field(
         1000, ge=1, description="Largest unpacked/packed size ratio accepted (bomb guard).")
+    progress_seconds: float = Field(
+        2.0, gt=0, description="How often a large archive's unpacking progress is reported.")
