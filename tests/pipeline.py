@@ -129,6 +129,7 @@ def started_stack(request, infra: Infra, smtp_server, tmp_path_factory, store: s
         "IMGEST_S3_BUCKET": f"imgest-{uuid.uuid4().hex[:8]}",
         "IMGEST_SMTP_URL": smtp_server.url,
         "IMGEST_RETRY_BASE_SECONDS": "0.05",
+        "IMGEST_PROGRESS_SECONDS": "0.001",  # every archive tells its progress
         "IMGEST_MAX_UPLOAD_BYTES": str(3 * 1024 * 1024),
         "IMGEST_KAFKA_SESSION_TIMEOUT_MS": "3000",
         **infra.s3,

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 import zipfile
@@ -14,11 +15,12 @@ import asyncpg
 import httpx
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from imgest.stack import SERVICES, port_env
 
 from .conftest import Infra
-from .pipeline import Running, jpeg_with_exif, started_stack, study_zip
+from .pipeline import Running, dicom_bytes, jpeg_with_exif, started_stack, study_zip
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -80,6 +82,10 @@ def test_zip_of_twenty_instances_of_one_study(running: Running, pydicom_file):
     assert {r["scan"] for r in rows} == {"1", "2"}, "one scan per series"
     assert state["objects"][0]["state"] == "unpacked"
     assert state["objects"][0]["progress"]["members_done"] == 20
+    # While it unpacked, the unpacker told how far it got, and the gateway heard it.
+    told = running.query("select value->'data' as d from unpacker.outbox where topic = "
+                         "'imgest.archive.progress' and key = $1", state["id"])
+    assert told and all(json.loads(r["d"])["members_total"] == 20 for r in told)
     sessions = running.query("select * from importer.session where study_uid = $1", study_uid)
     assert len(sessions) == 1 and sessions[0]["modalities"] == '["CT"]'
 
@@ -180,6 +186,103 @@ def test_tar_xz_holding_a_zip_and_a_tar_gz_with_a_link(running: Running, pydicom
     kept = list(running.store.list(f"rejected/{state['id']}/"))
     assert [k.key.rsplit("/", 1)[-1] for k in kept] == ["with-link.tgz"]
     assert not list(running.store.list(f"staging/{state['id']}/"))
+
+
+def test_every_bad_archive_is_refused_whole_with_its_reason(running: Running, pydicom_file):
+    """One upload session holding one archive of each bad kind (and a good one): each is
+    refused with its own reason, none leaves a member behind, the good one is archived."""
+    import stat
+    import tarfile
+
+    if running.env["IMGEST_STORE"] != "local":
+        pytest.skip("the unpacker's own tests refuse each of these on both stores")
+    dcm = pydicom_file("CT_small.dcm").read_bytes()
+
+    def zipped(files: dict[str, bytes], link: str | None = None) -> bytes:
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+            if link:
+                info = zipfile.ZipInfo(link)
+                info.create_system, info.external_attr = 3, (stat.S_IFLNK | 0o777) << 16
+                zf.writestr(info, "/etc/passwd")
+        return out.getvalue()
+
+    def tarred(mode: str, files: dict[str, bytes], special: bytes | None = None) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode=mode) as tf:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            if special:
+                info = tarfile.TarInfo("dev")
+                info.type = special
+                tf.addfile(info)
+        return out.getvalue()
+
+    import pyzipper
+
+    encrypted = io.BytesIO()
+    with pyzipper.AESZipFile(encrypted, "w", encryption=pyzipper.WZ_AES) as zf:
+        zf.setpassword(b"s3cret")
+        zf.writestr("secret.dcm", dcm)
+    bomb_layer = zipped({f"z{i}.bin": bytes(4 * 1024**2) for i in range(4)})
+    # The good one: a multi-file DICOM whole-slide image (its pyramid levels, one instance
+    # each, in one series), which must end as one image: one scan.
+    wsi = io.BytesIO()
+    study, series = generate_uid(), generate_uid()
+    with zipfile.ZipFile(wsi, "w") as zf:
+        for level in range(3):
+            ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+            ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy
+            ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "SM", study, series
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            ds.InstanceNumber = level + 1
+            zf.writestr(f"wsi/level{level}.dcm", dicom_bytes(ds))
+    good = wsi.getvalue()
+    mrxs = zipped({"s.mrxs": b"index", "s/Slidedat.ini": b"[DATAFILE]\nFILE_0=Data0000.dat\n"})
+    tgz = tarred("w:gz", {"a.dcm": dcm, "b.dcm": dcm + b"x"})
+    archives = {
+        "bomb.zip": (zipped({f"layer{i}.zip": bomb_layer for i in range(6)}), "archive.bomb"),
+        "traversal.tar": (tarred("w", {"../../x.dcm": dcm}), "archive.unsafe_path"),
+        "symlink.zip": (zipped({"a.dcm": dcm}, link="link"), "archive.link"),
+        "device.tar.gz": (tarred("w:gz", {"a.dcm": dcm}, tarfile.CHRTYPE),
+                          "archive.special_file"),
+        "encrypted.zip": (encrypted.getvalue(), "archive.encrypted"),
+        "twice.tar.bz2": (tarred("w:bz2", {"a.dcm": dcm, "./a.dcm": dcm}),
+                          "archive.duplicate_member"),
+        "cut.tgz": (tgz[: len(tgz) // 2], "archive.corrupt"),
+        "cut.tar": (tarred("w", {"a.dcm": dcm})[:1024], "archive.corrupt"),
+        "slide.zip": (mrxs, "slide.missing_companion"),
+        "good.zip": (good, None),
+    }
+    http = running.http
+    running.project("BADARCHIVES")
+    upload = http.post("/api/v1/projects/BADARCHIVES/uploads", json={}).json()
+    added = http.post(f"/api/v1/uploads/{upload['id']}/files",
+                      files=[("file", (name, body)) for name, (body, _) in archives.items()])
+    assert added.status_code == 201 and added.json()["added"] == len(archives), added.text
+    http.post(f"/api/v1/uploads/{upload['id']}/submit")
+    state = running.wait(upload["id"], timeout=120)
+    assert state["state"] == "partial", state["objects"]
+    by_name = {o["filename"]: o for o in state["objects"]}
+    for name, (_, code) in archives.items():
+        if code is None:
+            assert by_name[name]["state"] == "unpacked"
+            continue
+        assert by_name[name]["state"] == "rejected", (name, by_name[name])
+        assert by_name[name]["reason"]["code"] == code, (name, by_name[name]["reason"])
+    assert state["counts"]["archived"] == 3
+    scans = running.query("select distinct scan_id from importer.file where upload_id = $1",
+                          upload["id"])
+    assert len(scans) == 1, scans  # the slide's three levels: one image
+    assert not list(running.store.list(f"staging/{upload['id']}/"))
+    mail = running.mailbox.wait_for(upload["id"])[0]
+    text = mail.get_payload()[0].get_payload(decode=True).decode()
+    assert all(name in text for name, (_, code) in archives.items() if code)
 
 
 def test_truncated_zip_is_refused_with_a_reason(running: Running, pydicom_file):

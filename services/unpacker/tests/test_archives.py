@@ -228,13 +228,17 @@ def test_zip_symlink_is_refused(store):
 
 
 def test_encrypted_zip_is_refused(store):
-    data = bytearray(zip_bytes({"secret.dcm": b"x" * 100}, compression=zipfile.ZIP_STORED))
-    # Bit 0 of the general purpose flags, in the local and the central header: encrypted.
-    data[6] |= 1
-    central = data.index(b"PK\x01\x02")
-    data[central + 8] |= 1
-    error = refused(store, stored(store, bytes(data)), "zip")
-    assert error.code == "archive.encrypted" and "secret.dcm" in error.message
+    """A real AES-256 zip (WinZip's scheme, as 7-Zip and Windows tools write it)."""
+    import pyzipper
+
+    out = io.BytesIO()
+    with pyzipper.AESZipFile(out, "w", compression=pyzipper.ZIP_DEFLATED,
+                             encryption=pyzipper.WZ_AES) as zf:
+        zf.setpassword(b"s3cret")
+        zf.writestr("plain.txt", b"x" * 100)
+        zf.writestr("secret.dcm", b"x" * 100)
+    error = refused(store, stored(store, out.getvalue()), "zip")
+    assert error.code == "archive.encrypted" and "without a password" in error.message
 
 
 @pytest.mark.parametrize("fmt", ["zip", "tar"])
