@@ -9,6 +9,7 @@ import pytest
 from imgest_contracts import FileKind, ImportOptions, SessionHints
 from imgest_importer.domain import (
     ObjectProgress,
+    Part,
     ValidFile,
     is_complete,
     plan,
@@ -255,3 +256,40 @@ def test_prearchive_sessions_of_different_subjects_do_not_collide() -> None:
     assert len(sessions) == 2
     assert len({s.id for s in sessions}) == 2
     assert len({s.prefix for s in sessions}) == 2
+
+
+# --- multi-file slides ----------------------------------------------------------------------------
+
+
+def slide(path: str, fid: str, parts: tuple[str, ...], upload: str = "u1") -> ValidFile:
+    return ValidFile(file_id=fid, staged_key=f"staging/{upload}/members/{fid}/x", path=path,
+                     kind=FileKind.slide, hints=SessionHints(subject="S1", session="E1"),
+                     size=5, sha256="2" * 64, fileset_format="mrxs", parts=tuple(
+                         Part(p, f"staging/{upload}/members/{fid}{i}/y", i + 1, f"{i}" * 64)
+                         for i, p in enumerate(parts)))
+
+
+def test_a_fileset_is_one_scan_in_the_vendors_layout() -> None:
+    [s] = plan("u1", ImportOptions(), [slide("a.zip/CMU 1.mrxs", "f1", (
+        "CMU 1/Slidedat.ini", "CMU 1/Data0000.dat"))], "P", NOW)
+    files = "archive/P/S1/E1/scans/CMU_1/resources/MRXS/files/"
+    assert [(p.key, p.source_key, p.size) for p in s.placements] == [
+        (files + "CMU 1.mrxs", "staging/u1/members/f1/x", None),
+        (files + "CMU 1/Slidedat.ini", "staging/u1/members/f10/y", 1),
+        (files + "CMU 1/Data0000.dat", "staging/u1/members/f11/y", 2)]
+    assert s.file_ids == ["f1"]  # one image
+
+
+def test_two_slides_of_one_name_get_two_scans() -> None:
+    [s] = plan("u1", ImportOptions(), [slide("a.zip/slide.mrxs", "f1", ("slide/Data.dat",)),
+                                       slide("b.zip/slide.mrxs", "f2", ("slide/Data.dat",))],
+               "P", NOW)
+    assert sorted({p.scan for p in s.placements}) == ["slide", "slide_2"]
+    assert len({p.key for p in s.placements}) == 4  # nothing placed over anything
+
+
+def test_a_part_staged_elsewhere_is_never_placed() -> None:
+    odd = slide("a.zip/s.mrxs", "f1", ("s/Data.dat",), upload="someone-else")
+    odd = ValidFile(**{**odd.__dict__, "staged_key": "staging/u1/members/f1/x"})
+    [s] = plan("u1", ImportOptions(), [odd], "P", NOW)
+    assert [p.name for p in s.placements] == ["s.mrxs"]

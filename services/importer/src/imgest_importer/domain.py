@@ -158,11 +158,17 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
             s = SessionPlan(project, subject, label, this_archived, h.study_uid, timestamp)
             sessions[group] = s
         if f.fileset_format:  # one image in several files: one scan, the vendor's layout
-            scan = _LABEL.sub("_", PurePosixPath(f.path).stem).strip("_")[:64] or "slide"
+            scan = base = _LABEL.sub("_", PurePosixPath(f.path).stem).strip("_")[:60] or "slide"
+            n = 1
+            while any(p.scan == scan and p.file.file_id != f.file_id for p in s.placements):
+                n += 1  # two slides of one name in a session: two scans, never one over another
+                scan = f"{base}_{n}"
             files = f"{s.prefix}scans/{scan}/resources/{f.fileset_format.upper()}/files/"
             name = fit_name(PurePosixPath(f.path).name)
             s.placements.append(Placement(f, scan, files + name, name))
             for part in f.parts:
+                if not part.staged_key.startswith(f"staging/{upload_id}/"):
+                    continue  # (never: the unpacker staged it; a second guard all the same)
                 rel = "/".join(fit_name(c) for c in PurePosixPath(part.path).parts)
                 s.placements.append(Placement(f, scan, files + rel, rel, part.staged_key,
                                               part.size, part.sha256))

@@ -4,6 +4,7 @@ tar.gz, tar.bz2, tar.xz, by content; archives inside them one level deep)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -101,7 +102,9 @@ def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
             staged.remove(member)  # the archive inside gives way to its members
             store.delete(member.key)
         filesets, loose = group_filesets(store, staged)
-    except BaseException:
+    except ArchiveError:
+        # Refused: what was staged of it goes. (After any other failure the work is done
+        # again: the same keys are written again, and the importer empties staging at the end.)
         for m in staged:
             store.delete(m.key)
         raise
@@ -111,7 +114,7 @@ def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
 def _stage(store: ObjectStore, obj: ObjectStored, key: str, size: int, fmt: str, tally: Tally,
            staged: list[Member], prefix: str) -> Iterator[Member]:
     """Stages each file of the archive at `key`; yields each once it is stored."""
-    for entry in entries(store, key, size, fmt, tally):
+    for entry in entries(store, key, size, fmt, tally, prefix):
         path = prefix + entry.path
         fid = file_id(obj.upload_id, obj.object_key, path)
         member_key = f"staging/{obj.upload_id}/members/{fid}/{fit_name(Path(path).name)}"
@@ -176,7 +179,9 @@ def bootstrap(settings: Settings) -> Service:
                         event_id=derived_id(event.id, "rejected"))
             return
         finally:
-            reporter.cancel()
+            reporter.cancel()  # and waited for: no progress is told after the outcome
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
 
         n = len(result.members) + len(result.filesets)
         async with svc.handling(event) as session:

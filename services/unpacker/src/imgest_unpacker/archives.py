@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import bz2
+import contextlib
+import gzip
 import io
 import lzma
 import stat
@@ -18,6 +20,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import stream_unzip
 from imgest_runtime.store import IterReader, ObjectStore
@@ -52,21 +55,22 @@ def sniff(store: ObjectStore, key: str) -> str | None:
     if suffix == "bz2":  # bzip2 gives nothing before its first block (up to ~900 KB) is in
         head = store.read_range(key, 0, 1100 * 1024)
     if suffix:
-        try:
-            unpacked = _DECOMPRESSORS[suffix]().decompress(head)[:HEAD]
+        try:  # (bounded: a few KB of bzip2 can be gigabytes of zeros)
+            unpacked = _DECOMPRESSORS[suffix]().decompress(head, HEAD)
         except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError):
             unpacked = None  # not really compressed: a file like any other
     return archive_format(head, unpacked)
 
 
-def entries(store: ObjectStore, key: str, size: int, fmt: str, tally: Tally
+def entries(store: ObjectStore, key: str, size: int, fmt: str, tally: Tally, prefix: str = ""
             ) -> Iterator[Entry]:
     """The files of the archive at `key`, each checked by `tally` (which raises ArchiveError
-    for what refuses the whole archive), junk and directories skipped."""
+    for what refuses the whole archive), junk and directories skipped. `prefix`: where this
+    archive sits inside the upload's archive."""
     if fmt == "zip":
-        yield from _zip_entries(store, key, size, tally)
+        yield from _zip_entries(store, key, size, tally, prefix)
     else:
-        yield from _tar_entries(store, key, size, fmt, tally)
+        yield from _tar_entries(store, key, size, fmt, tally, prefix)
 
 
 # --- zip ------------------------------------------------------------------------------------------
@@ -113,7 +117,9 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
     return FILE
 
 
-def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally) -> Iterator[Entry]:
+def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: str
+                 ) -> Iterator[Entry]:
+    _check_entry_count(store, key, size, tally)
     try:
         with zipfile.ZipFile(io.BufferedReader(_RangeFile(store, key, size), 1024 * 1024)) as zf:
             infos = zf.infolist()
@@ -124,11 +130,11 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally) -> Itera
     # before it explodes); the tally itself then counts what really flows.
     check = Tally(tally.limits, tally.packed, members=tally.members, skipped=tally.skipped,
                   unpacked=tally.unpacked)
-    kinds: dict[bytes, str] = {}
+    listed: dict[bytes, tuple[str, str]] = {}  # raw name → (name, kind)
     for info in infos:
         raw = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
-        kinds[raw] = _zip_kind(info)
-        check.member(raw, kinds[raw], encrypted=bool(info.flag_bits & 0x1))
+        listed[raw] = (info.orig_filename, _zip_kind(info))  # (zipfile decodes per the flag)
+        check.member(info.orig_filename, listed[raw][1], bool(info.flag_bits & 0x1), prefix)
         check.grew(info.file_size)
     if tally.members == 0:  # the outermost archive: its directory gives the total
         tally.expected = check.members
@@ -137,14 +143,27 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally) -> Itera
     try:
         for raw_name, _size, chunks in stream_unzip.stream_unzip(store.iter_chunks(key)):
             # A name the central directory does not list is not unpacked.
-            path = tally.member(raw_name, kinds.get(raw_name, DIRECTORY))
+            name, kind = listed.get(raw_name, (raw_name.decode("utf-8", "replace"), DIRECTORY))
+            path = tally.member(name, kind, prefix=prefix)
             if path is None:
-                for _ in chunks:  # stream-unzip needs each member read before the next
+                for _ in _guarded(chunks, tally, "zip"):  # read (and counted) to go on
                     pass
                 continue
             yield Entry(path, _guarded(chunks, tally, "zip"))
     except _ERRORS["zip"] as e:
         raise _corrupt("zip", e) from e
+
+
+def _check_entry_count(store: ObjectStore, key: str, size: int, tally: Tally) -> None:
+    """The entry count from the end of central directory record, before zipfile builds an
+    object for each entry (a directory of millions of tiny entries would fill the memory)."""
+    tail = store.read_range(key, max(0, size - 65_557), 65_557)
+    at = tail.rfind(b"PK\x05\x06")
+    if at >= 0 and len(tail) >= at + 12:
+        count = int.from_bytes(tail[at + 10:at + 12], "little")
+        if count != 0xFFFF and tally.members + count > tally.limits.max_members:
+            raise ArchiveError("archive.too_many_members",
+                               f"The archive holds more than {tally.limits.max_members} files.")
 
 
 # --- tar (plain or compressed) ----------------------------------------------------------------------
@@ -160,7 +179,38 @@ def _tar_kind(info: tarfile.TarInfo) -> str:
     return FILE
 
 
-def _tar_entries(store: ObjectStore, key: str, size: int, fmt: str, tally: Tally
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a GNU long name or a PAX header whole, before any limit of ours could
+    count it: one over 1 MiB refuses the archive."""
+
+    def _proc_gnulong(self, tarfile):  # type: ignore[no-untyped-def,override]
+        _bounded_header(self)
+        return super()._proc_gnulong(tarfile)  # type: ignore[misc]
+
+    def _proc_pax(self, tarfile):  # type: ignore[no-untyped-def,override]
+        _bounded_header(self)
+        return super()._proc_pax(tarfile)  # type: ignore[misc]
+
+
+def _bounded_header(info: tarfile.TarInfo) -> None:
+    if info.size > 1024 * 1024:
+        raise ArchiveError("archive.corrupt", f"The tar archive has a {info.size}-byte header "
+                           "(a long name or extended attributes); refusing it.")
+
+
+def _decompressed(fmt: str, source: io.BufferedReader) -> Any:
+    """A reader that decompresses in bounded steps, whatever a block expands to (tarfile's own
+    stream mode hands the decompressor ~10 KB at a time, with no limit on what comes out)."""
+    if fmt == "tar.gz":
+        return gzip.GzipFile(fileobj=source, mode="rb")
+    if fmt == "tar.bz2":
+        return bz2.BZ2File(source)
+    if fmt == "tar.xz":
+        return lzma.LZMAFile(source)
+    return contextlib.nullcontext(source)
+
+
+def _tar_entries(store: ObjectStore, key: str, size: int, fmt: str, tally: Tally, prefix: str
                  ) -> Iterator[Entry]:
     # A plain tar cut at a member's boundary reads as a shorter, whole archive: only its end
     # marker (two zero blocks) tells. A compressed one that is cut fails in decompression.
@@ -169,10 +219,12 @@ def _tar_entries(store: ObjectStore, key: str, size: int, fmt: str, tally: Tally
                            "it is truncated.")
     source = io.BufferedReader(IterReader(store.iter_chunks(key)), 1024 * 1024)
     try:
-        with tarfile.open(fileobj=source, mode="r|*") as tf:
+        with (_decompressed(fmt, source) as stream,
+              tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as tf):
             for info in tf:
-                path = tally.member(info.name, _tar_kind(info))
+                path = tally.member(info.name, _tar_kind(info), prefix=prefix)
                 if path is None:
+                    tally.grew(max(0, info.size))  # skipped, still read through: it counts
                     continue
                 member = tf.extractfile(info)
                 assert member is not None  # a regular file
@@ -188,7 +240,7 @@ def _read_all(stream: io.BufferedReader) -> Iterator[bytes]:
 
 # What a damaged archive raises, while its listing is read or while a member's bytes flow.
 _ERRORS: dict[str, tuple[type[BaseException], ...]] = {
-    "zip": (stream_unzip.UnzipError,),
+    "zip": (stream_unzip.UnzipError, ValueError),  # (stream-inflate raises ValueErrors)
     "tar": (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from xml.etree import ElementTree
@@ -81,12 +82,13 @@ class Tally:
     paths: set[str] = field(default_factory=set)
     expected: int | None = None  # files in all, once an archive's directory said
 
-    def member(self, raw: bytes | str, kind: str, encrypted: bool = False) -> str | None:
+    def member(self, raw: bytes | str, kind: str, encrypted: bool = False, prefix: str = ""
+               ) -> str | None:
         """The member's path if it is to be unpacked; None for directories and junk. Raises
-        for what makes the whole archive unacceptable."""
+        for what makes the whole archive unacceptable. `prefix`: the path of the archive it
+        is in, inside the upload's archive (names are unique per archive)."""
         name = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-        path = member_path(raw if isinstance(raw, bytes) else raw.encode(
-            "utf-8", "surrogateescape"))  # (tarfile's names keep undecodable bytes so)
+        path = member_path(name.encode("utf-8", "surrogateescape"))  # (tarfile keeps bad bytes so)
         if path is None or kind == DIRECTORY:
             self.skipped += 1
             return None
@@ -99,10 +101,10 @@ class Tally:
         if encrypted:
             raise ArchiveError("archive.encrypted", f"The archive member {name!r} is "
                                "encrypted; send the archive without a password.")
-        if path in self.paths:
+        if prefix + path in self.paths:
             raise ArchiveError("archive.duplicate_member", f"The archive holds {path!r} more "
                                "than once; which one is meant cannot be known.")
-        self.paths.add(path)
+        self.paths.add(prefix + path)
         self.members += 1
         check_growth(self.unpacked, self.packed, self.members + self.skipped, self.limits)
         return path
@@ -112,12 +114,17 @@ class Tally:
         check_growth(self.unpacked, self.packed, self.members + self.skipped, self.limits)
 
 
-def member_path(raw: bytes) -> str | None:
-    """The member's safe relative path, or None for directories and junk.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def member_path(raw: bytes | str) -> str | None:
+    """The member's safe relative path, or None for directories and junk; control characters
+    become `_` (no store takes them in a key).
 
     Raises ArchiveError for a path that would escape (absolute, `..`, drive letters).
     """
-    name = raw.decode("utf-8", errors="replace").replace("\\", "/")
+    name = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    name = _CONTROL.sub("_", name).replace("\\", "/")
     if name.endswith("/"):
         return None
     parts = PurePosixPath(name).parts
@@ -175,54 +182,65 @@ def listing_files(paths: list[str]) -> list[str]:
         if fmt in ("afi", "ndpis"):
             wanted.append(path)
         elif fmt == "mrxs":
-            folder = f"{stem}/"
-            wanted += [p for p in paths if p.startswith(folder) and
-                       p[len(folder):].lower() == "slidedat.ini"]
+            wanted += [p for p in _inside(paths, f"{stem}/") if p.lower().endswith(
+                "/slidedat.ini")]
     return wanted
+
+
+# What a set's folder may hold; anything else there is a file of its own.
+_FOLDER_FILES = {"mrxs": (".dat", ".ini"), "vsi": (".ets",)}
+_LISTED_FILES = {"afi": (".svs", ".tif", ".tiff"), "ndpis": (".ndpi",)}
 
 
 def plan_filesets(paths: list[str], texts: dict[str, str]) -> tuple[list[FilesetPlan], list[str]]:
     """Splits an archive's members (paths relative to its root) into multi-file slides and the
     loose files that remain. `texts`: the content of the members `listing_files` named. Raises
     ArchiveError for a set that is incomplete or misplaced, saying what is wrong."""
-    present = set(paths)
-    lowered = {p.lower(): p for p in paths}
     filesets: list[FilesetPlan] = []
-    for path in sorted(paths):
-        stem, suffix = _split(path)
-        fmt = INDEX_FORMATS.get(suffix)
-        if fmt is None:
-            continue
-        name = PurePosixPath(path).name
-        if "/" in path:
+    indexes = [p for p in sorted(paths) if _split(p)[1] in INDEX_FORMATS]
+    taken = set(indexes)
+    for index in indexes:
+        fmt = INDEX_FORMATS[_split(index)[1]]
+        if "/" in index:
             raise ArchiveError("slide.index_not_at_root", (
-                f"The {fmt.upper()} slide {path!r} is not at the archive's root: put {name} "
-                "at the top of the archive, with its related files where they belong beside it."))
-        files = _companions(fmt, stem, paths, present, lowered, texts)
-        filesets.append(FilesetPlan(fmt, path, tuple(files)))
-    taken = {f.index for f in filesets} | {c for f in filesets for c in f.files}
+                f"The {fmt.upper()} slide {index!r} is not at the archive's root: put "
+                f"{PurePosixPath(index).name} at the top of the archive, with its related "
+                "files where they belong beside it."))
+        files = _companions(fmt, index, paths, texts)
+        shared = [f for f in files if f in taken]
+        if shared:
+            raise ArchiveError("slide.shared_companion", (
+                f"The slide {index!r} names {', '.join(shared)}, which belongs to another "
+                "slide (or is one); each file can be part of one slide only."))
+        taken |= set(files)
+        filesets.append(FilesetPlan(fmt, index, tuple(files)))
     return filesets, [p for p in paths if p not in taken]
 
 
-def _companions(fmt: str, stem: str, paths: list[str], present: set[str],
-                lowered: dict[str, str], texts: dict[str, str]) -> list[str]:
-    index = f"{stem}{next(s for s, f in INDEX_FORMATS.items() if f == fmt)}"
-    if fmt in ("mrxs", "vsi"):
+def _inside(paths: list[str], folder: str) -> list[str]:
+    """The paths under `folder`, its name matched whatever its case."""
+    return sorted(p for p in paths if p.lower().startswith(folder.lower()))
+
+
+def _companions(fmt: str, index: str, paths: list[str], texts: dict[str, str]) -> list[str]:
+    stem = _split(index)[0]
+    by_lower = {p.lower(): p for p in paths}
+    if fmt in _FOLDER_FILES:
         folder = f"{stem}/" if fmt == "mrxs" else f"_{stem}_/"
-        inside = sorted(p for p in paths if p.startswith(folder))
+        inside = [p for p in _inside(paths, folder) if p.lower().endswith(_FOLDER_FILES[fmt])]
         if fmt == "vsi":
-            if not any(p.lower().endswith(".ets") for p in inside):
+            if not inside:
                 raise ArchiveError("slide.missing_companion", (
                     f"The VSI slide {index!r} comes without its image data: the folder "
                     f"{folder} with stack*/frame_t*.ets files is missing."))
             return inside
-        ini = lowered.get(f"{folder}slidedat.ini".lower())
+        ini = by_lower.get(f"{folder}slidedat.ini".lower())
         if ini is None:
             raise ArchiveError("slide.missing_companion", (
                 f"The MRXS slide {index!r} comes without {folder}Slidedat.ini (its folder "
                 f"{folder} must hold Slidedat.ini and the Data*.dat files)."))
         listed = _mrxs_data_files(texts.get(ini, ""))
-        missing = [n for n in listed if f"{folder}{n}".lower() not in lowered]
+        missing = [n for n in listed if f"{folder}{n}".lower() not in by_lower]
         if not listed or missing:
             raise ArchiveError("slide.missing_companion", (
                 f"The MRXS slide {index!r} lacks data files its Slidedat.ini names: "
@@ -230,12 +248,17 @@ def _companions(fmt: str, stem: str, paths: list[str], present: set[str],
         return inside
     listed = (_afi_files(texts.get(index, "")) if fmt == "afi"
               else _ndpis_files(texts.get(index, "")))
-    missing = [n for n in listed if n not in present]
+    wrong = [n for n in listed if not n.lower().endswith(_LISTED_FILES[fmt])]
+    if wrong:
+        raise ArchiveError("slide.bad_companion", (
+            f"The {fmt.upper()} slide {index!r} names files that are no slide images: "
+            f"{', '.join(wrong)} (expected {' or '.join(_LISTED_FILES[fmt])})."))
+    missing = [n for n in listed if n.lower() not in by_lower]
     if not listed or missing:
         raise ArchiveError("slide.missing_companion", (
             f"The {fmt.upper()} slide {index!r} names image files that are not in the "
             f"archive beside it: {', '.join(missing) or 'it names none'}."))
-    return listed
+    return [by_lower[n.lower()] for n in listed]
 
 
 def _split(path: str) -> tuple[str, str]:
