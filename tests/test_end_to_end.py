@@ -58,6 +58,12 @@ def assert_archived(run: Running, state: dict[str, Any], files: int) -> list[asy
 # --- the three journeys the issue names ---------------------------------------------------------
 
 
+def on_one_store(running: Running, why: str) -> None:
+    """What does not depend on the store adapter is shown once, on the local store."""
+    if running.env["IMGEST_STORE"] != "local":
+        pytest.skip(why)
+
+
 def test_one_dicom_file(running: Running, pydicom_file):
     body = pydicom_file("CT_small.dcm").read_bytes()
     started = time.monotonic()
@@ -99,8 +105,8 @@ def test_jpeg_with_exif(running: Running):
 
 
 def test_a_multi_file_slide_is_one_image_in_one_scan(running: Running):
-    if running.env["IMGEST_STORE"] != "local":
-        pytest.skip("formats and filesets are unpacked on both stores in the unpacker's tests")
+    on_one_store(running, "formats and filesets are unpacked on both stores in the unpacker's "
+                 "tests")
     slidedat = b"[DATAFILE]\nFILE_COUNT=2\nFILE_0=Data0000.dat\nFILE_1=Data0001.dat\n"
     files = {"CMU-1.mrxs": b"index", "CMU-1/Slidedat.ini": slidedat,
              "CMU-1/Data0000.dat": b"d0" * 1000, "CMU-1/Data0001.dat": b"d1" * 1000}
@@ -138,6 +144,7 @@ def test_unsupported_file_is_rejected_with_a_reason(running: Running):
 
 
 def test_zip_with_traversal_paths_is_refused_whole(running: Running, pydicom_file):
+    on_one_store(running, "the unpacker's own tests refuse traversal on both stores")
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as zf:
         zf.writestr("ok.dcm", pydicom_file("CT_small.dcm").read_bytes())
@@ -150,8 +157,8 @@ def test_zip_with_traversal_paths_is_refused_whole(running: Running, pydicom_fil
 
 
 def test_tar_xz_holding_a_zip_and_a_tar_gz_with_a_link(running: Running, pydicom_file):
-    if running.env["IMGEST_STORE"] != "local":
-        pytest.skip("formats and filesets are unpacked on both stores in the unpacker's tests")
+    on_one_store(running, "formats and filesets are unpacked on both stores in the unpacker's "
+                 "tests")
     import tarfile
 
     def tar(mode: str, files: dict[str, bytes], link: str | None = None) -> bytes:
@@ -194,8 +201,7 @@ def test_every_bad_archive_is_refused_whole_with_its_reason(running: Running, py
     import stat
     import tarfile
 
-    if running.env["IMGEST_STORE"] != "local":
-        pytest.skip("the unpacker's own tests refuse each of these on both stores")
+    on_one_store(running, "the unpacker's own tests refuse each of these on both stores")
     dcm = pydicom_file("CT_small.dcm").read_bytes()
 
     def zipped(files: dict[str, bytes], link: str | None = None) -> bytes:
@@ -286,6 +292,7 @@ def test_every_bad_archive_is_refused_whole_with_its_reason(running: Running, py
 
 
 def test_truncated_zip_is_refused_with_a_reason(running: Running, pydicom_file):
+    on_one_store(running, "the unpacker's own tests refuse truncations on both stores")
     body, _ = study_zip(pydicom_file("CT_small.dcm"), instances=3, series=1)
     state = running.wait(running.upload("cut.zip", body[: len(body) // 2])["id"])
     assert state["state"] == "failed"
@@ -293,6 +300,7 @@ def test_truncated_zip_is_refused_with_a_reason(running: Running, pydicom_file):
 
 
 def test_mixed_upload_is_partial(running: Running, pydicom_file):
+    on_one_store(running, "how outcomes add up does not depend on the store")
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as zf:
         zf.writestr("a.dcm", pydicom_file("MR_small.dcm").read_bytes())
@@ -305,6 +313,7 @@ def test_mixed_upload_is_partial(running: Running, pydicom_file):
 
 
 def test_http_errors_are_problem_json(running: Running):
+    on_one_store(running, "HTTP errors do not depend on the store")
     for response, status in [
         (running.http.post("/api/v1/uploads", params={"filename": "a.dcm"}, content=b""), 400),
         (running.http.delete("/api/v1/uploads/x"), 405),
@@ -374,6 +383,7 @@ def test_restart_keeps_uploads(running: Running, pydicom_file):
 
 def test_a_crashed_service_is_restarted_and_nothing_is_lost(running: Running, pydicom_file):
     """kill -9 the metadata service: the supervisor starts it again and the upload completes."""
+    on_one_store(running, "the supervisor does not depend on the store")
     supervisor = running.stack.supervisor
     old_pid = supervisor.children["metadata"].process.pid
     supervisor.kill("metadata")
@@ -401,8 +411,7 @@ def test_chunked_upload_past_the_limit_is_refused(running: Running, workdir):
 
 
 def test_schemathesis_finds_nothing_wrong_with_the_api(running: Running, tmp_path):
-    if running.env["IMGEST_STORE"] != "local":
-        pytest.skip("the HTTP contract is the same on either store; fuzzed once, on local")
+    on_one_store(running, "the HTTP contract is the same on either store; fuzzed once")
     """Schemathesis generates requests from the OpenAPI document (examples, coverage, fuzzing,
     stateful sequences) against the running gateway with every check: no 500s, no status or
     body the document does not declare, nothing valid refused. It found a 500 (a 255-byte file
