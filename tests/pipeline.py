@@ -188,6 +188,24 @@ def study_zip(template: Path, instances: int = 20, series: int = 2) -> tuple[byt
     return out.getvalue(), study_uid
 
 
+def tar_bytes(mode: str, files: dict[str, bytes], odd: dict[str, bytes] | None = None) -> bytes:
+    """A tar (`mode`: "w", "w:gz", "w:bz2", "w:xz") of `files`, and of members of other
+    types: `odd` maps a name to a tarfile type (a symlink to /etc/shadow, a device…)."""
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode=mode) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, kind in (odd or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "/etc/shadow"
+            tf.addfile(info)
+    return out.getvalue()
+
+
 def jpeg_with_exif() -> bytes:
     import piexif
     from PIL import Image

@@ -20,7 +20,14 @@ from pydicom.uid import generate_uid
 from imgest.stack import SERVICES, port_env
 
 from .conftest import Infra
-from .pipeline import Running, dicom_bytes, jpeg_with_exif, started_stack, study_zip
+from .pipeline import (
+    Running,
+    dicom_bytes,
+    jpeg_with_exif,
+    started_stack,
+    study_zip,
+    tar_bytes,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -161,22 +168,9 @@ def test_tar_xz_holding_a_zip_and_a_tar_gz_with_a_link(running: Running, pydicom
                  "tests")
     import tarfile
 
-    def tar(mode: str, files: dict[str, bytes], link: str | None = None) -> bytes:
-        out = io.BytesIO()
-        with tarfile.open(fileobj=out, mode=mode) as tf:
-            for name, data in files.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-            if link:
-                info = tarfile.TarInfo(link)
-                info.type, info.linkname = tarfile.SYMTYPE, "/etc/shadow"
-                tf.addfile(info)
-        return out.getvalue()
-
     # A study zipped, the zip in a tar.xz (named .bin: the content says what it is).
     study, _ = study_zip(pydicom_file("CT_small.dcm"), instances=4, series=1)
-    state = running.wait(running.upload("batch.bin", tar("w:xz", {"day1/study.zip": study}))[
+    state = running.wait(running.upload("batch.bin", tar_bytes("w:xz", {"day1/study.zip": study}))[
         "id"])
     assert state["state"] == "archived", state
     assert state["counts"]["archived"] == 4
@@ -185,7 +179,8 @@ def test_tar_xz_holding_a_zip_and_a_tar_gz_with_a_link(running: Running, pydicom
     assert state["objects"][0]["state"] == "unpacked"
 
     # A link inside: the whole archive is refused, with the reason, and its original kept.
-    bad = tar("w:gz", {"a.dcm": pydicom_file("CT_small.dcm").read_bytes()}, link="passwords")
+    bad = tar_bytes("w:gz", {"a.dcm": pydicom_file("CT_small.dcm").read_bytes()},
+                    {"passwords": tarfile.SYMTYPE})
     state = running.wait(running.upload("with-link.tgz", bad)["id"])
     assert state["state"] == "failed"
     assert state["objects"][0]["reason"]["code"] == "archive.link"
@@ -215,19 +210,6 @@ def test_every_bad_archive_is_refused_whole_with_its_reason(running: Running, py
                 zf.writestr(info, "/etc/passwd")
         return out.getvalue()
 
-    def tarred(mode: str, files: dict[str, bytes], special: bytes | None = None) -> bytes:
-        out = io.BytesIO()
-        with tarfile.open(fileobj=out, mode=mode) as tf:
-            for name, data in files.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-            if special:
-                info = tarfile.TarInfo("dev")
-                info.type = special
-                tf.addfile(info)
-        return out.getvalue()
-
     import pyzipper
 
     encrypted = io.BytesIO()
@@ -250,18 +232,18 @@ def test_every_bad_archive_is_refused_whole_with_its_reason(running: Running, py
             zf.writestr(f"wsi/level{level}.dcm", dicom_bytes(ds))
     good = wsi.getvalue()
     mrxs = zipped({"s.mrxs": b"index", "s/Slidedat.ini": b"[DATAFILE]\nFILE_0=Data0000.dat\n"})
-    tgz = tarred("w:gz", {"a.dcm": dcm, "b.dcm": dcm + b"x"})
+    tgz = tar_bytes("w:gz", {"a.dcm": dcm, "b.dcm": dcm + b"x"})
     archives = {
         "bomb.zip": (zipped({f"layer{i}.zip": bomb_layer for i in range(6)}), "archive.bomb"),
-        "traversal.tar": (tarred("w", {"../../x.dcm": dcm}), "archive.unsafe_path"),
+        "traversal.tar": (tar_bytes("w", {"../../x.dcm": dcm}), "archive.unsafe_path"),
         "symlink.zip": (zipped({"a.dcm": dcm}, link="link"), "archive.link"),
-        "device.tar.gz": (tarred("w:gz", {"a.dcm": dcm}, tarfile.CHRTYPE),
+        "device.tar.gz": (tar_bytes("w:gz", {"a.dcm": dcm}, {"dev": tarfile.CHRTYPE}),
                           "archive.special_file"),
         "encrypted.zip": (encrypted.getvalue(), "archive.encrypted"),
-        "twice.tar.bz2": (tarred("w:bz2", {"a.dcm": dcm, "./a.dcm": dcm}),
+        "twice.tar.bz2": (tar_bytes("w:bz2", {"a.dcm": dcm, "./a.dcm": dcm}),
                           "archive.duplicate_member"),
         "cut.tgz": (tgz[: len(tgz) // 2], "archive.corrupt"),
-        "cut.tar": (tarred("w", {"a.dcm": dcm})[:1024], "archive.corrupt"),
+        "cut.tar": (tar_bytes("w", {"a.dcm": dcm})[:1024], "archive.corrupt"),
         "slide.zip": (mrxs, "slide.missing_companion"),
         "good.zip": (good, None),
     }
