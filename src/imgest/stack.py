@@ -97,6 +97,8 @@ class Supervisor:
                 self.emit(child.name, f"exited with code {code}; restarting in {delay}s")
                 if self._stop.wait(delay):
                     return
+                if self.children.get(child.name) is not child or child.name in self.held:
+                    continue  # removed or held meanwhile: a restart now would be an orphan
                 child.restarts += 1
                 child.start()
 
