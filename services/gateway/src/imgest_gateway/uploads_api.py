@@ -555,12 +555,12 @@ async def record_arrivals(svc: Service, upload: Upload, rules: ProjectSettings,
                      "state": v.state, "reason": v.reason}
                     for v in verdicts if v.state != "refused"]
             added = sum(v.state == "added" for v in verdicts)
-            if rows:  # the rows and the count in one statement
-                inserted = pg_insert(UploadObject).values(rows).cte("inserted")
-                await session.execute(
-                    update(Upload).where(col(Upload.id) == upload.id)
-                    .values(files_added=col(Upload.files_added) + added)
-                    .add_cte(inserted))
+            if rows:
+                # An executemany (compiled once, sent as batched VALUES): a multi-row VALUES
+                # clause would be compiled anew for every form.
+                await session.execute(pg_insert(UploadObject), rows)
+                await session.execute(update(Upload).where(col(Upload.id) == upload.id)
+                                      .values(files_added=col(Upload.files_added) + added))
     except BaseException:
         await delete_objects(svc, [a.object_key for a in arrivals])
         raise
