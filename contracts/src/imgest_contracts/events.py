@@ -37,6 +37,29 @@ class Payload(BaseModel):
 # --- shared parts ----------------------------------------------------------------------------
 
 
+def _json_integer(value: Any) -> Any:
+    """JSON's integers: 3 and 3.0 (JSON Schema counts both), not "3" or true."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("a JSON integer is required")  # noqa: TRY004 (pydantic wants ValueError)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def json_int(ge: int, le: int) -> Any:
+    """An integer in [ge, le] as JSON has it (the bounds sit under the check, so the JSON
+    Schema keeps them as minimum and maximum)."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_json_integer)]
+
+
+# JSON without NUL characters (PostgreSQL's jsonb cannot hold U+0000), for what users write.
+NulFree = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+Json = TypeAliasType(  # type: ignore[misc]
+    "Json", "NulFree | int | float | bool | None | list[Json] | dict[NulFree, Json]")
+EMAIL = r"^[^@\x00-\x20\x7f]+@[^@\x00-\x20\x7f]+$"  # same in Python and ECMA regex
+FIELD_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+
+
 class FileKind(StrEnum):
     dicom = "dicom"
     photo = "photo"  # JPEG/PNG/TIFF photograph
@@ -117,6 +140,18 @@ class SessionHints(BaseModel):
     scan: str | None = Field(None, description="Scan label, e.g. series number.")
 
 
+class ProjectRules(BaseModel):
+    """What a project's files are checked against (its settings as they were when the upload
+    was submitted; the metadata service uses a newer copy from project.updated if it has one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    project: str
+    accepted_kinds: list[FileKind] = Field(..., description="Kinds of file the project takes.")
+    metadata_rules: dict[FileKind, dict[NulFree, Json]] = Field(
+        default_factory=dict, description="A JSON Schema per file kind for its metadata.")
+    updated_at: datetime = Field(..., description="When the project's settings last changed.")
+
+
 # --- events ----------------------------------------------------------------------------------
 
 
@@ -130,6 +165,7 @@ class ObjectStored(Payload):
     size: int = Field(..., ge=0)
     sha256: str = Field(..., pattern="^[0-9a-f]{64}$")
     content_type: str | None = None
+    rules: ProjectRules | None = Field(None, description="The project's rules for its files.")
 
 
 class UploadSubmitted(Payload):
@@ -165,6 +201,8 @@ class FileStaged(Payload):
     source: Source
     fileset: Fileset | None = Field(None, description="Set for a multi-file slide: the object "
                                     "is its index file, these its related files.")
+    project: str | None = Field(None, description="The upload's project, if it names one.")
+    rules: ProjectRules | None = Field(None, description="As object.stored said.")
 
 
 class ArchiveUnpacked(Payload):
@@ -227,6 +265,9 @@ class FileRejected(Payload):
     source: Source
     kind: FileKind = FileKind.unknown
     reason: Reason
+    duplicate_of: str | None = Field(
+        None, description="Set when the file is skipped as a duplicate: the path of the file "
+        "of the same upload it repeats (same content, or same DICOM SOP Instance UID).")
 
 
 class SessionRef(BaseModel):
@@ -287,6 +328,8 @@ class UploadCounts(BaseModel):
     prearchived: int = Field(0, ge=0)
     rejected: int = Field(0, ge=0)
     failed: int = Field(0, ge=0)
+    duplicates: int = Field(0, ge=0, description="Skipped as repeats of another file of the "
+                            "upload (not counted in `files`).")
 
 
 class UploadCompleted(Payload):
@@ -299,6 +342,8 @@ class UploadCompleted(Payload):
     counts: UploadCounts
     sessions: list[SessionOutcome]
     failures: list[FileFailure]
+    skipped: list[FileFailure] = Field(
+        default_factory=list, description="Files skipped as duplicates, each with its reason.")
     completed_at: datetime
     generation: int = Field(
         0, ge=0, description="0 the first time; one more each time a replayed dead letter "
@@ -318,25 +363,6 @@ class NotificationSent(Payload):
     sent_at: datetime
 
 
-def _json_integer(value: Any) -> Any:
-    """JSON's integers: 3 and 3.0 (JSON Schema counts both), not "3" or true."""
-    if isinstance(value, (bool, str)):
-        raise ValueError("a JSON integer is required")  # noqa: TRY004 (pydantic wants ValueError)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def json_int(ge: int, le: int) -> Any:
-    """An integer in [ge, le] as JSON has it (the bounds sit under the check, so the JSON
-    Schema keeps them as minimum and maximum)."""
-    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_json_integer)]
-# JSON without NUL characters (PostgreSQL's jsonb cannot hold U+0000), for what users write.
-NulFree = Annotated[str, Field(pattern=r"^[^\x00]*$")]
-Json = TypeAliasType(  # type: ignore[misc]
-    "Json", "NulFree | int | float | bool | None | list[Json] | dict[NulFree, Json]")
-EMAIL = r"^[^@\x00-\x20\x7f]+@[^@\x00-\x20\x7f]+$"  # same in Python and ECMA regex
-FIELD_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 
 
 class ProjectSettings(BaseModel):

@@ -455,6 +455,36 @@ def open_store(settings: RuntimeSettings) -> ObjectStore:
     return LocalStore(settings.local_store_dir)
 
 
+class RangeFile(io.RawIOBase):
+    """A seekable read-only file over an object, each read a ranged read: for readers that
+    jump about (zipfile, TIFF directories). `bytes_read` counts what it fetched."""
+
+    def __init__(self, store: ObjectStore, key: str, size: int):
+        self.store, self.key, self.size, self.pos = store, key, size, 0
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.store.read_range(self.key, self.pos, len(b)) if self.pos < self.size else b""
+        b[: len(data)] = data
+        self.pos += len(data)
+        self.bytes_read += len(data)
+        return len(data)
+
+
 # --- async bridge --------------------------------------------------------------------------------
 
 

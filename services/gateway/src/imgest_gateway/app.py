@@ -127,7 +127,8 @@ def register_handlers(svc: Service) -> None:
     async def on_file_rejected(event: CloudEvent[FileRejected], tx: Tx) -> None:
         f = event.data
         await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id, event=event,
-                          object_key=f.object_key, path=f.path, state="rejected",
+                          object_key=f.object_key, path=f.path,
+                          state="duplicate" if f.duplicate_of else "rejected",
                           kind=f.kind.value, reason=f.reason.model_dump())
 
     async def _object_state(tx: Tx, event: CloudEvent, state: str, reason: dict | None,
@@ -182,10 +183,11 @@ def register_handlers(svc: Service) -> None:
             for file_id in outcome.file_ids:
                 await _track_file(session, upload_id=done.upload_id, file_id=file_id,
                                   state=state, session_uri=outcome.uri)
-        for failure in done.failures:
+        for failure, state in [(f, "rejected") for f in done.failures] + [
+                (f, "duplicate") for f in done.skipped]:
             if failure.file_id:
                 await _track_file(session, upload_id=done.upload_id, file_id=failure.file_id,
-                                  state="rejected", path=failure.path,
+                                  state=state, path=failure.path,
                                   reason=failure.reason.model_dump())
         if done.outcome == "cancelled":  # what had not reached an outcome never will
             await session.execute(update(UploadFile).where(

@@ -12,7 +12,7 @@ from imgest_runtime.store import MAX_NAME, fit_name
 
 # A file's state only moves forward; events from different topics may arrive in any order.
 FILE_STATE_RANK = {"staged": 1, "validated": 2, "failed": 3, "rejected": 3, "cancelled": 3,
-                   "prearchived": 4, "archived": 4}
+                   "duplicate": 3, "prearchived": 4, "archived": 4}
 
 MAX_FILENAME = MAX_NAME
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -23,6 +23,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from imgest_contracts import (
     ImportOptions,
     ObjectStored,
+    ProjectRules,
     ProjectSettings,
     UploadCancelled,
     Uploader,
@@ -124,18 +125,31 @@ async def stream_to_store(svc: Service, settings: Settings, key: str,
     return stored
 
 
-def object_stored(upload: Upload, obj: UploadObject) -> ObjectStored:
+def object_stored(upload: Upload, obj: UploadObject, rules: ProjectRules | None
+                  ) -> ObjectStored:
     return ObjectStored(upload_id=upload.id, project=upload.project, object_key=obj.object_key,
                         filename=obj.filename, size=obj.size, sha256=obj.sha256,
-                        content_type=obj.content_type)
+                        content_type=obj.content_type, rules=rules)
+
+
+async def project_rules(session: AsyncSession, project_id: str | None) -> ProjectRules | None:
+    """The project's rules as they are now, carried with the upload's files: the metadata
+    service checks them even before project.updated reaches it."""
+    project = await session.get(Project, project_id) if project_id else None
+    if project is None:
+        return None
+    settings = ProjectSettings.model_validate(project.settings)
+    return ProjectRules(project=project.id, accepted_kinds=settings.accepted_kinds,
+                        metadata_rules=settings.metadata_rules, updated_at=project.updated_at)
 
 
 async def submit(svc: Service, session: AsyncSession, upload: Upload,
                  objects: list[UploadObject]) -> None:
     """Hands the upload to the pipeline: each object's object.stored, then upload.submitted
     naming them all (the importer completes the upload once every one has an outcome)."""
+    rules = await project_rules(session, upload.project)
     for obj in objects:
-        obj.event = event_json(await svc.outbox.add(session, object_stored(upload, obj)))
+        obj.event = event_json(await svc.outbox.add(session, object_stored(upload, obj, rules)))
         session.add(obj)
     upload.state = PROCESSING
     session.add(upload)

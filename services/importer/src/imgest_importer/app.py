@@ -232,10 +232,14 @@ class Importer:
             failures += [FileFailure(path=o.filename or o.object_key,
                                      reason=Reason.model_validate(o.rejected))
                          for o in objects if o.rejected]
+            skipped = [FileFailure(file_id=f.file_id, path=f.path,
+                                   reason=Reason.model_validate(f.reason))
+                       for f in files if f.state == "duplicate" and f.reason]
             archived = sum(len(s.file_ids) for s in sessions if s.archived)
             prearchived = sum(len(s.file_ids) for s in sessions if not s.archived)
             counts = UploadCounts(files=len(valid) + len(failures), archived=archived,
-                                  prearchived=prearchived, rejected=len(failures))
+                                  prearchived=prearchived, rejected=len(failures),
+                                  duplicates=len(skipped))
             outcome = ("cancelled" if cancelled else "succeeded" if not failures and valid
                        else "partial" if valid else "failed")
             await self.svc.outbox.add(session, UploadCompleted(
@@ -247,7 +251,7 @@ class Importer:
                                          state="archived" if s.archived else "prearchived",
                                          file_ids=s.file_ids)
                           for s in sessions],
-                failures=failures, completed_at=now,
+                failures=failures, skipped=skipped, completed_at=now,
                 generation=upload.generation,
             ), event_id=derived_id("upload.completed", upload_id, str(upload.generation)))
             # Not yet "completed": staging is emptied next, and a crash or a store outage in
@@ -255,8 +259,9 @@ class Importer:
             upload.state, upload.updated_at = "cleaning", now
             session.add(upload)
         await self._clean(upload_id, files, objects, cancelled)
-        log.info("upload %s completed: %s, %d archived, %d prearchived, %d rejected", upload_id,
-                 outcome, archived, prearchived, len(failures))
+        log.info("upload %s completed: %s, %d archived, %d prearchived, %d rejected, "
+                 "%d duplicates skipped", upload_id, outcome, archived, prearchived,
+                 len(failures), len(skipped))
 
     async def _clean(self, upload_id: str, files: list[UploadFile],
                      objects: list[UploadObject], cancelled: bool) -> None:
@@ -390,7 +395,8 @@ def bootstrap(settings: Settings) -> Service:
         f = event.data
         await importer.record_file(tx, UploadFile(
             file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
-            staged_key=f.object_key, path=f.path, kind=f.kind.value, state="rejected",
+            staged_key=f.object_key, path=f.path, kind=f.kind.value,
+            state="duplicate" if f.duplicate_of else "rejected",
             reason=f.reason.model_dump()), f.source.files_total)
 
     async def archive_outcome(tx: Tx, event: CloudEvent, files_total: int | None,

@@ -57,7 +57,7 @@ class UploadFile(Base, table=True):
     staged_key: str = Field(max_length=1024)
     path: str = Field(max_length=4096)
     kind: str = Field(max_length=20)
-    state: str = Field(max_length=20)  # validated | rejected | archived | prearchived
+    state: str = Field(max_length=20)  # validated | rejected | duplicate | archived | prearchived
     size: int | None = Field(default=None, sa_column=Column(BigInteger))
     sha256: str | None = Field(default=None, max_length=64)
     reason: dict | None = _json()

@@ -1,10 +1,18 @@
-"""The metadata service: file.staged → file.validated or file.rejected."""
+"""The metadata service: file.staged → file.validated or file.rejected.
+
+Each file is identified by its content, its headers read with as few bytes as they need
+(ranged reads from the store), checked against its project's rules and against what its upload
+already holds (the same content, or the same DICOM instance, is skipped as a duplicate).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import warnings
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from imgest_contracts import (
@@ -13,38 +21,200 @@ from imgest_contracts import (
     FileRejected,
     FileStaged,
     FileValidated,
+    ProjectRules,
+    ProjectUpdated,
     Reason,
+    UploadCompleted,
 )
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, Tx, create_app
-from imgest_runtime.store import ObjectStore
+from imgest_runtime.store import ObjectStore, RangeFile
+from sqlalchemy import delete
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlmodel import col, select
 
-from .domain import HEAD_BYTES, Identified, NeedMore, identify, sniff
-from .models import metadata
+from .domain import (
+    HEAD_BYTES,
+    CsvCheck,
+    Identified,
+    NeedMore,
+    check_rules,
+    identify,
+    is_slide,
+    newest,
+    read_exif,
+    refused,
+    slide_metadata,
+)
+from .models import ProjectRulesRow, SeenFile, metadata
 from .settings import Settings
 
 NAME = "metadata"
 log = logging.getLogger("imgest.metadata")
+CHUNK = 1024 * 1024
 
 
-def read_headers(store: ObjectStore, staged: FileStaged, limit: int) -> Identified:
-    """Reads as little as the headers need: 64 KiB first, more only if they go on (blocking)."""
+class HeadersTooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"The headers run past {limit} bytes; refusing to read further.")
+
+
+class _GuardedRange(RangeFile):
+    """Ranged reads that remember a failure of the store: parsers swallow errors, and a store
+    outage must be retried, never blamed on the file."""
+
+    failed: BaseException | None = None
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        try:
+            return super().readinto(b)
+        except Exception as e:
+            self.failed = e
+            raise
+
+
+class _Budget(io.BufferedReader):
+    """A buffered ranged reader that stops a reader wandering through more than `limit`
+    bytes of an object (a TIFF whose directories point all over a huge file)."""
+
+    def __init__(self, raw: _GuardedRange, limit: int):
+        super().__init__(raw, 64 * 1024)
+        self.range, self.limit = raw, limit
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.range.bytes_read > self.limit:
+            raise HeadersTooLarge(self.limit)
+        return super().read(size)
+
+
+def _read_tiff(store: ObjectStore, staged: FileStaged, fmt: str, limit: int) -> Identified:
+    """A TIFF or BigTIFF, through tiffslide over ranged reads: a slide (pyramid or vendor
+    format) with its vendor, size, levels, microns per pixel and objective power; otherwise a
+    photo with its EXIF."""
+    import tiffslide
+
+    raw = _GuardedRange(store, staged.object_key, staged.size)
+    kind = FileKind.slide if fmt == "bigtiff" else FileKind.photo
+    try:
+        with warnings.catch_warnings():  # tifffile warns on every odd tag; the verdict says it
+            warnings.simplefilter("ignore")
+            with _Budget(raw, limit) as f, tiffslide.TiffSlide(f) as slide:
+                properties = dict(slide.properties)
+                page = slide.ts_tifffile.pages.first
+                tiled = bool(page.is_tiled)
+                width, height = page.imagewidth, page.imagelength
+                if fmt == "bigtiff" or is_slide(properties, tiled):
+                    found = Identified(FileKind.slide, slide_metadata(properties, fmt))
+                else:
+                    f.seek(0)
+                    found = Identified(FileKind.photo, {
+                        "format": "tiff", "width": width, "height": height, **read_exif(f)})
+    except HeadersTooLarge as e:
+        found = refused(kind, "file.headers_too_large", str(e))
+    except Exception as e:  # noqa: BLE001 - tifffile, tiffslide, exifread: many kinds, all the file's fault
+        found = refused(kind, "tiff.malformed", f"The TIFF's directories cannot be read: "
+                        f"{type(e).__name__}: {e}")
+    if raw.failed is not None:
+        raise raw.failed
+    return found
+
+
+def _read_csv(store: ObjectStore, staged: FileStaged, head: bytes, limit: int) -> Identified:
+    """A CSV is read whole (its row count needs every line), streamed a chunk at a time."""
+    if staged.size > limit:
+        return refused(FileKind.csv, "csv.too_large",
+                       f"The CSV is {staged.size} bytes; at most {limit} are read.")
+    check = CsvCheck(head)
+    with store.open(staged.object_key) as f:
+        while (chunk := f.read(CHUNK)) and not check.reason:
+            check.feed(chunk)
+    return check.result()
+
+
+def read_headers(store: ObjectStore, staged: FileStaged, limit: int,
+                 csv_limit: int = 256 * 1024**2) -> Identified:
+    """Identifies the file and reads its headers (blocking). DICOM, JPEG and PNG from the
+    head: 64 KiB first, more only if the headers go on; TIFFs by ranged reads; CSVs whole."""
     length = HEAD_BYTES
     while True:
         head = store.read_range(staged.object_key, 0, min(length, staged.size))
         try:
-            return identify(head, staged.size, staged.path)
+            found = identify(head, staged.size, staged.path)
         except NeedMore:
             if length >= limit:
-                return Identified(sniff(head, staged.path), reason=Reason(
-                    code="file.headers_too_large",
-                    message=f"The headers run past {limit} bytes; refusing to read further."))
+                return refused(identify_kind(head, staged.path), "file.headers_too_large",
+                               f"The headers run past {limit} bytes; refusing to read further.")
             length = min(length * 4, limit)
+            continue
+        if found.reason or "format" not in found.metadata:
+            return found
+        fmt = found.metadata["format"]
+        if fmt in ("tiff", "bigtiff"):
+            return _read_tiff(store, staged, fmt, limit)
+        if fmt == "csv":
+            return _read_csv(store, staged, head, csv_limit)
+        return found
+
+
+def identify_kind(head: bytes, path: str) -> FileKind:
+    from .domain import KIND_OF, sniff
+
+    return KIND_OF[sniff(head, path)]
+
+
+def fileset_identified(staged: FileStaged) -> Identified:
+    """A multi-file slide, checked whole by the unpacker."""
+    assert staged.fileset is not None
+    return Identified(FileKind.slide, {
+        "format": staged.fileset.format, "vendor": staged.fileset.format,
+        "files": len(staged.fileset.files) + 1,
+        "bytes": staged.size + sum(f.size for f in staged.fileset.files)})
 
 
 def bootstrap(settings: Settings) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
     svc.publishes(FileValidated, FileRejected)
+
+    @svc.on(ProjectUpdated)
+    async def on_project_updated(event: CloudEvent[ProjectUpdated], tx: Tx) -> None:
+        p = event.data
+        rules = ProjectRules(project=p.project, accepted_kinds=p.settings.accepted_kinds,
+                             metadata_rules=p.settings.metadata_rules, updated_at=p.updated_at)
+        row = {"project": p.project, "rules": rules.model_dump(mode="json"),
+               "updated_at": p.updated_at}
+        insert = pg_insert(ProjectRulesRow).values(**row)
+        await tx.session.execute(insert.on_conflict_do_update(
+            index_elements=["project"], set_={"rules": insert.excluded.rules,
+                                              "updated_at": insert.excluded.updated_at},
+            where=col(ProjectRulesRow.updated_at) < insert.excluded.updated_at))
+
+    async def rules_for(tx: Tx, staged: FileStaged, found: Identified) -> ProjectRules | None:
+        """The newest of the rules the file came with and the copy kept from project.updated;
+        a file with no project of its upload's goes by the project its DICOM names."""
+        project = staged.project or found.hints.project
+        if not project:
+            return None
+        row = await tx.session.get(ProjectRulesRow, project)
+        kept = ProjectRules.model_validate(row.rules) if row else None
+        return newest(staged.rules if staged.rules and staged.rules.project == project
+                      else None, kept)
+
+    async def first_of(tx: Tx, staged: FileStaged, keys: list[str]) -> SeenFile | None:
+        """The file of the same upload that came first with one of these keys, if not this
+        one (a redelivered event finds itself, and is no duplicate)."""
+        for key in keys:
+            await tx.session.execute(pg_insert(SeenFile).values(
+                upload_id=staged.upload_id, key=key, file_id=staged.file_id, path=staged.path,
+            ).on_conflict_do_nothing())
+            seen = (await tx.session.exec(select(SeenFile).where(
+                SeenFile.upload_id == staged.upload_id, SeenFile.key == key))).one()
+            if seen.file_id != staged.file_id:
+                # A duplicate is nobody's first: what it registered under other keys goes.
+                await tx.session.execute(delete(SeenFile).where(
+                    col(SeenFile.upload_id) == staged.upload_id,
+                    col(SeenFile.file_id) == staged.file_id))
+                return seen
+        return None
 
     @svc.on(FileStaged)
     async def on_file_staged(event: CloudEvent[FileStaged], tx: Tx) -> None:
@@ -52,26 +222,48 @@ def bootstrap(settings: Settings) -> Service:
         # the store is touched. Only headers are read, so the transaction stays short.
         staged = event.data
         assert svc.store is not None
-        if staged.fileset is not None:  # a multi-file slide, checked whole by the unpacker
-            found = Identified(FileKind.slide, {
-                "format": staged.fileset.format, "files": len(staged.fileset.files) + 1,
-                "bytes": staged.size + sum(f.size for f in staged.fileset.files)})
+        if staged.fileset is not None:
+            found = fileset_identified(staged)
         else:
             found = await asyncio.to_thread(read_headers, svc.store, staged,
-                                            settings.max_header_bytes)
-        common = {"upload_id": staged.upload_id, "file_id": staged.file_id,
-                  "object_key": staged.object_key, "path": staged.path, "source": staged.source,
-                  "kind": found.kind}
-        if found.reason:
-            log.info("upload %s: %s rejected: %s", staged.upload_id, staged.path,
-                     found.reason.message)
-            tx.publish(FileRejected(**common, reason=found.reason),
+                                            settings.max_header_bytes, settings.max_csv_bytes)
+        reason, duplicate_of = found.reason, None
+        if reason is None:
+            reason = check_rules(found.kind, found.metadata, await rules_for(tx, staged, found))
+        if reason is None:
+            keys = [f"sha256:{staged.sha256}"]
+            if found.hints.sop_instance_uid:
+                keys.append(f"sop:{found.hints.sop_instance_uid}")
+            first = await first_of(tx, staged, keys)
+            if first is not None:
+                duplicate_of = first.path
+                reason = (Reason(code="file.duplicate", message=(
+                    f"The same content as {first.path} in this upload; skipped."))
+                    if first.key.startswith("sha256:") else Reason(
+                    code="dicom.duplicate_instance", message=(
+                        f"The same DICOM instance (SOP Instance UID "
+                        f"{found.hints.sop_instance_uid}) as {first.path} in this upload; "
+                        "skipped.")))
+        common: dict[str, Any] = {
+            "upload_id": staged.upload_id, "file_id": staged.file_id,
+            "object_key": staged.object_key, "path": staged.path, "source": staged.source,
+            "kind": found.kind}
+        if reason:
+            log.info("upload %s: %s %s: %s", staged.upload_id, staged.path,
+                     "skipped" if duplicate_of else "rejected", reason.message)
+            tx.publish(FileRejected(**common, reason=reason, duplicate_of=duplicate_of),
                        event_id=derived_id(event.id, "rejected"))
         else:
             tx.publish(FileValidated(
                 **common, size=staged.size, sha256=staged.sha256, metadata=found.metadata,
                 hints=found.hints, fileset=staged.fileset),
                 event_id=derived_id(event.id, "validated"))
+
+    @svc.on(UploadCompleted)
+    async def on_upload_completed(event: CloudEvent[UploadCompleted], tx: Tx) -> None:
+        # What a finished upload held no longer decides anything.
+        await tx.session.execute(delete(SeenFile).where(
+            col(SeenFile.upload_id) == event.data.upload_id))
 
     return svc
 

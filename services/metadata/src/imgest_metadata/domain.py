@@ -1,20 +1,29 @@
-"""Identifying files and reading their headers from bytes: no I/O here.
+"""Identifying files, reading their headers and checking them against their project's rules,
+from bytes and parsed values: no I/O here.
 
-DICOM is read with pydicom up to the pixel data only; photos' EXIF with exifread. Labels follow
-XNAT's conventions: `Project: P Subject: S Session: E` in Patient/Study Comments wins; otherwise
-the subject is the patient's name and the session the patient ID.
+- Files are told apart by their content (magic bytes), never by their names.
+- DICOM is read with pydicom up to the pixel data only; photos' EXIF with exifread; CSVs are fed
+  chunk by chunk to a `CsvCheck`. Slides are read by the adapter (tiffslide needs random access);
+  `slide_metadata` turns what it found into metadata.
+- Labels follow XNAT's conventions: `Project: P Subject: S Session: E` in Patient/Study Comments
+  wins; otherwise the subject is the patient's name and the session the patient ID.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import io
+import math
 import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import exifread
+import jsonschema
 import pydicom
-from imgest_contracts import FileKind, Reason, SessionHints
+from imgest_contracts import FileKind, ProjectRules, Reason, SessionHints
 
 HEAD_BYTES = 64 * 1024
 
@@ -31,22 +40,82 @@ class Identified:
     reason: Reason | None = None  # set when the file is refused
 
 
-def sniff(head: bytes, path: str) -> FileKind:
+def refused(kind: FileKind, code: str, message: str) -> Identified:
+    return Identified(kind, reason=Reason(code=code, message=message))
+
+
+# --- what a file is ------------------------------------------------------------------------------
+
+# Formats, each of one kind. A TIFF is a photo or a slide: the adapter decides once it has read
+# its directories (a pyramid, or a slide vendor's tags, makes it a slide).
+KIND_OF = {"dicom": FileKind.dicom, "jpeg": FileKind.photo, "png": FileKind.photo,
+           "tiff": FileKind.photo, "bigtiff": FileKind.slide, "csv": FileKind.csv,
+           "unknown": FileKind.unknown}
+
+# Explicit-VR element headers with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"}
+_VR = re.compile(rb"[A-Z]{2}")
+
+
+def _dicom_without_preamble(head: bytes) -> bool:
+    """A DICOM stream that starts with its first element (no 128-byte preamble, no "DICM"):
+    group 0002 or 0008, a small element number, and an explicit VR or a plausible implicit
+    length."""
+    if len(head) < 8:
+        return False
+    for order in "<>":  # little endian, or the retired big endian
+        group, element = struct.unpack_from(order + "HH", head)
+        if group not in (0x0002, 0x0008) or element > 0x0020:
+            continue
+        if _VR.fullmatch(head[4:6]):
+            return True
+        (length,) = struct.unpack_from(order + "I", head, 4)
+        return length < 1024
+    return False
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """Text a CSV could be: no NUL, and (bar a cut multi-byte character at the end) few
+    control characters."""
+    if not head or b"\x00" in head:
+        return False
+    controls = sum(1 for b in head[:4096] if b < 0x20 and b not in (0x09, 0x0A, 0x0D))
+    return controls == 0
+
+
+def sniff(head: bytes, path: str = "") -> str:
+    """The file's format from its first bytes ("dicom", "jpeg", "png", "tiff", "bigtiff",
+    "csv", "unknown"). The name only breaks a tie: text is a CSV if it reads as one, or if it
+    is called one."""
     if len(head) >= 132 and head[128:132] == b"DICM":
-        return FileKind.dicom
-    if head[:3] == b"\xff\xd8\xff" or head[:8] == b"\x89PNG\r\n\x1a\n":
-        return FileKind.photo
+        return "dicom"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return FileKind.photo
+        return "tiff"
     if head[:4] in (b"II+\x00", b"MM\x00+"):
-        return FileKind.slide
-    if path.lower().endswith(".dcm"):
-        return FileKind.dicom  # DICOM without a preamble; the parser decides
-    return FileKind.unknown
+        return "bigtiff"
+    if _dicom_without_preamble(head):
+        return "dicom"
+    if _looks_like_text(head) and (path.lower().endswith((".csv", ".tsv", ".txt"))
+                                   or _sniff_dialect(head) is not None):
+        return "csv"
+    return "unknown"
+
+
+# --- DICOM ---------------------------------------------------------------------------------------
 
 
 _LABEL_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 _XNAT_FIELD = re.compile(r"(Project|Subject|Session|AA)\s*:\s*([^\s;,]+)", re.IGNORECASE)
+DICOM_FIELDS = (
+    "PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+    "SOPClassUID", "Modality", "StudyDate", "StudyTime", "StudyDescription",
+    "SeriesDescription", "AccessionNumber", "StudyID", "SeriesNumber", "InstanceNumber",
+    "Manufacturer", "PatientComments", "StudyComments", "AdditionalPatientHistory")
 
 
 def label(value: Any) -> str | None:
@@ -56,8 +125,34 @@ def label(value: Any) -> str | None:
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - a value that does not decode is as good as absent
+        return None
     return str(value).strip() or None if value is not None else None
+
+
+def _pixel_data_overruns(head: bytes, at: int, size: int, ds: pydicom.Dataset) -> bool:
+    """Whether the element starting at `at` (the pixel data, where reading stopped) declares
+    more bytes than the file has: a file cut short."""
+    if at + 12 > len(head):
+        return False  # not read that far: the caller reads more, or the file ends here
+    transfer = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if transfer == "1.2.840.10008.1.2.1.99":
+        return False  # deflated: positions in the stream are not positions in the file
+    order = ">" if transfer == "1.2.840.10008.1.2.2" else "<"
+    vr = head[at + 4:at + 6]
+    if transfer == "1.2.840.10008.1.2" or not _VR.fullmatch(vr):
+        # implicit VR (as declared, or as written despite the declaration): a 4-byte length
+        (length,) = struct.unpack_from(order + "I", head, at + 4)
+        start = at + 8
+    elif vr in _LONG_VRS:
+        (length,) = struct.unpack_from(order + "I", head, at + 8)
+        start = at + 12
+    else:
+        (length,) = struct.unpack_from(order + "H", head, at + 6)
+        start = at + 8
+    return length != 0xFFFFFFFF and start + length > size
 
 
 def dicom(head: bytes, size: int) -> Identified:
@@ -68,27 +163,35 @@ def dicom(head: bytes, size: int) -> Identified:
     except Exception as e:  # pydicom raises many kinds (struct.error, …) on cut data
         if len(head) < size:
             raise NeedMore() from e
-        return Identified(FileKind.dicom, reason=Reason(
-            code="dicom.malformed", message=f"The DICOM header cannot be read: {e}"))
-    if fp.tell() >= len(head) and len(head) < size:
+        return refused(FileKind.dicom, "dicom.malformed",
+                       f"The DICOM header cannot be read: {e}")
+    stopped = fp.tell()
+    if stopped >= len(head) and len(head) < size:
         raise NeedMore()  # stopped at the end of what was read, not at the pixel data
+    if "PixelData" not in ds and stopped < len(head) and len(head) - stopped < 12 \
+            and len(head) < size:
+        raise NeedMore()  # the pixel data's element header is cut: read on to check its length
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
                if not _text(ds, k)]
     if missing:
-        return Identified(FileKind.dicom, reason=Reason(
-            code="dicom.missing_uid",
-            message=f"The DICOM file lacks {', '.join(missing)}; it cannot be placed in a study."))
+        return refused(FileKind.dicom, "dicom.missing_uid", f"The DICOM file lacks "
+                       f"{', '.join(missing)}; it cannot be placed in a study.")
+    try:
+        if stopped < len(head) and _pixel_data_overruns(head, stopped, size, ds):
+            return refused(FileKind.dicom, "dicom.truncated", f"The file is cut short: its "
+                           f"pixel data needs more than the {size} bytes received.")
+    except struct.error:
+        pass  # an element header shorter than its form: the file ends there, headers whole
     fields: dict[str, str] = {}
     for keyword in ("PatientComments", "StudyComments", "AdditionalPatientHistory"):
         for key, value in _XNAT_FIELD.findall(_text(ds, keyword) or ""):
             fields.setdefault(key.lower(), value)
-    series_number = _text(ds, "SeriesNumber")
-    meta = {k: _text(ds, k) for k in (
-        "Modality", "StudyDate", "StudyTime", "StudyDescription", "SeriesDescription",
-        "SeriesNumber", "InstanceNumber", "PatientID", "PatientName", "Manufacturer",
-        "SOPClassUID", "AccessionNumber", "StudyID")}
+    meta: dict[str, Any] = {k: _text(ds, k) for k in DICOM_FIELDS}
     transfer = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     meta["TransferSyntaxUID"] = str(transfer) if transfer else None
+    meta["TransferSyntax"] = getattr(transfer, "name", None) if transfer else None
+    meta["Preamble"] = head[128:132] == b"DICM"
+    series_number = _text(ds, "SeriesNumber")
     hints = SessionHints(
         project=label(fields.get("project")),
         subject=label(fields.get("subject")) or label(_text(ds, "PatientName"))
@@ -101,33 +204,363 @@ def dicom(head: bytes, size: int) -> Identified:
         modality=_text(ds, "Modality"),
         scan=label(series_number) or label(_text(ds, "SeriesInstanceUID")),
     )
-    return Identified(FileKind.dicom, {k: v for k, v in meta.items() if v}, hints)
+    return Identified(FileKind.dicom, {k: v for k, v in meta.items() if v is not None}, hints)
 
 
-_EXIF_KEEP = ("Image Make", "Image Model", "EXIF DateTimeOriginal", "Image DateTime",
-              "EXIF ExifImageWidth", "EXIF ExifImageLength", "Image Orientation",
-              "GPS GPSLatitude", "GPS GPSLongitude", "Image Software")
+# --- photos --------------------------------------------------------------------------------------
+
+# Start-of-frame markers carry the image's size; C4 (DHT), C8 (JPG) and CC (DAC) are not frames.
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def photo(head: bytes) -> Identified:
+def jpeg_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first start-of-frame segment in `head`; None if it is not
+    there yet. Raises ValueError on a broken segment chain."""
+    pos = 2
+    while pos + 4 <= len(head):
+        if head[pos] != 0xFF:
+            raise ValueError(f"no JPEG marker at byte {pos}")
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            raise ValueError("the image data begins before any frame header")
+        (length,) = struct.unpack_from(">H", head, pos + 2)
+        if length < 2:
+            raise ValueError(f"a JPEG segment of length {length}")
+        if marker in _SOF:
+            if pos + 9 > len(head):
+                return None
+            height, width = struct.unpack_from(">HH", head, pos + 5)
+            return width, height
+        pos += 2 + length
+    return None
+
+
+def check_exif_block(head: bytes) -> None:
+    """Raises ValueError if a JPEG's EXIF block (APP1 "Exif") is there but its first
+    directory is not inside it: exifread then reads nothing and says nothing."""
+    pos = 2
+    while pos + 4 <= len(head) and head[pos] == 0xFF and head[pos + 1] not in (0xDA, 0xD9):
+        (length,) = struct.unpack_from(">H", head, pos + 2)
+        if head[pos + 1] == 0xE1 and head[pos + 4:pos + 10] == b"Exif\x00\x00":
+            block = head[pos + 10:pos + 2 + length]
+            order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(block[:4])
+            if order is None:
+                raise ValueError("the EXIF block has no TIFF header")
+            (ifd0,) = struct.unpack_from(order + "I", block, 4)
+            if ifd0 < 8 or ifd0 + 2 > len(block):
+                raise ValueError(f"the EXIF directory is at byte {ifd0}, outside the "
+                                 f"{len(block)}-byte EXIF block")
+            (entries,) = struct.unpack_from(order + "H", block, ifd0)
+            if ifd0 + 2 + 12 * entries > len(block):
+                raise ValueError(f"the EXIF directory's {entries} entries run past its block")
+            return
+        pos += 2 + length
+
+
+def _ratio(value: Any) -> float:
+    return float(value.num) / float(value.den) if value.den else 0.0
+
+
+def _degrees(tag: Any, ref: Any) -> float | None:
+    if tag is None or len(tag.values) != 3:
+        return None
+    d, m, s = (_ratio(v) for v in tag.values)
+    sign = -1 if str(ref or "").strip().upper() in ("S", "W") else 1
+    return round(sign * (d + m / 60 + s / 3600), 7)
+
+
+def exif_metadata(tags: dict[str, Any]) -> dict[str, Any]:
+    """The EXIF fields people ask for, under plain names."""
+    meta: dict[str, Any] = {}
+    for name, key in (("DateTimeOriginal", "EXIF DateTimeOriginal"),
+                      ("DateTime", "Image DateTime"), ("Make", "Image Make"),
+                      ("Model", "Image Model"), ("Software", "Image Software")):
+        if key in tags and str(tags[key]).strip():
+            meta[name] = str(tags[key]).strip()
+    if "Image Orientation" in tags and tags["Image Orientation"].values:
+        meta["Orientation"] = int(tags["Image Orientation"].values[0])
+    latitude = _degrees(tags.get("GPS GPSLatitude"), tags.get("GPS GPSLatitudeRef"))
+    longitude = _degrees(tags.get("GPS GPSLongitude"), tags.get("GPS GPSLongitudeRef"))
+    if latitude is not None and longitude is not None:
+        meta["GPSLatitude"], meta["GPSLongitude"] = latitude, longitude
+    for name, key in (("ExifImageWidth", "EXIF ExifImageWidth"),
+                      ("ExifImageHeight", "EXIF ExifImageLength")):
+        if key in tags and tags[key].values:
+            meta[name] = int(tags[key].values[0])
+    return meta
+
+
+def read_exif(data: Any) -> dict[str, Any]:
+    """EXIF of a JPEG, PNG or TIFF (a binary file object); raises on damaged metadata."""
+    return exif_metadata(exifread.process_file(data, details=False, strict=True))
+
+
+def photo(head: bytes, size: int, fmt: str) -> Identified:
+    """A JPEG or PNG from its first bytes: size from the frame header (or IHDR), then EXIF."""
     try:
-        tags = exifread.process_file(io.BytesIO(head), details=False)
+        if fmt == "png":
+            if len(head) < 24 or head[12:16] != b"IHDR":
+                raise ValueError("no IHDR chunk")
+            width, height = struct.unpack_from(">II", head, 16)
+        else:
+            found = jpeg_size(head)
+            if found is None:
+                if len(head) < size:
+                    raise NeedMore()
+                raise ValueError("no frame header")
+            width, height = found
+            check_exif_block(head)
+        tags = read_exif(io.BytesIO(head))
+    except NeedMore:
+        raise
     except Exception as e:  # noqa: BLE001 - exifread raises many kinds on damaged files
-        return Identified(FileKind.photo, reason=Reason(
-            code="photo.malformed", message=f"The image's metadata cannot be read: {e}"))
-    meta = {k.replace(" ", "."): str(tags[k]) for k in _EXIF_KEEP if k in tags}
-    return Identified(FileKind.photo, meta)
+        return refused(FileKind.photo, "photo.malformed",
+                       f"The {fmt.upper()} image's headers cannot be read: {e}")
+    return Identified(FileKind.photo, {"format": fmt, "width": width, "height": height, **tags})
+
+
+# --- slides --------------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(number, 6) if math.isfinite(number) and number > 0 else None
+
+
+def _levels(properties: dict[str, Any]) -> int:
+    return sum(1 for k in properties if k.startswith("tiffslide.level[") and
+               k.endswith("].width"))
+
+
+def _vendor(properties: dict[str, Any]) -> str:
+    vendor = properties.get("tiffslide.vendor")
+    return "generic" if vendor in (None, "", "generic-tiff") else str(vendor)
+
+
+def is_slide(properties: dict[str, Any], tiled: bool) -> bool:
+    """A TIFF is a slide if a vendor's format was recognised (SVS, NDPI…), or it is a tiled
+    pyramid; anything else is a photo."""
+    return _vendor(properties) != "generic" or (tiled and _levels(properties) > 1)
+
+
+def slide_metadata(properties: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The facts of a slide from tiffslide's (OpenSlide-named) properties."""
+    vendor = _vendor(properties)
+    levels = _levels(properties)
+    meta: dict[str, Any] = {
+        "format": {"aperio": "svs", "hamamatsu": "ndpi"}.get(vendor, fmt), "vendor": vendor,
+        "width": int(properties.get("tiffslide.level[0].width") or 0),
+        "height": int(properties.get("tiffslide.level[0].height") or 0), "levels": levels,
+        "level_downsamples": [
+            _number(properties.get(f"tiffslide.level[{i}].downsample")) for i in range(levels)],
+    }
+    for name, key in (("mpp_x", "tiffslide.mpp-x"), ("mpp_y", "tiffslide.mpp-y"),
+                      ("objective_power", "tiffslide.objective-power")):
+        if (value := _number(properties.get(key))) is not None:
+            meta[name] = value
+    return meta
+
+
+# --- CSV -----------------------------------------------------------------------------------------
+
+DELIMITERS = ",;\t|"
+
+
+def _sniff_dialect(head: bytes) -> str | None:
+    """The delimiter of text that reads as a table (two or more columns, the same count in
+    its first lines); None if it does not."""
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+    lines = [line for line in text.splitlines()[:20] if line.strip()]
+    if len(head) >= HEAD_BYTES and len(lines) > 1:
+        lines = lines[:-1]  # the last line may be cut
+    if not lines:
+        return None
+    try:
+        dialect = csv.Sniffer().sniff("\n".join(lines), delimiters=DELIMITERS)
+    except csv.Error:
+        return None
+    counts = {len(row) for row in csv.reader(lines, delimiter=dialect.delimiter)}
+    return dialect.delimiter if len(counts) == 1 and counts.pop() > 1 else None
+
+
+class CsvCheck:
+    """Reads a CSV chunk by chunk (UTF-8, with or without a byte-order mark): its delimiter,
+    header and row count, or the first thing wrong with it (a line that is not UTF-8, a row
+    with too many or too few fields, broken quoting)."""
+
+    def __init__(self, head: bytes, max_fields: int = 10_000):
+        self.bom = head.startswith(codecs.BOM_UTF8)
+        self.delimiter = _sniff_dialect(head) or ","
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.pending = ""
+        self.line = 0  # lines fully read
+        self.header: list[str] | None = None
+        self.rows = 0
+        self.max_fields = max_fields
+        self.reason: Reason | None = None
+        self._first = True
+        self._record: list[str] = []  # the lines of a record still inside quotes
+
+    def _fail(self, code: str, message: str) -> None:
+        self.reason = self.reason or Reason(code=code, message=message)
+
+    def feed(self, chunk: bytes, final: bool = False) -> None:
+        if self.reason:
+            return
+        try:
+            text = self.decoder.decode(chunk, final)
+        except UnicodeDecodeError as e:
+            bad = (self.pending + e.object[:e.start].decode("utf-8", "replace")).count("\n")
+            some = "some lines are UTF-8 and some are not: the file mixes encodings" \
+                if self.line or "\n" in self.pending or any(b > 0x7F for b in e.object[:e.start]) \
+                else "it is not UTF-8"
+            self._fail("csv.encoding", f"Line {self.line + bad + 1} has a byte (0x"
+                       f"{e.object[e.start]:02x}) that is not UTF-8; {some}. Save it as UTF-8.")
+            return
+        if self._first:
+            text = text.lstrip("\ufeff")
+            self._first = False
+        self.pending += text
+        lines = self.pending.split("\n")
+        self.pending = "" if final else lines.pop()
+        for line in lines:
+            self._line(line.rstrip("\r"))
+            if self.reason:
+                return
+
+    def _line(self, line: str) -> None:
+        self.line += 1
+        self._record.append(line)
+        record = "\n".join(self._record)
+        if record.count('"') % 2:  # a quoted field goes on over the next line
+            if len(self._record) > 1000:
+                self._fail("csv.quoting", f"A quoted field opened by line "
+                           f"{self.line - len(self._record) + 1} is never closed.")
+            return
+        self._record = []
+        if not record.strip():
+            return
+        try:
+            fields = next(csv.reader([record], delimiter=self.delimiter, strict=True))
+        except csv.Error as e:
+            self._fail("csv.quoting", f"Line {self.line} cannot be read: {e}.")
+            return
+        if len(fields) > self.max_fields:
+            self._fail("csv.too_many_columns", f"Line {self.line} has {len(fields)} fields; "
+                       f"at most {self.max_fields} are read.")
+        elif self.header is None:
+            self.header = [f.strip() for f in fields]
+            if len(set(self.header)) != len(self.header) or not all(self.header):
+                self._fail("csv.bad_header", "The first line must name each column once "
+                           f"(found {self.header[:20]}).")
+        elif len(fields) != len(self.header):
+            self._fail("csv.ragged_row", f"Line {self.line} has {len(fields)} fields; the "
+                       f"header has {len(self.header)} (delimiter {self.delimiter!r}).")
+        else:
+            self.rows += 1
+
+    def result(self) -> Identified:
+        self.feed(b"", final=True)
+        if not self.reason and self._record:
+            self._fail("csv.quoting", f"A quoted field opened on line "
+                       f"{self.line - len(self._record) + 1} is never closed.")
+        if not self.reason and self.header is None:
+            self._fail("csv.empty", "The CSV has no header line.")
+        if self.reason:
+            return Identified(FileKind.csv, reason=self.reason)
+        assert self.header is not None
+        return Identified(FileKind.csv, {
+            "encoding": "utf-8-sig" if self.bom else "utf-8", "bom": self.bom,
+            "delimiter": self.delimiter, "header": self.header, "columns": len(self.header),
+            "rows": self.rows})
+
+
+# --- head-only identification (DICOM, JPEG, PNG) ------------------------------------------------
 
 
 def identify(head: bytes, size: int, path: str) -> Identified:
-    """Raises NeedMore when the headers run past `head`."""
-    kind = sniff(head, path)
+    """What the first bytes of a file tell, for the formats read from their head alone.
+    Raises NeedMore when the headers run past `head`. TIFFs and CSVs are read by the adapter
+    (they need more than a head); here they only get their kind."""
+    fmt = sniff(head, path)
+    kind = KIND_OF[fmt]
     if size == 0:
-        return Identified(kind, reason=Reason(code="file.empty", message="The file is empty."))
-    if kind is FileKind.dicom:
+        return refused(kind, "file.empty", "The file is empty.")
+    if fmt == "dicom":
         return dicom(head, size)
-    if kind is FileKind.photo:
-        return photo(head)
-    return Identified(kind, reason=Reason(
-        code="file.unsupported_type",
-        message="Not a file imgest imports (DICOM, JPEG/PNG/TIFF photos, zip archives)."))
+    if fmt in ("jpeg", "png"):
+        return photo(head, size, fmt)
+    if fmt == "unknown":
+        return refused(kind, "file.unsupported_type", "Not a file imgest imports: DICOM, "
+                       "JPEG/PNG/TIFF photos, TIFF-based slides (SVS, NDPI, pyramidal "
+                       "TIFF), CSV, or archives of these.")
+    return Identified(kind, {"format": fmt})
+
+
+# --- project rules -------------------------------------------------------------------------------
+
+
+def newest(*rules: ProjectRules | None) -> ProjectRules | None:
+    known = [r for r in rules if r is not None]
+    return max(known, key=lambda r: r.updated_at) if known else None
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    return f"'{path}'" if path else "the metadata"
+
+
+def _explain(error: jsonschema.ValidationError) -> str:
+    """One schema failure as a person reads it: which field, what was wrong, what was
+    expected."""
+    v, expected = error.validator, error.validator_value
+    if v == "required":
+        missing = re.match(r"'(.*)' is a required property", error.message)
+        name = missing.group(1) if missing else error.message
+        return f"'{name}' is missing (required)"
+    where, found = _where(error), error.instance
+    if v == "enum":
+        return f"{where} is {found!r}; expected one of {', '.join(map(repr, expected))}"
+    if v == "const":
+        return f"{where} is {found!r}; expected {expected!r}"
+    if v == "type":
+        return f"{where} is {found!r}; expected a {expected}"
+    if v == "pattern":
+        return f"{where} is {found!r}; expected text matching {expected!r}"
+    if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        words = {"minimum": "at least", "exclusiveMinimum": "more than",
+                 "maximum": "at most", "exclusiveMaximum": "less than"}
+        return f"{where} is {found!r}; expected {words[str(v)]} {expected}"
+    return f"{where}: {error.message}"
+
+
+def check_rules(kind: FileKind, metadata: dict[str, Any], rules: ProjectRules | None
+                ) -> Reason | None:
+    """The project's verdict on a file: its kind accepted, its metadata matching the kind's
+    schema. None if it passes (or the project sets no rules)."""
+    if rules is None:
+        return None
+    if kind not in rules.accepted_kinds:
+        takes = ", ".join(k.value for k in rules.accepted_kinds) or "no files"
+        return Reason(code="project.kind_not_accepted", message=(
+            f"Project {rules.project} takes {takes}; this file is {kind.value}."))
+    schema = rules.metadata_rules.get(kind)
+    if not schema:
+        return None
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(metadata), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return None
+    shown = "; ".join(_explain(e) for e in errors[:5])
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return Reason(code="project.rules", message=(
+        f"The {kind.value}'s metadata breaks project {rules.project}'s rules: {shown}{more}."))

@@ -8,3 +8,5 @@ class Settings(RuntimeSettings):
     metadata_port: int = Field(8082, description="Port of the metadata service's health and metrics.")
     max_header_bytes: int = Field(
         64 * 1024**2, ge=1024, description="Most bytes read to find a file's headers.")
+    max_csv_bytes: int = Field(
+        256 * 1024**2, ge=1024, description="Largest CSV read (it is read whole, to count rows).")

@@ -161,6 +161,7 @@ def bootstrap(settings: Settings) -> Service:
                         file_id=file_id(obj.upload_id, obj.object_key, None),
                         object_key=obj.object_key, path=obj.filename, size=obj.size,
                         sha256=obj.sha256, source=Source(object_key=obj.object_key, files_total=1),
+                        project=obj.project, rules=obj.rules,
                     ), event_id=derived_id(event.id, "staged"))
             return
 
@@ -195,6 +196,7 @@ def bootstrap(settings: Settings) -> Service:
                     object_key=index.key, path=f"{obj.filename}/{index.path}",
                     size=index.size, sha256=index.sha256,
                     source=Source(object_key=obj.object_key, member=index.path, files_total=n),
+                    project=obj.project, rules=obj.rules,
                     fileset=Fileset(format=fs.format, files=[  # type: ignore[arg-type]
                         FilesetFile(path=p, object_key=m.key, size=m.size, sha256=m.sha256)
                         for p, m in fs.files]),
@@ -205,6 +207,7 @@ def bootstrap(settings: Settings) -> Service:
                     object_key=m.key, path=f"{obj.filename}/{m.path}", size=m.size,
                     sha256=m.sha256,
                     source=Source(object_key=obj.object_key, member=m.path, files_total=n),
+                    project=obj.project, rules=obj.rules,
                 ), event_id=derived_id(event.id, "staged", m.path))
             await svc.outbox.add(session, ArchiveUnpacked(
                 upload_id=obj.upload_id, object_key=obj.object_key, filename=obj.filename,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import stream_unzip
-from imgest_runtime.store import IterReader, ObjectStore
+from imgest_runtime.store import IterReader, ObjectStore, RangeFile
 
 from .domain import (
     DIRECTORY,
@@ -76,33 +76,6 @@ def entries(store: ObjectStore, key: str, size: int, fmt: str, tally: Tally, pre
 # --- zip ------------------------------------------------------------------------------------------
 
 
-class _RangeFile(io.RawIOBase):
-    """A seekable read-only file over an object, each read a ranged read (zipfile wants one)."""
-
-    def __init__(self, store: ObjectStore, key: str, size: int):
-        self.store, self.key, self.size, self.pos = store, key, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, b) -> int:  # type: ignore[override]
-        data = self.store.read_range(self.key, self.pos, len(b)) if self.pos < self.size else b""
-        b[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
 def _zip_kind(info: zipfile.ZipInfo) -> str:
     if info.is_dir():
         return DIRECTORY
@@ -121,7 +94,7 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: 
                  ) -> Iterator[Entry]:
     _check_entry_count(store, key, size, tally)
     try:
-        with zipfile.ZipFile(io.BufferedReader(_RangeFile(store, key, size), 1024 * 1024)) as zf:
+        with zipfile.ZipFile(io.BufferedReader(RangeFile(store, key, size), 1024 * 1024)) as zf:
             infos = zf.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
         raise ArchiveError("archive.corrupt", "The zip archive cannot be read (its central "
