@@ -294,6 +294,72 @@ def test_mixed_upload_is_partial(running: Running, pydicom_file):
     assert by_path["mixed.zip/readme.txt"]["reason"]["code"] == "file.unsupported_type"
 
 
+def test_every_file_is_checked_against_its_projects_rules(running: Running, pydicom_file):
+    """Identified by content, checked against rules that change at runtime, duplicates in the
+    upload skipped; every verdict with its reason in the status and the email."""
+    on_one_store(running, "the metadata service reads both stores in its own tests")
+    project = running.project("RULES", accepted_kinds=["dicom", "photo", "slide"],
+                              metadata_rules={
+                                  "photo": {"required": ["DateTimeOriginal"]},
+                                  "dicom": {"properties": {"Modality": {"enum": ["CT", "MR"]}}}})
+    ct = pydicom_file("CT_small.dcm").read_bytes()
+    same_instance = pydicom.dcmread(io.BytesIO(ct))
+    same_instance.PatientComments = "re-sent with other bytes"
+    ultrasound = pydicom.dcmread(io.BytesIO(ct))
+    ultrasound.Modality, ultrasound.SOPInstanceUID = "US", generate_uid()
+    no_date = io.BytesIO()
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(no_date, "JPEG")
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, data in {
+                "ct": ct,  # no extension: known by its content
+                "copy-of-ct.dcm": ct,
+                "same-instance.dcm": dicom_bytes(same_instance),
+                "us.dcm": dicom_bytes(ultrasound),
+                "cut.dcm": ct[:30_000],
+                "dated.jpg": jpeg_with_exif(),
+                "undated.jpg": no_date.getvalue(),
+                "cases.csv": b"case_id,site\n1,A\n",
+        }.items():
+            zf.writestr(name, data)
+    state = running.wait(running.upload("checked.zip", out.getvalue(), project=project,
+                                        subject="S1", session="S1_v1")["id"])
+    files = {f["path"].removeprefix("checked.zip/"): f for f in state["files"]}
+    verdicts = {name: (f["state"], (f["reason"] or {}).get("code")) for name, f in files.items()}
+    assert verdicts == {
+        "ct": ("archived", None),
+        "copy-of-ct.dcm": ("duplicate", "file.duplicate"),
+        "same-instance.dcm": ("duplicate", "dicom.duplicate_instance"),
+        "us.dcm": ("rejected", "project.rules"),
+        "cut.dcm": ("rejected", "dicom.truncated"),
+        "dated.jpg": ("archived", None),
+        "undated.jpg": ("rejected", "project.rules"),
+        "cases.csv": ("rejected", "project.kind_not_accepted"),
+    }, verdicts
+    assert files["ct"]["kind"] == "dicom" and files["cases.csv"]["kind"] == "csv"
+    assert "'Modality' is 'US'; expected one of 'CT', 'MR'" in files["us.dcm"]["reason"]["message"]
+    assert "'DateTimeOriginal' is missing" in files["undated.jpg"]["reason"]["message"]
+    assert "checked.zip/ct" in files["copy-of-ct.dcm"]["reason"]["message"]
+    assert state["state"] == "partial"
+    assert state["counts"]["duplicates"] == 2 and state["counts"]["rejected"] == 4
+    text = running.mailbox.wait_for(state["id"])[0].get_payload()[0].get_payload(
+        decode=True).decode()
+    assert "2 duplicates skipped" in text and "Duplicates skipped:" in text
+    assert "dicom.duplicate_instance" in text and "project.kind_not_accepted" in text
+    validated = running.query("select value->'data'->'metadata' as m from metadata.outbox "
+                              "where topic = 'imgest.file.validated' and key = $1", state["id"])
+    photo = next(json.loads(r["m"]) for r in validated if json.loads(r["m"]).get("format"))
+    assert photo["DateTimeOriginal"] == "2026:11:26 10:00:00" and photo["width"] == 64
+
+    # The owner changes the rules; files processed afterwards are checked against the new ones.
+    running.project("RULES", accepted_kinds=["dicom"], metadata_rules={
+        "dicom": {"properties": {"Modality": {"enum": ["CT", "MR", "US"]}}}})
+    again = running.wait(running.upload("us.dcm", dicom_bytes(ultrasound), project=project,
+                                        subject="S1", session="S1_v1")["id"])
+    assert again["state"] == "archived", again["files"]
+
+
 def test_http_errors_are_problem_json(running: Running):
     on_one_store(running, "HTTP errors do not depend on the store")
     for response, status in [
