@@ -35,6 +35,7 @@ from sqlmodel import col, select
 
 from .domain import (
     HEAD_BYTES,
+    KIND_OF,
     CsvCheck,
     Identified,
     NeedMore,
@@ -45,6 +46,7 @@ from .domain import (
     read_exif,
     refused,
     slide_metadata,
+    sniff,
 )
 from .models import ProjectRulesRow, SeenFile, metadata
 from .settings import Settings
@@ -142,7 +144,7 @@ def read_headers(store: ObjectStore, staged: FileStaged, limit: int,
             found = identify(head, staged.size, staged.path)
         except NeedMore:
             if length >= limit:
-                return refused(identify_kind(head, staged.path), "file.headers_too_large",
+                return refused(KIND_OF[sniff(head, staged.path)], "file.headers_too_large",
                                f"The headers run past {limit} bytes; refusing to read further.")
             length = min(length * 4, limit)
             continue
@@ -154,12 +156,6 @@ def read_headers(store: ObjectStore, staged: FileStaged, limit: int,
         if fmt == "csv":
             return _read_csv(store, staged, head, csv_limit)
         return found
-
-
-def identify_kind(head: bytes, path: str) -> FileKind:
-    from .domain import KIND_OF, sniff
-
-    return KIND_OF[sniff(head, path)]
 
 
 def fileset_identified(staged: FileStaged) -> Identified:
