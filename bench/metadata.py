@@ -43,14 +43,16 @@ from pydicom.uid import generate_uid
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from imgest_contracts import FileKind, FileStaged, Source
 from imgest_metadata.app import read_headers
+from imgest_metadata.domain import HEAD_BYTES
+from imgest_metadata.settings import Settings
 from imgest_runtime.store import LocalStore, ObjectStore, S3Store
 
 from imgest.infra import exit_on_sigterm, free_port
 
 TEMPLATES = ("CT_small.dcm", "MR_small.dcm")  # both explicit VR little endian, uncompressed
 COLUMNS = 512
-LIMIT = 64 * 1024**2  # the service's default IMGEST_MAX_HEADER_BYTES
-FIRST_READ = 64 * 1024  # read_headers' first read (HEAD_BYTES), enough for these headers
+LIMIT = Settings.model_fields["max_header_bytes"].default  # the service's default
+FIRST_READ = HEAD_BYTES  # read_headers' first read, enough for these headers
 TARGET = 0.5
 
 
