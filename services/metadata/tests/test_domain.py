@@ -247,7 +247,7 @@ def test_identify_empty_dcm_is_empty() -> None:
         (b"id,name\n1,a\n2,b\n", "cases", "csv"),
         (b"id;name\n1;a\n", "x.bin", "csv"),
         (b"just words\n", "notes.csv", "csv"),
-        (b"just words\n", "notes", "unknown"),
+        (b"just words\n", "notes.txt", "unknown"),
         (b"a,b\x00\n", "x.csv", "unknown"),
         (b"", "x", "unknown"),
     ],

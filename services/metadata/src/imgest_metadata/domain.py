@@ -100,7 +100,7 @@ def sniff(head: bytes, path: str = "") -> str:
         return "bigtiff"
     if _dicom_without_preamble(head):
         return "dicom"
-    if _looks_like_text(head) and (path.lower().endswith((".csv", ".tsv", ".txt"))
+    if _looks_like_text(head) and (path.lower().endswith((".csv", ".tsv"))
                                    or _sniff_dialect(head) is not None):
         return "csv"
     return "unknown"
