@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -358,6 +359,99 @@ def test_every_file_is_checked_against_its_projects_rules(running: Running, pydi
     again = running.wait(running.upload("us.dcm", dicom_bytes(ultrasound), project=project,
                                         subject="S1", session="S1_v1")["id"])
     assert again["state"] == "archived", again["files"]
+
+
+def test_routing_overwrite_quarantine_and_pipelines_through_xnat_import(running: Running,
+                                                                        pydicom_file):
+    """XNAT's rules for a session that is already archived, through its import endpoint."""
+    on_one_store(running, "routing and overwrite decisions do not depend on the store")
+    running.project("OVR")
+    base = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    study = generate_uid()
+
+    def instance(n: int, comment: str = "") -> bytes:
+        ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, base.SeriesInstanceUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{study}.{n}"
+        ds.ImageComments = comment
+        return dicom_bytes(ds)
+
+    def send(body: bytes, **params: str) -> httpx.Response:
+        return running.http.post("/data/services/import", content=body, params={
+            "PROJECT_ID": "OVR", "SUBJECT_ID": "S1", "EXPT_LABEL": "E1", "dest": "/archive",
+            **params}, headers={"Content-Type": "application/dicom"}, timeout=90)
+
+    def archived() -> dict[str, str]:
+        rows = running.query(
+            "select f.object_key, f.sha256 from importer.file f join importer.scan s on "
+            "s.id = f.scan_id where s.session_id = 'OVR/S1/E1'")
+        return {r["object_key"].rsplit("/", 1)[1]: r["sha256"] for r in rows}
+
+    uri = "/data/archive/projects/OVR/subjects/S1/experiments/E1"
+    first = send(instance(1))
+    assert (first.status_code, first.text.strip()) == (200, uri), first.text
+    assert list(archived()) == [f"{study}.1.dcm"]
+    # The same bytes again: no error, no duplicate, whatever the overwrite mode.
+    assert send(instance(1)).status_code == 200
+    assert list(archived()) == [f"{study}.1.dcm"]
+    # New content with overwrite=none: 409, the entry waits in the prearchive as CONFLICT.
+    refused = send(instance(2))
+    assert refused.status_code == 409, refused.text
+    assert list(archived()) == [f"{study}.1.dcm"]
+    [entry] = running.query("select state, entry_state, reason from importer.session where "
+                            "project = 'OVR' and entry_state = 'CONFLICT'")
+    assert json.loads(entry["reason"])["code"] == "session.exists"
+    told = running.query("select value->'data' as d from importer.outbox where topic = "
+                         "'imgest.session.conflicted'")
+    assert any(json.loads(r["d"])["existing_uri"] == uri for r in told)
+    # append adds the new file and keeps the old, even when the old one was sent changed.
+    assert send(instance(2), overwrite="append").status_code == 200
+    before = archived()
+    assert set(before) == {f"{study}.1.dcm", f"{study}.2.dcm"}
+    assert send(instance(1, "changed"), overwrite="append").status_code == 200
+    assert archived() == before
+    # delete replaces what differs, in the catalogue and in the store alike.
+    assert send(instance(1, "changed"), overwrite="delete").status_code == 200
+    after = archived()
+    assert after[f"{study}.2.dcm"] == before[f"{study}.2.dcm"]
+    assert after[f"{study}.1.dcm"] != before[f"{study}.1.dcm"]
+    key = f"archive/OVR/S1/E1/scans/1/resources/DICOM/files/{study}.1.dcm"
+    with running.store.open(key) as f:
+        assert hashlib.sha256(f.read()).hexdigest() == after[f"{study}.1.dcm"]
+    # Another subject under the same label: a conflict whatever the mode.
+    other = send(instance(3), SUBJECT_ID="S2", overwrite="delete")
+    assert other.status_code == 409 and "subject" in other.text, other.text
+
+    # Routing by the project's setting, quarantine by the upload, pipelines unless turned off.
+    running.project("MANUAL", auto_archive="manual")
+    kept = running.http.post("/data/services/import", content=_fresh(pydicom_file), params={
+        "PROJECT_ID": "MANUAL"}, headers={"Content-Type": "application/dicom"}, timeout=90)
+    assert kept.status_code == 200 and kept.text.startswith("/data/prearchive/projects/MANUAL/")
+    sent = running.http.post("/data/services/import", content=_fresh(pydicom_file), params={
+        "PROJECT_ID": "MANUAL", "dest": "/archive", "triggerPipelines": "false",
+        "quarantine": "true"},
+        headers={"Content-Type": "application/dicom"}, timeout=90)
+    assert sent.status_code == 200 and sent.text.startswith("/data/archive/projects/MANUAL/")
+    free = running.http.post("/data/services/import", content=_fresh(pydicom_file), params={
+        "PROJECT_ID": "MANUAL", "dest": "/archive"},
+        headers={"Content-Type": "application/dicom"}, timeout=90)
+    assert free.status_code == 200
+    rows = {r["uri"]: r["quarantined"] for r in running.query(
+        "select uri, quarantined from importer.session where project = 'MANUAL' and "
+        "state = 'archived'")}
+    assert rows == {sent.text.strip(): True, free.text.strip(): False}
+    asked = [json.loads(r["d"])["session"]["uri"] for r in running.query(
+        "select value->'data' as d from importer.outbox where topic = "
+        "'imgest.pipelines.requested'")]
+    assert free.text.strip() in asked and sent.text.strip() not in asked
+
+
+def _fresh(pydicom_file) -> bytes:
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID = ds.PatientName = f"P{ds.StudyInstanceUID[-6:]}"
+    return dicom_bytes(ds)
 
 
 def test_http_errors_are_problem_json(running: Running):

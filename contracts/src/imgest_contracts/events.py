@@ -149,6 +149,10 @@ class ProjectRules(BaseModel):
     accepted_kinds: list[FileKind] = Field(..., description="Kinds of file the project takes.")
     metadata_rules: dict[FileKind, dict[NulFree, Json]] = Field(
         default_factory=dict, description="A JSON Schema per file kind for its metadata.")
+    auto_archive: Literal["manual", "auto", "auto-overwrite"] = Field(
+        "auto", description="Where sessions go when the upload does not say (see "
+        "ProjectSettings).")
+    quarantine: bool = Field(False, description="Archived content is quarantined by default.")
     updated_at: datetime = Field(..., description="When the project's settings last changed.")
 
 
@@ -176,6 +180,8 @@ class UploadSubmitted(Payload):
     options: ImportOptions
     object_keys: list[str]
     submitted_at: datetime
+    rules: ProjectRules | None = Field(None, description="The project's rules when submitted "
+                                       "(routing, quarantine).")
 
 
 class UploadCancelled(Payload):
@@ -306,12 +312,42 @@ class SessionArchived(Payload):
     archived_at: datetime
 
 
+class SessionConflicted(Payload):
+    event: ClassVar[str] = "session.conflicted"
+    key_field: ClassVar[str] = "session_key"
+    description: ClassVar[str] = (
+        "A session could not be archived onto the one already there (overwrite=none, or its "
+        "subject, study or modality differ): it waits in the prearchive as CONFLICT and the "
+        "archive is unchanged.")
+    session_key: str = Field(..., description="The prearchive entry holding the session.")
+    upload_ids: list[str]
+    session: SessionRef
+    existing_uri: str = Field(..., description="The archived session it collided with.")
+    reason: Reason
+
+
+class PipelinesRequested(Payload):
+    event: ClassVar[str] = "pipelines.requested"
+    key_field: ClassVar[str] = "session_key"
+    description: ClassVar[str] = (
+        "A session was archived and its upload did not turn pipelines off "
+        "(triggerPipelines=false): other systems may now process it.")
+    session_key: str
+    upload_ids: list[str]
+    session: SessionRef
+    study_uid: str | None = None
+    modalities: list[str] = Field(default_factory=list)
+    quarantined: bool = False
+    requested_at: datetime
+
+
 class SessionOutcome(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uri: str
     label: str
     state: Literal["archived", "prearchived", "conflict", "failed"]
     file_ids: list[str]
+    reason: Reason | None = Field(None, description="Why a session is in conflict.")
 
 
 class FileFailure(BaseModel):
@@ -425,6 +461,8 @@ EVENTS: tuple[type[Payload], ...] = (
     FileRejected,
     SessionPrearchived,
     SessionArchived,
+    SessionConflicted,
+    PipelinesRequested,
     UploadCompleted,
     NotificationSent,
     ProjectUpdated,

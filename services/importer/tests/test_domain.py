@@ -6,15 +6,19 @@ import re
 from datetime import datetime
 
 import pytest
-from imgest_contracts import FileKind, ImportOptions, SessionHints
+from imgest_contracts import FileKind, ImportOptions, ProjectRules, SessionHints
 from imgest_importer.domain import (
+    Existing,
     ObjectProgress,
     Part,
     ValidFile,
     is_complete,
+    land,
+    overwrite_mode,
     plan,
     prearchive_timestamp,
     session_id,
+    to_archive,
 )
 
 NOW = datetime(2024, 1, 2, 3, 4, 5, 678_901)
@@ -214,19 +218,29 @@ def test_archive_dest_and_true_auto_archive_archive() -> None:
         assert s.archived is True
 
 
-def test_photos_go_into_one_session() -> None:
+def test_photos_go_into_one_session_one_scan_per_image() -> None:
     files = [photo("trip/b.jpg", "bbbbbbbb" + "1" * 24),
              photo("a.jpg", "aaaaaaaa" + "2" * 24),
              photo("other/a.jpg", "cccccccc" + "3" * 24)]
     [s] = plan("u", ImportOptions(), files, "P", NOW)
-    assert (s.project, s.subject, s.label) == ("P", "unassigned", "unassigned_photo")
+    assert (s.project, s.subject, s.label) == ("P", "unassigned", "unassigned_images")
     assert s.study_uid is None and s.modalities == []
+    at = "archive/P/unassigned/unassigned_images/scans/"
     assert [p.key for p in s.placements] == [
-        "archive/P/unassigned/unassigned_photo/scans/photo/resources/PHOTO/files/aaaaaaaa_a.jpg",
-        "archive/P/unassigned/unassigned_photo/scans/photo/resources/PHOTO/files/cccccccc_a.jpg",
-        "archive/P/unassigned/unassigned_photo/scans/photo/resources/PHOTO/files/bbbbbbbb_b.jpg",
+        at + "a/resources/PHOTO/files/a.jpg",
+        at + "a_2/resources/PHOTO/files/a.jpg",  # two images of one name: two scans
+        at + "b/resources/PHOTO/files/b.jpg",
     ]
-    assert {p.scan for p in s.placements} == {"photo"}
+
+
+def test_photos_and_slides_of_an_upload_share_its_session() -> None:
+    slide = ValidFile("s" * 32, "staging/u/s/x.svs", "x.svs", FileKind.slide, SessionHints(),
+                      10, "0" * 64)
+    [s] = plan("u", ImportOptions(subject="SUBJ", session="V1"),
+               [photo("p.jpg", "f" * 32), slide], "P", NOW)
+    assert s.label == "V1" and {p.scan for p in s.placements} == {"p", "x"}
+    assert {p.key.split("/resources/")[1] for p in s.placements} == {
+        "PHOTO/files/p.jpg", "SLIDE/files/x.svs"}
 
 
 def test_photos_and_dicom_in_separate_sessions() -> None:
@@ -234,7 +248,106 @@ def test_photos_and_dicom_in_separate_sessions() -> None:
     sessions = plan("u", ImportOptions(subject="SUBJ"), files, "P", NOW)
     assert len(sessions) == 2
     labels = {s.study_uid: s.label for s in sessions}
-    assert labels == {"1.1": "E1", None: "SUBJ_photo"}
+    assert labels == {"1.1": "E1", None: "SUBJ_images"}
+
+
+# --- routing, quarantine and overwrite -------------------------------------------------------
+
+
+def rules(auto_archive: str = "auto", quarantine: bool = False) -> ProjectRules:
+    return ProjectRules(project="P", accepted_kinds=list(FileKind), auto_archive=auto_archive,
+                        quarantine=quarantine, updated_at=NOW)
+
+
+@pytest.mark.parametrize(("options", "hint", "project", "archived"), [
+    ({}, None, None, True),
+    ({}, None, "manual", False),
+    ({}, None, "auto-overwrite", True),
+    ({}, True, "manual", True),  # the DICOM's AA hint beats the project
+    ({"auto_archive": False}, True, "auto", False),  # the upload's AA beats the hint
+    ({"dest": "/prearchive/projects/P", "auto_archive": True}, True, "auto", False),
+    ({"dest": "/archive/projects/P", "auto_archive": False}, False, "manual", True),
+])
+def test_routing_order(options: dict, hint: bool | None, project: str | None,
+                       archived: bool) -> None:
+    assert to_archive(ImportOptions(**options), hint,
+                      rules(project) if project else None) is archived
+
+
+def test_overwrite_mode_and_quarantine_from_the_project() -> None:
+    assert overwrite_mode(ImportOptions(), rules("auto-overwrite")) == "delete"
+    assert overwrite_mode(ImportOptions(overwrite="append"), rules("auto-overwrite")) == "append"
+    assert overwrite_mode(ImportOptions(), rules()) == "none"
+    [s] = plan("u", ImportOptions(), [dcm("x.dcm", "1.1", "1.1.1")], "P", NOW,
+               rules(quarantine=True))
+    assert s.quarantined
+    [s] = plan("u", ImportOptions(quarantine=False), [dcm("x.dcm", "1.1", "1.1.1")], "P", NOW,
+               rules(quarantine=True))
+    assert not s.quarantined
+
+
+def existing_of(s, files: dict[str, str] | None = None, **kw) -> Existing:
+    return Existing(id=s.id, uri=s.uri, subject=kw.get("subject", s.subject),
+                    study_uid=kw.get("study_uid", s.study_uid),
+                    modalities=kw.get("modalities", s.modalities), files=files or {})
+
+
+def two_instances():
+    [s] = plan("u", ImportOptions(), [dcm("a.dcm", "1.1", "1.1.1"),
+                                      dcm("b.dcm", "1.1", "1.1.2")], "P", NOW)
+    return s
+
+
+def test_nothing_archived_yet_adds_everything() -> None:
+    s = two_instances()
+    land(s, None, "none")
+    assert s.archived and [p.action for p in s.placements] == ["add", "add"]
+
+
+@pytest.mark.parametrize("mode", ["none", "append", "delete"])
+def test_identical_resend_changes_nothing_in_any_mode(mode: str) -> None:
+    s = two_instances()
+    land(s, existing_of(s, {p.key: p.digest for p in s.placements}), mode)
+    assert s.archived and s.state == "READY"
+    assert [p.action for p in s.placements] == ["keep", "keep"]
+
+
+def test_overwrite_none_with_new_content_is_a_conflict_in_the_prearchive() -> None:
+    s = two_instances()
+    first = s.placements[0]
+    uri = s.uri
+    land(s, existing_of(s, {first.key: first.digest}), "none")
+    assert not s.archived and s.state == "CONFLICT" and s.existing_uri == uri
+    assert s.reason is not None and s.reason.code == "session.exists"
+    assert "overwrite=append" in s.reason.message
+    assert all(p.key.startswith(f"prearchive/P/{s.timestamp}/{s.label}/scans/")
+               for p in s.placements)
+
+
+def test_append_adds_new_files_and_keeps_what_is_there() -> None:
+    s = two_instances()
+    a, _b = s.placements
+    land(s, existing_of(s, {a.key: "9" * 64}), "append")
+    assert s.archived and [p.action for p in s.placements] == ["keep", "add"]
+
+
+def test_delete_replaces_what_differs() -> None:
+    s = two_instances()
+    a, b = s.placements
+    land(s, existing_of(s, {a.key: "9" * 64, b.key: b.digest}), "delete")
+    assert s.archived and [p.action for p in s.placements] == ["replace", "keep"]
+
+
+@pytest.mark.parametrize(("other", "code"), [
+    ({"subject": "someone_else"}, "session.subject_mismatch"),
+    ({"study_uid": "9.9"}, "session.study_mismatch"),
+    ({"modalities": ["MR"]}, "session.modality_mismatch"),
+])
+@pytest.mark.parametrize("mode", ["none", "append", "delete"])
+def test_mismatches_conflict_whatever_the_mode(other: dict, code: str, mode: str) -> None:
+    s = two_instances()
+    land(s, existing_of(s, **other), mode)
+    assert s.state == "CONFLICT" and s.reason is not None and s.reason.code == code
 
 
 def test_plan_is_deterministic_regardless_of_input_order() -> None:

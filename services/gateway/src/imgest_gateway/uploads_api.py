@@ -140,7 +140,9 @@ async def project_rules(session: AsyncSession, project_id: str | None) -> Projec
         return None
     settings = ProjectSettings.model_validate(project.settings)
     return ProjectRules(project=project.id, accepted_kinds=settings.accepted_kinds,
-                        metadata_rules=settings.metadata_rules, updated_at=project.updated_at)
+                        metadata_rules=settings.metadata_rules,
+                        auto_archive=settings.auto_archive, quarantine=settings.quarantine,
+                        updated_at=project.updated_at)
 
 
 async def submit(svc: Service, session: AsyncSession, upload: Upload,
@@ -158,7 +160,8 @@ async def submit(svc: Service, session: AsyncSession, upload: Upload,
         options=ImportOptions.model_validate({  # (the gateway keeps more, e.g. a listener id)
             "project": upload.project,
             **{k: v for k, v in upload.options.items() if k in ImportOptions.model_fields}}),
-        object_keys=[o.object_key for o in objects], submitted_at=datetime.now(UTC)))
+        object_keys=[o.object_key for o in objects], submitted_at=datetime.now(UTC),
+        rules=rules))
 
 
 async def project_settings(session: AsyncSession, project_id: str) -> ProjectSettings:

@@ -119,8 +119,10 @@ def outcome_response(upload: Upload, handler: str, ignore_unparsable: bool) -> P
     placed = [s["uri"] for s in sessions if s.get("state") in ("archived", "prearchived")]
     reasons = "\n".join(f"{f['path']}: {f['reason']['message']}" for f in failures)
     if conflicts:
-        return text(409, "Session exists and overwrite is none: " + ", ".join(
-            s["uri"] for s in conflicts) + ("\n" + reasons if reasons else ""))
+        return text(409, "\n".join(
+            f"{(s.get('reason') or {}).get('message', 'Session exists')} Waiting in the "
+            f"prearchive as CONFLICT: {s['uri']}" for s in conflicts)
+            + ("\n" + reasons if reasons else ""))
     if not placed:
         return text(400, "Nothing could be imported.\n" + reasons)
     if handler == "SI" and len(placed) > 1:

@@ -27,8 +27,11 @@ from imgest_contracts import (
     FileValidated,
     ImportOptions,
     ObjectStored,
+    PipelinesRequested,
+    ProjectRules,
     Reason,
     SessionArchived,
+    SessionConflicted,
     SessionHints,
     SessionOutcome,
     SessionPrearchived,
@@ -47,7 +50,17 @@ from sqlalchemy import func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .domain import ObjectProgress, Part, SessionPlan, ValidFile, is_complete, plan
+from .domain import (
+    Existing,
+    ObjectProgress,
+    Part,
+    SessionPlan,
+    ValidFile,
+    is_complete,
+    land,
+    overwrite_mode,
+    plan,
+)
 from .models import (
     CatalogueFile,
     Scan,
@@ -195,15 +208,20 @@ class Importer:
         valid = [valid_file(f) for f in files if f.state == "validated"]
         now = datetime.now(UTC)
         cancelled = upload.cancelled  # then nothing is placed, and nothing kept
+        rules = ProjectRules.model_validate(upload.rules) if upload.rules else None
         sessions = [] if cancelled else plan(upload_id, options, valid,
-                                             self.settings.default_project, now)
+                                             self.settings.default_project, now, rules)
+        mode = overwrite_mode(options, rules)
+        async with self.svc.db.session() as session:
+            for s in sessions:
+                land(s, await self._existing(session, s, upload_id), mode)
 
         # Copies first (server-side, idempotent): the catalogue only ever names objects that exist.
         # A re-opened upload (generation > 0) finds its earlier files already placed.
         def place() -> None:
             for s in sessions:
                 for p in s.placements:
-                    if store.stat(p.key) is None:
+                    if p.action == "replace" or (p.action == "add" and store.stat(p.key) is None):
                         store.copy(p.source_key, p.key)
             if cancelled:
                 return
@@ -225,7 +243,8 @@ class Importer:
             if upload is None or upload.state != "completing":
                 return
             for s in sessions:
-                await self._catalogue(session, upload_id, s, now, upload.generation)
+                await self._catalogue(session, upload_id, s, now, upload.generation,
+                                      options.trigger_pipelines)
             failures = [FileFailure(file_id=f.file_id, path=f.path,
                                     reason=Reason.model_validate(f.reason))
                         for f in files if f.state == "rejected" and f.reason]
@@ -240,16 +259,19 @@ class Importer:
             counts = UploadCounts(files=len(valid) + len(failures), archived=archived,
                                   prearchived=prearchived, rejected=len(failures),
                                   duplicates=len(skipped))
-            outcome = ("cancelled" if cancelled else "succeeded" if not failures and valid
-                       else "partial" if valid else "failed")
+            conflicts = [s for s in sessions if s.state == "CONFLICT"]
+            placed = len(conflicts) < len(sessions)
+            outcome = ("cancelled" if cancelled
+                       else "succeeded" if not failures and not conflicts and valid
+                       else "partial" if placed else "failed")
             await self.svc.outbox.add(session, UploadCompleted(
                 upload_id=upload_id, uploader=Uploader.model_validate(upload.uploader or {
                     "username": "unknown"}),
                 project=options.project or (sessions[0].project if sessions else None),
                 outcome=outcome, counts=counts,
-                sessions=[SessionOutcome(uri=s.uri, label=s.label,
-                                         state="archived" if s.archived else "prearchived",
-                                         file_ids=s.file_ids)
+                sessions=[SessionOutcome(uri=s.uri, label=s.label, state=(
+                    "archived" if s.archived else "conflict" if s.state == "CONFLICT"
+                    else "prearchived"), file_ids=s.file_ids, reason=s.reason)
                           for s in sessions],
                 failures=failures, skipped=skipped, completed_at=now,
                 generation=upload.generation,
@@ -290,8 +312,28 @@ class Importer:
             if obj.key not in keep:
                 store.delete(obj.key)
 
+    async def _existing(self, session: AsyncSession, s: SessionPlan, upload_id: str
+                        ) -> Existing | None:
+        """The archived session of the plan's project and label, with its files (labels are
+        unique in a project, whatever the subject)."""
+        if not s.archived:
+            return None
+        row = (await session.exec(select(Session).where(
+            Session.project == s.project, Session.label == s.label,
+            Session.state == "archived"))).first()
+        if row is None:
+            return None
+        files = (await session.exec(
+            select(CatalogueFile.object_key, CatalogueFile.sha256, CatalogueFile.upload_id)
+            .join(Scan, col(Scan.id) == CatalogueFile.scan_id)
+            .where(Scan.session_id == row.id))).all()
+        return Existing(id=row.id, uri=row.uri, subject=row.subject_id.split("/", 1)[1],
+                        study_uid=row.study_uid, modalities=list(row.modalities or []),
+                        files={key: sha for key, sha, _ in files},
+                        ours=any(u == upload_id for _, _, u in files))
+
     async def _catalogue(self, session: AsyncSession, upload_id: str, s: SessionPlan,
-                         now: datetime, generation: int) -> None:
+                         now: datetime, generation: int, pipelines: bool) -> None:
         subject_id = f"{s.project}/{s.subject}"
         await insert_ignore(session, Subject.__table__, id=subject_id, project=s.project,
                             label=s.subject)
@@ -300,23 +342,29 @@ class Importer:
             row = Session(id=s.id, project=s.project, subject_id=subject_id, label=s.label,
                           state="archived" if s.archived else "prearchived", uri=s.uri,
                           prefix=s.prefix, study_uid=s.study_uid, modalities=s.modalities,
+                          quarantined=s.quarantined and s.archived,
+                          entry_state=None if s.archived else s.state,
+                          reason=s.reason.model_dump() if s.reason else None,
                           created_at=now, updated_at=now)
         else:
             row.modalities = sorted(set(row.modalities or []) | set(s.modalities))
+            row.quarantined = row.quarantined or (s.quarantined and s.archived)
             row.updated_at = now
         session.add(row)
         scans: dict[str, ValidFile] = {}
         for p in s.placements:
             scans.setdefault(p.scan, p.file)
+            f = await session.get(UploadFile, p.file.file_id, with_for_update=True)
+            if f is not None:
+                f.state, f.session_id = ("archived" if s.archived else "prearchived"), s.id
+                session.add(f)
+            if p.action == "keep":  # the archived object stays, and so does its record
+                continue
             await session.merge(CatalogueFile(
                 object_key=p.key, scan_id=f"{s.id}/{p.scan}", name=p.name,
                 size=p.file.size if p.size is None else p.size,
                 sha256=p.sha256 or p.file.sha256, sop_instance_uid=p.file.hints.sop_instance_uid,
                 file_id=p.file.file_id, upload_id=upload_id))
-            f = await session.get(UploadFile, p.file.file_id, with_for_update=True)
-            if f is not None:
-                f.state, f.session_id = ("archived" if s.archived else "prearchived"), s.id
-                session.add(f)
         for label, first in scans.items():
             await insert_ignore(session, Scan.__table__, id=f"{s.id}/{label}", session_id=s.id,
                                 label=label, series_uid=first.hints.series_uid,
@@ -326,14 +374,26 @@ class Importer:
         if s.archived:
             await self.svc.outbox.add(session, SessionArchived(
                 session_key=s.id, upload_ids=upload_ids, session=ref, study_uid=s.study_uid,
-                modalities=s.modalities, scans=len(scans), files=len(s.placements),
-                archived_at=now),
+                modalities=row.modalities or [], scans=len(scans), files=len(s.placements),
+                quarantined=row.quarantined, archived_at=now),
                 event_id=derived_id("session.archived", upload_id, s.id, str(generation)))
-        else:
-            await self.svc.outbox.add(session, SessionPrearchived(
-                session_key=s.id, upload_ids=upload_ids, session=ref, timestamp=s.timestamp,
-                state="READY", files=len(s.placements)),
-                event_id=derived_id("session.prearchived", upload_id, s.id, str(generation)))
+            if pipelines:
+                await self.svc.outbox.add(session, PipelinesRequested(
+                    session_key=s.id, upload_ids=upload_ids, session=ref,
+                    study_uid=s.study_uid, modalities=row.modalities or [],
+                    quarantined=row.quarantined, requested_at=now),
+                    event_id=derived_id("pipelines.requested", upload_id, s.id,
+                                        str(generation)))
+            return
+        await self.svc.outbox.add(session, SessionPrearchived(
+            session_key=s.id, upload_ids=upload_ids, session=ref, timestamp=s.timestamp,
+            state=s.state, files=len(s.placements), reason=s.reason),  # type: ignore[arg-type]
+            event_id=derived_id("session.prearchived", upload_id, s.id, str(generation)))
+        if s.state == "CONFLICT" and s.reason and s.existing_uri:
+            await self.svc.outbox.add(session, SessionConflicted(
+                session_key=s.id, upload_ids=upload_ids, session=ref,
+                existing_uri=s.existing_uri, reason=s.reason),
+                event_id=derived_id("session.conflicted", upload_id, s.id, str(generation)))
 
     async def redrive(self) -> None:
         """Finishes uploads left `completing` or `cleaning` by a crash or an outage."""
@@ -352,7 +412,8 @@ def bootstrap(settings: Settings) -> Service:
     importer = Importer(svc, settings)
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_seconds / 3),
                                  importer.redrive))
-    svc.publishes(SessionArchived, SessionPrearchived, UploadCompleted)
+    svc.publishes(SessionArchived, SessionPrearchived, SessionConflicted, PipelinesRequested,
+                  UploadCompleted)
 
     @svc.on(UploadSubmitted)
     async def on_upload_submitted(event: CloudEvent[UploadSubmitted], tx: Tx) -> None:
@@ -362,6 +423,7 @@ def bootstrap(settings: Settings) -> Service:
         upload.uploader = u.uploader.model_dump(mode="json")
         upload.options = u.options.model_dump(mode="json")
         upload.object_keys = u.object_keys
+        upload.rules = u.rules.model_dump(mode="json") if u.rules else None
         upload.updated_at = datetime.now(UTC)
         tx.session.add(upload)
         for key in u.object_keys:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import PurePosixPath
 
-from imgest_contracts import FileKind, ImportOptions, SessionHints
+from imgest_contracts import FileKind, ImportOptions, ProjectRules, Reason, SessionHints
 from imgest_runtime.store import fit_name
 
 
@@ -62,7 +62,7 @@ class ValidFile:
     parts: tuple[Part, ...] = ()  # … and these its related files
 
 
-@dataclass(frozen=True)
+@dataclass
 class Placement:
     file: ValidFile
     scan: str
@@ -71,10 +71,30 @@ class Placement:
     source: str = ""  # the staged object copied there (default: the file's own)
     size: int | None = None  # (default: the file's own)
     sha256: str | None = None
+    # add: a new object; replace: copied over the archived one (overwrite=delete); keep: the
+    # archived object stays (the same bytes re-sent, or overwrite=append)
+    action: str = "add"
 
     @property
     def source_key(self) -> str:
         return self.source or self.file.staged_key
+
+    @property
+    def digest(self) -> str:
+        return self.sha256 or self.file.sha256
+
+
+@dataclass(frozen=True)
+class Existing:
+    """An archived session a plan lands on (same project and label)."""
+
+    id: str
+    uri: str
+    subject: str
+    study_uid: str | None
+    modalities: list[str]
+    files: dict[str, str]  # object key → sha256
+    ours: bool = False  # holds files of the upload being placed (a re-opened upload)
 
 
 @dataclass
@@ -86,6 +106,10 @@ class SessionPlan:
     study_uid: str | None
     timestamp: str
     placements: list[Placement] = field(default_factory=list)
+    quarantined: bool = False
+    state: str = "READY"  # of a prearchive entry: READY, or CONFLICT with a reason
+    reason: Reason | None = None
+    existing_uri: str | None = None  # the archived session a CONFLICT collided with
 
     @property
     def id(self) -> str:
@@ -127,26 +151,91 @@ def prearchive_timestamp(when: datetime) -> str:
     return when.strftime("%Y%m%d_%H%M%S") + f"{when.microsecond // 1000:03d}"
 
 
+def to_archive(options: ImportOptions, hinted: bool | None, rules: ProjectRules | None) -> bool:
+    """Archive or prearchive, in XNAT's order: `dest`, the upload's AA, the DICOM's AA hint,
+    then the project's setting (manual keeps sessions in the prearchive)."""
+    dest = options.dest or ""
+    if dest.startswith("/prearchive"):
+        return False
+    if dest.startswith("/archive"):
+        return True
+    if options.auto_archive is not None:
+        return options.auto_archive
+    if hinted is not None:
+        return hinted
+    return (rules.auto_archive if rules else "auto") != "manual"
+
+
+def overwrite_mode(options: ImportOptions, rules: ProjectRules | None) -> str:
+    """The upload's overwrite; a project set to auto-archive with overwrite replaces what
+    differs when the upload does not ask for more."""
+    if options.overwrite == "none" and rules is not None and rules.auto_archive == (
+            "auto-overwrite"):
+        return "delete"
+    return options.overwrite
+
+
+def land(s: SessionPlan, existing: Existing | None, overwrite: str) -> None:
+    """Decides how an archive-bound session meets the archived one of its label (XNAT's
+    overwrite rules): nothing there, added whole; a different subject, study or modality, or
+    new content with overwrite=none, a CONFLICT that waits in the prearchive (the archive
+    unchanged); otherwise merged, each file added, kept or replaced. The same bytes sent again
+    change nothing, whatever the mode."""
+    if existing is None or not s.archived:
+        return
+    if existing.ours:
+        overwrite = "append"  # a re-opened upload adds to what it placed itself
+    what = f"Session {s.label} of project {s.project}"
+    conflict = None
+    if existing.subject != s.subject:
+        conflict = Reason(code="session.subject_mismatch", message=f"{what} is archived under subject "
+                    f"{existing.subject}; this upload puts it under {s.subject}.")
+    elif s.study_uid and existing.study_uid and s.study_uid != existing.study_uid:
+        conflict = Reason(code="session.study_mismatch", message=f"{what} holds study {existing.study_uid}; "
+                    f"this upload holds study {s.study_uid}.")
+    elif s.modalities and existing.modalities and not set(s.modalities) & set(
+            existing.modalities):
+        conflict = Reason(code="session.modality_mismatch", message=f"{what} is {'/'.join(existing.modalities)}"
+                    f"; this upload is {'/'.join(s.modalities)}.")
+    elif overwrite == "none" and any(existing.files.get(p.key) != p.digest
+                                     for p in s.placements):
+        conflict = Reason(code="session.exists", message=f"{what} is already archived ({existing.uri}) and "
+                    "overwrite is none: the archive keeps it as it is. Archive this entry "
+                    "with overwrite=append (add new files) or delete (replace what differs).")
+    if conflict:
+        archive_prefix = s.prefix
+        s.archived, s.state, s.existing_uri = False, "CONFLICT", existing.uri
+        s.reason = conflict
+        for p in s.placements:  # into the prearchive entry instead
+            p.key = s.prefix + p.key[len(archive_prefix):]
+        return
+    for p in s.placements:
+        there = existing.files.get(p.key)
+        if there is not None:
+            p.action = "keep" if there == p.digest or overwrite == "append" else "replace"
+
+
 def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default_project: str,
-         now: datetime) -> list[SessionPlan]:
-    """Groups validated files into sessions: DICOM by study, photos into one session per upload.
+         now: datetime, rules: ProjectRules | None = None) -> list[SessionPlan]:
+    """Groups validated files into sessions: DICOM by study into one scan per series; the
+    photos and slides of an upload into one session (its session fields), one scan per image.
 
     The upload's explicit project/subject/session win over what the headers say (XNAT's rule).
     """
     timestamp = prearchive_timestamp(now)
-    archived = options.auto_archive is not False and not (options.dest or "").startswith(
-        "/prearchive")
+    quarantined = options.quarantine if options.quarantine is not None else bool(
+        rules and rules.quarantine)
     sessions: dict[str, SessionPlan] = {}
     labels_taken: dict[tuple[str, str], str] = {}  # XNAT: a session label is unique per project
     for f in sorted(files, key=lambda f: f.path):
         h = f.hints
-        group = f"study:{h.study_uid}" if f.kind is FileKind.dicom else f"kind:{f.kind.value}"
+        group = f"study:{h.study_uid}" if f.kind is FileKind.dicom else "images"
         s = sessions.get(group)
         if s is None:
             project = options.project or h.project or default_project
             subject = options.subject or h.subject or "unassigned"
             label = options.session or h.session or (
-                f"{subject}_{f.kind.value}" if f.kind is not FileKind.dicom
+                f"{subject}_images" if f.kind is not FileKind.dicom
                 else f"study_{(h.study_uid or upload_id)[-12:].replace('.', '_')}")
             # Two studies of one upload must not share a session label.
             base, n = label, 1
@@ -154,15 +243,17 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
                 n += 1
                 label = f"{base}_{n}"
             labels_taken[(project, label)] = group
-            this_archived = archived and h.auto_archive is not False
-            s = SessionPlan(project, subject, label, this_archived, h.study_uid, timestamp)
+            s = SessionPlan(project, subject, label, to_archive(options, h.auto_archive, rules),
+                            h.study_uid, timestamp, quarantined=quarantined)
             sessions[group] = s
-        if f.fileset_format:  # one image in several files: one scan, the vendor's layout
-            scan = base = _LABEL.sub("_", PurePosixPath(f.path).stem).strip("_")[:60] or "slide"
+        if f.kind is not FileKind.dicom:  # an image (photo, slide, fileset): a scan of its own
+            scan = base = _LABEL.sub("_", PurePosixPath(f.path).stem).strip("_")[:60] or (
+                f.kind.value)
             n = 1
             while any(p.scan == scan and p.file.file_id != f.file_id for p in s.placements):
-                n += 1  # two slides of one name in a session: two scans, never one over another
+                n += 1  # two images of one name in a session: two scans, never one over another
                 scan = f"{base}_{n}"
+        if f.fileset_format:  # one image in several files: the vendor's layout
             files = f"{s.prefix}scans/{scan}/resources/{f.fileset_format.upper()}/files/"
             name = fit_name(PurePosixPath(f.path).name)
             s.placements.append(Placement(f, scan, files + name, name))
@@ -178,8 +269,7 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
             name = f"{h.sop_instance_uid or f.file_id}.dcm"
             resource = "DICOM"
         else:
-            scan = f.kind.value
-            name = fit_name(f"{f.file_id[:8]}_{PurePosixPath(f.path).name}")
+            name = fit_name(PurePosixPath(f.path).name)
             resource = f.kind.value.upper()
         key = f"{s.prefix}scans/{scan}/resources/{resource}/files/{name}"
         s.placements.append(Placement(f, scan, key, name))

@@ -37,6 +37,7 @@ class Upload(Base, table=True):
     uploader: dict | None = _json()
     options: dict | None = _json()
     object_keys: list | None = _json()
+    rules: dict | None = _json()  # the project's rules when submitted (routing, quarantine)
     updated_at: datetime | None = _ts()
 
 
@@ -88,6 +89,9 @@ class Session(Base, table=True):
     prefix: str = Field(max_length=1024, description="where its objects live in the store")
     study_uid: str | None = Field(default=None, max_length=128, index=True)
     modalities: list | None = _json()
+    quarantined: bool = Field(default=False, sa_column_kwargs={"server_default": "false"})
+    entry_state: str | None = Field(default=None, max_length=20)  # a prearchive entry's: READY…
+    reason: dict | None = _json()  # why a prearchive entry is in CONFLICT
     created_at: datetime | None = _ts()
     updated_at: datetime | None = _ts()
 
