@@ -42,8 +42,9 @@ def test_checked_in_schemas_match_the_models():
 
 def test_every_required_event_has_a_schema():
     required = {"object.stored", "file.staged", "file.validated", "file.rejected",
-                "session.prearchived", "session.archived", "upload.submitted",
-                "upload.completed", "notification.sent"}
+                "session.prearchived", "session.archived", "session.conflicted",
+                "pipelines.requested", "upload.submitted", "upload.completed",
+                "notification.sent"}
     assert required <= {e.event for e in EVENTS}
     for name in required:
         assert (SCHEMA_DIR / f"{name}.v1.json").exists()
@@ -55,6 +56,7 @@ def test_topic_names_and_keys(event):
     assert event.key_field in event.model_fields
     # DESIGN.md §4: upload-scoped events keyed by upload, session events by session.
     expected = {"session.archived": "session_key", "session.prearchived": "session_key",
+                "session.conflicted": "session_key", "pipelines.requested": "session_key",
                 "notification.sent": "notification_id", "project.updated": "project"}
     assert event.key_field == expected.get(event.event, "upload_id")
 
