@@ -357,7 +357,7 @@ def test_every_file_is_checked_against_its_projects_rules(running: Running, pydi
     running.project("RULES", accepted_kinds=["dicom"], metadata_rules={
         "dicom": {"properties": {"Modality": {"enum": ["CT", "MR", "US"]}}}})
     again = running.wait(running.upload("us.dcm", dicom_bytes(ultrasound), project=project,
-                                        subject="S1", session="S1_v1")["id"])
+                                        subject="S1", session="S1_us")["id"])
     assert again["state"] == "archived", again["files"]
 
 
@@ -404,7 +404,22 @@ def test_routing_overwrite_quarantine_and_pipelines_through_xnat_import(running:
     told = running.query("select value->'data' as d from importer.outbox where topic = "
                          "'imgest.session.conflicted'")
     assert any(json.loads(r["d"])["existing_uri"] == uri for r in told)
-    # append adds the new file and keeps the old, even when the old one was sent changed.
+    # The entry is archived later (XNAT's commit): still a conflict with overwrite=none …
+    [entry_uri] = [r["uri"] for r in running.query(
+        "select uri from importer.session where project = 'OVR' and entry_state = 'CONFLICT'")]
+    again = running.http.post("/data/services/archive", params={"src": entry_uri})
+    assert again.status_code == 409 and "overwrite" in again.text, again.text
+    # … and merged with overwrite=append (JSON API): the entry leaves the prearchive.
+    merged = running.http.post("/api/v1/prearchive/archive", json={
+        "entry": entry_uri, "overwrite": "append"}, timeout=90)
+    assert merged.status_code == 200 and merged.json()["uri"] == uri, merged.text
+    assert set(archived()) == {f"{study}.1.dcm", f"{study}.2.dcm"}
+    assert not running.query("select 1 from importer.session where uri = $1", entry_uri)
+    prefix = entry_uri.removeprefix("/data/prearchive/projects/")
+    assert list(running.store.list(f"prearchive/{prefix}/")) == []
+    gone = running.http.post("/api/v1/prearchive/archive", json={"entry": entry_uri})
+    assert gone.status_code == 404, gone.text
+    # append keeps what is there, even when it was sent changed.
     assert send(instance(2), overwrite="append").status_code == 200
     before = archived()
     assert set(before) == {f"{study}.1.dcm", f"{study}.2.dcm"}
@@ -444,6 +459,30 @@ def test_routing_overwrite_quarantine_and_pipelines_through_xnat_import(running:
         "select value->'data' as d from importer.outbox where topic = "
         "'imgest.pipelines.requested'")]
     assert free.text.strip() in asked and sent.text.strip() not in asked
+
+
+def test_two_uploads_of_one_study_at_once_end_as_one_session(running: Running, pydicom_file):
+    on_one_store(running, "how sessions merge does not depend on the store")
+    running.project("TWIN")
+    study = generate_uid()
+    uploads = []
+    for n in (1, 2):
+        ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+        ds.StudyInstanceUID = study
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{study}.{n}"
+        upload = running.http.post("/api/v1/projects/TWIN/uploads", json={}).json()
+        added = running.http.post(f"/api/v1/uploads/{upload['id']}/files",
+                                  params={"filename": f"{n}.dcm"}, content=dicom_bytes(ds))
+        assert added.status_code == 201, added.text
+        uploads.append(upload["id"])
+    for upload_id in uploads:  # both sent before either is placed
+        assert running.http.post(f"/api/v1/uploads/{upload_id}/submit").status_code == 200
+    states = [running.wait(u) for u in uploads]
+    assert [s["state"] for s in states] == ["archived", "archived"], states
+    rows = running.query("select s.id, count(*) as n from importer.session s join "
+                         "importer.scan c on c.session_id = s.id join importer.file f on "
+                         "f.scan_id = c.id where s.study_uid = $1 group by s.id", study)
+    assert [r["n"] for r in rows] == [2], rows
 
 
 def _fresh(pydicom_file) -> bytes:

@@ -341,6 +341,34 @@ class PipelinesRequested(Payload):
     requested_at: datetime
 
 
+class ArchiveRequested(Payload):
+    event: ClassVar[str] = "archive.requested"
+    key_field: ClassVar[str] = "session_key"
+    description: ClassVar[str] = (
+        "A command: archive a prearchive entry (XNAT's commit), with the overwrite rules; "
+        "archive.finished answers it.")
+    request_id: str
+    session_key: str = Field(..., description="The prearchive entry, e.g. "
+                             "prearchive/P/20260101_120000000/E1.")
+    username: str
+    overwrite: Literal["none", "append", "delete"] = "none"
+    quarantine: bool | None = None
+    trigger_pipelines: bool = True
+    requested_at: datetime
+
+
+class ArchiveFinished(Payload):
+    event: ClassVar[str] = "archive.finished"
+    key_field: ClassVar[str] = "session_key"
+    description: ClassVar[str] = "The answer to archive.requested."
+    request_id: str
+    session_key: str = Field(..., description="The prearchive entry the request named.")
+    state: Literal["archived", "conflict", "refused"]
+    uri: str | None = Field(None, description="Where the session is now (archive or "
+                            "prearchive).")
+    reason: Reason | None = None
+
+
 class SessionOutcome(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uri: str
@@ -463,6 +491,8 @@ EVENTS: tuple[type[Payload], ...] = (
     SessionArchived,
     SessionConflicted,
     PipelinesRequested,
+    ArchiveRequested,
+    ArchiveFinished,
     UploadCompleted,
     NotificationSent,
     ProjectUpdated,

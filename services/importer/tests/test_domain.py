@@ -406,3 +406,15 @@ def test_a_part_staged_elsewhere_is_never_placed() -> None:
     odd = ValidFile(**{**odd.__dict__, "staged_key": "staging/u1/members/f1/x"})
     [s] = plan("u1", ImportOptions(), [odd], "P", NOW)
     assert [p.name for p in s.placements] == ["s.mrxs"]
+
+
+def test_a_session_made_after_the_upload_was_sent_is_its_twin_and_merges() -> None:
+    s = two_instances()
+    a, _b = s.placements
+    made = Existing(id=s.id, uri=s.uri, subject=s.subject, study_uid=s.study_uid,
+                    modalities=s.modalities, files={a.key: a.digest}, created_at=NOW)
+    land(s, made, "none", submitted_at=NOW.replace(second=4))  # sent before it was made
+    assert s.archived and [p.action for p in s.placements] == ["keep", "add"]
+    s = two_instances()
+    land(s, made, "none", submitted_at=NOW.replace(second=6))  # sent after: an existing one
+    assert s.state == "CONFLICT"

@@ -12,8 +12,10 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from imgest_contracts import (
+    ArchiveFinished,
     ArchiveProgress,
     ArchiveRejected,
+    ArchiveRequested,
     ArchiveUnpacked,
     CloudEvent,
     FileRejected,
@@ -40,11 +42,12 @@ from sqlalchemy import func, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from .archive_api import archive_router
 from .auth import CallerDep, ensure_first_admin, forbidden
 from .domain import UNPLACED, BadFilename, advances, safe_filename, upload_state
 from .identity import Action, Caller, hash_password
 from .identity_api import identity_router
-from .models import Project, Upload, UploadFile, UploadObject, metadata
+from .models import ArchiveRequest, Project, Upload, UploadFile, UploadObject, metadata
 from .settings import Settings
 from .tus_api import tus_router
 from .uploads_api import Refused, stream_to_store, submit, uploads_router
@@ -61,7 +64,8 @@ def bootstrap(settings: Settings) -> Service:
     # Not at the very start: the status must first catch up with events sent while it was down.
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_idle_seconds / 3),
                                  lambda: redrive(svc, settings), at_start=False))
-    svc.publishes(ObjectStored, UploadSubmitted, UploadCancelled, ProjectUpdated)
+    svc.publishes(ObjectStored, UploadSubmitted, UploadCancelled, ProjectUpdated,
+                  ArchiveRequested)
     svc.startup.append(lambda: ensure_first_admin(
         svc.db, settings.admin_user, settings.admin_email, settings.admin_token_file,
         token=settings.admin_token.get_secret_value() if settings.admin_token else None,
@@ -173,16 +177,28 @@ def register_handlers(svc: Service) -> None:
                           object_key=f.object_key, path=f.path, state="failed",
                           kind="unknown", reason=reason.model_dump())
 
+    @svc.on(ArchiveFinished)
+    async def on_archive_finished(event: CloudEvent[ArchiveFinished], tx: Tx) -> None:
+        done = event.data
+        row = await tx.session.get(ArchiveRequest, done.request_id, with_for_update=True)
+        if row is not None and row.state == "pending":
+            row.state, row.uri = done.state, done.uri
+            row.reason = done.reason.model_dump() if done.reason else None
+            row.updated_at = datetime.now(UTC)
+            tx.session.add(row)
+
     @svc.on(UploadCompleted)
     async def on_upload_completed(event: CloudEvent[UploadCompleted], tx: Tx) -> None:
         done = event.data
         session = tx.session
         for outcome in done.sessions:
-            state = {"archived": "archived", "prearchived": "prearchived"}.get(
-                outcome.state, "failed")
+            # A conflict waits in the prearchive (with its reason) until someone archives it.
+            state = {"archived": "archived", "prearchived": "prearchived",
+                     "conflict": "prearchived"}.get(outcome.state, "failed")
+            reason = outcome.reason.model_dump() if outcome.reason else None
             for file_id in outcome.file_ids:
                 await _track_file(session, upload_id=done.upload_id, file_id=file_id,
-                                  state=state, session_uri=outcome.uri)
+                                  state=state, session_uri=outcome.uri, reason=reason)
         for failure, state in [(f, "rejected") for f in done.failures] + [
                 (f, "duplicate") for f in done.skipped]:
             if failure.file_id:
@@ -372,6 +388,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(uploads_router(svc, settings))
     app.include_router(tus_router(svc, settings))
     app.include_router(xnat_router(svc, settings))
+    app.include_router(archive_router(svc, settings))
     plain_http_errors(app)
 
     async def refused(_request: Request, error: Exception) -> Response:

@@ -147,3 +147,18 @@ class TusUpload(Base, table=True):
     created_at: datetime = _ts(nullable=False)
     expires_at: datetime = _ts(nullable=False, index=True)
     object_key: str | None = Field(default=None, max_length=1024)  # set once complete
+
+
+class ArchiveRequest(Base, table=True):
+    """A request to archive a prearchive entry, and its answer (archive.finished)."""
+
+    __tablename__ = "archive_request"
+    id: str = Field(primary_key=True, max_length=64)
+    session_key: str = Field(max_length=512)
+    project: str = Field(max_length=64, index=True)
+    username: str = Field(max_length=64)
+    state: str = Field(max_length=20)  # pending → archived | conflict | refused
+    uri: str | None = Field(default=None, max_length=1024)
+    reason: dict | None = Field(default=None, sa_column=Column(JSONB))
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)

@@ -17,7 +17,9 @@ from pathlib import Path, PurePosixPath
 
 from fastapi import FastAPI
 from imgest_contracts import (
+    ArchiveFinished,
     ArchiveRejected,
+    ArchiveRequested,
     ArchiveUnpacked,
     CloudEvent,
     FileFailure,
@@ -46,7 +48,7 @@ from imgest_runtime.broker import PIPELINE_FAILED
 from imgest_runtime.outbox import derived_id, insert_ignore
 from imgest_runtime.service import Periodic, Service, Tx, create_app
 from imgest_runtime.store import fit_name
-from sqlalchemy import func
+from sqlalchemy import delete, func
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -54,6 +56,7 @@ from .domain import (
     Existing,
     ObjectProgress,
     Part,
+    Placement,
     SessionPlan,
     ValidFile,
     is_complete,
@@ -214,7 +217,7 @@ class Importer:
         mode = overwrite_mode(options, rules)
         async with self.svc.db.session() as session:
             for s in sessions:
-                land(s, await self._existing(session, s, upload_id), mode)
+                land(s, await self._existing(session, s, upload_id), mode, upload.submitted_at)
 
         # Copies first (server-side, idempotent): the catalogue only ever names objects that exist.
         # A re-opened upload (generation > 0) finds its earlier files already placed.
@@ -330,10 +333,15 @@ class Importer:
         return Existing(id=row.id, uri=row.uri, subject=row.subject_id.split("/", 1)[1],
                         study_uid=row.study_uid, modalities=list(row.modalities or []),
                         files={key: sha for key, sha, _ in files},
-                        ours=any(u == upload_id for _, _, u in files))
+                        ours=any(u == upload_id for _, _, u in files),
+                        created_at=row.created_at)
 
     async def _catalogue(self, session: AsyncSession, upload_id: str, s: SessionPlan,
-                         now: datetime, generation: int, pipelines: bool) -> None:
+                         now: datetime, generation: int, pipelines: bool,
+                         seed: str | None = None) -> None:
+        """Records a placed session and tells of it (event ids from the upload and its
+        generation, or from `seed`: the command that placed it)."""
+        ids = (seed,) if seed else (upload_id, s.id, str(generation))
         subject_id = f"{s.project}/{s.subject}"
         await insert_ignore(session, Subject.__table__, id=subject_id, project=s.project,
                             label=s.subject)
@@ -376,24 +384,117 @@ class Importer:
                 session_key=s.id, upload_ids=upload_ids, session=ref, study_uid=s.study_uid,
                 modalities=row.modalities or [], scans=len(scans), files=len(s.placements),
                 quarantined=row.quarantined, archived_at=now),
-                event_id=derived_id("session.archived", upload_id, s.id, str(generation)))
+                event_id=derived_id("session.archived", *ids))
             if pipelines:
                 await self.svc.outbox.add(session, PipelinesRequested(
                     session_key=s.id, upload_ids=upload_ids, session=ref,
                     study_uid=s.study_uid, modalities=row.modalities or [],
                     quarantined=row.quarantined, requested_at=now),
-                    event_id=derived_id("pipelines.requested", upload_id, s.id,
-                                        str(generation)))
+                    event_id=derived_id("pipelines.requested", *ids))
             return
         await self.svc.outbox.add(session, SessionPrearchived(
             session_key=s.id, upload_ids=upload_ids, session=ref, timestamp=s.timestamp,
             state=s.state, files=len(s.placements), reason=s.reason),  # type: ignore[arg-type]
-            event_id=derived_id("session.prearchived", upload_id, s.id, str(generation)))
+            event_id=derived_id("session.prearchived", *ids))
         if s.state == "CONFLICT" and s.reason and s.existing_uri:
             await self.svc.outbox.add(session, SessionConflicted(
                 session_key=s.id, upload_ids=upload_ids, session=ref,
                 existing_uri=s.existing_uri, reason=s.reason),
-                event_id=derived_id("session.conflicted", upload_id, s.id, str(generation)))
+                event_id=derived_id("session.conflicted", *ids))
+
+    # --- archiving a prearchive entry (XNAT's commit) ------------------------------------------
+
+    async def _entry_plan(self, session: AsyncSession, entry: Session, quarantine: bool
+                          ) -> SessionPlan:
+        """The entry as an archive-bound plan: each of its objects to the same place under the
+        session's archive prefix."""
+        rows = (await session.exec(select(CatalogueFile, Scan).join(
+            Scan, col(Scan.id) == CatalogueFile.scan_id).where(
+            Scan.session_id == entry.id))).all()
+        timestamp = entry.id.split("/")[2]
+        s = SessionPlan(entry.project, entry.subject_id.split("/", 1)[1], entry.label, True,
+                        entry.study_uid, timestamp, quarantined=quarantine)
+        for f, scan in sorted(rows, key=lambda r: r[0].object_key):
+            valid = ValidFile(f.file_id, f.object_key, f.name,
+                              FileKind.dicom if f.sop_instance_uid else FileKind.unknown,
+                              SessionHints(sop_instance_uid=f.sop_instance_uid,
+                                           series_uid=scan.series_uid, modality=scan.modality),
+                              f.size, f.sha256)
+            s.placements.append(Placement(valid, scan.label, s.prefix + f.object_key[
+                len(entry.prefix):], f.name, source=f.object_key))
+        return s
+
+    async def commit_entry(self, event: CloudEvent[ArchiveRequested]) -> None:
+        """Archives a prearchive entry with the request's overwrite rules: a CONFLICT stays in
+        the prearchive with its reason; otherwise its objects are copied into the archive,
+        catalogued there, and the entry removed (its objects last)."""
+        r = event.data
+        store = self.svc.store
+        assert store is not None
+        if await self.svc.handled_before(event):
+            return
+        answer = ArchiveFinished(request_id=r.request_id, session_key=r.session_key,
+                                 state="refused")
+        plan: SessionPlan | None = None
+        async with self.svc.db.session() as session:
+            entry = await session.get(Session, r.session_key)
+            if entry is None or entry.state != "prearchived":
+                answer.reason = Reason(code="prearchive.not_found", message=(
+                    f"No prearchive entry {r.session_key}."))
+            elif entry.project == "Unassigned":
+                answer.reason = Reason(code="prearchive.unassigned", message=(
+                    "A session in Unassigned must be moved to a project before it is "
+                    "archived."))
+            else:
+                plan = await self._entry_plan(session, entry, bool(r.quarantine))
+                land(plan, await self._existing(session, plan, ""), r.overwrite)
+        if plan is not None and plan.state == "CONFLICT":
+            async with self.svc.handling(event) as session:
+                if session is None:
+                    return
+                entry = await session.get(Session, r.session_key, with_for_update=True)
+                assert entry is not None and plan.reason is not None
+                entry.entry_state, entry.reason = "CONFLICT", plan.reason.model_dump()
+                session.add(entry)
+                ref = SessionRef(project=entry.project, subject=plan.subject,
+                                 session=entry.label, uri=entry.uri)
+                await self.svc.outbox.add(session, SessionConflicted(
+                    session_key=entry.id, upload_ids=[], session=ref,
+                    existing_uri=plan.existing_uri or "", reason=plan.reason),
+                    event_id=derived_id("session.conflicted", event.id))
+                await self.svc.outbox.add(session, answer.model_copy(update={
+                    "state": "conflict", "uri": entry.uri, "reason": plan.reason}),
+                    event_id=derived_id(event.id, "finished"))
+            return
+        if plan is not None:
+            await asyncio.to_thread(lambda: [
+                store.copy(p.source_key, p.key) for p in plan.placements
+                if p.action == "replace" or (p.action == "add" and store.stat(p.key) is None)])
+        async with self.svc.handling(event) as session:
+            if session is None:
+                return
+            if plan is not None:
+                entry = await session.get(Session, r.session_key, with_for_update=True)
+                if entry is None or entry.state != "prearchived":
+                    return  # archived meanwhile by an earlier delivery of this request
+                first = (await session.exec(select(CatalogueFile.upload_id).join(
+                    Scan, col(Scan.id) == CatalogueFile.scan_id).where(
+                    Scan.session_id == entry.id))).first() or ""
+                await self._catalogue(session, first, plan, datetime.now(UTC), 0,
+                                      r.trigger_pipelines, seed=event.id)
+                scans = select(Scan.id).where(Scan.session_id == entry.id)
+                await session.execute(delete(CatalogueFile).where(
+                    col(CatalogueFile.scan_id).in_(scans)))
+                await session.execute(delete(Scan).where(col(Scan.session_id) == entry.id))
+                await session.delete(entry)
+                answer = answer.model_copy(update={"state": "archived", "uri": plan.uri})
+                log.info("prearchive entry %s archived by %s as %s", r.session_key,
+                         r.username, plan.uri)
+            await self.svc.outbox.add(session, answer, event_id=derived_id(event.id, "finished"))
+        if plan is not None and answer.state == "archived":
+            # The entry's objects go once the catalogue no longer names them.
+            await asyncio.to_thread(lambda: [store.delete(o.key) for o in store.list(
+                f"prearchive/{plan.project}/{plan.timestamp}/{plan.label}/")])
 
     async def redrive(self) -> None:
         """Finishes uploads left `completing` or `cleaning` by a crash or an outage."""
@@ -413,7 +514,7 @@ def bootstrap(settings: Settings) -> Service:
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_seconds / 3),
                                  importer.redrive))
     svc.publishes(SessionArchived, SessionPrearchived, SessionConflicted, PipelinesRequested,
-                  UploadCompleted)
+                  ArchiveFinished, UploadCompleted)
 
     @svc.on(UploadSubmitted)
     async def on_upload_submitted(event: CloudEvent[UploadSubmitted], tx: Tx) -> None:
@@ -424,11 +525,16 @@ def bootstrap(settings: Settings) -> Service:
         upload.options = u.options.model_dump(mode="json")
         upload.object_keys = u.object_keys
         upload.rules = u.rules.model_dump(mode="json") if u.rules else None
+        upload.submitted_at = u.submitted_at
         upload.updated_at = datetime.now(UTC)
         tx.session.add(upload)
         for key in u.object_keys:
             await importer.object(tx.session, u.upload_id, key)
         importer.settle_later(tx, u.upload_id)
+
+    @svc.on(ArchiveRequested, own_transaction=True)
+    async def on_archive_requested(event: CloudEvent[ArchiveRequested]) -> None:
+        await importer.commit_entry(event)
 
     @svc.on(UploadCancelled)
     async def on_upload_cancelled(event: CloudEvent[UploadCancelled], tx: Tx) -> None:

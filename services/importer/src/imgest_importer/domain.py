@@ -95,6 +95,7 @@ class Existing:
     modalities: list[str]
     files: dict[str, str]  # object key → sha256
     ours: bool = False  # holds files of the upload being placed (a re-opened upload)
+    created_at: datetime | None = None
 
 
 @dataclass
@@ -175,16 +176,22 @@ def overwrite_mode(options: ImportOptions, rules: ProjectRules | None) -> str:
     return options.overwrite
 
 
-def land(s: SessionPlan, existing: Existing | None, overwrite: str) -> None:
+def land(s: SessionPlan, existing: Existing | None, overwrite: str,
+         submitted_at: datetime | None = None) -> None:
     """Decides how an archive-bound session meets the archived one of its label (XNAT's
     overwrite rules): nothing there, added whole; a different subject, study or modality, or
     new content with overwrite=none, a CONFLICT that waits in the prearchive (the archive
     unchanged); otherwise merged, each file added, kept or replaced. The same bytes sent again
-    change nothing, whatever the mode."""
+    change nothing, whatever the mode.
+
+    A session made after this upload was submitted is no earlier session but this one's twin:
+    two uploads of one study sent at once end as one session (XNAT's receiving entry)."""
     if existing is None or not s.archived:
         return
-    if existing.ours:
-        overwrite = "append"  # a re-opened upload adds to what it placed itself
+    twin = (submitted_at is not None and existing.created_at is not None
+            and existing.created_at >= submitted_at)
+    if (existing.ours or twin) and overwrite == "none":
+        overwrite = "append"  # a re-opened upload, or a twin, adds to what is there
     what = f"Session {s.label} of project {s.project}"
     conflict = None
     if existing.subject != s.subject:

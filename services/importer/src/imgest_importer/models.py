@@ -38,6 +38,7 @@ class Upload(Base, table=True):
     options: dict | None = _json()
     object_keys: list | None = _json()
     rules: dict | None = _json()  # the project's rules when submitted (routing, quarantine)
+    submitted_at: datetime | None = _ts()
     updated_at: datetime | None = _ts()
 
 
