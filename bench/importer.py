@@ -4,8 +4,10 @@
 
 On the embedded stack (local store) in a temporary directory, uploads one zip of a one-study
 CT (`--instances` 512×512 16-bit slices, bench/unpack.py's generator) into a project of its own
-and waits for the gateway to say `archived`. Meanwhile a thread reads the importer's own row
-(`importer.upload`: state, updated_at) every 20 ms and notes when each state was first seen:
+and waits for the gateway to say `archived`. Meanwhile a thread reads the upload's rows in the
+database every 20 ms, the importer's (`importer.upload`: state, updated_at) and the gateway's
+(its state: the bench sends the gateway no request until the end), and notes when each state
+was first seen:
 
   commit             `completing` → `cleaning`: the batch that recorded the last file has
                      committed; the importer plans the session, copies every staged object to
@@ -17,13 +19,16 @@ Inside the commit, the archived objects' modification times (local store: each c
 new file) split it into set-up before the first copy, the copies, and the catalogue after the
 last one. For comparison, in the same store before the stack stops: the same objects copied
 with the store's own `copy()` in one thread to a scratch prefix, then that prefix emptied with
-`delete_prefix()`, as the importer empties staging. Never part of the tests.
+`delete_prefix()`, as the importer empties staging. Each run also prints the CPU time each
+service, PostgreSQL and the rest of the machine used during the commit (/proc), and says so
+if other processes disturbed it. Never part of the tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -42,7 +47,8 @@ from unpack import build_zip
 from imgest.infra import exit_on_sigterm, free_port
 from imgest.stack import SERVICES, Stack, port_env
 
-POLL = 0.02  # seconds between two looks at the importer's row
+POLL = 0.02  # seconds between two looks at the upload's rows
+QUIET = 1.0  # CPU seconds other processes (the kernel's included) may use during the commit
 
 
 def asyncpg_url(env: dict[str, str]) -> str:
@@ -60,16 +66,56 @@ def query(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
     return asyncio.run(run())
 
 
-class StateWatch(threading.Thread):
-    """Reads the importer's row of one upload every POLL seconds (one connection, a plain
-    select: no lock); `seen[state]` is the wall time (time.time()) it was first seen, and
-    `stamped[state]` the row's own updated_at then (the importer's clock, the same host's)."""
+TICK = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, url: str, upload_id: str):
+
+def postmaster_pid(url: str) -> int:
+    data_dir = query(url, "select setting from pg_settings where name = 'data_directory'")
+    return int((Path(data_dir[0]["setting"]) / "postmaster.pid").read_text().split()[0])
+
+
+def _cpu(stat: str) -> tuple[int, float]:
+    """The parent pid and the CPU time (user + system) of a /proc/<pid>/stat."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
+
+
+def cpu_seconds(pids: dict[str, int], postmaster: int) -> dict[str, float]:
+    """CPU time used so far by each of our processes, by PostgreSQL's (the server and its
+    children), and by the whole machine."""
+    used = dict.fromkeys([*pids, "postgres"], 0.0)
+    names = {pid: name for name, pid in pids.items()}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            ppid, cpu = _cpu(Path(entry.path, "stat").read_text())
+        except OSError:  # gone meanwhile
+            continue
+        if pid in names:
+            used[names[pid]] += cpu
+        elif postmaster in (pid, ppid):
+            used["postgres"] += cpu
+    cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    used["machine"] = (sum(cpu) - cpu[3] - cpu[4]) / TICK  # all but idle and iowait
+    return used
+
+
+class StateWatch(threading.Thread):
+    """Reads the upload's rows, the importer's and the gateway's, every POLL seconds (one
+    connection, plain selects: no lock) until the importer says `completed` and the gateway no
+    longer `processing`. `seen[state]` is when a state was first seen (time.time()),
+    `stamped[state]` the importer row's own updated_at then (the same host's clock), `cpu[state]`
+    the processes' CPU time then; gateway states are seen as `gateway:<state>`."""
+
+    def __init__(self, url: str, upload_id: str, pids: dict[str, int], postmaster: int):
         super().__init__(daemon=True, name="state-watch")
         self.url, self.upload_id = url, upload_id
+        self.pids, self.postmaster = pids, postmaster
         self.seen: dict[str, float] = {}
         self.stamped: dict[str, float] = {}
+        self.cpu: dict[str, dict[str, float]] = {}
         self.done = threading.Event()
         self.error: BaseException | None = None
 
@@ -85,59 +131,54 @@ class StateWatch(threading.Thread):
         conn = await asyncpg.connect(self.url)
         try:
             while True:
-                row = await conn.fetchrow("select state, updated_at from importer.upload "
-                                          "where id = $1", self.upload_id)
+                row = await conn.fetchrow(
+                    "select i.state, i.updated_at, g.state as gateway from gateway.upload g "
+                    "left join importer.upload i on i.id = g.id where g.id = $1",
+                    self.upload_id)
                 now = time.time()
-                if row is not None and row["state"] not in self.seen:
+                if row["state"] is not None and row["state"] not in self.seen:
                     self.seen[row["state"]] = now
                     self.stamped[row["state"]] = row["updated_at"].timestamp()
-                if row is not None and row["state"] == "completed":
+                    self.cpu[row["state"]] = cpu_seconds(self.pids, self.postmaster)
+                self.seen.setdefault(f"gateway:{row['gateway']}", now)
+                if row["state"] == "completed" and row["gateway"] not in (
+                        "processing", "cancelling"):
                     return
                 await asyncio.sleep(POLL)
         finally:
             await conn.close()
 
 
-def wait_archived(http, upload_id: str, deadline: float) -> str:
-    """The gateway's state of the upload once it is no longer processing."""
-    while time.monotonic() < deadline:
-        listed = next(u for u in http.get("/api/v1/uploads", params={"limit": 5}).json()
-                      if u["id"] == upload_id)
-        if listed["state"] not in ("processing", "cancelling"):
-            return listed["state"]
-        time.sleep(0.05)
-    raise TimeoutError(f"upload {upload_id} still processing")
-
-
 def one_run(run: int, stack: Stack, env: dict[str, str], store: LocalStore, archive: Path,
             args: argparse.Namespace) -> dict[str, float]:
     http = gateway_client(stack, env["IMGEST_GATEWAY_PORT"], timeout=600)
     url = asyncpg_url(env)
+    assert stack.supervisor is not None
+    pids = {name: child.process.pid for name, child in stack.supervisor.children.items()
+            if child.process is not None} | {"bench": os.getpid()}
     # A project per run: the same zip again in one project would be duplicates, not imports.
     project = f"BENCH{run}"
     created = http.post("/api/v1/projects", json={"id": project, "settings": {
         "max_files_per_upload": max(1500, args.instances + 10)}})
     assert created.status_code == 201, created.text
-    t0 = time.monotonic()
+    t0 = time.time()
     with archive.open("rb") as body:
         response = http.post("/api/v1/uploads", params={"filename": "study.zip",
                                                         "project": project}, content=body)
     assert response.status_code == 201, response.text
-    stored = time.monotonic() - t0
+    stored = time.time() - t0
     upload_id = response.json()["id"]
     # Started once the POST answered: the importer cannot be near `completing` before the
-    # gateway has even submitted the upload.
-    watch = StateWatch(url, upload_id)
+    # gateway has even submitted the upload. No requests to the gateway until it is over:
+    # the watcher's selects are all the bench adds to the machine meanwhile.
+    watch = StateWatch(url, upload_id, pids, postmaster_pid(url))
     watch.start()
-    deadline = time.monotonic() + args.timeout
-    # No requests to the gateway while the importer works: only the watcher's 20 ms select.
-    if not watch.done.wait(max(0.0, deadline - time.monotonic())):
-        raise TimeoutError(f"upload {upload_id}: importer not completed after "
-                           f"{args.timeout:.0f}s; seen {sorted(watch.seen)}")
+    if not watch.done.wait(args.timeout):
+        raise TimeoutError(f"upload {upload_id}: not finished after {args.timeout:.0f}s; "
+                           f"seen {sorted(watch.seen)}")
     if watch.error:
         raise watch.error
-    state = wait_archived(http, upload_id, deadline)
-    archived_after = time.monotonic() - t0
+    state = http.get(f"/api/v1/uploads/{upload_id}").json()["state"]
     assert state == "archived", state
 
     rows = query(url, "select object_key, size from importer.file where upload_id = $1",
@@ -153,13 +194,13 @@ def one_run(run: int, stack: Stack, env: dict[str, str], store: LocalStore, arch
     # were), copied by the store in one thread as the importer does, then the copies deleted
     # as the importer empties staging.
     scratch = f"bench-scratch/{upload_id}/"
-    c0 = time.monotonic()
+    c0 = time.time()
     for i, key in enumerate(keys):
         store.copy(key, f"{scratch}{i:06d}")
-    copies = time.monotonic() - c0
-    c0 = time.monotonic()
+    copies = time.time() - c0
+    c0 = time.time()
     deleted = store.delete_prefix(scratch)
-    deletes = time.monotonic() - c0
+    deletes = time.time() - c0
     assert deleted == len(keys), deleted
 
     seen, stamped = watch.seen, watch.stamped
@@ -180,12 +221,26 @@ def one_run(run: int, stack: Stack, env: dict[str, str], store: LocalStore, arch
         "bare_copies": copies,
         "bare_copies_delete": copies + deletes,
         "stored": stored,
-        "archived": archived_after,
+        "to_completing": completing - t0,
+        "archived": seen["gateway:archived"] - t0,
         "bytes": sum(r["size"] for r in rows),
     }
-    print(f"run {run}: stored in {stored:.1f}s; archived after {archived_after:.1f}s; "
+    print(f"run {run}: stored in {stored:.1f}s, importer completing after "
+          f"{result['to_completing']:.1f}s, gateway archived after {result['archived']:.1f}s; "
           f"commit {result['commit']:.2f}s, with cleanup {result['commit_cleanup']:.2f}s; "
           f"bare copies {copies:.2f}s, + delete {deletes:.2f}s")
+    if "completing" in watch.cpu and "cleaning" in watch.cpu:
+        before, after = watch.cpu["completing"], watch.cpu["cleaning"]
+        used = {k: after[k] - before[k] for k in after if k in before}
+        machine = used.pop("machine")
+        result["others_cpu"] = others = machine - sum(used.values())
+        print(f"  CPU seconds during the commit ({os.cpu_count()} cores × "
+              f"{result['commit']:.2f}s): " + ", ".join(
+                  f"{k} {v:.2f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
+              + f", other processes {others:.2f}; machine {machine:.2f}")
+        if others > QUIET:
+            print(f"  NOT QUIET: other processes used {others:.1f} CPU seconds during the "
+                  "commit; its figures are disturbed")
     return result
 
 
@@ -198,6 +253,7 @@ ROWS = [  # key, label, rate shown (instances/s)
     ("commit_cleanup_stamped", "  the same by the row's own stamps", True),
     ("bare_copies", "bare store.copy(), one thread", True),
     ("bare_copies_delete", "  + delete_prefix()", True),
+    ("to_completing", "upload → importer completing", True),
     ("archived", "upload → archived (whole pipeline)", True),
 ]
 
@@ -252,6 +308,9 @@ def main() -> None:
     commit = statistics.median(r["commit"] for r in results)
     bare = statistics.median(r["bare_copies"] for r in results)
     print(f"the importer's commit runs at {bare / commit:.0%} of the bare copies' rate")
+    busy = sum(r.get("others_cpu", 0) > QUIET for r in results)
+    if busy:
+        print(f"NOT QUIET: other processes were busy during {busy} of {len(results)} commit(s)")
 
 
 if __name__ == "__main__":

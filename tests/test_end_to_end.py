@@ -404,9 +404,13 @@ def test_routing_overwrite_quarantine_and_pipelines_through_xnat_import(running:
     told = running.query("select value->'data' as d from importer.outbox where topic = "
                          "'imgest.session.conflicted'")
     assert any(json.loads(r["d"])["existing_uri"] == uri for r in told)
-    # The entry is archived later (XNAT's commit): still a conflict with overwrite=none …
-    [entry_uri] = [r["uri"] for r in running.query(
-        "select uri from importer.session where project = 'OVR' and entry_state = 'CONFLICT'")]
+    # The prearchive lists the entry, with its state and reason (JSON API and XNAT's).
+    [entry] = running.http.get("/api/v1/projects/OVR/prearchive").json()
+    assert (entry["state"], entry["reason"]["code"]) == ("CONFLICT", "session.exists")
+    entry_uri = entry["entry"]
+    listed = running.http.get("/data/prearchive/projects/OVR").json()["ResultSet"]["Result"]
+    assert [(r["url"], r["status"]) for r in listed] == [(entry_uri, "CONFLICT")]
+    # It is archived later (XNAT's commit): still a conflict with overwrite=none …
     again = running.http.post("/data/services/archive", params={"src": entry_uri})
     assert again.status_code == 409 and "overwrite" in again.text, again.text
     # … and merged with overwrite=append (JSON API): the entry leaves the prearchive.
@@ -419,6 +423,7 @@ def test_routing_overwrite_quarantine_and_pipelines_through_xnat_import(running:
     assert list(running.store.list(f"prearchive/{prefix}/")) == []
     gone = running.http.post("/api/v1/prearchive/archive", json={"entry": entry_uri})
     assert gone.status_code == 404, gone.text
+    assert running.http.get("/api/v1/projects/OVR/prearchive").json() == []
     # append keeps what is there, even when it was sent changed.
     assert send(instance(2), overwrite="append").status_code == 200
     before = archived()
@@ -442,6 +447,14 @@ def test_routing_overwrite_quarantine_and_pipelines_through_xnat_import(running:
     kept = running.http.post("/data/services/import", content=_fresh(pydicom_file), params={
         "PROJECT_ID": "MANUAL"}, headers={"Content-Type": "application/dicom"}, timeout=90)
     assert kept.status_code == 200 and kept.text.startswith("/data/prearchive/projects/MANUAL/")
+    # A prearchive entry deleted: its files go with it.
+    ts, label = kept.text.strip().split("/")[-2:]
+    assert running.http.get("/api/v1/projects/MANUAL/prearchive").json()[0]["state"] == "READY"
+    assert running.http.delete(f"/data/prearchive/projects/MANUAL/{ts}/{label}").status_code == 200
+    assert running.http.get("/api/v1/projects/MANUAL/prearchive").json() == []
+    assert list(running.store.list(f"prearchive/MANUAL/{ts}/")) == []
+    assert running.http.delete(
+        f"/api/v1/projects/MANUAL/prearchive/{ts}/{label}").status_code == 404
     sent = running.http.post("/data/services/import", content=_fresh(pydicom_file), params={
         "PROJECT_ID": "MANUAL", "dest": "/archive", "triggerPipelines": "false",
         "quarantine": "true"},

@@ -57,7 +57,7 @@ def test_topic_names_and_keys(event):
     # DESIGN.md §4: upload-scoped events keyed by upload, session events by session.
     expected = {"session.archived": "session_key", "session.prearchived": "session_key",
                 "session.conflicted": "session_key", "pipelines.requested": "session_key",
-                "archive.requested": "session_key", "archive.finished": "session_key",
+                "prearchive.requested": "session_key", "prearchive.answered": "session_key",
                 "notification.sent": "notification_id", "project.updated": "project"}
     assert event.key_field == expected.get(event.event, "upload_id")
 

@@ -341,15 +341,16 @@ class PipelinesRequested(Payload):
     requested_at: datetime
 
 
-class ArchiveRequested(Payload):
-    event: ClassVar[str] = "archive.requested"
+class PrearchiveRequested(Payload):
+    event: ClassVar[str] = "prearchive.requested"
     key_field: ClassVar[str] = "session_key"
     description: ClassVar[str] = (
-        "A command: archive a prearchive entry (XNAT's commit), with the overwrite rules; "
-        "archive.finished answers it.")
+        "A command on a prearchive entry: archive it (XNAT's commit, with the overwrite "
+        "rules) or delete it; prearchive.answered answers it.")
     request_id: str
     session_key: str = Field(..., description="The prearchive entry, e.g. "
                              "prearchive/P/20260101_120000000/E1.")
+    action: Literal["archive", "delete"] = "archive"
     username: str
     overwrite: Literal["none", "append", "delete"] = "none"
     quarantine: bool | None = None
@@ -357,13 +358,13 @@ class ArchiveRequested(Payload):
     requested_at: datetime
 
 
-class ArchiveFinished(Payload):
-    event: ClassVar[str] = "archive.finished"
+class PrearchiveAnswered(Payload):
+    event: ClassVar[str] = "prearchive.answered"
     key_field: ClassVar[str] = "session_key"
-    description: ClassVar[str] = "The answer to archive.requested."
+    description: ClassVar[str] = "The answer to prearchive.requested."
     request_id: str
     session_key: str = Field(..., description="The prearchive entry the request named.")
-    state: Literal["archived", "conflict", "refused"]
+    state: Literal["archived", "deleted", "conflict", "refused"]
     uri: str | None = Field(None, description="Where the session is now (archive or "
                             "prearchive).")
     reason: Reason | None = None
@@ -491,8 +492,8 @@ EVENTS: tuple[type[Payload], ...] = (
     SessionArchived,
     SessionConflicted,
     PipelinesRequested,
-    ArchiveRequested,
-    ArchiveFinished,
+    PrearchiveRequested,
+    PrearchiveAnswered,
     UploadCompleted,
     NotificationSent,
     ProjectUpdated,

@@ -12,10 +12,8 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from imgest_contracts import (
-    ArchiveFinished,
     ArchiveProgress,
     ArchiveRejected,
-    ArchiveRequested,
     ArchiveUnpacked,
     CloudEvent,
     FileRejected,
@@ -23,8 +21,12 @@ from imgest_contracts import (
     FileValidated,
     ImportOptions,
     ObjectStored,
+    PrearchiveAnswered,
+    PrearchiveRequested,
     ProjectUpdated,
     Reason,
+    SessionConflicted,
+    SessionPrearchived,
     UploadCancelled,
     UploadCompleted,
     UploadSubmitted,
@@ -38,7 +40,7 @@ from imgest_runtime.service import (
     problem,
     problem_responses,
 )
-from sqlalchemy import func, or_, update
+from sqlalchemy import delete, func, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -47,7 +49,15 @@ from .auth import CallerDep, ensure_first_admin, forbidden
 from .domain import UNPLACED, BadFilename, advances, safe_filename, upload_state
 from .identity import Action, Caller, hash_password
 from .identity_api import identity_router
-from .models import ArchiveRequest, Project, Upload, UploadFile, UploadObject, metadata
+from .models import (
+    ArchiveRequest,
+    PrearchiveEntry,
+    Project,
+    Upload,
+    UploadFile,
+    UploadObject,
+    metadata,
+)
 from .settings import Settings
 from .tus_api import tus_router
 from .uploads_api import Refused, stream_to_store, submit, uploads_router
@@ -65,7 +75,7 @@ def bootstrap(settings: Settings) -> Service:
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_idle_seconds / 3),
                                  lambda: redrive(svc, settings), at_start=False))
     svc.publishes(ObjectStored, UploadSubmitted, UploadCancelled, ProjectUpdated,
-                  ArchiveRequested)
+                  PrearchiveRequested)
     svc.startup.append(lambda: ensure_first_admin(
         svc.db, settings.admin_user, settings.admin_email, settings.admin_token_file,
         token=settings.admin_token.get_secret_value() if settings.admin_token else None,
@@ -177,8 +187,31 @@ def register_handlers(svc: Service) -> None:
                           object_key=f.object_key, path=f.path, state="failed",
                           kind="unknown", reason=reason.model_dump())
 
-    @svc.on(ArchiveFinished)
-    async def on_archive_finished(event: CloudEvent[ArchiveFinished], tx: Tx) -> None:
+    # The prearchive as the importer tells it: entries, their states, the answers to commands.
+    @svc.on(SessionPrearchived)
+    async def on_session_prearchived(event: CloudEvent[SessionPrearchived], tx: Tx) -> None:
+        p = event.data
+        row = await tx.session.get(PrearchiveEntry, p.session_key, with_for_update=True)
+        if row is None:
+            row = PrearchiveEntry(session_key=p.session_key, project=p.session.project,
+                                  timestamp=p.timestamp, label=p.session.session,
+                                  subject=p.session.subject, uri=p.session.uri, state=p.state,
+                                  updated_at=event.time)
+        row.state, row.files = p.state, max(row.files, p.files)
+        row.reason = p.reason.model_dump() if p.reason else None
+        row.uploads = sorted(set(row.uploads or []) | set(p.upload_ids))
+        row.updated_at = max(row.updated_at, event.time)
+        tx.session.add(row)
+
+    @svc.on(SessionConflicted)
+    async def on_session_conflicted(event: CloudEvent[SessionConflicted], tx: Tx) -> None:
+        row = await tx.session.get(PrearchiveEntry, event.data.session_key, with_for_update=True)
+        if row is not None:
+            row.state, row.reason = "CONFLICT", event.data.reason.model_dump()
+            tx.session.add(row)
+
+    @svc.on(PrearchiveAnswered)
+    async def on_prearchive_answered(event: CloudEvent[PrearchiveAnswered], tx: Tx) -> None:
         done = event.data
         row = await tx.session.get(ArchiveRequest, done.request_id, with_for_update=True)
         if row is not None and row.state == "pending":
@@ -186,6 +219,9 @@ def register_handlers(svc: Service) -> None:
             row.reason = done.reason.model_dump() if done.reason else None
             row.updated_at = datetime.now(UTC)
             tx.session.add(row)
+        if done.state in ("archived", "deleted"):
+            await tx.session.execute(delete(PrearchiveEntry).where(
+                col(PrearchiveEntry.session_key) == done.session_key))
 
     @svc.on(UploadCompleted)
     async def on_upload_completed(event: CloudEvent[UploadCompleted], tx: Tx) -> None:

@@ -1,6 +1,6 @@
 """Archiving a prearchive entry (XNAT's commit): `POST /api/v1/prearchive/archive` and XNAT's
-`POST /data/services/archive?src=…`. The gateway publishes archive.requested and waits, within
-a bound, for the importer's archive.finished."""
+`POST /data/services/archive?src=…`. The gateway publishes prearchive.requested and waits, within
+a bound, for the importer's prearchive.answered."""
 
 from __future__ import annotations
 
@@ -8,27 +8,33 @@ import asyncio
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from imgest_contracts import ArchiveRequested
+from imgest_contracts import PrearchiveRequested
 from imgest_runtime.service import Service, problem, problem_responses
 from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import col, select
 
 from .auth import CallerDep, forbidden
-from .identity import Action, Caller
-from .models import ArchiveRequest
+from .identity import PROJECT_ID, Action, Caller
+from .models import ArchiveRequest, PrearchiveEntry
 from .settings import Settings
 from .views import json_response
 
-ENTRY = re.compile(r"^(?:/data)?/prearchive/projects/(?P<project>[^/]+)/(?P<timestamp>\d{8}_\d{9})"
-                   r"/(?P<label>[^/]+)/?$")
+ENTRY_PATTERN = (r"^(?:/data)?/prearchive/projects/(?P<project>[^/]+)/(?P<timestamp>\d{8}_\d{9})"
+                 r"/(?P<label>[^/]+)/?$")
+ENTRY = re.compile(ENTRY_PATTERN)
+ENTRY_SCHEMA = r"^(?:/data)?/prearchive/projects/[^/]+/\d{8}_\d{9}/[^/]+/?$"  # (for OpenAPI)
+TIMESTAMP = r"^\d{8}_\d{9}$"
+PLAIN = {"content": {"text/plain": {"schema": {"type": "string"}}}}
 
 
 class ArchiveBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    entry: str = Field(..., max_length=1024, description="The entry's address, "
+    entry: str = Field(..., max_length=1024, pattern=ENTRY_SCHEMA,
+                       description="The entry's address, "
                        "/data/prearchive/projects/P/yyyyMMdd_HHmmssSSS/SESSION.")
     overwrite: Literal["none", "append", "delete"] = "none"
     quarantine: bool | None = None
@@ -41,25 +47,28 @@ class NotAllowed(Exception):
         self.status, self.message = status, message
 
 
-async def archive_entry(svc: Service, settings: Settings, caller: Caller, body: ArchiveBody
-                        ) -> ArchiveRequest:
-    """Publishes the request and waits for its answer (state `pending` past the bound)."""
+async def entry_command(svc: Service, settings: Settings, caller: Caller, body: ArchiveBody,
+                        action: Literal["archive", "delete"] = "archive") -> ArchiveRequest:
+    """Publishes a command on a prearchive entry and waits for its answer (state `pending`
+    past the bound)."""
     found = ENTRY.match(body.entry)
     if not found:
         raise NotAllowed(400, f"Not a prearchive entry: {body.entry!r} (expected "
                          "/data/prearchive/projects/P/yyyyMMdd_HHmmssSSS/SESSION).")
     project = found["project"]
+    if not re.fullmatch(PROJECT_ID, project) or len(found["label"]) > 64:
+        raise NotAllowed(404, f"No prearchive entry {body.entry!r}.")  # (none could be named so)
     if not (caller.may(Action.upload, project) and caller.may(Action.view, project)):
-        raise NotAllowed(403, f"You may not archive sessions of project {project!r}.")
+        raise NotAllowed(403, f"You may not {action} sessions of project {project!r}.")
     now = datetime.now(UTC)
     request = ArchiveRequest(id=uuid.uuid4().hex, project=project, username=caller.username,
                              session_key=f"prearchive/{project}/{found['timestamp']}/"
                              f"{found['label']}", state="pending", created_at=now, updated_at=now)
     async with svc.db.session() as session:
         session.add(request)
-        await svc.outbox.add(session, ArchiveRequested(
-            request_id=request.id, session_key=request.session_key, username=caller.username,
-            overwrite=body.overwrite, quarantine=body.quarantine,
+        await svc.outbox.add(session, PrearchiveRequested(
+            request_id=request.id, session_key=request.session_key, action=action,
+            username=caller.username, overwrite=body.overwrite, quarantine=body.quarantine,
             trigger_pipelines=body.trigger_pipelines, requested_at=now))
     deadline = asyncio.get_running_loop().time() + settings.xnat_import_wait_seconds
     while True:
@@ -79,7 +88,7 @@ def archive_router(svc: Service, settings: Settings) -> APIRouter:
               responses=problem_responses(400, 401, 403, 404, 409, 422))
     async def archive(body: ArchiveBody, caller: CallerDep) -> JSONResponse:
         try:
-            row = await archive_entry(svc, settings, caller, body)
+            row = await entry_command(svc, settings, caller, body)
         except NotAllowed as e:
             if e.status == 403:
                 raise forbidden(e.message) from e
@@ -95,24 +104,121 @@ def archive_router(svc: Service, settings: Settings) -> APIRouter:
         return problem(status, "Not archived", (row.reason or {}).get("message", ""), **view)
 
     @api.post("/data/services/archive", tags=["xnat"], response_class=PlainTextResponse,
-              summary="XNAT's archive service: commit a prearchive entry named by src")
-    async def xnat_archive(request: Request, caller: CallerDep) -> Response:
-        params = {k.lower(): v for k, v in request.query_params.items()}
-        flag = {"true": True, "false": False}
+              summary="XNAT's archive service: commit a prearchive entry named by src",
+              responses={code: {"description": what, **PLAIN} for code, what in (
+                  (200, "The archived session's URI."), (400, "Not a prearchive entry."),
+                  (401, "Not logged in."), (403, "Not allowed in that project."),
+                  (404, "No such entry."), (409, "A conflict: the entry stays, with why."),
+                  (504, "Still archiving."))})
+    async def xnat_archive(
+            caller: CallerDep,
+            src: Annotated[str, Query(max_length=1024, pattern=ENTRY_SCHEMA,
+                                      description="The entry, /prearchive/projects/P/TS/S.")],
+            overwrite: Literal["none", "append", "delete"] = "none",
+            quarantine: Literal["true", "false"] | None = None,
+            trigger: Annotated[Literal["true", "false"], Query(alias="triggerPipelines")] = "true",
+    ) -> Response:
         try:
-            row = await archive_entry(svc, settings, caller, ArchiveBody(
-                entry=params.get("src", ""), overwrite=params.get("overwrite", "none"),
-                quarantine=flag.get(params.get("quarantine", "").lower()),
-                trigger_pipelines=params.get("triggerpipelines", "true").lower() != "false"))
+            row = await entry_command(svc, settings, caller, ArchiveBody(
+                entry=src, overwrite=overwrite,
+                quarantine=None if quarantine is None else quarantine == "true",
+                trigger_pipelines=trigger == "true"))
         except NotAllowed as e:
             return PlainTextResponse(e.message + "\n", status_code=e.status)
-        except ValueError as e:  # a bad overwrite value
-            return PlainTextResponse(f"{e}\n", status_code=400)
         if row.state == "archived":
             return PlainTextResponse(f"{row.uri}\n")
         message = (row.reason or {}).get("message", "Still archiving.")
         status = {"pending": 504, "conflict": 409}.get(row.state, 404 if (
             row.reason or {}).get("code") == "prearchive.not_found" else 409)
         return PlainTextResponse(f"{message}\n", status_code=status)
+
+    async def delete_command(caller: Caller, project: str, timestamp: str, session: str
+                             ) -> ArchiveRequest:
+        try:
+            body = ArchiveBody(entry=f"/data/prearchive/projects/{project}/{timestamp}/{session}")
+        except ValueError as e:  # a name no entry can have
+            raise NotAllowed(404, f"No prearchive entry {project}/{timestamp}/{session}.") from e
+        return await entry_command(svc, settings, caller, body, "delete")
+
+    def visible(caller: Caller, project: str | None) -> None:
+        if project is not None and not caller.may(Action.view, project):
+            raise forbidden(f"You may not see project {project!r}.")
+
+    async def entries(caller: Caller, project: str | None) -> list[PrearchiveEntry]:
+        async with svc.db.session() as session:
+            query = select(PrearchiveEntry).order_by(col(PrearchiveEntry.project),
+                                                     col(PrearchiveEntry.timestamp))
+            if project is not None:
+                query = query.where(PrearchiveEntry.project == project)
+            rows = (await session.exec(query)).all()
+        return [r for r in rows if caller.may(Action.view, r.project)]
+
+    def entry_view(r: PrearchiveEntry) -> dict:
+        return {"entry": r.uri, "project": r.project, "timestamp": r.timestamp,
+                "subject": r.subject, "session": r.label, "state": r.state,
+                "reason": r.reason, "files": r.files, "uploads": r.uploads,
+                "updated_at": r.updated_at.isoformat()}
+
+    @api.get("/api/v1/projects/{project}/prearchive", tags=["prearchive"],
+             operation_id="list_prearchive", summary="The project's prearchive entries",
+             responses=problem_responses(401, 403, 422))
+    async def list_entries(project: str, caller: CallerDep) -> JSONResponse:
+        visible(caller, project)
+        return json_response([entry_view(r) for r in await entries(caller, project)])
+
+    @api.delete("/api/v1/projects/{project}/prearchive/{timestamp}/{session}",
+                tags=["prearchive"], operation_id="delete_prearchive_entry",
+                summary="Delete a prearchive entry (its files go too)",
+                responses=problem_responses(401, 403, 404, 422))
+    async def delete_entry(project: str, timestamp: Annotated[str, Path(pattern=TIMESTAMP)],
+                           session: str, caller: CallerDep) -> Response:
+        try:
+            row = await delete_command(caller, project, timestamp, session)
+        except NotAllowed as e:
+            if e.status == 403:
+                raise forbidden(e.message) from e
+            return problem(e.status, "Not Found", e.message)
+        if row.state == "deleted":
+            return Response(status_code=204)
+        if row.state == "pending":
+            return json_response({"request": row.id, "state": row.state}, 202)
+        return problem(404, "Not Found", (row.reason or {}).get("message", "No such entry."))
+
+    # XNAT's prearchive listing (a ResultSet, as its clients read it) and deletion.
+    @api.get("/data/prearchive/projects", tags=["xnat"],
+             summary="XNAT: every prearchive entry the caller may see",
+             responses={401: {"description": "Not logged in.", **PLAIN}})
+    @api.get("/data/prearchive/projects/{project}", tags=["xnat"],
+             summary="XNAT: a project's prearchive entries",
+             responses={401: {"description": "Not logged in.", **PLAIN},
+                        403: {"description": "Not allowed to see the project.", **PLAIN}})
+    async def xnat_entries(caller: CallerDep, project: str | None = None) -> JSONResponse:
+        visible(caller, project)
+        rows = [{"project": r.project, "timestamp": r.timestamp, "subject": r.subject,
+                 "folderName": r.label, "name": r.label, "status": r.state, "url": r.uri,
+                 "lastmod": r.updated_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+                 "uploaded": r.updated_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+                 "reason": (r.reason or {}).get("message", "")}
+                for r in await entries(caller, project)]
+        return JSONResponse({"ResultSet": {"Result": rows, "totalRecords": str(len(rows))}})
+
+    @api.delete("/data/prearchive/projects/{project}/{timestamp}/{session}", tags=["xnat"],
+                response_class=PlainTextResponse, summary="XNAT: delete a prearchive entry",
+                responses={code: {"description": what, **PLAIN} for code, what in (
+                    (200, "Deleted."), (400, "Not an entry's address."), (401, "Not logged in."),
+                    (403, "Not allowed there."), (404, "No such entry."),
+                    (504, "Still deleting."))})
+    async def xnat_delete(project: str, timestamp: Annotated[str, Path(pattern=TIMESTAMP)],
+                          session: str, caller: CallerDep) -> Response:
+        try:
+            row = await delete_command(caller, project, timestamp, session)
+        except NotAllowed as e:
+            return PlainTextResponse(e.message + "\n", status_code=e.status)
+        if row.state == "deleted":
+            return PlainTextResponse("", status_code=200)
+        if row.state == "pending":
+            return PlainTextResponse("Still deleting.\n", status_code=504)
+        return PlainTextResponse((row.reason or {}).get("message", "No such entry.") + "\n",
+                                 status_code=404)
 
     return api

@@ -150,7 +150,7 @@ class TusUpload(Base, table=True):
 
 
 class ArchiveRequest(Base, table=True):
-    """A request to archive a prearchive entry, and its answer (archive.finished)."""
+    """A request to archive a prearchive entry, and its answer (prearchive.answered)."""
 
     __tablename__ = "archive_request"
     id: str = Field(primary_key=True, max_length=64)
@@ -161,4 +161,21 @@ class ArchiveRequest(Base, table=True):
     uri: str | None = Field(default=None, max_length=1024)
     reason: dict | None = Field(default=None, sa_column=Column(JSONB))
     created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+
+
+class PrearchiveEntry(Base, table=True):
+    """A session waiting in the prearchive, as the importer's events tell (the gateway's view)."""
+
+    __tablename__ = "prearchive_entry"
+    session_key: str = Field(primary_key=True, max_length=512)  # prearchive/P/timestamp/label
+    project: str = Field(max_length=64, index=True)
+    timestamp: str = Field(max_length=20)
+    label: str = Field(max_length=64)
+    subject: str = Field(max_length=64)
+    uri: str = Field(max_length=1024)
+    state: str = Field(max_length=20)  # XNAT's: READY, CONFLICT, …
+    reason: dict | None = Field(default=None, sa_column=Column(JSONB))
+    files: int = 0
+    uploads: list | None = Field(default=None, sa_column=Column(JSONB))
     updated_at: datetime = _ts(nullable=False)

@@ -17,9 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from fastapi import FastAPI
 from imgest_contracts import (
-    ArchiveFinished,
     ArchiveRejected,
-    ArchiveRequested,
     ArchiveUnpacked,
     CloudEvent,
     FileFailure,
@@ -30,6 +28,8 @@ from imgest_contracts import (
     ImportOptions,
     ObjectStored,
     PipelinesRequested,
+    PrearchiveAnswered,
+    PrearchiveRequested,
     ProjectRules,
     Reason,
     SessionArchived,
@@ -424,7 +424,7 @@ class Importer:
                 len(entry.prefix):], f.name, source=f.object_key))
         return s
 
-    async def commit_entry(self, event: CloudEvent[ArchiveRequested]) -> None:
+    async def commit_entry(self, event: CloudEvent[PrearchiveRequested]) -> None:
         """Archives a prearchive entry with the request's overwrite rules: a CONFLICT stays in
         the prearchive with its reason; otherwise its objects are copied into the archive,
         catalogued there, and the entry removed (its objects last)."""
@@ -433,7 +433,7 @@ class Importer:
         assert store is not None
         if await self.svc.handled_before(event):
             return
-        answer = ArchiveFinished(request_id=r.request_id, session_key=r.session_key,
+        answer = PrearchiveAnswered(request_id=r.request_id, session_key=r.session_key,
                                  state="refused")
         plan: SessionPlan | None = None
         async with self.svc.db.session() as session:
@@ -441,6 +441,9 @@ class Importer:
             if entry is None or entry.state != "prearchived":
                 answer.reason = Reason(code="prearchive.not_found", message=(
                     f"No prearchive entry {r.session_key}."))
+            elif r.action == "delete":
+                await self._delete_entry(event, entry)
+                return
             elif entry.project == "Unassigned":
                 answer.reason = Reason(code="prearchive.unassigned", message=(
                     "A session in Unassigned must be moved to a project before it is "
@@ -496,6 +499,26 @@ class Importer:
             await asyncio.to_thread(lambda: [store.delete(o.key) for o in store.list(
                 f"prearchive/{plan.project}/{plan.timestamp}/{plan.label}/")])
 
+    async def _delete_entry(self, event: CloudEvent[PrearchiveRequested], entry: Session
+                            ) -> None:
+        """Deletes a prearchive entry: its records, then its objects."""
+        store = self.svc.store
+        assert store is not None
+        r = event.data
+        async with self.svc.handling(event) as session:
+            if session is None:
+                return
+            scans = select(Scan.id).where(Scan.session_id == entry.id)
+            await session.execute(delete(CatalogueFile).where(
+                col(CatalogueFile.scan_id).in_(scans)))
+            await session.execute(delete(Scan).where(col(Scan.session_id) == entry.id))
+            await session.execute(delete(Session).where(col(Session.id) == entry.id))
+            await self.svc.outbox.add(session, PrearchiveAnswered(
+                request_id=r.request_id, session_key=r.session_key, state="deleted",
+                uri=entry.uri), event_id=derived_id(event.id, "finished"))
+        await asyncio.to_thread(lambda: [store.delete(o.key) for o in store.list(entry.prefix)])
+        log.info("prearchive entry %s deleted by %s", entry.id, r.username)
+
     async def redrive(self) -> None:
         """Finishes uploads left `completing` or `cleaning` by a crash or an outage."""
         cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.redrive_seconds)
@@ -514,7 +537,7 @@ def bootstrap(settings: Settings) -> Service:
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_seconds / 3),
                                  importer.redrive))
     svc.publishes(SessionArchived, SessionPrearchived, SessionConflicted, PipelinesRequested,
-                  ArchiveFinished, UploadCompleted)
+                  PrearchiveAnswered, UploadCompleted)
 
     @svc.on(UploadSubmitted)
     async def on_upload_submitted(event: CloudEvent[UploadSubmitted], tx: Tx) -> None:
@@ -532,8 +555,8 @@ def bootstrap(settings: Settings) -> Service:
             await importer.object(tx.session, u.upload_id, key)
         importer.settle_later(tx, u.upload_id)
 
-    @svc.on(ArchiveRequested, own_transaction=True)
-    async def on_archive_requested(event: CloudEvent[ArchiveRequested]) -> None:
+    @svc.on(PrearchiveRequested, own_transaction=True)
+    async def on_archive_requested(event: CloudEvent[PrearchiveRequested]) -> None:
         await importer.commit_entry(event)
 
     @svc.on(UploadCancelled)
