@@ -32,6 +32,7 @@ class Running:
         self.stack, self.env, self.mailbox, self.log = stack, env, mailbox, log
         self.broker = broker
         self.url = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
+        self._e2e_project = ""
         # The administrator's token, as the first start wrote it for scripts.
         self.token = (stack.data_dir / "admin.token").read_text().strip()
         self.http = httpx.Client(base_url=self.url, timeout=30,
@@ -41,7 +42,15 @@ class Running:
                if k.startswith("IMGEST_") and k[len("IMGEST_"):].lower()
                in RuntimeSettings.model_fields}))
 
-    def upload(self, filename: str, body: bytes, **params: str) -> dict[str, Any]:
+    def upload(self, filename: str, body: bytes, **params: str | None) -> dict[str, Any]:
+        """One file as its own upload, into project E2E unless `project` says otherwise (an
+        upload without a project goes to Unassigned, held in the prearchive)."""
+        if "project" not in params:
+            if not self._e2e_project:
+                self._e2e_project = self.project("E2E")
+            params["project"] = self._e2e_project
+        elif params["project"] is None:
+            del params["project"]
         response = self.http.post("/api/v1/uploads", params={"filename": filename, **params},
                                   content=body)
         assert response.status_code == 201, response.text

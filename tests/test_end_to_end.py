@@ -498,6 +498,20 @@ def test_two_uploads_of_one_study_at_once_end_as_one_session(running: Running, p
     assert [r["n"] for r in rows] == [2], rows
 
 
+def test_a_session_of_no_known_project_waits_in_unassigned(running: Running, pydicom_file):
+    on_one_store(running, "routing does not depend on the store")
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    ds.PatientComments = "Project: NO_SUCH_PROJECT AA: true"
+    state = running.wait(running.upload("lost.dcm", dicom_bytes(ds), project=None)["id"])
+    assert state["state"] == "prearchived", state
+    [entry] = [e for e in running.http.get("/api/v1/projects/Unassigned/prearchive").json()
+               if state["id"] in e["uploads"]]
+    assert entry["entry"].startswith("/data/prearchive/projects/Unassigned/")
+    refused = running.http.post("/api/v1/prearchive/archive", json={"entry": entry["entry"]})
+    assert refused.status_code == 409 and "moved" in refused.json()["detail"], refused.text
+
+
 def _fresh(pydicom_file) -> bytes:
     ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()

@@ -162,9 +162,21 @@ def test_explicit_options_win_over_hints() -> None:
     [s] = plan("u", ImportOptions(project="OP", subject="OS", session="OE"), files, "DEF", NOW)
     assert (s.project, s.subject, s.label) == ("OP", "OS", "OE")
     assert s.placements[0].key.startswith("archive/OP/OS/OE/scans/")
-    # partially explicit: the rest still comes from the hints
-    [s] = plan("u", ImportOptions(subject="OS"), files, "DEF", NOW)
+    # partially explicit: the rest still comes from the hints (a project that exists)
+    [s] = plan("u", ImportOptions(subject="OS"), files, "DEF", NOW, projects={"HP": rules()})
     assert (s.project, s.subject, s.label) == ("HP", "OS", "HE")
+
+
+def test_a_project_no_one_created_sends_the_session_to_unassigned_prearchive() -> None:
+    files = [dcm("a.dcm", "1.5", "1.5.1", project="NOPE", auto_archive=True)]
+    [s] = plan("u", ImportOptions(), files, "Unassigned", NOW, projects={"HP": rules()})
+    assert (s.project, s.archived) == ("Unassigned", False)
+    assert s.uri.startswith("/data/prearchive/projects/Unassigned/")
+    # a hinted project's own setting routes its sessions
+    files = [dcm("a.dcm", "1.5", "1.5.1", project="HP")]
+    [s] = plan("u", ImportOptions(), files, "Unassigned", NOW,
+               projects={"HP": rules("manual", quarantine=True)})
+    assert (s.project, s.archived, s.quarantined) == ("HP", False, True)
 
 
 def test_defaults_without_hints() -> None:

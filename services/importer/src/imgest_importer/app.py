@@ -31,6 +31,7 @@ from imgest_contracts import (
     PrearchiveAnswered,
     PrearchiveRequested,
     ProjectRules,
+    ProjectUpdated,
     Reason,
     SessionArchived,
     SessionConflicted,
@@ -49,6 +50,7 @@ from imgest_runtime.outbox import derived_id, insert_ignore
 from imgest_runtime.service import Periodic, Service, Tx, create_app
 from imgest_runtime.store import fit_name
 from sqlalchemy import delete, func
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -66,6 +68,7 @@ from .domain import (
 )
 from .models import (
     CatalogueFile,
+    Project,
     Scan,
     Session,
     Subject,
@@ -212,8 +215,12 @@ class Importer:
         now = datetime.now(UTC)
         cancelled = upload.cancelled  # then nothing is placed, and nothing kept
         rules = ProjectRules.model_validate(upload.rules) if upload.rules else None
+        hinted = {f.hints.project for f in valid if f.hints.project}
+        async with self.svc.db.session() as session:
+            projects = {p.id: ProjectRules.model_validate(p.rules) for p in (
+                await session.exec(select(Project).where(col(Project.id).in_(hinted)))).all()}
         sessions = [] if cancelled else plan(upload_id, options, valid,
-                                             self.settings.default_project, now, rules)
+                                             self.settings.default_project, now, rules, projects)
         mode = overwrite_mode(options, rules)
         async with self.svc.db.session() as session:
             for s in sessions:
@@ -554,6 +561,20 @@ def bootstrap(settings: Settings) -> Service:
         for key in u.object_keys:
             await importer.object(tx.session, u.upload_id, key)
         importer.settle_later(tx, u.upload_id)
+
+    @svc.on(ProjectUpdated)
+    async def on_project_updated(event: CloudEvent[ProjectUpdated], tx: Tx) -> None:
+        p = event.data
+        rules = ProjectRules(project=p.project, accepted_kinds=p.settings.accepted_kinds,
+                             metadata_rules=p.settings.metadata_rules,
+                             auto_archive=p.settings.auto_archive,
+                             quarantine=p.settings.quarantine, updated_at=p.updated_at)
+        insert = pg_insert(Project).values(id=p.project, rules=rules.model_dump(mode="json"),
+                                           updated_at=p.updated_at)
+        await tx.session.execute(insert.on_conflict_do_update(
+            index_elements=["id"], set_={"rules": insert.excluded.rules,
+                                         "updated_at": insert.excluded.updated_at},
+            where=col(Project.updated_at) < insert.excluded.updated_at))
 
     @svc.on(PrearchiveRequested, own_transaction=True)
     async def on_archive_requested(event: CloudEvent[PrearchiveRequested]) -> None:

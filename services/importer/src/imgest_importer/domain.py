@@ -222,16 +222,22 @@ def land(s: SessionPlan, existing: Existing | None, overwrite: str,
             p.action = "keep" if there == p.digest or overwrite == "append" else "replace"
 
 
+UNASSIGNED = "Unassigned"
+
+
 def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default_project: str,
-         now: datetime, rules: ProjectRules | None = None) -> list[SessionPlan]:
+         now: datetime, rules: ProjectRules | None = None,
+         projects: dict[str, ProjectRules] | None = None) -> list[SessionPlan]:
     """Groups validated files into sessions: DICOM by study into one scan per series; the
     photos and slides of an upload into one session (its session fields), one scan per image.
 
     The upload's explicit project/subject/session win over what the headers say (XNAT's rule).
+    A project named only by the headers must exist (`projects`, with its rules); otherwise the
+    session goes to the default project, Unassigned, which holds sessions in the prearchive
+    until someone moves them.
     """
+    projects = projects or {}
     timestamp = prearchive_timestamp(now)
-    quarantined = options.quarantine if options.quarantine is not None else bool(
-        rules and rules.quarantine)
     sessions: dict[str, SessionPlan] = {}
     labels_taken: dict[tuple[str, str], str] = {}  # XNAT: a session label is unique per project
     for f in sorted(files, key=lambda f: f.path):
@@ -239,7 +245,10 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
         group = f"study:{h.study_uid}" if f.kind is FileKind.dicom else "images"
         s = sessions.get(group)
         if s is None:
-            project = options.project or h.project or default_project
+            project = options.project or (h.project if h.project in projects else None) \
+                or default_project
+            project_rules = rules if rules and rules.project == project else projects.get(
+                project)
             subject = options.subject or h.subject or "unassigned"
             label = options.session or h.session or (
                 f"{subject}_images" if f.kind is not FileKind.dicom
@@ -250,8 +259,12 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
                 n += 1
                 label = f"{base}_{n}"
             labels_taken[(project, label)] = group
-            s = SessionPlan(project, subject, label, to_archive(options, h.auto_archive, rules),
-                            h.study_uid, timestamp, quarantined=quarantined)
+            archived = project != UNASSIGNED and to_archive(options, h.auto_archive,
+                                                            project_rules)
+            quarantined = options.quarantine if options.quarantine is not None else bool(
+                project_rules and project_rules.quarantine)
+            s = SessionPlan(project, subject, label, archived, h.study_uid, timestamp,
+                            quarantined=quarantined)
             sessions[group] = s
         if f.kind is not FileKind.dicom:  # an image (photo, slide, fileset): a scan of its own
             scan = base = _LABEL.sub("_", PurePosixPath(f.path).stem).strip("_")[:60] or (

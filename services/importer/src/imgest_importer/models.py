@@ -117,3 +117,13 @@ class CatalogueFile(Base, table=True):
     sop_instance_uid: str | None = Field(default=None, max_length=128)
     file_id: str = Field(max_length=64)
     upload_id: str = Field(max_length=64, index=True)
+
+
+class Project(Base, table=True):
+    """The projects there are, with their rules, as project.updated tells (newest wins):
+    a project named only by a file's headers must be one of them."""
+
+    __tablename__ = "project"
+    id: str = Field(primary_key=True, max_length=64)
+    rules: dict = Field(sa_column=Column(JSONB, nullable=False))
+    updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
