@@ -510,6 +510,22 @@ def test_a_session_of_no_known_project_waits_in_unassigned(running: Running, pyd
     assert entry["entry"].startswith("/data/prearchive/projects/Unassigned/")
     refused = running.http.post("/api/v1/prearchive/archive", json={"entry": entry["entry"]})
     assert refused.status_code == 409 and "moved" in refused.json()["detail"], refused.text
+    # Moved to a project (XNAT's move), then archived from there.
+    running.project("FOUND")
+    moved = running.http.post("/data/services/prearchive/move", params={
+        "src": entry["entry"], "newProject": "FOUND"})
+    assert moved.status_code == 200, moved.text
+    new_entry = moved.text.strip()
+    assert new_entry == entry["entry"].replace("/Unassigned/", "/FOUND/")
+    assert [e["entry"] for e in running.http.get(
+        "/api/v1/projects/FOUND/prearchive").json()] == [new_entry]
+    assert entry["entry"] not in [e["entry"] for e in running.http.get(
+        "/api/v1/projects/Unassigned/prearchive").json()]
+    old_prefix = entry["entry"].removeprefix("/data/prearchive/projects/")
+    assert list(running.store.list(f"prearchive/{old_prefix}/")) == []
+    archived = running.http.post("/api/v1/prearchive/archive", json={"entry": new_entry})
+    assert archived.status_code == 200, archived.text
+    assert archived.json()["uri"].startswith("/data/archive/projects/FOUND/")
 
 
 def _fresh(pydicom_file) -> bytes:

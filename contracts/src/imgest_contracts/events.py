@@ -346,11 +346,13 @@ class PrearchiveRequested(Payload):
     key_field: ClassVar[str] = "session_key"
     description: ClassVar[str] = (
         "A command on a prearchive entry: archive it (XNAT's commit, with the overwrite "
-        "rules) or delete it; prearchive.answered answers it.")
+        "rules), move it to another project, or delete it; prearchive.answered answers it.")
     request_id: str
     session_key: str = Field(..., description="The prearchive entry, e.g. "
                              "prearchive/P/20260101_120000000/E1.")
-    action: Literal["archive", "delete"] = "archive"
+    action: Literal["archive", "delete", "move"] = "archive"
+    to_project: str | None = Field(None, description="For move: the project the entry goes "
+                                   "to (it stays in the prearchive).")
     username: str
     overwrite: Literal["none", "append", "delete"] = "none"
     quarantine: bool | None = None
@@ -364,7 +366,7 @@ class PrearchiveAnswered(Payload):
     description: ClassVar[str] = "The answer to prearchive.requested."
     request_id: str
     session_key: str = Field(..., description="The prearchive entry the request named.")
-    state: Literal["archived", "deleted", "conflict", "refused"]
+    state: Literal["archived", "moved", "deleted", "conflict", "refused"]
     uri: str | None = Field(None, description="Where the session is now (archive or "
                             "prearchive).")
     reason: Reason | None = None

@@ -219,7 +219,7 @@ def register_handlers(svc: Service) -> None:
             row.reason = done.reason.model_dump() if done.reason else None
             row.updated_at = datetime.now(UTC)
             tx.session.add(row)
-        if done.state in ("archived", "deleted"):
+        if done.state in ("archived", "moved", "deleted"):
             await tx.session.execute(delete(PrearchiveEntry).where(
                 col(PrearchiveEntry.session_key) == done.session_key))
 

@@ -19,7 +19,7 @@ from sqlmodel import col, select
 
 from .auth import CallerDep, forbidden
 from .identity import PROJECT_ID, Action, Caller
-from .models import ArchiveRequest, PrearchiveEntry
+from .models import ArchiveRequest, PrearchiveEntry, Project
 from .settings import Settings
 from .views import json_response
 
@@ -47,8 +47,16 @@ class NotAllowed(Exception):
         self.status, self.message = status, message
 
 
+class MoveBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    entry: str = Field(..., max_length=1024, pattern=ENTRY_SCHEMA,
+                       description="The entry's address.")
+    project: str = Field(..., pattern=PROJECT_ID, description="The project it moves to.")
+
+
 async def entry_command(svc: Service, settings: Settings, caller: Caller, body: ArchiveBody,
-                        action: Literal["archive", "delete"] = "archive") -> ArchiveRequest:
+                        action: Literal["archive", "delete", "move"] = "archive",
+                        to_project: str | None = None) -> ArchiveRequest:
     """Publishes a command on a prearchive entry and waits for its answer (state `pending`
     past the bound)."""
     found = ENTRY.match(body.entry)
@@ -60,6 +68,12 @@ async def entry_command(svc: Service, settings: Settings, caller: Caller, body: 
         raise NotAllowed(404, f"No prearchive entry {body.entry!r}.")  # (none could be named so)
     if not (caller.may(Action.upload, project) and caller.may(Action.view, project)):
         raise NotAllowed(403, f"You may not {action} sessions of project {project!r}.")
+    if to_project is not None:
+        if not caller.may(Action.upload, to_project):
+            raise NotAllowed(403, f"You may not move sessions into project {to_project!r}.")
+        async with svc.db.session() as session:
+            if await session.get(Project, to_project) is None:
+                raise NotAllowed(404, f"No project {to_project!r}.")
     now = datetime.now(UTC)
     request = ArchiveRequest(id=uuid.uuid4().hex, project=project, username=caller.username,
                              session_key=f"prearchive/{project}/{found['timestamp']}/"
@@ -68,7 +82,7 @@ async def entry_command(svc: Service, settings: Settings, caller: Caller, body: 
         session.add(request)
         await svc.outbox.add(session, PrearchiveRequested(
             request_id=request.id, session_key=request.session_key, action=action,
-            username=caller.username, overwrite=body.overwrite, quarantine=body.quarantine,
+            to_project=to_project, username=caller.username, overwrite=body.overwrite, quarantine=body.quarantine,
             trigger_pipelines=body.trigger_pipelines, requested_at=now))
     deadline = asyncio.get_running_loop().time() + settings.xnat_import_wait_seconds
     while True:
@@ -131,6 +145,49 @@ def archive_router(svc: Service, settings: Settings) -> APIRouter:
         status = {"pending": 504, "conflict": 409}.get(row.state, 404 if (
             row.reason or {}).get("code") == "prearchive.not_found" else 409)
         return PlainTextResponse(f"{message}\n", status_code=status)
+
+    @api.post("/api/v1/prearchive/move", tags=["prearchive"], operation_id="move_entry",
+              summary="Move a prearchive entry to another project (out of Unassigned)",
+              responses=problem_responses(401, 403, 404, 409, 422))
+    async def move(body: MoveBody, caller: CallerDep) -> JSONResponse:
+        try:
+            row = await entry_command(svc, settings, caller, ArchiveBody(entry=body.entry),
+                                      "move", body.project)
+        except NotAllowed as e:
+            if e.status == 403:
+                raise forbidden(e.message) from e
+            return problem(e.status, "Not Found", e.message)
+        view = {"request": row.id, "entry": body.entry, "state": row.state, "uri": row.uri,
+                "reason": row.reason}
+        if row.state in ("moved", "pending"):
+            return json_response(view, 200 if row.state == "moved" else 202)
+        status = 404 if (row.reason or {}).get("code") == "prearchive.not_found" else 409
+        return problem(status, "Not moved", (row.reason or {}).get("message", ""), **view)
+
+    @api.post("/data/services/prearchive/move", tags=["xnat"], response_class=PlainTextResponse,
+              summary="XNAT: move a prearchive entry to another project",
+              responses={code: {"description": what, **PLAIN} for code, what in (
+                  (200, "The entry's new address."), (400, "Bad parameters."),
+                  (401, "Not logged in."), (403, "Not allowed there."),
+                  (404, "No such entry or project."), (409, "Not moved."),
+                  (504, "Still moving."))})
+    async def xnat_move(
+            caller: CallerDep,
+            src: Annotated[str, Query(max_length=1024, pattern=ENTRY_SCHEMA)],
+            new_project: Annotated[str, Query(alias="newProject", pattern=PROJECT_ID)],
+    ) -> Response:
+        try:
+            row = await entry_command(svc, settings, caller, ArchiveBody(entry=src), "move",
+                                      new_project)
+        except NotAllowed as e:
+            return PlainTextResponse(e.message + "\n", status_code=e.status)
+        if row.state == "moved":
+            return PlainTextResponse(f"{row.uri}\n")
+        if row.state == "pending":
+            return PlainTextResponse("Still moving.\n", status_code=504)
+        status = 404 if (row.reason or {}).get("code") == "prearchive.not_found" else 409
+        return PlainTextResponse((row.reason or {}).get("message", "") + "\n",
+                                 status_code=status)
 
     async def delete_command(caller: Caller, project: str, timestamp: str, session: str
                              ) -> ArchiveRequest:

@@ -451,6 +451,9 @@ class Importer:
             elif r.action == "delete":
                 await self._delete_entry(event, entry)
                 return
+            elif r.action == "move":
+                await self._move_entry(event, entry)
+                return
             elif entry.project == "Unassigned":
                 answer.reason = Reason(code="prearchive.unassigned", message=(
                     "A session in Unassigned must be moved to a project before it is "
@@ -492,11 +495,7 @@ class Importer:
                     Scan.session_id == entry.id))).first() or ""
                 await self._catalogue(session, first, plan, datetime.now(UTC), 0,
                                       r.trigger_pipelines, seed=event.id)
-                scans = select(Scan.id).where(Scan.session_id == entry.id)
-                await session.execute(delete(CatalogueFile).where(
-                    col(CatalogueFile.scan_id).in_(scans)))
-                await session.execute(delete(Scan).where(col(Scan.session_id) == entry.id))
-                await session.delete(entry)
+                await self._forget_entry(session, entry.id)
                 answer = answer.model_copy(update={"state": "archived", "uri": plan.uri})
                 log.info("prearchive entry %s archived by %s as %s", r.session_key,
                          r.username, plan.uri)
@@ -505,6 +504,51 @@ class Importer:
             # The entry's objects go once the catalogue no longer names them.
             await asyncio.to_thread(lambda: [store.delete(o.key) for o in store.list(
                 f"prearchive/{plan.project}/{plan.timestamp}/{plan.label}/")])
+
+    async def _move_entry(self, event: CloudEvent[PrearchiveRequested], entry: Session
+                          ) -> None:
+        """Moves a prearchive entry to another project (out of Unassigned, typically): its
+        objects are copied under the new project, catalogued there, then the old ones go."""
+        store = self.svc.store
+        assert store is not None
+        r = event.data
+        if not r.to_project or r.to_project == entry.project:
+            async with self.svc.handling(event) as session:
+                if session is not None:
+                    await self.svc.outbox.add(session, PrearchiveAnswered(
+                        request_id=r.request_id, session_key=r.session_key, state="refused",
+                        uri=entry.uri, reason=Reason(code="prearchive.bad_move", message=(
+                            "Name another project to move the entry to."))),
+                        event_id=derived_id(event.id, "finished"))
+            return
+        async with self.svc.db.session() as session:
+            moved = await self._entry_plan(session, entry, False)
+        moved.project, moved.archived = r.to_project, False
+        for p in moved.placements:
+            p.key = moved.prefix + p.source_key[len(entry.prefix):]
+        await asyncio.to_thread(lambda: [store.copy(p.source_key, p.key) for p in
+                                         moved.placements if store.stat(p.key) is None])
+        async with self.svc.handling(event) as session:
+            if session is None:
+                return
+            first = (await session.exec(select(CatalogueFile.upload_id).join(
+                Scan, col(Scan.id) == CatalogueFile.scan_id).where(
+                Scan.session_id == entry.id))).first() or ""
+            await self._forget_entry(session, entry.id)
+            await self._catalogue(session, first, moved, datetime.now(UTC), 0, False,
+                                  seed=event.id)
+            await self.svc.outbox.add(session, PrearchiveAnswered(
+                request_id=r.request_id, session_key=r.session_key, state="moved",
+                uri=moved.uri), event_id=derived_id(event.id, "finished"))
+        await asyncio.to_thread(lambda: [store.delete(o.key) for o in store.list(entry.prefix)])
+        log.info("prearchive entry %s moved to %s by %s", entry.id, r.to_project, r.username)
+
+    async def _forget_entry(self, session: AsyncSession, entry_id: str) -> None:
+        """An entry's records (not its objects)."""
+        scans = select(Scan.id).where(Scan.session_id == entry_id)
+        await session.execute(delete(CatalogueFile).where(col(CatalogueFile.scan_id).in_(scans)))
+        await session.execute(delete(Scan).where(col(Scan.session_id) == entry_id))
+        await session.execute(delete(Session).where(col(Session.id) == entry_id))
 
     async def _delete_entry(self, event: CloudEvent[PrearchiveRequested], entry: Session
                             ) -> None:
@@ -515,11 +559,7 @@ class Importer:
         async with self.svc.handling(event) as session:
             if session is None:
                 return
-            scans = select(Scan.id).where(Scan.session_id == entry.id)
-            await session.execute(delete(CatalogueFile).where(
-                col(CatalogueFile.scan_id).in_(scans)))
-            await session.execute(delete(Scan).where(col(Scan.session_id) == entry.id))
-            await session.execute(delete(Session).where(col(Session.id) == entry.id))
+            await self._forget_entry(session, entry.id)
             await self.svc.outbox.add(session, PrearchiveAnswered(
                 request_id=r.request_id, session_key=r.session_key, state="deleted",
                 uri=entry.uri), event_id=derived_id(event.id, "finished"))
