@@ -468,6 +468,16 @@ def test_routing_overwrite_quarantine_and_pipelines_through_xnat_import(running:
         "select uri, quarantined from importer.session where project = 'MANUAL' and "
         "state = 'archived'")}
     assert rows == {sent.text.strip(): True, free.text.strip(): False}
+    # Quarantined sessions are listed as such, and a project owner releases them.
+    listed = {r["uri"]: r["quarantined"] for r in running.http.get(
+        "/api/v1/projects/MANUAL/sessions").json()}
+    assert listed == {sent.text.strip(): True, free.text.strip(): False}
+    subject, label = sent.text.strip().split("/subjects/")[1].split("/experiments/")
+    released = running.http.post(
+        f"/api/v1/projects/MANUAL/subjects/{subject}/sessions/{label}/release")
+    assert released.status_code == 200 and released.json()["quarantined"] is False, released.text
+    assert not running.query("select 1 from importer.session where uri = $1 and quarantined",
+                             sent.text.strip())
     asked = [json.loads(r["d"])["session"]["uri"] for r in running.query(
         "select value->'data' as d from importer.outbox where topic = "
         "'imgest.pipelines.requested'")]
@@ -559,6 +569,7 @@ def test_http_errors_are_problem_json(running: Running):
 
 def test_curl_style_put_upload(running: Running, pydicom_file):
     response = running.http.put("/api/v1/uploads/MR_small.dcm",
+                                params={"project": running.project("E2E")},
                                 content=pydicom_file("MR_small.dcm").read_bytes())
     assert response.status_code == 201
     assert response.headers["location"] == f"/api/v1/uploads/{response.json()['id']}"

@@ -58,6 +58,7 @@ def test_topic_names_and_keys(event):
     expected = {"session.archived": "session_key", "session.prearchived": "session_key",
                 "session.conflicted": "session_key", "pipelines.requested": "session_key",
                 "prearchive.requested": "session_key", "prearchive.answered": "session_key",
+                "release.requested": "session_key", "session.released": "session_key",
                 "notification.sent": "notification_id", "project.updated": "project"}
     assert event.key_field == expected.get(event.event, "upload_id")
 

@@ -372,6 +372,29 @@ class PrearchiveAnswered(Payload):
     reason: Reason | None = None
 
 
+class ReleaseRequested(Payload):
+    event: ClassVar[str] = "release.requested"
+    key_field: ClassVar[str] = "session_key"
+    description: ClassVar[str] = (
+        "A command: lift the quarantine of an archived session (a project owner's call); "
+        "session.released tells it is done.")
+    request_id: str
+    session_key: str = Field(..., description="The archived session, e.g. P/S/E.")
+    username: str
+    requested_at: datetime
+
+
+class SessionReleased(Payload):
+    event: ClassVar[str] = "session.released"
+    key_field: ClassVar[str] = "session_key"
+    description: ClassVar[str] = "An archived session left quarantine."
+    request_id: str | None = None
+    session_key: str
+    session: SessionRef
+    released_by: str
+    released_at: datetime
+
+
 class SessionOutcome(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uri: str
@@ -496,6 +519,8 @@ EVENTS: tuple[type[Payload], ...] = (
     PipelinesRequested,
     PrearchiveRequested,
     PrearchiveAnswered,
+    ReleaseRequested,
+    SessionReleased,
     UploadCompleted,
     NotificationSent,
     ProjectUpdated,

@@ -25,8 +25,11 @@ from imgest_contracts import (
     PrearchiveRequested,
     ProjectUpdated,
     Reason,
+    ReleaseRequested,
+    SessionArchived,
     SessionConflicted,
     SessionPrearchived,
+    SessionReleased,
     UploadCancelled,
     UploadCompleted,
     UploadSubmitted,
@@ -50,6 +53,7 @@ from .domain import UNPLACED, BadFilename, advances, safe_filename, upload_state
 from .identity import Action, Caller, hash_password
 from .identity_api import identity_router
 from .models import (
+    ArchivedSession,
     ArchiveRequest,
     PrearchiveEntry,
     Project,
@@ -75,7 +79,7 @@ def bootstrap(settings: Settings) -> Service:
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_idle_seconds / 3),
                                  lambda: redrive(svc, settings), at_start=False))
     svc.publishes(ObjectStored, UploadSubmitted, UploadCancelled, ProjectUpdated,
-                  PrearchiveRequested)
+                  PrearchiveRequested, ReleaseRequested)
     svc.startup.append(lambda: ensure_first_admin(
         svc.db, settings.admin_user, settings.admin_email, settings.admin_token_file,
         token=settings.admin_token.get_secret_value() if settings.admin_token else None,
@@ -202,6 +206,29 @@ def register_handlers(svc: Service) -> None:
         row.uploads = sorted(set(row.uploads or []) | set(p.upload_ids))
         row.updated_at = max(row.updated_at, event.time)
         tx.session.add(row)
+
+    # The archive's sessions, and their quarantine.
+    @svc.on(SessionArchived)
+    async def on_session_archived(event: CloudEvent[SessionArchived], tx: Tx) -> None:
+        a = event.data
+        row = await tx.session.get(ArchivedSession, a.session_key, with_for_update=True)
+        if row is None:
+            row = ArchivedSession(session_key=a.session_key, project=a.session.project,
+                                  subject=a.session.subject, label=a.session.session,
+                                  uri=a.session.uri, archived_at=a.archived_at,
+                                  updated_at=event.time)
+        elif event.time < row.updated_at:
+            return  # an older fact than the one kept (a release may have come since)
+        row.study_uid, row.modalities = a.study_uid, a.modalities
+        row.quarantined, row.updated_at = a.quarantined, event.time
+        tx.session.add(row)
+
+    @svc.on(SessionReleased)
+    async def on_session_released(event: CloudEvent[SessionReleased], tx: Tx) -> None:
+        row = await tx.session.get(ArchivedSession, event.data.session_key, with_for_update=True)
+        if row is not None and event.time >= row.updated_at:
+            row.quarantined, row.updated_at = False, event.time
+            tx.session.add(row)
 
     @svc.on(SessionConflicted)
     async def on_session_conflicted(event: CloudEvent[SessionConflicted], tx: Tx) -> None:

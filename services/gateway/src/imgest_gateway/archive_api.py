@@ -12,14 +12,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from imgest_contracts import PrearchiveRequested
+from imgest_contracts import PrearchiveRequested, ReleaseRequested
 from imgest_runtime.service import Service, problem, problem_responses
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import col, select
 
 from .auth import CallerDep, forbidden
 from .identity import PROJECT_ID, Action, Caller
-from .models import ArchiveRequest, PrearchiveEntry, Project
+from .models import ArchivedSession, ArchiveRequest, PrearchiveEntry, Project
 from .settings import Settings
 from .views import json_response
 
@@ -188,6 +188,52 @@ def archive_router(svc: Service, settings: Settings) -> APIRouter:
         status = 404 if (row.reason or {}).get("code") == "prearchive.not_found" else 409
         return PlainTextResponse((row.reason or {}).get("message", "") + "\n",
                                  status_code=status)
+
+    # --- the archive: sessions, quarantine ---------------------------------------------------
+
+    def session_view(r: ArchivedSession) -> dict:
+        return {"uri": r.uri, "project": r.project, "subject": r.subject, "session": r.label,
+                "study_uid": r.study_uid, "modalities": r.modalities or [],
+                "quarantined": r.quarantined, "archived_at": r.archived_at.isoformat()}
+
+    @api.get("/api/v1/projects/{project}/sessions", tags=["archive"],
+             operation_id="list_sessions",
+             summary="The project's archived sessions (quarantined ones say so)",
+             responses=problem_responses(401, 403, 422))
+    async def list_sessions(project: str, caller: CallerDep) -> JSONResponse:
+        visible(caller, project)
+        async with svc.db.session() as session:
+            rows = (await session.exec(select(ArchivedSession).where(
+                ArchivedSession.project == project).order_by(
+                col(ArchivedSession.subject), col(ArchivedSession.label)))).all()
+        return json_response([session_view(r) for r in rows])
+
+    @api.post("/api/v1/projects/{project}/subjects/{subject}/sessions/{session}/release",
+              tags=["archive"], operation_id="release_session",
+              summary="Lift a session's quarantine (project owners)",
+              responses=problem_responses(401, 403, 404, 422))
+    async def release(project: str, subject: str, session: str, caller: CallerDep
+                      ) -> JSONResponse:
+        if not caller.may(Action.manage, project):
+            raise forbidden(f"Only an owner of project {project!r} releases its sessions.")
+        key = f"{project}/{subject}/{session}"
+        async with svc.db.session() as db:
+            row = await db.get(ArchivedSession, key)
+            if row is None:
+                return problem(404, "Not Found", f"No archived session {key}.")
+            if row.quarantined:
+                await svc.outbox.add(db, ReleaseRequested(
+                    request_id=uuid.uuid4().hex, session_key=key, username=caller.username,
+                    requested_at=datetime.now(UTC)))
+        deadline = asyncio.get_running_loop().time() + settings.xnat_import_wait_seconds
+        while row is not None and row.quarantined:
+            if asyncio.get_running_loop().time() > deadline:
+                return json_response(session_view(row), 202)
+            await asyncio.sleep(0.2)
+            async with svc.db.session() as db:
+                row = await db.get(ArchivedSession, key)
+        assert row is not None
+        return json_response(session_view(row))
 
     async def delete_command(caller: Caller, project: str, timestamp: str, session: str
                              ) -> ArchiveRequest:

@@ -179,3 +179,20 @@ class PrearchiveEntry(Base, table=True):
     files: int = 0
     uploads: list | None = Field(default=None, sa_column=Column(JSONB))
     updated_at: datetime = _ts(nullable=False)
+
+
+class ArchivedSession(Base, table=True):
+    """A session in the archive, as session.archived and session.released tell (the gateway's
+    view: what the catalogue lists, and whether it is quarantined)."""
+
+    __tablename__ = "archived_session"
+    session_key: str = Field(primary_key=True, max_length=512)  # project/subject/label
+    project: str = Field(max_length=64, index=True)
+    subject: str = Field(max_length=64)
+    label: str = Field(max_length=64)
+    uri: str = Field(max_length=1024)
+    study_uid: str | None = Field(default=None, max_length=128)
+    modalities: list | None = Field(default=None, sa_column=Column(JSONB))
+    quarantined: bool = False
+    archived_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)

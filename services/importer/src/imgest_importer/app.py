@@ -33,12 +33,14 @@ from imgest_contracts import (
     ProjectRules,
     ProjectUpdated,
     Reason,
+    ReleaseRequested,
     SessionArchived,
     SessionConflicted,
     SessionHints,
     SessionOutcome,
     SessionPrearchived,
     SessionRef,
+    SessionReleased,
     UploadCancelled,
     UploadCompleted,
     UploadCounts,
@@ -584,7 +586,7 @@ def bootstrap(settings: Settings) -> Service:
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_seconds / 3),
                                  importer.redrive))
     svc.publishes(SessionArchived, SessionPrearchived, SessionConflicted, PipelinesRequested,
-                  PrearchiveAnswered, UploadCompleted)
+                  PrearchiveAnswered, SessionReleased, UploadCompleted)
 
     @svc.on(UploadSubmitted)
     async def on_upload_submitted(event: CloudEvent[UploadSubmitted], tx: Tx) -> None:
@@ -615,6 +617,23 @@ def bootstrap(settings: Settings) -> Service:
             index_elements=["id"], set_={"rules": insert.excluded.rules,
                                          "updated_at": insert.excluded.updated_at},
             where=col(Project.updated_at) < insert.excluded.updated_at))
+
+    @svc.on(ReleaseRequested)
+    async def on_release_requested(event: CloudEvent[ReleaseRequested], tx: Tx) -> None:
+        r = event.data
+        row = await tx.session.get(Session, r.session_key, with_for_update=True)
+        if row is None or row.state != "archived":
+            log.info("release of %s by %s: no such archived session", r.session_key,
+                     r.username)
+            return
+        row.quarantined, row.updated_at = False, datetime.now(UTC)
+        tx.session.add(row)
+        tx.publish(SessionReleased(
+            request_id=r.request_id, session_key=row.id, session=SessionRef(
+                project=row.project, subject=row.subject_id.split("/", 1)[1], session=row.label,
+                uri=row.uri), released_by=r.username, released_at=row.updated_at),
+            event_id=derived_id(event.id, "released"))
+        log.info("session %s released from quarantine by %s", row.id, r.username)
 
     @svc.on(PrearchiveRequested, own_transaction=True)
     async def on_archive_requested(event: CloudEvent[PrearchiveRequested]) -> None:
