@@ -155,6 +155,12 @@ class ProjectRules(BaseModel):
     quarantine: bool = Field(False, description="Archived content is quarantined by default.")
     updated_at: datetime = Field(..., description="When the project's settings last changed.")
 
+    @classmethod
+    def of(cls, project: str, settings: ProjectSettings, updated_at: datetime) -> ProjectRules:
+        return cls(project=project, accepted_kinds=settings.accepted_kinds,
+                   metadata_rules=settings.metadata_rules, auto_archive=settings.auto_archive,
+                   quarantine=settings.quarantine, updated_at=updated_at)
+
 
 # --- events ----------------------------------------------------------------------------------
 

@@ -138,11 +138,8 @@ async def project_rules(session: AsyncSession, project_id: str | None) -> Projec
     project = await session.get(Project, project_id) if project_id else None
     if project is None:
         return None
-    settings = ProjectSettings.model_validate(project.settings)
-    return ProjectRules(project=project.id, accepted_kinds=settings.accepted_kinds,
-                        metadata_rules=settings.metadata_rules,
-                        auto_archive=settings.auto_archive, quarantine=settings.quarantine,
-                        updated_at=project.updated_at)
+    return ProjectRules.of(project.id, ProjectSettings.model_validate(project.settings),
+                           project.updated_at)
 
 
 async def submit(svc: Service, session: AsyncSession, upload: Upload,

@@ -607,10 +607,7 @@ def bootstrap(settings: Settings) -> Service:
     @svc.on(ProjectUpdated)
     async def on_project_updated(event: CloudEvent[ProjectUpdated], tx: Tx) -> None:
         p = event.data
-        rules = ProjectRules(project=p.project, accepted_kinds=p.settings.accepted_kinds,
-                             metadata_rules=p.settings.metadata_rules,
-                             auto_archive=p.settings.auto_archive,
-                             quarantine=p.settings.quarantine, updated_at=p.updated_at)
+        rules = ProjectRules.of(p.project, p.settings, p.updated_at)
         insert = pg_insert(Project).values(id=p.project, rules=rules.model_dump(mode="json"),
                                            updated_at=p.updated_at)
         await tx.session.execute(insert.on_conflict_do_update(

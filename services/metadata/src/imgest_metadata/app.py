@@ -174,8 +174,7 @@ def bootstrap(settings: Settings) -> Service:
     @svc.on(ProjectUpdated)
     async def on_project_updated(event: CloudEvent[ProjectUpdated], tx: Tx) -> None:
         p = event.data
-        rules = ProjectRules(project=p.project, accepted_kinds=p.settings.accepted_kinds,
-                             metadata_rules=p.settings.metadata_rules, updated_at=p.updated_at)
+        rules = ProjectRules.of(p.project, p.settings, p.updated_at)
         row = {"project": p.project, "rules": rules.model_dump(mode="json"),
                "updated_at": p.updated_at}
         insert = pg_insert(ProjectRulesRow).values(**row)
