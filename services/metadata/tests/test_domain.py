@@ -60,7 +60,7 @@ def test_identify_ct_small() -> None:
     assert h.scan == "1"
     assert h.subject == "CompressedSamples_CT1"  # PatientName, made a label
     assert h.session == "1CT1"  # PatientID
-    assert h.project is None and h.auto_archive is None
+    assert h.project == "e_1" and h.auto_archive is None  # Study Description, made a label
     assert found.metadata["Modality"] == "CT"
     assert found.metadata["PatientID"] == "1CT1"
     assert found.metadata["StudyDate"] == "20040119"

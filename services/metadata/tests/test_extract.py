@@ -380,3 +380,21 @@ def test_fuzz_every_extractor(store: LocalStore, case: tuple[str, bytes]) -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         identify(data, len(data), "x")  # the pure part, on the whole bytes, never raises either
+
+
+def test_project_hint_falls_back_to_study_description_then_accession_number(
+        store: LocalStore) -> None:
+    ds = pydicom.dcmread(DICOM_FILES / "CT_small.dcm")
+    ds.StudyDescription, ds.AccessionNumber = "Lung Screen", "ACC-7"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    assert read(store, buf.getvalue(), "a.dcm").hints.project == "Lung_Screen"
+    del ds.StudyDescription
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    assert read(store, buf.getvalue(), "b.dcm").hints.project == "ACC-7"
+    ds.PatientComments = "Project: FROM_COMMENTS"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    assert read(store, buf.getvalue(), "c.dcm").hints.project == "FROM_COMMENTS"
+

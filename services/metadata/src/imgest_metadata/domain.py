@@ -193,7 +193,10 @@ def dicom(head: bytes, size: int) -> Identified:
     meta["Preamble"] = head[128:132] == b"DICM"
     series_number = _text(ds, "SeriesNumber")
     hints = SessionHints(
-        project=label(fields.get("project")),
+        # XNAT's order for the project: the comments' Project field, then Study Description,
+        # then Accession Number (the importer sends a project nobody created to Unassigned).
+        project=label(fields.get("project")) or label(_text(ds, "StudyDescription"))
+        or label(_text(ds, "AccessionNumber")),
         subject=label(fields.get("subject")) or label(_text(ds, "PatientName"))
         or label(_text(ds, "PatientID")),
         session=label(fields.get("session")) or label(_text(ds, "PatientID")),
