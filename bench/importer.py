@@ -75,15 +75,16 @@ def postmaster_pid(url: str) -> int:
     return int((Path(data_dir[0]["setting"]) / "postmaster.pid").read_text().split()[0])
 
 
-def _cpu(stat: str) -> tuple[int, float]:
-    """The parent pid and the CPU time (user + system) of a /proc/<pid>/stat."""
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
+def _cpu(stat: str) -> tuple[str, int, float]:
+    """The name, the parent pid and the CPU time (user + system) of a /proc/<pid>/stat."""
+    head, tail = stat.rsplit(")", 1)
+    fields = tail.split()
+    return head.split("(", 1)[1], int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
 
 
 def cpu_seconds(pids: dict[str, int], postmaster: int) -> dict[str, float]:
     """CPU time used so far by each of our processes, by PostgreSQL's (the server and its
-    children), and by the whole machine."""
+    children), by every other process (as "~pid name") and by the whole machine."""
     used = dict.fromkeys([*pids, "postgres"], 0.0)
     names = {pid: name for name, pid in pids.items()}
     for entry in os.scandir("/proc"):
@@ -91,13 +92,15 @@ def cpu_seconds(pids: dict[str, int], postmaster: int) -> dict[str, float]:
             continue
         pid = int(entry.name)
         try:
-            ppid, cpu = _cpu(Path(entry.path, "stat").read_text())
+            comm, ppid, cpu = _cpu(Path(entry.path, "stat").read_text())
         except OSError:  # gone meanwhile
             continue
         if pid in names:
             used[names[pid]] += cpu
         elif postmaster in (pid, ppid):
             used["postgres"] += cpu
+        else:
+            used[f"~{pid} {comm}"] = cpu
     # user nice system idle iowait irq softirq steal: busy is all but idle, iowait and steal
     # (time the hypervisor gave to other machines, which no process here used).
     cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -235,15 +238,24 @@ def one_run(run: int, stack: Stack, env: dict[str, str], store: LocalStore, arch
           f"bare copies {copies:.2f}s, + delete {deletes:.2f}s")
     if "completing" in watch.cpu and "cleaning" in watch.cpu:
         before, after = watch.cpu["completing"], watch.cpu["cleaning"]
-        used = {k: after[k] - before[k] for k in after if k in before}
+        # Other processes by pid alone: a kernel worker's name changes with its work.
+        earlier = {k.split()[0]: v for k, v in before.items()}
+        used = {k: v - earlier.get(k.split()[0], 0.0) for k, v in after.items()}
         machine, steal = used.pop("machine"), used.pop("steal")
-        others = machine - sum(used.values())
+        ours = {k: v for k, v in used.items() if not k.startswith("~")}
+        others = machine - sum(ours.values())
         result["disturbed"] = max(others, steal)
         print(f"  CPU seconds during the commit ({os.cpu_count()} cores × "
               f"{result['commit']:.2f}s): " + ", ".join(
-                  f"{k} {v:.2f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
+                  f"{k} {v:.2f}" for k, v in sorted(ours.items(), key=lambda kv: -kv[1]))
               + f", other processes {others:.2f}; machine {machine:.2f}; stolen by the "
               f"hypervisor {steal:.2f}")
+        busiest = sorted(((v, k.split(maxsplit=1)[1]) for k, v in used.items()
+                          if k.startswith("~")),
+                         reverse=True)[:3]
+        if busiest and busiest[0][0] >= 0.1:
+            print("  busiest other processes: " + ", ".join(
+                f"{name} {v:.2f}" for v, name in busiest if v >= 0.1))
         if result["disturbed"] > QUIET:
             print(f"  NOT QUIET: other processes used {others:.1f} CPU seconds during the "
                   f"commit, the hypervisor took {steal:.1f}; its figures are disturbed")
