@@ -141,6 +141,7 @@ def started_stack(request, infra: Infra, smtp_server, tmp_path_factory, store: s
         "IMGEST_PROGRESS_SECONDS": "0.001",  # every archive tells its progress
         "IMGEST_MAX_UPLOAD_BYTES": str(3 * 1024 * 1024),
         "IMGEST_KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "IMGEST_BUILD_CHECK_SECONDS": "0.5",  # gradual sends' entries, built once idle
         **infra.s3,
         **{port_env(s): str(free_port()) for s in SERVICES},
         **env,

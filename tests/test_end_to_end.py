@@ -538,6 +538,89 @@ def test_a_session_of_no_known_project_waits_in_unassigned(running: Running, pyd
     assert archived.json()["uri"].startswith("/data/archive/projects/FOUND/")
 
 
+def test_gradual_sends_wait_receiving_and_are_built_once_idle(running: Running, pydicom_file):
+    """XNAT's gradual-DICOM: instances one by one join a RECEIVING entry, built once idle for
+    the project's time (archived in an auto-archive project); late files follow the overwrite
+    rules; a rebuild builds at once; missing objects make an entry ERROR."""
+    on_one_store(running, "building sessions does not depend on the store")
+    running.project("GRAD", gradual_idle_seconds=3)
+    running.project("GRADM", auto_archive="manual", gradual_idle_seconds=600)
+
+    def instance(study: str, n: int) -> bytes:
+        ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+        ds.StudyInstanceUID = study
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{study}.{n}"
+        return dicom_bytes(ds)
+
+    def send(project: str, study: str, n: int) -> httpx.Response:
+        sent = running.http.post("/data/services/import", content=instance(study, n), params={
+            "import-handler": "gradual-DICOM", "PROJECT_ID": project, "SUBJECT_ID": "S1",
+            "EXPT_LABEL": "G1"}, headers={"Content-Type": "application/dicom"}, timeout=90)
+        assert sent.status_code == 200, sent.text
+        return sent
+
+    def entries(project: str) -> list[dict]:
+        return running.http.get(f"/api/v1/projects/{project}/prearchive").json()
+
+    def eventually(check, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while not (found := check()) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        return found
+
+    study = generate_uid()
+    sent = [send("GRAD", study, n) for n in (1, 2, 3)]
+    [uri] = {s.text.strip() for s in sent}  # every instance joined one entry
+    assert uri.startswith("/data/prearchive/projects/GRAD/") and uri.endswith("/G1"), uri
+    listed = entries("GRAD")
+    assert [(e["entry"], e["state"]) for e in listed] == [(uri, "RECEIVING")], listed
+    archived_uri = "/data/archive/projects/GRAD/subjects/S1/experiments/G1"
+    assert eventually(lambda: archived_uri in [
+        s["uri"] for s in running.http.get("/api/v1/projects/GRAD/sessions").json()])
+    rows = running.query("select f.object_key from importer.file f join importer.scan c on "
+                         "c.id = f.scan_id where c.session_id = 'GRAD/S1/G1'")
+    assert len(rows) == 3
+    assert eventually(lambda: entries("GRAD") == [])
+    assert list(running.store.list(uri.replace("/data/prearchive/projects/", "prearchive/"))) == []
+    # No email per instance (each of them is an upload of its own).
+    assert all(running.mailbox.for_upload(u) == [] for u in [
+        r["id"] for r in running.query("select id from gateway.upload where project = 'GRAD'")])
+
+    # A late file after the session was built follows the overwrite rules: none → CONFLICT.
+    late = send("GRAD", study, 4).text.strip()
+    assert late != uri
+    conflict = eventually(lambda: [e for e in entries("GRAD") if e["state"] == "CONFLICT"])
+    assert [(e["entry"], e["reason"]["code"]) for e in conflict] == [(late, "session.exists")]
+    assert len(running.query("select 1 from importer.file f join importer.scan c on "
+                             "c.id = f.scan_id where c.session_id = 'GRAD/S1/G1'")) == 3
+    # A rebuild looks again (still a conflict); archived with append, it joins the session.
+    again = running.http.post("/api/v1/prearchive/rebuild", json={"entry": late})
+    assert again.status_code == 409 and again.json()["state"] == "conflict", again.text
+    merged = running.http.post("/api/v1/prearchive/archive", json={
+        "entry": late, "overwrite": "append"}, timeout=90)
+    assert merged.status_code == 200 and merged.json()["uri"] == archived_uri, merged.text
+    assert len(running.query("select 1 from importer.file f join importer.scan c on "
+                             "c.id = f.scan_id where c.session_id = 'GRAD/S1/G1'")) == 4
+
+    # A manual project: the entry waits RECEIVING (600 s idle), a rebuild makes it READY now.
+    manual = send("GRADM", generate_uid(), 1).text.strip()
+    assert [e["state"] for e in entries("GRADM")] == ["RECEIVING"]
+    built = running.http.post("/data/services/prearchive/rebuild", params={"src": manual})
+    assert (built.status_code, built.text.strip()) == (200, manual), built.text
+    assert eventually(lambda: [e["state"] for e in entries("GRADM")] == ["READY"])
+    # Its objects gone from the store (by hand): a rebuild makes it ERROR, with why.
+    prefix = manual.replace("/data/prearchive/projects/", "prearchive/")
+    for obj in list(running.store.list(prefix + "/")):
+        running.store.delete(obj.key)
+    broken = running.http.post("/api/v1/prearchive/rebuild", json={"entry": manual})
+    assert broken.status_code == 409, broken.text
+    assert broken.json()["reason"]["code"] == "store.object_missing", broken.text
+    assert eventually(lambda: [e["state"] for e in entries("GRADM")] == ["ERROR"])
+    told = running.query("select value->'data' as d from importer.outbox where topic = "
+                         "'imgest.session.failed'")
+    assert [json.loads(r["d"])["session"]["uri"] for r in told] == [manual]
+
+
 def _fresh(pydicom_file) -> bytes:
     ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()

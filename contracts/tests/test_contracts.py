@@ -17,6 +17,8 @@ from imgest_contracts import (
     ObjectStored,
     Reason,
     SessionArchived,
+    SessionFailed,
+    SessionOutcome,
     SessionRef,
     Source,
     UploadCompleted,
@@ -56,7 +58,8 @@ def test_topic_names_and_keys(event):
     assert event.key_field in event.model_fields
     # DESIGN.md §4: upload-scoped events keyed by upload, session events by session.
     expected = {"session.archived": "session_key", "session.prearchived": "session_key",
-                "session.conflicted": "session_key", "pipelines.requested": "session_key",
+                "session.conflicted": "session_key", "session.failed": "session_key",
+                "pipelines.requested": "session_key",
                 "prearchive.requested": "session_key", "prearchive.answered": "session_key",
                 "release.requested": "session_key", "session.released": "session_key",
                 "notification.sent": "notification_id", "project.updated": "project"}
@@ -72,14 +75,20 @@ def samples():
     return [
         ObjectStored(upload_id="u1", object_key="staging/u1/a.zip", filename="a.zip", size=10,
                      sha256=SHA),
-        UploadSubmitted(upload_id="u1", uploader=uploader, options=ImportOptions(project="P"),
+        UploadSubmitted(upload_id="u1", uploader=uploader.model_copy(update={"projects": ["P"]}),
+                        options=ImportOptions(project="P", import_handler="gradual-DICOM"),
                         object_keys=["staging/u1/a.zip"], submitted_at=now),
         FileStaged(upload_id="u1", file_id="f1", object_key="staging/u1/m/f1/1.dcm",
                    path="a.zip/a/1.dcm", size=5, sha256=SHA, source=source),
         SessionArchived(session_key="P/S/E", upload_ids=["u1"], session=ref, scans=1, files=20,
-                        modalities=["CT"], archived_at=now),
+                        modalities=["CT"], archived_at=now,
+                        entry_key="prearchive/P/20260101_120000000/E"),
+        SessionFailed(session_key="P/S/E", upload_ids=["u1"], session=ref, reason=Reason(
+            code="store.object_missing", message="gone")),
         UploadCompleted(upload_id="u1", uploader=uploader, project="P", outcome="succeeded",
-                        counts=UploadCounts(files=20, archived=20), sessions=[], failures=[],
+                        counts=UploadCounts(files=20, prearchived=20), sessions=[SessionOutcome(
+                            uri="/data/prearchive/projects/P/20260101_120000000/E", label="E",
+                            state="receiving", file_ids=["f1"])], failures=[],
                         completed_at=now),
     ]
 

@@ -72,6 +72,10 @@ class Uploader(BaseModel):
     model_config = ConfigDict(extra="forbid")
     username: str
     email: str | None = None
+    projects: list[str] | None = Field(
+        None, description="The projects the uploader may send files into when the upload was "
+        "submitted (None: any, an administrator). A project named only by a file's headers "
+        "that is not one of them sends its session to Unassigned (XNAT's rule).")
 
 
 class ImportOptions(BaseModel):
@@ -153,13 +157,15 @@ class ProjectRules(BaseModel):
         "auto", description="Where sessions go when the upload does not say (see "
         "ProjectSettings).")
     quarantine: bool = Field(False, description="Archived content is quarantined by default.")
+    gradual_idle_seconds: float = Field(300.0, description="See ProjectSettings.")
     updated_at: datetime = Field(..., description="When the project's settings last changed.")
 
     @classmethod
     def of(cls, project: str, settings: ProjectSettings, updated_at: datetime) -> ProjectRules:
         return cls(project=project, accepted_kinds=settings.accepted_kinds,
                    metadata_rules=settings.metadata_rules, auto_archive=settings.auto_archive,
-                   quarantine=settings.quarantine, updated_at=updated_at)
+                   quarantine=settings.quarantine,
+                   gradual_idle_seconds=settings.gradual_idle_seconds, updated_at=updated_at)
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -316,6 +322,8 @@ class SessionArchived(Payload):
     files: int = Field(..., ge=0)
     quarantined: bool = False
     archived_at: datetime
+    entry_key: str | None = Field(None, description="The prearchive entry it was archived "
+                                  "from, which is gone now.")
 
 
 class SessionConflicted(Payload):
@@ -329,6 +337,18 @@ class SessionConflicted(Payload):
     upload_ids: list[str]
     session: SessionRef
     existing_uri: str = Field(..., description="The archived session it collided with.")
+    reason: Reason
+
+
+class SessionFailed(Payload):
+    event: ClassVar[str] = "session.failed"
+    key_field: ClassVar[str] = "session_key"
+    description: ClassVar[str] = (
+        "A session could not be built or archived (its objects are missing or unreadable): it "
+        "waits in the prearchive as ERROR with the reason, and the archive is unchanged.")
+    session_key: str = Field(..., description="The prearchive entry holding the session.")
+    upload_ids: list[str]
+    session: SessionRef
     reason: Reason
 
 
@@ -352,11 +372,12 @@ class PrearchiveRequested(Payload):
     key_field: ClassVar[str] = "session_key"
     description: ClassVar[str] = (
         "A command on a prearchive entry: archive it (XNAT's commit, with the overwrite "
-        "rules), move it to another project, or delete it; prearchive.answered answers it.")
+        "rules), move it to another project, delete it, or rebuild it (build a RECEIVING entry "
+        "now; look again at a CONFLICT or ERROR); prearchive.answered answers it.")
     request_id: str
     session_key: str = Field(..., description="The prearchive entry, e.g. "
                              "prearchive/P/20260101_120000000/E1.")
-    action: Literal["archive", "delete", "move"] = "archive"
+    action: Literal["archive", "delete", "move", "rebuild"] = "archive"
     to_project: str | None = Field(None, description="For move: the project the entry goes "
                                    "to (it stays in the prearchive).")
     username: str
@@ -372,7 +393,7 @@ class PrearchiveAnswered(Payload):
     description: ClassVar[str] = "The answer to prearchive.requested."
     request_id: str
     session_key: str = Field(..., description="The prearchive entry the request named.")
-    state: Literal["archived", "moved", "deleted", "conflict", "refused"]
+    state: Literal["archived", "moved", "deleted", "rebuilt", "conflict", "failed", "refused"]
     uri: str | None = Field(None, description="Where the session is now (archive or "
                             "prearchive).")
     reason: Reason | None = None
@@ -405,9 +426,10 @@ class SessionOutcome(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uri: str
     label: str
-    state: Literal["archived", "prearchived", "conflict", "failed"]
+    state: Literal["archived", "prearchived", "receiving", "conflict", "failed"] = Field(
+        ..., description="receiving: a gradual send's entry, built once idle.")
     file_ids: list[str]
-    reason: Reason | None = Field(None, description="Why a session is in conflict.")
+    reason: Reason | None = Field(None, description="Why a session is in conflict or failed.")
 
 
 class FileFailure(BaseModel):
@@ -470,6 +492,9 @@ class ProjectSettings(BaseModel):
         "to the archive; auto-overwrite: and replace what is there.")
     quarantine: StrictBool = Field(False,
                                    description="Archived content is quarantined by default.")
+    gradual_idle_seconds: float = Field(
+        300.0, ge=0.1, le=86400, description="A session sent instance by instance "
+        "(gradual-DICOM) is built once no file came for this long (XNAT: 5 minutes).")
     accepted_kinds: list[FileKind] = Field(
         default_factory=lambda: [FileKind.dicom, FileKind.photo, FileKind.slide, FileKind.csv],
         description="Kinds of file the project takes; others are rejected with a reason.")
@@ -522,6 +547,7 @@ EVENTS: tuple[type[Payload], ...] = (
     SessionPrearchived,
     SessionArchived,
     SessionConflicted,
+    SessionFailed,
     PipelinesRequested,
     PrearchiveRequested,
     PrearchiveAnswered,

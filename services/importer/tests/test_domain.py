@@ -12,6 +12,9 @@ from imgest_importer.domain import (
     ObjectProgress,
     Part,
     ValidFile,
+    dest_entry,
+    gradual,
+    idle_entries,
     is_complete,
     land,
     overwrite_mode,
@@ -19,6 +22,7 @@ from imgest_importer.domain import (
     prearchive_timestamp,
     session_id,
     to_archive,
+    to_prearchive,
 )
 
 NOW = datetime(2024, 1, 2, 3, 4, 5, 678_901)
@@ -177,6 +181,43 @@ def test_a_project_no_one_created_sends_the_session_to_unassigned_prearchive() -
     [s] = plan("u", ImportOptions(), files, "Unassigned", NOW,
                projects={"HP": rules("manual", quarantine=True)})
     assert (s.project, s.archived, s.quarantined) == ("HP", False, True)
+
+
+def test_a_project_the_uploader_may_not_send_into_is_unassigned() -> None:
+    files = [dcm("a.dcm", "1.5", "1.5.1", project="HP")]
+    [s] = plan("u", ImportOptions(), files, "Unassigned", NOW, projects={"HP": rules()},
+               allowed=["OTHER"])
+    assert (s.project, s.archived) == ("Unassigned", False)
+    [s] = plan("u", ImportOptions(), files, "Unassigned", NOW, projects={"HP": rules()},
+               allowed=["HP"])
+    assert (s.project, s.archived) == ("HP", True)
+    [s] = plan("u", ImportOptions(), files, "Unassigned", NOW, projects={"HP": rules()},
+               allowed=None)  # an administrator
+    assert s.project == "HP"
+
+
+def test_gradual_sends_wait_receiving_and_are_built_once_idle_for_their_project() -> None:
+    assert gradual(ImportOptions(import_handler="gradual-DICOM"))
+    assert not gradual(ImportOptions(import_handler="DICOM-zip")) and not gradual(ImportOptions())
+    [s] = plan("u", ImportOptions(project="P"), [dcm("a.dcm", "1.5", "1.5.1")], "U", NOW)
+    assert s.archived
+    to_prearchive(s, "RECEIVING", "20240101_000000000")
+    assert (s.archived, s.state) == (False, "RECEIVING")
+    assert s.placements[0].key == (
+        "prearchive/P/20240101_000000000/E1/scans/1/resources/DICOM/files/1.5.1.dcm")
+    last = datetime(2024, 1, 2, 3, 0, 0)
+    receiving = [("a", "FAST", last), ("b", "SLOW", last), ("c", "OTHER", last)]
+    at = datetime(2024, 1, 2, 3, 0, 10)
+    assert idle_entries(receiving, {"FAST": 5.0, "SLOW": 300.0}, 60.0, at) == ["a"]
+    assert idle_entries(receiving, {"FAST": 5.0, "SLOW": 300.0}, 10.0, at) == ["a", "c"]
+
+
+def test_a_dest_naming_an_entry_merges_into_it() -> None:
+    assert dest_entry(ImportOptions(dest="/prearchive/projects/P/20240101_000000000/E1")) == (
+        "P", "20240101_000000000", "E1")
+    assert dest_entry(ImportOptions(dest="/prearchive/projects/P")) is None
+    assert dest_entry(ImportOptions(dest="/archive/projects/P/subjects/S")) is None
+    assert dest_entry(ImportOptions()) is None
 
 
 def test_defaults_without_hints() -> None:

@@ -201,16 +201,20 @@ def register_handlers(svc: Service) -> None:
                                   timestamp=p.timestamp, label=p.session.session,
                                   subject=p.session.subject, uri=p.session.uri, state=p.state,
                                   updated_at=event.time)
-        row.state, row.files = p.state, max(row.files, p.files)
-        row.reason = p.reason.model_dump() if p.reason else None
         row.uploads = sorted(set(row.uploads or []) | set(p.upload_ids))
-        row.updated_at = max(row.updated_at, event.time)
+        if event.time >= row.updated_at:  # (an older state, redelivered, changes nothing)
+            row.state, row.files = p.state, p.files
+            row.reason = p.reason.model_dump() if p.reason else None
+            row.updated_at = event.time
         tx.session.add(row)
 
     # The archive's sessions, and their quarantine.
     @svc.on(SessionArchived)
     async def on_session_archived(event: CloudEvent[SessionArchived], tx: Tx) -> None:
         a = event.data
+        if a.entry_key:  # archived from the prearchive: the entry is gone
+            await tx.session.execute(delete(PrearchiveEntry).where(
+                col(PrearchiveEntry.session_key) == a.entry_key))
         row = await tx.session.get(ArchivedSession, a.session_key, with_for_update=True)
         if row is None:
             row = ArchivedSession(session_key=a.session_key, project=a.session.project,
@@ -257,7 +261,8 @@ def register_handlers(svc: Service) -> None:
         for outcome in done.sessions:
             # A conflict waits in the prearchive (with its reason) until someone archives it.
             state = {"archived": "archived", "prearchived": "prearchived",
-                     "conflict": "prearchived"}.get(outcome.state, "failed")
+                     "receiving": "prearchived", "conflict": "prearchived"}.get(
+                outcome.state, "failed")
             reason = outcome.reason.model_dump() if outcome.reason else None
             for file_id in outcome.file_ids:
                 await _track_file(session, upload_id=done.upload_id, file_id=file_id,

@@ -47,6 +47,12 @@ class NotAllowed(Exception):
         self.status, self.message = status, message
 
 
+class EntryBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    entry: str = Field(..., max_length=1024, pattern=ENTRY_SCHEMA,
+                       description="The entry's address.")
+
+
 class MoveBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     entry: str = Field(..., max_length=1024, pattern=ENTRY_SCHEMA,
@@ -55,7 +61,7 @@ class MoveBody(BaseModel):
 
 
 async def entry_command(svc: Service, settings: Settings, caller: Caller, body: ArchiveBody,
-                        action: Literal["archive", "delete", "move"] = "archive",
+                        action: Literal["archive", "delete", "move", "rebuild"] = "archive",
                         to_project: str | None = None) -> ArchiveRequest:
     """Publishes a command on a prearchive entry and waits for its answer (state `pending`
     past the bound)."""
@@ -185,6 +191,48 @@ def archive_router(svc: Service, settings: Settings) -> APIRouter:
             return PlainTextResponse(f"{row.uri}\n")
         if row.state == "pending":
             return PlainTextResponse("Still moving.\n", status_code=504)
+        status = 404 if (row.reason or {}).get("code") == "prearchive.not_found" else 409
+        return PlainTextResponse((row.reason or {}).get("message", "") + "\n",
+                                 status_code=status)
+
+    @api.post("/api/v1/prearchive/rebuild", tags=["prearchive"], operation_id="rebuild_entry",
+              summary="Rebuild a prearchive entry: build a receiving one now (archived if its "
+              "project auto-archives), look again at one in CONFLICT or ERROR",
+              responses=problem_responses(401, 403, 404, 409, 422))
+    async def rebuild(body: EntryBody, caller: CallerDep) -> JSONResponse:
+        try:
+            row = await entry_command(svc, settings, caller, ArchiveBody(entry=body.entry),
+                                      "rebuild")
+        except NotAllowed as e:
+            if e.status == 403:
+                raise forbidden(e.message) from e
+            return problem(e.status, "Not Found", e.message)
+        view = {"request": row.id, "entry": body.entry, "state": row.state, "uri": row.uri,
+                "reason": row.reason}
+        if row.state in ("rebuilt", "archived", "pending"):
+            return json_response(view, 202 if row.state == "pending" else 200)
+        status = 404 if (row.reason or {}).get("code") == "prearchive.not_found" else 409
+        return problem(status, "Not rebuilt", (row.reason or {}).get("message", ""), **view)
+
+    @api.post("/data/services/prearchive/rebuild", tags=["xnat"],
+              response_class=PlainTextResponse, summary="XNAT: rebuild a prearchive entry",
+              responses={code: {"description": what, **PLAIN} for code, what in (
+                  (200, "Where the session is now."), (400, "Bad parameters."),
+                  (401, "Not logged in."), (403, "Not allowed there."),
+                  (404, "No such entry."), (409, "In CONFLICT or ERROR, with why."),
+                  (504, "Still building."))})
+    async def xnat_rebuild(
+            caller: CallerDep,
+            src: Annotated[str, Query(max_length=1024, pattern=ENTRY_SCHEMA)],
+    ) -> Response:
+        try:
+            row = await entry_command(svc, settings, caller, ArchiveBody(entry=src), "rebuild")
+        except NotAllowed as e:
+            return PlainTextResponse(e.message + "\n", status_code=e.status)
+        if row.state in ("rebuilt", "archived"):
+            return PlainTextResponse(f"{row.uri}\n")
+        if row.state == "pending":
+            return PlainTextResponse("Still building.\n", status_code=504)
         status = 404 if (row.reason or {}).get("code") == "prearchive.not_found" else 409
         return PlainTextResponse((row.reason or {}).get("message", "") + "\n",
                                  status_code=status)

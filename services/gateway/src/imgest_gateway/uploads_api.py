@@ -43,8 +43,8 @@ from starlette.exceptions import HTTPException
 from .auth import CallerDep, forbidden
 from .domain import Arrival, BadFilename, Verdict, safe_filename, sort_arrivals
 from .form_parts import BadForm, FilePart, file_parts
-from .identity import PROJECT_ID, Action, Caller
-from .models import Project, Upload, UploadFile, UploadObject
+from .identity import ALLOWED, PROJECT_ID, Action, Caller
+from .models import Membership, Project, Upload, UploadFile, UploadObject, User
 from .settings import Settings
 from .views import TOPIC_OF_TYPE, event_json, json_response, upload_view
 
@@ -142,6 +142,19 @@ async def project_rules(session: AsyncSession, project_id: str | None) -> Projec
                            project.updated_at)
 
 
+async def uploader(session: AsyncSession, upload: Upload) -> Uploader:
+    """Who sent the upload, with the projects they may send into (DICOM headers may name
+    another: that session goes to Unassigned)."""
+    user = await session.get(User, upload.uploader)
+    projects = None
+    if user is None or not user.admin:
+        projects = sorted((await session.exec(select(Membership.project).where(
+            Membership.username == upload.uploader,
+            col(Membership.role).in_([r.value for r, allowed in ALLOWED.items()
+                                      if Action.upload in allowed])))).all())
+    return Uploader(username=upload.uploader, email=upload.email, projects=projects)
+
+
 async def submit(svc: Service, session: AsyncSession, upload: Upload,
                  objects: list[UploadObject]) -> None:
     """Hands the upload to the pipeline: each object's object.stored, then upload.submitted
@@ -153,7 +166,7 @@ async def submit(svc: Service, session: AsyncSession, upload: Upload,
     upload.state = PROCESSING
     session.add(upload)
     await svc.outbox.add(session, UploadSubmitted(
-        upload_id=upload.id, uploader=Uploader(username=upload.uploader, email=upload.email),
+        upload_id=upload.id, uploader=await uploader(session, upload),
         options=ImportOptions.model_validate({  # (the gateway keeps more, e.g. a listener id)
             "project": upload.project,
             **{k: v for k, v in upload.options.items() if k in ImportOptions.model_fields}}),

@@ -116,7 +116,8 @@ def outcome_response(upload: Upload, handler: str, ignore_unparsable: bool) -> P
     sessions = summary.get("sessions") or []
     failures = summary.get("failures") or []
     conflicts = [s for s in sessions if s.get("state") == "conflict"]
-    placed = [s["uri"] for s in sessions if s.get("state") in ("archived", "prearchived")]
+    placed = [s["uri"] for s in sessions
+              if s.get("state") in ("archived", "prearchived", "receiving")]
     reasons = "\n".join(f"{f['path']}: {f['reason']['message']}" for f in failures)
     if conflicts:
         return text(409, "\n".join(

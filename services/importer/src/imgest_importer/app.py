@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 
@@ -36,6 +39,7 @@ from imgest_contracts import (
     ReleaseRequested,
     SessionArchived,
     SessionConflicted,
+    SessionFailed,
     SessionHints,
     SessionOutcome,
     SessionPrearchived,
@@ -50,23 +54,29 @@ from imgest_contracts import (
 from imgest_runtime.broker import PIPELINE_FAILED
 from imgest_runtime.outbox import derived_id, insert_ignore
 from imgest_runtime.service import Periodic, Service, Tx, create_app
-from imgest_runtime.store import fit_name
-from sqlalchemy import delete, func
+from imgest_runtime.store import ObjectNotFound, fit_name
+from sqlalchemy import delete, func, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from .domain import (
+    UNASSIGNED,
     Existing,
     ObjectProgress,
     Part,
     Placement,
     SessionPlan,
     ValidFile,
+    dest_entry,
+    gradual,
+    idle_entries,
     is_complete,
     land,
     overwrite_mode,
     plan,
+    session_id,
+    to_prearchive,
 )
 from .models import (
     CatalogueFile,
@@ -91,7 +101,35 @@ def valid_file(f: UploadFile) -> ValidFile:
                      SessionHints.model_validate(f.hints or {}), f.size or 0, f.sha256 or "",
                      fileset.get("format"), tuple(
                          Part(p["path"], p["object_key"], p["size"], p["sha256"])
-                         for p in fileset.get("files", [])))
+                         for p in fileset.get("files", [])), f.file_metadata)
+
+
+def missing(error: ObjectNotFound) -> Reason:
+    return Reason(code="store.object_missing", message=(
+        f"{error} is gone from the store, so its session cannot be placed; send the files "
+        "again."))
+
+
+def outcome_state(s: SessionPlan) -> str:
+    if s.archived:
+        return "archived"
+    return {"CONFLICT": "conflict", "ERROR": "failed", "RECEIVING": "receiving"}.get(
+        s.state, "prearchived")
+
+
+class EntryBuilt(Exception):
+    """A receiving entry was built while an upload was joining it."""
+
+
+@dataclass
+class EntryWork:
+    """How work on a prearchive entry commits: in the unit of the command asking for it (its
+    inbox mark and its answer), or on its own (a build once idle); its events' ids derive from
+    `seed`."""
+
+    unit: Callable[[], AbstractAsyncContextManager[AsyncSession | None]]
+    seed: str
+    answer: PrearchiveAnswered | None = None
 
 
 class Importer:
@@ -136,6 +174,7 @@ class Importer:
                 await self.progress(session, upload)):
             return False
         upload.state, upload.updated_at = "completing", datetime.now(UTC)
+        upload.planned_at = upload.updated_at
         session.add(upload)
         return True
 
@@ -213,8 +252,11 @@ class Importer:
             await self._clean(upload_id, files, objects, upload.cancelled)
             return
         options = ImportOptions.model_validate(upload.options or {})
+        uploader = Uploader.model_validate(upload.uploader or {"username": "unknown"})
         valid = [valid_file(f) for f in files if f.state == "validated"]
-        now = datetime.now(UTC)
+        # Planned as of when it was found complete: a re-drive puts everything where the
+        # attempt it repeats did (the same prearchive timestamps), leaving nothing behind.
+        now = upload.planned_at or datetime.now(UTC)
         cancelled = upload.cancelled  # then nothing is placed, and nothing kept
         rules = ProjectRules.model_validate(upload.rules) if upload.rules else None
         hinted = {f.hints.project for f in valid if f.hints.project}
@@ -222,19 +264,28 @@ class Importer:
             projects = {p.id: ProjectRules.model_validate(p.rules) for p in (
                 await session.exec(select(Project).where(col(Project.id).in_(hinted)))).all()}
         sessions = [] if cancelled else plan(upload_id, options, valid,
-                                             self.settings.default_project, now, rules, projects)
+                                             self.settings.default_project, now, rules, projects,
+                                             uploader.projects)
         mode = overwrite_mode(options, rules)
+        target = dest_entry(options)
+        for s in sessions:
+            if gradual(options) or (target and (s.project, s.label) == (target[0], target[2])):
+                await self._join_entry(s, target, {
+                    "archive": s.archived, "overwrite": mode, "quarantine": s.quarantined,
+                    "pipelines": options.trigger_pipelines})
         async with self.svc.db.session() as session:
-            for s in sessions:
+            for s in sessions:  # (those bound for the archive meet what is there)
                 land(s, await self._existing(session, s, upload_id), mode, upload.submitted_at)
 
         # Copies first (server-side, idempotent): the catalogue only ever names objects that exist.
         # A re-opened upload (generation > 0) finds its earlier files already placed.
         def place() -> None:
             for s in sessions:
-                for p in s.placements:
-                    if p.action == "replace" or (p.action == "add" and store.stat(p.key) is None):
-                        store.copy(p.source_key, p.key)
+                try:
+                    self._copy(s.placements)
+                except ObjectNotFound as e:  # gone from staging (by hand?): the session fails
+                    self._undo(s.placements)
+                    s.state, s.reason = "ERROR", missing(e)
             if cancelled:
                 return
             # Originals of what was refused (files, and archives refused whole) are kept for
@@ -254,48 +305,100 @@ class Importer:
                                        populate_existing=True)
             if upload is None or upload.state != "completing":
                 return
-            for s in sessions:
-                await self._catalogue(session, upload_id, s, now, upload.generation,
-                                      options.trigger_pipelines)
             failures = [FileFailure(file_id=f.file_id, path=f.path,
                                     reason=Reason.model_validate(f.reason))
                         for f in files if f.state == "rejected" and f.reason]
             failures += [FileFailure(path=o.filename or o.object_key,
                                      reason=Reason.model_validate(o.rejected))
                          for o in objects if o.rejected]
+            for s in sessions:
+                if s.state == "ERROR":
+                    await self._session_failed(session, upload_id, s, upload.generation)
+                    failures += [FileFailure(file_id=p.file.file_id, path=p.file.path,
+                                             reason=s.reason) for p in s.placements
+                                 if s.reason and p.source_key == p.file.staged_key]
+                else:
+                    await self._catalogue(session, upload_id, s, now, upload.generation,
+                                          options.trigger_pipelines, build={
+                                              "archive": s.state == "CONFLICT", "overwrite": mode,
+                                              "quarantine": s.quarantined,
+                                              "pipelines": options.trigger_pipelines})
             skipped = [FileFailure(file_id=f.file_id, path=f.path,
                                    reason=Reason.model_validate(f.reason))
                        for f in files if f.state == "duplicate" and f.reason]
-            archived = sum(len(s.file_ids) for s in sessions if s.archived)
-            prearchived = sum(len(s.file_ids) for s in sessions if not s.archived)
-            counts = UploadCounts(files=len(valid) + len(failures), archived=archived,
-                                  prearchived=prearchived, rejected=len(failures),
-                                  duplicates=len(skipped))
+            placed = [s for s in sessions if s.state not in ("CONFLICT", "ERROR")]
+            archived = sum(len(s.file_ids) for s in placed if s.archived)
+            prearchived = sum(len(s.file_ids) for s in placed if not s.archived)
+            counts = UploadCounts(files=len(valid) + len(failures) - sum(
+                len(s.file_ids) for s in sessions if s.state == "ERROR"), archived=archived,
+                prearchived=prearchived, rejected=len(failures), duplicates=len(skipped))
             conflicts = [s for s in sessions if s.state == "CONFLICT"]
-            placed = len(conflicts) < len(sessions)
             outcome = ("cancelled" if cancelled
                        else "succeeded" if not failures and not conflicts and valid
                        else "partial" if placed else "failed")
             await self.svc.outbox.add(session, UploadCompleted(
-                upload_id=upload_id, uploader=Uploader.model_validate(upload.uploader or {
-                    "username": "unknown"}),
+                upload_id=upload_id, uploader=uploader,
                 project=options.project or (sessions[0].project if sessions else None),
                 outcome=outcome, counts=counts,
-                sessions=[SessionOutcome(uri=s.uri, label=s.label, state=(
-                    "archived" if s.archived else "conflict" if s.state == "CONFLICT"
-                    else "prearchived"), file_ids=s.file_ids, reason=s.reason)
+                sessions=[SessionOutcome(uri=s.uri, label=s.label, state=outcome_state(s),
+                                         file_ids=s.file_ids, reason=s.reason)
                           for s in sessions],
                 failures=failures, skipped=skipped, completed_at=now,
                 generation=upload.generation,
             ), event_id=derived_id("upload.completed", upload_id, str(upload.generation)))
             # Not yet "completed": staging is emptied next, and a crash or a store outage in
             # between leaves the upload "cleaning", which the re-drive finishes.
-            upload.state, upload.updated_at = "cleaning", now
+            upload.state, upload.updated_at = "cleaning", datetime.now(UTC)
             session.add(upload)
         await self._clean(upload_id, files, objects, cancelled)
         log.info("upload %s completed: %s, %d archived, %d prearchived, %d rejected, "
                  "%d duplicates skipped", upload_id, outcome, archived, prearchived,
                  len(failures), len(skipped))
+
+    def _copy(self, placements: list[Placement]) -> None:
+        """Server-side copies of what a plan adds or replaces (what is there already is not
+        copied again: a re-drive repeats only what is missing)."""
+        store = self.svc.store
+        assert store is not None
+        for p in placements:
+            if p.action == "replace" or (p.action == "add" and store.stat(p.key) is None):
+                store.copy(p.source_key, p.key)
+
+    def _undo(self, placements: list[Placement]) -> None:
+        """Removes what a failed plan added (what it replaced holds the bytes it was meant to)."""
+        store = self.svc.store
+        assert store is not None
+        for p in placements:
+            if p.action == "add":
+                store.delete(p.key)
+
+    async def _join_entry(self, s: SessionPlan, target: tuple[str, str, str] | None,
+                          build: dict) -> None:
+        """Sends a planned session into a prearchive entry: the one `dest` names (made if there
+        is none), or, for a gradual send, the RECEIVING entry of its project, study and label
+        (XNAT's prearchive key), made if there is none. A receiving entry's idle clock restarts."""
+        async with self.svc.db.session() as session:
+            if target:
+                row = await session.get(Session, session_id(target[0], "", target[2], False,
+                                                             target[1]))
+                state = row.entry_state if row is not None and row.state == "prearchived" else (
+                    "READY")
+                to_prearchive(s, state or "READY", target[1])
+                return
+            # One entry per study, whichever upload comes first: two at once wait here in turn.
+            await session.execute(text("select pg_advisory_xact_lock(hashtext(:key))"), {
+                "key": f"receiving/{s.project}/{s.study_uid}/{s.label}"})
+            row = (await session.exec(select(Session).where(
+                Session.project == s.project, Session.label == s.label,
+                col(Session.study_uid).is_not_distinct_from(s.study_uid),
+                Session.state == "prearchived", Session.entry_state == "RECEIVING"))).first()
+            if row is not None:
+                to_prearchive(s, "RECEIVING", row.id.split("/")[2])
+                row.updated_at = datetime.now(UTC)
+                session.add(row)
+                return
+            to_prearchive(s, "RECEIVING", s.timestamp)
+            await self._session_row(session, s, datetime.now(UTC), build)
 
     async def _clean(self, upload_id: str, files: list[UploadFile],
                      objects: list[UploadObject], cancelled: bool) -> None:
@@ -345,54 +448,74 @@ class Importer:
                         ours=any(u == upload_id for _, _, u in files),
                         created_at=row.created_at)
 
-    async def _catalogue(self, session: AsyncSession, upload_id: str, s: SessionPlan,
-                         now: datetime, generation: int, pipelines: bool,
-                         seed: str | None = None) -> None:
-        """Records a placed session and tells of it (event ids from the upload and its
-        generation, or from `seed`: the command that placed it)."""
-        ids = (seed,) if seed else (upload_id, s.id, str(generation))
+    async def _session_row(self, session: AsyncSession, s: SessionPlan, now: datetime,
+                           build: dict | None) -> Session:
         subject_id = f"{s.project}/{s.subject}"
         await insert_ignore(session, Subject.__table__, id=subject_id, project=s.project,
                             label=s.subject)
-        row = await session.get(Session, s.id, with_for_update=True)
+        row = Session(id=s.id, project=s.project, subject_id=subject_id, label=s.label,
+                      state="archived" if s.archived else "prearchived", uri=s.uri,
+                      prefix=s.prefix, study_uid=s.study_uid, modalities=s.modalities,
+                      quarantined=s.quarantined and s.archived,
+                      entry_state=None if s.archived else s.state,
+                      reason=s.reason.model_dump() if s.reason else None,
+                      build=None if s.archived else build, created_at=now,
+                      updated_at=datetime.now(UTC))
+        session.add(row)
+        return row
+
+    async def _catalogue(self, session: AsyncSession, upload_id: str, s: SessionPlan,
+                         now: datetime, generation: int, pipelines: bool,
+                         seed: str | None = None, build: dict | None = None,
+                         entry_key: str | None = None) -> None:
+        """Records a placed session (in a few statements, however many files) and tells of it
+        (event ids from the upload and its generation, or from `seed`: the command that placed
+        it)."""
+        ids = (seed,) if seed else (upload_id, s.id, str(generation))
+        row = await session.get(Session, s.id, with_for_update=True, populate_existing=True)
+        if s.state == "RECEIVING" and (row is None or row.entry_state != "RECEIVING"):
+            # Built while this upload copied into it: plan again (a new entry), later.
+            raise EntryBuilt(f"prearchive entry {s.id} was built meanwhile")
         if row is None:
-            row = Session(id=s.id, project=s.project, subject_id=subject_id, label=s.label,
-                          state="archived" if s.archived else "prearchived", uri=s.uri,
-                          prefix=s.prefix, study_uid=s.study_uid, modalities=s.modalities,
-                          quarantined=s.quarantined and s.archived,
-                          entry_state=None if s.archived else s.state,
-                          reason=s.reason.model_dump() if s.reason else None,
-                          created_at=now, updated_at=now)
+            row = await self._session_row(session, s, now, build)
         else:
             row.modalities = sorted(set(row.modalities or []) | set(s.modalities))
             row.quarantined = row.quarantined or (s.quarantined and s.archived)
-            row.updated_at = now
-        session.add(row)
+            row.updated_at = datetime.now(UTC)
+            session.add(row)
+        state = "archived" if s.archived else "prearchived"
+        await session.execute(update(UploadFile).where(col(UploadFile.file_id).in_(
+            s.file_ids)).values(state=state, session_id=s.id))
+        # A kept placement: the archived object stays, and so does its record.
+        placed = [p for p in s.placements if p.action != "keep"]
+        if placed:
+            table = CatalogueFile.__table__
+            upsert = pg_insert(table)
+            await session.execute(upsert.on_conflict_do_update(
+                index_elements=["object_key"], set_={
+                    c.name: upsert.excluded[c.name] for c in table.c if c.name != "object_key"}),
+                [{"object_key": p.key, "scan_id": f"{s.id}/{p.scan}", "name": p.name,
+                  "size": p.file.size if p.size is None else p.size, "sha256": p.digest,
+                  "sop_instance_uid": p.file.hints.sop_instance_uid, "file_id": p.file.file_id,
+                  "upload_id": upload_id, "file_metadata": (
+                      p.file.metadata if p.source_key == p.file.staged_key else None)}
+                 for p in placed])
         scans: dict[str, ValidFile] = {}
         for p in s.placements:
             scans.setdefault(p.scan, p.file)
-            f = await session.get(UploadFile, p.file.file_id, with_for_update=True)
-            if f is not None:
-                f.state, f.session_id = ("archived" if s.archived else "prearchived"), s.id
-                session.add(f)
-            if p.action == "keep":  # the archived object stays, and so does its record
-                continue
-            await session.merge(CatalogueFile(
-                object_key=p.key, scan_id=f"{s.id}/{p.scan}", name=p.name,
-                size=p.file.size if p.size is None else p.size,
-                sha256=p.sha256 or p.file.sha256, sop_instance_uid=p.file.hints.sop_instance_uid,
-                file_id=p.file.file_id, upload_id=upload_id))
-        for label, first in scans.items():
-            await insert_ignore(session, Scan.__table__, id=f"{s.id}/{label}", session_id=s.id,
-                                label=label, series_uid=first.hints.series_uid,
-                                modality=first.hints.modality)
+        await session.execute(pg_insert(Scan.__table__).on_conflict_do_nothing(), [
+            {"id": f"{s.id}/{label}", "session_id": s.id, "label": label,
+             "series_uid": first.hints.series_uid, "modality": first.hints.modality,
+             "description": None} for label, first in scans.items()])
         ref = SessionRef(project=s.project, subject=s.subject, session=s.label, uri=s.uri)
-        upload_ids = [upload_id]
+        upload_ids = [upload_id] if upload_id else []
+        files = (await session.exec(select(func.count()).select_from(CatalogueFile).join(
+            Scan, col(Scan.id) == CatalogueFile.scan_id).where(Scan.session_id == s.id))).one()
         if s.archived:
             await self.svc.outbox.add(session, SessionArchived(
                 session_key=s.id, upload_ids=upload_ids, session=ref, study_uid=s.study_uid,
-                modalities=row.modalities or [], scans=len(scans), files=len(s.placements),
-                quarantined=row.quarantined, archived_at=now),
+                modalities=row.modalities or [], scans=len(scans), files=files,
+                quarantined=row.quarantined, archived_at=now, entry_key=entry_key),
                 event_id=derived_id("session.archived", *ids))
             if pipelines:
                 await self.svc.outbox.add(session, PipelinesRequested(
@@ -403,15 +526,28 @@ class Importer:
             return
         await self.svc.outbox.add(session, SessionPrearchived(
             session_key=s.id, upload_ids=upload_ids, session=ref, timestamp=s.timestamp,
-            state=s.state, files=len(s.placements), reason=s.reason),  # type: ignore[arg-type]
-            event_id=derived_id("session.prearchived", *ids))
+            state=row.entry_state or s.state,  # type: ignore[arg-type]
+            files=files, reason=s.reason), event_id=derived_id("session.prearchived", *ids))
         if s.state == "CONFLICT" and s.reason and s.existing_uri:
             await self.svc.outbox.add(session, SessionConflicted(
                 session_key=s.id, upload_ids=upload_ids, session=ref,
                 existing_uri=s.existing_uri, reason=s.reason),
                 event_id=derived_id("session.conflicted", *ids))
 
-    # --- archiving a prearchive entry (XNAT's commit) ------------------------------------------
+    async def _session_failed(self, session: AsyncSession, upload_id: str, s: SessionPlan,
+                              generation: int) -> None:
+        """A session of an upload that could not be placed: its files fail with the reason."""
+        assert s.reason is not None
+        await session.execute(update(UploadFile).where(col(UploadFile.file_id).in_(
+            s.file_ids)).values(state="rejected", reason=s.reason.model_dump()))
+        await self.svc.outbox.add(session, SessionFailed(
+            session_key=s.id, upload_ids=[upload_id], session=SessionRef(
+                project=s.project, subject=s.subject, session=s.label, uri=s.uri),
+            reason=s.reason), event_id=derived_id("session.failed", upload_id, s.id,
+                                                  str(generation)))
+        log.warning("upload %s: session %s failed: %s", upload_id, s.id, s.reason.message)
+
+    # --- prearchive entries: archive (XNAT's commit), build, rebuild, move, delete --------------
 
     async def _entry_plan(self, session: AsyncSession, entry: Session, quarantine: bool
                           ) -> SessionPlan:
@@ -428,84 +564,189 @@ class Importer:
                               FileKind.dicom if f.sop_instance_uid else FileKind.unknown,
                               SessionHints(sop_instance_uid=f.sop_instance_uid,
                                            series_uid=scan.series_uid, modality=scan.modality),
-                              f.size, f.sha256)
+                              f.size, f.sha256, metadata=f.file_metadata)
             s.placements.append(Placement(valid, scan.label, s.prefix + f.object_key[
                 len(entry.prefix):], f.name, source=f.object_key))
         return s
 
     async def commit_entry(self, event: CloudEvent[PrearchiveRequested]) -> None:
-        """Archives a prearchive entry with the request's overwrite rules: a CONFLICT stays in
-        the prearchive with its reason; otherwise its objects are copied into the archive,
-        catalogued there, and the entry removed (its objects last)."""
+        """Carries out a command on a prearchive entry and answers it (prearchive.answered)."""
         r = event.data
-        store = self.svc.store
-        assert store is not None
         if await self.svc.handled_before(event):
             return
-        answer = PrearchiveAnswered(request_id=r.request_id, session_key=r.session_key,
-                                 state="refused")
-        plan: SessionPlan | None = None
         async with self.svc.db.session() as session:
             entry = await session.get(Session, r.session_key)
-            if entry is None or entry.state != "prearchived":
-                answer.reason = Reason(code="prearchive.not_found", message=(
-                    f"No prearchive entry {r.session_key}."))
-            elif r.action == "delete":
-                await self._delete_entry(event, entry)
-                return
-            elif r.action == "move":
-                await self._move_entry(event, entry)
-                return
-            elif entry.project == "Unassigned":
-                answer.reason = Reason(code="prearchive.unassigned", message=(
-                    "A session in Unassigned must be moved to a project before it is "
-                    "archived."))
-            else:
-                plan = await self._entry_plan(session, entry, bool(r.quarantine))
-                land(plan, await self._existing(session, plan, ""), r.overwrite)
-        if plan is not None and plan.state == "CONFLICT":
-            async with self.svc.handling(event) as session:
-                if session is None:
-                    return
-                entry = await session.get(Session, r.session_key, with_for_update=True)
-                assert entry is not None and plan.reason is not None
-                entry.entry_state, entry.reason = "CONFLICT", plan.reason.model_dump()
-                session.add(entry)
-                ref = SessionRef(project=entry.project, subject=plan.subject,
-                                 session=entry.label, uri=entry.uri)
-                await self.svc.outbox.add(session, SessionConflicted(
-                    session_key=entry.id, upload_ids=[], session=ref,
-                    existing_uri=plan.existing_uri or "", reason=plan.reason),
-                    event_id=derived_id("session.conflicted", event.id))
-                await self.svc.outbox.add(session, answer.model_copy(update={
-                    "state": "conflict", "uri": entry.uri, "reason": plan.reason}),
-                    event_id=derived_id(event.id, "finished"))
+        work = EntryWork(lambda: self.svc.handling(event), event.id, PrearchiveAnswered(
+            request_id=r.request_id, session_key=r.session_key, state="refused"))
+        reason = None
+        if entry is None or entry.state != "prearchived":
+            reason = Reason(code="prearchive.not_found", message=(
+                f"No prearchive entry {r.session_key}."))
+        elif r.action == "delete":
+            await self._delete_entry(event, entry)
+        elif r.action == "move":
+            await self._move_entry(event, entry)
+        elif r.action == "rebuild":
+            await self.build(entry, work)
+            log.info("prearchive entry %s rebuilt by %s", entry.id, r.username)
+        elif entry.project == UNASSIGNED:
+            reason = Reason(code="prearchive.unassigned", message=(
+                "A session in Unassigned must be moved to a project before it is archived."))
+        else:
+            await self._archive_entry(entry, {"overwrite": r.overwrite, "quarantine": r.quarantine,
+                                              "pipelines": r.trigger_pipelines}, work)
+            log.info("prearchive entry %s: archive requested by %s", entry.id, r.username)
+        if reason is not None:
+            async with work.unit() as session:
+                if session is not None:
+                    await self.svc.outbox.add(session, work.answer.model_copy(update={
+                        "reason": reason}), event_id=derived_id(event.id, "finished"))
+
+    async def build_idle(self) -> None:
+        """Builds the RECEIVING entries (gradual sends) that have been idle for their project's
+        time: archived, if that is where they were bound, else READY for review."""
+        async with self.svc.db.session() as session:
+            receiving = (await session.exec(select(
+                Session.id, Session.project, Session.updated_at).where(
+                Session.entry_state == "RECEIVING"))).all()
+            idle = {p.id: float(p.rules.get("gradual_idle_seconds",
+                                            self.settings.gradual_idle_seconds))
+                    for p in (await session.exec(select(Project).where(col(Project.id).in_(
+                        {project for _, project, _ in receiving})))).all()}
+        for entry_id in idle_entries([(i, p, t) for i, p, t in receiving if t is not None], idle,
+                                     self.settings.gradual_idle_seconds, datetime.now(UTC)):
+            async with self.svc.db.session() as session:
+                entry = await session.get(Session, entry_id)
+            if entry is not None and entry.entry_state == "RECEIVING":
+                assert entry.updated_at is not None
+                seed = derived_id("build", entry.id, entry.updated_at.isoformat())
+                await self.build(entry, EntryWork(self.svc.db.session, seed))
+
+    async def build(self, entry: Session, work: EntryWork) -> None:
+        """Builds an entry (XNAT's build, and rebuild): an empty one goes; one whose objects
+        are gone is ERROR; one bound for the archive is archived (or CONFLICT); others READY."""
+        async with self.svc.db.session() as session:
+            s = await self._entry_plan(session, entry, False)
+        if not s.placements and entry.entry_state == "RECEIVING":
+            async with work.unit() as session:
+                if session is not None:
+                    await self._forget_entry(session, entry.id)
             return
-        if plan is not None:
-            await asyncio.to_thread(lambda: [
-                store.copy(p.source_key, p.key) for p in plan.placements
-                if p.action == "replace" or (p.action == "add" and store.stat(p.key) is None)])
-        async with self.svc.handling(event) as session:
+        how = entry.build or {}
+        if how.get("archive") and entry.project != UNASSIGNED:
+            await self._archive_entry(entry, how, work)
+            return
+        gone = await asyncio.to_thread(self._missing, s.placements)
+        await self._mark_entry(entry, "ERROR" if gone else "READY", gone, work)
+
+    def _missing(self, placements: list[Placement]) -> Reason | None:
+        store = self.svc.store
+        assert store is not None
+        for p in placements:
+            if store.stat(p.source_key) is None:
+                return missing(ObjectNotFound(p.source_key))
+        return None
+
+    async def _archive_entry(self, entry: Session, how: dict, work: EntryWork) -> None:
+        """Archives an entry with the overwrite rules: a CONFLICT stays in the prearchive with
+        its reason; otherwise its objects are copied into the archive, catalogued there, and the
+        entry removed (its objects last, once the catalogue no longer names them)."""
+        store = self.svc.store
+        assert store is not None
+        async with self.svc.db.session() as session:
+            quarantine = how.get("quarantine")
+            if quarantine is None:  # the project's default
+                project = await session.get(Project, entry.project)
+                quarantine = bool(project and project.rules.get("quarantine"))
+            s = await self._entry_plan(session, entry, quarantine)
+            land(s, await self._existing(session, s, ""), how.get("overwrite", "none"))
+        if s.state == "CONFLICT":
+            await self._mark_entry(entry, "CONFLICT", s.reason, work, s.existing_uri)
+            return
+        try:
+            await asyncio.to_thread(self._copy, s.placements)
+        except ObjectNotFound as e:
+            await asyncio.to_thread(self._undo, s.placements)
+            await self._mark_entry(entry, "ERROR", missing(e), work)
+            return
+        async with work.unit() as session:
             if session is None:
                 return
-            if plan is not None:
-                entry = await session.get(Session, r.session_key, with_for_update=True)
-                if entry is None or entry.state != "prearchived":
-                    return  # archived meanwhile by an earlier delivery of this request
-                first = (await session.exec(select(CatalogueFile.upload_id).join(
-                    Scan, col(Scan.id) == CatalogueFile.scan_id).where(
-                    Scan.session_id == entry.id))).first() or ""
-                await self._catalogue(session, first, plan, datetime.now(UTC), 0,
-                                      r.trigger_pipelines, seed=event.id)
-                await self._forget_entry(session, entry.id)
-                answer = answer.model_copy(update={"state": "archived", "uri": plan.uri})
-                log.info("prearchive entry %s archived by %s as %s", r.session_key,
-                         r.username, plan.uri)
-            await self.svc.outbox.add(session, answer, event_id=derived_id(event.id, "finished"))
-        if plan is not None and answer.state == "archived":
-            # The entry's objects go once the catalogue no longer names them.
-            await asyncio.to_thread(lambda: [store.delete(o.key) for o in store.list(
-                f"prearchive/{plan.project}/{plan.timestamp}/{plan.label}/")])
+            row = await session.get(Session, entry.id, with_for_update=True,
+                                    populate_existing=True)
+            if await self._changed(session, entry, row, work):
+                return
+            first = (await session.exec(select(CatalogueFile.upload_id).join(
+                Scan, col(Scan.id) == CatalogueFile.scan_id).where(
+                Scan.session_id == entry.id))).first() or ""
+            await self._forget_entry(session, entry.id)
+            await self._catalogue(session, first, s, datetime.now(UTC), 0,
+                                  bool(how.get("pipelines", True)), seed=work.seed,
+                                  entry_key=entry.id)
+            if work.answer is not None:
+                await self.svc.outbox.add(session, work.answer.model_copy(update={
+                    "state": "archived", "uri": s.uri}), event_id=derived_id(work.seed,
+                                                                              "finished"))
+        log.info("prearchive entry %s archived as %s", entry.id, s.uri)
+        await asyncio.to_thread(store.delete_prefix, entry.prefix)
+
+    async def _changed(self, session: AsyncSession, entry: Session, row: Session | None,
+                       work: EntryWork) -> bool:
+        """The entry changed since it was read (another command, or a late file joined it): it
+        is left as it is now, a build looks at it again once idle, a command is refused."""
+        if row is not None and row.state == "prearchived" and row.updated_at == entry.updated_at:
+            return False
+        if work.answer is not None:
+            await self.svc.outbox.add(session, work.answer.model_copy(update={
+                "reason": Reason(code="prearchive.changed", message=(
+                    "The entry changed while this command ran (files arrived, or another "
+                    "command came first); look at it and ask again."))}),
+                event_id=derived_id(work.seed, "finished"))
+        return True
+
+    async def _mark_entry(self, entry: Session, state: str, reason: Reason | None,
+                          work: EntryWork, existing_uri: str | None = None) -> None:
+        """An entry stays in the prearchive in a new state (READY, CONFLICT or ERROR), and
+        says so."""
+        async with work.unit() as session:
+            if session is None:
+                return
+            row = await session.get(Session, entry.id, with_for_update=True,
+                                    populate_existing=True)
+            if await self._changed(session, entry, row, work):
+                return
+            row.entry_state, row.reason = state, reason.model_dump() if reason else None
+            row.updated_at = datetime.now(UTC)
+            session.add(row)
+            ref = SessionRef(project=row.project, subject=row.subject_id.split("/", 1)[1],
+                             session=row.label, uri=row.uri)
+            files = (await session.exec(select(func.count()).select_from(CatalogueFile).join(
+                Scan, col(Scan.id) == CatalogueFile.scan_id).where(
+                Scan.session_id == row.id))).one()
+            uploads = list((await session.exec(select(CatalogueFile.upload_id).distinct().join(
+                Scan, col(Scan.id) == CatalogueFile.scan_id).where(
+                Scan.session_id == row.id))).all())
+            await self.svc.outbox.add(session, SessionPrearchived(
+                session_key=row.id, upload_ids=uploads, session=ref,
+                timestamp=row.id.split("/")[2], state=state,  # type: ignore[arg-type]
+                files=files, reason=reason), event_id=derived_id("session.prearchived",
+                                                                  work.seed))
+            if state == "CONFLICT" and reason is not None:
+                await self.svc.outbox.add(session, SessionConflicted(
+                    session_key=row.id, upload_ids=uploads, session=ref,
+                    existing_uri=existing_uri or "", reason=reason),
+                    event_id=derived_id("session.conflicted", work.seed))
+            elif state == "ERROR" and reason is not None:
+                await self.svc.outbox.add(session, SessionFailed(
+                    session_key=row.id, upload_ids=uploads, session=ref, reason=reason),
+                    event_id=derived_id("session.failed", work.seed))
+            if work.answer is not None:
+                answer = {"CONFLICT": "conflict", "ERROR": "failed"}.get(state, "rebuilt")
+                await self.svc.outbox.add(session, work.answer.model_copy(update={
+                    "state": answer, "uri": row.uri, "reason": reason}),
+                    event_id=derived_id(work.seed, "finished"))
+        log.info("prearchive entry %s is %s%s", entry.id, state,
+                 f": {reason.message}" if reason else "")
 
     async def _move_entry(self, event: CloudEvent[PrearchiveRequested], entry: Session
                           ) -> None:
@@ -538,7 +779,7 @@ class Importer:
                 Scan.session_id == entry.id))).first() or ""
             await self._forget_entry(session, entry.id)
             await self._catalogue(session, first, moved, datetime.now(UTC), 0, False,
-                                  seed=event.id)
+                                  seed=event.id, build=entry.build)
             await self.svc.outbox.add(session, PrearchiveAnswered(
                 request_id=r.request_id, session_key=r.session_key, state="moved",
                 uri=moved.uri), event_id=derived_id(event.id, "finished"))
@@ -585,8 +826,9 @@ def bootstrap(settings: Settings) -> Service:
     importer = Importer(svc, settings)
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_seconds / 3),
                                  importer.redrive))
-    svc.publishes(SessionArchived, SessionPrearchived, SessionConflicted, PipelinesRequested,
-                  PrearchiveAnswered, SessionReleased, UploadCompleted)
+    svc.periodic.append(Periodic("build", settings.build_check_seconds, importer.build_idle))
+    svc.publishes(SessionArchived, SessionPrearchived, SessionConflicted, SessionFailed,
+                  PipelinesRequested, PrearchiveAnswered, SessionReleased, UploadCompleted)
 
     @svc.on(UploadSubmitted)
     async def on_upload_submitted(event: CloudEvent[UploadSubmitted], tx: Tx) -> None:
@@ -706,4 +948,9 @@ def bootstrap(settings: Settings) -> Service:
 
 
 def build_app(settings: Settings) -> FastAPI:
-    return create_app(bootstrap(settings))
+    from .catalogue_api import catalogue_router
+
+    svc = bootstrap(settings)
+    app = create_app(svc)
+    app.include_router(catalogue_router(svc))
+    return app

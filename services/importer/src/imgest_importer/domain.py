@@ -60,6 +60,7 @@ class ValidFile:
     sha256: str
     fileset_format: str | None = None  # a multi-file slide: this is its index file …
     parts: tuple[Part, ...] = ()  # … and these its related files
+    metadata: dict | None = None  # what the metadata service read (DICOM fields, EXIF…)
 
 
 @dataclass
@@ -108,7 +109,7 @@ class SessionPlan:
     timestamp: str
     placements: list[Placement] = field(default_factory=list)
     quarantined: bool = False
-    state: str = "READY"  # of a prearchive entry: READY, or CONFLICT with a reason
+    state: str = "READY"  # of a prearchive entry: RECEIVING, READY, CONFLICT/ERROR with a reason
     reason: Reason | None = None
     existing_uri: str | None = None  # the archived session a CONFLICT collided with
 
@@ -210,11 +211,8 @@ def land(s: SessionPlan, existing: Existing | None, overwrite: str,
                     "overwrite is none: the archive keeps it as it is. Archive this entry "
                     "with overwrite=append (add new files) or delete (replace what differs).")
     if conflict:
-        archive_prefix = s.prefix
-        s.archived, s.state, s.existing_uri = False, "CONFLICT", existing.uri
-        s.reason = conflict
-        for p in s.placements:  # into the prearchive entry instead
-            p.key = s.prefix + p.key[len(archive_prefix):]
+        to_prearchive(s, "CONFLICT", s.timestamp)  # waits in the prearchive instead
+        s.existing_uri, s.reason = existing.uri, conflict
         return
     for p in s.placements:
         there = existing.files.get(p.key)
@@ -222,19 +220,53 @@ def land(s: SessionPlan, existing: Existing | None, overwrite: str,
             p.action = "keep" if there == p.digest or overwrite == "append" else "replace"
 
 
+def to_prearchive(s: SessionPlan, state: str, timestamp: str) -> None:
+    """Sends a planned session to the prearchive entry of that timestamp, in that state (its
+    placements follow it)."""
+    before = s.prefix
+    s.archived, s.state, s.timestamp = False, state, timestamp
+    for p in s.placements:
+        p.key = s.prefix + p.key[len(before):]
+
+
+_DEST_ENTRY = re.compile(r"^/prearchive/projects/(?P<project>[^/]+)/(?P<timestamp>\d{8}_\d{9})"
+                         r"/(?P<label>[^/]+)/?$")
+
+
+def dest_entry(options: ImportOptions) -> tuple[str, str, str] | None:
+    """The prearchive entry a `dest` names (project, timestamp, label): XNAT merges into it."""
+    found = _DEST_ENTRY.match(options.dest or "")
+    return (found["project"], found["timestamp"], found["label"]) if found else None
+
+
+def gradual(options: ImportOptions) -> bool:
+    """Instance by instance, never submitted as a whole (XNAT's gradual-DICOM): sessions wait
+    RECEIVING until idle, then are built."""
+    return (options.import_handler or "").lower() == "gradual-dicom"
+
+
+def idle_entries(receiving: list[tuple[str, str, datetime]], idle: dict[str, float],
+                 default_idle: float, now: datetime) -> list[str]:
+    """The RECEIVING entries (id, project, last file) idle long enough to be built: each
+    project sets its own idle time (XNAT: 5 minutes)."""
+    return [entry for entry, project, last in receiving
+            if (now - last).total_seconds() >= idle.get(project, default_idle)]
+
+
 UNASSIGNED = "Unassigned"
 
 
 def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default_project: str,
          now: datetime, rules: ProjectRules | None = None,
-         projects: dict[str, ProjectRules] | None = None) -> list[SessionPlan]:
+         projects: dict[str, ProjectRules] | None = None,
+         allowed: list[str] | None = None) -> list[SessionPlan]:
     """Groups validated files into sessions: DICOM by study into one scan per series; the
     photos and slides of an upload into one session (its session fields), one scan per image.
 
     The upload's explicit project/subject/session win over what the headers say (XNAT's rule).
-    A project named only by the headers must exist (`projects`, with its rules); otherwise the
-    session goes to the default project, Unassigned, which holds sessions in the prearchive
-    until someone moves them.
+    A project named only by the headers must exist (`projects`, with its rules) and be one the
+    uploader may send into (`allowed`; None: any); otherwise the session goes to the default
+    project, Unassigned, which holds sessions in the prearchive until someone moves them.
     """
     projects = projects or {}
     timestamp = prearchive_timestamp(now)
@@ -245,8 +277,8 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
         group = f"study:{h.study_uid}" if f.kind is FileKind.dicom else "images"
         s = sessions.get(group)
         if s is None:
-            project = options.project or (h.project if h.project in projects else None) \
-                or default_project
+            hinted = h.project in projects and (allowed is None or h.project in allowed)
+            project = options.project or (h.project if hinted else None) or default_project
             project_rules = rules if rules and rules.project == project else projects.get(
                 project)
             subject = options.subject or h.subject or "unassigned"

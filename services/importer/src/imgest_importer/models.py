@@ -39,6 +39,9 @@ class Upload(Base, table=True):
     object_keys: list | None = _json()
     rules: dict | None = _json()  # the project's rules when submitted (routing, quarantine)
     submitted_at: datetime | None = _ts()
+    # When it was found complete: its sessions are planned from this moment, so that a re-drive
+    # plans them into the same places (prearchive timestamps) as the attempt it repeats.
+    planned_at: datetime | None = _ts()
     updated_at: datetime | None = _ts()
 
 
@@ -92,7 +95,10 @@ class Session(Base, table=True):
     modalities: list | None = _json()
     quarantined: bool = Field(default=False, sa_column_kwargs={"server_default": "false"})
     entry_state: str | None = Field(default=None, max_length=20)  # a prearchive entry's: READY…
-    reason: dict | None = _json()  # why a prearchive entry is in CONFLICT
+    reason: dict | None = _json()  # why a prearchive entry is in CONFLICT or ERROR
+    # What a prearchive entry becomes when built (a gradual send once idle, or a rebuild):
+    # {"archive": bool, "overwrite": ..., "quarantine": bool, "pipelines": bool}
+    build: dict | None = _json()
     created_at: datetime | None = _ts()
     updated_at: datetime | None = _ts()
 
@@ -117,6 +123,7 @@ class CatalogueFile(Base, table=True):
     sop_instance_uid: str | None = Field(default=None, max_length=128)
     file_id: str = Field(max_length=64)
     upload_id: str = Field(max_length=64, index=True)
+    file_metadata: dict | None = _json()  # what the metadata service read (DICOM fields, EXIF…)
 
 
 class Project(Base, table=True):

@@ -11,3 +11,9 @@ class Settings(RuntimeSettings):
         "place in a known project (XNAT's Unassigned: they wait in the prearchive).")
     redrive_seconds: float = Field(
         30.0, gt=0, description="An import stuck this long in 'completing' is finished again.")
+    gradual_idle_seconds: float = Field(
+        300.0, gt=0, description="A gradual send's entry is built once idle this long, in a "
+        "project that does not set its own (Unassigned).")
+    build_check_seconds: float = Field(
+        60.0, gt=0, description="How often receiving entries are looked at for idleness "
+        "(XNAT: every minute).")

@@ -34,6 +34,11 @@ def bootstrap(settings: Settings) -> Service:
     @svc.on(UploadCompleted, own_transaction=True)  # the email goes out between transactions
     async def on_upload_completed(event: CloudEvent[UploadCompleted]) -> None:
         done = event.data
+        if done.sessions and not done.failures and all(
+                s.state == "receiving" for s in done.sessions):
+            # One instance of a gradual send: no email each; its session is told once built.
+            log.info("upload %s: into a receiving session; no email", done.upload_id)
+            return
         notification_id = derived_id("upload.completed", done.upload_id, str(done.generation),
                                      "uploader")
         async with svc.db.session() as session:
