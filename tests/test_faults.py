@@ -97,6 +97,25 @@ def assert_exactly_once(run: Running, upload_id: str, files: int, emails: int = 
     assert list(run.store.list(f"staging/{upload_id}/")) == []
 
 
+def test_importer_killed_between_its_copies_and_its_catalogue(faulty: Running, pydicom_file):
+    """The importer copies a session's objects into the archive, then commits the catalogue:
+    killed -9 at the first copy, it plans the upload again when it is back (the same places)
+    and the archive ends with each object once, each named by the catalogue."""
+    archive = Path(faulty.store.root) / "archive" / "E2E"  # type: ignore[attr-defined]
+    archive.mkdir(parents=True, exist_ok=True)
+    before = set(os.listdir(archive))
+    upload_id = upload_study(faulty, pydicom_file, FEWER)
+    deadline = time.monotonic() + 120
+    while not set(os.listdir(archive)) - before:  # a new subject: the first copy is made
+        assert time.monotonic() < deadline, "the importer never copied anything"
+        time.sleep(0.002)
+    faulty.stack.supervisor.kill("importer")
+    assert faulty.query("select state from importer.upload where id = $1",
+                        upload_id)[0]["state"] == "completing", "killed too late to prove it"
+    assert not faulty.query("select 1 from importer.file where upload_id = $1", upload_id)
+    assert_exactly_once(faulty, upload_id, FEWER)
+
+
 @pytest.mark.parametrize("victim", SERVICES)
 def test_kill_9_a_service_mid_upload(faulty: Running, pydicom_file, victim: str):
     upload_id = upload_study(faulty, pydicom_file)

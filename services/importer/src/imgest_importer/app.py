@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -360,9 +361,15 @@ class Importer:
         copied again: a re-drive repeats only what is missing)."""
         store = self.svc.store
         assert store is not None
-        for p in placements:
+
+        def copy(p: Placement) -> None:
             if p.action == "replace" or (p.action == "add" and store.stat(p.key) is None):
                 store.copy(p.source_key, p.key)
+
+        # Several at once: each copy waits on the disk or on an S3 round trip.
+        with ThreadPoolExecutor(self.settings.copy_threads) as pool:
+            for _ in pool.map(copy, placements):
+                pass
 
     def _undo(self, placements: list[Placement]) -> None:
         """Removes what a failed plan added (what it replaced holds the bytes it was meant to)."""
