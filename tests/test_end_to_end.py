@@ -537,6 +537,21 @@ def test_a_session_of_no_known_project_waits_in_unassigned(running: Running, pyd
     assert archived.status_code == 200, archived.text
     assert archived.json()["uri"].startswith("/data/archive/projects/FOUND/")
 
+    # A project the uploader may not send into is no better than an unknown one (XNAT's rule).
+    running.project("MINE")
+    name = f"outsider{running.env['IMGEST_STORE']}"
+    assert running.http.post("/api/v1/users", json={"username": name}).status_code == 201
+    assert running.http.put(f"/api/v1/projects/MINE/members/{name}",
+                            json={"role": "member"}).status_code == 200
+    token = running.http.post(f"/api/v1/users/{name}/tokens", json={}).json()["token"]
+    ds.PatientComments = "Project: FOUND AA: true"
+    ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    sent = httpx.post(f"{running.url}/data/services/import", content=dicom_bytes(ds),
+                      headers={"Authorization": f"Bearer {token}",
+                               "Content-Type": "application/dicom"}, timeout=90)
+    assert sent.status_code == 200, sent.text
+    assert sent.text.startswith("/data/prearchive/projects/Unassigned/"), sent.text
+
 
 def test_gradual_sends_wait_receiving_and_are_built_once_idle(running: Running, pydicom_file):
     """XNAT's gradual-DICOM: instances one by one join a RECEIVING entry, built once idle for

@@ -219,10 +219,10 @@ def xnat_router(svc: Service, settings: Settings) -> APIRouter:
         params = dict(request.query_params)
         try:
             options, handler, ignore_unparsable = import_options(params)
-            if not caller.may(Action.upload, options.project):
-                raise XnatError(403, "Name a project you may upload to (PROJECT_ID=…)"
-                                if options.project is None else
-                                f"You may not import into project {options.project!r}.")
+            # No project named: the headers route it, to a project the caller may send into,
+            # else to Unassigned (XNAT's rule; only administrators see Unassigned).
+            if options.project is not None and not caller.may(Action.upload, options.project):
+                raise XnatError(403, f"You may not import into project {options.project!r}.")
             if options.project is not None:
                 async with svc.db.session() as session:
                     if await session.get(Project, options.project) is None:
