@@ -7,6 +7,7 @@ MinIO are used instead (SMTP stays aiosmtpd: it is a real server either way).
 
 from __future__ import annotations
 
+import asyncio
 import email
 import os
 import shutil
@@ -56,13 +57,23 @@ class SmtpServer:
         self.port = free_port()
         self.url = f"smtp://127.0.0.1:{self.port}"
         self.controller = None
+        self.holding = threading.Event()  # set: conversations stop before their message
+        self.held = 0  # conversations that reached the hold
 
     def start(self) -> None:
         from aiosmtpd.controller import Controller
 
-        box = self.mailbox
+        box, server_ = self.mailbox, self
 
         class Handler:
+            async def handle_RCPT(self, server, session, envelope, address, options):
+                if server_.holding.is_set():
+                    server_.held += 1
+                    while server_.holding.is_set():  # (the client may go away meanwhile)
+                        await asyncio.sleep(0.05)
+                envelope.rcpt_tos.append(address)
+                return "250 OK"
+
             async def handle_DATA(self, server, session, envelope):  # aiosmtpd's name
                 with box.lock:
                     box.messages.append(email.message_from_bytes(envelope.content))

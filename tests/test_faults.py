@@ -53,6 +53,8 @@ def faulty(request, smtp: SmtpServer):
         "IMGEST_EPOCH_CHECK_SECONDS": "1",
         "IMGEST_REDRIVE_SECONDS": "3",
         "IMGEST_REDRIVE_IDLE_SECONDS": "6",
+        "IMGEST_MAIL_RETRY_SECONDS": "1",
+        "IMGEST_SMTP_TIMEOUT_SECONDS": "3",  # a send cut short is sent again after 11 s
         **{port_env(s): str(free_port()) for s in SERVICES},
     }
     env["IMGEST_PUBLIC_URL"] = f"http://127.0.0.1:{env['IMGEST_GATEWAY_PORT']}"
@@ -162,15 +164,55 @@ def test_store_away_for_a_while(faulty: Running, pydicom_file):
 
 
 def test_mail_server_away_for_a_while(faulty: Running, pydicom_file, smtp: SmtpServer):
+    """Longer than any retry of an event: the email waits, written down, and goes out once the
+    server is back."""
     smtp.stop()
     try:
         upload_id = faulty.upload("CT_small.dcm", pydicom_file("CT_small.dcm").read_bytes())["id"]
         assert faulty.wait(upload_id)["state"] == "archived"
-        time.sleep(1)  # the notifier is retrying now
+        time.sleep(12)  # the notifier tries, and tries again
+        [row] = faulty.query("select state, attempts, last_error from notifier.notification "
+                             "where upload_id = $1", upload_id)
+        assert row["state"] == "pending" and row["attempts"] >= 2 and row["last_error"], row
     finally:
         smtp.start()
     mails = faulty.mailbox.wait_for(upload_id, timeout=60)
     assert len(mails) == 1
+    deadline = time.monotonic() + 10
+    while faulty.query("select state from notifier.notification where upload_id = $1",
+                       upload_id)[0]["state"] != "sent":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert [json.loads(r["d"])["upload_id"] for r in faulty.query(
+        "select value->'data' as d from notifier.outbox where topic = "
+        "'imgest.notification.sent'") if json.loads(r["d"])["upload_id"] == upload_id] == [
+        upload_id]
+
+
+def test_notifier_killed_mid_send_sends_one_email(faulty: Running, pydicom_file,
+                                                  smtp: SmtpServer):
+    """Killed -9 in the middle of the SMTP conversation: the email, written down as `sending`,
+    is sent again once that is stale, and arrives once."""
+    smtp.held = 0
+    smtp.holding.set()
+    try:
+        upload_id = faulty.upload("CT_small.dcm", pydicom_file("CT_small.dcm").read_bytes())["id"]
+        assert faulty.wait(upload_id)["state"] == "archived"
+        deadline = time.monotonic() + 30
+        while not smtp.held:
+            assert time.monotonic() < deadline, "the notifier never started sending"
+            time.sleep(0.05)
+        assert faulty.query("select state from notifier.notification where upload_id = $1",
+                            upload_id)[0]["state"] == "sending"
+        faulty.stack.supervisor.kill("notifier")
+    finally:
+        smtp.holding.clear()
+    mails = faulty.mailbox.wait_for(upload_id, timeout=60)
+    time.sleep(2)  # nothing more comes
+    assert len(faulty.mailbox.for_upload(upload_id)) == len(mails) == 1
+    [row] = faulty.query("select state, attempts from notifier.notification where "
+                         "upload_id = $1", upload_id)
+    assert (row["state"], row["attempts"]) == ("sent", 2), row
 
 
 async def end_offsets(bootstrap: str, topic: str) -> dict:

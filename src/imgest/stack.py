@@ -192,6 +192,8 @@ class Stack:
             env.setdefault("IMGEST_KAFKA_SESSION_TIMEOUT_MS", "6000")
         for name in SERVICES:
             env.setdefault(port_env(name), str(DEFAULT_PORTS[name]))
+        # The gateway reads the catalogue from the importer, wherever its port is.
+        env.setdefault("IMGEST_IMPORTER_URL", f"http://127.0.0.1:{env[port_env('importer')]}")
         self.supervisor.start()
         self.resolved = env
         return env

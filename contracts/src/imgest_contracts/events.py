@@ -72,6 +72,8 @@ class Uploader(BaseModel):
     model_config = ConfigDict(extra="forbid")
     username: str
     email: str | None = None
+    success_emails: bool = Field(True, description="Wants an email when an upload succeeds "
+                                 "(failures are always told).")
     projects: list[str] | None = Field(
         None, description="The projects the uploader may send files into when the upload was "
         "submitted (None: any, an administrator). A project named only by a file's headers "
@@ -483,6 +485,17 @@ class NotificationSent(Payload):
 
 
 
+Address = Annotated[str, Field(pattern=EMAIL, max_length=320)]
+NoticeKind = Literal["upload.succeeded", "upload.partial", "upload.failed", "upload.cancelled",
+                     "session.conflicted", "session.failed", "session.quarantined"]
+
+
+class Contact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    username: str
+    email: str | None = None
+
+
 class ProjectSettings(BaseModel):
     """What a project decides for the uploads into it (its owner sets it)."""
 
@@ -506,8 +519,11 @@ class ProjectSettings(BaseModel):
     metadata_rules: dict[FileKind, dict[NulFree, Json]] = Field(
         default_factory=dict, description="A JSON Schema per file kind that a file's metadata "
         "must satisfy (e.g. a photo must carry DateTimeOriginal).")
-    notify: list[Annotated[str, Field(pattern=EMAIL, max_length=320)]] = Field(
+    notify: list[Address] = Field(
         default_factory=list, description="Addresses told of every upload's outcome.")
+    recipients: dict[NoticeKind, list[Address]] = Field(
+        default_factory=dict, description="Addresses told of each kind of news of the project, "
+        "besides the uploader (upload.*) and the project's owners (session.*).")
 
     @field_validator("metadata_rules")
     @classmethod
@@ -531,6 +547,8 @@ class ProjectUpdated(Payload):
     project: str
     name: str
     settings: ProjectSettings
+    owners: list[Contact] = Field(default_factory=list,
+                                  description="Who is told when a session needs attention.")
     updated_at: datetime
 
 

@@ -4,30 +4,39 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 from imgest_contracts import (
+    Contact,
     FileFailure,
+    ProjectSettings,
+    ProjectUpdated,
     Reason,
     SessionOutcome,
+    SessionRef,
     UploadCompleted,
     UploadCounts,
     Uploader,
 )
-from imgest_notifier.domain import upload_completed_email
+from imgest_notifier.domain import Contacts, Post
 from imgest_notifier.mailer import EmlMailer
 
 UPLOAD_ID = "0123456789abcdef0123456789abcdef"
 
 
+POST = Post("imgest@example.org", "https://imgest.example.org/")
+
+
 def completed(*, email_addr: str | None = "alice@example.org", outcome: str = "partial",
-              failures: list[FileFailure] | None = None) -> UploadCompleted:
+              failures: list[FileFailure] | None = None, success_emails: bool = True
+              ) -> UploadCompleted:
     return UploadCompleted(
         upload_id=UPLOAD_ID,
-        uploader=Uploader(username="alice", email=email_addr),
+        uploader=Uploader(username="alice", email=email_addr, success_emails=success_emails),
         project="P1",
         outcome=outcome,  # type: ignore[arg-type]
         counts=UploadCounts(files=5, archived=2, prearchived=1, rejected=2),
@@ -46,11 +55,9 @@ def completed(*, email_addr: str | None = "alice@example.org", outcome: str = "p
     )
 
 
-def make(done: UploadCompleted, nid: str = "n-42") -> EmailMessage:
-    msg = upload_completed_email(done, notification_id=nid, sender="imgest@example.org",
-                                 public_url="https://imgest.example.org/")
-    assert msg is not None
-    return msg
+def make(done: UploadCompleted) -> EmailMessage:
+    [letter] = POST.upload_completed(done, None)
+    return letter.msg
 
 
 def _parts(msg: EmailMessage) -> tuple[str, str]:
@@ -65,8 +72,9 @@ def test_headers() -> None:
     assert msg["Subject"] == "[imgest] Upload 01234567 partly imported: 3 of 5 files imported"
     assert msg["To"] == "alice@example.org"
     assert msg["From"] == "imgest@example.org"
-    assert msg["Message-ID"] == "<n-42@imgest>"
+    assert re.fullmatch(r"<[0-9a-f-]{36}@imgest>", msg["Message-ID"])
     assert msg["X-Imgest-Upload"] == UPLOAD_ID
+    assert msg["X-Imgest-Kind"] == "upload.partial"
     sent = email.utils.parsedate_to_datetime(msg["Date"]).replace(tzinfo=UTC)
     assert abs((datetime.now(UTC) - sent).total_seconds()) < 60
 
@@ -80,9 +88,10 @@ def test_subject_headline_per_outcome(outcome: str, word: str) -> None:
 
 
 def test_message_id_is_deterministic() -> None:
-    a, b = make(completed(), "same-id"), make(completed(), "same-id")
-    assert a["Message-ID"] == b["Message-ID"] == "<same-id@imgest>"
-    assert make(completed(), "other")["Message-ID"] != a["Message-ID"]
+    a, b = make(completed()), make(completed())
+    assert a["Message-ID"] == b["Message-ID"]
+    again = completed().model_copy(update={"generation": 1})  # completed again after a replay
+    assert make(again)["Message-ID"] != a["Message-ID"]
     text_a, html_a = _parts(a)
     assert (text_a, html_a) == _parts(b)
 
@@ -99,7 +108,8 @@ def test_text_part_lists_sessions_and_failures() -> None:
     assert "Hello alice," in text
     assert f"your upload {UPLOAD_ID} partly imported." in text
     assert "5 in all, 2 archived, 1 in the prearchive, 2 rejected" in text
-    assert "  - E1 (archived, 2 files): /data/archive/projects/P1/subjects/S1/experiments/E1" in text
+    assert ("  - E1 (archived, 2 files): https://imgest.example.org/data/archive/projects/P1/"
+            "subjects/S1/experiments/E1") in text
     assert "  - E2 (prearchived, 1 files)" in text
     assert ("  - study.zip/notes.txt: Not a file imgest imports. [file.unsupported_type]"
             in text)
@@ -113,8 +123,9 @@ def test_html_part_lists_sessions_and_failures() -> None:
     assert html.startswith("<!doctype html>")
     assert "<p>Hello alice,</p>" in html
     assert "<strong>partly imported</strong>" in html
-    assert "<td>E1</td><td>archived</td><td align=\"right\">2</td>" in html
-    assert "<td>E2</td><td>prearchived</td><td align=\"right\">1</td>" in html
+    assert ('<td><a href="https://imgest.example.org/data/archive/projects/P1/subjects/S1/'
+            'experiments/E1">E1</a></td><td>archived</td><td align="right">2</td>') in html
+    assert "E2</a></td><td>prearchived</td><td align=\"right\">1</td>" in html
     assert "<li><code>study.zip/notes.txt</code>: Not a file imgest imports. " \
         "<small>[file.unsupported_type]</small></li>" in html
     assert "<small>[dicom.malformed]</small>" in html
@@ -137,20 +148,75 @@ def test_no_failures_section_when_all_went_well() -> None:
 
 def test_no_email_address_no_message() -> None:
     for addr in (None, ""):
-        assert upload_completed_email(completed(email_addr=addr), notification_id="n",
-                                      sender="s@example.org", public_url="http://x") is None
+        assert POST.upload_completed(completed(email_addr=addr), None) == []
+
+
+def project(**settings) -> Contacts:
+    return Contacts.of(ProjectUpdated(
+        project="P1", name="P1", settings=ProjectSettings(**settings), owners=[
+            Contact(username="olga", email="olga@example.org"), Contact(username="nomail")],
+        updated_at=datetime(2024, 1, 1, tzinfo=UTC)))
+
+
+def test_success_mails_can_be_turned_off_failures_cannot() -> None:
+    assert POST.upload_completed(completed(outcome="succeeded", success_emails=False), None) == []
+    for outcome in ("partial", "failed"):
+        [letter] = POST.upload_completed(completed(outcome=outcome, success_emails=False), None)
+        assert letter.recipients == ["alice@example.org"]
+
+
+def test_project_recipients_by_kind_get_their_own_letter() -> None:
+    contacts = project(notify=["all@example.org"], recipients={
+        "upload.failed": ["oncall@example.org", "ALICE@example.org"],
+        "session.conflicted": ["pacs@example.org"]})
+    letters = POST.upload_completed(completed(outcome="failed"), contacts)
+    assert [letter.recipients for letter in letters] == [
+        ["alice@example.org"], ["all@example.org", "oncall@example.org"]]  # alice once
+    assert len({letter.id for letter in letters}) == 2
+    assert "Hello project P1," in _parts(letters[1].msg)[0]
+    assert "alice's upload" in _parts(letters[1].msg)[0]
+    letters = POST.upload_completed(completed(outcome="succeeded"), contacts)
+    assert [letter.recipients for letter in letters] == [["alice@example.org"],
+                                                         ["all@example.org"]]
+
+
+def test_owners_hear_of_sessions_that_need_attention() -> None:
+    ref = SessionRef(project="P1", subject="S1", session="E1",
+                     uri="/data/prearchive/projects/P1/20240101_000000000/E1")
+    reason = Reason(code="session.exists", message="E1 is already archived.")
+    contacts = project(recipients={"session.conflicted": ["pacs@example.org"]})
+    [letter] = POST.session_attention("session.conflicted", "ev1", "prearchive/P1/x/E1", ref,
+                                      reason, contacts, ["u1"])
+    assert letter.recipients == ["olga@example.org", "pacs@example.org"]
+    assert letter.msg["Subject"] == "[imgest] Session E1 of P1 is in CONFLICT"
+    text, html = _parts(letter.msg)
+    assert "E1 is already archived. [session.exists]" in text
+    assert f"https://imgest.example.org{ref.uri}" in text and f'href="https://imgest.example.org{ref.uri}"' in html
+    [quarantined] = POST.session_attention("session.quarantined", "ev2", "P1/S1/E1", ref, None,
+                                           project(), [])
+    assert quarantined.recipients == ["olga@example.org"]
+    assert "releases it" in _parts(quarantined.msg)[0]
+    assert POST.session_attention("session.failed", "ev3", "k", ref, reason, None, []) == []
+
+
+def test_an_operator_overrides_a_template(tmp_path: Path) -> None:
+    (tmp_path / "upload_completed.txt.j2").write_text("Custom: {{ u.upload_id }} {{ headline }}\n")
+    [letter] = Post("s@example.org", "http://x", tmp_path).upload_completed(completed(), None)
+    text, html = _parts(letter.msg)
+    assert text.strip() == f"Custom: {UPLOAD_ID} partly imported"
+    assert "<p>Hello alice,</p>" in html  # the HTML part is still the shipped one
 
 
 async def test_eml_mailer_writes_a_parseable_file(tmp_path: Path) -> None:
     mailer = EmlMailer(tmp_path / "mail")
     assert mailer.transport == "eml"
-    msg = make(completed(), "n-7")
+    msg = make(completed())
     await mailer.send(msg, "n-7")
     files = sorted(p.name for p in (tmp_path / "mail").iterdir())
     assert files == ["n-7.eml"]  # no temp file left behind
     parsed = email.message_from_bytes((tmp_path / "mail" / "n-7.eml").read_bytes(),
                                       policy=email.policy.default)
-    assert parsed["Message-ID"] == "<n-7@imgest>"
+    assert parsed["Message-ID"] == msg["Message-ID"]
     assert parsed["To"] == "alice@example.org"
     assert parsed["Subject"] == msg["Subject"]
     text = parsed.get_body(("plain",))

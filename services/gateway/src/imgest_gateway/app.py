@@ -49,6 +49,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from .archive_api import archive_router
 from .auth import CallerDep, ensure_first_admin, forbidden
+from .catalogue_api import catalogue_router
 from .domain import UNPLACED, BadFilename, advances, safe_filename, upload_state
 from .identity import Action, Caller, hash_password
 from .identity_api import identity_router
@@ -457,6 +458,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(tus_router(svc, settings))
     app.include_router(xnat_router(svc, settings))
     app.include_router(archive_router(svc, settings))
+    app.include_router(catalogue_router(svc, settings))
     plain_http_errors(app)
 
     async def refused(_request: Request, error: Exception) -> Response:

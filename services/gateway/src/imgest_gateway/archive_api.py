@@ -154,7 +154,7 @@ def archive_router(svc: Service, settings: Settings) -> APIRouter:
 
     @api.post("/api/v1/prearchive/move", tags=["prearchive"], operation_id="move_entry",
               summary="Move a prearchive entry to another project (out of Unassigned)",
-              responses=problem_responses(401, 403, 404, 409, 422))
+              responses=problem_responses(400, 401, 403, 404, 409, 422))
     async def move(body: MoveBody, caller: CallerDep) -> JSONResponse:
         try:
             row = await entry_command(svc, settings, caller, ArchiveBody(entry=body.entry),
@@ -198,7 +198,7 @@ def archive_router(svc: Service, settings: Settings) -> APIRouter:
     @api.post("/api/v1/prearchive/rebuild", tags=["prearchive"], operation_id="rebuild_entry",
               summary="Rebuild a prearchive entry: build a receiving one now (archived if its "
               "project auto-archives), look again at one in CONFLICT or ERROR",
-              responses=problem_responses(401, 403, 404, 409, 422))
+              responses=problem_responses(400, 401, 403, 404, 409, 422))
     async def rebuild(body: EntryBody, caller: CallerDep) -> JSONResponse:
         try:
             row = await entry_command(svc, settings, caller, ArchiveBody(entry=body.entry),

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
-from imgest_contracts import EMAIL, ProjectSettings, ProjectUpdated
+from imgest_contracts import EMAIL, Contact, ProjectSettings, ProjectUpdated
 from imgest_contracts.events import json_int
 from imgest_runtime.service import Service, problem, problem_responses
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
@@ -53,6 +53,8 @@ class UserChange(BaseModel):
     admin: StrictBool | None = Field(None, description="Administrators only.")
     active: StrictBool | None = Field(None, description="Administrators only; false also revokes "
                                 "every token.")
+    success_emails: StrictBool | None = Field(
+        None, description="false: no email when an upload succeeds (failures are always told).")
 
 
 class NewToken(BaseModel):
@@ -89,6 +91,7 @@ class RoleBody(BaseModel):
 def user_view(user: User) -> dict[str, Any]:
     return {"username": user.username, "email": user.email, "admin": user.admin,
             "active": user.active, "has_password": user.password_hash is not None,
+            "success_emails": user.success_emails,
             "created_at": user.created_at.isoformat()}
 
 
@@ -109,9 +112,23 @@ def project_view(project: Project, members: list[Membership] | None = None) -> d
 
 async def _publish_project(svc: Service, session: AsyncSession, project: Project) -> None:
     """Every change goes out as the project's whole state, so a consumer needs only the last."""
+    owners = (await session.exec(select(User.username, User.email).join(
+        Membership, col(Membership.username) == User.username).where(
+        Membership.project == project.id, Membership.role == Role.owner.value).order_by(
+        col(User.username)))).all()
     await svc.outbox.add(session, ProjectUpdated(
         project=project.id, name=project.name,
-        settings=ProjectSettings.model_validate(project.settings), updated_at=project.updated_at))
+        settings=ProjectSettings.model_validate(project.settings),
+        owners=[Contact(username=u, email=e) for u, e in owners], updated_at=project.updated_at))
+
+
+async def _members_changed(svc: Service, session: AsyncSession, project: Project) -> None:
+    """Its owners are part of a project's state (they are told when a session needs
+    attention): a change of members is a change of the project."""
+    await session.flush()
+    project.updated_at = datetime.now(UTC)
+    session.add(project)
+    await _publish_project(svc, session, project)
 
 
 def identity_router(svc: Service) -> APIRouter:
@@ -174,6 +191,8 @@ def identity_router(svc: Service) -> APIRouter:
                 user.password_hash = hash_password(body.password)
             if body.admin is not None:
                 user.admin = body.admin
+            if body.success_emails is not None:
+                user.success_emails = body.success_emails
             if body.active is not None:
                 user.active = body.active
                 if not body.active:
@@ -257,6 +276,7 @@ def identity_router(svc: Service) -> APIRouter:
             members = [Membership(project=body.id, username=u, role=Role.owner.value)
                        for u in dict.fromkeys(body.owners)]
             session.add_all(members)
+            await session.flush()
             await _publish_project(svc, session, project)
         return json_response(project_view(project, members), 201)
 
@@ -296,7 +316,8 @@ def identity_router(svc: Service) -> APIRouter:
                          caller: CallerDep) -> JSONResponse:
         _may_manage(caller, project_id)
         async with svc.db.session() as session:
-            if await session.get(Project, project_id) is None:
+            project = await session.get(Project, project_id, with_for_update=True)
+            if project is None:
                 return problem(404, "Not Found", f"No project {project_id!r}.")
             if await session.get(User, username) is None:
                 return problem(404, "Not Found", f"No user {username!r}.")
@@ -304,6 +325,7 @@ def identity_router(svc: Service) -> APIRouter:
             row = row or Membership(project=project_id, username=username, role=body.role.value)
             row.role = body.role.value
             session.add(row)
+            await _members_changed(svc, session, project)
         return json_response({"project": project_id, "username": username, "role": body.role.value})
 
     @api.delete("/projects/{project_id}/members/{username}", tags=["projects"], status_code=204,
@@ -316,6 +338,9 @@ def identity_router(svc: Service) -> APIRouter:
             if row is None:
                 return problem(404, "Not Found", f"{username!r} has no role in {project_id!r}.")
             await session.delete(row)
+            project = await session.get(Project, project_id, with_for_update=True)
+            assert project is not None
+            await _members_changed(svc, session, project)
         return Response(status_code=204)
 
     return api

@@ -87,6 +87,7 @@ class User(Base, table=True):
     password_hash: str | None = Field(default=None, max_length=200)  # None: tokens only
     admin: bool = Field(default=False)
     active: bool = Field(default=True)
+    success_emails: bool = Field(default=True, sa_column_kwargs={"server_default": "true"})
     created_at: datetime = _ts(nullable=False)
 
 

@@ -33,6 +33,9 @@ class Settings(RuntimeSettings):
         24.0, gt=0, description="An unfinished resumable (tus) upload is kept this long, then "
         "its bytes are deleted (Upload-Expires).")
     redrive_max: int = Field(5, ge=0, description="Most times one upload is re-driven.")
+    importer_url: str = Field(
+        "http://127.0.0.1:8083", description="The importer's HTTP API, where the gateway reads "
+        "the catalogue (subjects, sessions, scans, files) it serves to users.")
 
     @field_validator("admin_token")
     @classmethod

@@ -152,7 +152,8 @@ async def uploader(session: AsyncSession, upload: Upload) -> Uploader:
             Membership.username == upload.uploader,
             col(Membership.role).in_([r.value for r, allowed in ALLOWED.items()
                                       if Action.upload in allowed])))).all())
-    return Uploader(username=upload.uploader, email=upload.email, projects=projects)
+    return Uploader(username=upload.uploader, email=upload.email, projects=projects,
+                    success_emails=user is None or user.success_emails)
 
 
 async def submit(svc: Service, session: AsyncSession, upload: Upload,

@@ -61,6 +61,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from .catalogue_api import catalogue_router
 from .domain import (
     UNASSIGNED,
     Existing,
@@ -955,8 +956,6 @@ def bootstrap(settings: Settings) -> Service:
 
 
 def build_app(settings: Settings) -> FastAPI:
-    from .catalogue_api import catalogue_router
-
     svc = bootstrap(settings)
     app = create_app(svc)
     app.include_router(catalogue_router(svc))

@@ -1,19 +1,40 @@
-"""The notifier: upload.completed → an email to the uploader → notification.sent."""
+"""The notifier: upload.completed and the sessions that need attention → emails →
+notification.sent.
+
+An email is first written down (pending, one row per event and audience, with the inbox mark of
+the event that asked for it), then sent: marked `sending` before the SMTP conversation and `sent`
+after it, with notification.sent in the same transaction. What could not be sent is tried again
+with backoff by a periodic sweep, for as long as the mail server is away (up to
+`mail_give_up_hours`); a `sending` left by a crash is sent again once it is stale.
+"""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from fastapi import FastAPI
-from imgest_contracts import CloudEvent, NotificationSent, UploadCompleted
-from imgest_runtime.outbox import derived_id
-from imgest_runtime.service import Service, create_app
+from imgest_contracts import (
+    CloudEvent,
+    NotificationSent,
+    ProjectUpdated,
+    SessionArchived,
+    SessionConflicted,
+    SessionFailed,
+    UploadCompleted,
+)
+from imgest_runtime.outbox import derived_id, insert_ignore
+from imgest_runtime.service import Periodic, Service, Tx, create_app
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlmodel import col, or_, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .domain import upload_completed_email
+from .domain import Contacts, Letter, Post
 from .mailer import EmlMailer, Mailer, SmtpMailer
-from .models import Notification, metadata
+from .models import Notification, Project, metadata
 from .settings import Settings
 
 NAME = "notifier"
@@ -22,52 +43,156 @@ log = logging.getLogger("imgest.notifier")
 
 def make_mailer(settings: Settings) -> Mailer:
     if settings.smtp_url:
-        return SmtpMailer(settings.smtp_url, settings.smtp_timeout_seconds)
+        return SmtpMailer(settings.smtp_url, settings.smtp_timeout_seconds, settings.smtp_ca_file)
     return EmlMailer(settings.mail_dir or settings.data_dir / "mail")
+
+
+class Postman:
+    """Sends the letters written down, each once."""
+
+    def __init__(self, svc: Service, settings: Settings, mailer: Mailer):
+        self.svc, self.settings, self.mailer = svc, settings, mailer
+        # A `sending` older than this was cut short (a crash): no conversation lasts so long.
+        self.stale = timedelta(seconds=2 * settings.smtp_timeout_seconds + 5)
+
+    async def post(self, tx: Tx, letters: list[Letter]) -> None:
+        now = datetime.now(UTC)
+        for letter in letters:
+            await insert_ignore(
+                tx.session, Notification.__table__, id=letter.id, upload_id=letter.upload_id,
+                session_key=letter.session_key, kind=letter.kind,
+                recipients=letter.recipients, subject=str(letter.msg["Subject"]),
+                state="pending", message=letter.msg.as_string(policy=email.policy.SMTP),
+                attempts=0, next_attempt_at=now, created_at=now)
+            tx.after_commit(("deliver", letter.id), lambda nid=letter.id: self.deliver(nid))
+
+    async def deliver(self, notification_id: str) -> None:
+        now = datetime.now(UTC)
+        async with self.svc.db.session() as session:
+            row = (await session.exec(select(Notification).where(
+                Notification.id == notification_id).with_for_update(skip_locked=True))).first()
+            if row is None or not self._due(row, now):
+                return
+            row.state, row.claimed_at, row.attempts = "sending", now, row.attempts + 1
+            session.add(row)  # written down before the conversation
+        assert row.message is not None
+        msg = email.message_from_string(row.message, policy=email.policy.default)
+        try:
+            await self.mailer.send(msg, row.id)  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001 — any failure: tried again later
+            await self._failed(row.id, row.attempts, e)
+            return
+        sent = datetime.now(UTC)
+        async with self.svc.db.session() as session:
+            row = await session.get(Notification, notification_id, with_for_update=True)
+            assert row is not None
+            row.state, row.sent_at, row.transport = "sent", sent, self.mailer.transport
+            row.last_error = None
+            session.add(row)
+            await self.svc.outbox.add(session, NotificationSent(
+                notification_id=row.id, upload_id=row.upload_id, kind=row.kind,
+                recipients=row.recipients, subject=row.subject,
+                transport=self.mailer.transport, sent_at=sent),  # type: ignore[arg-type]
+                event_id=derived_id(row.id, "sent"))
+        log.info("%s %s: emailed %s via %s", row.kind, row.upload_id or row.session_key,
+                 ", ".join(row.recipients), self.mailer.transport)
+
+    def _due(self, row: Notification, now: datetime) -> bool:
+        if row.state == "pending":
+            return row.next_attempt_at is None or row.next_attempt_at <= now
+        return row.state == "sending" and (row.claimed_at is None
+                                           or row.claimed_at < now - self.stale)
+
+    async def _failed(self, notification_id: str, attempts: int, error: Exception) -> None:
+        now = datetime.now(UTC)
+        wait = min(self.settings.mail_backoff_max_seconds, 2.0 ** min(attempts, 20))
+        async with self.svc.db.session() as session:
+            row = await session.get(Notification, notification_id, with_for_update=True)
+            assert row is not None
+            row.last_error = f"{type(error).__name__}: {error}"[:1000]
+            give_up = row.created_at is not None and row.created_at < now - timedelta(
+                hours=self.settings.mail_give_up_hours)
+            row.state = "failed" if give_up else "pending"
+            row.next_attempt_at = now + timedelta(seconds=wait)
+            session.add(row)
+        if give_up:
+            log.error("%s %s: given up after %d tries: %s", row.kind, row.id, attempts,
+                      row.last_error)
+        else:
+            log.warning("%s %s: not sent (try %d: %s); again in %.0fs", row.kind,
+                        row.upload_id or row.session_key, attempts, row.last_error, wait)
+
+    async def deliver_due(self) -> None:
+        """What the mail server was away for, and what a crash cut short."""
+        now = datetime.now(UTC)
+        async with self.svc.db.session() as session:
+            due = (await session.exec(select(Notification.id).where(or_(
+                (col(Notification.state) == "pending") & (col(Notification.next_attempt_at) <= now),
+                (col(Notification.state) == "sending") & (
+                    col(Notification.claimed_at) < now - self.stale))).order_by(
+                col(Notification.created_at)).limit(500))).all()
+        for notification_id in due:
+            await self.deliver(notification_id)
+
+
+async def contacts_of(session: AsyncSession, project: str | None) -> Contacts | None:
+    row = await session.get(Project, project) if project else None
+    return Contacts.from_json(row.contacts) if row else None
 
 
 def bootstrap(settings: Settings) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations", uses_store=False)
-    mailer = make_mailer(settings)
+    post = Post(settings.mail_from, settings.public_url, settings.template_dir)
+    postman = Postman(svc, settings, make_mailer(settings))
+    svc.periodic.append(Periodic("deliver", settings.mail_retry_seconds, postman.deliver_due))
     svc.publishes(NotificationSent)
 
-    @svc.on(UploadCompleted, own_transaction=True)  # the email goes out between transactions
-    async def on_upload_completed(event: CloudEvent[UploadCompleted]) -> None:
+    @svc.on(UploadCompleted)
+    async def on_upload_completed(event: CloudEvent[UploadCompleted], tx: Tx) -> None:
         done = event.data
         if done.sessions and not done.failures and all(
                 s.state == "receiving" for s in done.sessions):
-            # One instance of a gradual send: no email each; its session is told once built.
+            # One instance of a gradual send: no email each (a 1,000-instance send would
+            # make 1,000 of them).
             log.info("upload %s: into a receiving session; no email", done.upload_id)
             return
-        notification_id = derived_id("upload.completed", done.upload_id, str(done.generation),
-                                     "uploader")
-        async with svc.db.session() as session:
-            if await session.get(Notification, notification_id) is not None:
-                return  # already sent: a redelivery
-        msg = upload_completed_email(done, notification_id=notification_id,
-                                     sender=settings.mail_from, public_url=settings.public_url)
-        if msg is None:
-            log.info("upload %s: uploader has no email address; nothing sent", done.upload_id)
-            return
-        # Sent before it is recorded: a crash in between sends it again (at least once) with
-        # the same Message-ID, rather than never.
-        await mailer.send(msg, notification_id)
-        now = datetime.now(UTC)
-        recipients = [str(msg["To"])]
-        async with svc.handling(event) as session:
-            if not session:
-                return
-            session.add(Notification(id=notification_id, upload_id=done.upload_id,
-                                     kind="upload.completed", recipients=recipients,
-                                     subject=str(msg["Subject"]), transport=mailer.transport,
-                                     sent_at=now))
-            await svc.outbox.add(session, NotificationSent(
-                notification_id=notification_id, upload_id=done.upload_id,
-                kind="upload.completed", recipients=recipients, subject=str(msg["Subject"]),
-                transport=mailer.transport, sent_at=now),  # type: ignore[arg-type]
-                event_id=derived_id(notification_id, "sent"))
-        log.info("upload %s: emailed %s via %s", done.upload_id, ", ".join(recipients),
-                 mailer.transport)
+        letters = post.upload_completed(done, await contacts_of(tx.session, done.project))
+        if not letters:
+            log.info("upload %s: no one to tell (no address, or success mails turned off)",
+                     done.upload_id)
+        await postman.post(tx, letters)
+
+    @svc.on(SessionConflicted)
+    async def on_session_conflicted(event: CloudEvent[SessionConflicted], tx: Tx) -> None:
+        c = event.data
+        await postman.post(tx, post.session_attention(
+            "session.conflicted", event.id, c.session_key, c.session, c.reason,
+            await contacts_of(tx.session, c.session.project), c.upload_ids))
+
+    @svc.on(SessionFailed)
+    async def on_session_failed(event: CloudEvent[SessionFailed], tx: Tx) -> None:
+        f = event.data
+        await postman.post(tx, post.session_attention(
+            "session.failed", event.id, f.session_key, f.session, f.reason,
+            await contacts_of(tx.session, f.session.project), f.upload_ids))
+
+    @svc.on(SessionArchived)
+    async def on_session_archived(event: CloudEvent[SessionArchived], tx: Tx) -> None:
+        a = event.data
+        if a.quarantined:
+            await postman.post(tx, post.session_attention(
+                "session.quarantined", event.id, a.session_key, a.session, None,
+                await contacts_of(tx.session, a.session.project), a.upload_ids))
+
+    @svc.on(ProjectUpdated)
+    async def on_project_updated(event: CloudEvent[ProjectUpdated], tx: Tx) -> None:
+        p = event.data
+        insert = pg_insert(Project).values(id=p.project, contacts=Contacts.of(p).to_json(),
+                                           updated_at=p.updated_at)
+        await tx.session.execute(insert.on_conflict_do_update(
+            index_elements=["id"], set_={"contacts": insert.excluded.contacts,
+                                         "updated_at": insert.excluded.updated_at},
+            where=col(Project.updated_at) < insert.excluded.updated_at))
 
     return svc
 

@@ -19,7 +19,7 @@ class Mailer(Protocol):
 class SmtpMailer:
     transport = "smtp"
 
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, url: str, timeout: float, ca_file: Path | None = None):
         parts = urlsplit(url)
         if parts.scheme not in ("smtp", "smtps"):
             raise ValueError(f"SMTP URL must start smtp:// or smtps://, not {parts.scheme}://")
@@ -29,13 +29,15 @@ class SmtpMailer:
         self.password = unquote(parts.password) if parts.password else None
         self.use_tls = parts.scheme == "smtps"
         self.timeout = timeout
+        self.ca_file = str(ca_file) if ca_file else None
 
     async def send(self, msg: EmailMessage, name: str) -> None:
         import aiosmtplib
 
         await aiosmtplib.send(msg, hostname=self.host, port=self.port, username=self.username,
                               password=self.password, use_tls=self.use_tls,
-                              start_tls=None if not self.use_tls else False, timeout=self.timeout)
+                              start_tls=None if not self.use_tls else False, timeout=self.timeout,
+                              cert_bundle=self.ca_file)
 
 
 class EmlMailer:

@@ -1,0 +1,520 @@
+"""The archive as its users read it: a project's subjects and sessions, a session with its scans
+and files (and what the metadata service read of each), one file's bytes, a whole session as a
+zip; a prearchive entry's details and zip. JSON under /api/v1; XNAT's paths and ResultSets under
+/data (and /data/archive), with XNAT's plain-text errors.
+
+The catalogue is the importer's: the gateway asks its read-only API over HTTP and decides who may
+see what, as for every other project resource. The bytes it streams itself from the store, a
+chunk at a time: no file or zip is ever held whole in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import mimetypes
+import re
+import zipfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any, BinaryIO, Literal
+from urllib.parse import quote
+
+import httpx
+from fastapi import APIRouter, FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from imgest_runtime.service import Service, problem_responses
+from imgest_runtime.store import CHUNK, ObjectNotFound, ObjectStore, StoreError
+from starlette.exceptions import HTTPException
+
+from .archive_api import PLAIN, TIMESTAMP
+from .auth import CallerDep, forbidden
+from .identity import PROJECT_ID, Action, Caller
+from .settings import Settings
+from .views import json_response
+
+LABEL = PROJECT_ID  # subjects, sessions, scans and resources have XNAT's ID characters too
+ProjectId = Annotated[str, Path(pattern=PROJECT_ID, description="The project's ID.")]
+SubjectLabel = Annotated[str, Path(pattern=LABEL, description="The subject's label.")]
+SessionLabel = Annotated[str, Path(pattern=LABEL, description="The session's label.")]
+ScanId = Annotated[str, Path(pattern=LABEL, description="The scan's ID (a series number, or "
+                             "an image's name).")]
+ResourceLabel = Annotated[str, Path(pattern=LABEL, description="The resource: DICOM, PHOTO, "
+                                    "SLIDE, or a multi-file slide's format (MRXS…).")]
+Timestamp = Annotated[str, Path(pattern=TIMESTAMP, description="The entry's "
+                                "yyyyMMdd_HHmmssSSS.")]
+FileName = Annotated[str, Path(min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f\x7f]+$",
+                               description="The file's name (a multi-file slide's parts carry "
+                               "their folder: CMU-1/Data0000.dat).")]
+ListFormat = Annotated[Literal["json"], Query(alias="format", description="json only.")]
+ListOrZip = Annotated[Literal["json", "zip"], Query(alias="format",
+                                                    description="json: a listing; zip: the files.")]
+Zip = Annotated[Literal["zip"], Query(alias="format", description="zip (the only one served).")]
+
+BYTES = {"schema": {"type": "string", "format": "binary"}}
+ZIP = {"description": "A zip, streamed: `SESSION/scans/SCAN/resources/RESOURCE/files/NAME`, "
+       "stored (not compressed), ZIP64 where sizes need it.",
+       "content": {"application/zip": BYTES}}
+FILE = {"description": "The file's bytes: application/dicom for DICOM, otherwise the type its "
+        "name says. Single byte ranges (Range: bytes=…) are served.", "content": {"*/*": BYTES}}
+LISTING_OR_ZIP = {"description": "A ResultSet (format=json) or the files as a zip (format=zip).",
+                  "content": {"application/json": {}, "application/zip": BYTES}}
+PART = {"description": "The byte range asked for (Content-Range).", "content": {"*/*": BYTES}}
+PLAIN_ERRORS = {
+    400: "Bad request: a name no session, scan or file can have, or a format not served.",
+    401: "Not logged in.", 403: "Not allowed to see the project.",
+    404: "No such session, scan, resource or file.",
+    416: "The byte range lies past the end of the file.",
+    503: "The catalogue or the store does not answer; try again shortly."}
+SESSION_TYPES = {"CT": "ct", "MR": "mr", "PT": "pet", "US": "us", "CR": "cr", "DX": "dx",
+                 "MG": "mg", "NM": "nm", "XA": "xa", "RF": "rf"}  # XNAT's data types
+
+
+def plain_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"description": PLAIN_ERRORS[status], **PLAIN} for status in statuses}
+
+
+def visible(caller: Caller, project: str) -> None:
+    """Unassigned is seen by administrators only (`may` says so)."""
+    if not caller.may(Action.view, project):
+        raise forbidden(f"You may not see project {project!r}.")
+
+
+class Catalogue:
+    """The importer's read-only catalogue API. What it does not have is a 404 with its words;
+    no answer (or a broken one) is a 503: the archive is there, the reader is not."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.http: httpx.AsyncClient | None = None
+
+    @asynccontextmanager
+    async def connected(self, _app: FastAPI) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(base_url=self.url, timeout=30) as http:
+            self.http = http
+            yield
+        self.http = None
+
+    async def get(self, path: str, **params: Any) -> Any:
+        if self.http is None:
+            raise HTTPException(503, "The gateway is starting or stopping; try again shortly.")
+        try:
+            response = await self.http.get(path, params={k: v for k, v in params.items()
+                                                         if v is not None})
+        except httpx.HTTPError as e:
+            raise unavailable(f"The catalogue does not answer ({type(e).__name__}).") from e
+        if response.status_code == 404:
+            raise HTTPException(404, response.json()["detail"])
+        if response.status_code != 200:
+            raise unavailable(f"The catalogue answered {response.status_code}.")
+        return response.json()
+
+
+def unavailable(why: str) -> HTTPException:
+    return HTTPException(503, f"{why} Try again shortly.", headers={"Retry-After": "5"})
+
+
+# --- views ---------------------------------------------------------------------------------------
+
+
+def session_json(s: dict[str, Any], base: str, file_urls: bool) -> dict[str, Any]:
+    """A session or prearchive entry with its scans and files, as the JSON API shows it."""
+    view = {"uri": s["uri"], "project": s["project"], "subject": s["subject"],
+            "session": s["label"], "study_uid": s["study_uid"], "modalities": s["modalities"],
+            "created_at": s["created_at"], "updated_at": s["updated_at"]}
+    if s["state"] == "archived":
+        view["quarantined"] = s["quarantined"]
+    else:
+        view |= {"timestamp": s["timestamp"], "state": s["entry_state"], "reason": s["reason"]}
+    view["download_url"] = f"{base}/download"
+    view["scans"] = [
+        {"scan": c["label"], "series_uid": c["series_uid"], "modality": c["modality"],
+         "description": c["description"], "file_count": c["file_count"], "size": c["size"],
+         "files": [{"name": f["name"], "resource": f["resource"], "size": f["size"],
+                    "sha256": f["sha256"], "sop_instance_uid": f["sop_instance_uid"],
+                    "metadata": f["metadata"],
+                    **({"url": f"{base}/scans/{c['label']}/files/{quote(f['name'])}"}
+                       if file_urls else {})} for f in c["files"]]}
+        for c in s["scans"]]
+    return view
+
+
+def result_set(rows: list[dict[str, Any]]) -> JSONResponse:
+    """XNAT's listing, as its clients read it (every value a string, as XNAT sends them)."""
+    return JSONResponse({"ResultSet": {"Result": rows, "totalRecords": str(len(rows))}})
+
+
+def xnat_date(value: str | None) -> str:
+    return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if value else ""
+
+
+def xsi_type(modality: str | None, kind: Literal["Session", "Scan"]) -> str:
+    if modality is None:
+        return f"xnat:image{kind}Data"  # a photo or a slide: no DICOM modality
+    return f"xnat:{SESSION_TYPES.get(modality, 'otherDicom')}{kind}Data"
+
+
+def files_of(s: dict[str, Any], resource: str | None = None) -> list[dict[str, Any]]:
+    return [{**f, "scan": c["label"]} for c in s["scans"] for f in c["files"]
+            if resource in (None, f["resource"])]
+
+
+# --- bytes ---------------------------------------------------------------------------------------
+
+
+def requested_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range a Range header asks for, as (first, last); None for the whole file
+    (no Range, or one served whole: several ranges, other units, a malformed one, RFC 9110
+    §14.2). Raises ValueError for a range that starts past the end."""
+    found = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
+    if found is None or found[1] == found[2] == "":
+        return None
+    if found[1] == "":  # the last N bytes
+        if int(found[2]) == 0 or size == 0:
+            raise ValueError("an empty suffix")
+        return max(0, size - int(found[2])), size - 1
+    first = int(found[1])
+    if found[2] != "" and int(found[2]) < first:
+        return None
+    if first >= size:
+        raise ValueError("past the end")
+    return first, size - 1 if found[2] == "" else min(int(found[2]), size - 1)
+
+
+def attachment(name: str) -> str:
+    """Content-Disposition (RFC 6266): an ASCII fallback, and the name itself encoded."""
+    base = name.rsplit("/", 1)[-1]
+    fallback = re.sub(r"[^A-Za-z0-9._-]", "_", base)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(base, safe='')}"
+
+
+def media_type(f: dict[str, Any]) -> str:
+    if f["sop_instance_uid"] or f["resource"] == "DICOM":
+        return "application/dicom"
+    return mimetypes.guess_type(f["name"])[0] or "application/octet-stream"
+
+
+def stream_chunks(stream: BinaryIO) -> Iterator[bytes]:
+    with stream:
+        while block := stream.read(CHUNK):
+            yield block
+
+
+def range_chunks(store: ObjectStore, key: str, first: int, last: int) -> Iterator[bytes]:
+    """Bytes first..last of an object, one ranged read per chunk."""
+    while first <= last:
+        block = store.read_range(key, first, min(CHUNK, last + 1 - first))
+        if not block:
+            raise StoreError(f"{key} ends before byte {first}")
+        yield block
+        first += len(block)
+
+
+class _Sink(io.RawIOBase):
+    """Where zipfile writes (a file it cannot seek in: it then writes data descriptors),
+    handed on as response chunks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:  # type: ignore[override]
+        self.written.append(bytes(b))  # (bytes, as a file's blocks are, are not copied)
+        return len(b)
+
+    def take(self) -> list[bytes]:
+        """What was written since the last call, as one chunk (or none)."""
+        written, self.written = self.written, []
+        return [b"".join(written)] if written else []
+
+
+def zip_chunks(store: ObjectStore, folder: str, files: list[dict[str, Any]], when: datetime
+               ) -> Iterator[bytes]:
+    """The files as a zip, laid out as XNAT's downloads are (FOLDER/scans/…/files/NAME). A store
+    failure midway breaks the download off: the client sees a truncated zip, never a wrong
+    one."""
+    sink = _Sink()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED) as zf:
+        for f in files:
+            member = zipfile.ZipInfo(f"{folder}/{f['path']}", when.timetuple()[:6])
+            member.file_size = f["size"]  # past 4 GiB, zipfile writes ZIP64 fields from the start
+            member.external_attr = 0o100644 << 16  # a regular file, readable once unzipped
+            with store.open(f["object_key"]) as stream, zf.open(member, "w") as out:
+                while block := stream.read(CHUNK):
+                    out.write(block)
+                    yield from sink.take()
+            yield from sink.take()
+    yield from sink.take()
+
+
+def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
+    catalogue = Catalogue(settings.importer_url)
+    api = APIRouter(lifespan=catalogue.connected)
+
+    def store() -> ObjectStore:
+        assert svc.store is not None  # opened before the gateway serves
+        return svc.store
+
+    async def archived(caller: Caller, project: str, subject: str, session: str,
+                       **params: Any) -> dict[str, Any]:
+        visible(caller, project)
+        return await catalogue.get(f"/catalogue/sessions/{project}/{subject}/{session}",
+                                   **params)
+
+    async def entry(caller: Caller, project: str, timestamp: str, session: str
+                    ) -> dict[str, Any]:
+        visible(caller, project)
+        return await catalogue.get(f"/catalogue/sessions/prearchive/{project}/{timestamp}/"
+                                   f"{session}")
+
+    async def file_response(request: Request, f: dict[str, Any]) -> Response:
+        size, key = f["size"], f["object_key"]
+        etag = f'"{f["sha256"]}"'
+        headers = {"Accept-Ranges": "bytes", "ETag": etag,
+                   "Content-Disposition": attachment(f["name"])}
+        same = request.headers.get("if-range", etag) == etag  # else the whole file, as it is now
+        try:
+            wanted = requested_range(request.headers.get("range"), size) if same else None
+        except ValueError as e:
+            raise HTTPException(416, f"The file has {size} bytes; the range asked for starts "
+                                "past its end.", headers={"Content-Range": f"bytes */{size}"}
+                                ) from e
+        if wanted is not None:
+            first, last = wanted
+            return StreamingResponse(
+                range_chunks(store(), key, first, last), status_code=206,
+                media_type=media_type(f), headers={
+                    **headers, "Content-Length": str(last - first + 1),
+                    "Content-Range": f"bytes {first}-{last}/{size}"})
+        try:  # opened before answering: a missing object is still a clean error
+            stream = await asyncio.to_thread(store().open, key)
+        except ObjectNotFound as e:
+            raise HTTPException(404, f"The bytes of {f['name']} are missing from the store."
+                                ) from e
+        except StoreError as e:
+            raise unavailable("The store does not answer.") from e
+        return StreamingResponse(stream_chunks(stream), media_type=media_type(f),
+                                 headers={**headers, "Content-Length": str(size)})
+
+    def zip_response(s: dict[str, Any], files: list[dict[str, Any]]) -> StreamingResponse:
+        when = datetime.fromisoformat(s["updated_at"] or s["created_at"])
+        return StreamingResponse(zip_chunks(store(), s["label"], files, when),
+                                 media_type="application/zip",
+                                 headers={"Content-Disposition": attachment(f"{s['label']}.zip")})
+
+    # --- JSON ----------------------------------------------------------------------------------
+
+    def session_base(project: str, subject: str, session: str) -> str:
+        return f"/api/v1/projects/{project}/subjects/{subject}/sessions/{session}"
+
+    @api.get("/api/v1/projects/{project}/subjects", tags=["archive"],
+             operation_id="list_subjects", summary="The project's subjects (those with archived "
+             "sessions)", responses=problem_responses(401, 403, 422, 503))
+    async def subjects(project: ProjectId, caller: CallerDep) -> JSONResponse:
+        visible(caller, project)
+        rows = await catalogue.get(f"/catalogue/projects/{project}/subjects")
+        return json_response([{"subject": r["label"], "sessions": r["sessions"],
+                               "created_at": r["created_at"]} for r in rows])
+
+    @api.get("/api/v1/projects/{project}/subjects/{subject}/sessions/{session}",
+             tags=["archive"], operation_id="get_session",
+             summary="An archived session: its scans and their files, with their metadata",
+             responses=problem_responses(401, 403, 404, 422, 503))
+    async def session_details(project: ProjectId, subject: SubjectLabel, session: SessionLabel,
+                              caller: CallerDep) -> JSONResponse:
+        s = await archived(caller, project, subject, session)
+        return json_response(session_json(s, session_base(project, subject, session), True))
+
+    @api.get("/api/v1/projects/{project}/subjects/{subject}/sessions/{session}/scans/{scan}"
+             "/files/{name:path}", tags=["archive"], operation_id="download_file",
+             summary="One file of an archived session, as it was sent (byte ranges served)",
+             response_class=Response, responses={
+                 200: FILE, 206: PART, **problem_responses(401, 403, 404, 416, 422, 503)})
+    async def download_file(request: Request, project: ProjectId, subject: SubjectLabel,
+                            session: SessionLabel, scan: ScanId, name: FileName,
+                            caller: CallerDep) -> Response:
+        s = await archived(caller, project, subject, session, scan=scan, file=name)
+        return await file_response(request, files_of(s)[0])
+
+    @api.get("/api/v1/projects/{project}/subjects/{subject}/sessions/{session}/download",
+             tags=["archive"], operation_id="download_session",
+             summary="An archived session as a zip (XNAT's layout), streamed",
+             response_class=Response,
+             responses={200: ZIP, **problem_responses(401, 403, 404, 422, 503)})
+    async def download_session(project: ProjectId, subject: SubjectLabel,
+                               session: SessionLabel, caller: CallerDep) -> Response:
+        s = await archived(caller, project, subject, session)
+        return zip_response(s, files_of(s))
+
+    @api.get("/api/v1/projects/{project}/prearchive/{timestamp}/{session}", tags=["prearchive"],
+             operation_id="get_prearchive_entry",
+             summary="A prearchive entry: its state, scans and files, with their metadata",
+             responses=problem_responses(401, 403, 404, 422, 503))
+    async def entry_details(project: ProjectId, timestamp: Timestamp, session: SessionLabel,
+                            caller: CallerDep) -> JSONResponse:
+        s = await entry(caller, project, timestamp, session)
+        return json_response(session_json(
+            s, f"/api/v1/projects/{project}/prearchive/{timestamp}/{session}", False))
+
+    @api.get("/api/v1/projects/{project}/prearchive/{timestamp}/{session}/download",
+             tags=["prearchive"], operation_id="download_prearchive_entry",
+             summary="A prearchive entry as a zip (XNAT's layout), streamed",
+             response_class=Response,
+             responses={200: ZIP, **problem_responses(401, 403, 404, 422, 503)})
+    async def download_entry(project: ProjectId, timestamp: Timestamp, session: SessionLabel,
+                             caller: CallerDep) -> Response:
+        s = await entry(caller, project, timestamp, session)
+        return zip_response(s, files_of(s))
+
+    # --- XNAT ----------------------------------------------------------------------------------
+
+    def xnat_get(path: str, summary: str, *statuses: int, ok: dict[str, Any] | None = None,
+                 **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """XNAT answers the same under /data and /data/archive (documented once)."""
+        def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+            for prefix in ("/data", "/data/archive"):
+                api.get(prefix + path, tags=["xnat"], include_in_schema=prefix == "/data",
+                        summary=f"XNAT: {summary} (also under /data/archive)",
+                        responses={**({200: ok} if ok else {}),
+                                   **plain_errors(400, 401, 403, *statuses, 503)},
+                        **options)(endpoint)
+            return endpoint
+        return register
+
+    def xnat_session(project: str, subject: str, session: str) -> str:
+        return f"/data/projects/{project}/subjects/{subject}/experiments/{session}"
+
+    @xnat_get("/projects/{project}/subjects", "the project's subjects")
+    async def xnat_subjects(project: ProjectId, caller: CallerDep,
+                            fmt: ListFormat = "json") -> JSONResponse:
+        visible(caller, project)
+        rows = await catalogue.get(f"/catalogue/projects/{project}/subjects")
+        return result_set([{"ID": r["label"], "label": r["label"], "project": project,
+                            "insert_date": xnat_date(r["created_at"]),
+                            "URI": f"/data/projects/{project}/subjects/{r['label']}"}
+                           for r in rows])
+
+    async def experiments(caller: Caller, project: str, subject: str | None) -> JSONResponse:
+        visible(caller, project)
+        rows = await catalogue.get(f"/catalogue/projects/{project}/sessions", subject=subject,
+                                   state="archived")
+        return result_set([{
+            "ID": r["label"], "label": r["label"], "project": project,
+            "subject_label": r["subject"],
+            "xsiType": xsi_type(r["modalities"][0] if r["modalities"] else None, "Session"),
+            "insert_date": xnat_date(r["created_at"]),
+            "URI": xnat_session(project, r["subject"], r["label"])} for r in rows])
+
+    @xnat_get("/projects/{project}/experiments", "the project's sessions (experiments)")
+    async def xnat_project_experiments(project: ProjectId, caller: CallerDep,
+                                       fmt: ListFormat = "json") -> JSONResponse:
+        return await experiments(caller, project, None)
+
+    @xnat_get("/projects/{project}/subjects/{subject}/experiments", "a subject's sessions")
+    async def xnat_subject_experiments(project: ProjectId, subject: SubjectLabel,
+                                       caller: CallerDep, fmt: ListFormat = "json"
+                                       ) -> JSONResponse:
+        return await experiments(caller, project, subject)
+
+    @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}",
+              "a session as a zip (format=zip)", 404, ok=ZIP,
+              response_class=Response)
+    async def xnat_session_zip(project: ProjectId, subject: SubjectLabel, session: SessionLabel,
+                               caller: CallerDep, fmt: Zip) -> Response:
+        s = await archived(caller, project, subject, session)
+        return zip_response(s, files_of(s))
+
+    @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans",
+              "a session's scans", 404)
+    async def xnat_scans(project: ProjectId, subject: SubjectLabel, session: SessionLabel,
+                         caller: CallerDep, fmt: ListFormat = "json") -> JSONResponse:
+        s = await archived(caller, project, subject, session, files=False)
+        base = xnat_session(project, subject, session)
+        return result_set([{
+            "ID": c["label"], "type": c["description"] or "",
+            "series_description": c["description"] or "", "modality": c["modality"] or "",
+            "xsiType": xsi_type(c["modality"], "Scan"), "file_count": str(c["file_count"]),
+            "URI": f"{base}/scans/{c['label']}"} for c in s["scans"]])
+
+    @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans/{scan}"
+              "/resources", "a scan's resources", 404)
+    async def xnat_resources(project: ProjectId, subject: SubjectLabel, session: SessionLabel,
+                             scan: ScanId, caller: CallerDep, fmt: ListFormat = "json"
+                             ) -> JSONResponse:
+        s = await archived(caller, project, subject, session, scan=scan)
+        resources: dict[str, list[int]] = {}
+        for f in files_of(s):
+            resources.setdefault(f["resource"], []).append(f["size"])
+        base = f"{xnat_session(project, subject, session)}/scans/{scan}/resources"
+        return result_set([{"label": r, "format": r, "file_count": str(len(sizes)),
+                            "file_size": str(sum(sizes)), "URI": f"{base}/{r}"}
+                           for r, sizes in sorted(resources.items())])
+
+    def file_rows(project: str, subject: str, session: str, files: list[dict[str, Any]]
+                  ) -> JSONResponse:
+        base = xnat_session(project, subject, session)
+        return result_set([{
+            "Name": f["name"], "Size": str(f["size"]), "collection": f["resource"],
+            "URI": f"{base}/scans/{f['scan']}/resources/{f['resource']}/files/"
+                   f"{quote(f['name'])}",
+            "digest": f["sha256"]} for f in files])  # SHA-256 (XNAT's is an MD5)
+
+    @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans/{scan}/files",
+              "a scan's files (scan ALL: every scan's); format=zip for the files themselves",
+              404, ok=LISTING_OR_ZIP)
+    async def xnat_scan_files(project: ProjectId, subject: SubjectLabel, session: SessionLabel,
+                              scan: ScanId, caller: CallerDep, fmt: ListOrZip = "json"
+                              ) -> Response:
+        s = await archived(caller, project, subject, session,
+                           scan=None if scan == "ALL" else scan)
+        if fmt == "zip":
+            return zip_response(s, files_of(s))
+        return file_rows(project, subject, session, files_of(s))
+
+    @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans/{scan}"
+              "/resources/{resource}/files", "a resource's files; format=zip for the files "
+              "themselves", 404, ok=LISTING_OR_ZIP)
+    async def xnat_resource_files(project: ProjectId, subject: SubjectLabel,
+                                  session: SessionLabel, scan: ScanId, resource: ResourceLabel,
+                                  caller: CallerDep, fmt: ListOrZip = "json") -> Response:
+        s = await archived(caller, project, subject, session, scan=scan)
+        files = files_of(s, resource)
+        if not files:
+            raise HTTPException(404, f"No resource {resource} in scan {scan}.")
+        if fmt == "zip":
+            return zip_response(s, files)
+        return file_rows(project, subject, session, files)
+
+    @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans/{scan}"
+              "/resources/{resource}/files/{name:path}", "one file's bytes (byte ranges "
+              "served)", 404, 416, ok=FILE, response_class=Response)
+    async def xnat_file(request: Request, project: ProjectId, subject: SubjectLabel,
+                        session: SessionLabel, scan: ScanId, resource: ResourceLabel,
+                        name: FileName, caller: CallerDep) -> Response:
+        s = await archived(caller, project, subject, session, scan=scan, file=name)
+        files = files_of(s, resource)
+        if not files:
+            raise HTTPException(404, f"No file {name!r} in resource {resource} of scan {scan}.")
+        return await file_response(request, files[0])
+
+    @api.get("/data/prearchive/projects/{project}/{timestamp}/{session}", tags=["xnat"],
+             summary="XNAT: a prearchive entry (format=zip: its files)",
+             responses={200: LISTING_OR_ZIP, **plain_errors(400, 401, 403, 404, 503)})
+    async def xnat_entry(project: ProjectId, timestamp: Timestamp, session: SessionLabel,
+                         caller: CallerDep, fmt: ListOrZip = "json") -> Response:
+        s = await entry(caller, project, timestamp, session)
+        if fmt == "zip":
+            return zip_response(s, files_of(s))
+        return result_set([{
+            "project": project, "timestamp": timestamp, "subject": s["subject"],
+            "folderName": s["label"], "name": s["label"], "status": s["entry_state"],
+            "url": s["uri"], "lastmod": xnat_date(s["updated_at"]),
+            "uploaded": xnat_date(s["created_at"]),
+            "reason": (s["reason"] or {}).get("message", ""),
+            "scans": str(len(s["scans"])), "files": str(len(files_of(s)))}])
+
+    return api
