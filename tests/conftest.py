@@ -195,3 +195,13 @@ def pydicom_file() -> Callable[[str], Path]:
 def workdir(tmp_path: Path) -> Path:
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", params=["local", "s3"])
+def running(request, infra: Infra, smtp_server, tmp_path_factory):
+    """The whole stack, once on the local store and once on S3, shared by the modules that
+    drive it through its interfaces (each names its own projects and users)."""
+    from .pipeline import started_stack
+
+    with started_stack(request, infra, smtp_server, tmp_path_factory, request.param) as run:
+        yield run

@@ -17,18 +17,11 @@ import httpx
 import pydicom
 import pytest
 
-from .conftest import Infra
-from .pipeline import Running, dicom_bytes, jpeg_with_exif, started_stack, study_zip
+from .pipeline import Running, dicom_bytes, jpeg_with_exif, study_zip
 
 pytestmark = pytest.mark.timeout(600)
 
 PASSWORD = "viewer password 1"
-
-
-@pytest.fixture(scope="module", params=["local", "s3"])
-def running(request, infra: Infra, smtp_server, tmp_path_factory):
-    with started_stack(request, infra, smtp_server, tmp_path_factory, request.param) as run:
-        yield run
 
 
 @dataclass

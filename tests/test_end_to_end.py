@@ -9,6 +9,7 @@ import io
 import json
 import os
 import time
+import uuid
 import zipfile
 from typing import Any
 
@@ -20,23 +21,15 @@ from pydicom.uid import generate_uid
 
 from imgest.stack import SERVICES, port_env
 
-from .conftest import Infra
 from .pipeline import (
     Running,
     dicom_bytes,
     jpeg_with_exif,
-    started_stack,
     study_zip,
     tar_bytes,
 )
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module", params=["local", "s3"])
-def running(request, infra: Infra, smtp_server, tmp_path_factory):
-    with started_stack(request, infra, smtp_server, tmp_path_factory, request.param) as run:
-        yield run
 
 
 def assert_archived(run: Running, state: dict[str, Any], files: int) -> list[asyncpg.Record]:
@@ -293,6 +286,117 @@ def test_mixed_upload_is_partial(running: Running, pydicom_file):
     by_path = {f["path"]: f for f in state["files"]}
     assert by_path["mixed.zip/a.dcm"]["state"] == "archived"
     assert by_path["mixed.zip/readme.txt"]["reason"]["code"] == "file.unsupported_type"
+
+
+def bodies(mail) -> tuple[str, str]:
+    """An email's plain-text and HTML bodies."""
+    import email
+    import email.policy
+
+    parsed = email.message_from_bytes(mail.as_bytes(), policy=email.policy.default)
+    text, html = parsed.get_body(("plain",)), parsed.get_body(("html",))
+    assert text is not None and html is not None, mail
+    return text.get_content(), html.get_content()
+
+
+def test_emails_tell_each_outcome_to_the_right_people(running: Running, pydicom_file):
+    """Through the SMTP server: the uploader hears of success, partial success and failure with
+    the sessions' links and every failed file; the project's recipients by kind get their own
+    email; its owners hear of a session in CONFLICT; success mails can be turned off, failure
+    mails cannot."""
+    on_one_store(running, "who is told what does not depend on the store")
+    owner = f"owner{uuid.uuid4().hex[:6]}"
+    assert running.http.post("/api/v1/users", json={
+        "username": owner, "email": f"{owner}@example.org"}).status_code == 201
+    running.project("MAIL", notify=["all@example.org"], recipients={
+        "upload.failed": ["failwatch@example.org"],
+        "session.conflicted": ["pacs@example.org"]})
+    assert running.http.put(f"/api/v1/projects/MAIL/members/{owner}",
+                            json={"role": "owner"}).status_code == 200
+    uploader = running.http.get("/api/v1/me").json()
+    me = running.http.get(f"/api/v1/users/{uploader['username']}").json()["email"]
+
+    def told(upload_id: str, count: int) -> dict[str, Any]:
+        """The upload's emails (as many as expected), by recipient."""
+        deadline = time.monotonic() + 30
+        while len(running.mailbox.for_upload(upload_id)) < count:
+            assert time.monotonic() < deadline, running.mailbox.for_upload(upload_id)
+            time.sleep(0.1)
+        time.sleep(0.5)  # and no more
+        mails = running.mailbox.for_upload(upload_id)
+        assert len(mails) == count, [m["To"] for m in mails]
+        return {m["To"]: m for m in mails}
+
+    # Success: the uploader, and the project's every-upload address.
+    ok = running.wait(running.upload("ok.dcm", _fresh(pydicom_file), project="MAIL")["id"])
+    mails = told(ok["id"], 2)
+    assert set(mails) == {me, "all@example.org"}
+    mail = mails[me]
+    assert mail["Subject"] == f"[imgest] Upload {ok['id'][:8]} archived: 1 of 1 files imported"
+    text, html = bodies(mail)
+    [session] = ok["sessions"]
+    link = f"{running.url}{session['uri']}"
+    assert f"your upload {ok['id']} archived." in text and link in text
+    assert f'<a href="{link}">' in html
+    assert f"{running.url}/api/v1/uploads/{ok['id']}" in text
+    assert "'s upload" in bodies(mails["all@example.org"])[0]  # (said of the uploader)
+    # The session's link answers (the catalogue's XNAT path).
+    assert running.http.get(session["uri"] + "/scans").status_code == 200
+
+    # Partial: the failed file and its reason in both bodies.
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("a.dcm", _fresh(pydicom_file))
+        zf.writestr("readme.txt", b"hello")
+    partial = running.wait(running.upload("mixed.zip", out.getvalue(), project="MAIL")["id"])
+    mail = told(partial["id"], 2)[me]
+    assert "partly imported: 1 of 2 files imported" in mail["Subject"]
+    text, html = bodies(mail)
+    assert "mixed.zip/readme.txt" in text and "[file.unsupported_type]" in text
+    assert "<code>mixed.zip/readme.txt</code>" in html
+
+    # Failure: the uploader, every-upload and the failure watcher (one email for both).
+    failed = running.wait(running.upload("notes.txt", b"text\n", project="MAIL")["id"])
+    mails = told(failed["id"], 2)
+    assert mails[me]["Subject"].startswith(f"[imgest] Upload {failed['id'][:8]} failed")
+    assert set(mails) == {me, "all@example.org, failwatch@example.org"}
+    assert "notes.txt" in bodies(mails[me])[0]
+
+    # A session in CONFLICT: its owners and the conflict recipients hear of it, with why.
+    def send(comment: str) -> httpx.Response:
+        ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+        ds.StudyInstanceUID = ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+            "1.2.826.0.1.3680043.8.498.77")
+        ds.ImageComments = comment
+        return running.http.post("/data/services/import", content=dicom_bytes(ds), params={
+            "PROJECT_ID": "MAIL", "SUBJECT_ID": "S1", "EXPT_LABEL": "CONFLICTING"},
+            headers={"Content-Type": "application/dicom"}, timeout=90)
+
+    assert send("first").status_code == 200
+    refused = send("changed")
+    assert refused.status_code == 409, refused.text
+    deadline = time.monotonic() + 30
+    while not (attention := [m for m in running.mailbox.messages
+                             if m["X-Imgest-Kind"] == "session.conflicted"
+                             and "CONFLICTING" in m["Subject"]]):
+        assert time.monotonic() < deadline, "no one was told of the conflict"
+        time.sleep(0.1)
+    assert attention[0]["To"] == f"{owner}@example.org, pacs@example.org"
+    text, html = bodies(attention[0])
+    assert "is in CONFLICT" in attention[0]["Subject"] and "[session.exists]" in text
+    assert f"{running.url}/data/prearchive/projects/MAIL/" in text
+
+    # Success mails turned off: none for a success, still one for a failure.
+    name = uploader["username"]
+    assert running.http.patch(f"/api/v1/users/{name}",
+                              json={"success_emails": False}).status_code == 200
+    try:
+        quiet = running.wait(running.upload("q.dcm", _fresh(pydicom_file), project="MAIL")["id"])
+        assert set(told(quiet["id"], 1)) == {"all@example.org"}
+        loud = running.wait(running.upload("bad.txt", b"x\n", project="MAIL")["id"])
+        assert me in told(loud["id"], 2)
+    finally:
+        running.http.patch(f"/api/v1/users/{name}", json={"success_emails": True})
 
 
 def test_every_file_is_checked_against_its_projects_rules(running: Running, pydicom_file):

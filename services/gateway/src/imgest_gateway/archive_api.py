@@ -103,25 +103,51 @@ async def entry_command(svc: Service, settings: Settings, caller: Caller, body: 
 def archive_router(svc: Service, settings: Settings) -> APIRouter:
     api = APIRouter()
 
+    async def command(caller: Caller, body: ArchiveBody, action: Literal[
+            "archive", "delete", "move", "rebuild"] = "archive", to_project: str | None = None,
+            ) -> ArchiveRequest | NotAllowed:
+        try:
+            return await entry_command(svc, settings, caller, body, action, to_project)
+        except NotAllowed as e:
+            return e
+
+    def failed(row: ArchiveRequest) -> tuple[int, str]:
+        reason = row.reason or {}
+        return 404 if reason.get("code") == "prearchive.not_found" else 409, reason.get(
+            "message", "")
+
+    def as_json(row: ArchiveRequest | NotAllowed, entry: str, done: tuple[str, ...],
+                title: str) -> JSONResponse:
+        """A command's answer in the JSON API: 200 once done, 202 while pending, else why."""
+        if isinstance(row, NotAllowed):
+            if row.status == 403:
+                raise forbidden(row.message)
+            return problem(row.status, "Not Found" if row.status == 404 else "Bad entry",
+                           row.message)
+        view = {"request": row.id, "entry": entry, "state": row.state, "uri": row.uri,
+                "reason": row.reason}
+        if row.state in done or row.state == "pending":
+            return json_response(view, 202 if row.state == "pending" else 200)
+        status, message = failed(row)
+        return problem(status, title, message, **view)
+
+    def as_text(row: ArchiveRequest | NotAllowed, done: tuple[str, ...], pending: str
+                ) -> Response:
+        """XNAT's answer: the session's address once done, else a status and why, as text."""
+        if isinstance(row, NotAllowed):
+            return PlainTextResponse(row.message + "\n", status_code=row.status)
+        if row.state in done:
+            return PlainTextResponse(f"{row.uri}\n")
+        if row.state == "pending":
+            return PlainTextResponse(f"{pending}\n", status_code=504)
+        status, message = failed(row)
+        return PlainTextResponse(f"{message}\n", status_code=status)
+
     @api.post("/api/v1/prearchive/archive", tags=["prearchive"], operation_id="archive_entry",
               summary="Archive a prearchive entry (with overwrite rules); waits for the result",
               responses=problem_responses(400, 401, 403, 404, 409, 422))
     async def archive(body: ArchiveBody, caller: CallerDep) -> JSONResponse:
-        try:
-            row = await entry_command(svc, settings, caller, body)
-        except NotAllowed as e:
-            if e.status == 403:
-                raise forbidden(e.message) from e
-            return problem(e.status, "Bad entry", e.message)
-        view = {"request": row.id, "entry": body.entry, "state": row.state, "uri": row.uri,
-                "reason": row.reason}
-        if row.state == "archived":
-            return json_response(view)
-        if row.state == "pending":
-            return json_response(view, 202)
-        status = 409 if row.state == "conflict" else 404 if (row.reason or {}).get(
-            "code") == "prearchive.not_found" else 409
-        return problem(status, "Not archived", (row.reason or {}).get("message", ""), **view)
+        return as_json(await command(caller, body), body.entry, ("archived",), "Not archived")
 
     @api.post("/data/services/archive", tags=["xnat"], response_class=PlainTextResponse,
               summary="XNAT's archive service: commit a prearchive entry named by src",
@@ -138,37 +164,18 @@ def archive_router(svc: Service, settings: Settings) -> APIRouter:
             quarantine: Literal["true", "false"] | None = None,
             trigger: Annotated[Literal["true", "false"], Query(alias="triggerPipelines")] = "true",
     ) -> Response:
-        try:
-            row = await entry_command(svc, settings, caller, ArchiveBody(
-                entry=src, overwrite=overwrite,
-                quarantine=None if quarantine is None else quarantine == "true",
-                trigger_pipelines=trigger == "true"))
-        except NotAllowed as e:
-            return PlainTextResponse(e.message + "\n", status_code=e.status)
-        if row.state == "archived":
-            return PlainTextResponse(f"{row.uri}\n")
-        message = (row.reason or {}).get("message", "Still archiving.")
-        status = {"pending": 504, "conflict": 409}.get(row.state, 404 if (
-            row.reason or {}).get("code") == "prearchive.not_found" else 409)
-        return PlainTextResponse(f"{message}\n", status_code=status)
+        row = await command(caller, ArchiveBody(
+            entry=src, overwrite=overwrite,
+            quarantine=None if quarantine is None else quarantine == "true",
+            trigger_pipelines=trigger == "true"))
+        return as_text(row, ("archived",), "Still archiving.")
 
     @api.post("/api/v1/prearchive/move", tags=["prearchive"], operation_id="move_entry",
               summary="Move a prearchive entry to another project (out of Unassigned)",
               responses=problem_responses(400, 401, 403, 404, 409, 422))
     async def move(body: MoveBody, caller: CallerDep) -> JSONResponse:
-        try:
-            row = await entry_command(svc, settings, caller, ArchiveBody(entry=body.entry),
-                                      "move", body.project)
-        except NotAllowed as e:
-            if e.status == 403:
-                raise forbidden(e.message) from e
-            return problem(e.status, "Not Found", e.message)
-        view = {"request": row.id, "entry": body.entry, "state": row.state, "uri": row.uri,
-                "reason": row.reason}
-        if row.state in ("moved", "pending"):
-            return json_response(view, 200 if row.state == "moved" else 202)
-        status = 404 if (row.reason or {}).get("code") == "prearchive.not_found" else 409
-        return problem(status, "Not moved", (row.reason or {}).get("message", ""), **view)
+        row = await command(caller, ArchiveBody(entry=body.entry), "move", body.project)
+        return as_json(row, body.entry, ("moved",), "Not moved")
 
     @api.post("/data/services/prearchive/move", tags=["xnat"], response_class=PlainTextResponse,
               summary="XNAT: move a prearchive entry to another project",
@@ -182,37 +189,16 @@ def archive_router(svc: Service, settings: Settings) -> APIRouter:
             src: Annotated[str, Query(max_length=1024, pattern=ENTRY_SCHEMA)],
             new_project: Annotated[str, Query(alias="newProject", pattern=PROJECT_ID)],
     ) -> Response:
-        try:
-            row = await entry_command(svc, settings, caller, ArchiveBody(entry=src), "move",
-                                      new_project)
-        except NotAllowed as e:
-            return PlainTextResponse(e.message + "\n", status_code=e.status)
-        if row.state == "moved":
-            return PlainTextResponse(f"{row.uri}\n")
-        if row.state == "pending":
-            return PlainTextResponse("Still moving.\n", status_code=504)
-        status = 404 if (row.reason or {}).get("code") == "prearchive.not_found" else 409
-        return PlainTextResponse((row.reason or {}).get("message", "") + "\n",
-                                 status_code=status)
+        row = await command(caller, ArchiveBody(entry=src), "move", new_project)
+        return as_text(row, ("moved",), "Still moving.")
 
     @api.post("/api/v1/prearchive/rebuild", tags=["prearchive"], operation_id="rebuild_entry",
               summary="Rebuild a prearchive entry: build a receiving one now (archived if its "
               "project auto-archives), look again at one in CONFLICT or ERROR",
               responses=problem_responses(400, 401, 403, 404, 409, 422))
     async def rebuild(body: EntryBody, caller: CallerDep) -> JSONResponse:
-        try:
-            row = await entry_command(svc, settings, caller, ArchiveBody(entry=body.entry),
-                                      "rebuild")
-        except NotAllowed as e:
-            if e.status == 403:
-                raise forbidden(e.message) from e
-            return problem(e.status, "Not Found", e.message)
-        view = {"request": row.id, "entry": body.entry, "state": row.state, "uri": row.uri,
-                "reason": row.reason}
-        if row.state in ("rebuilt", "archived", "pending"):
-            return json_response(view, 202 if row.state == "pending" else 200)
-        status = 404 if (row.reason or {}).get("code") == "prearchive.not_found" else 409
-        return problem(status, "Not rebuilt", (row.reason or {}).get("message", ""), **view)
+        row = await command(caller, ArchiveBody(entry=body.entry), "rebuild")
+        return as_json(row, body.entry, ("rebuilt", "archived"), "Not rebuilt")
 
     @api.post("/data/services/prearchive/rebuild", tags=["xnat"],
               response_class=PlainTextResponse, summary="XNAT: rebuild a prearchive entry",
@@ -225,17 +211,8 @@ def archive_router(svc: Service, settings: Settings) -> APIRouter:
             caller: CallerDep,
             src: Annotated[str, Query(max_length=1024, pattern=ENTRY_SCHEMA)],
     ) -> Response:
-        try:
-            row = await entry_command(svc, settings, caller, ArchiveBody(entry=src), "rebuild")
-        except NotAllowed as e:
-            return PlainTextResponse(e.message + "\n", status_code=e.status)
-        if row.state in ("rebuilt", "archived"):
-            return PlainTextResponse(f"{row.uri}\n")
-        if row.state == "pending":
-            return PlainTextResponse("Still building.\n", status_code=504)
-        status = 404 if (row.reason or {}).get("code") == "prearchive.not_found" else 409
-        return PlainTextResponse((row.reason or {}).get("message", "") + "\n",
-                                 status_code=status)
+        row = await command(caller, ArchiveBody(entry=src), "rebuild")
+        return as_text(row, ("rebuilt", "archived"), "Still building.")
 
     # --- the archive: sessions, quarantine ---------------------------------------------------
 

@@ -162,27 +162,25 @@ def bootstrap(settings: Settings) -> Service:
                      done.upload_id)
         await postman.post(tx, letters)
 
+    async def attention(kind: str, event: CloudEvent, tx: Tx) -> None:
+        """A session needs someone: its project's owners and recipients for the kind."""
+        d = event.data
+        await postman.post(tx, post.session_attention(
+            kind, event.id, d.session_key, d.session, getattr(d, "reason", None),
+            await contacts_of(tx.session, d.session.project), d.upload_ids))
+
     @svc.on(SessionConflicted)
     async def on_session_conflicted(event: CloudEvent[SessionConflicted], tx: Tx) -> None:
-        c = event.data
-        await postman.post(tx, post.session_attention(
-            "session.conflicted", event.id, c.session_key, c.session, c.reason,
-            await contacts_of(tx.session, c.session.project), c.upload_ids))
+        await attention("session.conflicted", event, tx)
 
     @svc.on(SessionFailed)
     async def on_session_failed(event: CloudEvent[SessionFailed], tx: Tx) -> None:
-        f = event.data
-        await postman.post(tx, post.session_attention(
-            "session.failed", event.id, f.session_key, f.session, f.reason,
-            await contacts_of(tx.session, f.session.project), f.upload_ids))
+        await attention("session.failed", event, tx)
 
     @svc.on(SessionArchived)
     async def on_session_archived(event: CloudEvent[SessionArchived], tx: Tx) -> None:
-        a = event.data
-        if a.quarantined:
-            await postman.post(tx, post.session_attention(
-                "session.quarantined", event.id, a.session_key, a.session, None,
-                await contacts_of(tx.session, a.session.project), a.upload_ids))
+        if event.data.quarantined:
+            await attention("session.quarantined", event, tx)
 
     @svc.on(ProjectUpdated)
     async def on_project_updated(event: CloudEvent[ProjectUpdated], tx: Tx) -> None:
