@@ -205,6 +205,23 @@ def test_copy_missing_source(st: Scoped) -> None:
     assert st.store.stat(st.k("dst")) is None
 
 
+def test_copy_all_copies_what_is_missing_and_replaces_what_it_must(st: Scoped) -> None:
+    store = st.store
+    for n in range(20):
+        put_bytes(store, st.k(f"staging/{n}.dcm"), f"new {n}".encode())
+    put_bytes(store, st.k("archive/0.dcm"), b"kept")
+    put_bytes(store, st.k("archive/1.dcm"), b"replaced")
+    store.copy_all([(st.k(f"staging/{n}.dcm"), st.k(f"archive/{n}.dcm"), n == 1)
+                    for n in range(20)])
+    assert store.read_range(st.k("archive/0.dcm"), 0, 100) == b"kept"
+    assert store.read_range(st.k("archive/1.dcm"), 0, 100) == b"new 1"
+    assert all(store.read_range(st.k(f"archive/{n}.dcm"), 0, 100) == f"new {n}".encode()
+               for n in range(2, 20))
+    with pytest.raises(ObjectNotFound):
+        store.copy_all([(st.k("staging/0.dcm"), st.k("other/0.dcm"), False),
+                        (st.k("staging/gone.dcm"), st.k("other/gone.dcm"), False)])
+
+
 def test_move_is_idempotent(st: Scoped) -> None:
     src, dst = st.k("staging/f.bin"), st.k("archive/P/S/E/f.bin")
     put_bytes(st.store, src, b"moved bytes")

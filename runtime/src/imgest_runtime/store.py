@@ -16,6 +16,7 @@ import shutil
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -26,6 +27,7 @@ CHUNK = 1024 * 1024
 MIN_PART = 5 * 1024 * 1024
 MAX_PARTS = 10_000
 MAX_COPY = 5 * 1024**3  # S3 CopyObject limit; larger copies are composed from parts
+COPY_THREADS = 8  # S3 copies at once (each waits on a round trip)
 
 
 class StoreError(Exception):
@@ -159,6 +161,18 @@ class ObjectStore(ABC):
         """Writes the sources one after the other into `dst` (a resumable upload's segments
         into the file). Streams through the caller unless the adapter can do it server-side."""
         return self.put(dst, _Chained(self, sources))
+
+    def copy_all(self, copies: list[tuple[str, str, bool]]) -> None:
+        """Server-side copies (src, dst, replace): a copy that does not replace is skipped when
+        `dst` is there already, so a repeated run copies only what is missing. One after the
+        other here (a local disk is fastest so: threads only contend for its directories)."""
+        for copy in copies:
+            self._copy_unless_there(copy)
+
+    def _copy_unless_there(self, copy: tuple[str, str, bool]) -> None:
+        src, dst, replace = copy
+        if replace or self.stat(dst) is None:
+            self.copy(src, dst)
 
     def delete_prefix(self, prefix: str) -> int:
         keys = [o.key for o in self.list(prefix)]
@@ -360,6 +374,12 @@ class S3Store(ObjectStore):
             raise
         except Exception as e:
             raise self._wrap(src, e) from e
+
+    def copy_all(self, copies: list[tuple[str, str, bool]]) -> None:
+        """Several at once: each copy is a round trip that waits on the server."""
+        with ThreadPoolExecutor(COPY_THREADS) as pool:
+            for _ in pool.map(self._copy_unless_there, copies):
+                pass
 
     def concat(self, sources: list[str], dst: str) -> StoredObject:
         from minio.commonconfig import ComposeSource

@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -362,15 +361,8 @@ class Importer:
         copied again: a re-drive repeats only what is missing)."""
         store = self.svc.store
         assert store is not None
-
-        def copy(p: Placement) -> None:
-            if p.action == "replace" or (p.action == "add" and store.stat(p.key) is None):
-                store.copy(p.source_key, p.key)
-
-        # Several at once: each copy waits on the disk or on an S3 round trip.
-        with ThreadPoolExecutor(self.settings.copy_threads) as pool:
-            for _ in pool.map(copy, placements):
-                pass
+        store.copy_all([(p.source_key, p.key, p.action == "replace") for p in placements
+                        if p.action != "keep"])
 
     def _undo(self, placements: list[Placement]) -> None:
         """Removes what a failed plan added (what it replaced holds the bytes it was meant to)."""
@@ -777,8 +769,7 @@ class Importer:
         moved.project, moved.archived = r.to_project, False
         for p in moved.placements:
             p.key = moved.prefix + p.source_key[len(entry.prefix):]
-        await asyncio.to_thread(lambda: [store.copy(p.source_key, p.key) for p in
-                                         moved.placements if store.stat(p.key) is None])
+        await asyncio.to_thread(self._copy, moved.placements)
         async with self.svc.handling(event) as session:
             if session is None:
                 return

@@ -17,5 +17,3 @@ class Settings(RuntimeSettings):
     build_check_seconds: float = Field(
         60.0, gt=0, description="How often receiving entries are looked at for idleness "
         "(XNAT: every minute).")
-    copy_threads: int = Field(
-        8, ge=1, le=64, description="Objects copied at once into the prearchive or archive.")
