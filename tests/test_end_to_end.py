@@ -587,6 +587,27 @@ def test_routing_overwrite_quarantine_and_pipelines_through_xnat_import(running:
         "'imgest.pipelines.requested'")]
     assert free.text.strip() in asked and sent.text.strip() not in asked
 
+    # The rest of XNAT's routing order: AA over the project's setting, either way; dest
+    # /prearchive over an auto-archive project; auto-archive with overwrite replaces.
+    def where(project: str, body: bytes, **params: str) -> str:
+        answer = running.http.post("/data/services/import", content=body, params={
+            "PROJECT_ID": project, **params}, headers={"Content-Type": "application/dicom"},
+            timeout=90)
+        assert answer.status_code == 200, answer.text
+        return answer.text.strip().split("/")[2]
+
+    assert where("MANUAL", _fresh(pydicom_file), AA="true") == "archive"
+    assert where("OVR", _fresh(pydicom_file), AA="false") == "prearchive"
+    assert where("OVR", _fresh(pydicom_file), dest="/prearchive") == "prearchive"
+    assert where("OVR", _fresh(pydicom_file), dest="/prearchive/projects/OVR") == "prearchive"
+    running.project("AUTOW", auto_archive="auto-overwrite")
+    labels = {"SUBJECT_ID": "S1", "EXPT_LABEL": "W1"}
+    assert where("AUTOW", instance(7), **labels) == "archive"
+    assert where("AUTOW", instance(7, "changed"), **labels) == "archive"  # no conflict: replaced
+    [row] = running.query("select f.sha256 from importer.file f join importer.scan s on "
+                          "s.id = f.scan_id where s.session_id = 'AUTOW/S1/W1'")
+    assert row["sha256"] == hashlib.sha256(instance(7, "changed")).hexdigest()
+
 
 def test_two_uploads_of_one_study_at_once_end_as_one_session(running: Running, pydicom_file):
     on_one_store(running, "how sessions merge does not depend on the store")
@@ -701,9 +722,15 @@ def test_gradual_sends_wait_receiving_and_are_built_once_idle(running: Running, 
     assert len(rows) == 3
     assert eventually(lambda: entries("GRAD") == [])
     assert list(running.store.list(uri.replace("/data/prearchive/projects/", "prearchive/"))) == []
-    # No email per instance (each of them is an upload of its own).
+    # No email per instance (each of them is an upload of its own): one once it is built.
     assert all(running.mailbox.for_upload(u) == [] for u in [
         r["id"] for r in running.query("select id from gateway.upload where project = 'GRAD'")])
+    built = eventually(lambda: [m for m in running.mailbox.messages
+                                if m["X-Imgest-Session"] == archived_uri])
+    time.sleep(0.5)
+    assert len(built) == 1 and " ".join(built[0]["Subject"].split()) == (
+        "[imgest] Session G1 of GRAD archived: 3 files sent instance by instance"), built
+    assert f"{running.url}{archived_uri}" in bodies(built[0])[0]
 
     # A late file after the session was built follows the overwrite rules: none → CONFLICT.
     late = send("GRAD", study, 4).text.strip()

@@ -199,6 +199,17 @@ def test_copy(st: Scoped) -> None:
     assert st.store.read_range(src, 0, 100) == b"payload"  # the source stays
 
 
+def test_a_copy_keeps_its_bytes_when_the_source_is_written_again_or_deleted(st: Scoped
+                                                                            ) -> None:
+    src, dst = st.k("staging/a.dcm"), st.k("archive/a.dcm")
+    put_bytes(st.store, src, b"first")
+    st.store.copy(src, dst)  # (a hard link on a local disk)
+    put_bytes(st.store, src, b"second, longer")
+    assert st.store.read_range(dst, 0, 100) == b"first"
+    st.store.delete(src)
+    assert st.store.read_range(dst, 0, 100) == b"first"
+
+
 def test_copy_missing_source(st: Scoped) -> None:
     with pytest.raises(ObjectNotFound):
         st.store.copy(st.k("nope"), st.k("dst"))

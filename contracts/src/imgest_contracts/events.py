@@ -448,6 +448,8 @@ class UploadCounts(BaseModel):
     prearchived: int = Field(0, ge=0)
     rejected: int = Field(0, ge=0)
     failed: int = Field(0, ge=0)
+    conflicted: int = Field(0, ge=0, description="In the prearchive in CONFLICT with the "
+                            "archive, waiting for someone's decision.")
     duplicates: int = Field(0, ge=0, description="Skipped as repeats of another file of the "
                             "upload (not counted in `files`).")
 

@@ -238,11 +238,18 @@ class LocalStore(ObjectStore):
             return None
 
     def copy(self, src: str, dst: str) -> None:
+        """A hard link where the file system allows (no byte is copied: objects are never
+        changed in place, a write always renames a new file over the old), else a copy."""
         source, target = self._path(src), self._path(dst)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temporary_beside(target)
         try:
-            shutil.copyfile(source, tmp)
+            try:
+                os.link(source, tmp)
+            except FileNotFoundError:
+                raise
+            except OSError:  # another device, or links not allowed
+                shutil.copyfile(source, tmp)
         except FileNotFoundError as e:
             raise ObjectNotFound(src) from e
         os.replace(tmp, target)

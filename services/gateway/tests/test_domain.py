@@ -122,6 +122,8 @@ def test_unknown_states_rank_lowest() -> None:
         (UploadCounts(files=3, archived=1, prearchived=2), "prearchived"),
         (UploadCounts(files=3, archived=2, rejected=1), "partial"),
         (UploadCounts(files=3, prearchived=1, failed=2), "partial"),
+        (UploadCounts(files=2, conflicted=2), "prearchived"),
+        (UploadCounts(files=2, archived=1, conflicted=1), "prearchived"),
         (UploadCounts(files=3, rejected=3), "failed"),
         (UploadCounts(files=2, rejected=1, failed=1), "failed"),
         (UploadCounts(files=0), "failed"),

@@ -234,3 +234,22 @@ async def test_eml_mailer_overwrites_same_name(tmp_path: Path) -> None:
                                       policy=email.policy.default)
     assert " archived: " in parsed["Subject"]
     assert [p.name for p in tmp_path.iterdir()] == ["n.eml"]
+
+
+def test_a_gradual_send_is_told_once_per_sender_when_built() -> None:
+    ref = SessionRef(project="P1", subject="S1", session="G1",
+                     uri="/data/archive/projects/P1/subjects/S1/experiments/G1")
+    alice = Uploader(username="alice", email="alice@example.org")
+    quiet = Uploader(username="bob", email="bob@example.org", success_emails=False)
+    letters = POST.session_built("ev", ref, "archived", None, [(alice, 3, 3), (quiet, 1, 1)])
+    [letter] = letters  # bob turned success mails off
+    assert letter.recipients == ["alice@example.org"]
+    assert letter.msg["Subject"] == (
+        "[imgest] Session G1 of P1 archived: 3 files sent instance by instance")
+    text, html = _parts(letter.msg)
+    assert "the 3 files you sent instance by instance (3 uploads)" in text
+    assert f"https://imgest.example.org{ref.uri}" in text and 'href="https://imgest' in html
+    conflict = Reason(code="session.exists", message="G1 is already archived.")
+    letters = POST.session_built("ev", ref, "CONFLICT", conflict, [(quiet, 1, 1)])
+    assert [letter.recipients for letter in letters] == [["bob@example.org"]]  # always told
+    assert "[session.exists]" in _parts(letters[0].msg)[0]

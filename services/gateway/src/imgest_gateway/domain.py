@@ -45,8 +45,9 @@ def advances(current: str | None, new: str) -> bool:
 
 
 def upload_state(counts: UploadCounts) -> str:
-    """The word a user reads once an upload completed."""
-    done = counts.archived + counts.prearchived
+    """The word a user reads once an upload completed (files in CONFLICT wait in the
+    prearchive too)."""
+    done = counts.archived + counts.prearchived + counts.conflicted
     if counts.files and counts.archived == counts.files:
         return "archived"
     if counts.files and done == counts.files:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -252,6 +253,7 @@ class Importer:
         if upload.state == "cleaning":  # completed, but its staging not yet emptied
             await self._clean(upload_id, files, objects, upload.cancelled)
             return
+        started = time.perf_counter()
         options = ImportOptions.model_validate(upload.options or {})
         uploader = Uploader.model_validate(upload.uploader or {"username": "unknown"})
         valid = [valid_file(f) for f in files if f.state == "validated"]
@@ -299,7 +301,9 @@ class Importer:
                 if store.stat(kept) is None and store.stat(key) is not None:
                     store.copy(key, kept)
 
+        planned = time.perf_counter()
         await asyncio.to_thread(place)
+        copied = time.perf_counter()
 
         async with self.svc.db.session() as session:
             upload = await session.get(Upload, upload_id, with_for_update=True,
@@ -330,10 +334,11 @@ class Importer:
             placed = [s for s in sessions if s.state not in ("CONFLICT", "ERROR")]
             archived = sum(len(s.file_ids) for s in placed if s.archived)
             prearchived = sum(len(s.file_ids) for s in placed if not s.archived)
+            conflicts = [s for s in sessions if s.state == "CONFLICT"]
             counts = UploadCounts(files=len(valid) + len(failures) - sum(
                 len(s.file_ids) for s in sessions if s.state == "ERROR"), archived=archived,
-                prearchived=prearchived, rejected=len(failures), duplicates=len(skipped))
-            conflicts = [s for s in sessions if s.state == "CONFLICT"]
+                prearchived=prearchived, rejected=len(failures), duplicates=len(skipped),
+                conflicted=sum(len(s.file_ids) for s in conflicts))
             outcome = ("cancelled" if cancelled
                        else "succeeded" if not failures and not conflicts and valid
                        else "partial" if placed else "failed")
@@ -351,10 +356,13 @@ class Importer:
             # between leaves the upload "cleaning", which the re-drive finishes.
             upload.state, upload.updated_at = "cleaning", datetime.now(UTC)
             session.add(upload)
+        catalogued = time.perf_counter()
         await self._clean(upload_id, files, objects, cancelled)
-        log.info("upload %s completed: %s, %d archived, %d prearchived, %d rejected, "
-                 "%d duplicates skipped", upload_id, outcome, archived, prearchived,
-                 len(failures), len(skipped))
+        log.info("upload %s completed: %s, %d archived, %d prearchived, %d in conflict, "
+                 "%d rejected, %d duplicates skipped; placed in %.2fs (plan %.2fs, copies %.2fs, catalogue "
+                 "%.2fs), staging emptied in %.2fs", upload_id, outcome, archived, prearchived,
+                 counts.conflicted, len(failures), len(skipped), catalogued - started, planned - started,
+                 copied - planned, catalogued - copied, time.perf_counter() - catalogued)
 
     def _copy(self, placements: list[Placement]) -> None:
         """Server-side copies of what a plan adds or replaces (what is there already is not

@@ -21,20 +21,24 @@ from imgest_contracts import (
     CloudEvent,
     NotificationSent,
     ProjectUpdated,
+    Reason,
     SessionArchived,
     SessionConflicted,
     SessionFailed,
+    SessionPrearchived,
     UploadCompleted,
+    Uploader,
 )
 from imgest_runtime.outbox import derived_id, insert_ignore
 from imgest_runtime.service import Periodic, Service, Tx, create_app
+from sqlalchemy import delete
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .domain import Contacts, Letter, Post
+from .domain import Contacts, Letter, Post, entry_key
 from .mailer import EmlMailer, Mailer, SmtpMailer
-from .models import Notification, Project, metadata
+from .models import HeldUpload, Notification, Project, metadata
 from .settings import Settings
 
 NAME = "notifier"
@@ -152,9 +156,15 @@ def bootstrap(settings: Settings) -> Service:
         done = event.data
         if done.sessions and not done.failures and all(
                 s.state == "receiving" for s in done.sessions):
-            # One instance of a gradual send: no email each (a 1,000-instance send would
-            # make 1,000 of them).
-            log.info("upload %s: into a receiving session; no email", done.upload_id)
+            # One instance of a gradual send: no email each (a 1,000-instance send would make
+            # 1,000 of them); its sender hears once the session is built.
+            for s in done.sessions:
+                await insert_ignore(tx.session, HeldUpload.__table__, upload_id=done.upload_id,
+                                    entry_key=entry_key(s.uri), files=len(s.file_ids),
+                                    uploader=done.uploader.model_dump(mode="json"),
+                                    received_at=done.completed_at)
+            log.info("upload %s: into a receiving session; told once it is built",
+                     done.upload_id)
             return
         letters = post.upload_completed(done, await contacts_of(tx.session, done.project))
         if not letters:
@@ -177,10 +187,34 @@ def bootstrap(settings: Settings) -> Service:
     async def on_session_failed(event: CloudEvent[SessionFailed], tx: Tx) -> None:
         await attention("session.failed", event, tx)
 
+    async def built(event: CloudEvent, key: str, state: str, reason: Reason | None,
+                    tx: Tx) -> None:
+        """The senders of a gradual send hear once its entry is built."""
+        held = (await tx.session.exec(select(HeldUpload).where(
+            HeldUpload.entry_key == key))).all()
+        if not held:
+            return
+        senders: dict[str, tuple[Uploader, int, int]] = {}
+        for h in held:
+            uploader = Uploader.model_validate(h.uploader)
+            _, files, uploads = senders.get(uploader.username, (uploader, 0, 0))
+            senders[uploader.username] = (uploader, files + h.files, uploads + 1)
+        await postman.post(tx, post.session_built(event.id, event.data.session, state, reason,
+                                                  list(senders.values())))
+        await tx.session.execute(delete(HeldUpload).where(col(HeldUpload.entry_key) == key))
+
     @svc.on(SessionArchived)
     async def on_session_archived(event: CloudEvent[SessionArchived], tx: Tx) -> None:
         if event.data.quarantined:
             await attention("session.quarantined", event, tx)
+        if event.data.entry_key:
+            await built(event, event.data.entry_key, "archived", None, tx)
+
+    @svc.on(SessionPrearchived)
+    async def on_session_prearchived(event: CloudEvent[SessionPrearchived], tx: Tx) -> None:
+        p = event.data
+        if p.state in ("READY", "CONFLICT", "ERROR"):
+            await built(event, p.session_key, p.state, p.reason, tx)
 
     @svc.on(ProjectUpdated)
     async def on_project_updated(event: CloudEvent[ProjectUpdated], tx: Tx) -> None:

@@ -9,7 +9,7 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
-from imgest_contracts import ProjectUpdated, Reason, SessionRef, UploadCompleted
+from imgest_contracts import ProjectUpdated, Reason, SessionRef, UploadCompleted, Uploader
 from imgest_runtime.outbox import derived_id
 from jinja2 import (
     ChoiceLoader,
@@ -62,6 +62,11 @@ class Letter:
     @property
     def recipients(self) -> list[str]:
         return [a.strip() for a in str(self.msg["To"]).split(",")]
+
+
+def entry_key(uri: str) -> str:
+    """A prearchive entry's session key from its address (/data/prearchive/projects/P/TS/E)."""
+    return "prearchive/" + uri.removeprefix("/data/prearchive/projects/")
 
 
 def _addresses(*groups: list[str], without: frozenset[str] | set[str] = frozenset()
@@ -138,6 +143,29 @@ class Post:
                                                    f"{session.project}/prearchive"},
                              upload_id=upload_ids[0] if upload_ids else None,
                              session_key=session_key)]
+
+    def session_built(self, event_id: str, session: SessionRef, state: str,
+                      reason: Reason | None, senders: list[tuple[Uploader, int, int]]
+                      ) -> list[Letter]:
+        """A gradual send's session is built: each of its senders hears of it once (how many
+        files and uploads of theirs it holds), in place of an email per instance."""
+        archived = state == "archived"
+        kind = ("upload.succeeded" if archived or state == "READY"
+                else "upload.failed" if state == "ERROR" else "upload.partial")
+        what = {"archived": "archived", "READY": "waits in the prearchive for review",
+                "CONFLICT": "is in CONFLICT", "ERROR": "failed"}.get(state, state)
+        letters = []
+        for uploader, files, uploads in senders:
+            if not uploader.email or (kind == "upload.succeeded" and not uploader.success_emails):
+                continue
+            letters.append(self._letter(
+                derived_id("session.built", event_id, uploader.username), kind, [uploader.email],
+                f"[imgest] Session {session.session} of {session.project} {what}: {files} "
+                "files sent instance by instance", "session_built", {
+                    "greeting": uploader.username, "s": session, "what": what, "files": files,
+                    "uploads": uploads, "reason": reason, "link": self.link(session.uri)},
+                session_key=session.uri))
+        return letters
 
     def _letter(self, letter_id: str, kind: str, to: list[str], subject: str, template: str,
                 context: dict[str, Any], *, upload_id: str | None = None,

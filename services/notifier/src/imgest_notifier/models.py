@@ -49,3 +49,14 @@ class Project(Base, table=True):
     id: str = Field(primary_key=True, max_length=64)
     contacts: dict = Field(sa_column=Column(JSONB, nullable=False))
     updated_at: datetime = _ts(nullable=False)
+
+
+class HeldUpload(Base, table=True):
+    """An instance of a gradual send, told of once its session is built (not one email each)."""
+
+    __tablename__ = "held_upload"
+    upload_id: str = Field(primary_key=True, max_length=64)
+    entry_key: str = Field(max_length=512, index=True)  # prearchive/P/TS/E
+    uploader: dict = Field(sa_column=Column(JSONB, nullable=False))
+    files: int
+    received_at: datetime = _ts(nullable=False)
