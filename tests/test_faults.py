@@ -106,16 +106,17 @@ def test_importer_killed_between_its_copies_and_its_catalogue(faulty: Running, p
     archive = Path(faulty.store.root) / "archive" / "E2E"  # type: ignore[attr-defined]
     archive.mkdir(parents=True, exist_ok=True)
     before = set(os.listdir(archive))
-    upload_id = upload_study(faulty, pydicom_file, FEWER)
+    upload_id = upload_study(faulty, pydicom_file)  # 500 copies (hard links): ~0.1 s
     deadline = time.monotonic() + 120
     while not set(os.listdir(archive)) - before:  # a new subject: the first copy is made
         assert time.monotonic() < deadline, "the importer never copied anything"
         time.sleep(0.002)
-    faulty.stack.supervisor.kill("importer")
+    faulty.stack.supervisor.kill("importer", signal.SIGSTOP)  # frozen at once, then killed
     assert faulty.query("select state from importer.upload where id = $1",
-                        upload_id)[0]["state"] == "completing", "killed too late to prove it"
+                        upload_id)[0]["state"] == "completing", "stopped too late to prove it"
     assert not faulty.query("select 1 from importer.file where upload_id = $1", upload_id)
-    assert_exactly_once(faulty, upload_id, FEWER)
+    faulty.stack.supervisor.kill("importer")
+    assert_exactly_once(faulty, upload_id, FILES)
 
 
 @pytest.mark.parametrize("victim", SERVICES)
