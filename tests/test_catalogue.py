@@ -19,7 +19,7 @@ import pytest
 
 from .pipeline import Running, dicom_bytes, jpeg_with_exif, study_zip
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("stack")]  # one stack per store
+pytestmark = pytest.mark.timeout(600)
 
 PASSWORD = "viewer password 1"
 

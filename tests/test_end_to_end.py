@@ -29,7 +29,7 @@ from .pipeline import (
     tar_bytes,
 )
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("stack")]  # one stack per store
+pytestmark = pytest.mark.timeout(600)
 
 
 def assert_archived(run: Running, state: dict[str, Any], files: int) -> list[asyncpg.Record]:
