@@ -729,7 +729,7 @@ def test_gradual_sends_wait_receiving_and_are_built_once_idle(running: Running, 
                                 if m["X-Imgest-Session"] == archived_uri])
     time.sleep(0.5)
     assert len(built) == 1 and " ".join(built[0]["Subject"].split()) == (
-        "[imgest] Session G1 of GRAD archived: 3 files sent instance by instance"), built
+        "[imgest] Session G1 of GRAD is archived: 3 files sent instance by instance"), built
     assert f"{running.url}{archived_uri}" in bodies(built[0])[0]
 
     # A late file after the session was built follows the overwrite rules: none → CONFLICT.

@@ -245,7 +245,7 @@ def test_a_gradual_send_is_told_once_per_sender_when_built() -> None:
     [letter] = letters  # bob turned success mails off
     assert letter.recipients == ["alice@example.org"]
     assert letter.msg["Subject"] == (
-        "[imgest] Session G1 of P1 archived: 3 files sent instance by instance")
+        "[imgest] Session G1 of P1 is archived: 3 files sent instance by instance")
     text, html = _parts(letter.msg)
     assert "the 3 files you sent instance by instance (3 uploads)" in text
     assert f"https://imgest.example.org{ref.uri}" in text and 'href="https://imgest' in html

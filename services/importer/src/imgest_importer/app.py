@@ -723,6 +723,7 @@ class Importer:
                                     populate_existing=True)
             if await self._changed(session, entry, row, work):
                 return
+            news = row.entry_state != state  # (a rebuild that finds the same is no news)
             row.entry_state, row.reason = state, reason.model_dump() if reason else None
             row.updated_at = datetime.now(UTC)
             session.add(row)
@@ -739,12 +740,12 @@ class Importer:
                 timestamp=row.id.split("/")[2], state=state,  # type: ignore[arg-type]
                 files=files, reason=reason), event_id=derived_id("session.prearchived",
                                                                   work.seed))
-            if state == "CONFLICT" and reason is not None:
+            if news and state == "CONFLICT" and reason is not None:
                 await self.svc.outbox.add(session, SessionConflicted(
                     session_key=row.id, upload_ids=uploads, session=ref,
                     existing_uri=existing_uri or "", reason=reason),
                     event_id=derived_id("session.conflicted", work.seed))
-            elif state == "ERROR" and reason is not None:
+            elif news and state == "ERROR" and reason is not None:
                 await self.svc.outbox.add(session, SessionFailed(
                     session_key=row.id, upload_ids=uploads, session=ref, reason=reason),
                     event_id=derived_id("session.failed", work.seed))

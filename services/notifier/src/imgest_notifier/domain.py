@@ -152,7 +152,7 @@ class Post:
         archived = state == "archived"
         kind = ("upload.succeeded" if archived or state == "READY"
                 else "upload.failed" if state == "ERROR" else "upload.partial")
-        what = {"archived": "archived", "READY": "waits in the prearchive for review",
+        what = {"archived": "is archived", "READY": "waits in the prearchive for review",
                 "CONFLICT": "is in CONFLICT", "ERROR": "failed"}.get(state, state)
         letters = []
         for uploader, files, uploads in senders:
@@ -161,7 +161,7 @@ class Post:
             letters.append(self._letter(
                 derived_id("session.built", event_id, uploader.username), kind, [uploader.email],
                 f"[imgest] Session {session.session} of {session.project} {what}: {files} "
-                "files sent instance by instance", "session_built", {
+                f"file{'s' if files != 1 else ''} sent instance by instance", "session_built", {
                     "greeting": uploader.username, "s": session, "what": what, "files": files,
                     "uploads": uploads, "reason": reason, "link": self.link(session.uri)},
                 session_key=session.uri))
