@@ -721,6 +721,11 @@ def test_gradual_sends_wait_receiving_and_are_built_once_idle(running: Running, 
                          "c.id = f.scan_id where c.session_id = 'GRAD/S1/G1'")
     assert len(rows) == 3
     assert eventually(lambda: entries("GRAD") == [])
+    states = [json.loads(r["d"])["state"] for r in running.query(
+        "select value->'data' as d from importer.outbox where topic = "
+        "'imgest.session.prearchived' and key = $1 order by seq", uri.replace(
+            "/data/prearchive/projects/", "prearchive/"))]
+    assert states[-2:] == ["BUILDING", "ARCHIVING"], states  # XNAT's states, as they passed
     assert list(running.store.list(uri.replace("/data/prearchive/projects/", "prearchive/"))) == []
     # No email per instance (each of them is an upload of its own): one once it is built.
     assert all(running.mailbox.for_upload(u) == [] for u in [

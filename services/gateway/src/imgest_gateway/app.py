@@ -197,6 +197,8 @@ def register_handlers(svc: Service) -> None:
     async def on_session_prearchived(event: CloudEvent[SessionPrearchived], tx: Tx) -> None:
         p = event.data
         row = await tx.session.get(PrearchiveEntry, p.session_key, with_for_update=True)
+        if row is None and p.state in ("BUILDING", "ARCHIVING"):
+            return  # work on an entry this view no longer has (archived meanwhile)
         if row is None:
             row = PrearchiveEntry(session_key=p.session_key, project=p.session.project,
                                   timestamp=p.timestamp, label=p.session.session,

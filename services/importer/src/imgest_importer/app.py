@@ -602,7 +602,8 @@ class Importer:
                 "A session in Unassigned must be moved to a project before it is archived."))
         else:
             await self._archive_entry(entry, {"overwrite": r.overwrite, "quarantine": r.quarantine,
-                                              "pipelines": r.trigger_pipelines}, work)
+                                              "pipelines": r.trigger_pipelines}, work,
+                                      entry.entry_state)
             log.info("prearchive entry %s: archive requested by %s", entry.id, r.username)
         if reason is not None:
             async with work.unit() as session:
@@ -612,20 +613,26 @@ class Importer:
 
     async def build_idle(self) -> None:
         """Builds the RECEIVING entries (gradual sends) that have been idle for their project's
-        time: archived, if that is where they were bound, else READY for review."""
+        time: archived, if that is where they were bound, else READY for review. An entry left
+        BUILDING or ARCHIVING by a crash is built again."""
+        stale = datetime.now(UTC) - timedelta(seconds=self.settings.redrive_seconds)
         async with self.svc.db.session() as session:
             receiving = (await session.exec(select(
                 Session.id, Session.project, Session.updated_at).where(
                 Session.entry_state == "RECEIVING"))).all()
+            stuck = (await session.exec(select(Session.id).where(
+                col(Session.entry_state).in_(("BUILDING", "ARCHIVING")),
+                col(Session.updated_at) < stale))).all()
             idle = {p.id: float(p.rules.get("gradual_idle_seconds",
                                             self.settings.gradual_idle_seconds))
                     for p in (await session.exec(select(Project).where(col(Project.id).in_(
                         {project for _, project, _ in receiving})))).all()}
-        for entry_id in idle_entries([(i, p, t) for i, p, t in receiving if t is not None], idle,
-                                     self.settings.gradual_idle_seconds, datetime.now(UTC)):
+        idle_now = idle_entries([(i, p, t) for i, p, t in receiving if t is not None], idle,
+                                self.settings.gradual_idle_seconds, datetime.now(UTC))
+        for entry_id in [*idle_now, *stuck]:
             async with self.svc.db.session() as session:
                 entry = await session.get(Session, entry_id)
-            if entry is not None and entry.entry_state == "RECEIVING":
+            if entry is not None and entry.entry_state in ("RECEIVING", "BUILDING", "ARCHIVING"):
                 assert entry.updated_at is not None
                 seed = derived_id("build", entry.id, entry.updated_at.isoformat())
                 await self.build(entry, EntryWork(self.svc.db.session, seed))
@@ -640,12 +647,16 @@ class Importer:
                 if session is not None:
                     await self._forget_entry(session, entry.id)
             return
-        how = entry.build or {}
-        if how.get("archive") and entry.project != UNASSIGNED:
-            await self._archive_entry(entry, how, work)
+        was = entry.entry_state
+        building = await self._enter(entry, "BUILDING", work)
+        if building is None:
+            return
+        how = building.build or {}
+        if how.get("archive") and building.project != UNASSIGNED:
+            await self._archive_entry(building, how, work, was)
             return
         gone = await asyncio.to_thread(self._missing, s.placements)
-        await self._mark_entry(entry, "ERROR" if gone else "READY", gone, work)
+        await self._mark_entry(building, "ERROR" if gone else "READY", gone, work, was=was)
 
     def _missing(self, placements: list[Placement]) -> Reason | None:
         store = self.svc.store
@@ -655,12 +666,17 @@ class Importer:
                 return missing(ObjectNotFound(p.source_key))
         return None
 
-    async def _archive_entry(self, entry: Session, how: dict, work: EntryWork) -> None:
+    async def _archive_entry(self, entry: Session, how: dict, work: EntryWork,
+                             was: str | None) -> None:
         """Archives an entry with the overwrite rules: a CONFLICT stays in the prearchive with
         its reason; otherwise its objects are copied into the archive, catalogued there, and the
         entry removed (its objects last, once the catalogue no longer names them)."""
         store = self.svc.store
         assert store is not None
+        archiving = await self._enter(entry, "ARCHIVING", work)
+        if archiving is None:
+            return
+        entry = archiving
         async with self.svc.db.session() as session:
             quarantine = how.get("quarantine")
             if quarantine is None:  # the project's default
@@ -669,13 +685,13 @@ class Importer:
             s = await self._entry_plan(session, entry, quarantine)
             land(s, await self._existing(session, s, ""), how.get("overwrite", "none"))
         if s.state == "CONFLICT":
-            await self._mark_entry(entry, "CONFLICT", s.reason, work, s.existing_uri)
+            await self._mark_entry(entry, "CONFLICT", s.reason, work, s.existing_uri, was)
             return
         try:
             await asyncio.to_thread(self._copy, s.placements)
         except ObjectNotFound as e:
             await asyncio.to_thread(self._undo, s.placements)
-            await self._mark_entry(entry, "ERROR", missing(e), work)
+            await self._mark_entry(entry, "ERROR", missing(e), work, was=was)
             return
         async with work.unit() as session:
             if session is None:
@@ -712,10 +728,45 @@ class Importer:
                 event_id=derived_id(work.seed, "finished"))
         return True
 
+    async def _enter(self, entry: Session, state: str, work: EntryWork) -> Session | None:
+        """Marks an entry BUILDING or ARCHIVING while that work runs, as XNAT shows it (a crash
+        leaves it so: the build check takes it up again); None if it changed meanwhile."""
+        async with self.svc.db.session() as session:
+            row = await session.get(Session, entry.id, with_for_update=True,
+                                    populate_existing=True)
+            if row is not None and row.state == "prearchived" and (
+                    row.updated_at == entry.updated_at):
+                row.entry_state, row.updated_at = state, datetime.now(UTC)
+                session.add(row)
+                await self._tell_entry(session, row, None, derived_id(work.seed, state))
+                return row
+        async with work.unit() as session:
+            if session is not None:
+                await self._changed(session, entry, None, work)
+        return None
+
+    async def _tell_entry(self, session: AsyncSession, row: Session, reason: Reason | None,
+                          seed: str) -> tuple[SessionRef, list[str]]:
+        """session.prearchived with the entry's state; its reference and uploads."""
+        ref = SessionRef(project=row.project, subject=row.subject_id.split("/", 1)[1],
+                         session=row.label, uri=row.uri)
+        files = (await session.exec(select(func.count()).select_from(CatalogueFile).join(
+            Scan, col(Scan.id) == CatalogueFile.scan_id).where(
+            Scan.session_id == row.id))).one()
+        uploads = list((await session.exec(select(CatalogueFile.upload_id).distinct().join(
+            Scan, col(Scan.id) == CatalogueFile.scan_id).where(
+            Scan.session_id == row.id))).all())
+        await self.svc.outbox.add(session, SessionPrearchived(
+            session_key=row.id, upload_ids=uploads, session=ref,
+            timestamp=row.id.split("/")[2], state=row.entry_state,  # type: ignore[arg-type]
+            files=files, reason=reason), event_id=derived_id("session.prearchived", seed))
+        return ref, uploads
+
     async def _mark_entry(self, entry: Session, state: str, reason: Reason | None,
-                          work: EntryWork, existing_uri: str | None = None) -> None:
+                          work: EntryWork, existing_uri: str | None = None,
+                          was: str | None = None) -> None:
         """An entry stays in the prearchive in a new state (READY, CONFLICT or ERROR), and
-        says so."""
+        says so (its owners hear of a CONFLICT or ERROR it was not in before)."""
         async with work.unit() as session:
             if session is None:
                 return
@@ -723,23 +774,11 @@ class Importer:
                                     populate_existing=True)
             if await self._changed(session, entry, row, work):
                 return
-            news = row.entry_state != state  # (a rebuild that finds the same is no news)
+            news = was != state  # (a rebuild that finds the same is no news)
             row.entry_state, row.reason = state, reason.model_dump() if reason else None
             row.updated_at = datetime.now(UTC)
             session.add(row)
-            ref = SessionRef(project=row.project, subject=row.subject_id.split("/", 1)[1],
-                             session=row.label, uri=row.uri)
-            files = (await session.exec(select(func.count()).select_from(CatalogueFile).join(
-                Scan, col(Scan.id) == CatalogueFile.scan_id).where(
-                Scan.session_id == row.id))).one()
-            uploads = list((await session.exec(select(CatalogueFile.upload_id).distinct().join(
-                Scan, col(Scan.id) == CatalogueFile.scan_id).where(
-                Scan.session_id == row.id))).all())
-            await self.svc.outbox.add(session, SessionPrearchived(
-                session_key=row.id, upload_ids=uploads, session=ref,
-                timestamp=row.id.split("/")[2], state=state,  # type: ignore[arg-type]
-                files=files, reason=reason), event_id=derived_id("session.prearchived",
-                                                                  work.seed))
+            ref, uploads = await self._tell_entry(session, row, reason, work.seed)
             if news and state == "CONFLICT" and reason is not None:
                 await self.svc.outbox.add(session, SessionConflicted(
                     session_key=row.id, upload_ids=uploads, session=ref,
