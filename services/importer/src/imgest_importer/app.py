@@ -119,6 +119,11 @@ def outcome_state(s: SessionPlan) -> str:
         s.state, "prearchived")
 
 
+def as_read(entry: Session, row: Session | None) -> bool:
+    """A prearchive entry is still as it was read: no command, late file or build since."""
+    return row is not None and row.state == "prearchived" and row.updated_at == entry.updated_at
+
+
 class EntryBuilt(Exception):
     """A receiving entry was built while an upload was joining it."""
 
@@ -517,8 +522,7 @@ class Importer:
              "description": None} for label, first in scans.items()])
         ref = SessionRef(project=s.project, subject=s.subject, session=s.label, uri=s.uri)
         upload_ids = [upload_id] if upload_id else []
-        files = (await session.exec(select(func.count()).select_from(CatalogueFile).join(
-            Scan, col(Scan.id) == CatalogueFile.scan_id).where(Scan.session_id == s.id))).one()
+        files, _ = await self._contents(session, s.id)
         if s.archived:
             await self.svc.outbox.add(session, SessionArchived(
                 session_key=s.id, upload_ids=upload_ids, session=ref, study_uid=s.study_uid,
@@ -696,13 +700,10 @@ class Importer:
         async with work.unit() as session:
             if session is None:
                 return
-            row = await session.get(Session, entry.id, with_for_update=True,
-                                    populate_existing=True)
-            if await self._changed(session, entry, row, work):
+            row = await self._unchanged(session, entry, work)
+            if row is None:
                 return
-            first = (await session.exec(select(CatalogueFile.upload_id).join(
-                Scan, col(Scan.id) == CatalogueFile.scan_id).where(
-                Scan.session_id == entry.id))).first() or ""
+            first = next(iter((await self._contents(session, entry.id))[1]), "")
             await self._forget_entry(session, entry.id)
             await self._catalogue(session, first, s, datetime.now(UTC), 0,
                                   bool(how.get("pipelines", True)), seed=work.seed,
@@ -714,11 +715,29 @@ class Importer:
         log.info("prearchive entry %s archived as %s", entry.id, s.uri)
         await asyncio.to_thread(store.delete_prefix, entry.prefix)
 
+    async def _contents(self, session: AsyncSession, session_id: str
+                        ) -> tuple[int, list[str]]:
+        """How many files a session holds, and the uploads they came in."""
+        rows = (await session.exec(select(CatalogueFile.upload_id, func.count()).join(
+            Scan, col(Scan.id) == CatalogueFile.scan_id).where(
+            Scan.session_id == session_id).group_by(col(CatalogueFile.upload_id)).order_by(
+            col(CatalogueFile.upload_id)))).all()
+        return sum(n for _, n in rows), [upload for upload, _ in rows]
+
+    async def _unchanged(self, session: AsyncSession, entry: Session, work: EntryWork
+                         ) -> Session | None:
+        """The entry's row, locked, if it is as it was read; None (and a command answered) if
+        it changed since."""
+        row = await session.get(Session, entry.id, with_for_update=True, populate_existing=True)
+        if await self._changed(session, entry, row, work):
+            return None
+        return row
+
     async def _changed(self, session: AsyncSession, entry: Session, row: Session | None,
                        work: EntryWork) -> bool:
         """The entry changed since it was read (another command, or a late file joined it): it
         is left as it is now, a build looks at it again once idle, a command is refused."""
-        if row is not None and row.state == "prearchived" and row.updated_at == entry.updated_at:
+        if as_read(entry, row):
             return False
         if work.answer is not None:
             await self.svc.outbox.add(session, work.answer.model_copy(update={
@@ -734,8 +753,8 @@ class Importer:
         async with self.svc.db.session() as session:
             row = await session.get(Session, entry.id, with_for_update=True,
                                     populate_existing=True)
-            if row is not None and row.state == "prearchived" and (
-                    row.updated_at == entry.updated_at):
+            if as_read(entry, row):
+                assert row is not None
                 row.entry_state, row.updated_at = state, datetime.now(UTC)
                 session.add(row)
                 await self._tell_entry(session, row, None, derived_id(work.seed, state))
@@ -750,12 +769,7 @@ class Importer:
         """session.prearchived with the entry's state; its reference and uploads."""
         ref = SessionRef(project=row.project, subject=row.subject_id.split("/", 1)[1],
                          session=row.label, uri=row.uri)
-        files = (await session.exec(select(func.count()).select_from(CatalogueFile).join(
-            Scan, col(Scan.id) == CatalogueFile.scan_id).where(
-            Scan.session_id == row.id))).one()
-        uploads = list((await session.exec(select(CatalogueFile.upload_id).distinct().join(
-            Scan, col(Scan.id) == CatalogueFile.scan_id).where(
-            Scan.session_id == row.id))).all())
+        files, uploads = await self._contents(session, row.id)
         await self.svc.outbox.add(session, SessionPrearchived(
             session_key=row.id, upload_ids=uploads, session=ref,
             timestamp=row.id.split("/")[2], state=row.entry_state,  # type: ignore[arg-type]
@@ -770,9 +784,8 @@ class Importer:
         async with work.unit() as session:
             if session is None:
                 return
-            row = await session.get(Session, entry.id, with_for_update=True,
-                                    populate_existing=True)
-            if await self._changed(session, entry, row, work):
+            row = await self._unchanged(session, entry, work)
+            if row is None:
                 return
             news = was != state  # (a rebuild that finds the same is no news)
             row.entry_state, row.reason = state, reason.model_dump() if reason else None
@@ -821,9 +834,7 @@ class Importer:
         async with self.svc.handling(event) as session:
             if session is None:
                 return
-            first = (await session.exec(select(CatalogueFile.upload_id).join(
-                Scan, col(Scan.id) == CatalogueFile.scan_id).where(
-                Scan.session_id == entry.id))).first() or ""
+            first = next(iter((await self._contents(session, entry.id))[1]), "")
             await self._forget_entry(session, entry.id)
             await self._catalogue(session, first, moved, datetime.now(UTC), 0, False,
                                   seed=event.id, build=entry.build)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import email
 import email.policy
 import logging
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -219,7 +220,7 @@ def bootstrap(settings: Settings) -> Service:
     @svc.on(ProjectUpdated)
     async def on_project_updated(event: CloudEvent[ProjectUpdated], tx: Tx) -> None:
         p = event.data
-        insert = pg_insert(Project).values(id=p.project, contacts=Contacts.of(p).to_json(),
+        insert = pg_insert(Project).values(id=p.project, contacts=asdict(Contacts.of(p)),
                                            updated_at=p.updated_at)
         await tx.session.execute(insert.on_conflict_do_update(
             index_elements=["id"], set_={"contacts": insert.excluded.contacts,

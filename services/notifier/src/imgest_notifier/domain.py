@@ -40,9 +40,6 @@ class Contacts:
                    by_kind={k: list(v) for k, v in p.settings.recipients.items()},
                    every_upload=list(p.settings.notify))
 
-    def to_json(self) -> dict[str, Any]:
-        return {"owners": self.owners, "by_kind": self.by_kind, "every_upload": self.every_upload}
-
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Contacts:
         return cls(**data)
