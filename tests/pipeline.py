@@ -75,11 +75,13 @@ class Running:
             state = self.status(upload_id) or state
             if not state:
                 continue
-            # The status view is eventually consistent: per-file details (kind, path) come from
-            # other topics than the completion and may land a moment after it.
+            # The status view is eventually consistent: per-file details (kind, path) and what
+            # became of each object (unpacked, staged) come from other topics than the
+            # completion and may land a moment after it.
             if state["state"] not in ("processing", "cancelling") and (
                     state["state"] == "cancelled"  # its files may never be looked at
-                    or all(f["kind"] and f["path"] for f in state["files"])):
+                    or (all(f["kind"] and f["path"] for f in state["files"])
+                        and all(o["state"] != "stored" for o in state["objects"]))):
                 return state
             time.sleep(0.1)
         raise AssertionError(f"upload {upload_id} still processing after {timeout}s:\n"

@@ -105,12 +105,13 @@ class Outbox:
         if not events:
             return events
         now = datetime.now(UTC)
-        await session.execute(pg_insert(self.tables.outbox).values([
-            {"event_id": event.id, "topic": topic_of(type(payload)),
-             "key": payload.message_key(),
-             "value": json.loads(event.model_dump_json(exclude_none=True)), "created_at": now}
-            for event, (payload, _) in zip(events, payloads)
-        ]).on_conflict_do_nothing(index_elements=["event_id"]))
+        # As an executemany: one statement compiled once, whatever the number of rows.
+        await session.execute(
+            pg_insert(self.tables.outbox).on_conflict_do_nothing(index_elements=["event_id"]),
+            [{"event_id": event.id, "topic": topic_of(type(payload)),
+              "key": payload.message_key(),
+              "value": json.loads(event.model_dump_json(exclude_none=True)), "created_at": now}
+             for event, (payload, _) in zip(events, payloads)])
         # Wake the relay once the rows are visible, not before: on commit.
         sa_event.listen(session.sync_session, "after_commit", lambda _s: self.wake.set(), once=True)
         return events

@@ -121,8 +121,14 @@ class ObjectStore(ABC):
     """Streaming object storage, keyed by '/'-separated paths."""
 
     @abstractmethod
-    def put(self, key: str, data: BinaryIO, length: int | None = None) -> StoredObject:
-        """Stream `data` (read until EOF) into `key`; returns its size and sha256."""
+    def put(self, key: str, data: BinaryIO, length: int | None = None, *,
+            durable: bool = True) -> StoredObject:
+        """Stream `data` (read until EOF) into `key`; returns its size and sha256. With
+        `durable=False` the object may still be only in memory until `make_durable(key)`."""
+
+    def make_durable(self, key: str) -> None:
+        """Makes an object put with `durable=False` survive a crash of the machine (S3 objects
+        are durable once put)."""
 
     @abstractmethod
     def open(self, key: str) -> BinaryIO:
@@ -203,7 +209,8 @@ class LocalStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def put(self, key: str, data: BinaryIO, length: int | None = None) -> StoredObject:
+    def put(self, key: str, data: BinaryIO, length: int | None = None, *,
+            durable: bool = True) -> StoredObject:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temporary_beside(path)
@@ -212,13 +219,21 @@ class LocalStore(ObjectStore):
             with open(tmp, "wb") as out:
                 while block := hashing.read(CHUNK):
                     out.write(block)
-                if self.fsync:
+                if self.fsync and durable:
                     out.flush()
                     os.fsync(out.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         return StoredObject(key, hashing.size, hashing.sha.hexdigest())
+
+    def make_durable(self, key: str) -> None:
+        if self.fsync:
+            fd = os.open(self._path(key), os.O_RDONLY)
+            try:
+                os.fsync(fd)  # on Linux also for a descriptor opened read-only
+            finally:
+                os.close(fd)
 
     def open(self, key: str) -> BinaryIO:
         try:
@@ -315,7 +330,8 @@ class S3Store(ObjectStore):
             return ObjectNotFound(key)
         return StoreError(f"S3 {key}: {error}")
 
-    def put(self, key: str, data: BinaryIO, length: int | None = None) -> StoredObject:
+    def put(self, key: str, data: BinaryIO, length: int | None = None, *,
+            durable: bool = True) -> StoredObject:
         hashing = _Hashing(data)
         try:
             self.client.put_object(

@@ -12,7 +12,17 @@ import pydicom
 import pytest
 from imgest_contracts import FileKind, FileStaged, Source
 from imgest_metadata.app import read_headers
-from imgest_metadata.domain import HEAD_BYTES, Identified, NeedMore, identify, label, sniff
+from imgest_metadata.domain import (
+    HEAD_BYTES,
+    Claim,
+    FileKeys,
+    Identified,
+    NeedMore,
+    first_claims,
+    identify,
+    label,
+    sniff,
+)
 from imgest_runtime.store import LocalStore
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -345,3 +355,24 @@ def test_read_headers_boundary_inside_a_length_field(store: LocalStore) -> None:
     assert start + 8 < HEAD_BYTES < start + 12
     found = read_headers(store, _staged(store, data), limit=1024**2)
     assert found.reason is None and found.hints.sop_instance_uid == CT_SOP
+
+
+def _keys(fid: str, sha: str, sop: str | None = None, upload: str = "u1") -> FileKeys:
+    return FileKeys(upload, fid, f"{fid}.dcm", (f"sha256:{sha}",) + ((f"sop:{sop}",) if sop else ()))
+
+
+def test_first_claims_the_first_of_a_content_or_an_instance_wins_in_order() -> None:
+    files = [_keys("a", "x", "1"), _keys("b", "x", "2"), _keys("c", "y", "1"), _keys("d", "z", "3")]
+    duplicates, new = first_claims(files, {})
+    assert {f: c.file_id for f, c in duplicates.items()} == {"b": "a", "c": "a"}
+    assert duplicates["b"].key == "sha256:x" and duplicates["c"].key == "sop:1"
+    # c claimed its content before its instance was found taken: that claim is withdrawn.
+    assert set(new) == {("u1", "sha256:x"), ("u1", "sop:1"), ("u1", "sha256:z"), ("u1", "sop:3")}
+
+
+def test_first_claims_knows_earlier_batches_uploads_apart_and_redelivery() -> None:
+    known = {("u1", "sha256:x"): Claim("a", "a.dcm", "sha256:x")}
+    files = [_keys("a", "x"), _keys("b", "x"), _keys("e", "x", upload="u2")]
+    duplicates, new = first_claims(files, known)
+    assert list(duplicates) == ["b"]  # a holds its own key: delivered again, no duplicate
+    assert set(new) == {("u2", "sha256:x")}  # another upload's same content is its own first

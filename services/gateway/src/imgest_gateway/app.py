@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
@@ -92,63 +93,85 @@ def bootstrap(settings: Settings) -> Service:
 # --- status kept up to date from the pipeline's events ------------------------------------------
 
 
-async def _track_file(session: AsyncSession, *, upload_id: str, file_id: str, state: str,
-                      event: CloudEvent | None = None, object_key: str = "", path: str = "",
-                      kind: str | None = None, reason: dict | None = None,
-                      session_uri: str | None = None, sha256: str | None = None) -> None:
-    """Merges what one event says about a file; events of different topics come in any order,
-    so the state only moves forward and missing details are filled in whenever they arrive.
-    The event that moved the state is kept: a re-drive sends it again."""
-    row = await session.get(UploadFile, file_id, with_for_update=True)
-    now = datetime.now(UTC)
-    if row is None:
-        session.add(UploadFile(file_id=file_id, upload_id=upload_id, object_key=object_key,
-                               path=path, kind=kind, state=state, reason=reason,
-                               session=session_uri, event=event and event_json(event),
-                               sha256=sha256, updated_at=now))
+@dataclass
+class FileNote:
+    """What one event says about a file."""
+
+    upload_id: str
+    file_id: str
+    state: str
+    event: CloudEvent | None = None
+    object_key: str = ""
+    path: str = ""
+    kind: str | None = None
+    reason: dict | None = None
+    session_uri: str | None = None
+    sha256: str | None = None
+
+
+async def _track_files(session: AsyncSession, notes: list[FileNote]) -> None:
+    """Merges what events say about files (their rows read and locked in one statement);
+    events of different topics come in any order, so the state only moves forward and missing
+    details are filled in whenever they arrive. The event that moved the state is kept: a
+    re-drive sends it again."""
+    if not notes:
         return
-    moved = advances(row.state, state)
-    if moved:
-        row.state = state
-        row.event = event_json(event) if event else row.event
-        row.reason = row.reason or reason  # a late failure does not mark an archived file
-    row.object_key = row.object_key or object_key
-    row.path = row.path or path
-    row.kind = row.kind or kind
-    row.sha256 = row.sha256 or sha256
-    row.session = row.session or session_uri
-    row.updated_at = now
-    session.add(row)
+    rows = {r.file_id: r for r in (await session.exec(
+        select(UploadFile).where(col(UploadFile.file_id).in_({n.file_id for n in notes}))
+        .order_by(col(UploadFile.file_id)).with_for_update())).all()}  # one locking order
+    now = datetime.now(UTC)
+    for n in notes:
+        row = rows.get(n.file_id)
+        if row is None:
+            rows[n.file_id] = UploadFile(
+                file_id=n.file_id, upload_id=n.upload_id, object_key=n.object_key,
+                path=n.path, kind=n.kind, state=n.state, reason=n.reason,
+                session=n.session_uri, event=n.event and event_json(n.event),
+                sha256=n.sha256, updated_at=now)
+            session.add(rows[n.file_id])
+            continue
+        if advances(row.state, n.state):
+            row.state = n.state
+            row.event = event_json(n.event) if n.event else row.event
+            row.reason = row.reason or n.reason  # a late failure does not mark an archived file
+        row.object_key = row.object_key or n.object_key
+        row.path = row.path or n.path
+        row.kind = row.kind or n.kind
+        row.sha256 = row.sha256 or n.sha256
+        row.session = row.session or n.session_uri
+        row.updated_at = now
+        session.add(row)
 
 
 def register_handlers(svc: Service) -> None:
 
-    @svc.on(FileStaged)
-    async def on_file_staged(event: CloudEvent[FileStaged], tx: Tx) -> None:
-        f = event.data
-        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id, event=event,
-                          object_key=f.object_key, path=f.path, state="staged",
-                          sha256=f.sha256)
-        if f.source.member is None:  # not an archive: the object itself went on, as one file
-            row = await tx.session.get(UploadObject, f.source.object_key, with_for_update=True)
-            if row is not None and row.state == "stored":
-                row.state = "staged"
-                tx.session.add(row)
+    @svc.on(FileStaged, whole_batch=True)
+    async def on_files_staged(events: list[CloudEvent[FileStaged]], tx: Tx) -> None:
+        await _track_files(tx.session, [FileNote(
+            f.upload_id, f.file_id, "staged", event, f.object_key, f.path, sha256=f.sha256)
+            for event in events if (f := event.data)])
+        # An object that is not an archive went on itself, as one file.
+        singles = {e.data.source.object_key for e in events if e.data.source.member is None}
+        if singles:
+            for row in (await tx.session.exec(select(UploadObject).where(
+                    col(UploadObject.object_key).in_(singles))
+                    .order_by(col(UploadObject.object_key)).with_for_update())).all():
+                if row.state == "stored":
+                    row.state = "staged"
+                    tx.session.add(row)
 
-    @svc.on(FileValidated)
-    async def on_file_validated(event: CloudEvent[FileValidated], tx: Tx) -> None:
-        f = event.data
-        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id, event=event,
-                          object_key=f.object_key, path=f.path, state="validated",
-                          kind=f.kind.value, sha256=f.sha256)
+    @svc.on(FileValidated, whole_batch=True)
+    async def on_files_validated(events: list[CloudEvent[FileValidated]], tx: Tx) -> None:
+        await _track_files(tx.session, [FileNote(
+            f.upload_id, f.file_id, "validated", event, f.object_key, f.path, f.kind.value,
+            sha256=f.sha256) for event in events if (f := event.data)])
 
-    @svc.on(FileRejected)
-    async def on_file_rejected(event: CloudEvent[FileRejected], tx: Tx) -> None:
-        f = event.data
-        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id, event=event,
-                          object_key=f.object_key, path=f.path,
-                          state="duplicate" if f.duplicate_of else "rejected",
-                          kind=f.kind.value, reason=f.reason.model_dump())
+    @svc.on(FileRejected, whole_batch=True)
+    async def on_files_rejected(events: list[CloudEvent[FileRejected]], tx: Tx) -> None:
+        await _track_files(tx.session, [FileNote(
+            f.upload_id, f.file_id, "duplicate" if f.duplicate_of else "rejected", event,
+            f.object_key, f.path, f.kind.value, f.reason.model_dump())
+            for event in events if (f := event.data)])
 
     async def _object_state(tx: Tx, event: CloudEvent, state: str, reason: dict | None,
                             keep_event: bool = True) -> None:
@@ -188,9 +211,9 @@ def register_handlers(svc: Service) -> None:
     @svc.on(FileStaged, dead_letters_of="metadata")
     async def on_file_dead(event: CloudEvent[FileStaged], tx: Tx, reason: Reason) -> None:
         f = event.data
-        await _track_file(tx.session, upload_id=f.upload_id, file_id=f.file_id,
-                          object_key=f.object_key, path=f.path, state="failed",
-                          kind="unknown", reason=reason.model_dump())
+        await _track_files(tx.session, [FileNote(
+            f.upload_id, f.file_id, "failed", None, f.object_key, f.path, "unknown",
+            reason.model_dump())])
 
     # The prearchive as the importer tells it: entries, their states, the answers to commands.
     @svc.on(SessionPrearchived)
@@ -261,21 +284,20 @@ def register_handlers(svc: Service) -> None:
     async def on_upload_completed(event: CloudEvent[UploadCompleted], tx: Tx) -> None:
         done = event.data
         session = tx.session
+        notes = []
         for outcome in done.sessions:
             # A conflict waits in the prearchive (with its reason) until someone archives it.
             state = {"archived": "archived", "prearchived": "prearchived",
                      "receiving": "prearchived", "conflict": "prearchived"}.get(
                 outcome.state, "failed")
             reason = outcome.reason.model_dump() if outcome.reason else None
-            for file_id in outcome.file_ids:
-                await _track_file(session, upload_id=done.upload_id, file_id=file_id,
-                                  state=state, session_uri=outcome.uri, reason=reason)
-        for failure, state in [(f, "rejected") for f in done.failures] + [
-                (f, "duplicate") for f in done.skipped]:
-            if failure.file_id:
-                await _track_file(session, upload_id=done.upload_id, file_id=failure.file_id,
-                                  state=state, path=failure.path,
-                                  reason=failure.reason.model_dump())
+            notes += [FileNote(done.upload_id, file_id, state, reason=reason,
+                               session_uri=outcome.uri) for file_id in outcome.file_ids]
+        notes += [FileNote(done.upload_id, failure.file_id, state, path=failure.path,
+                           reason=failure.reason.model_dump())
+                  for failure, state in [(f, "rejected") for f in done.failures]
+                  + [(f, "duplicate") for f in done.skipped] if failure.file_id]
+        await _track_files(session, notes)
         if done.outcome == "cancelled":  # what had not reached an outcome never will
             await session.execute(update(UploadFile).where(
                 col(UploadFile.upload_id) == done.upload_id,

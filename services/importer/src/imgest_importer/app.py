@@ -185,22 +185,35 @@ class Importer:
         session.add(upload)
         return True
 
-    async def record_file(self, tx: Tx, row: UploadFile, files_total: int) -> None:
+    async def record_files(self, tx: Tx, files: list[tuple[UploadFile, int]]) -> None:
+        """Records files' outcomes (with the number of files their object holds): each upload
+        and object looked at once, the rows inserted in one statement."""
         session = tx.session
-        upload = await self.upload(session, row.upload_id)
-        if upload.cancelled and upload.state in ("cleaning", "completed"):
-            # Still on its way when the upload was cancelled: its staged copy goes too.
-            store = self.svc.store
-            assert store is not None
-            tx.after_commit(("drop", row.staged_key),
-                            lambda: asyncio.to_thread(store.delete, row.staged_key))
-        obj = await self.object(session, row.upload_id, row.object_key)
-        if obj.files_total is None:
-            obj.files_total = files_total
-            session.add(obj)
-        if not await insert_ignore(session, UploadFile.__table__, **row.model_dump()):
-            await self.retry_outcome(session, row)
-        self.settle_later(tx, row.upload_id)
+        store = self.svc.store
+        assert store is not None
+        for upload_id in dict.fromkeys(row.upload_id for row, _ in files):
+            upload = await self.upload(session, upload_id)
+            if upload.cancelled and upload.state in ("cleaning", "completed"):
+                # Still on their way when the upload was cancelled: their staged copies go too.
+                for row, _ in files:
+                    if row.upload_id == upload_id:
+                        tx.after_commit(("drop", row.staged_key), lambda key=row.staged_key:
+                                        asyncio.to_thread(store.delete, key))
+        totals = {(row.upload_id, row.object_key): total for row, total in files}
+        for (upload_id, object_key), total in totals.items():
+            obj = await self.object(session, upload_id, object_key)
+            if obj.files_total is None:
+                obj.files_total = total
+                session.add(obj)
+        table = UploadFile.__table__
+        inserted = set((await session.execute(
+            pg_insert(table).on_conflict_do_nothing().returning(table.c.file_id),
+            [row.model_dump() for row, _ in files])).scalars())
+        for row, _ in files:
+            if row.file_id not in inserted:
+                await self.retry_outcome(session, row)
+        for upload_id in dict.fromkeys(row.upload_id for row, _ in files):
+            self.settle_later(tx, upload_id)
 
     def settle_later(self, tx: Tx, upload_id: str) -> None:
         """Once the batch's events are recorded, looks once at each upload they touched; one
@@ -948,24 +961,23 @@ def bootstrap(settings: Settings) -> Service:
         log.info("upload %s: cancelled by %s", upload.id, event.data.username)
         importer.settle_later(tx, upload.id)
 
-    @svc.on(FileValidated)
-    async def on_file_validated(event: CloudEvent[FileValidated], tx: Tx) -> None:
-        f = event.data
-        await importer.record_file(tx, UploadFile(
+    @svc.on(FileValidated, whole_batch=True)
+    async def on_files_validated(events: list[CloudEvent[FileValidated]], tx: Tx) -> None:
+        await importer.record_files(tx, [(UploadFile(
             file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
             staged_key=f.object_key, path=f.path, kind=f.kind.value, state="validated",
             size=f.size, sha256=f.sha256, hints=f.hints.model_dump(mode="json"),
             file_metadata=f.metadata,
             fileset=f.fileset.model_dump() if f.fileset else None), f.source.files_total)
+            for e in events if (f := e.data)])
 
-    @svc.on(FileRejected)
-    async def on_file_rejected(event: CloudEvent[FileRejected], tx: Tx) -> None:
-        f = event.data
-        await importer.record_file(tx, UploadFile(
+    @svc.on(FileRejected, whole_batch=True)
+    async def on_files_rejected(events: list[CloudEvent[FileRejected]], tx: Tx) -> None:
+        await importer.record_files(tx, [(UploadFile(
             file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
             staged_key=f.object_key, path=f.path, kind=f.kind.value,
             state="duplicate" if f.duplicate_of else "rejected",
-            reason=f.reason.model_dump()), f.source.files_total)
+            reason=f.reason.model_dump()), f.source.files_total) for e in events if (f := e.data)])
 
     async def archive_outcome(tx: Tx, event: CloudEvent, files_total: int | None,
                               rejected: Reason | None) -> None:
@@ -989,10 +1001,10 @@ def bootstrap(settings: Settings) -> Service:
     @svc.on(FileStaged, dead_letters_of="metadata")
     async def on_file_dead(event: CloudEvent[FileStaged], tx: Tx, reason: Reason) -> None:
         f = event.data
-        await importer.record_file(tx, UploadFile(
+        await importer.record_files(tx, [(UploadFile(
             file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
             staged_key=f.object_key, path=f.path, kind="unknown", state="rejected",
-            reason=reason.model_dump()), f.source.files_total)
+            reason=reason.model_dump()), f.source.files_total)])
 
     @svc.on(ArchiveUnpacked)
     async def on_archive_unpacked(event: CloudEvent[ArchiveUnpacked], tx: Tx) -> None:

@@ -29,17 +29,20 @@ from imgest_contracts import (
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, Tx, create_app
 from imgest_runtime.store import ObjectStore, RangeFile
-from sqlalchemy import delete
+from sqlalchemy import delete, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
 
 from .domain import (
     HEAD_BYTES,
     KIND_OF,
+    Claim,
     CsvCheck,
+    FileKeys,
     Identified,
     NeedMore,
     check_rules,
+    first_claims,
     identify,
     is_slide,
     newest,
@@ -183,55 +186,73 @@ def bootstrap(settings: Settings) -> Service:
                                               "updated_at": insert.excluded.updated_at},
             where=col(ProjectRulesRow.updated_at) < insert.excluded.updated_at))
 
-    async def rules_for(tx: Tx, staged: FileStaged, found: Identified) -> ProjectRules | None:
+    async def rules_of(tx: Tx, projects: set[str]) -> dict[str, ProjectRules]:
+        """The copies kept from project.updated of these projects' rules."""
+        rows = (await tx.session.exec(select(ProjectRulesRow).where(
+            col(ProjectRulesRow.project).in_(projects)))).all() if projects else []
+        return {r.project: ProjectRules.model_validate(r.rules) for r in rows}
+
+    def rules_for(staged: FileStaged, found: Identified, kept: dict[str, ProjectRules]
+                  ) -> ProjectRules | None:
         """The newest of the rules the file came with and the copy kept from project.updated;
         a file with no project of its upload's goes by the project its DICOM names."""
         project = staged.project or found.hints.project
         if not project:
             return None
-        row = await tx.session.get(ProjectRulesRow, project)
-        kept = ProjectRules.model_validate(row.rules) if row else None
         return newest(staged.rules if staged.rules and staged.rules.project == project
-                      else None, kept)
+                      else None, kept.get(project))
 
-    async def first_of(tx: Tx, staged: FileStaged, keys: list[str]) -> SeenFile | None:
-        """The file of the same upload that came first with one of these keys, if not this
-        one (a redelivered event finds itself, and is no duplicate)."""
-        for key in keys:
-            await tx.session.execute(pg_insert(SeenFile).values(
-                upload_id=staged.upload_id, key=key, file_id=staged.file_id, path=staged.path,
-            ).on_conflict_do_nothing())
-            seen = (await tx.session.exec(select(SeenFile).where(
-                SeenFile.upload_id == staged.upload_id, SeenFile.key == key))).one()
-            if seen.file_id != staged.file_id:
-                # A duplicate is nobody's first: what it registered under other keys goes.
-                await tx.session.execute(delete(SeenFile).where(
-                    col(SeenFile.upload_id) == staged.upload_id,
-                    col(SeenFile.file_id) == staged.file_id))
-                return seen
-        return None
+    async def duplicates_of(tx: Tx, files: list[FileKeys]) -> dict[str, Claim]:
+        """Which files are duplicates of a file before them in their upload (one select and
+        one insert for the whole batch); the others' keys are recorded as theirs."""
+        if not files:
+            return {}
+        wanted = [(f.upload_id, key) for f in files for key in f.keys]
+        rows = (await tx.session.exec(select(SeenFile).where(
+            tuple_(col(SeenFile.upload_id), col(SeenFile.key)).in_(wanted)))).all()
+        known = {(r.upload_id, r.key): Claim(r.file_id, r.path, r.key) for r in rows}
+        duplicates, new = first_claims(files, known)
+        if new:
+            inserted = await tx.session.execute(
+                pg_insert(SeenFile).on_conflict_do_nothing().returning(col(SeenFile.key)),
+                [{"upload_id": upload_id, "key": key, "file_id": c.file_id, "path": c.path}
+                 for (upload_id, key), c in new.items()])
+            if len(inserted.all()) < len(new):
+                # Another consumer of the same upload (a rebalance) claimed a key meanwhile:
+                # the batch is retried, and then finds its claim.
+                raise RuntimeError("a key was claimed concurrently; the batch is retried")
+        return duplicates
 
-    @svc.on(FileStaged)
-    async def on_file_staged(event: CloudEvent[FileStaged], tx: Tx) -> None:
-        # Inside the batch's transaction, after the inbox: a replayed event is dropped before
-        # the store is touched. Only headers are read, so the transaction stays short.
-        staged = event.data
-        assert svc.store is not None
+    async def identify_file(staged: FileStaged, readers: asyncio.Semaphore) -> Identified:
         if staged.fileset is not None:
-            found = fileset_identified(staged)
-        else:
-            found = await asyncio.to_thread(read_headers, svc.store, staged,
-                                            settings.max_header_bytes, settings.max_csv_bytes)
-        reason, duplicate_of = found.reason, None
-        if reason is None:
-            reason = check_rules(found.kind, found.metadata, await rules_for(tx, staged, found))
-        if reason is None:
-            keys = [f"sha256:{staged.sha256}"]
-            if found.hints.sop_instance_uid:
-                keys.append(f"sop:{found.hints.sop_instance_uid}")
-            first = await first_of(tx, staged, keys)
+            return fileset_identified(staged)
+        assert svc.store is not None
+        async with readers:
+            return await asyncio.to_thread(read_headers, svc.store, staged,
+                                           settings.max_header_bytes, settings.max_csv_bytes)
+
+    @svc.on(FileStaged, whole_batch=True)
+    async def on_files_staged(events: list[CloudEvent[FileStaged]], tx: Tx) -> None:
+        # Inside the batch's transaction, after the inbox: a replayed event is dropped before
+        # the store is touched. Only headers are read (side by side: with S3 each read waits
+        # on the network), so the transaction stays short.
+        readers = asyncio.Semaphore(settings.header_readers)
+        identified = await asyncio.gather(*(identify_file(e.data, readers) for e in events))
+        kept = await rules_of(tx, {p for e, found in zip(events, identified)
+                                   if (p := e.data.project or found.hints.project)})
+        reasons: list[Reason | None] = []
+        for event, found in zip(events, identified):
+            reasons.append(found.reason or check_rules(
+                found.kind, found.metadata, rules_for(event.data, found, kept)))
+        duplicates = await duplicates_of(tx, [
+            FileKeys(e.data.upload_id, e.data.file_id, e.data.path,
+                     (f"sha256:{e.data.sha256}",) + ((f"sop:{found.hints.sop_instance_uid}",)
+                                                     if found.hints.sop_instance_uid else ()))
+            for e, found, reason in zip(events, identified, reasons) if reason is None])
+        for event, found, reason in zip(events, identified, reasons):
+            staged = event.data
+            first = duplicates.get(staged.file_id)
             if first is not None:
-                duplicate_of = first.path
                 reason = (Reason(code="file.duplicate", message=(
                     f"The same content as {first.path} in this upload; skipped."))
                     if first.key.startswith("sha256:") else Reason(
@@ -239,20 +260,21 @@ def bootstrap(settings: Settings) -> Service:
                         f"The same DICOM instance (SOP Instance UID "
                         f"{found.hints.sop_instance_uid}) as {first.path} in this upload; "
                         "skipped.")))
-        common: dict[str, Any] = {
-            "upload_id": staged.upload_id, "file_id": staged.file_id,
-            "object_key": staged.object_key, "path": staged.path, "source": staged.source,
-            "kind": found.kind}
-        if reason:
-            log.info("upload %s: %s %s: %s", staged.upload_id, staged.path,
-                     "skipped" if duplicate_of else "rejected", reason.message)
-            tx.publish(FileRejected(**common, reason=reason, duplicate_of=duplicate_of),
-                       event_id=derived_id(event.id, "rejected"))
-        else:
-            tx.publish(FileValidated(
-                **common, size=staged.size, sha256=staged.sha256, metadata=found.metadata,
-                hints=found.hints, fileset=staged.fileset),
-                event_id=derived_id(event.id, "validated"))
+            common: dict[str, Any] = {
+                "upload_id": staged.upload_id, "file_id": staged.file_id,
+                "object_key": staged.object_key, "path": staged.path, "source": staged.source,
+                "kind": found.kind}
+            if reason:
+                log.info("upload %s: %s %s: %s", staged.upload_id, staged.path,
+                         "skipped" if first else "rejected", reason.message)
+                tx.publish(FileRejected(**common, reason=reason,
+                                        duplicate_of=first.path if first else None),
+                           event_id=derived_id(event.id, "rejected"))
+            else:
+                tx.publish(FileValidated(
+                    **common, size=staged.size, sha256=staged.sha256, metadata=found.metadata,
+                    hints=found.hints, fileset=staged.fileset),
+                    event_id=derived_id(event.id, "validated"))
 
     @svc.on(UploadCompleted)
     async def on_upload_completed(event: CloudEvent[UploadCompleted], tx: Tx) -> None:

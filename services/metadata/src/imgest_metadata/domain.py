@@ -567,3 +567,48 @@ def check_rules(kind: FileKind, metadata: dict[str, Any], rules: ProjectRules | 
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return Reason(code="project.rules", message=(
         f"The {kind.value}'s metadata breaks project {rules.project}'s rules: {shown}{more}."))
+
+
+# --- duplicates within an upload -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The first file of an upload with a key: its content (`sha256:…`) or its DICOM instance
+    (`sop:…`)."""
+
+    file_id: str
+    path: str
+    key: str
+
+
+@dataclass(frozen=True)
+class FileKeys:
+    upload_id: str
+    file_id: str
+    path: str
+    keys: tuple[str, ...]  # the content's first, then the instance's
+
+
+def first_claims(files: list[FileKeys], known: dict[tuple[str, str], Claim]
+                 ) -> tuple[dict[str, Claim], dict[tuple[str, str], Claim]]:
+    """Walks the files in their order. One whose key a file before it holds (already `known`,
+    or earlier in `files`) is a duplicate of that file and claims nothing; any other claims its
+    keys. A file that holds a key itself (its event delivered again) is no duplicate.
+    Returns {file_id: the claim it duplicates} and the new claims by (upload_id, key)."""
+    owners = dict(known)
+    duplicates: dict[str, Claim] = {}
+    new: dict[tuple[str, str], Claim] = {}
+    for f in files:
+        claimed = []
+        for key in f.keys:
+            owner = owners.get((f.upload_id, key))
+            if owner is None:
+                owners[f.upload_id, key] = new[f.upload_id, key] = Claim(f.file_id, f.path, key)
+                claimed.append((f.upload_id, key))
+            elif owner.file_id != f.file_id:
+                duplicates[f.file_id] = owner
+                for k in claimed:  # a duplicate is nobody's first
+                    del owners[k], new[k]
+                break
+    return duplicates, new

@@ -10,3 +10,6 @@ class Settings(RuntimeSettings):
         64 * 1024**2, ge=1024, description="Most bytes read to find a file's headers.")
     max_csv_bytes: int = Field(
         256 * 1024**2, ge=1024, description="Largest CSV read (it is read whole, to count rows).")
+    header_readers: int = Field(
+        8, ge=1, description="Files of a batch whose headers are read at once (with S3 each "
+        "read waits on the network).")

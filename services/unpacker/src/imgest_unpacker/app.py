@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,27 +82,37 @@ def group_filesets(store: ObjectStore, members: list[Member]
 Progress = Callable[[int, int | None, int], None]  # (files staged, files in all, bytes)
 
 
+SYNC_THREADS = 4  # fsyncs at once: the file system commits them together
+
+
 def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
            progress: Progress | None = None) -> Unpacked:
     """Streams the archive from the store and each member back into it (blocking; in a thread).
     An archive inside it (one level deep) is unpacked in its place. Nothing is held whole: a
-    member flows chunk by chunk from the archive into its object. If the archive is refused,
-    what was staged of it is deleted again (all or nothing); the original stays."""
+    member flows chunk by chunk from the archive into its object, and is made durable by other
+    threads while the next one unpacks (one fsync after another would take longer than the
+    unpacking). If the archive is refused, what was staged of it is deleted again (all or
+    nothing); the original stays."""
     tally = Tally(limits, obj.size)
     staged: list[Member] = []
     try:
-        for member in _stage(store, obj, obj.object_key, obj.size, fmt, tally, staged, ""):
-            if progress:
-                progress(len(staged), tally.expected, tally.unpacked)
-            fmt_inside = sniff(store, member.key)
-            if fmt_inside is None:
-                continue
-            for _ in _stage(store, obj, member.key, member.size, fmt_inside, tally, staged,
-                            member.path + "/"):
-                pass
-            staged.remove(member)  # the archive inside gives way to its members
-            store.delete(member.key)
-        filesets, loose = group_filesets(store, staged)
+        with ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="imgest-fsync") as syncer:
+            syncs = []
+            for member in _stage(store, obj, obj.object_key, obj.size, fmt, tally, staged, ""):
+                if progress:
+                    progress(len(staged), tally.expected, tally.unpacked)
+                fmt_inside = sniff(store, member.key)
+                if fmt_inside is None:
+                    syncs.append(syncer.submit(store.make_durable, member.key))
+                    continue
+                for inner in _stage(store, obj, member.key, member.size, fmt_inside, tally,
+                                    staged, member.path + "/"):
+                    syncs.append(syncer.submit(store.make_durable, inner.key))
+                staged.remove(member)  # the archive inside gives way to its members
+                store.delete(member.key)
+            filesets, loose = group_filesets(store, staged)
+            for sync in syncs:  # durable before anyone is told of them
+                sync.result()
     except ArchiveError:
         # Refused: what was staged of it goes. (After any other failure the work is done
         # again: the same keys are written again, and the importer empties staging at the end.)
@@ -118,7 +129,8 @@ def _stage(store: ObjectStore, obj: ObjectStored, key: str, size: int, fmt: str,
         path = prefix + entry.path
         fid = file_id(obj.upload_id, obj.object_key, path)
         member_key = f"staging/{obj.upload_id}/members/{fid}/{fit_name(Path(path).name)}"
-        stored = store.put(member_key, IterReader(entry.chunks))  # type: ignore[arg-type]
+        stored = store.put(member_key, IterReader(entry.chunks),  # type: ignore[arg-type]
+                           durable=False)
         staged.append(Member(path, member_key, stored.size, stored.sha256, prefix))
         yield staged[-1]
 
@@ -185,34 +197,36 @@ def bootstrap(settings: Settings) -> Service:
                 await reporter
 
         n = len(result.members) + len(result.filesets)
+        staged = []
+        for fs in result.filesets:  # one image: one event for the index and its files
+            index = fs.index
+            staged.append((FileStaged(
+                upload_id=obj.upload_id,
+                file_id=file_id(obj.upload_id, obj.object_key, index.path),
+                object_key=index.key, path=f"{obj.filename}/{index.path}",
+                size=index.size, sha256=index.sha256,
+                source=Source(object_key=obj.object_key, member=index.path, files_total=n),
+                project=obj.project, rules=obj.rules,
+                fileset=Fileset(format=fs.format, files=[  # type: ignore[arg-type]
+                    FilesetFile(path=p, object_key=m.key, size=m.size, sha256=m.sha256)
+                    for p, m in fs.files]),
+            ), derived_id(event.id, "staged", index.path)))
+        for m in result.members:
+            staged.append((FileStaged(
+                upload_id=obj.upload_id, file_id=file_id(obj.upload_id, obj.object_key, m.path),
+                object_key=m.key, path=f"{obj.filename}/{m.path}", size=m.size,
+                sha256=m.sha256,
+                source=Source(object_key=obj.object_key, member=m.path, files_total=n),
+                project=obj.project, rules=obj.rules,
+            ), derived_id(event.id, "staged", m.path)))
+        staged.append((ArchiveUnpacked(
+            upload_id=obj.upload_id, object_key=obj.object_key, filename=obj.filename,
+            format=fmt, members_staged=n, members_skipped=result.skipped,
+            bytes_unpacked=result.bytes), derived_id(event.id, "unpacked")))
         async with svc.handling(event) as session:
             if not session:
                 return
-            for fs in result.filesets:  # one image: one event for the index and its files
-                index = fs.index
-                await svc.outbox.add(session, FileStaged(
-                    upload_id=obj.upload_id,
-                    file_id=file_id(obj.upload_id, obj.object_key, index.path),
-                    object_key=index.key, path=f"{obj.filename}/{index.path}",
-                    size=index.size, sha256=index.sha256,
-                    source=Source(object_key=obj.object_key, member=index.path, files_total=n),
-                    project=obj.project, rules=obj.rules,
-                    fileset=Fileset(format=fs.format, files=[  # type: ignore[arg-type]
-                        FilesetFile(path=p, object_key=m.key, size=m.size, sha256=m.sha256)
-                        for p, m in fs.files]),
-                ), event_id=derived_id(event.id, "staged", index.path))
-            for m in result.members:
-                await svc.outbox.add(session, FileStaged(
-                    upload_id=obj.upload_id, file_id=file_id(obj.upload_id, obj.object_key, m.path),
-                    object_key=m.key, path=f"{obj.filename}/{m.path}", size=m.size,
-                    sha256=m.sha256,
-                    source=Source(object_key=obj.object_key, member=m.path, files_total=n),
-                    project=obj.project, rules=obj.rules,
-                ), event_id=derived_id(event.id, "staged", m.path))
-            await svc.outbox.add(session, ArchiveUnpacked(
-                upload_id=obj.upload_id, object_key=obj.object_key, filename=obj.filename,
-                format=fmt, members_staged=n, members_skipped=result.skipped,
-                bytes_unpacked=result.bytes), event_id=derived_id(event.id, "unpacked"))
+            await svc.outbox.add_many(session, staged)
         log.info("upload %s: %s unpacked: %d files, %d skipped, %d bytes", obj.upload_id,
                  obj.filename, n, result.skipped, result.bytes)
 
