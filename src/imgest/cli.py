@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -25,6 +25,9 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(admin.user_app, name="user")
 app.add_typer(admin.token_app, name="token")
 app.add_typer(admin.project_app, name="project")
+bench_app = typer.Typer(help="Benchmark chores: make synthetic data (bench/compare.py runs the "
+                        "benchmark itself).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 Bootstrap = Annotated[str, typer.Option(
     "--kafka-bootstrap", envvar="IMGEST_KAFKA_BOOTSTRAP", show_envvar=True,
     help="The broker (default: the one `imgest up` starts).")]
@@ -266,6 +269,62 @@ def dlq_replay(ids: Annotated[list[str] | None, typer.Argument(
     _on_broker(replay(kafka_bootstrap, chosen), kafka_bootstrap)
     for d in chosen:
         typer.echo(f"replayed {d.id} onto {d.origin}")
+
+
+def _size(text: str) -> tuple[int, int]:
+    from .benchgen import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+@bench_app.command("gen")
+def bench_gen(
+    out: Annotated[Path, typer.Option(file_okay=False, help="Directory to write into.")],
+    instances: Annotated[int, typer.Option(
+        min=0, help="CT slices of the study (512×512 16-bit, ~525 KB each).")] = 1000,
+    zipped: Annotated[bool, typer.Option("--zip/--no-zip", help="Also one zip of the study "
+                                         "(stored: as large as its files).")] = False,
+    photos: Annotated[int, typer.Option(min=0, help="JPEG photos with EXIF.")] = 10,
+    photo_size: Annotated[str, typer.Option(help="Photos' size, WIDTHxHEIGHT.")] = "4032x3024",
+    gps: Annotated[bool, typer.Option(help="GPS position in the photos' EXIF.")] = True,
+    slides: Annotated[int, typer.Option(min=0, help="Pyramidal tiled slides.")] = 1,
+    slide_size: Annotated[str, typer.Option(help="Slides' full size, WIDTHxHEIGHT.")
+                          ] = "20000x15000",
+    slide_format: Annotated[Literal["svs", "tiff"], typer.Option(
+        help="svs (Aperio-like) or tiff (a generic pyramid, levels in SubIFDs).")] = "svs",
+    slide_compression: Annotated[Literal["jpeg", "none"], typer.Option(
+        help="The tiles' compression.")] = "jpeg",
+    project: Annotated[str, typer.Option(help="Project in the study's routing hint.")] = "BENCH",
+    subject: Annotated[str, typer.Option(help="Subject in the routing hint.")] = "SUBJ01",
+    session: Annotated[str, typer.Option(help="Session in the routing hint.")] = "SESS01",
+    seed: Annotated[int, typer.Option(help="The same seed writes the same bytes.")] = 0,
+) -> None:
+    """Make synthetic data for benchmarks under OUT: a DICOM CT study in dicom/ (one study,
+    one series, `Project: P Subject: S Session: E` in Study Comments) and, with --zip,
+    study.zip; JPEG photos with EXIF (camera, capture time, GPS) in photos/; tiled pyramidal
+    slides (256×256 tiles, levels at 1/4, 1/16…) in slides/, written tile by tile."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from .benchgen import generate
+
+    sizes = _size(slide_size), _size(photo_size)
+    with Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn()) as progress:
+
+        def task(what: str, total: int):
+            ident = progress.add_task(what, total=total)
+            return lambda n: progress.advance(ident, n)
+
+        made = generate(out, instances=instances, zipped=zipped, photos=photos, slides=slides,
+                        slide_size=sizes[0], slide_format=slide_format,
+                        slide_compression=slide_compression, photo_size=sizes[1], gps=gps,
+                        seed=seed, project=project, subject=subject, session=session,
+                        progress=task)
+    total = sum(p.stat().st_size for p in made)
+    typer.echo(f"wrote {len(made)} files, {total / 1e6:.0f} MB, under {out}")
 
 
 def _service_modules():
