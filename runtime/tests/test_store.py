@@ -529,3 +529,36 @@ def test_concat(st: Scoped, sizes: list[int]) -> None:
     assert stored.size == len(whole)
     assert store.read_range(st.k("whole.bin"), 0, len(whole) + 1) == whole
     assert all(store.stat(k) is not None for k in keys)  # the caller deletes the segments
+
+
+def test_local_store_writes_in_place_and_keeps_what_lies_past(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")  # with fsync, as it runs
+    assert store.writes_in_place and not S3Store.writes_in_place
+    assert store.write_at("tus/x/data", 0, io.BytesIO(b"aaaa")).size == 4
+    assert store.write_at("tus/x/data", 4, io.BytesIO(b"bbbbbb")).size == 6
+    # A resume at 6 writes over a broken-off draft; what lies past it stays until then.
+    assert store.write_at("tus/x/data", 6, io.BytesIO(b"C")).size == 1
+    assert store.read_range("tus/x/data", 0, 100) == b"aaaabbCbbb"
+    store.write_at("tus/x/data", 7, io.BytesIO(b"DDD"))
+    store.move("tus/x/data", "staging/u/file")
+    assert store.read_range("staging/u/file", 0, 100) == b"aaaabbCDDD"
+    assert store.stat("tus/x/data") is None
+
+
+def test_unpacked_members_made_durable_later(st: Scoped) -> None:
+    stored = st.store.put(st.k("m"), io.BytesIO(b"member"), durable=False)
+    st.store.make_durable(st.k("m"))  # an fsync on the local store; nothing to do on S3
+    assert stored.size == 6 and st.store.read_range(st.k("m"), 0, 10) == b"member"
+
+
+async def test_write_at_async_streams_chunks(tmp_path: Path) -> None:
+    from imgest_runtime.store import write_at_async
+
+    store = LocalStore(tmp_path / "store", fsync=False)
+
+    async def chunks():
+        for part in (b"12", b"34", b"5"):
+            yield part
+
+    assert (await write_at_async(store, "f", 3, chunks())).size == 5
+    assert store.read_range("f", 0, 10) == b"\0\0\x0012345"

@@ -15,7 +15,7 @@ import queue
 import shutil
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -130,6 +130,16 @@ class ObjectStore(ABC):
         """Makes an object put with `durable=False` survive a crash of the machine (S3 objects
         are durable once put)."""
 
+    # A store whose objects can be written at an offset assembles a resumable upload in one
+    # object (each byte written once); others keep its segments and `concat` them at the end.
+    writes_in_place = False
+
+    def write_at(self, key: str, offset: int, data: BinaryIO) -> StoredObject:
+        """Writes `data` (until EOF) into the object at `offset`, creating it, durably; returns
+        how many bytes were written. Bytes already there past them stay (`move` the object
+        once it is whole)."""
+        raise NotImplementedError
+
     @abstractmethod
     def open(self, key: str) -> BinaryIO:
         """A readable stream of the object; the caller closes it."""
@@ -226,6 +236,23 @@ class LocalStore(ObjectStore):
         finally:
             tmp.unlink(missing_ok=True)
         return StoredObject(key, hashing.size, hashing.sha.hexdigest())
+
+    writes_in_place = True
+
+    def write_at(self, key: str, offset: int, data: BinaryIO) -> StoredObject:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        written = 0
+        with open(fd, "wb", closefd=True) as out:  # (no O_TRUNC: what is there stays)
+            out.seek(offset)
+            while block := data.read(CHUNK):
+                out.write(block)
+                written += len(block)
+            if self.fsync:
+                out.flush()
+                os.fsync(out.fileno())
+        return StoredObject(key, written)
 
     def make_durable(self, key: str) -> None:
         if self.fsync:
@@ -567,8 +594,19 @@ class _QueueReader(io.RawIOBase):
 async def put_async(store: ObjectStore, key: str, chunks: AsyncIterator[bytes],
                     length: int | None = None) -> StoredObject:
     """Stream an async byte source into the store; the store's blocking writer runs in a thread."""
+    return await _write_async(lambda reader: store.put(key, reader, length), chunks)
+
+
+async def write_at_async(store: ObjectStore, key: str, offset: int,
+                         chunks: AsyncIterator[bytes]) -> StoredObject:
+    """`store.write_at` from an async byte source."""
+    return await _write_async(lambda reader: store.write_at(key, offset, reader), chunks)
+
+
+async def _write_async(write: Callable[[BinaryIO], StoredObject],
+                       chunks: AsyncIterator[bytes]) -> StoredObject:
     reader = _QueueReader()
-    writer = asyncio.ensure_future(asyncio.to_thread(store.put, key, reader, length))  # type: ignore[arg-type]
+    writer = asyncio.ensure_future(asyncio.to_thread(write, reader))  # type: ignore[arg-type]
 
     async def feed(item: bytes | BaseException | None) -> None:
         """Hands a chunk to the writer thread from the loop itself: no worker thread is taken

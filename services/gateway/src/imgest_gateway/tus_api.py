@@ -2,11 +2,13 @@
 termination, expiration, checksum) at /api/v1/tus/, each attached to an upload session.
 
 The bytes of a PATCH are cut into segments (a multiple of the S3 part size chosen from the
-length) and each is stored as its own object as it completes, so a dropped connection loses at
-most the segment in flight, and a gateway restart loses nothing committed: the offset lives in
-PostgreSQL. Memory holds one chunk at a time, whatever the file's size. Once the last byte is
-in, the segments become the file (server-side compose on S3) and join the upload session with
-the same duplicate checks as any added file. SHA-256 is computed while the bytes stream in; a
+length), each durable and committed as it completes, so a dropped connection loses at most the
+segment in flight, and a gateway restart loses nothing committed: the offset lives in
+PostgreSQL. On S3 each segment is an object of its own, and once the last byte is in they are
+composed server-side into the file; on the local store the file is written in place at each
+segment's offset and only renamed at the end (each byte is written once). Memory holds one
+chunk at a time, whatever the file's size. The finished file joins the upload session with the
+same duplicate checks as any added file. SHA-256 is computed while the bytes stream in; a
 process that did not see them all (a restart, another replica) reads the file once to hash it.
 """
 
@@ -24,7 +26,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Request, Response
 from fastapi import Path as PathParam
 from imgest_runtime.service import Periodic, Service, problem, problem_responses
-from imgest_runtime.store import StoreError, part_size_for, put_async
+from imgest_runtime.store import (
+    StoredObject,
+    StoreError,
+    part_size_for,
+    put_async,
+    write_at_async,
+)
 from sqlalchemy import delete, update
 from sqlmodel import col, select
 from starlette.requests import ClientDisconnect
@@ -94,6 +102,10 @@ def segment_size(length: int) -> int:
     return max(SEGMENT_MIN, part_size_for(length))
 
 
+def in_place_key(tus_id: str) -> str:
+    return f".tus/{tus_id}/data"
+
+
 def tus_headers(**extra: str) -> dict[str, str]:
     return {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store", **extra}
 
@@ -107,6 +119,11 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                                          description="The file's size in bytes.")]
     hashes = Hashes()
     locks: dict[str, asyncio.Lock] = {}
+
+    def in_place() -> bool:
+        """The store writes at offsets (the local one): the file is assembled where it lies,
+        each byte written once, instead of segments joined at the end."""
+        return svc.store.writes_in_place
 
     def refuse(status: int, title: str, detail: str) -> Response:
         response = problem(status, title, detail)
@@ -285,20 +302,24 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
 
         try:
             while not ended and offset < row.length:
-                key = f".tus/{row.id}/{offset:020d}"
                 before = hasher.copy() if hasher is not None else None
                 try:
-                    stored = await put_async(svc.store, key, segment())
+                    if in_place():  # past the committed offset, bytes are only a draft
+                        key = in_place_key(row.id)
+                        stored = await write_at_async(svc.store, key, offset, segment())
+                    else:
+                        key = f".tus/{row.id}/{offset:020d}"
+                        stored = await put_async(svc.store, key, segment())
                 except StoreError as e:
                     await forget(written if expected is not None else [])
                     return refuse(503, "Store unavailable", f"The bytes could not be stored: "
                                   f"{e}; resume from Upload-Offset once it is back.")
                 except (ClientDisconnect, OSError):
                     hasher = before  # what was hashed of the lost segment does not count
-                    await asyncio.to_thread(svc.store.delete, key)
+                    await forget([[offset, key, 0]])
                     break
                 if stored.size == 0:
-                    await asyncio.to_thread(svc.store.delete, key)
+                    await forget([[offset, key, 0]])
                     break
                 written.append([offset, key, stored.size])
                 offset += stored.size
@@ -338,8 +359,11 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         row.segments = [*row.segments, *segments]
 
     async def forget(segments: list[list]) -> None:
+        """Deletes segments that do not count. (Written in place, they are bytes past the
+        committed offset: written over on resume, cut off at the end.)"""
         for _, key, _ in segments:
-            await asyncio.to_thread(svc.store.delete, key)
+            if not in_place():
+                await asyncio.to_thread(svc.store.delete, key)
 
     async def finish_if_done(row: TusUpload, offset: int) -> int:
         """The last byte is in: the segments become the file in the upload session."""
@@ -353,8 +377,13 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         if upload is None or rules is None:
             raise Refused(409, "Upload not open", f"Upload {row.upload_id} is gone.")
         key = f"staging/{row.upload_id}/{row.id[:12]}/{row.filename}"
-        sources = [k for _, k, _ in sorted(fresh.segments)]
-        stored = await asyncio.to_thread(svc.store.concat, sources, key)
+        if in_place():
+            # Whole: no byte past the length was ever written (the body is cut there).
+            await asyncio.to_thread(svc.store.move, in_place_key(row.id), key)
+            stored = StoredObject(key, row.length)
+        else:
+            sources = [k for _, k, _ in sorted(fresh.segments)]
+            stored = await asyncio.to_thread(svc.store.concat, sources, key)
         hashed = hashes.at(row.id, offset)
         sha256 = hashed.hexdigest() if hashed is not None else await asyncio.to_thread(
             _sha256_of, svc, key)
