@@ -213,6 +213,9 @@ class Consumer:
             batch=True,
             max_records=s.kafka_batch_max,
             batch_timeout_ms=50,  # also the pause after an empty poll: latency
+            # How long the broker may hold a fetch while nothing is there. Tansu does not
+            # answer a waiting fetch when records arrive, so this bounds each hop's latency.
+            fetch_max_wait_ms=s.kafka_fetch_wait_ms,
             max_poll_interval_ms=s.kafka_max_poll_interval_ms,
             session_timeout_ms=s.kafka_session_timeout_ms,
             heartbeat_interval_ms=s.kafka_session_timeout_ms // 3,

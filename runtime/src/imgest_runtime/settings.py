@@ -34,6 +34,10 @@ class RuntimeSettings(BaseSettings):
     kafka_max_batch_seconds: float = Field(
         7200.0, gt=0, description="Longest one batch may run (and keep polling) before it is "
         "taken for hung and its partitions are left to another member.")
+    kafka_fetch_wait_ms: int = Field(
+        100, ge=0, le=500, description="Longest the broker may hold a fetch while no record "
+        "is there (the latency of each hop when the broker, like Tansu, does not answer it "
+        "early).")
     kafka_batch_max: int = Field(
         200, ge=1, description="Most events a service takes from the broker at once (handled in "
         "one transaction per topic).")

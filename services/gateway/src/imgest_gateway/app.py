@@ -68,15 +68,16 @@ from .settings import Settings
 from .tus_api import tus_router
 from .uploads_api import Refused, stream_to_store, submit, uploads_router
 from .views import TOPIC_OF_TYPE, event_json, json_response, upload_view
+from .waiting import Waiters
 from .xnat_api import plain_http_errors, xnat_router
 
 NAME = "gateway"
 log = logging.getLogger("imgest.gateway")
 
 
-def bootstrap(settings: Settings) -> Service:
+def bootstrap(settings: Settings, waiters: Waiters | None = None) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
-    register_handlers(svc)
+    register_handlers(svc, waiters or Waiters())
     # Not at the very start: the status must first catch up with events sent while it was down.
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_idle_seconds / 3),
                                  lambda: redrive(svc, settings), at_start=False))
@@ -143,7 +144,7 @@ async def _track_files(session: AsyncSession, notes: list[FileNote]) -> None:
         session.add(row)
 
 
-def register_handlers(svc: Service) -> None:
+def register_handlers(svc: Service, waiters: Waiters) -> None:
 
     @svc.on(FileStaged, whole_batch=True)
     async def on_files_staged(events: list[CloudEvent[FileStaged]], tx: Tx) -> None:
@@ -306,6 +307,7 @@ def register_handlers(svc: Service) -> None:
                     "The upload was cancelled before this file was placed.")}))
         upload = await session.get(Upload, done.upload_id, with_for_update=True)
         if upload is not None:
+            tx.after_commit(("wake", done.upload_id), lambda: waiters.wake(done.upload_id))
             upload.state = "cancelled" if done.outcome == "cancelled" else upload_state(
                 done.counts)
             upload.completed_at = done.completed_at
@@ -386,7 +388,8 @@ Label = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{1,64}$",
 
 
 def build_app(settings: Settings) -> FastAPI:
-    svc = bootstrap(settings)
+    waiters = Waiters()
+    svc = bootstrap(settings, waiters)
     app = create_app(svc, description="Uploads into imgest, and what became of them.")
     api = APIRouter(prefix="/api/v1", tags=["uploads"],
                     responses=problem_responses(400, 404, 413, 422, 503))
@@ -480,7 +483,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(identity_router(svc))
     app.include_router(uploads_router(svc, settings))
     app.include_router(tus_router(svc, settings))
-    app.include_router(xnat_router(svc, settings))
+    app.include_router(xnat_router(svc, settings, waiters))
     app.include_router(archive_router(svc, settings))
     app.include_router(catalogue_router(svc, settings))
     plain_http_errors(app)

@@ -28,6 +28,7 @@ from .identity import PROJECT_ID, UNASSIGNED, Action, Caller
 from .models import Project, Upload, UploadObject
 from .settings import Settings
 from .uploads_api import OPEN, TERMINAL, Refused, stream_to_store, submit
+from .waiting import Waiters
 
 XNAT_VERSION = "1.8.10"  # the API generation imgest answers like (clients check it)
 HANDLERS = {"si": "SI", "dicom-zip": "DICOM-zip", "gradual-dicom": "gradual-DICOM"}
@@ -137,7 +138,7 @@ def outcome_response(upload: Upload, handler: str, ignore_unparsable: bool) -> P
     return PlainTextResponse("\r\n".join(placed) + "\r\n", media_type="text/uri-list")
 
 
-def xnat_router(svc: Service, settings: Settings) -> APIRouter:
+def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter:
     api = APIRouter(tags=["XNAT compatibility"], responses={
         status: {"description": phrase, "content": {"text/plain": {}}}
         for status, phrase in ((400, "Bad Request"), (401, "Unauthorized"),
@@ -245,7 +246,7 @@ def xnat_router(svc: Service, settings: Settings) -> APIRouter:
                             f"s; follow it at /api/v1/uploads/{upload_id}"
                             + (f" or /data/status/{listener}" if listener else ""),
                             Location=f"/api/v1/uploads/{upload_id}")
-            await asyncio.sleep(0.2)
+            await waiters.wait(upload_id, 1.0)
 
     async def _receive(request: Request, caller: Caller, options: ImportOptions,
                        params: dict[str, str]) -> str:
