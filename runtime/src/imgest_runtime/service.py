@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -144,7 +144,8 @@ class Service:
           called for each event of a batch not handled before; the batch commits once.
         - `whole_batch`: `async def h(events, tx: Tx)` is called once with all of them, in
           order, for work that costs less done for many at once (reads side by side, one
-          statement for all).
+          statement for all); with `own_transaction`, `async def h(events)`, which opens its
+          units of work with `handling_many(events)` or `handling(event)`.
         - `own_transaction`: `async def h(event)` is called for each event and opens its own
           unit of work with `handling(event)`, for work too long to do inside a transaction
           (unpacking an archive, sending an email).
@@ -153,6 +154,9 @@ class Service:
 
         def register(handler: TxHandler) -> TxHandler:
             async def each(deliveries: list[Delivery]) -> None:
+                if whole_batch:
+                    await handler([d.event for d in deliveries])
+                    return
                 for delivery in deliveries:
                     await handler(delivery.event)
 
@@ -310,16 +314,27 @@ class Service:
             else:
                 yield session
 
+    @asynccontextmanager
+    async def handling_many(self, events: list[CloudEvent]):
+        """`handling` for many events in one unit of work: yields the session and the events
+        not handled before."""
+        async with self.db.session() as session:
+            fresh = await self.outbox.fresh(session, {e.id: e.type for e in events})
+            yield session, [e for e in events if e.id in fresh]
+
     async def handled_before(self, event: CloudEvent) -> bool:
         """A cheap look at the inbox before costly work (reading objects): a redelivered or
         replayed event is dropped without touching the store. `handling` still decides."""
+        return bool(await self.handled([event.id]))
+
+    async def handled(self, event_ids: Iterable[str]) -> set[str]:
+        """Which of these events the inbox holds (`handled_before` for many at once)."""
         if self.outbox.send_directly is not None:
-            return False  # unguarded: no inbox
+            return set()  # unguarded: no inbox
         table = self.tables.inbox
         async with self.db.session() as session:
-            found = (await session.execute(
-                select(table.c.event_id).where(table.c.event_id == event.id))).first()
-        return found is not None
+            return set((await session.execute(select(table.c.event_id).where(
+                table.c.event_id.in_(list(event_ids))))).scalars())
 
     async def ready(self) -> dict[str, str]:
         checks: dict[str, str] = {}

@@ -155,28 +155,36 @@ def bootstrap(settings: Settings) -> Service:
                     upload_id=obj.upload_id, object_key=obj.object_key, members_done=done,
                     members_total=total, bytes_done=size))
 
-    # Its own transactions: an archive may take minutes to unpack, and no transaction should
-    # stay open that long.
-    @svc.on(ObjectStored, own_transaction=True)
-    async def on_object_stored(event: CloudEvent[ObjectStored]) -> None:
+    @svc.on(ObjectStored, own_transaction=True, whole_batch=True)
+    async def on_objects_stored(events: list[CloudEvent[ObjectStored]]) -> None:
+        store = svc.store
+        assert store is not None
+        handled = await svc.handled(e.id for e in events)
+        todo = [e for e in events if e.id not in handled]
+        # What each is, side by side (with S3 each look waits on the network).
+        formats = await asyncio.gather(*(asyncio.to_thread(sniff, store, e.data.object_key)
+                                         for e in todo))
+        singles = [e for e, fmt in zip(todo, formats) if fmt is None]
+        if singles:  # not archives: each goes on as one file, all in one unit of work
+            async with svc.handling_many(singles) as (session, fresh):
+                await svc.outbox.add_many(session, [(FileStaged(
+                    upload_id=e.data.upload_id,
+                    file_id=file_id(e.data.upload_id, e.data.object_key, None),
+                    object_key=e.data.object_key, path=e.data.filename, size=e.data.size,
+                    sha256=e.data.sha256,
+                    source=Source(object_key=e.data.object_key, files_total=1),
+                    project=e.data.project, rules=e.data.rules,
+                ), derived_id(e.id, "staged")) for e in fresh])
+        for event, fmt in zip(todo, formats):
+            if fmt is not None:
+                await unpack_archive(event, fmt)
+
+    async def unpack_archive(event: CloudEvent[ObjectStored], fmt: str) -> None:
+        """Its own units of work: an archive may take minutes to unpack, and no transaction
+        should stay open that long."""
         obj = event.data
         store = svc.store
         assert store is not None
-        if await svc.handled_before(event):
-            return
-        fmt = await asyncio.to_thread(sniff, store, obj.object_key)
-        if fmt is None:
-            async with svc.handling(event) as session:
-                if session:
-                    await svc.outbox.add(session, FileStaged(
-                        upload_id=obj.upload_id,
-                        file_id=file_id(obj.upload_id, obj.object_key, None),
-                        object_key=obj.object_key, path=obj.filename, size=obj.size,
-                        sha256=obj.sha256, source=Source(object_key=obj.object_key, files_total=1),
-                        project=obj.project, rules=obj.rules,
-                    ), event_id=derived_id(event.id, "staged"))
-            return
-
         latest: list[tuple[int, int | None, int] | None] = [None]  # set by the thread
         reporter = asyncio.create_task(report_progress(obj, latest))
         try:
