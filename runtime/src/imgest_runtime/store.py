@@ -15,11 +15,11 @@ import queue
 import shutil
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .settings import RuntimeSettings
 
@@ -134,9 +134,10 @@ class ObjectStore(ABC):
     # object (each byte written once); others keep its segments and `concat` them at the end.
     writes_in_place = False
 
-    def write_at(self, key: str, offset: int, data: BinaryIO) -> StoredObject:
-        """Writes `data` (until EOF) into the object at `offset`, creating it, durably; returns
-        how many bytes were written. Bytes already there past them stay (`move` the object
+    def write_at(self, key: str, offset: int, data: BinaryIO, *, durable: bool = True
+                 ) -> StoredObject:
+        """Writes `data` (until EOF) into the object at `offset`, creating it, durably (or, with
+        `durable=False`, once `make_durable`); returns how many bytes were written. Bytes already there past them stay (`move` the object
         once it is whole)."""
         raise NotImplementedError
 
@@ -239,7 +240,8 @@ class LocalStore(ObjectStore):
 
     writes_in_place = True
 
-    def write_at(self, key: str, offset: int, data: BinaryIO) -> StoredObject:
+    def write_at(self, key: str, offset: int, data: BinaryIO, *, durable: bool = True
+                 ) -> StoredObject:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -249,7 +251,7 @@ class LocalStore(ObjectStore):
             while block := data.read(CHUNK):
                 out.write(block)
                 written += len(block)
-            if self.fsync:
+            if self.fsync and durable:
                 out.flush()
                 os.fsync(out.fileno())
         return StoredObject(key, written)
@@ -592,21 +594,47 @@ class _QueueReader(io.RawIOBase):
 
 
 async def put_async(store: ObjectStore, key: str, chunks: AsyncIterator[bytes],
-                    length: int | None = None) -> StoredObject:
-    """Stream an async byte source into the store; the store's blocking writer runs in a thread."""
-    return await _write_async(lambda reader: store.put(key, reader, length), chunks)
+                    length: int | None = None, *, digests: Sequence[Any] = ()) -> StoredObject:
+    """Stream an async byte source into the store; the store's blocking writer runs in a thread
+    (and updates `digests`, hashlib objects, with the bytes: off the event loop)."""
+    return await _write_async(lambda reader: store.put(key, reader, length), chunks, digests)
 
 
 async def write_at_async(store: ObjectStore, key: str, offset: int,
-                         chunks: AsyncIterator[bytes]) -> StoredObject:
+                         chunks: AsyncIterator[bytes], *, durable: bool = True,
+                         digests: Sequence[Any] = ()) -> StoredObject:
     """`store.write_at` from an async byte source."""
-    return await _write_async(lambda reader: store.write_at(key, offset, reader), chunks)
+    return await _write_async(
+        lambda reader: store.write_at(key, offset, reader, durable=durable), chunks, digests)
+
+
+class _Digesting(io.RawIOBase):
+    """Updates digests with what is read through it."""
+
+    def __init__(self, raw: BinaryIO, digests: Sequence[Any]):
+        self.raw, self.digests = raw, digests
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        for digest in self.digests:
+            digest.update(data)
+        return data
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
 
 
 async def _write_async(write: Callable[[BinaryIO], StoredObject],
-                       chunks: AsyncIterator[bytes]) -> StoredObject:
+                       chunks: AsyncIterator[bytes], digests: Sequence[Any] = ()
+                       ) -> StoredObject:
     reader = _QueueReader()
-    writer = asyncio.ensure_future(asyncio.to_thread(write, reader))  # type: ignore[arg-type]
+    source = _Digesting(reader, digests) if digests else reader  # type: ignore[arg-type]
+    writer = asyncio.ensure_future(asyncio.to_thread(write, source))  # type: ignore[arg-type]
 
     async def feed(item: bytes | BaseException | None) -> None:
         """Hands a chunk to the writer thread from the loop itself: no worker thread is taken

@@ -15,6 +15,7 @@ process that did not see them all (a restart, another replica) reads the file on
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
@@ -255,7 +256,7 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         a refusal. Without a checksum each segment counts as soon as it is stored (a dropped
         connection keeps them); with one, the PATCH counts whole or not at all."""
         checksum = request.headers.get("upload-checksum")
-        expected = None
+        expected, checker = None, None
         if checksum:
             algorithm, _, digest = checksum.partition(" ")
             if algorithm not in CHECKSUMS:
@@ -294,23 +295,36 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                     raise Refused(413, "Past Upload-Length", f"The file is {row.length} bytes; "
                                   "this PATCH goes past its end.")
                 sent += len(chunk)
-                if expected is not None:
-                    checker.update(chunk)
-                if hasher is not None:
-                    hasher.update(chunk)
                 yield chunk
+
+        syncing: tuple[asyncio.Future, list] | None = None  # in place: the segment fsynced
+
+        async def settle() -> None:
+            """In place, a segment counts once its fsync is done; the next one is received
+            meanwhile, so the disk and the network work at once."""
+            nonlocal syncing
+            if syncing is not None:
+                fsync, done = syncing
+                syncing = None
+                await fsync
+                if expected is None:
+                    await commit(row, [done], done[0] + done[2])
 
         try:
             while not ended and offset < row.length:
                 before = hasher.copy() if hasher is not None else None
+                # Hashed by the writer's thread as the bytes go by (hashlib lets go of the GIL).
+                digests = [d for d in (checker, hasher) if d is not None]
                 try:
                     if in_place():  # past the committed offset, bytes are only a draft
                         key = in_place_key(row.id)
-                        stored = await write_at_async(svc.store, key, offset, segment())
+                        stored = await write_at_async(svc.store, key, offset, segment(),
+                                                      durable=False, digests=digests)
                     else:
                         key = f".tus/{row.id}/{offset:020d}"
-                        stored = await put_async(svc.store, key, segment())
+                        stored = await put_async(svc.store, key, segment(), digests=digests)
                 except StoreError as e:
+                    await settle()
                     await forget(written if expected is not None else [])
                     return refuse(503, "Store unavailable", f"The bytes could not be stored: "
                                   f"{e}; resume from Upload-Offset once it is back.")
@@ -323,15 +337,23 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                     break
                 written.append([offset, key, stored.size])
                 offset += stored.size
-                if expected is None:
+                if in_place():
+                    await settle()
+                    syncing = (asyncio.ensure_future(asyncio.to_thread(
+                        svc.store.make_durable, key)), written[-1])
+                elif expected is None:
                     await commit(row, written[-1:], offset)
+            await settle()
         except Refused as refused:
+            if expected is None:
+                with contextlib.suppress(Refused):
+                    await settle()  # what was received before the refusal counts
             await forget(written if expected is not None else [])
             hashes.keep(row.id, row.offset, None)
             refused.response.headers.update(tus_headers())
             return refused.response
         if expected is not None:
-            if checker.digest() != expected:
+            if checker is None or checker.digest() != expected:
                 await forget(written)
                 hashes.keep(row.id, start, None)
                 return refuse(460, "Checksum Mismatch", "The PATCH body does not match "
