@@ -71,7 +71,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import peers
-from common import gateway_client
+from common import gateway_client, memory_kb, peak_watch
 
 from imgest.benchgen import write_study, write_zip
 from imgest.infra import die_with_parent, exit_on_sigterm, free_port
@@ -486,20 +486,6 @@ def scenario_files(ctx: Ctx, files: list[Path], clients: int) -> dict[str, Any]:
     return {"instances": len(files), "bytes": sum(p.stat().st_size for p in files),
             "clients": clients, "seconds": seconds, "rate": len(files) / seconds,
             "all_added": added}
-
-
-def memory_kb(pid: int, field_name: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def peak_watch(pid: int, stop: threading.Event, peak: list[int]) -> None:
-    """VmRSS every 50 ms: the peak where VmHWM cannot be reset (below)."""
-    while not stop.is_set():
-        peak[0] = max(peak[0], memory_kb(pid, "VmRSS"))
-        time.sleep(0.05)
 
 
 def reset_peak(pid: int) -> bool:

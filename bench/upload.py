@@ -27,27 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import gateway_client
+from common import gateway_client, memory_kb, peak_watch
 from imgest_runtime.store import LocalStore
 
 from imgest.infra import exit_on_sigterm, free_port
 from imgest.stack import SERVICES, Stack, port_env
 
 MB = 1024 * 1024
-
-
-def memory_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def peak_watch(pid: int, stop: threading.Event, peak: list[int]) -> None:
-    """VmRSS sampled every 50 ms (VmHWM covers the whole life; this covers the upload)."""
-    while not stop.is_set():
-        peak[0] = max(peak[0], memory_kb(pid, "VmRSS"))
-        time.sleep(0.05)
 
 
 def make_file(path: Path, size: int) -> None:
