@@ -618,6 +618,17 @@ def test_tus_protocol_details(gateway: Running):
     assert http.post("/api/v1/tus/", headers={**tus, "Upload-Length": "10", "Upload-Metadata":
                                                "filename " + base64.b64encode(b"x").decode()}
                      ).status_code == 404
+    # On the local store the file is written where it lies: if those bytes are gone (a store
+    # restored from an older backup), resuming says so, and never fills the gap with zeros.
+    lost = http.post("/api/v1/tus/", content=body[:1000], headers={
+        **tus, "Upload-Length": "3000", "Upload-Metadata": meta,
+        "Content-Type": "application/offset+octet-stream"})
+    tus_id = lost.headers["location"].rstrip("/").rsplit("/", 1)[-1]
+    gateway.store.delete(f".tus/{tus_id}/data")
+    gone = http.patch(lost.headers["location"], content=body[1000:],
+                      headers={**patch, "Upload-Offset": "1000"})
+    assert gone.status_code == 410 and "create the upload again" in gone.json()["detail"]
+    assert http.head(lost.headers["location"], headers=tus).status_code == 404
     # Termination: the bytes go, the upload is no more.
     other = http.post("/api/v1/tus/", headers={**tus, "Upload-Length": "10",
                                                "Upload-Metadata": meta})

@@ -560,5 +560,8 @@ async def test_write_at_async_streams_chunks(tmp_path: Path) -> None:
         for part in (b"12", b"34", b"5"):
             yield part
 
+    with pytest.raises(FileNotFoundError):  # past 0 the object must be there: never zeros
+        await write_at_async(store, "f", 3, chunks())
+    store.write_at("f", 0, io.BytesIO(b"abc"))
     assert (await write_at_async(store, "f", 3, chunks())).size == 5
-    assert store.read_range("f", 0, 10) == b"\0\0\x0012345"
+    assert store.read_range("f", 0, 10) == b"abc12345"

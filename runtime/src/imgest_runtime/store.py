@@ -244,7 +244,8 @@ class LocalStore(ObjectStore):
                  ) -> StoredObject:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        # Created at offset 0 only: later, a missing object is an error, never a file of zeros.
+        fd = os.open(path, os.O_WRONLY | (os.O_CREAT if offset == 0 else 0), 0o644)
         written = 0
         with open(fd, "wb", closefd=True) as out:  # (no O_TRUNC: what is there stays)
             out.seek(offset)
@@ -254,7 +255,17 @@ class LocalStore(ObjectStore):
             if self.fsync and durable:
                 out.flush()
                 os.fsync(out.fileno())
+        if offset == 0:
+            self._sync_dir(path.parent)  # its name survives a crash too
         return StoredObject(key, written)
+
+    def _sync_dir(self, directory: Path) -> None:
+        if self.fsync:
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def make_durable(self, key: str) -> None:
         if self.fsync:
@@ -306,6 +317,7 @@ class LocalStore(ObjectStore):
         except FileNotFoundError as e:
             if not target.exists():
                 raise ObjectNotFound(src) from e
+        self._sync_dir(target.parent)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

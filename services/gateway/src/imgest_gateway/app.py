@@ -94,6 +94,9 @@ def bootstrap(settings: Settings, waiters: Waiters | None = None) -> Service:
 # --- status kept up to date from the pipeline's events ------------------------------------------
 
 
+LOCK_CHUNK = 5000  # file ids per statement: a query takes at most 32,767 parameters
+
+
 @dataclass
 class FileNote:
     """What one event says about a file."""
@@ -117,9 +120,12 @@ async def _track_files(session: AsyncSession, notes: list[FileNote]) -> None:
     re-drive sends it again."""
     if not notes:
         return
-    rows = {r.file_id: r for r in (await session.exec(
-        select(UploadFile).where(col(UploadFile.file_id).in_({n.file_id for n in notes}))
-        .order_by(col(UploadFile.file_id)).with_for_update())).all()}  # one locking order
+    ids = sorted({n.file_id for n in notes})  # locked in one order, whoever locks them
+    rows: dict[str, UploadFile] = {}
+    for start in range(0, len(ids), LOCK_CHUNK):
+        rows |= {r.file_id: r for r in (await session.exec(
+            select(UploadFile).where(col(UploadFile.file_id).in_(ids[start:start + LOCK_CHUNK]))
+            .order_by(col(UploadFile.file_id)).with_for_update())).all()}
     now = datetime.now(UTC)
     for n in notes:
         row = rows.get(n.file_id)

@@ -3,7 +3,7 @@ termination, expiration, checksum) at /api/v1/tus/, each attached to an upload s
 
 The bytes of a PATCH are cut into segments (a multiple of the S3 part size chosen from the
 length), each durable and committed as it completes, so a dropped connection loses at most the
-segment in flight, and a gateway restart loses nothing committed: the offset lives in
+segment in flight (on the local store, also the one before it, whose fsync overlaps it), and a gateway restart loses nothing committed: the offset lives in
 PostgreSQL. On S3 each segment is an object of its own, and once the last byte is in they are
 composed server-side into the file; on the local store the file is written in place at each
 segment's offset and only renamed at the end (each byte is written once). Memory holds one
@@ -103,8 +103,11 @@ def segment_size(length: int) -> int:
     return max(SEGMENT_MIN, part_size_for(length))
 
 
+IN_PLACE = "/data"
+
+
 def in_place_key(tus_id: str) -> str:
-    return f".tus/{tus_id}/data"
+    return f".tus/{tus_id}{IN_PLACE}"
 
 
 def tus_headers(**extra: str) -> dict[str, str]:
@@ -121,10 +124,12 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
     hashes = Hashes()
     locks: dict[str, asyncio.Lock] = {}
 
-    def in_place() -> bool:
+    def in_place(row: TusUpload) -> bool:
         """The store writes at offsets (the local one): the file is assembled where it lies,
-        each byte written once, instead of segments joined at the end."""
-        return svc.store.writes_in_place
+        each byte written once, instead of segments joined at the end. (An upload begun as
+        segments, by an earlier version, goes on as segments.)"""
+        return svc.store.writes_in_place and all(
+            key == in_place_key(row.id) for _, key, _ in row.segments)
 
     def refuse(status: int, title: str, detail: str) -> Response:
         response = problem(status, title, detail)
@@ -267,6 +272,12 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
             except binascii.Error:
                 return refuse(400, "Bad Upload-Checksum", "The digest is not base64.")
             checker = CHECKSUMS[algorithm]()
+        if in_place(row) and start > 0:
+            draft = await asyncio.to_thread(svc.store.stat, in_place_key(row.id))
+            if draft is None or draft.size < start:  # (a store restored from a backup)
+                await drop(row)
+                return refuse(410, "Bytes lost", f"The {start} bytes received so far are no "
+                              "longer in the store; create the upload again.")
         hasher = hashes.at(row.id, start)
         size = segment_size(row.length)
         stream = request.stream().__aiter__()
@@ -306,7 +317,11 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
             if syncing is not None:
                 fsync, done = syncing
                 syncing = None
-                await fsync
+                try:
+                    await fsync
+                except OSError as e:
+                    raise Refused(503, "Store unavailable", f"The bytes could not be made "
+                                  f"durable: {e}; resume from Upload-Offset.") from e
                 if expected is None:
                     await commit(row, [done], done[0] + done[2])
 
@@ -316,7 +331,7 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                 # Hashed by the writer's thread as the bytes go by (hashlib lets go of the GIL).
                 digests = [d for d in (checker, hasher) if d is not None]
                 try:
-                    if in_place():  # past the committed offset, bytes are only a draft
+                    if in_place(row):  # past the committed offset, bytes are only a draft
                         key = in_place_key(row.id)
                         stored = await write_at_async(svc.store, key, offset, segment(),
                                                       durable=False, digests=digests)
@@ -337,7 +352,7 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                     break
                 written.append([offset, key, stored.size])
                 offset += stored.size
-                if in_place():
+                if in_place(row):
                     await settle()
                     syncing = (asyncio.ensure_future(asyncio.to_thread(
                         svc.store.make_durable, key)), written[-1])
@@ -345,9 +360,8 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                     await commit(row, written[-1:], offset)
             await settle()
         except Refused as refused:
-            if expected is None:
-                with contextlib.suppress(Refused):
-                    await settle()  # what was received before the refusal counts
+            with contextlib.suppress(Refused):
+                await settle()  # what was received before the refusal counts (no checksum)
             await forget(written if expected is not None else [])
             hashes.keep(row.id, row.offset, None)
             refused.response.headers.update(tus_headers())
@@ -382,9 +396,9 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
 
     async def forget(segments: list[list]) -> None:
         """Deletes segments that do not count. (Written in place, they are bytes past the
-        committed offset: written over on resume, cut off at the end.)"""
+        committed offset, written over on resume.)"""
         for _, key, _ in segments:
-            if not in_place():
+            if not key.endswith(IN_PLACE):
                 await asyncio.to_thread(svc.store.delete, key)
 
     async def finish_if_done(row: TusUpload, offset: int) -> int:
@@ -399,7 +413,7 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         if upload is None or rules is None:
             raise Refused(409, "Upload not open", f"Upload {row.upload_id} is gone.")
         key = f"staging/{row.upload_id}/{row.id[:12]}/{row.filename}"
-        if in_place():
+        if in_place(fresh):
             # Whole: no byte past the length was ever written (the body is cut there).
             await asyncio.to_thread(svc.store.move, in_place_key(row.id), key)
             stored = StoredObject(key, row.length)

@@ -8,8 +8,8 @@ import contextlib
 
 class Waiters:
     """Wakes the requests of this process waiting on an upload as soon as its completion is
-    recorded here. They still look for themselves now and then: another replica may have
-    recorded it."""
+    recorded here. They still look for themselves every few tenths of a second: another replica
+    may have recorded it, or it was recorded just before they began to wait."""
 
     def __init__(self) -> None:
         self._events: dict[str, set[asyncio.Event]] = {}

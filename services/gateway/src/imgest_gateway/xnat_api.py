@@ -246,7 +246,7 @@ def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter
                             f"s; follow it at /api/v1/uploads/{upload_id}"
                             + (f" or /data/status/{listener}" if listener else ""),
                             Location=f"/api/v1/uploads/{upload_id}")
-            await waiters.wait(upload_id, 1.0)
+            await waiters.wait(upload_id, 0.25)  # (or another replica completed it)
 
     async def _receive(request: Request, caller: Caller, options: ImportOptions,
                        params: dict[str, str]) -> str:

@@ -160,24 +160,32 @@ def bootstrap(settings: Settings) -> Service:
         store = svc.store
         assert store is not None
         handled = await svc.handled(e.id for e in events)
-        todo = [e for e in events if e.id not in handled]
+        todo = list({e.id: e for e in events if e.id not in handled}.values())
         # What each is, side by side (with S3 each look waits on the network).
         formats = await asyncio.gather(*(asyncio.to_thread(sniff, store, e.data.object_key)
                                          for e in todo))
-        singles = [e for e, fmt in zip(todo, formats) if fmt is None]
-        if singles:  # not archives: each goes on as one file, all in one unit of work
-            async with svc.handling_many(singles) as (session, fresh):
-                await svc.outbox.add_many(session, [(FileStaged(
-                    upload_id=e.data.upload_id,
-                    file_id=file_id(e.data.upload_id, e.data.object_key, None),
-                    object_key=e.data.object_key, path=e.data.filename, size=e.data.size,
-                    sha256=e.data.sha256,
-                    source=Source(object_key=e.data.object_key, files_total=1),
-                    project=e.data.project, rules=e.data.rules,
-                ), derived_id(e.id, "staged")) for e in fresh])
-        for event, fmt in zip(todo, formats):
-            if fmt is not None:
-                await unpack_archive(event, fmt)
+        singles: list[CloudEvent[ObjectStored]] = []
+        for event, fmt in zip(todo, formats):  # in their order: the first of equal files wins
+            if fmt is None:
+                singles.append(event)
+                continue
+            await stage_singles(singles)
+            singles = []
+            await unpack_archive(event, fmt)
+        await stage_singles(singles)
+
+    async def stage_singles(events: list[CloudEvent[ObjectStored]]) -> None:
+        """Objects that are not archives: each goes on as one file, all in one unit of work."""
+        if not events:
+            return
+        async with svc.handling_many(events) as (session, fresh):
+            await svc.outbox.add_many(session, [(FileStaged(
+                upload_id=e.data.upload_id,
+                file_id=file_id(e.data.upload_id, e.data.object_key, None),
+                object_key=e.data.object_key, path=e.data.filename, size=e.data.size,
+                sha256=e.data.sha256, source=Source(object_key=e.data.object_key, files_total=1),
+                project=e.data.project, rules=e.data.rules,
+            ), derived_id(e.id, "staged")) for e in fresh])
 
     async def unpack_archive(event: CloudEvent[ObjectStored], fmt: str) -> None:
         """Its own units of work: an archive may take minutes to unpack, and no transaction
@@ -185,6 +193,8 @@ def bootstrap(settings: Settings) -> Service:
         obj = event.data
         store = svc.store
         assert store is not None
+        if await svc.handled_before(event):  # (sent again while the batch waited its turn)
+            return
         latest: list[tuple[int, int | None, int] | None] = [None]  # set by the thread
         reporter = asyncio.create_task(report_progress(obj, latest))
         try:
