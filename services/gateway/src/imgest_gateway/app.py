@@ -156,7 +156,7 @@ def register_handlers(svc: Service, waiters: Waiters) -> None:
     async def on_files_staged(events: list[CloudEvent[FileStaged]], tx: Tx) -> None:
         await _track_files(tx.session, [FileNote(
             f.upload_id, f.file_id, "staged", event, f.object_key, f.path, sha256=f.sha256)
-            for event in events if (f := event.data)])
+            for event in events for f in [event.data]])
         # An object that is not an archive went on itself, as one file.
         singles = {e.data.source.object_key for e in events if e.data.source.member is None}
         if singles:
@@ -171,14 +171,14 @@ def register_handlers(svc: Service, waiters: Waiters) -> None:
     async def on_files_validated(events: list[CloudEvent[FileValidated]], tx: Tx) -> None:
         await _track_files(tx.session, [FileNote(
             f.upload_id, f.file_id, "validated", event, f.object_key, f.path, f.kind.value,
-            sha256=f.sha256) for event in events if (f := event.data)])
+            sha256=f.sha256) for event in events for f in [event.data]])
 
     @svc.on(FileRejected, whole_batch=True)
     async def on_files_rejected(events: list[CloudEvent[FileRejected]], tx: Tx) -> None:
         await _track_files(tx.session, [FileNote(
             f.upload_id, f.file_id, "duplicate" if f.duplicate_of else "rejected", event,
             f.object_key, f.path, f.kind.value, f.reason.model_dump())
-            for event in events if (f := event.data)])
+            for event in events for f in [event.data]])
 
     async def _object_state(tx: Tx, event: CloudEvent, state: str, reason: dict | None,
                             keep_event: bool = True) -> None:

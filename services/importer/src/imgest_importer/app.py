@@ -969,7 +969,7 @@ def bootstrap(settings: Settings) -> Service:
             size=f.size, sha256=f.sha256, hints=f.hints.model_dump(mode="json"),
             file_metadata=f.metadata,
             fileset=f.fileset.model_dump() if f.fileset else None), f.source.files_total)
-            for e in events if (f := e.data)])
+            for e in events for f in [e.data]])
 
     @svc.on(FileRejected, whole_batch=True)
     async def on_files_rejected(events: list[CloudEvent[FileRejected]], tx: Tx) -> None:
@@ -977,7 +977,7 @@ def bootstrap(settings: Settings) -> Service:
             file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
             staged_key=f.object_key, path=f.path, kind=f.kind.value,
             state="duplicate" if f.duplicate_of else "rejected",
-            reason=f.reason.model_dump()), f.source.files_total) for e in events if (f := e.data)])
+            reason=f.reason.model_dump()), f.source.files_total) for e in events for f in [e.data]])
 
     async def archive_outcome(tx: Tx, event: CloudEvent, files_total: int | None,
                               rejected: Reason | None) -> None:
