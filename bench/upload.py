@@ -11,6 +11,9 @@ On the embedded stack (local store) in a temporary directory:
    then as multipart forms of `--batch` files, against 4 threads putting the same files into
    the store.
 
+Each figure is the median of `--rounds` rounds; within a round the direct write and the
+gateway run back to back, with the stack up for both.
+
 The files are added to an upload session and not submitted: this measures the way in, not the
 pipeline (bench/pipeline.py does that). Never part of the test suite.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -59,6 +63,8 @@ def main() -> None:
     parser.add_argument("--file-kb", type=int, default=256, help="Size of each small file.")
     parser.add_argument("--clients", type=int, default=4, help="Clients sending small files.")
     parser.add_argument("--batch", type=int, default=50, help="Files per multipart form.")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="Rounds; each runs the direct write and the gateway back to back.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imgest-upload-") as tmp:
         root = Path(tmp)
@@ -67,23 +73,18 @@ def main() -> None:
         size = int(args.gb * 1024**3)
         make_file(big, size)
         small = [os.urandom(args.file_kb * 1024) for _ in range(args.files)]
-
-        # Straight to a store of the same kind, on the same disk.
-        direct = LocalStore(root / "direct")
-        t0 = time.monotonic()
-        with big.open("rb") as f:
-            direct.put("big/big.bin", f, size)
-        direct_big = size / (time.monotonic() - t0)
-        t0 = time.monotonic()
-        with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(lambda i: direct.put(f"small/{i}.bin", _Bytes(small[i]),
-                                               len(small[i])), range(args.files)))
-        direct_small = args.files / (time.monotonic() - t0)
+        direct = LocalStore(root / "direct")  # a store of the same kind, on the same disk
 
         env = {port_env(s): str(free_port()) for s in SERVICES}
         env["IMGEST_MAX_UPLOAD_BYTES"] = str(size + MB)
         log = (root / "services.log").open("a", buffering=1)
         stack = Stack(root / "data", env, emit=lambda n, line: log.write(f"{n:<9}| {line}\n"))
+        # name: one figure per round (MB/s or files/s). Direct and gateway alternate within a
+        # round, with the stack running throughout: this disk's speed drifts by the minute,
+        # so figures taken apart would compare the disk with itself.
+        figures: dict[str, list[float]] = {k: [] for k in (
+            "direct_big", "gateway_big", "direct_small", "gateway_small", "gateway_forms")}
+        peaks: list[int] = []
         try:
             stack.start()
             stack.wait_ready(180)
@@ -93,67 +94,97 @@ def main() -> None:
                 "max_files_per_upload": 2 * args.files + 10}})
             pid = stack.supervisor.children["gateway"].process.pid  # type: ignore[union-attr]
             before = memory_kb(pid, "VmRSS")
-
-            upload = http.post("/api/v1/projects/BENCH/uploads", json={}).json()
-            stop, peak = threading.Event(), [before]
-            watcher = threading.Thread(target=peak_watch, args=(pid, stop, peak))
-            watcher.start()
-            t0 = time.monotonic()
-            added = http.post(f"/api/v1/uploads/{upload['id']}/files",
-                              params={"filename": "big.bin"}, content=file_body(big),
-                              headers={"Content-Length": str(size)})
-            gateway_big = size / (time.monotonic() - t0)
-            stop.set()
-            watcher.join()
-            assert added.status_code == 201, added.text
-
-            upload = http.post("/api/v1/projects/BENCH/uploads", json={}).json()
             clients = [gateway_client(stack, port) for _ in range(args.clients)]
 
-            def send(i: int) -> None:
-                response = clients[i % args.clients].post(
-                    f"/api/v1/uploads/{upload['id']}/files", params={"filename": f"{i}.bin"},
-                    content=small[i])
-                assert response.status_code == 201, response.text
+            def new_upload() -> str:
+                return http.post("/api/v1/projects/BENCH/uploads", json={}).json()["id"]
 
-            t0 = time.monotonic()
-            with ThreadPoolExecutor(args.clients) as pool:
-                list(pool.map(send, range(args.files)))
-            gateway_small = args.files / (time.monotonic() - t0)
+            for r in range(args.rounds):
+                t0 = time.monotonic()
+                with big.open("rb") as f:
+                    direct.put("big/big.bin", f, size)
+                figures["direct_big"].append(size / (time.monotonic() - t0))
+                direct.delete("big/big.bin")
 
-            upload = http.post("/api/v1/projects/BENCH/uploads", json={}).json()
+                upload = new_upload()
+                stop, peak = threading.Event(), [before]
+                watcher = threading.Thread(target=peak_watch, args=(pid, stop, peak))
+                watcher.start()
+                t0 = time.monotonic()
+                added = http.post(f"/api/v1/uploads/{upload}/files",
+                                  params={"filename": "big.bin"}, content=file_body(big),
+                                  headers={"Content-Length": str(size)})
+                figures["gateway_big"].append(size / (time.monotonic() - t0))
+                stop.set()
+                watcher.join()
+                peaks.append(peak[0])
+                assert added.status_code == 201, added.text
+                print(f"round {r + 1}: big file direct {figures['direct_big'][-1] / 1e6:.0f}, "
+                      f"gateway {figures['gateway_big'][-1] / 1e6:.0f} MB/s", flush=True)
 
-            def send_form(first: int) -> None:
-                response = clients[first // args.batch % args.clients].post(
-                    f"/api/v1/uploads/{upload['id']}/files", files=[
-                        ("file", (f"{i}.bin", small[i]))
-                        for i in range(first, min(first + args.batch, args.files))])
-                assert response.status_code == 201, response.text
+            for r in range(args.rounds):
+                t0 = time.monotonic()
+                with ThreadPoolExecutor(args.clients) as pool:
+                    list(pool.map(lambda i: direct.put(
+                        f"small/{i}.bin", _Bytes(small[i]), len(small[i])), range(args.files)))
+                figures["direct_small"].append(args.files / (time.monotonic() - t0))
+                direct.delete_prefix("small/")
 
-            t0 = time.monotonic()
-            with ThreadPoolExecutor(args.clients) as pool:
-                list(pool.map(send_form, range(0, args.files, args.batch)))
-            gateway_forms = args.files / (time.monotonic() - t0)
+                upload = new_upload()
+
+                def send(i: int, upload: str = upload) -> None:
+                    response = clients[i % args.clients].post(
+                        f"/api/v1/uploads/{upload}/files", params={"filename": f"{i}.bin"},
+                        content=small[i])
+                    assert response.status_code == 201, response.text
+
+                t0 = time.monotonic()
+                with ThreadPoolExecutor(args.clients) as pool:
+                    list(pool.map(send, range(args.files)))
+                figures["gateway_small"].append(args.files / (time.monotonic() - t0))
+
+                upload = new_upload()
+
+                def send_form(first: int, upload: str = upload) -> None:
+                    response = clients[first // args.batch % args.clients].post(
+                        f"/api/v1/uploads/{upload}/files", files=[
+                            ("file", (f"{i}.bin", small[i]))
+                            for i in range(first, min(first + args.batch, args.files))])
+                    assert response.status_code == 201, response.text
+
+                t0 = time.monotonic()
+                with ThreadPoolExecutor(args.clients) as pool:
+                    list(pool.map(send_form, range(0, args.files, args.batch)))
+                figures["gateway_forms"].append(args.files / (time.monotonic() - t0))
+                print(f"round {r + 1}: small files direct {figures['direct_small'][-1]:.0f}, "
+                      f"one per request {figures['gateway_small'][-1]:.0f}, forms "
+                      f"{figures['gateway_forms'][-1]:.0f} files/s", flush=True)
         finally:
             stack.stop()
             log.close()
 
+    m = {k: statistics.median(v) for k, v in figures.items()}
+
+    def spread(key: str, scale: float = 1) -> str:
+        return f"({min(figures[key]) / scale:.0f}-{max(figures[key]) / scale:.0f})"
+
+    print(f"\nmedians of {args.rounds} rounds (range in brackets)")
     print(f"\none {size / 1e9:.2f} GB file:")
-    print(f"  straight to the store  {direct_big / 1e6:8.0f} MB/s")
-    print(f"  through the gateway    {gateway_big / 1e6:8.0f} MB/s   "
-          f"= {gateway_big / direct_big:.0%} of direct (target: at least 70%)")
-    print(f"  gateway memory: {before / 1024:.0f} MB before, peak {peak[0] / 1024:.0f} MB "
-          "during the upload (target: under 300 MB)")
+    print(f"  straight to the store  {m['direct_big'] / 1e6:8.0f} MB/s "
+          f"{spread('direct_big', 1e6)}")
+    print(f"  through the gateway    {m['gateway_big'] / 1e6:8.0f} MB/s "
+          f"{spread('gateway_big', 1e6)}  = {m['gateway_big'] / m['direct_big']:.0%} of direct "
+          "(target: at least 70%)")
+    print(f"  gateway memory: {before / 1024:.0f} MB before, peak {max(peaks) / 1024:.0f} MB "
+          "during the uploads (target: under 300 MB)")
     print(f"\n{args.files} files of {args.file_kb} KB, {args.clients} clients:")
-    print(f"  straight to the store  {direct_small:8.0f} files/s "
-          f"({direct_small * args.file_kb / 1024:.0f} MB/s)")
-    print(f"  through the gateway    {gateway_small:8.0f} files/s "
-          f"({gateway_small * args.file_kb / 1024:.0f} MB/s)   "
-          f"= {gateway_small / direct_small:.0%} of direct (one request per file)")
-    print(f"  through the gateway    {gateway_forms:8.0f} files/s "
-          f"({gateway_forms * args.file_kb / 1024:.0f} MB/s)   "
-          f"= {gateway_forms / direct_small:.0%} of direct (forms of {args.batch} files; "
-          "target: at least 70%)")
+    print(f"  straight to the store  {m['direct_small']:8.0f} files/s {spread('direct_small')} "
+          f"({m['direct_small'] * args.file_kb / 1024:.0f} MB/s)")
+    print(f"  through the gateway    {m['gateway_small']:8.0f} files/s {spread('gateway_small')}"
+          f"  = {m['gateway_small'] / m['direct_small']:.0%} of direct (one request per file)")
+    print(f"  through the gateway    {m['gateway_forms']:8.0f} files/s {spread('gateway_forms')}"
+          f"  = {m['gateway_forms'] / m['direct_small']:.0%} of direct (forms of {args.batch} "
+          "files; target: at least 70%)")
 
 
 class _Bytes:
