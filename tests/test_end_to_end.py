@@ -911,7 +911,7 @@ def test_schemathesis_finds_nothing_wrong_with_the_api(running: Running, tmp_pat
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "st_hooks", "PYTHONPATH": str(tmp_path)}
     # Two workers: one generates cases (the coverage phase alone spends ~50 s making strings
     # for the tus Upload-Metadata pattern) while the other waits for the gateway's answer.
-    # The same operations, cases and checks are run.
+    # The same operations, phases and checks are run.
     result = subprocess.run([str(exe), "run", url, "--max-examples", "6", "--workers", "2",
                              "--seed", "1", "--no-color",
                              "--header", f"Authorization: Bearer {running.token}"], capture_output=True, text=True,
