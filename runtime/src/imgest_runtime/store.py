@@ -267,8 +267,9 @@ class LocalStore(ObjectStore):
                     out.flush()
                     os.fsync(out.fileno())
             os.replace(tmp, path)
-        finally:
+        except BaseException:
             tmp.unlink(missing_ok=True)
+            raise
         return StoredObject(key, hashing.size, hashing.sha.hexdigest())
 
     writes_in_place = True
