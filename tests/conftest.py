@@ -10,11 +10,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import email
-import functools
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,22 +29,13 @@ CONTAINERS = os.environ.get("IMGEST_TEST_INFRA", "wheels") == "containers"
 # The tests start Python children by the dozen: five services per stack (and again after each
 # kill or restart), the `imgest` CLI, Schemathesis. Where PYTHONDONTWRITEBYTECODE is set (and
 # the environment holds no .pyc files), every one of them compiles each module it imports from
-# source: about 10 of the ~20 s a stack takes to start on two cores. So the children share a
-# bytecode cache of this run instead, kept outside the repository and removed at exit.
+# source: about 10 of the ~20 s a stack takes to start on two cores, and several seconds each
+# time a test kills or restarts a service. So the children share a bytecode cache of this run
+# instead, kept outside the repository and removed at exit.
 if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
     del os.environ["PYTHONDONTWRITEBYTECODE"]
     os.environ["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="imgest-test-pycache-")
     atexit.register(shutil.rmtree, os.environ["PYTHONPYCACHEPREFIX"], ignore_errors=True)
-
-
-@functools.cache
-def warm_bytecode_cache() -> None:
-    """Compiles the five services' modules once, in one process, before a stack starts them:
-    otherwise the first stack's five children each compile the same modules side by side."""
-    if os.environ.get("PYTHONPYCACHEPREFIX"):
-        subprocess.run([sys.executable, "-c", "; ".join(
-            f"import imgest_{name}.__main__" for name in (
-                "gateway", "unpacker", "metadata", "importer", "notifier"))], check=True)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from imgest.stack import SERVICES, Stack, port_env
 
-from .conftest import Broker, Infra, Mailbox, free_port, warm_bytecode_cache
+from .conftest import Broker, Infra, Mailbox, free_port
 
 
 class Running:
@@ -152,7 +152,6 @@ def started_stack(request, infra: Infra, smtp_server, tmp_path_factory, store: s
     log = data_dir / "services.log"
     sink = log.open("a", buffering=1)
     stack = Stack(data_dir, env, emit=lambda name, line: sink.closed or sink.write(f"{name:<9}| {line}\n"))
-    warm_bytecode_cache()
     resolved = stack.start()
     try:
         stack.wait_ready(timeout=180)

@@ -23,7 +23,7 @@ import pytest
 
 from imgest.stack import SERVICES, Stack, port_env, ready
 
-from .conftest import SmtpServer, free_port, warm_bytecode_cache
+from .conftest import SmtpServer, free_port
 from .pipeline import Running, study_zip
 
 pytestmark = pytest.mark.timeout(900)
@@ -61,7 +61,6 @@ def faulty(request, smtp: SmtpServer):
     log = root / "services.log"
     sink = log.open("a", buffering=1)
     stack = Stack(root / "data", env, emit=lambda n, line: sink.closed or sink.write(f"{n:<9}| {line}\n"))
-    warm_bytecode_cache()
     resolved = stack.start()
     stack.wait_ready(timeout=180)
     run = Running(stack, resolved, smtp.mailbox, log, None)
