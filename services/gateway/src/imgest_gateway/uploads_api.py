@@ -582,7 +582,7 @@ async def record_arrivals(svc: Service, upload: Upload, rules: ProjectSettings,
             # After the lock, so it sees what the last holder added.
             known = (await session.execute(_KNOWN_CONTENT, {
                 "upload_id": upload.id, "project": upload.project,
-                "shas": list({a.sha256 for a in arrivals})})).tuples().all()
+                "shas": list({a.sha256 for a in arrivals})})).all()
             in_upload = {sha: name for sha, name, earlier in known if earlier is None}
             archived = {sha: (path, earlier) for sha, path, earlier in known if earlier}
             verdicts = sort_arrivals(
