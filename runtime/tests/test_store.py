@@ -24,6 +24,7 @@ from imgest_runtime.store import (
     S3Store,
     StoredObject,
     StoreError,
+    _FullReads,
     check_key,
     fit_name,
     part_size_for,
@@ -459,6 +460,14 @@ def test_iter_reader_reads_across_chunks() -> None:
     assert r.read(10) == b"defg"
     assert r.read() == b"h"
     assert r.read() == b"" and r.read(5) == b""
+
+
+def test_full_reads_fill_each_read_unless_the_source_ends() -> None:
+    # What S3Store.put gives minio, which gathers a part by adding read to read.
+    r = _FullReads(IterReader(iter([b"abc", b"defg", b"h"])))
+    assert r.read(5) == b"abcde"
+    assert r.read(10) == b"fgh"
+    assert r.read(3) == b""
 
 
 def test_iter_reader_readall_and_buffered() -> None:

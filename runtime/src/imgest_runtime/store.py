@@ -92,6 +92,35 @@ def _temporary_beside(path: Path) -> Path:
     return path.with_name(f".{uuid.uuid4().hex}.part")
 
 
+class _FullReads(io.RawIOBase):
+    """A reader whose reads return all `n` bytes asked for unless the source ends first. minio
+    gathers a part by adding read to read (`bytes +=`): over sources that hand back a chunk at a
+    time, a 64 MiB part would be copied over and over (28 s instead of 0.07 s)."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            return self.raw.read()
+        pieces, got = [], 0
+        while got < n:
+            piece = self.raw.read(n - got)
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
 class _Hashing(io.RawIOBase):
     """Wraps a readable, counting and hashing what passes through."""
 
@@ -404,7 +433,7 @@ class S3Store(ObjectStore):
 
     def put(self, key: str, data: BinaryIO, length: int | None = None, *,
             durable: bool = True) -> StoredObject:
-        hashing = _Hashing(data)
+        hashing = _Hashing(_FullReads(data))
         try:
             self.client.put_object(
                 self.bucket, check_key(key), hashing,  # type: ignore[arg-type]
@@ -609,6 +638,7 @@ class _QueueReader(io.RawIOBase):
     way (at hundreds of MB/s, each copy costs the event loop's CPU)."""
 
     def __init__(self, maxsize: int = 8):
+        # Chunks must be bytes (minio refuses anything else): they are handed on as they are.
         self.chunks: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize)
         self.ready: deque[bytes] = deque()
         self.done = False
@@ -619,6 +649,8 @@ class _QueueReader(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         if n < 0:
             return b"".join(iter(lambda: self.read(CHUNK), b""))
+        if n == 0:
+            return b""
         while not self.ready:
             if self.done:
                 return b""
