@@ -93,6 +93,10 @@ class NewUpload(BaseModel):
         return fields
 
 
+class _TooLarge(Exception):
+    """The body went past the size limit (raised inside the stream, answered as a 413)."""
+
+
 async def stream_to_store(svc: Service, settings: Settings, key: str,
                           chunks: AsyncIterator[bytes], length: int | None) -> StoredObject:
     """Streams chunks into the store under `key`, refusing a body past the size limit (also
@@ -101,20 +105,17 @@ async def stream_to_store(svc: Service, settings: Settings, key: str,
     if length is not None and length > limit:
         raise Refused(413, "Content Too Large", f"A file may be at most {limit} bytes.")
 
-    class TooLarge(Exception):
-        pass
-
     async def limited() -> AsyncIterator[bytes]:
         received = 0
         async for chunk in chunks:
             received += len(chunk)
             if received > limit:
-                raise TooLarge()
+                raise _TooLarge()
             yield chunk
 
     try:
         stored = await put_async(svc.store, key, limited(), length)  # type: ignore[arg-type]
-    except TooLarge:
+    except _TooLarge:
         await asyncio.to_thread(svc.store.delete, key)
         raise Refused(413, "Content Too Large", f"A file may be at most {limit} bytes.") from None
     except StoreError as e:
