@@ -92,16 +92,25 @@ def _temporary_beside(path: Path) -> Path:
     return path.with_name(f".{uuid.uuid4().hex}.part")
 
 
-class _FullReads(io.RawIOBase):
+class _Reader(io.RawIOBase):
+    """A readable stream: subclasses define `read` or `readinto`, and get the other."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class _FullReads(_Reader):
     """A reader whose reads return all `n` bytes asked for unless the source ends first. minio
     gathers a part by adding read to read (`bytes +=`): over sources that hand back a chunk at a
     time, a 64 MiB part would be copied over and over (28 s instead of 0.07 s)."""
 
     def __init__(self, raw: BinaryIO):
         self.raw = raw
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, n: int = -1) -> bytes:
         if n < 0:
@@ -115,13 +124,8 @@ class _FullReads(io.RawIOBase):
             got += len(piece)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def readinto(self, b) -> int:  # type: ignore[override]
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
-
-class _Hashing(io.RawIOBase):
+class _Hashing(_Reader):
     """Wraps a readable, counting and hashing what passes through."""
 
     def __init__(self, raw: BinaryIO):
@@ -129,9 +133,6 @@ class _Hashing(io.RawIOBase):
         self.sha = hashlib.sha256()
         self.size = 0
         self.source_error: BaseException | None = None  # the source failed, not the store
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, n: int = -1) -> bytes:
         try:
@@ -142,11 +143,6 @@ class _Hashing(io.RawIOBase):
         self.sha.update(data)
         self.size += len(data)
         return data
-
-    def readinto(self, b) -> int:  # type: ignore[override]
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
 
 class ObjectStore(ABC):
@@ -169,8 +165,8 @@ class ObjectStore(ABC):
     def write_at(self, key: str, offset: int, data: BinaryIO, *, durable: bool = True
                  ) -> StoredObject:
         """Writes `data` (until EOF) into the object at `offset`, creating it, durably (or, with
-        `durable=False`, once `make_durable`); returns how many bytes were written. Bytes already there past them stay (`move` the object
-        once it is whole)."""
+        `durable=False`, once `make_durable`); returns how many bytes were written. Bytes
+        already there past them stay (`move` the object once it is whole)."""
         raise NotImplementedError
 
     @abstractmethod
@@ -541,14 +537,11 @@ class S3Store(ObjectStore):
             raise StoreError(f"S3 unreachable: {e}") from e
 
 
-class _Chained(io.RawIOBase):
+class _Chained(_Reader):
     """Several objects read as one stream."""
 
     def __init__(self, store: ObjectStore, keys: list[str]):
         self.store, self.keys, self.current = store, list(keys), None
-
-    def readable(self) -> bool:
-        return True
 
     def readinto(self, b) -> int:  # type: ignore[override]
         while True:
@@ -568,20 +561,12 @@ class _Chained(io.RawIOBase):
         super().close()
 
 
-class _S3Body(io.RawIOBase):
+class _S3Body(_Reader):
     def __init__(self, response):
         self.response = response
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         return self.response.read(None if n < 0 else n)
-
-    def readinto(self, b) -> int:  # type: ignore[override]
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         if not self.closed:
@@ -599,16 +584,13 @@ def open_store(settings: RuntimeSettings) -> ObjectStore:
     return LocalStore(settings.local_store_dir)
 
 
-class RangeFile(io.RawIOBase):
+class RangeFile(_Reader):
     """A seekable read-only file over an object, each read a ranged read: for readers that
     jump about (zipfile, TIFF directories). `bytes_read` counts what it fetched."""
 
     def __init__(self, store: ObjectStore, key: str, size: int):
         self.store, self.key, self.size, self.pos = store, key, size, 0
         self.bytes_read = 0
-
-    def readable(self) -> bool:
-        return True
 
     def seekable(self) -> bool:
         return True
@@ -632,7 +614,7 @@ class RangeFile(io.RawIOBase):
 # --- async bridge --------------------------------------------------------------------------------
 
 
-class _QueueReader(io.RawIOBase):
+class _QueueReader(_Reader):
     """A blocking reader fed from the event loop with lists of chunks (bounded, so memory stays
     flat). A read hands back one chunk as it came, or part of one: no bytes are copied on the
     way (at hundreds of MB/s, each copy costs the event loop's CPU)."""
@@ -642,9 +624,6 @@ class _QueueReader(io.RawIOBase):
         self.chunks: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize)
         self.ready: deque[bytes] = deque()
         self.done = False
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, n: int = -1) -> bytes:
         if n < 0:
@@ -667,11 +646,6 @@ class _QueueReader(io.RawIOBase):
             chunk = chunk[:n]
         return chunk
 
-    def readinto(self, b) -> int:  # type: ignore[override]
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
 
 async def put_async(store: ObjectStore, key: str, chunks: AsyncIterator[bytes],
                     length: int | None = None, *, digests: Sequence[Any] = ()) -> StoredObject:
@@ -688,25 +662,17 @@ async def write_at_async(store: ObjectStore, key: str, offset: int,
         lambda reader: store.write_at(key, offset, reader, durable=durable), chunks, digests)
 
 
-class _Digesting(io.RawIOBase):
+class _Digesting(_Reader):
     """Updates digests with what is read through it."""
 
     def __init__(self, raw: BinaryIO, digests: Sequence[Any]):
         self.raw, self.digests = raw, digests
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
         for digest in self.digests:
             digest.update(data)
         return data
-
-    def readinto(self, b) -> int:  # type: ignore[override]
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
 
 async def _write_async(write: Callable[[BinaryIO], StoredObject],
@@ -767,15 +733,12 @@ async def _write_async(write: Callable[[BinaryIO], StoredObject],
     return await writer
 
 
-class IterReader(io.RawIOBase):
+class IterReader(_Reader):
     """A blocking reader over an iterator of byte chunks (to stream a generator into `put`)."""
 
     def __init__(self, chunks: Iterator[bytes]):
         self.chunks = iter(chunks)
         self.buffer = b""
-
-    def readable(self) -> bool:
-        return True
 
     def readinto(self, b) -> int:  # type: ignore[override]
         while not self.buffer:

@@ -3,13 +3,14 @@ termination, expiration, checksum) at /api/v1/tus/, each attached to an upload s
 
 The bytes of a PATCH are cut into segments (a multiple of the S3 part size chosen from the
 length), each durable and committed as it completes, so a dropped connection loses at most the
-segment in flight (on the local store, also the one before it, whose fsync overlaps it), and a gateway restart loses nothing committed: the offset lives in
-PostgreSQL. On S3 each segment is an object of its own, and once the last byte is in they are
-composed server-side into the file; on the local store the file is written in place at each
-segment's offset and only renamed at the end (each byte is written once). Memory holds one
-chunk at a time, whatever the file's size. The finished file joins the upload session with the
-same duplicate checks as any added file. SHA-256 is computed while the bytes stream in; a
-process that did not see them all (a restart, another replica) reads the file once to hash it.
+segment in flight (on the local store, also the one before it, whose fsync overlaps it), and a
+gateway restart loses nothing committed: the offset lives in PostgreSQL. On S3 each segment
+is an object of its own, and once the last byte is in they are composed server-side into the
+file; on the local store the file is written in place at each segment's offset and only
+renamed at the end (each byte is written once). Memory holds one chunk at a time, whatever
+the file's size. The finished file joins the upload session with the same duplicate checks as
+any added file. SHA-256 is computed while the bytes stream in; a process that did not see them
+all (a restart, another replica) reads the file once to hash it.
 """
 
 import asyncio
@@ -272,7 +273,8 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
             except binascii.Error:
                 return refuse(400, "Bad Upload-Checksum", "The digest is not base64.")
             checker = CHECKSUMS[algorithm]()
-        if in_place(row) and start > 0:
+        place = in_place(row)  # (the segments it looks at stay of one kind while this runs)
+        if place and start > 0:
             draft = await asyncio.to_thread(svc.store.stat, in_place_key(row.id))
             if draft is None or draft.size < start:  # (a store restored from a backup)
                 await drop(row)
@@ -331,7 +333,7 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                 # Hashed by the writer's thread as the bytes go by (hashlib lets go of the GIL).
                 digests = [d for d in (checker, hasher) if d is not None]
                 try:
-                    if in_place(row):  # past the committed offset, bytes are only a draft
+                    if place:  # past the committed offset, bytes are only a draft
                         key = in_place_key(row.id)
                         stored = await write_at_async(svc.store, key, offset, segment(),
                                                       durable=False, digests=digests)
@@ -352,7 +354,7 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                     break
                 written.append([offset, key, stored.size])
                 offset += stored.size
-                if in_place(row):
+                if place:
                     await settle()
                     syncing = (asyncio.ensure_future(asyncio.to_thread(
                         svc.store.make_durable, key)), written[-1])
