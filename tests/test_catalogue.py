@@ -138,10 +138,28 @@ def test_listings_at_each_level_json_and_xnat(running: Running, archive: Archive
     assert (resource["label"], resource["file_count"], resource["file_size"]) == (
         "DICOM", "2", str(sum(len(b) for b in sent.values())))
     files = rows(http.get(f"{XNAT_SESSION}/scans/1/resources/DICOM/files"))
-    assert {r["Name"]: (r["Size"], r["digest"]) for r in files} == {
+    assert {r["Name"]: (r["Size"], r["sha256"]) for r in files} == {
         name: (str(len(data)), sha(data)) for name, data in sent.items()}
     assert all(r["URI"] == f"{XNAT_SESSION}/scans/1/resources/DICOM/files/{r['Name']}"
                for r in files)
+    # One object, as XNAT's format=json sends it: items with data_fields, meta and children.
+    [item] = http.get(XNAT_SESSION, params={"format": "json"}).json()["items"]
+    assert item["meta"]["xsi:type"] == "xnat:ctSessionData"
+    assert {k: item["data_fields"][k] for k in ("ID", "label", "project", "subject_ID")} == {
+        "ID": "SESS1", "label": "SESS1", "project": "CAT", "subject_ID": "SUB1"}
+    [scan_children] = item["children"]
+    assert scan_children["field"] == "scans/scan"
+    assert [c["data_fields"]["ID"] for c in scan_children["items"]] == ["1", "2"]
+    [scan_item] = http.get(f"{XNAT_SESSION}/scans/2").json()["items"]
+    assert (scan_item["meta"]["xsi:type"], scan_item["data_fields"]["ID"]) == (
+        "xnat:ctScanData", "2")
+    for url in ("/data/projects/CAT/subjects/SUB1", "/data/subjects/SUB1"):
+        [subject_item] = http.get(url).json()["items"]
+        assert subject_item["data_fields"] == {"ID": "SUB1", "label": "SUB1", "project": "CAT"}
+    [project_item] = http.get("/data/projects/CAT").json()["items"]
+    assert (project_item["meta"]["xsi:type"], project_item["data_fields"]["ID"]) == (
+        "xnat:projectData", "CAT")
+    assert "CAT" in [r["ID"] for r in rows(http.get("/data/projects"))]
     every = rows(http.get(f"{XNAT_SESSION}/scans/ALL/files"))
     assert sorted(r["Name"] for r in every) == sorted(
         name for scan in archive.study.values() for name in scan)
@@ -234,8 +252,9 @@ def test_a_session_downloads_as_a_zip_in_xnats_layout(running: Running, archive:
     one_scan = archive.viewer.get(f"{XNAT_SESSION}/scans/1/resources/DICOM/files",
                                   params={"format": "zip"})
     assert zip_members(one_scan) == {k: v for k, v in expected.items() if "/scans/1/" in k}
-    # Without format=zip, the experiment itself is not served (XNAT's XML/items are not).
-    assert archive.viewer.get(XNAT_SESSION).status_code == 400
+    # Without format=zip, the experiment as XNAT's items; a format imgest does not serve: 400.
+    assert "items" in archive.viewer.get(XNAT_SESSION).json()
+    assert archive.viewer.get(XNAT_SESSION, params={"format": "xml"}).status_code == 400
 
 
 def test_a_prearchive_entry_shows_its_details_and_downloads_as_a_zip(running: Running,
@@ -289,7 +308,9 @@ def test_who_may_read_what_and_clean_refusals(running: Running, archive: Archive
     for url in (f"{XNAT_SESSION}/scans/9/resources",
                 f"{XNAT_SESSION}/scans/1/resources/PHOTO/files",
                 f"{XNAT_SESSION}/scans/1/resources/DICOM/files/nope.dcm",
-                "/data/projects/CAT/subjects/SUB1/experiments/NOPE/scans"):
+                "/data/projects/CAT/subjects/SUB1/experiments/NOPE/scans",
+                f"{XNAT_SESSION}/scans/9", "/data/projects/CAT/subjects/NOBODY",
+                "/data/subjects/NOBODY"):
         missing = archive.viewer.get(url)
         assert missing.status_code == 404, (url, missing.text)
         assert missing.headers["content-type"].startswith("text/plain")
@@ -318,20 +339,25 @@ def test_who_may_read_what_and_clean_refusals(running: Running, archive: Archive
     assert running.http.get(archive.unassigned, params={"format": "zip"}).status_code == 200
 
 
-def test_xnats_python_client_lists_and_downloads(running: Running, archive: Archive, tmp_path):
-    """xnatpy's own requests (its login, `get_json`, `download`, `download_zip`) on the XNAT
-    paths; its object model (session.projects[…]) needs XNAT's `items` JSON, not served."""
+def test_xnats_python_client_browses_and_downloads(running: Running, archive: Archive,
+                                                   tmp_path):
+    """xnatpy as XNAT's users use it: the object model it builds from imgest's schema, from the
+    project down to one file's bytes, and a session as a zip."""
     import xnat
 
-    with xnat.connect(running.url, user="viewer", password=PASSWORD,
-                      no_parse_model=True) as session:
-        subjects = session.get_json("/data/projects/CAT/subjects")["ResultSet"]["Result"]
-        assert [s["label"] for s in subjects] == ["SUB1"]
-        files = session.get_json(f"{XNAT_SESSION}/scans/1/resources/DICOM/files")
-        first = files["ResultSet"]["Result"][0]
-        session.download(first["URI"], tmp_path / first["Name"], verbose=False)
-        assert sha((tmp_path / first["Name"]).read_bytes()) == first["digest"]
-        session.download_zip(XNAT_SESSION, tmp_path / "session.zip", verbose=False)
+    with xnat.connect(running.url, user="viewer", password=PASSWORD) as session:
+        subject = session.projects["CAT"].subjects["SUB1"]
+        assert {e.label: type(e).__name__ for e in subject.experiments.values()} == {
+            "SESS1": "CtSessionData", "PHOTOS1": "ImageSessionData"}
+        study = subject.experiments["SESS1"]
+        assert study.subject.label == "SUB1" and study.modality == "CT"
+        assert sorted(s.id for s in study.scans.values()) == ["1", "2"]
+        files = study.scans["1"].resources["DICOM"].files
+        assert sorted(files.keys()) == sorted(archive.study["1"])
+        name = min(archive.study["1"])
+        files[name].download(tmp_path / name, verbose=False)
+        assert (tmp_path / name).read_bytes() == archive.study["1"][name]
+        study.download(tmp_path / "session.zip", verbose=False)
     with zipfile.ZipFile(tmp_path / "session.zip") as zf:
         assert len(zf.namelist()) == sum(len(files) for files in archive.study.values())
 

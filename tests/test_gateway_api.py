@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -483,6 +484,7 @@ def test_xnat_import_with_curl(gateway: Running, pydicom_file, tmp_path):
 
 
 def test_xnat_python_client_logs_in_and_imports(gateway: Running, pydicom_file, tmp_path):
+    import pydicom
     import xnat
 
     gateway.project("XPY")
@@ -491,22 +493,43 @@ def test_xnat_python_client_logs_in_and_imports(gateway: Running, pydicom_file, 
     assert imgest(gateway, "project", "set", "XPY", "--member", "xuser=member").returncode == 0
     scan = tmp_path / "scan.dcm"
     scan.write_bytes(_dicom(pydicom_file, "XNATPY"))
-    # Logs in with PUT /data/services/auth, checks GET /data/auth, imports, logs out.
-    with xnat.connect(gateway.url, user="xuser", password="xnat password 1",
-                      no_parse_model=True) as session:
+    # Connects as XNAT's users do: logs in (PUT /data/services/auth, GET /data/auth), builds
+    # its object model from imgest's schema (/xapi/schemas), imports, reads, downloads.
+    with xnat.connect(gateway.url, user="xuser", password="xnat password 1") as session:
         assert session.logged_in_user == "xuser"
-        entry = session.services.import_(scan, project="XPY", subject="PY1",
-                                         experiment="PY1_MR", destination="/prearchive")
+        experiment = session.services.import_(scan, project="XPY", subject="PY1",
+                                              experiment="PY1_CT", destination="/archive")
+        assert type(experiment).__name__ == "CtSessionData"
+        assert (experiment.label, experiment.project, experiment.subject_id,
+                experiment.modality) == ("PY1_CT", "XPY", "PY1", "CT")
+        assert experiment.subject.label == "PY1"
+        assert [p.id for p in session.projects.values()] == ["XPY"]  # what xuser may see
+        browsed = session.projects["XPY"].subjects["PY1"].experiments["PY1_CT"]
+        assert browsed.uid == pydicom.dcmread(scan).StudyInstanceUID
+        (series,) = browsed.scans.values()
+        assert type(series).__name__ == "CtScanData" and series.modality == "CT"
+        (resource,) = series.resources.values()
+        (one,) = resource.files.values()
+        assert resource.label == "DICOM" and resource.file_count == 1
+        one.download(tmp_path / "back.dcm", verbose=False)
+        assert (tmp_path / "back.dcm").read_bytes() == scan.read_bytes()
+        browsed.download(tmp_path / "session.zip", verbose=False)
+        with zipfile.ZipFile(tmp_path / "session.zip") as zf:
+            member = f"PY1_CT/scans/{series.id}/resources/DICOM/files/{one.id}"
+            assert zf.namelist() == [member]
+        second = tmp_path / "second.dcm"
+        second.write_bytes(_dicom(pydicom_file, "XNATPY2"))
+        entry = session.services.import_(second, project="XPY", subject="PY2",
+                                         experiment="PY2_MR", destination="/prearchive")
         assert entry.uri.startswith("/data/prearchive/projects/XPY/"), entry.uri
-        assert entry.uri.endswith("/PY1_MR")
+        assert entry.uri.endswith("/PY2_MR") and entry.status == "READY"
         jsession = session.jsession
     # The session it used is gone after the client closed it.
     assert httpx.get(f"{gateway.url}/data/auth",
                      cookies={"JSESSIONID": jsession}).status_code == 401
     # A token in the password's place (XNAT's alias tokens) works the same way.
     token = _token_via_basic(gateway, "xuser", "xnat password 1")
-    with xnat.connect(gateway.url, user="xuser", password=token,
-                      no_parse_model=True) as session:
+    with xnat.connect(gateway.url, user="xuser", password=token) as session:
         assert session.logged_in_user == "xuser"
     # Wrong password: the client's own login error.
     with pytest.raises(xnat.exceptions.XNATLoginFailedError):

@@ -26,13 +26,16 @@ from fastapi import APIRouter, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from imgest_runtime.service import Service, problem_responses
 from imgest_runtime.store import CHUNK, ObjectNotFound, ObjectStore, StoreError
+from sqlmodel import col, select
 from starlette.exceptions import HTTPException
 
 from .archive_api import PLAIN, TIMESTAMP
 from .auth import CallerDep, forbidden
 from .identity import PROJECT_ID, Action, Caller
+from .models import Project
 from .settings import Settings
 from .views import json_response
+from .xnat_model import project_items, scan_items, session_items, subject_items, xsi_type
 
 LABEL = PROJECT_ID  # subjects, sessions, scans and resources have XNAT's ID characters too
 ProjectId = Annotated[str, Path(pattern=PROJECT_ID, description="The project's ID.")]
@@ -50,7 +53,8 @@ FileName = Annotated[str, Path(min_length=1, max_length=1024, pattern=r"^[^\x00-
 ListFormat = Annotated[Literal["json"], Query(alias="format", description="json only.")]
 ListOrZip = Annotated[Literal["json", "zip"], Query(alias="format",
                                                     description="json: a listing; zip: the files.")]
-Zip = Annotated[Literal["zip"], Query(alias="format", description="zip (the only one served).")]
+ItemOrZip = Annotated[Literal["json", "zip"], Query(alias="format", description="json: the "
+                      "object as XNAT's items; zip: its files.")]
 
 BYTES = {"schema": {"type": "string", "format": "binary"}}
 ZIP = {"description": "A zip, streamed: `SESSION/scans/SCAN/resources/RESOURCE/files/NAME`, "
@@ -58,17 +62,22 @@ ZIP = {"description": "A zip, streamed: `SESSION/scans/SCAN/resources/RESOURCE/f
        "content": {"application/zip": BYTES}}
 FILE = {"description": "The file's bytes: application/dicom for DICOM, otherwise the type its "
         "name says. Single byte ranges (Range: bytes=…) are served.", "content": {"*/*": BYTES}}
+ITEMS = {"description": "The object as XNAT's `format=json` sends it: `items`, each with "
+         "`data_fields`, `meta` (its `xsi:type`) and `children`.",
+         "content": {"application/json": {}}}
+ITEMS_OR_ZIP = {"description": "The session as XNAT's items, its scans as children "
+                "(format=json), or its files as a zip (format=zip).",
+                "content": {"application/json": {}, "application/zip": BYTES}}
 LISTING_OR_ZIP = {"description": "A ResultSet (format=json) or the files as a zip (format=zip).",
                   "content": {"application/json": {}, "application/zip": BYTES}}
 PART = {"description": "The byte range asked for (Content-Range).", "content": {"*/*": BYTES}}
 PLAIN_ERRORS = {
     400: "Bad request: a name no session, scan or file can have, or a format not served.",
     401: "Not logged in.", 403: "Not allowed to see the project.",
-    404: "No such session, scan, resource or file.",
+    404: "No such project, subject, session, scan, resource or file.",
+    409: "The subject label is in more than one of the caller's projects.",
     416: "The byte range lies past the end of the file.",
     503: "The catalogue or the store does not answer; try again shortly."}
-SESSION_TYPES = {"CT": "ct", "MR": "mr", "PT": "pet", "US": "us", "CR": "cr", "DX": "dx",
-                 "MG": "mg", "NM": "nm", "XA": "xa", "RF": "rf"}  # XNAT's data types
 
 
 def plain_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -147,12 +156,6 @@ def result_set(rows: list[dict[str, Any]]) -> JSONResponse:
 
 def xnat_date(value: str | None) -> str:
     return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if value else ""
-
-
-def xsi_type(modality: str | None, kind: Literal["Session", "Scan"]) -> str:
-    if modality is None:
-        return f"xnat:image{kind}Data"  # a photo or a slide: no DICOM modality
-    return f"xnat:{SESSION_TYPES.get(modality, 'otherDicom')}{kind}Data"
 
 
 def files_of(s: dict[str, Any], resource: str | None = None) -> list[dict[str, Any]]:
@@ -265,6 +268,10 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
         return await catalogue.get(f"/catalogue/sessions/{project}/{subject}/{session}",
                                    **params)
 
+    async def subject_rows(caller: Caller, project: str) -> list[dict[str, Any]]:
+        visible(caller, project)
+        return await catalogue.get(f"/catalogue/projects/{project}/subjects")
+
     async def entry(caller: Caller, project: str, timestamp: str, session: str
                     ) -> dict[str, Any]:
         visible(caller, project)
@@ -315,10 +322,9 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
              operation_id="list_subjects", summary="The project's subjects (those with archived "
              "sessions)", responses=problem_responses(401, 403, 422, 503))
     async def subjects(project: ProjectId, caller: CallerDep) -> JSONResponse:
-        visible(caller, project)
-        rows = await catalogue.get(f"/catalogue/projects/{project}/subjects")
         return json_response([{"subject": r["label"], "sessions": r["sessions"],
-                               "created_at": r["created_at"]} for r in rows])
+                               "created_at": r["created_at"]}
+                              for r in await subject_rows(caller, project)])
 
     @api.get("/api/v1/projects/{project}/subjects/{subject}/sessions/{session}",
              tags=["archive"], operation_id="get_session",
@@ -385,18 +391,58 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
             return endpoint
         return register
 
-    def xnat_session(project: str, subject: str, session: str) -> str:
+    def session_uri(project: str, subject: str, session: str) -> str:
         return f"/data/projects/{project}/subjects/{subject}/experiments/{session}"
+
+    @xnat_get("/projects", "the projects the caller may see", ok=ITEMS)
+    async def xnat_projects(caller: CallerDep, fmt: ListFormat = "json") -> JSONResponse:
+        async with svc.db.session() as db:
+            rows = (await db.exec(select(Project).order_by(col(Project.id)))).all()
+        return result_set([{"ID": p.id, "secondary_ID": p.id, "name": p.name,
+                            "description": p.description, "URI": f"/data/projects/{p.id}"}
+                           for p in rows if caller.may(Action.view, p.id)])
+
+    @xnat_get("/projects/{project}", "a project (XNAT's items)", 404, ok=ITEMS)
+    async def xnat_project(project: ProjectId, caller: CallerDep, fmt: ListFormat = "json"
+                           ) -> JSONResponse:
+        visible(caller, project)
+        async with svc.db.session() as db:
+            row = await db.get(Project, project)
+        if row is None:
+            raise HTTPException(404, f"No project {project}.")
+        return JSONResponse(project_items(row))
 
     @xnat_get("/projects/{project}/subjects", "the project's subjects")
     async def xnat_subjects(project: ProjectId, caller: CallerDep,
                             fmt: ListFormat = "json") -> JSONResponse:
-        visible(caller, project)
-        rows = await catalogue.get(f"/catalogue/projects/{project}/subjects")
         return result_set([{"ID": r["label"], "label": r["label"], "project": project,
                             "insert_date": xnat_date(r["created_at"]),
                             "URI": f"/data/projects/{project}/subjects/{r['label']}"}
-                           for r in rows])
+                           for r in await subject_rows(caller, project)])
+
+    @xnat_get("/projects/{project}/subjects/{subject}", "a subject (XNAT's items)", 404,
+              ok=ITEMS)
+    async def xnat_subject(project: ProjectId, subject: SubjectLabel, caller: CallerDep,
+                           fmt: ListFormat = "json") -> JSONResponse:
+        found = [r for r in await subject_rows(caller, project) if r["label"] == subject]
+        if not found:
+            raise HTTPException(404, f"No subject {subject} in project {project}.")
+        return JSONResponse(subject_items(project, found[0]))
+
+    @xnat_get("/subjects/{subject}", "a subject by its ID alone (XNAT's IDs are global; "
+              "imgest's are labels, so a label in two of the caller's projects is a 409)",
+              404, 409, ok=ITEMS)
+    async def xnat_subject_by_id(subject: SubjectLabel, caller: CallerDep,
+                                 fmt: ListFormat = "json") -> JSONResponse:
+        found = [r for r in await catalogue.get(f"/catalogue/subjects/{subject}")
+                 if caller.may(Action.view, r["project"])]
+        if len(found) > 1:
+            raise HTTPException(409, f"Subject {subject} is in projects "
+                                f"{', '.join(r['project'] for r in found)}; read it as "
+                                f"/data/projects/PROJECT/subjects/{subject}.")
+        if not found:
+            raise HTTPException(404, f"No subject {subject}.")
+        return JSONResponse(subject_items(found[0]["project"], found[0]))
 
     async def experiments(caller: Caller, project: str, subject: str | None) -> JSONResponse:
         visible(caller, project)
@@ -407,7 +453,7 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
             "subject_label": r["subject"],
             "xsiType": xsi_type(r["modalities"][0] if r["modalities"] else None, "Session"),
             "insert_date": xnat_date(r["created_at"]),
-            "URI": xnat_session(project, r["subject"], r["label"])} for r in rows])
+            "URI": session_uri(project, r["subject"], r["label"])} for r in rows])
 
     @xnat_get("/projects/{project}/experiments", "the project's sessions (experiments)")
     async def xnat_project_experiments(project: ProjectId, caller: CallerDep,
@@ -421,24 +467,34 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
         return await experiments(caller, project, subject)
 
     @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}",
-              "a session as a zip (format=zip)", 404, ok=ZIP,
-              response_class=Response)
-    async def xnat_session_zip(project: ProjectId, subject: SubjectLabel, session: SessionLabel,
-                               caller: CallerDep, fmt: Zip) -> Response:
-        s = await archived(caller, project, subject, session)
-        return zip_response(s, files_of(s))
+              "a session with its scans (XNAT's items); format=zip for its files", 404,
+              ok=ITEMS_OR_ZIP, response_class=Response)
+    async def xnat_session(project: ProjectId, subject: SubjectLabel, session: SessionLabel,
+                           caller: CallerDep, fmt: ItemOrZip = "json") -> Response:
+        s = await archived(caller, project, subject, session, files=fmt == "zip")
+        if fmt == "zip":
+            return zip_response(s, files_of(s))
+        return JSONResponse(session_items(s))
 
     @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans",
               "a session's scans", 404)
     async def xnat_scans(project: ProjectId, subject: SubjectLabel, session: SessionLabel,
                          caller: CallerDep, fmt: ListFormat = "json") -> JSONResponse:
         s = await archived(caller, project, subject, session, files=False)
-        base = xnat_session(project, subject, session)
+        base = session_uri(project, subject, session)
         return result_set([{
             "ID": c["label"], "type": c["description"] or "",
             "series_description": c["description"] or "", "modality": c["modality"] or "",
             "xsiType": xsi_type(c["modality"], "Scan"), "file_count": str(c["file_count"]),
             "URI": f"{base}/scans/{c['label']}"} for c in s["scans"]])
+
+    @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans/{scan}",
+              "a scan (XNAT's items)", 404, ok=ITEMS)
+    async def xnat_scan(project: ProjectId, subject: SubjectLabel, session: SessionLabel,
+                        scan: ScanId, caller: CallerDep, fmt: ListFormat = "json"
+                        ) -> JSONResponse:
+        s = await archived(caller, project, subject, session, scan=scan, files=False)
+        return JSONResponse(scan_items(s, s["scans"][0]))
 
     @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans/{scan}"
               "/resources", "a scan's resources", 404)
@@ -449,19 +505,22 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
         resources: dict[str, list[int]] = {}
         for f in files_of(s):
             resources.setdefault(f["resource"], []).append(f["size"])
-        base = f"{xnat_session(project, subject, session)}/scans/{scan}/resources"
-        return result_set([{"label": r, "format": r, "file_count": str(len(sizes)),
+        base = f"{session_uri(project, subject, session)}/scans/{scan}/resources"
+        return result_set([{"xnat_abstractresource_id": r, "label": r,
+                            "element_name": "xnat:resourceCatalog", "format": r,
+                            "file_count": str(len(sizes)),
                             "file_size": str(sum(sizes)), "URI": f"{base}/{r}"}
                            for r, sizes in sorted(resources.items())])
 
     def file_rows(project: str, subject: str, session: str, files: list[dict[str, Any]]
                   ) -> JSONResponse:
-        base = xnat_session(project, subject, session)
+        base = session_uri(project, subject, session)
         return result_set([{
             "Name": f["name"], "Size": str(f["size"]), "collection": f["resource"],
             "URI": f"{base}/scans/{f['scan']}/resources/{f['resource']}/files/"
                    f"{quote(f['name'])}",
-            "digest": f["sha256"]} for f in files])  # SHA-256 (XNAT's is an MD5)
+            # No "digest": XNAT's is an MD5, which clients check downloads against.
+            "sha256": f["sha256"]} for f in files])
 
     @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans/{scan}/files",
               "a scan's files (scan ALL: every scan's); format=zip for the files themselves",

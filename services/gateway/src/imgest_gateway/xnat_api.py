@@ -14,7 +14,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from imgest_contracts import ImportOptions
 from imgest_runtime.service import Service, allowed_methods
 from pydantic import ValidationError
@@ -29,6 +29,7 @@ from .models import Project, Upload, UploadObject
 from .settings import Settings
 from .uploads_api import OPEN, TERMINAL, Refused, stream_to_store, submit
 from .waiting import Waiters
+from .xnat_model import SCHEMAS
 
 XNAT_VERSION = "1.8.10"  # the API generation imgest answers like (clients check it)
 HANDLERS = {"si": "SI", "dicom-zip": "DICOM-zip", "gradual-dicom": "gradual-DICOM"}
@@ -202,6 +203,24 @@ def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter
              response_class=PlainTextResponse)
     async def version() -> Response:
         return text(200, XNAT_VERSION)
+
+    @api.get("/xapi/schemas", summary="The data-model schemas XNAT clients build their objects "
+             "from")
+    async def schemas(_caller: CallerDep) -> list[str]:
+        return list(SCHEMAS)
+
+    @api.get("/xapi/schemas/{schema}", summary="One schema (XML Schema)",
+             response_class=Response, responses={200: {"content": {"application/xml": {}}},
+                                                 404: {"description": "No such schema."}})
+    async def schema(schema: str, _caller: CallerDep) -> Response:
+        if schema not in SCHEMAS:
+            return text(404, f"No schema {schema!r}; imgest serves {', '.join(SCHEMAS)}.")
+        return Response(SCHEMAS[schema], media_type="application/xml")
+
+    @api.get("/data/search/elements", summary="The data types XNAT's search may query: none "
+             "(imgest has no XNAT search; clients read this list when they connect)")
+    async def search_elements(_caller: CallerDep) -> JSONResponse:
+        return JSONResponse({"ResultSet": {"Result": [], "totalRecords": "0"}})
 
     # --- importing -------------------------------------------------------------------------------
 

@@ -54,16 +54,27 @@ def scan_order(label: str) -> tuple[bool, int, str]:
 def catalogue_router(svc: Service) -> APIRouter:
     api = APIRouter(prefix="/catalogue", tags=["catalogue"])
 
+    async def subject_rows(*where: Any) -> list[dict[str, Any]]:
+        query = (select(Subject.project, Subject.label, func.count(col(Session.id)),
+                        func.min(Session.created_at))
+                 .join(Session, col(Session.subject_id) == Subject.id)
+                 .where(Session.state == "archived", *where)
+                 .group_by(col(Subject.project), col(Subject.label))
+                 .order_by(col(Subject.project), col(Subject.label)))
+        async with svc.db.session() as db:
+            rows = (await db.exec(query)).all()
+        return [{"project": project, "label": label, "sessions": n, "created_at": first}
+                for project, label, n, first in rows]
+
     @api.get("/projects/{project}/subjects", summary="The project's subjects that have archived "
              "sessions")
     async def subjects(project: str) -> list[dict[str, Any]]:
-        query = (select(Subject.label, func.count(col(Session.id)), func.min(Session.created_at))
-                 .join(Session, col(Session.subject_id) == Subject.id)
-                 .where(Subject.project == project, Session.state == "archived")
-                 .group_by(col(Subject.label)).order_by(col(Subject.label)))
-        async with svc.db.session() as db:
-            rows = (await db.exec(query)).all()
-        return [{"label": label, "sessions": n, "created_at": first} for label, n, first in rows]
+        return await subject_rows(Subject.project == project)
+
+    @api.get("/subjects/{label}", summary="The subjects of this label, in every project (XNAT "
+             "reads a subject by its ID alone)")
+    async def subjects_labelled(label: str) -> list[dict[str, Any]]:
+        return await subject_rows(Subject.label == label)
 
     @api.get("/projects/{project}/sessions", summary="The project's sessions (of one subject, "
              "in one state)")
