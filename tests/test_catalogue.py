@@ -276,6 +276,19 @@ def test_a_prearchive_entry_shows_its_details_and_downloads_as_a_zip(running: Ru
     assert zip_members(archive.viewer.get(archive.entry, params={"format": "zip"})) == expected
     [row] = rows(archive.viewer.get(archive.entry))
     assert (row["url"], row["status"], row["files"]) == (archive.entry, "READY", "1")
+    # XNAT's paths into the entry: scans, resources, files, bytes, a scan as a zip.
+    xnat_entry = archive.entry
+    [pre_scan] = rows(archive.viewer.get(f"{xnat_entry}/scans"))
+    assert (pre_scan["ID"], pre_scan["URI"]) == (scan["scan"], f"{xnat_entry}/scans/{scan['scan']}")
+    assert "xsiType" not in pre_scan  # (XNAT's client makes its own prearchive scan objects)
+    [resource] = rows(archive.viewer.get(f"{pre_scan['URI']}/resources"))
+    assert (resource["label"], resource["file_count"]) == ("DICOM", "1")
+    [listed] = rows(archive.viewer.get(f"{resource['URI']}/files"))
+    assert listed["Name"] == f["name"] and listed["sha256"] == f["sha256"]
+    assert archive.viewer.get(listed["URI"]).content == archive.entry_files[f["name"]]
+    assert zip_members(archive.viewer.get(pre_scan["URI"], params={"format": "zip"})) == expected
+    assert archive.viewer.get(f"{xnat_entry}/scans/99/resources").status_code == 404
+    assert archive.stranger.get(f"{xnat_entry}/scans").status_code == 403
     # Not in the archive: its address there is no session.
     assert archive.viewer.get(f"/api/v1/projects/{project}/subjects/SUB2/sessions/"
                               f"{label}").status_code == 404

@@ -658,9 +658,10 @@ def test_a_session_of_no_known_project_waits_in_unassigned(running: Running, pyd
         "/api/v1/projects/Unassigned/prearchive").json()]
     old_prefix = entry["entry"].removeprefix("/data/prearchive/projects/")
     assert list(running.store.list(f"prearchive/{old_prefix}/")) == []
-    archived = running.http.post("/api/v1/prearchive/archive", json={"entry": new_entry})
+    archived = running.http.post("/api/v1/prearchive/archive", json={
+        "entry": new_entry, "subject": "FOUND_S", "session": "FOUND_E"})  # relabelled
     assert archived.status_code == 200, archived.text
-    assert archived.json()["uri"].startswith("/data/archive/projects/FOUND/")
+    assert archived.json()["uri"] == "/data/archive/projects/FOUND/subjects/FOUND_S/experiments/FOUND_E"
 
     # A project the uploader may not send into is no better than an unknown one (XNAT's rule).
     running.project("MINE")

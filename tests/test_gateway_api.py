@@ -523,6 +523,20 @@ def test_xnat_python_client_logs_in_and_imports(gateway: Running, pydicom_file, 
                                          experiment="PY2_MR", destination="/prearchive")
         assert entry.uri.startswith("/data/prearchive/projects/XPY/"), entry.uri
         assert entry.uri.endswith("/PY2_MR") and entry.status == "READY"
+        # The entry browsed before archiving: its scans, resources and files.
+        (pre_scan,) = entry.scans.values()
+        (pre_file,) = pre_scan.files.values()
+        assert pre_scan.resources["DICOM"].file_count == 1
+        assert pre_file.open().read() == second.read_bytes()
+        # Archived under another subject and label (XNAT's subject and session parameters).
+        archived = entry.archive(subject="PY3", experiment="PY3_CT")
+        assert (type(archived).__name__, archived.label, archived.subject.label) == (
+            "CtSessionData", "PY3_CT", "PY3")
+        third = tmp_path / "third.dcm"
+        third.write_bytes(_dicom(pydicom_file, "XNATPY3"))
+        doomed = session.services.import_(third, project="XPY", destination="/prearchive")
+        doomed.delete()  # XNAT's /data/services/prearchive/delete
+        assert doomed.uri not in [e.uri for e in session.prearchive.sessions()]
         jsession = session.jsession
     # The session it used is gone after the client closed it.
     assert httpx.get(f"{gateway.url}/data/auth",

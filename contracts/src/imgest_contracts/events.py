@@ -386,6 +386,10 @@ class PrearchiveRequested(Payload):
     overwrite: Literal["none", "append", "delete"] = "none"
     quarantine: bool | None = None
     trigger_pipelines: bool = True
+    subject: str | None = Field(None, max_length=64, description="For archive: the subject "
+                                "it is archived under (XNAT's `subject`); the entry's if none.")
+    label: str | None = Field(None, max_length=64, description="For archive: the session label "
+                              "it is archived as (XNAT's `session`); the entry's if none.")
     requested_at: datetime
 
 

@@ -39,6 +39,10 @@ class ArchiveBody(BaseModel):
     overwrite: Literal["none", "append", "delete"] = "none"
     quarantine: bool | None = None
     trigger_pipelines: bool = True
+    subject: str | None = Field(None, pattern=PROJECT_ID, description="Archive it under this "
+                                "subject (the entry's own if absent).")
+    session: str | None = Field(None, pattern=PROJECT_ID, description="Archive it with this "
+                                "session label (the entry's own if absent).")
 
 
 class NotAllowed(Exception):
@@ -88,8 +92,9 @@ async def entry_command(svc: Service, settings: Settings, caller: Caller, body: 
         session.add(request)
         await svc.outbox.add(session, PrearchiveRequested(
             request_id=request.id, session_key=request.session_key, action=action,
-            to_project=to_project, username=caller.username, overwrite=body.overwrite, quarantine=body.quarantine,
-            trigger_pipelines=body.trigger_pipelines, requested_at=now))
+            to_project=to_project, username=caller.username, overwrite=body.overwrite,
+            quarantine=body.quarantine, trigger_pipelines=body.trigger_pipelines,
+            subject=body.subject, label=body.session, requested_at=now))
     deadline = asyncio.get_running_loop().time() + settings.xnat_import_wait_seconds
     while True:
         async with svc.db.session() as session:
@@ -163,12 +168,38 @@ def archive_router(svc: Service, settings: Settings) -> APIRouter:
             overwrite: Literal["none", "append", "delete"] = "none",
             quarantine: Literal["true", "false"] | None = None,
             trigger: Annotated[Literal["true", "false"], Query(alias="triggerPipelines")] = "true",
+            project: Annotated[str | None, Query(pattern=PROJECT_ID, description=(
+                "The entry's own project (archiving into another is a move first)."))] = None,
+            subject: Annotated[str | None, Query(pattern=PROJECT_ID, description=(
+                "Archive it under this subject."))] = None,
+            session: Annotated[str | None, Query(pattern=PROJECT_ID, description=(
+                "Archive it with this session label."))] = None,
     ) -> Response:
+        found = ENTRY.match(src)
+        if project is not None and found is not None and project != found["project"]:
+            return PlainTextResponse(
+                f"The entry is in project {found['project']}; move it to {project} first "
+                "(/data/services/prearchive/move), then archive it.\n", status_code=400)
         row = await command(caller, ArchiveBody(
             entry=src, overwrite=overwrite,
             quarantine=None if quarantine is None else quarantine == "true",
-            trigger_pipelines=trigger == "true"))
+            trigger_pipelines=trigger == "true", subject=subject, session=session))
         return as_text(row, ("archived",), "Still archiving.")
+
+    @api.post("/data/services/prearchive/delete", tags=["xnat"],
+              response_class=PlainTextResponse, summary="XNAT: delete a prearchive entry",
+              responses={code: {"description": what, **PLAIN} for code, what in (
+                  (200, "Deleted."), (400, "Bad parameters."), (401, "Not logged in."),
+                  (403, "Not allowed there."), (404, "No such entry."),
+                  (409, "Not deleted, with why."), (504, "Still deleting."))})
+    async def xnat_delete_service(
+            caller: CallerDep,
+            src: Annotated[str, Query(max_length=1024, pattern=ENTRY_SCHEMA)],
+    ) -> Response:
+        found = ENTRY.match(src)
+        if found is None:
+            return PlainTextResponse(f"Not a prearchive entry: {src!r}.\n", status_code=400)
+        return await xnat_delete(found["project"], found["timestamp"], found["label"], caller)
 
     @api.post("/api/v1/prearchive/move", tags=["prearchive"], operation_id="move_entry",
               summary="Move a prearchive entry to another project (out of Unassigned)",

@@ -53,6 +53,7 @@ FileName = Annotated[str, Path(min_length=1, max_length=1024, pattern=r"^[^\x00-
 ListFormat = Annotated[Literal["json"], Query(alias="format", description="json only.")]
 ListOrZip = Annotated[Literal["json", "zip"], Query(alias="format",
                                                     description="json: a listing; zip: the files.")]
+Zip = Annotated[Literal["zip"], Query(alias="format", description="zip (the only one served).")]
 ItemOrZip = Annotated[Literal["json", "zip"], Query(alias="format", description="json: the "
                       "object as XNAT's items; zip: its files.")]
 
@@ -161,6 +162,35 @@ def xnat_date(value: str | None) -> str:
 def files_of(s: dict[str, Any], resource: str | None = None) -> list[dict[str, Any]]:
     return [{**f, "scan": c["label"]} for c in s["scans"] for f in c["files"]
             if resource in (None, f["resource"])]
+
+
+def scan_rows(s: dict[str, Any], base: str, typed: bool) -> list[dict[str, Any]]:
+    """A session's scans as XNAT lists them; `typed` (the archive) names each one's xsiType,
+    the prearchive does not (its client makes its own scan objects)."""
+    return [{"ID": c["label"], "type": c["description"] or "",
+             "series_description": c["description"] or "", "modality": c["modality"] or "",
+             **({"xsiType": xsi_type(c["modality"], "Scan")} if typed else {}),
+             "file_count": str(c["file_count"]), "URI": f"{base}/scans/{c['label']}"}
+            for c in s["scans"]]
+
+
+def resource_rows(s: dict[str, Any], base: str, typed: bool) -> list[dict[str, Any]]:
+    """A scan's resources (`base`: …/scans/SCAN/resources), with their file counts and sizes."""
+    resources: dict[str, list[int]] = {}
+    for f in files_of(s):
+        resources.setdefault(f["resource"], []).append(f["size"])
+    return [{"ID": r, "xnat_abstractresource_id": r, "label": r,
+             **({"element_name": "xnat:resourceCatalog"} if typed else {}), "format": r,
+             "file_count": str(len(sizes)), "file_size": str(sum(sizes)), "URI": f"{base}/{r}"}
+            for r, sizes in sorted(resources.items())]
+
+
+def file_rows(base: str, files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Files as XNAT lists them (`base`: the session's address). No "digest": XNAT's is an MD5,
+    which clients check downloads against; imgest keeps SHA-256."""
+    return [{"Name": f["name"], "Size": str(f["size"]), "collection": f["resource"],
+             "URI": f"{base}/scans/{f['scan']}/resources/{f['resource']}/files/"
+                    f"{quote(f['name'])}", "sha256": f["sha256"]} for f in files]
 
 
 # --- bytes ---------------------------------------------------------------------------------------
@@ -272,11 +302,11 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
         visible(caller, project)
         return await catalogue.get(f"/catalogue/projects/{project}/subjects")
 
-    async def entry(caller: Caller, project: str, timestamp: str, session: str
-                    ) -> dict[str, Any]:
+    async def entry(caller: Caller, project: str, timestamp: str, session: str,
+                    **params: Any) -> dict[str, Any]:
         visible(caller, project)
         return await catalogue.get(f"/catalogue/sessions/prearchive/{project}/{timestamp}/"
-                                   f"{session}")
+                                   f"{session}", **params)
 
     async def file_response(request: Request, f: dict[str, Any]) -> Response:
         size, key = f["size"], f["object_key"]
@@ -481,12 +511,7 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
     async def xnat_scans(project: ProjectId, subject: SubjectLabel, session: SessionLabel,
                          caller: CallerDep, fmt: ListFormat = "json") -> JSONResponse:
         s = await archived(caller, project, subject, session, files=False)
-        base = session_uri(project, subject, session)
-        return result_set([{
-            "ID": c["label"], "type": c["description"] or "",
-            "series_description": c["description"] or "", "modality": c["modality"] or "",
-            "xsiType": xsi_type(c["modality"], "Scan"), "file_count": str(c["file_count"]),
-            "URI": f"{base}/scans/{c['label']}"} for c in s["scans"]])
+        return result_set(scan_rows(s, session_uri(project, subject, session), typed=True))
 
     @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans/{scan}",
               "a scan (XNAT's items)", 404, ok=ITEMS)
@@ -502,25 +527,8 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
                              scan: ScanId, caller: CallerDep, fmt: ListFormat = "json"
                              ) -> JSONResponse:
         s = await archived(caller, project, subject, session, scan=scan)
-        resources: dict[str, list[int]] = {}
-        for f in files_of(s):
-            resources.setdefault(f["resource"], []).append(f["size"])
-        base = f"{session_uri(project, subject, session)}/scans/{scan}/resources"
-        return result_set([{"xnat_abstractresource_id": r, "label": r,
-                            "element_name": "xnat:resourceCatalog", "format": r,
-                            "file_count": str(len(sizes)),
-                            "file_size": str(sum(sizes)), "URI": f"{base}/{r}"}
-                           for r, sizes in sorted(resources.items())])
-
-    def file_rows(project: str, subject: str, session: str, files: list[dict[str, Any]]
-                  ) -> JSONResponse:
-        base = session_uri(project, subject, session)
-        return result_set([{
-            "Name": f["name"], "Size": str(f["size"]), "collection": f["resource"],
-            "URI": f"{base}/scans/{f['scan']}/resources/{f['resource']}/files/"
-                   f"{quote(f['name'])}",
-            # No "digest": XNAT's is an MD5, which clients check downloads against.
-            "sha256": f["sha256"]} for f in files])
+        return result_set(resource_rows(
+            s, f"{session_uri(project, subject, session)}/scans/{scan}/resources", typed=True))
 
     @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans/{scan}/files",
               "a scan's files (scan ALL: every scan's); format=zip for the files themselves",
@@ -532,7 +540,7 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
                            scan=None if scan == "ALL" else scan)
         if fmt == "zip":
             return zip_response(s, files_of(s))
-        return file_rows(project, subject, session, files_of(s))
+        return result_set(file_rows(session_uri(project, subject, session), files_of(s)))
 
     @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans/{scan}"
               "/resources/{resource}/files", "a resource's files; format=zip for the files "
@@ -546,7 +554,7 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
             raise HTTPException(404, f"No resource {resource} in scan {scan}.")
         if fmt == "zip":
             return zip_response(s, files)
-        return file_rows(project, subject, session, files)
+        return result_set(file_rows(session_uri(project, subject, session), files))
 
     @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans/{scan}"
               "/resources/{resource}/files/{name:path}", "one file's bytes (byte ranges "
@@ -575,5 +583,61 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
             "uploaded": xnat_date(s["created_at"]),
             "reason": (s["reason"] or {}).get("message", ""),
             "scans": str(len(s["scans"])), "files": str(len(files_of(s)))}])
+
+    # An entry's scans, resources and files, as XNAT's client browses them before archiving.
+    def xnat_pre(path: str, summary: str, ok: dict[str, Any] | None = None, *statuses: int,
+                 **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return api.get(f"/data/prearchive/projects/{{project}}/{{timestamp}}/{{session}}{path}",
+                       tags=["xnat"], summary=f"XNAT: {summary}", responses={
+                           **({200: ok} if ok else {}),
+                           **plain_errors(400, 401, 403, 404, *statuses, 503)}, **options)
+
+    def entry_uri(project: str, timestamp: str, session: str) -> str:
+        return f"/data/prearchive/projects/{project}/{timestamp}/{session}"
+
+    @xnat_pre("/scans", "a prearchive entry's scans")
+    async def xnat_entry_scans(project: ProjectId, timestamp: Timestamp, session: SessionLabel,
+                               caller: CallerDep, fmt: ListFormat = "json") -> JSONResponse:
+        s = await entry(caller, project, timestamp, session, files=False)
+        return result_set(scan_rows(s, entry_uri(project, timestamp, session), typed=False))
+
+    @xnat_pre("/scans/{scan}", "a prearchive entry's scan as a zip (format=zip)", ZIP,
+              response_class=Response)
+    async def xnat_entry_scan(project: ProjectId, timestamp: Timestamp, session: SessionLabel,
+                              scan: ScanId, caller: CallerDep, fmt: Zip) -> Response:
+        s = await entry(caller, project, timestamp, session, scan=scan)
+        return zip_response(s, files_of(s))
+
+    @xnat_pre("/scans/{scan}/resources", "a prearchive scan's resources")
+    async def xnat_entry_resources(project: ProjectId, timestamp: Timestamp,
+                                   session: SessionLabel, scan: ScanId, caller: CallerDep,
+                                   fmt: ListFormat = "json") -> JSONResponse:
+        s = await entry(caller, project, timestamp, session, scan=scan)
+        return result_set(resource_rows(
+            s, f"{entry_uri(project, timestamp, session)}/scans/{scan}/resources", typed=False))
+
+    @xnat_pre("/scans/{scan}/resources/{resource}/files", "a prearchive resource's files; "
+              "format=zip for the files themselves", LISTING_OR_ZIP)
+    async def xnat_entry_files(project: ProjectId, timestamp: Timestamp, session: SessionLabel,
+                               scan: ScanId, resource: ResourceLabel, caller: CallerDep,
+                               fmt: ListOrZip = "json") -> Response:
+        s = await entry(caller, project, timestamp, session, scan=scan)
+        files = files_of(s, resource)
+        if not files:
+            raise HTTPException(404, f"No resource {resource} in scan {scan}.")
+        if fmt == "zip":
+            return zip_response(s, files)
+        return result_set(file_rows(entry_uri(project, timestamp, session), files))
+
+    @xnat_pre("/scans/{scan}/resources/{resource}/files/{name:path}", "one prearchived file's "
+              "bytes (byte ranges served)", FILE, 416, response_class=Response)
+    async def xnat_entry_file(request: Request, project: ProjectId, timestamp: Timestamp,
+                              session: SessionLabel, scan: ScanId, resource: ResourceLabel,
+                              name: FileName, caller: CallerDep) -> Response:
+        s = await entry(caller, project, timestamp, session, scan=scan, file=name)
+        files = files_of(s, resource)
+        if not files:
+            raise HTTPException(404, f"No file {name!r} in resource {resource} of scan {scan}.")
+        return await file_response(request, files[0])
 
     return api

@@ -574,16 +574,17 @@ class Importer:
 
     # --- prearchive entries: archive (XNAT's commit), build, rebuild, move, delete --------------
 
-    async def _entry_plan(self, session: AsyncSession, entry: Session, quarantine: bool
-                          ) -> SessionPlan:
+    async def _entry_plan(self, session: AsyncSession, entry: Session, quarantine: bool,
+                          subject: str | None = None, label: str | None = None) -> SessionPlan:
         """The entry as an archive-bound plan: each of its objects to the same place under the
-        session's archive prefix."""
+        session's archive prefix; under another subject or label if the command names one."""
         rows = (await session.exec(select(CatalogueFile, Scan).join(
             Scan, col(Scan.id) == CatalogueFile.scan_id).where(
             Scan.session_id == entry.id))).all()
         timestamp = entry.id.split("/")[2]
-        s = SessionPlan(entry.project, entry.subject_id.split("/", 1)[1], entry.label, True,
-                        entry.study_uid, timestamp, quarantined=quarantine)
+        s = SessionPlan(entry.project, subject or entry.subject_id.split("/", 1)[1],
+                        label or entry.label, True, entry.study_uid, timestamp,
+                        quarantined=quarantine)
         for f, scan in sorted(rows, key=lambda r: r[0].object_key):
             valid = ValidFile(f.file_id, f.object_key, f.name,
                               FileKind.dicom if f.sop_instance_uid else FileKind.unknown,
@@ -618,9 +619,10 @@ class Importer:
             reason = Reason(code="prearchive.unassigned", message=(
                 "A session in Unassigned must be moved to a project before it is archived."))
         else:
-            await self._archive_entry(entry, {"overwrite": r.overwrite, "quarantine": r.quarantine,
-                                              "pipelines": r.trigger_pipelines}, work,
-                                      entry.entry_state)
+            await self._archive_entry(entry, {
+                "overwrite": r.overwrite, "quarantine": r.quarantine,
+                "pipelines": r.trigger_pipelines, "subject": r.subject, "label": r.label},
+                work, entry.entry_state)
             log.info("prearchive entry %s: archive requested by %s", entry.id, r.username)
         if reason is not None:
             async with work.unit() as session:
@@ -699,7 +701,8 @@ class Importer:
             if quarantine is None:  # the project's default
                 project = await session.get(Project, entry.project)
                 quarantine = bool(project and project.rules.get("quarantine"))
-            s = await self._entry_plan(session, entry, quarantine)
+            s = await self._entry_plan(session, entry, quarantine, how.get("subject"),
+                                       how.get("label"))
             land(s, await self._existing(session, s, ""), how.get("overwrite", "none"))
         if s.state == "CONFLICT":
             await self._mark_entry(entry, "CONFLICT", s.reason, work, s.existing_uri, was)
