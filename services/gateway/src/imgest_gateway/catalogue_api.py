@@ -164,6 +164,17 @@ def files_of(s: dict[str, Any], resource: str | None = None) -> list[dict[str, A
             if resource in (None, f["resource"])]
 
 
+def files_in(s: dict[str, Any], scan: str, resource: str, name: str | None = None
+             ) -> list[dict[str, Any]]:
+    """The files of one resource of a session read with `scan` (and `file=name`) filters;
+    none is a 404."""
+    files = files_of(s, resource)
+    if not files:
+        raise HTTPException(404, f"No file {name!r} in resource {resource} of scan {scan}."
+                            if name else f"No resource {resource} in scan {scan}.")
+    return files
+
+
 def scan_rows(s: dict[str, Any], base: str, typed: bool) -> list[dict[str, Any]]:
     """A session's scans as XNAT lists them; `typed` (the archive) names each one's xsiType,
     the prearchive does not (its client makes its own scan objects)."""
@@ -549,9 +560,7 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
                                   session: SessionLabel, scan: ScanId, resource: ResourceLabel,
                                   caller: CallerDep, fmt: ListOrZip = "json") -> Response:
         s = await archived(caller, project, subject, session, scan=scan)
-        files = files_of(s, resource)
-        if not files:
-            raise HTTPException(404, f"No resource {resource} in scan {scan}.")
+        files = files_in(s, scan, resource)
         if fmt == "zip":
             return zip_response(s, files)
         return result_set(file_rows(session_uri(project, subject, session), files))
@@ -563,10 +572,7 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
                         session: SessionLabel, scan: ScanId, resource: ResourceLabel,
                         name: FileName, caller: CallerDep) -> Response:
         s = await archived(caller, project, subject, session, scan=scan, file=name)
-        files = files_of(s, resource)
-        if not files:
-            raise HTTPException(404, f"No file {name!r} in resource {resource} of scan {scan}.")
-        return await file_response(request, files[0])
+        return await file_response(request, files_in(s, scan, resource, name)[0])
 
     @api.get("/data/prearchive/projects/{project}/{timestamp}/{session}", tags=["xnat"],
              summary="XNAT: a prearchive entry (format=zip: its files)",
@@ -622,9 +628,7 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
                                scan: ScanId, resource: ResourceLabel, caller: CallerDep,
                                fmt: ListOrZip = "json") -> Response:
         s = await entry(caller, project, timestamp, session, scan=scan)
-        files = files_of(s, resource)
-        if not files:
-            raise HTTPException(404, f"No resource {resource} in scan {scan}.")
+        files = files_in(s, scan, resource)
         if fmt == "zip":
             return zip_response(s, files)
         return result_set(file_rows(entry_uri(project, timestamp, session), files))
@@ -635,9 +639,6 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
                               session: SessionLabel, scan: ScanId, resource: ResourceLabel,
                               name: FileName, caller: CallerDep) -> Response:
         s = await entry(caller, project, timestamp, session, scan=scan, file=name)
-        files = files_of(s, resource)
-        if not files:
-            raise HTTPException(404, f"No file {name!r} in resource {resource} of scan {scan}.")
-        return await file_response(request, files[0])
+        return await file_response(request, files_in(s, scan, resource, name)[0])
 
     return api
