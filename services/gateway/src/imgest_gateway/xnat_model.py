@@ -126,14 +126,20 @@ def xsi_type(modality: str | None, kind: str) -> str:
     return f"xnat:{SESSION_TYPES.get(modality, OTHER)}{kind}Data"
 
 
-def items(xsi: str, fields: dict[str, Any], children: list[dict[str, Any]] | None = None,
-          created: str | None = None) -> dict[str, Any]:
-    """One object as XNAT's `?format=json` sends it. Empty fields are left out, as XNAT does."""
+def item(xsi: str, fields: dict[str, Any], children: list[dict[str, Any]] | None = None,
+         created: str | None = None) -> dict[str, Any]:
+    """One object as XNAT describes it. Empty fields are left out, as XNAT does."""
     meta: dict[str, Any] = {"xsi:type": xsi, "isHistory": False}
     if created:
         meta["start_date"] = created
-    return {"items": [{"meta": meta, "children": children or [],
-                       "data_fields": {k: v for k, v in fields.items() if v not in (None, "")}}]}
+    return {"meta": meta, "children": children or [],
+            "data_fields": {k: v for k, v in fields.items() if v not in (None, "")}}
+
+
+def items(xsi: str, fields: dict[str, Any], children: list[dict[str, Any]] | None = None,
+          created: str | None = None) -> dict[str, Any]:
+    """One object as XNAT's `?format=json` sends it."""
+    return {"items": [item(xsi, fields, children, created)]}
 
 
 def project_items(project: Any) -> dict[str, Any]:
@@ -156,9 +162,7 @@ def _scan_fields(project: str, session: str, scan: dict[str, Any]) -> dict[str, 
 def session_items(s: dict[str, Any]) -> dict[str, Any]:
     """A session with its scans as children (field scans/scan), as XNAT nests them."""
     modality = s["modalities"][0] if s["modalities"] else None
-    scans = [{"meta": {"xsi:type": xsi_type(c["modality"], "Scan"), "isHistory": False},
-              "children": [], "data_fields": {k: v for k, v in _scan_fields(
-                  s["project"], s["label"], c).items() if v not in (None, "")}}
+    scans = [item(xsi_type(c["modality"], "Scan"), _scan_fields(s["project"], s["label"], c))
              for c in s["scans"]]
     return items(xsi_type(modality, "Session"), {
         "ID": s["label"], "label": s["label"], "project": s["project"],
