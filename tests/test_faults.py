@@ -150,6 +150,13 @@ def test_database_away_for_a_while(faulty: Running, pydicom_file):
     upload_id = upload_study(faulty, pydicom_file, FEWER)
     faulty.wait_files(upload_id, UNDERWAY, FEWER // 4)
     faulty.stack.postgres.stop()
+    # Meanwhile the gateway says so, to be retried: 503 with Retry-After, never a bare 500.
+    away = faulty.http.get(f"/api/v1/uploads/{upload_id}")
+    assert away.status_code == 503, away.text
+    assert away.headers["content-type"] == "application/problem+json"
+    assert away.headers["retry-after"] and "database" in away.json()["detail"]
+    xnat = faulty.http.get("/data/projects")
+    assert xnat.status_code == 503 and xnat.headers["content-type"].startswith("text/plain")
     time.sleep(2)
     faulty.stack.postgres.start()
     assert_exactly_once(faulty, upload_id, FEWER)

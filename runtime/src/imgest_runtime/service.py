@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from imgest_contracts import TOPICS, CloudEvent, Payload, topic_of
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import MetaData, select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException
 
@@ -499,6 +501,22 @@ def add_problem_handlers(app: FastAPI) -> None:
     async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in error.errors()]
         return problem(422, "Unprocessable Content", "The request is not valid.", errors=errors)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(OSError)  # a refused connect: asyncpg's, which SQLAlchemy passes on
+    async def database_away(request: Request, error: Exception) -> Response:
+        """The database does not answer (restarting, unreachable): a 503 to retry, as the
+        other errors are told (the XNAT paths' plain text included), not a bare 500."""
+        if isinstance(error, OSError) and not any(
+                "/asyncpg/" in frame.filename for frame in traceback.extract_tb(
+                    error.__traceback__)):
+            raise error  # not the database's: a fault, answered as one (500)
+        log.warning("%s %s: the database does not answer (%s)", request.method,
+                    request.url.path, type(getattr(error, "orig", error)).__name__)
+        return await app.exception_handlers[HTTPException](request, HTTPException(
+            503, "The database does not answer; try again shortly.",
+            headers={"Retry-After": "5"}))
 
 
 def serve(app_factory: Callable[[], FastAPI], settings: RuntimeSettings, port: int,
