@@ -26,13 +26,12 @@ from fastapi import APIRouter, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from imgest_runtime.service import Service, problem_responses
 from imgest_runtime.store import CHUNK, ObjectNotFound, ObjectStore, StoreError
-from sqlmodel import col, select
 from starlette.exceptions import HTTPException
 
 from .archive_api import PLAIN, TIMESTAMP
 from .auth import CallerDep, forbidden
 from .identity import PROJECT_ID, Action, Caller
-from .models import Project
+from .identity_api import visible_project, visible_projects
 from .settings import Settings
 from .views import json_response
 from .xnat_model import project_items, scan_items, session_items, subject_items, xsi_type
@@ -313,6 +312,11 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
         visible(caller, project)
         return await catalogue.get(f"/catalogue/projects/{project}/subjects")
 
+    async def labelled(caller: Caller, subject: str) -> list[dict[str, Any]]:
+        """The subjects of this label in the projects the caller may see."""
+        return [r for r in await catalogue.get(f"/catalogue/subjects/{subject}")
+                if caller.may(Action.view, r["project"])]
+
     async def entry(caller: Caller, project: str, timestamp: str, session: str,
                     **params: Any) -> dict[str, Any]:
         visible(caller, project)
@@ -435,23 +439,19 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
     def session_uri(project: str, subject: str, session: str) -> str:
         return f"/data/projects/{project}/subjects/{subject}/experiments/{session}"
 
-    @xnat_get("/projects", "the projects the caller may see", ok=ITEMS)
+    @xnat_get("/projects", "the projects the caller may see")
     async def xnat_projects(caller: CallerDep, fmt: ListFormat = "json") -> JSONResponse:
         async with svc.db.session() as db:
-            rows = (await db.exec(select(Project).order_by(col(Project.id)))).all()
+            rows = await visible_projects(db, caller)
         return result_set([{"ID": p.id, "secondary_ID": p.id, "name": p.name,
                             "description": p.description, "URI": f"/data/projects/{p.id}"}
-                           for p in rows if caller.may(Action.view, p.id)])
+                           for p in rows])
 
     @xnat_get("/projects/{project}", "a project (XNAT's items)", 404, ok=ITEMS)
     async def xnat_project(project: ProjectId, caller: CallerDep, fmt: ListFormat = "json"
                            ) -> JSONResponse:
-        visible(caller, project)
         async with svc.db.session() as db:
-            row = await db.get(Project, project)
-        if row is None:
-            raise HTTPException(404, f"No project {project}.")
-        return JSONResponse(project_items(row))
+            return JSONResponse(project_items(await visible_project(db, caller, project)))
 
     @xnat_get("/projects/{project}/subjects", "the project's subjects")
     async def xnat_subjects(project: ProjectId, caller: CallerDep,
@@ -465,7 +465,8 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
               ok=ITEMS)
     async def xnat_subject(project: ProjectId, subject: SubjectLabel, caller: CallerDep,
                            fmt: ListFormat = "json") -> JSONResponse:
-        found = [r for r in await subject_rows(caller, project) if r["label"] == subject]
+        visible(caller, project)
+        found = [r for r in await labelled(caller, subject) if r["project"] == project]
         if not found:
             raise HTTPException(404, f"No subject {subject} in project {project}.")
         return JSONResponse(subject_items(project, found[0]))
@@ -475,8 +476,7 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
               404, 409, ok=ITEMS)
     async def xnat_subject_by_id(subject: SubjectLabel, caller: CallerDep,
                                  fmt: ListFormat = "json") -> JSONResponse:
-        found = [r for r in await catalogue.get(f"/catalogue/subjects/{subject}")
-                 if caller.may(Action.view, r["project"])]
+        found = await labelled(caller, subject)
         if len(found) > 1:
             raise HTTPException(409, f"Subject {subject} is in projects "
                                 f"{', '.join(r['project'] for r in found)}; read it as "

@@ -250,10 +250,7 @@ def identity_router(svc: Service) -> APIRouter:
     @api.get("/projects", tags=["projects"], summary="Projects I have a role in (admins: all)")
     async def list_projects(caller: CallerDep) -> JSONResponse:
         async with svc.db.session() as session:
-            query = select(Project).order_by(col(Project.id))
-            if not caller.admin:
-                query = query.where(col(Project.id).in_(list(caller.roles)))
-            rows = (await session.exec(query)).all()
+            rows = await visible_projects(session, caller)
         return json_response([{**project_view(p), "role": caller.roles.get(p.id)} for p in rows])
 
     @api.post("/projects", tags=["projects"], status_code=201,
@@ -284,7 +281,7 @@ def identity_router(svc: Service) -> APIRouter:
              "members")
     async def get_project(project_id: ProjectId, caller: CallerDep) -> JSONResponse:
         async with svc.db.session() as session:
-            project = await _visible_project(session, caller, project_id)
+            project = await visible_project(session, caller, project_id)
             members = (await session.exec(select(Membership).where(
                 Membership.project == project_id).order_by(col(Membership.username)))).all()
         return json_response(project_view(project, list(members)))
@@ -356,7 +353,15 @@ def _may_manage(caller: Caller, project_id: str) -> None:
         raise forbidden(f"Only an owner of {project_id!r} or an administrator may change it.")
 
 
-async def _visible_project(session: AsyncSession, caller: Caller, project_id: str) -> Project:
+async def visible_projects(session: AsyncSession, caller: Caller) -> list[Project]:
+    """The projects the caller has a role in (an administrator: all), by ID."""
+    query = select(Project).order_by(col(Project.id))
+    if not caller.admin:
+        query = query.where(col(Project.id).in_(list(caller.roles)))
+    return list((await session.exec(query)).all())
+
+
+async def visible_project(session: AsyncSession, caller: Caller, project_id: str) -> Project:
     from starlette.exceptions import HTTPException
 
     if not (caller.admin or project_id in caller.roles):

@@ -10,6 +10,8 @@ session's scans under `scans/scan`, and so on). Files are xnatpy's own type.
 
 from typing import Any
 
+from .models import Project
+
 SESSION_TYPES = {"CT": "ct", "MR": "mr", "PT": "pet", "US": "us", "CR": "cr", "DX": "dx",
                  "MG": "mg", "NM": "nm", "XA": "xa", "RF": "rf", "SM": "sm", "XC": "xc"}
 OTHER = "otherDicom"  # a DICOM modality XNAT has no type for
@@ -142,7 +144,7 @@ def items(xsi: str, fields: dict[str, Any], children: list[dict[str, Any]] | Non
     return {"items": [item(xsi, fields, children, created)]}
 
 
-def project_items(project: Any) -> dict[str, Any]:
+def project_items(project: Project) -> dict[str, Any]:
     return items("xnat:projectData", {"ID": project.id, "secondary_ID": project.id,
                                       "name": project.name, "description": project.description},
                  created=project.created_at.isoformat())
