@@ -240,6 +240,8 @@ def register_handlers(svc: Service, waiters: Waiters) -> None:
             row.reason = p.reason.model_dump() if p.reason else None
             row.updated_at = event.time
         tx.session.add(row)
+        for upload_id in p.upload_ids:  # an XNAT import may be waiting to see its entry
+            tx.after_commit(("wake", upload_id), lambda u=upload_id: waiters.wake(u))
 
     # The archive's sessions, and their quarantine.
     @svc.on(SessionArchived)

@@ -25,7 +25,7 @@ from .auth import SESSION_COOKIE, CallerDep, close_login_session, credentials, o
 from .domain import BadFilename, safe_filename
 from .form_parts import BadForm, file_parts
 from .identity import PROJECT_ID, UNASSIGNED, Action, Caller
-from .models import Project, Upload, UploadObject
+from .models import PrearchiveEntry, Project, Upload, UploadObject
 from .settings import Settings
 from .uploads_api import OPEN, TERMINAL, Refused, stream_to_store, submit
 from .waiting import Waiters
@@ -137,6 +137,9 @@ def outcome_response(upload: Upload, handler: str, ignore_unparsable: bool) -> P
     if len(placed) == 1:
         return text(200, placed[0])
     return PlainTextResponse("\r\n".join(placed) + "\r\n", media_type="text/uri-list")
+
+# How long an answer waits for the prearchive to list the entries the importer named.
+ENTRY_SHOWN_SECONDS = 3.0
 
 
 def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter:
@@ -253,19 +256,39 @@ def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter
         except Refused as refused:
             return text(refused.response.status_code, refused.args[0])
         listener = first(params, "http-session-listener")
-        deadline = asyncio.get_running_loop().time() + settings.xnat_import_wait_seconds
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + settings.xnat_import_wait_seconds
+        shown_by = None
         while True:
             async with svc.db.session() as session:
                 upload = await session.get(Upload, upload_id)
-            assert upload is not None
-            if upload.state in TERMINAL:
+                assert upload is not None
+                unseen = await _entries_not_shown(session, upload) if (
+                    upload.state in TERMINAL) else None
+            if unseen == 0 or (unseen and shown_by is not None and clock() > shown_by):
                 return outcome_response(upload, handler, ignore_unparsable)
-            if asyncio.get_running_loop().time() > deadline:
+            if unseen and shown_by is None:
+                # The outcome and the entries' states arrive as two events, in either order;
+                # answering once the prearchive lists its entries lets a client that reads it
+                # next see them (a moment's wait at most: they may have gone since).
+                shown_by = clock() + ENTRY_SHOWN_SECONDS
+            if clock() > deadline:
                 return text(504, f"Still processing after {settings.xnat_import_wait_seconds:.0f}"
                             f"s; follow it at /api/v1/uploads/{upload_id}"
                             + (f" or /data/status/{listener}" if listener else ""),
                             Location=f"/api/v1/uploads/{upload_id}")
             await waiters.wait(upload_id, 0.25)  # (or another replica completed it)
+
+    async def _entries_not_shown(session, upload: Upload) -> int:
+        """How many prearchive entries the upload's outcome names that this gateway's view of
+        the prearchive does not list yet."""
+        uris = {s["uri"] for s in (upload.summary or {}).get("sessions", [])
+                if s["uri"].startswith("/data/prearchive/")}
+        if not uris:
+            return 0
+        shown = (await session.exec(select(PrearchiveEntry.uri).where(
+            col(PrearchiveEntry.uri).in_(uris)))).all()
+        return len(uris - set(shown))
 
     async def _receive(request: Request, caller: Caller, options: ImportOptions,
                        params: dict[str, str]) -> str:
