@@ -50,6 +50,7 @@ def faulty(request, smtp: SmtpServer):
         "IMGEST_RETRY_BASE_SECONDS": "0.5",  # six attempts span 8-16 s: outlives the outages
         "IMGEST_MAX_ATTEMPTS": "6",
         "IMGEST_KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "IMGEST_KAFKA_PARTITIONS": "4",  # replicas join below: each needs partitions of its own
         "IMGEST_EPOCH_CHECK_SECONDS": "1",
         "IMGEST_REDRIVE_SECONDS": "3",
         "IMGEST_REDRIVE_IDLE_SECONDS": "6",

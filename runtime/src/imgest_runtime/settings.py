@@ -23,7 +23,9 @@ class RuntimeSettings(BaseSettings):
     kafka_idempotence: bool = Field(
         False, description="Idempotent producer (Apache Kafka: on; Tansu does not support it)."
     )
-    kafka_partitions: int = Field(4, ge=1, description="Partitions of each topic imgest creates.")
+    kafka_partitions: int = Field(4, ge=1, description=(
+        "Partitions of each topic imgest creates: at least as many as the replicas of a service "
+        "that share its work (`imgest up`, one process per service, uses 1 unless this is set)."))
     kafka_session_timeout_ms: int = Field(
         10_000, ge=1000, description="Consumer group session timeout (Tansu holds a group join "
         "for half of it, so the embedded stack uses less).")
