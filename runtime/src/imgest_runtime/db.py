@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import MetaData, event, exc, text
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -34,6 +35,50 @@ def _drop_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
         raise exc.DisconnectionError("the server closed this connection")
 
 
+class Statement:
+    """A Core statement compiled once into asyncpg's SQL, run with named parameters on the
+    driver's own connection: SQLAlchemy's work on every execution (its cache lookup, the
+    parameters' processing, the result's rows, the session) is skipped. For the statements of
+    every request: the token lookup takes 0.26 ms of CPU so, 0.76 ms through a session. JSON
+    parameters go as text (`json.dumps`); JSON results come decoded."""
+
+    _dialect = asyncpg_dialect()
+
+    def __init__(self, statement: Any):
+        compiled = statement.compile(dialect=self._dialect)
+        self.sql = str(compiled)
+        if "POSTCOMPILE" in self.sql:
+            raise ValueError("an IN list is rendered per execution; use = any(array) instead")
+        self.names: tuple[str, ...] = tuple(compiled.positiontup or ())
+        # The statement's own values (literals, IN lists); the others are the caller's.
+        required = {name for name, bind in compiled.binds.items() if bind.required}
+        self.fixed = {name: value for name, value in compiled.params.items()
+                      if name not in required}
+
+    def args(self, params: dict[str, Any]) -> list[Any]:
+        return [params[name] if name not in self.fixed else self.fixed[name]
+                for name in self.names]
+
+
+class Connection:
+    """A pooled connection for `Statement`s."""
+
+    def __init__(self, raw: Any):
+        self.raw = raw  # asyncpg's
+
+    async def fetch(self, statement: Statement, **params: Any) -> list[Any]:
+        return await self.raw.fetch(statement.sql, *statement.args(params))  # type: ignore[no-any-return]
+
+    async def fetchrow(self, statement: Statement, **params: Any) -> Any:
+        return await self.raw.fetchrow(statement.sql, *statement.args(params))
+
+    async def execute(self, statement: Statement, **params: Any) -> None:
+        await self.raw.execute(statement.sql, *statement.args(params))
+
+    async def executemany(self, statement: Statement, rows: list[dict[str, Any]]) -> None:
+        await self.raw.executemany(statement.sql, [statement.args(r) for r in rows])
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10):
         self.engine: AsyncEngine = create_async_engine(
@@ -50,6 +95,18 @@ class Database:
             except BaseException:
                 await session.rollback()
                 raise
+
+    @asynccontextmanager
+    async def connection(self, *, transaction: bool = False) -> AsyncIterator[Connection]:
+        """A pooled connection for `Statement`s: each runs on its own (autocommit), or, with
+        `transaction`, all in one that commits if the block ends normally."""
+        async with self.engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            if not transaction:
+                yield Connection(raw)
+                return
+            async with raw.transaction():
+                yield Connection(raw)
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

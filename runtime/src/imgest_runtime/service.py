@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from asyncpg.exceptions import OperatorInterventionError, PostgresConnectionError
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -504,6 +505,10 @@ def add_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
+    # The same from statements run on the driver itself (imgest_runtime.db.Statement): a
+    # connection lost, the server shutting down or not yet up.
+    @app.exception_handler(PostgresConnectionError)
+    @app.exception_handler(OperatorInterventionError)
     @app.exception_handler(OSError)  # a refused connect: asyncpg's, which SQLAlchemy passes on
     async def database_away(request: Request, error: Exception) -> Response:
         """The database does not answer (restarting, unreachable): a 503 to retry, as the

@@ -155,8 +155,7 @@ def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter
     async def login(username: str, password: str) -> Response:
         if not username or not password:
             return text(401, "Login attempt failed. Please try again.")
-        async with svc.db.session() as session:
-            caller = await credentials(session, username, password)
+        caller = await credentials(svc.db, username, password)
         if caller is None:
             return text(401, "Login attempt failed. Please try again.")
         session_id = await open_login_session(svc.db, caller.username)
