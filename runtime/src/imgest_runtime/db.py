@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, event, exc, text
+from sqlalchemy import ARRAY, MetaData, any_, event, exc, literal, text
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -33,6 +33,13 @@ def _drop_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     spent three on every checkout (begin, ping, rollback), a third of a small request's."""
     if dbapi_connection.driver_connection.is_closed():
         raise exc.DisconnectionError("the server closed this connection")
+
+
+def any_of(column: Any, values: Any) -> Any:
+    """`column IN (values)` as one array parameter (`= ANY($1)`): an IN list is rendered anew,
+    each of its values cast, at every execution, which for a batch of a thousand ids cost
+    more CPU than the query itself."""
+    return column == any_(literal(list(values), ARRAY(column.type)))
 
 
 class Statement:

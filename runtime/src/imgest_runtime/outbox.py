@@ -36,7 +36,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .db import Database
+from .db import Database, any_of
 
 log = logging.getLogger("imgest.outbox")
 
@@ -217,7 +217,7 @@ class Relay:
             ]
             await asyncio.gather(*futures)  # every send acknowledged (acks=all) before marking
             await session.execute(
-                update(table).where(table.c.seq.in_([r.seq for r in rows]))
+                update(table).where(any_of(table.c.seq, [r.seq for r in rows]))
                 .values(published_at=datetime.now(UTC))
             )
         return len(rows)

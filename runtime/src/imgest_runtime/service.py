@@ -41,7 +41,7 @@ from .broker import (
     make_broker,
     retrying,
 )
-from .db import Database, migrate
+from .db import Database, any_of, migrate
 from .epoch import broker_epoch, check_epoch
 from .outbox import DeliveryTables, Outbox, Relay, delivery_tables, derived_id
 from .settings import RuntimeSettings
@@ -337,7 +337,7 @@ class Service:
         table = self.tables.inbox
         async with self.db.session() as session:
             return set((await session.execute(select(table.c.event_id).where(
-                table.c.event_id.in_(list(event_ids))))).scalars())
+                any_of(table.c.event_id, event_ids)))).scalars())
 
     async def ready(self) -> dict[str, str]:
         checks: dict[str, str] = {}

@@ -36,6 +36,7 @@ from imgest_contracts import (
     UploadSubmitted,
     topic_of,
 )
+from imgest_runtime.db import any_of
 from imgest_runtime.service import (
     Periodic,
     Service,
@@ -124,7 +125,7 @@ async def _track_files(session: AsyncSession, notes: list[FileNote]) -> None:
     rows: dict[str, UploadFile] = {}
     for start in range(0, len(ids), LOCK_CHUNK):
         rows |= {r.file_id: r for r in (await session.exec(
-            select(UploadFile).where(col(UploadFile.file_id).in_(ids[start:start + LOCK_CHUNK]))
+            select(UploadFile).where(any_of(col(UploadFile.file_id), ids[start:start + LOCK_CHUNK]))
             .order_by(col(UploadFile.file_id)).with_for_update())).all()}
     now = datetime.now(UTC)
     for n in notes:
@@ -161,7 +162,7 @@ def register_handlers(svc: Service, waiters: Waiters) -> None:
         singles = {e.data.source.object_key for e in events if e.data.source.member is None}
         if singles:
             for row in (await tx.session.exec(select(UploadObject).where(
-                    col(UploadObject.object_key).in_(singles))
+                    any_of(col(UploadObject.object_key), singles))
                     .order_by(col(UploadObject.object_key)).with_for_update())).all():
                 if row.state == "stored":
                     row.state = "staged"

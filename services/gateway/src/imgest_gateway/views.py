@@ -1,5 +1,7 @@
 """How the gateway shows what it keeps: uploads as JSON, events as stored for a re-drive."""
 
+import json
+from datetime import date, datetime
 from typing import Any
 
 from fastapi.encoders import jsonable_encoder
@@ -16,8 +18,24 @@ def event_json(event: CloudEvent) -> dict:
     return event.model_dump(mode="json", exclude_none=True)
 
 
+class _Json(JSONResponse):
+    """Plain data encoded by the json module itself, datetimes as ISO 8601: FastAPI's
+    `jsonable_encoder` walks every value in Python first, which made a status of 1,000 files
+    cost tens of milliseconds of CPU. Anything else is left to it."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"),
+                          default=_plain).encode()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return jsonable_encoder(value)
+
+
 def json_response(value: Any, status: int = 200, **headers: str) -> JSONResponse:
-    return JSONResponse(jsonable_encoder(value), status_code=status, headers=headers or None)
+    return _Json(value, status_code=status, headers=headers or None)
 
 
 def upload_view(upload: Upload, objects: list[UploadObject], files: list[UploadFile]

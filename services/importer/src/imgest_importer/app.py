@@ -53,6 +53,7 @@ from imgest_contracts import (
     UploadSubmitted,
 )
 from imgest_runtime.broker import PIPELINE_FAILED
+from imgest_runtime.db import any_of
 from imgest_runtime.outbox import derived_id, insert_ignore
 from imgest_runtime.service import Periodic, Service, Tx, create_app
 from imgest_runtime.store import ObjectNotFound, fit_name
@@ -510,8 +511,8 @@ class Importer:
             row.updated_at = datetime.now(UTC)
             session.add(row)
         state = "archived" if s.archived else "prearchived"
-        await session.execute(update(UploadFile).where(col(UploadFile.file_id).in_(
-            s.file_ids)).values(state=state, session_id=s.id))
+        await session.execute(update(UploadFile).where(any_of(col(UploadFile.file_id),
+                                                           s.file_ids)).values(state=state, session_id=s.id))
         # A kept placement: the archived object stays, and so does its record.
         placed = [p for p in s.placements if p.action != "keep"]
         if placed:
@@ -563,8 +564,8 @@ class Importer:
                               generation: int) -> None:
         """A session of an upload that could not be placed: its files fail with the reason."""
         assert s.reason is not None
-        await session.execute(update(UploadFile).where(col(UploadFile.file_id).in_(
-            s.file_ids)).values(state="rejected", reason=s.reason.model_dump()))
+        await session.execute(update(UploadFile).where(any_of(col(UploadFile.file_id),
+                                                           s.file_ids)).values(state="rejected", reason=s.reason.model_dump()))
         await self.svc.outbox.add(session, SessionFailed(
             session_key=s.id, upload_ids=[upload_id], session=SessionRef(
                 project=s.project, subject=s.subject, session=s.label, uri=s.uri),
