@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from imgest_gateway.app import FileNote, _track_files
+from imgest_runtime.db import Database
 
 from .conftest import Infra
 from .pipeline import Running, started_stack
@@ -673,3 +676,54 @@ def test_tus_protocol_details(gateway: Running):
     assert http.head(other.headers["location"], headers=tus).status_code == 404
     # Someone else's tus upload is not theirs to read or write.
     assert as_user(gateway).head(location, headers=tus).status_code == 401
+
+
+def test_file_states_only_move_forward_whatever_order_events_come_in(gateway: Running):
+    """The gateway's view of each file merges events of different topics, which arrive in any
+    order: a state moves forward only (terminal states share a rank, unknown ones rank
+    lowest), details missing are filled in, and a late failure does not mark a placed file."""
+    cases = [  # (the state the file is in, the state an event tells, the state after)
+        ("staged", "validated", "validated"), ("staged", "rejected", "rejected"),
+        ("validated", "archived", "archived"), ("validated", "prearchived", "prearchived"),
+        ("validated", "failed", "failed"), ("staged", "staged", "staged"),
+        ("validated", "staged", "validated"), ("archived", "validated", "archived"),
+        ("archived", "staged", "archived"), ("rejected", "validated", "rejected"),
+        ("prearchived", "archived", "archived"), ("archived", "prearchived", "prearchived"),
+        ("failed", "archived", "archived"), ("staged", "bogus", "staged"),
+        ("bogus", "staged", "staged")]
+    db = Database(gateway.env["IMGEST_DATABASE_URL"])
+    upload = f"states-{os.getpid()}"
+
+    async def track(*notes: FileNote) -> None:
+        async with db.session() as session:
+            await _track_files(session, list(notes))
+
+    async def run() -> None:
+        try:
+            for i, (current, told, _) in enumerate(cases):
+                await track(FileNote(upload, f"{upload}-{i}", current, path=f"f{i}"))
+                await track(FileNote(upload, f"{upload}-{i}", told, reason={"code": told}))
+            # Details arrive late and fill in; a reason, once there, stays.
+            await track(FileNote(upload, f"{upload}-d", "staged"))
+            await track(FileNote(upload, f"{upload}-d", "archived", object_key="k", path="a.dcm",
+                                 kind="dicom", session_uri="/data/archive/x"))
+            await track(FileNote(upload, f"{upload}-d", "failed", reason={"code": "late"}))
+            # Two events of one file in one batch: in their order.
+            await track(FileNote(upload, f"{upload}-b", "staged", path="b"),
+                        FileNote(upload, f"{upload}-b", "validated"))
+        finally:
+            await db.close()
+
+    asyncio.run(run())
+    rows = {r["file_id"]: r for r in gateway.query(
+        "select file_id, state, path, object_key, kind, session, reason::text as reason "
+        "from gateway.upload_file where upload_id = $1", upload)}
+    assert [rows[f"{upload}-{i}"]["state"] for i in range(len(cases))] == [
+        after for _, _, after in cases]
+    assert rows[f"{upload}-0"]["path"] == "f0"  # not blanked by an event that lacks it
+    assert rows[f"{upload}-0"]["reason"] == '{"code": "validated"}'
+    assert rows[f"{upload}-7"]["reason"] == "null"  # not advanced: its reason not taken
+    d = rows[f"{upload}-d"]
+    assert (d["state"], d["object_key"], d["path"], d["kind"], d["session"], d["reason"]) == (
+        "archived", "k", "a.dcm", "dicom", "/data/archive/x", "null")
+    assert rows[f"{upload}-b"]["state"] == "validated"

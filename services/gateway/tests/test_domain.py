@@ -1,15 +1,14 @@
-"""imgest_gateway.domain: file names from clients, forward-only file states, upload status words."""
+"""imgest_gateway.domain: file names from clients, upload status words (forward-only file states:
+tests/test_gateway_api.py, against PostgreSQL)."""
 
 from __future__ import annotations
 
 import pytest
 from imgest_contracts import UploadCounts
 from imgest_gateway.domain import (
-    FILE_STATE_RANK,
     MAX_FILENAME,
     Arrival,
     BadFilename,
-    advances,
     safe_filename,
     sort_arrivals,
     upload_state,
@@ -74,41 +73,6 @@ def test_safe_filename_length_counts_only_the_last_component() -> None:
 
 def test_bad_filename_is_a_value_error() -> None:
     assert issubclass(BadFilename, ValueError)
-
-
-# --- advances ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("new", sorted(FILE_STATE_RANK))
-def test_any_state_advances_from_nothing(new: str) -> None:
-    assert advances(None, new) is True
-
-
-@pytest.mark.parametrize(
-    ("current", "new", "expected"),
-    [
-        ("staged", "validated", True),
-        ("staged", "rejected", True),
-        ("validated", "archived", True),
-        ("validated", "prearchived", True),
-        ("validated", "failed", True),
-        ("staged", "staged", True),  # a redelivery does not move it back
-        ("validated", "staged", False),
-        ("archived", "validated", False),
-        ("archived", "staged", False),
-        ("rejected", "validated", False),
-        ("prearchived", "archived", True),  # terminal states share a rank
-        ("archived", "prearchived", True),
-        ("failed", "archived", True),
-    ],
-)
-def test_states_only_move_forward(current: str, new: str, expected: bool) -> None:
-    assert advances(current, new) is expected
-
-
-def test_unknown_states_rank_lowest() -> None:
-    assert advances("staged", "bogus") is False
-    assert advances("bogus", "staged") is True
 
 
 # --- upload_state --------------------------------------------------------------------------------

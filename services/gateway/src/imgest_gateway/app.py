@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
@@ -45,14 +45,16 @@ from imgest_runtime.service import (
     problem,
     problem_responses,
 )
-from sqlalchemy import delete, func, or_, update
+from sqlalchemy import and_, case, delete, func, literal_column, or_, update
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from .archive_api import archive_router
 from .auth import CallerDep, ensure_first_admin, forbidden
 from .catalogue_api import catalogue_router
-from .domain import UNPLACED, BadFilename, advances, safe_filename, upload_state
+from .domain import FILE_STATE_RANK, UNPLACED, BadFilename, safe_filename, upload_state
 from .identity import Action, Caller, hash_password
 from .identity_api import identity_router
 from .models import (
@@ -68,7 +70,7 @@ from .models import (
 from .settings import Settings
 from .tus_api import tus_router
 from .uploads_api import Refused, stream_to_store, submit, uploads_router
-from .views import TOPIC_OF_TYPE, event_json, json_response, upload_view
+from .views import TOPIC_OF_TYPE, event_json, json_response, upload_status, upload_view
 from .waiting import Waiters
 from .xnat_api import plain_http_errors, xnat_router
 
@@ -114,41 +116,47 @@ class FileNote:
     sha256: str | None = None
 
 
+def _rank(state: Any) -> Any:
+    """domain.FILE_STATE_RANK in SQL, written into the statement (our own words: no binds)."""
+    return case(*[(state == literal_column(f"'{name}'"), literal_column(str(rank)))
+                  for name, rank in FILE_STATE_RANK.items()], else_=literal_column("0"))
+
+
+def _either(kept: Any, told: Any) -> Any:
+    """What the row has, else what the event says ('' and JSON null count as nothing)."""
+    nothing = literal_column("'null'::jsonb" if isinstance(kept.type, JSONB) else "''")
+    return func.coalesce(func.nullif(kept, nothing), told)
+
+
+_FILE = UploadFile.__table__  # type: ignore[attr-defined]
+_TOLD = pg_insert(_FILE).excluded
+_ADVANCES = _rank(_TOLD.state) >= _rank(_FILE.c.state)  # domain.advances, in SQL
+# One statement per event, sent as one batch: a file unknown here is inserted; a known one
+# moves forward only (events of different topics come in any order), its missing details
+# filled in whenever they arrive, and the event that moved it kept (a re-drive sends it again).
+_TRACK = pg_insert(_FILE).on_conflict_do_update(index_elements=[_FILE.c.file_id], set_={
+    "state": case((_ADVANCES, _TOLD.state), else_=_FILE.c.state),
+    "event": case((and_(_ADVANCES, _TOLD.event.is_not(None)), _TOLD.event),
+                  else_=_FILE.c.event),
+    # A late failure does not mark an archived file.
+    "reason": case((_ADVANCES, _either(_FILE.c.reason, _TOLD.reason)), else_=_FILE.c.reason),
+    **{name: _either(_FILE.c[name], _TOLD[name])
+       for name in ("object_key", "path", "kind", "sha256", "session")},
+    "updated_at": _TOLD.updated_at})
+
+
 async def _track_files(session: AsyncSession, notes: list[FileNote]) -> None:
-    """Merges what events say about files (their rows read and locked in one statement);
-    events of different topics come in any order, so the state only moves forward and missing
-    details are filled in whenever they arrive. The event that moved the state is kept: a
-    re-drive sends it again."""
+    """Merges what events say about files, in one batch of upserts (in file order, so two
+    transactions lock shared rows in the same order; in event order for one file)."""
     if not notes:
         return
-    ids = sorted({n.file_id for n in notes})  # locked in one order, whoever locks them
-    rows: dict[str, UploadFile] = {}
-    for start in range(0, len(ids), LOCK_CHUNK):
-        rows |= {r.file_id: r for r in (await session.exec(
-            select(UploadFile).where(any_of(col(UploadFile.file_id), ids[start:start + LOCK_CHUNK]))
-            .order_by(col(UploadFile.file_id)).with_for_update())).all()}
     now = datetime.now(UTC)
-    for n in notes:
-        row = rows.get(n.file_id)
-        if row is None:
-            rows[n.file_id] = UploadFile(
-                file_id=n.file_id, upload_id=n.upload_id, object_key=n.object_key,
-                path=n.path, kind=n.kind, state=n.state, reason=n.reason,
-                session=n.session_uri, event=n.event and event_json(n.event),
-                sha256=n.sha256, updated_at=now)
-            session.add(rows[n.file_id])
-            continue
-        if advances(row.state, n.state):
-            row.state = n.state
-            row.event = event_json(n.event) if n.event else row.event
-            row.reason = row.reason or n.reason  # a late failure does not mark an archived file
-        row.object_key = row.object_key or n.object_key
-        row.path = row.path or n.path
-        row.kind = row.kind or n.kind
-        row.sha256 = row.sha256 or n.sha256
-        row.session = row.session or n.session_uri
-        row.updated_at = now
-        session.add(row)
+    order = sorted(range(len(notes)), key=lambda i: (notes[i].file_id, i))
+    await session.execute(_TRACK, [{
+        "file_id": n.file_id, "upload_id": n.upload_id, "object_key": n.object_key,
+        "path": n.path, "kind": n.kind, "state": n.state, "reason": n.reason,
+        "session": n.session_uri, "event": n.event and event_json(n.event),
+        "sha256": n.sha256, "updated_at": now} for n in (notes[i] for i in order)])
 
 
 def register_handlers(svc: Service, waiters: Waiters) -> None:
@@ -468,11 +476,8 @@ def build_app(settings: Settings) -> FastAPI:
             if not caller.may_see_upload(row.uploader, row.project):
                 raise forbidden(f"Upload {upload!r} is neither yours nor in a project you "
                                 "may view.")
-            objects = (await session.exec(select(UploadObject).where(
-                UploadObject.upload_id == upload))).all()
-            files = (await session.exec(select(UploadFile).where(
-                UploadFile.upload_id == upload).order_by(col(UploadFile.path)))).all()
-        return json_response(upload_view(row, list(objects), list(files)))
+            shown = await upload_status(session, row)
+        return json_response(shown)
 
     @api.get("/uploads", summary="Recent uploads, newest first")
     async def list_uploads(caller: CallerDep,

@@ -40,10 +40,6 @@ def safe_filename(name: str | None) -> str:
 UNPLACED = {"staged", "validated", "rejected"}
 
 
-def advances(current: str | None, new: str) -> bool:
-    return current is None or FILE_STATE_RANK.get(new, 0) >= FILE_STATE_RANK.get(current, 0)
-
-
 def upload_state(counts: UploadCounts) -> str:
     """The word a user reads once an upload completed (files in CONFLICT wait in the
     prearchive too)."""

@@ -58,7 +58,7 @@ from .form_parts import BadForm, FilePart, file_parts
 from .identity import ALLOWED, PROJECT_ID, Action, Caller
 from .models import Membership, Project, Upload, UploadFile, UploadObject, User
 from .settings import Settings
-from .views import TOPIC_OF_TYPE, event_json, json_response, upload_view
+from .views import TOPIC_OF_TYPE, event_json, json_response, upload_status
 
 OPEN, PROCESSING, CANCELLING, CANCELLED = "open", "processing", "cancelling", "cancelled"
 TERMINAL = {"archived", "prearchived", "partial", "failed", CANCELLED}
@@ -215,13 +215,9 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
     async def view(upload_id: str, status: int = 200, **extra: Any) -> JSONResponse:
         async with svc.db.session() as session:
             upload = await session.get(Upload, upload_id)
-            objects = (await session.exec(select(UploadObject).where(
-                UploadObject.upload_id == upload_id))).all()
-            files = (await session.exec(select(UploadFile).where(
-                UploadFile.upload_id == upload_id).order_by(col(UploadFile.path)))).all()
-        assert upload is not None
-        return json_response({**upload_view(upload, list(objects), list(files)), **extra},
-                             status, Location=f"/api/v1/uploads/{upload_id}")
+            assert upload is not None
+            shown = await upload_status(session, upload)
+        return json_response({**shown, **extra}, status, Location=f"/api/v1/uploads/{upload_id}")
 
     @api.post("/projects/{project_id}/uploads", status_code=201,
               summary="Create an upload session for a project (then add files, then submit)",

@@ -7,8 +7,19 @@ from typing import Any
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from imgest_contracts import TOPICS, CloudEvent, event_type
+from sqlalchemy import bindparam
+from sqlalchemy.orm import defer
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from .models import Upload, UploadFile, UploadObject
+
+# What a status shows of objects and files: not the event each keeps for a re-drive (JSON of
+# a kilobyte or more each, decoded for nothing).
+_OBJECTS = select(UploadObject).options(defer(col(UploadObject.event))).where(
+    UploadObject.upload_id == bindparam("upload_id"))
+_FILES = select(UploadFile).options(defer(col(UploadFile.event))).where(
+    UploadFile.upload_id == bindparam("upload_id")).order_by(col(UploadFile.path))
 
 TOPIC_OF_TYPE = {event_type(payload): topic for topic, payload in TOPICS.items()}
 
@@ -36,6 +47,14 @@ def _plain(value: Any) -> Any:
 
 def json_response(value: Any, status: int = 200, **headers: str) -> JSONResponse:
     return _Json(value, status_code=status, headers=headers or None)
+
+
+async def upload_status(session: AsyncSession, upload: Upload) -> dict[str, Any]:
+    """The upload's status, object by object and file by file."""
+    params = {"upload_id": upload.id}
+    objects = (await session.exec(_OBJECTS, params=params)).all()  # type: ignore[call-overload]
+    files = (await session.exec(_FILES, params=params)).all()  # type: ignore[call-overload]
+    return upload_view(upload, list(objects), list(files))
 
 
 def upload_view(upload: Upload, objects: list[UploadObject], files: list[UploadFile]
