@@ -57,7 +57,7 @@ from imgest_runtime.db import any_of
 from imgest_runtime.outbox import derived_id, insert_ignore
 from imgest_runtime.service import Periodic, Service, Tx, create_app
 from imgest_runtime.store import ObjectNotFound, fit_name
-from sqlalchemy import delete, func, text, update
+from sqlalchemy import bindparam, delete, func, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -140,6 +140,14 @@ class EntryWork:
     answer: PrearchiveAnswered | None = None
 
 
+_OBJECTS = UploadObject.__table__  # type: ignore[attr-defined]
+_OBJECT_TOTAL = pg_insert(_OBJECTS).values(
+    object_key=bindparam("object_key"), upload_id=bindparam("upload_id"),
+    files_total=bindparam("files_total")).on_conflict_do_update(
+    index_elements=[_OBJECTS.c.object_key], set_={"files_total": func.coalesce(
+        _OBJECTS.c.files_total, pg_insert(_OBJECTS).excluded.files_total)})
+
+
 class Importer:
     def __init__(self, svc: Service, settings: Settings):
         self.svc = svc
@@ -163,13 +171,16 @@ class Importer:
         return row
 
     async def progress(self, session: AsyncSession, upload: Upload) -> dict[str, ObjectProgress]:
-        objects = (await session.exec(select(UploadObject).where(
+        # Plain rows, not ORM objects: this runs for every batch, over every object of the
+        # upload (a thousand, when each file came alone).
+        objects = (await session.execute(select(
+            UploadObject.object_key, UploadObject.files_total, UploadObject.rejected).where(
             UploadObject.upload_id == upload.id))).all()
         terminal = dict((await session.exec(
             select(UploadFile.object_key, func.count()).where(UploadFile.upload_id == upload.id)
             .group_by(UploadFile.object_key))).all())
-        return {o.object_key: ObjectProgress(o.files_total, o.rejected is not None,
-                                             terminal.get(o.object_key, 0)) for o in objects}
+        return {key: ObjectProgress(total, rejected is not None, terminal.get(key, 0))
+                for key, total, rejected in objects}
 
     async def settle(self, session: AsyncSession, upload: Upload) -> bool:
         """Marks the upload `completing` if this fact was its last; True if so."""
@@ -200,12 +211,12 @@ class Importer:
                     if row.upload_id == upload_id:
                         tx.after_commit(("drop", row.staged_key), lambda key=row.staged_key:
                                         asyncio.to_thread(store.delete, key))
-        totals = {(row.upload_id, row.object_key): total for row, total in files}
-        for (upload_id, object_key), total in totals.items():
-            obj = await self.object(session, upload_id, object_key)
-            if obj.files_total is None:
-                obj.files_total = total
-                session.add(obj)
+        # Each object's row, with how many files it holds where the event says: one statement
+        # per object, sent as one batch, in key order (rows are locked in one order).
+        totals = {row.object_key: (row.upload_id, total) for row, total in files}
+        await session.execute(_OBJECT_TOTAL, [
+            {"object_key": key, "upload_id": upload_id, "files_total": total}
+            for key, (upload_id, total) in sorted(totals.items())])
         table = UploadFile.__table__
         inserted = set((await session.execute(
             pg_insert(table).on_conflict_do_nothing().returning(table.c.file_id),
