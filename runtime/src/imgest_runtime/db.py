@@ -57,7 +57,7 @@ class Statement:
         if "POSTCOMPILE" in self.sql:
             raise ValueError("an IN list is rendered per execution; use = any(array) instead")
         self.names: tuple[str, ...] = tuple(compiled.positiontup or ())
-        # The statement's own values (literals, IN lists); the others are the caller's.
+        # The statement's own values (its literals); the others are the caller's.
         required = {name for name, bind in compiled.binds.items() if bind.required}
         self.fixed = {name: value for name, value in compiled.params.items()
                       if name not in required}

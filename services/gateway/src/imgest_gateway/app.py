@@ -97,9 +97,6 @@ def bootstrap(settings: Settings, waiters: Waiters | None = None) -> Service:
 # --- status kept up to date from the pipeline's events ------------------------------------------
 
 
-LOCK_CHUNK = 5000  # file ids per statement: a query takes at most 32,767 parameters
-
-
 @dataclass
 class FileNote:
     """What one event says about a file."""
@@ -151,12 +148,12 @@ async def _track_files(session: AsyncSession, notes: list[FileNote]) -> None:
     if not notes:
         return
     now = datetime.now(UTC)
-    order = sorted(range(len(notes)), key=lambda i: (notes[i].file_id, i))
     await session.execute(_TRACK, [{
         "file_id": n.file_id, "upload_id": n.upload_id, "object_key": n.object_key,
         "path": n.path, "kind": n.kind, "state": n.state, "reason": n.reason,
         "session": n.session_uri, "event": n.event and event_json(n.event),
-        "sha256": n.sha256, "updated_at": now} for n in (notes[i] for i in order)])
+        "sha256": n.sha256, "updated_at": now}
+        for n in sorted(notes, key=lambda n: n.file_id)])  # (stable: one file's in order)
 
 
 def register_handlers(svc: Service, waiters: Waiters) -> None:
