@@ -32,7 +32,7 @@ from imgest_contracts import (
 )
 from imgest_contracts.events import FIELD_NAME
 from imgest_runtime.broker import PIPELINE_FAILED
-from imgest_runtime.db import Statement
+from imgest_runtime.db import Statement, any_of
 from imgest_runtime.service import Service, problem, problem_responses
 from imgest_runtime.store import StoredObject, StoreError, put_async
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
@@ -43,7 +43,6 @@ from sqlalchemy import (
     cast,
     func,
     insert,
-    literal,
     null,
     union_all,
     update,
@@ -566,8 +565,7 @@ _KNOWN_CONTENT = Statement(union_all(
     select(UploadFile.sha256, UploadFile.path, Upload.id)
     .join(Upload, col(Upload.id) == UploadFile.upload_id)
     .where(Upload.project == bindparam("project"), col(UploadFile.sha256) == _SHAS,
-           col(UploadFile.state) == func.any(literal(["archived", "prearchived"],
-                                                      ARRAY(String))))))
+           any_of(col(UploadFile.state), ["archived", "prearchived"]))))
 _OBJECT_FIELDS = ("object_key", "upload_id", "filename", "size", "sha256", "content_type",
                   "state", "reason")
 _ADD_OBJECTS = Statement(insert(UploadObject.__table__).values(  # type: ignore[attr-defined]

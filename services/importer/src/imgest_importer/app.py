@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from fastapi import FastAPI
 from imgest_contracts import (
@@ -141,11 +142,17 @@ class EntryWork:
 
 
 _OBJECTS = UploadObject.__table__  # type: ignore[attr-defined]
-_OBJECT_TOTAL = pg_insert(_OBJECTS).values(
+_NEW_OBJECT = pg_insert(_OBJECTS).values(
     object_key=bindparam("object_key"), upload_id=bindparam("upload_id"),
-    files_total=bindparam("files_total")).on_conflict_do_update(
+    files_total=bindparam("files_total"))
+_OBJECT_TOTAL = _NEW_OBJECT.on_conflict_do_update(
     index_elements=[_OBJECTS.c.object_key], set_={"files_total": func.coalesce(
-        _OBJECTS.c.files_total, pg_insert(_OBJECTS).excluded.files_total)})
+        _OBJECTS.c.files_total, _NEW_OBJECT.excluded.files_total)})
+
+
+async def _set_files(session: AsyncSession, file_ids: list[str], **values: Any) -> None:
+    await session.execute(update(UploadFile).where(any_of(col(UploadFile.file_id), file_ids))
+                          .values(**values))
 
 
 class Importer:
@@ -522,8 +529,7 @@ class Importer:
             row.updated_at = datetime.now(UTC)
             session.add(row)
         state = "archived" if s.archived else "prearchived"
-        await session.execute(update(UploadFile).where(any_of(col(UploadFile.file_id),
-                                                           s.file_ids)).values(state=state, session_id=s.id))
+        await _set_files(session, s.file_ids, state=state, session_id=s.id)
         # A kept placement: the archived object stays, and so does its record.
         placed = [p for p in s.placements if p.action != "keep"]
         if placed:
@@ -575,8 +581,7 @@ class Importer:
                               generation: int) -> None:
         """A session of an upload that could not be placed: its files fail with the reason."""
         assert s.reason is not None
-        await session.execute(update(UploadFile).where(any_of(col(UploadFile.file_id),
-                                                           s.file_ids)).values(state="rejected", reason=s.reason.model_dump()))
+        await _set_files(session, s.file_ids, state="rejected", reason=s.reason.model_dump())
         await self.svc.outbox.add(session, SessionFailed(
             session_key=s.id, upload_ids=[upload_id], session=SessionRef(
                 project=s.project, subject=s.subject, session=s.label, uri=s.uri),
