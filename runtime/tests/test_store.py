@@ -284,6 +284,16 @@ def test_list_and_delete_prefix(st: Scoped) -> None:
     assert st.store.delete_prefix(st.k("up1/members/")) == 0
 
 
+def test_local_delete_prefix_leaves_no_empty_folders(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    for key in ("staging/u1/a1/1.dcm", "staging/u1/b2/2.dcm", "staging/u2/c3/3.dcm"):
+        put_bytes(store, key, b"x")
+    assert store.delete_prefix("staging/u1/") == 2
+    assert not (tmp_path / "staging" / "u1").exists()
+    assert [o.key for o in store.list("staging/")] == ["staging/u2/c3/3.dcm"]
+    assert store.delete_prefix("staging/u1/") == 0  # again: nothing, and no error
+
+
 @pytest.mark.parametrize("st", [
     "local",
     "s3",

@@ -8,6 +8,7 @@ ever holding a whole object in memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -377,6 +378,17 @@ class LocalStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Also the folders emptied under a folder-like prefix (`staging/<upload>/`): each
+        object of an upload has one of its own, and they would pile up by the million."""
+        deleted = super().delete_prefix(prefix)
+        top = self.root / prefix if prefix.endswith("/") else None
+        if top is not None and top.is_dir():
+            for folder, _dirs, _files in os.walk(top, topdown=False):
+                with contextlib.suppress(OSError):  # not empty: something was added since
+                    os.rmdir(folder)
+        return deleted
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         """Objects whose key starts with `prefix` (a string prefix, as in S3)."""
