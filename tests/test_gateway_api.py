@@ -538,6 +538,10 @@ def test_xnat_python_client_logs_in_and_imports(gateway: Running, pydicom_file, 
         third = tmp_path / "third.dcm"
         third.write_bytes(_dicom(pydicom_file, "XNATPY3"))
         doomed = session.services.import_(third, project="XPY", destination="/prearchive")
+        # The client's prearchive listing finds it, and each entry it lists can be browsed.
+        listed = session.prearchive.sessions(project="XPY")
+        assert doomed.uri in [e.uri for e in listed]
+        assert all(len(e.scans) == 1 for e in listed)
         doomed.delete()  # XNAT's /data/services/prearchive/delete
         assert doomed.uri not in [e.uri for e in session.prearchive.sessions()]
         jsession = session.jsession

@@ -105,6 +105,12 @@ async def entry_command(svc: Service, settings: Settings, caller: Caller, body: 
         await asyncio.sleep(0.2)
 
 
+def xnat_entry_url(uri: str) -> str:
+    """An entry's `url` as XNAT's prearchive listings give it: without the leading /data (its
+    clients put it back; xnatpy's PrearchiveSession does)."""
+    return uri.removeprefix("/data")
+
+
 def archive_router(svc: Service, settings: Settings) -> APIRouter:
     api = APIRouter()
 
@@ -354,7 +360,8 @@ def archive_router(svc: Service, settings: Settings) -> APIRouter:
     async def xnat_entries(caller: CallerDep, project: str | None = None) -> JSONResponse:
         visible(caller, project)
         rows = [{"project": r.project, "timestamp": r.timestamp, "subject": r.subject,
-                 "folderName": r.label, "name": r.label, "status": r.state, "url": r.uri,
+                 "folderName": r.label, "name": r.label, "status": r.state,
+                 "url": xnat_entry_url(r.uri),
                  "lastmod": r.updated_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
                  "uploaded": r.updated_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
                  "reason": (r.reason or {}).get("message", "")}

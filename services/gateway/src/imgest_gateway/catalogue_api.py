@@ -28,7 +28,7 @@ from imgest_runtime.service import Service, problem_responses
 from imgest_runtime.store import CHUNK, ObjectNotFound, ObjectStore, StoreError
 from starlette.exceptions import HTTPException
 
-from .archive_api import PLAIN, TIMESTAMP
+from .archive_api import PLAIN, TIMESTAMP, xnat_entry_url
 from .auth import CallerDep, forbidden
 from .identity import PROJECT_ID, Action, Caller
 from .identity_api import visible_project, visible_projects
@@ -585,7 +585,7 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
         return result_set([{
             "project": project, "timestamp": timestamp, "subject": s["subject"],
             "folderName": s["label"], "name": s["label"], "status": s["entry_state"],
-            "url": s["uri"], "lastmod": xnat_date(s["updated_at"]),
+            "url": xnat_entry_url(s["uri"]), "lastmod": xnat_date(s["updated_at"]),
             "uploaded": xnat_date(s["created_at"]),
             "reason": (s["reason"] or {}).get("message", ""),
             "scans": str(len(s["scans"])), "files": str(len(files_of(s)))}])
