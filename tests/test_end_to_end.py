@@ -791,6 +791,7 @@ def test_http_errors_are_problem_json(running: Running):
         (running.http.post("/api/v1/uploads", params={"filename": "a", "project": "../x"},
                            content=b"x"), 422),
         (running.http.get("/api/v1/uploads/nope"), 404),
+        (running.http.get("/api/v1/me", headers={"X-Huge": "a" * 70_000}), 431),
     ]:
         assert response.status_code == status, response.text
         assert response.headers["content-type"] == "application/problem+json"
@@ -798,6 +799,9 @@ def test_http_errors_are_problem_json(running: Running):
         assert problem["status"] == status and problem["title"] and problem["detail"]
         if status == 405:  # both routes of the shared path, not just the first
             assert response.headers["allow"] == "GET, PUT"
+    # XNAT's paths say it in XNAT's plain text.
+    huge = running.http.get("/data/projects", headers={"X-Huge": "a" * 70_000})
+    assert huge.status_code == 431 and huge.headers["content-type"].startswith("text/plain")
     # A name that is no name is not refused; the object gets a neutral one.
     created = running.upload("..", b"x")
     assert [o["filename"] for o in created["objects"]] == ["file"]
