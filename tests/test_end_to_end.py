@@ -4,10 +4,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import select
+import socket
 import time
 import uuid
 import zipfile
@@ -802,9 +805,36 @@ def test_http_errors_are_problem_json(running: Running):
     # XNAT's paths say it in XNAT's plain text.
     huge = running.http.get("/data/projects", headers={"X-Huge": "a" * 70_000})
     assert huge.status_code == 431 and huge.headers["content-type"].startswith("text/plain")
+    for path, kind in [("/api/v1/me", "application/problem+json"), ("/data/projects", "text/plain")]:
+        answer, sent = _endless_header(running, path)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert f"content-type: {kind}".encode() in answer.lower(), answer
+        assert sent < 4 * 1024 * 1024, f"read {sent} header bytes before answering"
     # A name that is no name is not refused; the object gets a neutral one.
     created = running.upload("..", b"x")
     assert [o["filename"] for o in created["objects"]] == ["file"]
+
+
+def _endless_header(running: Running, path: str) -> tuple[bytes, int]:
+    """Sends one header value that never ends, up to 64 MB; returns what the gateway answered
+    and how much it had been sent by then: a server that kept reading would still be reading."""
+    with socket.create_connection(("127.0.0.1", int(running.env["IMGEST_GATEWAY_PORT"])),
+                                  timeout=30) as connection:
+        connection.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Huge: ".encode())
+        chunk, sent = b"a" * 65536, 0
+        try:
+            while sent < 64 * 1024 * 1024:
+                if select.select([connection], [], [], 0)[0]:
+                    break  # answered (or closed) while the head was still coming
+                connection.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while part := connection.recv(65536):
+                answer += part
+        return answer, sent
 
 
 def test_curl_style_put_upload(running: Running, pydicom_file):

@@ -43,6 +43,7 @@ from .broker import (
 )
 from .db import Database, any_of, migrate
 from .epoch import broker_epoch, check_epoch
+from .http import BoundedHeadProtocol, HeaderLimit
 from .outbox import DeliveryTables, Outbox, Relay, delivery_tables, derived_id
 from .settings import RuntimeSettings
 from .store import ObjectStore, open_store
@@ -368,28 +369,6 @@ def _documented(payload: type[Payload]) -> Callable[..., Awaitable[None]]:
     return handler
 
 
-MAX_HEADER_BYTES = 64 * 1024  # all of a request's header names and values
-
-
-class _HeaderLimit:
-    """A request whose headers add up to more than MAX_HEADER_BYTES is answered 431 before
-    any route sees it, told as the app tells its other errors (problem+json; the gateway's
-    XNAT paths, plain text)."""
-
-    def __init__(self, app: Any, owner: FastAPI):
-        self.app, self.owner = app, owner
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and sum(
-                len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
-            answer = self.owner.exception_handlers[HTTPException]
-            response = await answer(Request(scope), HTTPException(
-                431, f"The request's headers are over {MAX_HEADER_BYTES} bytes."))
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
 def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -399,7 +378,7 @@ def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
     app = FastAPI(title=f"imgest {service.name}", version=VERSION, lifespan=lifespan,
                   docs_url=None, redoc_url=None, **fastapi_options)
     app.state.service = service
-    app.add_middleware(_HeaderLimit, owner=app)
+    app.add_middleware(HeaderLimit, owner=app)
     add_problem_handlers(app)
     problem_only_openapi(app)
     add_local_docs(app)
@@ -556,4 +535,5 @@ def serve(app_factory: Callable[[], FastAPI], settings: RuntimeSettings, port: i
     app = app_factory()
     app.state.service.migrate()
     uvicorn.run(app, host=settings.http_host, port=port, log_config=None,
-                timeout_graceful_shutdown=20, limit_concurrency=None)
+                timeout_graceful_shutdown=20, limit_concurrency=None,
+                http=BoundedHeadProtocol)

@@ -1,0 +1,109 @@
+"""A bound on a request's head, kept at both ends: the server stops reading a head that grows
+past MAX_HEADER_BYTES (so a client cannot make a process hold megabytes of headers), and
+the app answers 431 for any head over it that did arrive whole. Both answers come from the
+app, so they read as its other errors do (problem+json; the gateway's XNAT paths, text)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.parse
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEADER_BYTES = 64 * 1024  # a request's target, header names and values
+_OVERFLOW = "imgest.head_overflow"  # scope key the protocol sets on a head it cut short
+
+log = logging.getLogger("imgest.http")
+
+
+class HeaderLimit:
+    """ASGI middleware: answers 431 for a head over MAX_HEADER_BYTES before any route sees
+    it, in the form the app's HTTPException handler gives."""
+
+    def __init__(self, app: Any, owner: FastAPI):
+        self.app, self.owner = app, owner
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (scope.get(_OVERFLOW) or sum(
+                len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES):
+            answer = self.owner.exception_handlers[HTTPException]
+            response = await answer(Request(scope), HTTPException(
+                431, f"The request's headers are over {MAX_HEADER_BYTES} bytes."))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, but a request head still incomplete after more than
+    MAX_HEADER_BYTES is not read further: httptools would keep a header's value whole until
+    its end, however long. The app answers it 431 (through HeaderLimit) and the connection
+    closes. The body is not counted: a chunk that completes the head passes as before."""
+
+    _in_head = False
+    _head_bytes = 0
+    _cut = False
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._head_bytes = True, 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        if self._cut:
+            return
+        # Counted only for chunks that began inside a head: at most one chunk is missed,
+        # and never a body byte.
+        was_in_head = self._in_head
+        super().data_received(data)
+        if was_in_head and self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self._cut_head()
+
+    def _cut_head(self) -> None:
+        self._cut = True
+        self.transport.pause_reading()
+        target = urllib.parse.urlsplit(self.url[:MAX_HEADER_BYTES].decode("latin-1"))
+        try:
+            method = self.parser.get_method().decode("ascii")
+        except Exception:  # noqa: BLE001 — not parsed yet: the answer does not depend on it
+            method = "GET"
+        scope = {**self.scope, "method": method, "path": urllib.parse.unquote(target.path),
+                 "raw_path": target.path.encode("latin-1"),
+                 "query_string": target.query.encode("latin-1"), "headers": [],
+                 _OVERFLOW: True}
+        log.warning("%s:%s sent a request head over %d bytes: answered 431 and closed",
+                    *(self.client or ("?", "?")), MAX_HEADER_BYTES)
+        asyncio.get_running_loop().create_task(self._answer(scope))
+
+    async def _answer(self, scope: dict[str, Any]) -> None:
+        start: dict[str, Any] = {}
+        body: list[bytes] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            else:
+                body.append(message.get("body", b""))
+
+        try:
+            await self.app(scope, receive, send)
+            status = HTTPStatus(start["status"])
+            head = [f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()]
+            head += [name + b": " + value + b"\r\n" for name, value in start["headers"]
+                     if name.lower() != b"connection"]
+            self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", *body]))
+        finally:
+            self.transport.close()
