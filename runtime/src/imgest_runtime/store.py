@@ -637,6 +637,14 @@ class _QueueReader(_Reader):
         self.ready: deque[bytes] = deque()
         self.done = False
 
+    @classmethod
+    def holding(cls, chunks: list[bytes]) -> _QueueReader:
+        """A reader of these chunks only, all already there."""
+        reader = cls(maxsize=1)
+        reader.ready.extend(c for c in chunks if c)
+        reader.done = True
+        return reader
+
     def read(self, n: int = -1) -> bytes:
         if n < 0:
             return b"".join(iter(lambda: self.read(CHUNK), b""))
@@ -699,9 +707,9 @@ async def _write_async(write: Callable[[BinaryIO], StoredObject],
         if size > CHUNK:
             break
     else:  # a small object, whole: written with one hand-off to a thread, not a stream of them
-        data = io.BytesIO(b"".join(batch))
+        whole = _QueueReader.holding(batch)  # (not joined: a copy on the event loop's time)
         return await asyncio.to_thread(
-            write, _Digesting(data, digests) if digests else data)  # type: ignore[arg-type]
+            write, _Digesting(whole, digests) if digests else whole)  # type: ignore[arg-type]
 
     reader = _QueueReader()
     source = _Digesting(reader, digests) if digests else reader  # type: ignore[arg-type]
