@@ -308,7 +308,7 @@ def test_dead_letter_shows_in_status_and_email_and_replay_fixes_it(faulty: Runni
         upload_id = upload_study(faulty, pydicom_file, files=3)
         faulty.wait_files(upload_id, {"staged"}, 3)
         lost = faulty.status(upload_id)["files"][0]
-        key = [o.key for o in faulty.store.list(f"staging/{upload_id}/members/{lost['file_id']}/")]
+        key = [o.key for o in faulty.store.list(f"staging/{upload_id}/members/{lost['file_id']}-")]
         assert len(key) == 1
         saved = faulty.store.read_range(key[0], 0, 10**7)
         faulty.store.delete(key[0])

@@ -221,7 +221,7 @@ def test_unpack_zip_stages_each_member(store: LocalStore) -> None:
     for m in result.members:
         data = expected[m.path]
         fid = file_id(obj.upload_id, obj.object_key, m.path)
-        assert m.key == f"staging/{obj.upload_id}/members/{fid}/{Path(m.path).name}"
+        assert m.key == f"staging/{obj.upload_id}/members/{fid}-{Path(m.path).name}"
         assert m.size == len(data)
         assert m.sha256 == _sha(data)
         with store.open(m.key) as f:
