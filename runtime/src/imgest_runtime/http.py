@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEADER_BYTES = 64 * 1024  # a request's target, header names and values
+LINGER_SECONDS = 2.0  # how long a refused head's bytes are still read (and dropped)
 _OVERFLOW = "imgest.head_overflow"  # scope key the protocol sets on a head it cut short
 
 log = logging.getLogger("imgest.http")
@@ -105,5 +106,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             head += [name + b": " + value + b"\r\n" for name, value in start["headers"]
                      if name.lower() != b"connection"]
             self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", *body]))
-        finally:
+        except BaseException:
             self.transport.close()
+            raise
+        # A lingering close, as nginx's: closed now, with the client's bytes unread, the
+        # socket would be reset and the answer could be lost with it. So the answer is
+        # followed by a FIN, what still comes is read and dropped (data_received), and the
+        # socket closes a moment later.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
