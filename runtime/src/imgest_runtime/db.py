@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ARRAY, MetaData, any_, event, exc, literal, text
+from sqlalchemy import ARRAY, BindParameter, MetaData, any_, bindparam, event, exc, literal, text
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -38,7 +38,10 @@ def _drop_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
 def any_of(column: Any, values: Any) -> Any:
     """`column IN (values)` as one array parameter (`= ANY($1)`): an IN list is rendered anew,
     each of its values cast, at every execution, which for a batch of a thousand ids cost
-    more CPU than the query itself."""
+    more CPU than the query itself. `values` is the values, or a `bindparam` (a `Statement`'s
+    parameter: a list at each execution)."""
+    if isinstance(values, BindParameter):
+        return column == any_(bindparam(values.key, type_=ARRAY(column.type)))
     return column == any_(literal(list(values), ARRAY(column.type)))
 
 

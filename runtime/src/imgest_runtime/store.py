@@ -380,8 +380,8 @@ class LocalStore(ObjectStore):
         self._path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> int:
-        """Also the folders emptied under a folder-like prefix (`staging/<upload>/`): each
-        object of an upload has one of its own, and they would pile up by the million."""
+        """Also the folders emptied under a folder-like prefix (`staging/<upload>/`, with its
+        `members/`): left behind, there would be one per upload for ever."""
         deleted = super().delete_prefix(prefix)
         top = self.root / prefix if prefix.endswith("/") else None
         if top is not None and top.is_dir():

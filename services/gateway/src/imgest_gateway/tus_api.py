@@ -44,7 +44,7 @@ from .domain import Arrival, safe_filename
 from .identity import Action
 from .models import TusUpload, Upload
 from .settings import Settings
-from .uploads_api import OPEN, Refused, project_settings, record_arrivals
+from .uploads_api import OPEN, Refused, project_settings, record_arrivals, staging_key
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
@@ -414,7 +414,7 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         assert fresh is not None
         if upload is None or rules is None:
             raise Refused(409, "Upload not open", f"Upload {row.upload_id} is gone.")
-        key = f"staging/{row.upload_id}/{row.id[:12]}/{row.filename}"
+        key, _ = staging_key(row.upload_id, row.filename, token=row.id[:12])
         if in_place(fresh):
             # Whole: no byte past the length was ever written (the body is cut there).
             await asyncio.to_thread(svc.store.move, in_place_key(row.id), key)

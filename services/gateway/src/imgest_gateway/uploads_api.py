@@ -38,7 +38,6 @@ from imgest_runtime.service import Service, problem, problem_responses
 from imgest_runtime.store import StoredObject, StoreError, fit_name, put_async
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from sqlalchemy import (
-    ARRAY,
     String,
     bindparam,
     cast,
@@ -503,15 +502,17 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
     return api
 
 
-def staging_key(upload_id: str, name: str) -> tuple[str, str]:
-    """Where a file of an open upload is kept, and the name it keeps. A random token before
-    the name makes two files of the same name two objects; it is not a folder of its own,
-    which would cost the disk a directory per file (about a seventh of a small file's write)."""
+def staging_key(upload_id: str, name: str, token: str | None = None) -> tuple[str, str]:
+    """Where a file of an open upload is kept, and the name it keeps. A token (random unless
+    given) before the name makes two files of the same name two objects; it is not a folder
+    of its own, which would cost the disk a directory per file (about a seventh of a small
+    file's write)."""
     try:
         safe = safe_filename(name)
     except BadFilename as e:
         raise Refused(400, "Bad file name", str(e)) from e
-    return f"staging/{upload_id}/{fit_name(f'{os.urandom(6).hex()}-{safe}')}", safe
+    token = token or os.urandom(6).hex()
+    return f"staging/{upload_id}/{fit_name(f'{token}-{safe}')}", safe
 
 
 def refusal(filename: str, refused: Refused) -> Verdict:
@@ -556,15 +557,15 @@ _UPLOAD_AND_RULES = Statement(select(Upload, Project.settings.label("project_set
     Upload.id == bindparam("upload_id")))
 _LOCK_UPLOAD = Statement(select(Upload.state, Upload.files_added).where(
     col(Upload.id) == bindparam("upload_id")).with_for_update())
-_SHAS = func.any(bindparam("shas", type_=ARRAY(String)))
+_SHAS = bindparam("shas")
 # The same content already in this upload, or archived in the project.
 _KNOWN_CONTENT = Statement(union_all(
     select(UploadObject.sha256, UploadObject.filename, cast(null(), String)).where(
         UploadObject.upload_id == bindparam("upload_id"), UploadObject.state == "added",
-        col(UploadObject.sha256) == _SHAS),
+        any_of(col(UploadObject.sha256), _SHAS)),
     select(UploadFile.sha256, UploadFile.path, Upload.id)
     .join(Upload, col(Upload.id) == UploadFile.upload_id)
-    .where(Upload.project == bindparam("project"), col(UploadFile.sha256) == _SHAS,
+    .where(Upload.project == bindparam("project"), any_of(col(UploadFile.sha256), _SHAS),
            any_of(col(UploadFile.state), ["archived", "prearchived"]))))
 _OBJECT_FIELDS = ("object_key", "upload_id", "filename", "size", "sha256", "content_type",
                   "state", "reason")

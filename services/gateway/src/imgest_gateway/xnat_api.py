@@ -16,6 +16,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from imgest_contracts import ImportOptions
+from imgest_runtime.db import any_of
 from imgest_runtime.service import Service, allowed_methods
 from pydantic import ValidationError
 from sqlmodel import col, select
@@ -286,7 +287,7 @@ def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter
         if not uris:
             return 0
         shown = (await session.exec(select(PrearchiveEntry.uri).where(
-            col(PrearchiveEntry.uri).in_(uris)))).all()
+            any_of(col(PrearchiveEntry.uri), uris)))).all()
         return len(uris - set(shown))
 
     async def _receive(request: Request, caller: Caller, options: ImportOptions,
