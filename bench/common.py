@@ -20,17 +20,35 @@ def gateway_client(stack: Stack, port: str | int, timeout: float = 120) -> httpx
                         headers={"Authorization": f"Bearer {token}"})
 
 
-def memory_kb(pid: int, field: str) -> int:
-    """A /proc/<pid>/status figure in KiB (VmRSS, VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+def processes(pid: int) -> list[int]:
+    """The process and its children, grandchildren…: the gateway forks its workers."""
+    found = [pid]
+    for p in found:
+        try:
+            found += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def memory_kb(pid: int) -> int:
+    """The memory of a process and its descendants, in KiB: the sum of their proportional set
+    sizes (PSS). Pages a forked worker still shares with its parent count once, split between
+    them, where a sum of RSS would count them in each; for one process PSS is a little under
+    its RSS (shared libraries' pages are split with other processes)."""
+    total = 0
+    for p in processes(pid):
+        try:
+            text = Path(f"/proc/{p}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in text.splitlines()
+                      if line.startswith("Pss:"))
+    return total
 
 
 def peak_watch(pid: int, stop: threading.Event, peak: list[int]) -> None:
-    """VmRSS every 50 ms into peak[0], until `stop` (VmHWM covers the process's whole life,
-    unless it can be reset)."""
+    """`memory_kb` every 50 ms into peak[0], until `stop`."""
     while not stop.is_set():
-        peak[0] = max(peak[0], memory_kb(pid, "VmRSS"))
+        peak[0] = max(peak[0], memory_kb(pid))
         time.sleep(0.05)

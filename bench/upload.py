@@ -6,7 +6,7 @@ On the embedded stack (local store) in a temporary directory:
 
 1. one big file (2 GB of random bytes, from disk) through `POST /api/v1/uploads/{id}/files`,
    against the same file written with the store's own `put`; with the gateway's peak memory
-   (VmHWM) during the upload;
+   during the upload (the PSS of its processes, every 50 ms: `common.memory_kb`);
 2. 1,000 small files by 4 clients at once through the same endpoint, one request per file and
    then as multipart forms of `--batch` files, against 4 threads putting the same files into
    the store.
@@ -104,7 +104,7 @@ def main() -> None:
             http.post("/api/v1/projects", json={"id": "BENCH", "settings": {
                 "max_files_per_upload": 2 * args.files + 10}})
             pid = stack.supervisor.children["gateway"].process.pid  # type: ignore[union-attr]
-            before = memory_kb(pid, "VmRSS")
+            before = memory_kb(pid)
             clients = [gateway_client(stack, port) for _ in range(args.clients)]
 
             def new_upload() -> str:

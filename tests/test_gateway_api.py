@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urljoin
 
 import httpx
 import pytest
@@ -25,8 +29,9 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def gateway(request, infra: Infra, smtp_server, tmp_path_factory):
+    # Two workers whatever the cores: every test here also crosses processes.
     with started_stack(request, infra, smtp_server, tmp_path_factory, "local",
-                       IMGEST_MAX_UPLOAD_BYTES=str(1024**3)) as run:
+                       IMGEST_MAX_UPLOAD_BYTES=str(1024**3), IMGEST_GATEWAY_WORKERS="2") as run:
         yield run
 
 
@@ -617,6 +622,96 @@ def test_tus_upload_interrupted_then_resumed_by_another_process_after_a_restart(
     stored = gateway.store.read_range(files[0]["object_key"], 0, 10**9)
     assert stored == big.read_bytes()
     assert not list(gateway.store.list(".tus/"))  # the segments are gone
+
+
+def _workers(run: Running) -> list[int]:
+    parent = run.stack.supervisor.children["gateway"].process.pid  # type: ignore[union-attr]
+    return [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+
+
+def _answered_by(run: Running, want: set[int]) -> set[int]:
+    """The workers new connections reached (until all of `want`, or 200 tries)."""
+    seen: set[int] = set()
+    for _ in range(200):
+        seen.add(httpx.get(f"{run.url}/healthz").json()["pid"])  # a new connection each
+        if seen >= want:
+            break
+    return seen
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_gateway_workers_share_its_port(gateway: Running):
+    import base64
+
+    workers = _workers(gateway)
+    assert len(workers) == 2
+    assert _answered_by(gateway, set(workers)) == set(workers)
+    http = gateway.http
+    auth = {"Authorization": http.headers["authorization"]}
+    gateway.project("WRK")
+
+    # One PATCH at a time per tus upload, whichever worker each connection reaches.
+    upload = http.post("/api/v1/projects/WRK/uploads", json={}).json()
+    meta = (f"upload {base64.b64encode(upload['id'].encode()).decode()},"
+            f"filename {base64.b64encode(b'w.bin').decode()}")
+    tus = {"Tus-Resumable": "1.0.0"}
+    size = 8 * 1024 * 1024
+    location = urljoin(gateway.url, http.post("/api/v1/tus/", headers={
+        **tus, "Upload-Length": str(size), "Upload-Metadata": meta}).headers["location"])
+    patch = {**tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
+    first_bytes = threading.Event()
+
+    def slowly():
+        for _ in range(size // (256 * 1024)):
+            yield b"x" * (256 * 1024)
+            first_bytes.set()
+            time.sleep(0.05)
+
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(http.patch, location, content=slowly(), headers=patch, timeout=60)
+        assert first_bytes.wait(10)
+        time.sleep(0.3)  # the first PATCH holds the upload
+        others = [httpx.patch(location, content=b"y" * 10, headers={**patch, **auth})
+                  for _ in range(12)]  # a new connection each
+        assert slow.result().status_code == 204
+    assert {(r.status_code, r.json()["title"]) for r in others} == {(409, "Upload in progress")}
+    assert http.head(location, headers=tus).headers["upload-offset"] == str(size)
+
+    # /metrics sums every worker's figures: each of them relayed some of these uploads'
+    # events, and any worker answering gives the same totals.
+    for i in range(8):
+        added = httpx.post(f"{gateway.url}/api/v1/uploads/{upload['id']}/files",
+                           params={"filename": f"m{i}.bin"}, content=os.urandom(100),
+                           headers=auth)
+        assert added.status_code == 201, added.text
+
+    def published() -> float:
+        text = httpx.get(f"{gateway.url}/metrics").text  # a new connection each
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("faststream_published_messages_total{"))
+
+    for _ in range(20):  # (until the relays are quiet)
+        totals = {published() for _ in range(10)}
+        if len(totals) == 1:
+            break
+        time.sleep(0.5)
+    assert len(totals) == 1 and totals.pop() > 0
+    text = httpx.get(f"{gateway.url}/metrics").text  # and each process's own figures
+    assert all(f'process_cpu_seconds_total{{pid="{pid}"}}' in text for pid in workers)
+
+    # A worker that dies is started again; the others serve on meanwhile.
+    victim = workers[1]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (len(_workers(gateway)) < 2
+                                           or victim in _workers(gateway)):
+        assert http.get("/api/v1/me").status_code == 200
+        time.sleep(0.1)
+    now = _workers(gateway)
+    assert len(now) == 2 and victim not in now and workers[0] in now
+    assert _answered_by(gateway, set(now)) == set(now)
+    assert (f"worker 1 (pid {victim}) was killed by SIGKILL; starting it again"
+            in gateway.log.read_text())
 
 
 def test_tus_protocol_details(gateway: Running):

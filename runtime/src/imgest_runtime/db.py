@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy import ARRAY, BindParameter, MetaData, any_, bindparam, event, exc, literal, text
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
@@ -117,6 +118,20 @@ class Database:
                 return
             async with raw.transaction():
                 yield Connection(raw)
+
+    @asynccontextmanager
+    async def advisory_lock(self, key: str) -> AsyncIterator[bool]:
+        """Holds PostgreSQL's advisory lock on `key` while the block runs, or yields False if
+        another holder has it, in any process or replica. On a connection of its own, not the
+        pool's: it may be held for as long as an upload streams, and closing it releases the
+        lock, also when the process holding it dies."""
+        conn = await asyncpg.connect(self.engine.url.set(drivername="postgresql")
+                                     .render_as_string(hide_password=False))
+        try:
+            yield bool(await conn.fetchval(
+                "select pg_try_advisory_lock(hashtextextended($1, 0))", key))
+        finally:
+            await conn.close()
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

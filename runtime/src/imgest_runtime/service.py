@@ -47,6 +47,7 @@ from .http import BoundedHeadProtocol, HeaderLimit
 from .outbox import DeliveryTables, Outbox, Relay, delivery_tables, derived_id
 from .settings import RuntimeSettings
 from .store import ObjectStore, open_store
+from .workers import METRICS_DIR, serve_workers, workers_registry
 
 log = logging.getLogger("imgest.service")
 
@@ -127,6 +128,9 @@ class Service:
     consumed: list[tuple[type[Payload], bool]] = field(default_factory=list)
     published: list[type[Payload]] = field(default_factory=list)
     _epoch: str | None = field(default=None, init=False)  # the broker epoch it consumes from
+    # False in a service's extra worker processes: only the primary consumes events and runs
+    # the periodic jobs (imgest_runtime.workers).
+    primary: bool = True
 
     def __post_init__(self) -> None:
         self.broker = make_broker(self.settings, self.name)
@@ -288,11 +292,12 @@ class Service:
         await self.check_epoch()  # before the relay starts: a replay goes out in order
         for work in self.startup:
             await work()
-        await self.wired().start()
+        # (Another worker's broker only publishes: what its relay sends.)
+        await (self.wired() if self.primary else self.broker).start()
         relay = Relay(self.db, self.outbox, self.broker)
         relay.start()
-        jobs = [*self.periodic,
-                Periodic("broker-epoch", self.settings.epoch_check_seconds, self.check_epoch)]
+        jobs = [*self.periodic, Periodic("broker-epoch", self.settings.epoch_check_seconds,
+                                         self.check_epoch)] if self.primary else []
         tasks = [asyncio.create_task(self._run_periodic(job), name=job.name) for job in jobs]
         log.info("%s started (pid %d)", self.name, os.getpid())
         try:
@@ -305,6 +310,14 @@ class Service:
             await relay.stop()  # flush what the last handlers wrote
             await self.db.close()
             log.info("%s stopped", self.name)
+
+    async def prepare(self) -> None:
+        """The start-up work, once for all of a service's workers (before they are forked)."""
+        try:
+            for work in self.startup:
+                await work()
+        finally:
+            await self.db.close()
 
     @asynccontextmanager
     async def handling(self, event: CloudEvent):
@@ -383,9 +396,10 @@ def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
     problem_only_openapi(app)
     add_local_docs(app)
 
-    @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok", "service": service.name}
+    @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers (which "
+             "one: a service may serve its port from several)")
+    async def healthz() -> dict[str, str | int]:
+        return {"status": "ok", "service": service.name, "pid": os.getpid()}
 
     @app.get("/readyz", tags=["operations"], summary="Readiness: database, broker and store answer")
     async def readyz(response: Response) -> dict[str, Any]:
@@ -397,7 +411,8 @@ def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics",
              response_class=Response)
     async def metrics() -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        registry = workers_registry() if os.environ.get(METRICS_DIR) else REGISTRY
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/asyncapi.json", tags=["operations"], summary="AsyncAPI document of this service")
     async def asyncapi() -> dict[str, Any]:
@@ -527,13 +542,19 @@ def add_problem_handlers(app: FastAPI) -> None:
 
 
 def serve(app_factory: Callable[[], FastAPI], settings: RuntimeSettings, port: int,
-          service: str) -> None:
-    """The process entry point: migrate first, then serve until SIGTERM/SIGINT."""
+          service: str, workers: int = 1) -> None:
+    """The process entry point: migrate first, then serve until SIGTERM/SIGINT (with
+    `workers` > 1, from that many processes: imgest_runtime.workers)."""
     import uvicorn
 
     setup_logging(service, settings.log_level)
     app = app_factory()
     app.state.service.migrate()
-    uvicorn.run(app, host=settings.http_host, port=port, log_config=None,
-                timeout_graceful_shutdown=20, limit_concurrency=None,
-                http=BoundedHeadProtocol)
+    options: dict[str, Any] = {
+        "host": settings.http_host, "port": port, "log_config": None,
+        "timeout_graceful_shutdown": 20, "limit_concurrency": None,
+        "http": BoundedHeadProtocol}
+    if workers == 1:
+        uvicorn.run(app, **options)
+        return
+    serve_workers(app, settings.http_host, port, workers, options)

@@ -1,4 +1,9 @@
-"""`python -m imgest_gateway`: migrate, then serve."""
+"""`python -m imgest_gateway`: migrate, then serve (from IMGEST_GATEWAY_WORKERS processes)."""
+
+from imgest_runtime.workers import metrics_dir, worker_count
+
+# Before anything imports prometheus_client, which picks where metrics live as it loads.
+metrics_dir("gateway", "IMGEST_GATEWAY_WORKERS")
 
 from imgest_runtime.service import serve
 
@@ -8,7 +13,8 @@ from .settings import Settings
 
 def main() -> None:
     settings = Settings()
-    serve(lambda: build_app(settings), settings, settings.gateway_port, "gateway")
+    serve(lambda: build_app(settings), settings, settings.gateway_port, "gateway",
+          workers=worker_count(settings.gateway_workers))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ from .identity import USERNAME
 
 class Settings(RuntimeSettings):
     gateway_port: int = Field(8080, description="Port of the gateway's HTTP API.")
+    gateway_workers: int = Field(
+        0, ge=0, le=64, description="Processes serving the gateway's port; 0: one per core, at "
+        "most 4. A process's HTTP work (reading requests, parsing forms, handing files to the "
+        "store) runs on one core.")
     max_upload_bytes: int = Field(
         1024**4, ge=1, description="Largest single upload accepted, in bytes (default 1 TiB).")
     admin_user: str = Field("admin", pattern=USERNAME,

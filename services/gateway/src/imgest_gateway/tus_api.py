@@ -123,7 +123,6 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                                          le=settings.max_upload_bytes,
                                          description="The file's size in bytes.")]
     hashes = Hashes()
-    locks: dict[str, asyncio.Lock] = {}
 
     def in_place(row: TusUpload) -> bool:
         """The store writes at offsets (the local one): the file is assembled where it lies,
@@ -238,10 +237,11 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         if int(offset_header) != row.offset:
             return refuse(409, "Offset mismatch", f"The server has {row.offset} bytes of this "
                           f"file, not {offset_header}: HEAD tells where to resume.")
-        lock = locks.setdefault(tus_id, asyncio.Lock())
-        if lock.locked():
-            return refuse(409, "Upload in progress", "Another PATCH to this upload is running.")
-        async with lock:
+        # One PATCH at a time per upload, whichever gateway process or replica it reaches.
+        async with svc.db.advisory_lock(f"tus:{tus_id}") as mine:
+            if not mine:
+                return refuse(409, "Upload in progress", "Another PATCH to this upload is "
+                              "running.")
             outcome = await receive(request, row, row.offset)
         if isinstance(outcome, Response):
             return outcome

@@ -1,0 +1,214 @@
+"""Several processes serving one port: a service whose HTTP work outgrows one core (the
+gateway, parsing and handing on uploads) runs workers forked from one parent.
+
+The parent builds the app and migrates, has the service's start-up work done once (in a child
+of its own), binds the socket and forks the workers; then it only watches them. A worker that dies is started again; SIGTERM/SIGINT reach
+every worker, which finishes its requests, and the parent exits when all have. If the parent
+dies abruptly, its workers die with it (as one process would have).
+
+Worker 0 is the primary: it alone consumes the service's events and runs its periodic jobs
+(one consumer, not a group reshuffled whenever a worker starts). Every worker relays its own
+outbox. Prometheus metrics are kept per process in a directory and summed by whichever worker
+answers /metrics (prometheus_client's multiprocess mode, which the service's `__main__` turns
+on before anything imports the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("imgest.workers")
+
+METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+RESTART_PAUSE = 1.0  # a worker that dies at once is not started again in a tight loop
+
+
+AUTO_MAX = 4  # workers "auto" starts at most: past that the other services want the cores
+
+
+def worker_count(setting: int) -> int:
+    """How many workers a setting asks for: 0 means one per core (up to AUTO_MAX)."""
+    return setting or max(1, min(os.cpu_count() or 1, AUTO_MAX))
+
+
+def metrics_dir(service: str, workers_variable: str) -> None:
+    """Call first thing in a service's `__main__`, before anything imports prometheus_client
+    (it picks its storage at import): with more than one worker, metrics go to files. (Reads
+    the environment itself: the settings are not loaded yet; a bad value is theirs to refuse.)"""
+    value = os.environ.get(workers_variable, "0")
+    if value.isdigit() and worker_count(int(value)) > 1:
+        data_dir = Path(os.environ.get("IMGEST_DATA_DIR", ".imgest"))
+        os.environ.setdefault(METRICS_DIR, str(data_dir.resolve() / "run" / f"metrics-{service}"))
+
+
+def serve_workers(app: Any, host: str, port: int, count: int,
+                  uvicorn_options: dict[str, Any]) -> None:
+    """Forks `count` workers serving `app` on host:port; returns when they have all stopped
+    after SIGTERM/SIGINT. The app is built, never started: each worker starts its copy."""
+    _fresh_metrics_dir()
+    _prepare(app)
+    sock = socket.create_server((host, port), backlog=2048)
+    sock.set_inheritable(True)
+    workers: dict[int, tuple[int, float]] = {}  # pid → (index, started at)
+    stopping = False
+
+    def start(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            _worker(app, index, sock, uvicorn_options)  # never returns
+        workers[pid] = (index, time.monotonic())
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in workers:
+            _signal(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for index in range(count):
+        start(index)
+    log.info("%d workers serving port %d (worker 0 consumes events and runs periodic jobs)",
+             count, port)
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        index, started = workers.pop(pid)
+        _forget_metrics(pid)
+        if stopping:
+            continue
+        log.error("worker %d (pid %d) %s; starting it again", index, pid,
+                  _how_it_ended(status))
+        if time.monotonic() - started < RESTART_PAUSE:
+            time.sleep(RESTART_PAUSE)
+        start(index)
+    sock.close()
+
+
+def _prepare(app: Any) -> None:
+    """The service's start-up work (the first administrator…), once for all workers: in a
+    child of its own, so the parent never runs an event loop its workers would inherit."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            asyncio.run(app.state.service.prepare())
+        except BaseException:  # noqa: BLE001 - reported, and the exit status says it
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        log.error("the start-up work %s", _how_it_ended(status))
+        sys.exit(1)
+
+
+def _worker(app: Any, index: int, sock: socket.socket, uvicorn_options: dict[str, Any]
+            ) -> None:
+    import uvicorn
+
+    code = 0
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn installs its own
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _die_with_parent()
+        service = app.state.service
+        service.primary = index == 0
+        service.startup = []  # done once, by the parent
+        uvicorn.Server(uvicorn.Config(app, **uvicorn_options)).run(sockets=[sock])
+    except BaseException:  # noqa: BLE001 - a worker reports, then ends: the parent restarts it
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        os._exit(code)  # not the parent's exit handlers
+
+
+def _die_with_parent() -> None:
+    """A worker whose parent was killed is killed too: nothing keeps serving the port unseen."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+        if os.getppid() == 1:  # the parent died before the call
+            os._exit(1)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _how_it_ended(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+def _fresh_metrics_dir() -> None:
+    """Files of an earlier run would be summed into this one's figures."""
+    path = os.environ.get(METRICS_DIR)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        Path(path).mkdir(parents=True)
+
+
+def workers_registry() -> Any:
+    """Every worker's metrics, summed from their files; and the process figures (CPU, memory)
+    of the parent and of each worker, told apart by a `pid` label."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(_Processes(os.getppid()))
+    return registry
+
+
+class _Processes:
+    """prometheus_client's process_* metrics for a parent and its children (multiprocess mode
+    has none: each process would only tell of itself)."""
+
+    def __init__(self, parent: int):
+        self.parent = parent
+
+    def collect(self) -> Any:
+        from prometheus_client import ProcessCollector
+        from prometheus_client.metrics_core import Metric
+
+        try:
+            children = Path(f"/proc/{self.parent}/task/{self.parent}/children").read_text()
+        except OSError:
+            children = ""
+        families: dict[str, Metric] = {}
+        for pid in [self.parent, *map(int, children.split())]:
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                merged = families.setdefault(family.name, Metric(
+                    family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, "pid": str(pid)},
+                                      sample.value)
+        yield from families.values()
+
+
+def _forget_metrics(pid: int) -> None:
+    if os.environ.get(METRICS_DIR):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
