@@ -12,30 +12,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgest_runtime.workers import die_with_parent
+
 log = logging.getLogger("imgest.infra")
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A Popen preexec_fn: on Linux the child gets SIGTERM when the process (strictly, the
-    thread) that started it dies, so a killed `imgest up` or test run leaves no orphans.
-
-    prctl is looked up here, before the fork; the child runs only the system call, never an
-    import (which could deadlock on a lock another thread held at the fork)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, sigterm)
-
-    return preexec
 
 
 def exit_on_sigterm() -> None:

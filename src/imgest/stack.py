@@ -17,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .infra import Postgres, Tansu, die_with_parent, free_port, wait_for_port
+from imgest_runtime.workers import die_with_parent
+
+from .infra import Postgres, Tansu, free_port, wait_for_port
 
 SERVICES = ("gateway", "unpacker", "metadata", "importer", "notifier")
 DEFAULT_PORTS = {"gateway": 8080, "unpacker": 8081, "metadata": 8082, "importer": 8083,

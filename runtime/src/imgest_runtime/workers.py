@@ -2,9 +2,10 @@
 gateway, parsing and handing on uploads) runs workers forked from one parent.
 
 The parent builds the app and migrates, has the service's start-up work done once (in a child
-of its own), binds the socket and forks the workers; then it only watches them. A worker that dies is started again; SIGTERM/SIGINT reach
-every worker, which finishes its requests, and the parent exits when all have. If the parent
-dies abruptly, its workers die with it (as one process would have).
+of its own), binds the socket and forks the workers; then it only watches them. A worker that
+dies is started again; SIGTERM/SIGINT reach every worker, which finishes its requests, and the
+parent exits when all have. If the parent dies abruptly, its workers die with it (as one
+process would have).
 
 Worker 0 is the primary: it alone consumes the service's events and runs its periodic jobs
 (one consumer, not a group reshuffled whenever a worker starts). Every worker relays its own
@@ -24,6 +25,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +33,8 @@ log = logging.getLogger("imgest.workers")
 
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_PAUSE = 1.0  # a worker that dies at once is not started again in a tight loop
-
-
-AUTO_MAX = 4  # workers "auto" starts at most: past that the other services want the cores
+AUTO_MAX = 4  # the most workers "one per core" starts: past that, the other services want cores
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def worker_count(setting: int) -> int:
@@ -62,11 +63,19 @@ def serve_workers(app: Any, host: str, port: int, count: int,
     workers: dict[int, tuple[int, float]] = {}  # pid → (index, started at)
     stopping = False
 
+    dies_with_us = die_with_parent(signal.SIGKILL)  # looked up before any fork
+
     def start(index: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            _worker(app, index, sock, uvicorn_options)  # never returns
-        workers[pid] = (index, time.monotonic())
+        # A stop signal between the fork and the bookkeeping would miss the new worker: held
+        # back until it is written down (the worker lets them through once it handles them).
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _worker(app, index, sock, uvicorn_options, dies_with_us)  # never returns
+            workers[pid] = (index, time.monotonic())
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def stop(signum: int, _frame: Any) -> None:
         nonlocal stopping
@@ -93,7 +102,8 @@ def serve_workers(app: Any, host: str, port: int, count: int,
                   _how_it_ended(status))
         if time.monotonic() - started < RESTART_PAUSE:
             time.sleep(RESTART_PAUSE)
-        start(index)
+        if not stopping:  # (a stop may have come during the pause)
+            start(index)
     sock.close()
 
 
@@ -117,15 +127,21 @@ def _prepare(app: Any) -> None:
         sys.exit(1)
 
 
-def _worker(app: Any, index: int, sock: socket.socket, uvicorn_options: dict[str, Any]
-            ) -> None:
+def _worker(app: Any, index: int, sock: socket.socket, uvicorn_options: dict[str, Any],
+            dies_with_parent: Callable[[], None] | None) -> None:
     import uvicorn
 
     code = 0
+    parent = os.getppid()
     try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn installs its own
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        _die_with_parent()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)  # uvicorn installs its own
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        # Killed with a killed parent: nothing keeps serving the port unseen.
+        if dies_with_parent:
+            dies_with_parent()
+            if os.getppid() != parent:  # it died before the call
+                raise SystemExit(1)
         service = app.state.service
         service.primary = index == 0
         service.startup = []  # done once, by the parent
@@ -138,15 +154,24 @@ def _worker(app: Any, index: int, sock: socket.socket, uvicorn_options: dict[str
         os._exit(code)  # not the parent's exit handlers
 
 
-def _die_with_parent() -> None:
-    """A worker whose parent was killed is killed too: nothing keeps serving the port unseen."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A function a child calls after the fork (as a Popen preexec_fn, say): on Linux it gets
+    `sig` when the process (strictly, the thread) that started it dies, so a killed parent
+    leaves no orphans. None elsewhere.
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
-        if os.getppid() == 1:  # the parent died before the call
-            os._exit(1)
+    prctl is looked up here, before the fork; the child runs only the system call, never an
+    import (which could deadlock on a lock another thread held at the fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def call() -> None:
+        prctl(pr_set_pdeathsig, int(sig))
+
+    return call
 
 
 def _signal(pid: int, sig: int) -> None:
