@@ -357,3 +357,35 @@ async def test_foreign_records_do_not_wedge_the_consumer(bootstrap):
     assert calls[-2:] == ["odd-header", "after"]
     letters = await dead_letters(bootstrap, topic, 1)
     assert [m.key for m in letters if m.key == b"tombstone"] == [b"tombstone"]
+
+
+async def test_an_advisory_lock_has_one_holder_across_processes_and_dies_with_it(database_url):
+    """What keeps one tus PATCH at a time per upload across gateway workers and replicas."""
+    first, second = Database(database_url), Database(database_url)  # as two processes
+    try:
+        async with first.advisory_lock("tus:abc") as held:
+            assert held
+            async with second.advisory_lock("tus:abc") as also:
+                assert not also
+            async with second.advisory_lock("tus:other") as other:
+                assert other  # another key is free
+        async with second.advisory_lock("tus:abc") as after:
+            assert after  # released with the block
+        holder = asyncio.create_task(_hold(first, "tus:abc"))
+        await asyncio.sleep(0.5)
+        async with second.advisory_lock("tus:abc") as busy:
+            assert not busy
+        holder.cancel()  # the holder goes away mid-block (a client gone, a worker stopping)
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+        async with second.advisory_lock("tus:abc") as free:
+            assert free
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def _hold(db: Database, key: str) -> None:
+    async with db.advisory_lock(key) as held:
+        assert held
+        await asyncio.sleep(60)

@@ -93,7 +93,7 @@ class Connection:
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10):
         self.engine: AsyncEngine = create_async_engine(
-            async_url(url), pool_size=pool_size, max_overflow=10)
+            async_url(url), pool_size=pool_size, max_overflow=pool_size)
         event.listen(self.engine.sync_engine, "checkout", _drop_closed)
 
     @asynccontextmanager

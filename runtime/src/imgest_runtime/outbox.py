@@ -199,6 +199,10 @@ class Relay:
             # Marking rows sent need not wait for the disk: if the mark is lost in a crash, the
             # rows are sent again, which consumers' inboxes absorb. Saves an fsync per pass.
             await session.execute(text("set local synchronous_commit = off"))
+            # One pass at a time among the service's relays (its workers, its replicas): two
+            # publishing side by side could put an event ahead of an earlier one of its key.
+            await session.execute(text("select pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+                                  {"k": f"relay:{table.fullname}"})
             rows = (await session.execute(
                 select(table.c.seq, table.c.topic, table.c.key, table.c.value)
                 .where(table.c.published_at.is_(None))

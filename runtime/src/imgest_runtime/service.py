@@ -47,7 +47,7 @@ from .http import BoundedHeadProtocol, HeaderLimit
 from .outbox import DeliveryTables, Outbox, Relay, delivery_tables, derived_id
 from .settings import RuntimeSettings
 from .store import ObjectStore, open_store
-from .workers import METRICS_DIR, serve_workers, workers_registry
+from .workers import METRICS_DIR, fresh_metrics_dir, serve_workers, workers_registry
 
 log = logging.getLogger("imgest.service")
 
@@ -135,7 +135,8 @@ class Service:
     def __post_init__(self) -> None:
         self.broker = make_broker(self.settings, self.name)
         self.consumer = Consumer(self.broker, self.name, self.settings)
-        self.db = Database(self.settings.database_url)
+        self.db = Database(self.settings.database_url,
+                           pool_size=self.settings.database_pool_size)
         self.tables = delivery_tables(self.metadata)
         self.outbox = Outbox(self.tables, source=f"/imgest/{self.name}")
         if self.settings.delivery == "unguarded":
@@ -550,6 +551,7 @@ def serve(app_factory: Callable[[], FastAPI], settings: RuntimeSettings, port: i
     setup_logging(service, settings.log_level)
     app = app_factory()
     app.state.service.migrate()
+    fresh_metrics_dir()
     options: dict[str, Any] = {
         "host": settings.http_host, "port": port, "log_config": None,
         "timeout_graceful_shutdown": 20, "limit_concurrency": None,
@@ -557,4 +559,4 @@ def serve(app_factory: Callable[[], FastAPI], settings: RuntimeSettings, port: i
     if workers == 1:
         uvicorn.run(app, **options)
         return
-    serve_workers(app, settings.http_host, port, workers, options)
+    serve_workers(app, workers, options)

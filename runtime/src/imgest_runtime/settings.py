@@ -59,6 +59,10 @@ class RuntimeSettings(BaseSettings):
     database_url: str = Field(
         "postgresql+asyncpg://postgres@127.0.0.1/imgest", description="PostgreSQL (asyncpg) URL."
     )
+    database_pool_size: int = Field(
+        10, ge=1, description="Connections a service keeps open to PostgreSQL, and as many again "
+        "while busy. A service with several workers shares them out (PostgreSQL's default "
+        "max_connections is 100 for all services together).")
 
     # object store
     store: Literal["local", "s3"] = Field("local", description="Object store adapter.")

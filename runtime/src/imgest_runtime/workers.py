@@ -8,8 +8,8 @@ parent exits when all have. If the parent dies abruptly, its workers die with it
 process would have).
 
 Worker 0 is the primary: it alone consumes the service's events and runs its periodic jobs
-(one consumer, not a group reshuffled whenever a worker starts). Every worker relays its own
-outbox. Prometheus metrics are kept per process in a directory and summed by whichever worker
+(one consumer, not a group reshuffled whenever a worker starts). Every worker runs a relay of
+the outbox (they take turns: outbox.Relay). Prometheus metrics are kept per process in a directory and summed by whichever worker
 answers /metrics (prometheus_client's multiprocess mode, which the service's `__main__` turns
 on before anything imports the client).
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -35,6 +34,7 @@ METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_PAUSE = 1.0  # a worker that dies at once is not started again in a tight loop
 AUTO_MAX = 4  # the most workers "one per core" starts: past that, the other services want cores
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+STARTUP_FAILED = 3  # uvicorn's exit status when the app's start-up fails
 
 
 def worker_count(setting: int) -> int:
@@ -42,34 +42,33 @@ def worker_count(setting: int) -> int:
     return setting or max(1, min(os.cpu_count() or 1, AUTO_MAX))
 
 
-def metrics_dir(service: str, workers_variable: str) -> None:
-    """Call first thing in a service's `__main__`, before anything imports prometheus_client
-    (it picks its storage at import): with more than one worker, metrics go to files. (Reads
-    the environment itself: the settings are not loaded yet; a bad value is theirs to refuse.)"""
-    value = os.environ.get(workers_variable, "0")
-    if value.isdigit() and worker_count(int(value)) > 1:
-        data_dir = Path(os.environ.get("IMGEST_DATA_DIR", ".imgest"))
+def metrics_dir(data_dir: Path, service: str, workers: int) -> None:
+    """Call before anything imports prometheus_client (it picks its storage as it loads): with
+    more than one worker, metrics go to files, in a directory the operator may also name."""
+    if workers > 1:
         os.environ.setdefault(METRICS_DIR, str(data_dir.resolve() / "run" / f"metrics-{service}"))
 
 
-def serve_workers(app: Any, host: str, port: int, count: int,
-                  uvicorn_options: dict[str, Any]) -> None:
-    """Forks `count` workers serving `app` on host:port; returns when they have all stopped
-    after SIGTERM/SIGINT. The app is built, never started: each worker starts its copy."""
-    _fresh_metrics_dir()
-    _prepare(app)
-    sock = socket.create_server((host, port), backlog=2048)
-    sock.set_inheritable(True)
-    workers: dict[int, tuple[int, float]] = {}  # pid → (index, started at)
-    stopping = False
+def serve_workers(app: Any, count: int, uvicorn_options: dict[str, Any]) -> None:
+    """Forks `count` workers serving `app` on uvicorn_options' host and port; returns when they
+    have all stopped after SIGTERM/SIGINT. The app is built, never started: each worker starts
+    its copy. A worker whose start-up fails stops them all (exit status 3, as uvicorn's)."""
+    import uvicorn
 
     dies_with_us = die_with_parent(signal.SIGKILL)  # looked up before any fork
+    _prepare(app, dies_with_us)
+    sock = uvicorn.Config(app, **uvicorn_options).bind_socket()  # (IPv6 and all, as uvicorn)
+    workers: dict[int, tuple[int, float]] = {}  # pid → (index, started at)
+    stopping = False
+    failed = 0
 
     def start(index: int) -> None:
         # A stop signal between the fork and the bookkeeping would miss the new worker: held
         # back until it is written down (the worker lets them through once it handles them).
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
+            if stopping:
+                return
             pid = os.fork()
             if pid == 0:
                 _worker(app, index, sock, uvicorn_options, dies_with_us)  # never returns
@@ -77,7 +76,7 @@ def serve_workers(app: Any, host: str, port: int, count: int,
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
-    def stop(signum: int, _frame: Any) -> None:
+    def stop(signum: int = signal.SIGTERM, _frame: Any = None) -> None:
         nonlocal stopping
         stopping = True
         for pid in workers:
@@ -88,7 +87,7 @@ def serve_workers(app: Any, host: str, port: int, count: int,
     for index in range(count):
         start(index)
     log.info("%d workers serving port %d (worker 0 consumes events and runs periodic jobs)",
-             count, port)
+             count, uvicorn_options["port"])
     while workers:
         try:
             pid, status = os.wait()
@@ -98,22 +97,30 @@ def serve_workers(app: Any, host: str, port: int, count: int,
         _forget_metrics(pid)
         if stopping:
             continue
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == STARTUP_FAILED:
+            log.error("worker %d (pid %d) could not start; stopping the others", index, pid)
+            failed = STARTUP_FAILED
+            stop()
+            continue
         log.error("worker %d (pid %d) %s; starting it again", index, pid,
                   _how_it_ended(status))
         if time.monotonic() - started < RESTART_PAUSE:
             time.sleep(RESTART_PAUSE)
-        if not stopping:  # (a stop may have come during the pause)
-            start(index)
+        start(index)  # (not if a stop came during the pause)
     sock.close()
+    if failed:
+        sys.exit(failed)
 
 
-def _prepare(app: Any) -> None:
-    """The service's start-up work (the first administrator…), once for all workers: in a
-    child of its own, so the parent never runs an event loop its workers would inherit."""
+def _prepare(app: Any, dies_with_parent: Callable[[], None] | None) -> None:
+    """The service's start-up work (the first administrator…), once for all workers, in a
+    child of its own: the event loop it needs is not one the workers should inherit."""
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
+            if dies_with_parent:
+                dies_with_parent()
             asyncio.run(app.state.service.prepare())
         except BaseException:  # noqa: BLE001 - reported, and the exit status says it
             traceback.print_exc()
@@ -124,7 +131,7 @@ def _prepare(app: Any) -> None:
     _, status = os.waitpid(pid, 0)
     if status != 0:
         log.error("the start-up work %s", _how_it_ended(status))
-        sys.exit(1)
+        sys.exit(STARTUP_FAILED)
 
 
 def _worker(app: Any, index: int, sock: socket.socket, uvicorn_options: dict[str, Any],
@@ -146,6 +153,8 @@ def _worker(app: Any, index: int, sock: socket.socket, uvicorn_options: dict[str
         service.primary = index == 0
         service.startup = []  # done once, by the parent
         uvicorn.Server(uvicorn.Config(app, **uvicorn_options)).run(sockets=[sock])
+    except SystemExit as e:  # uvicorn's own way out (STARTUP_FAILED)
+        code = e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001 - a worker reports, then ends: the parent restarts it
         traceback.print_exc()
         code = 1
@@ -187,12 +196,14 @@ def _how_it_ended(status: int) -> str:
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
-def _fresh_metrics_dir() -> None:
-    """Files of an earlier run would be summed into this one's figures."""
+def fresh_metrics_dir() -> None:
+    """Before serving: the metrics directory exists, without the files of an earlier run
+    (they would be summed into this one's figures)."""
     path = os.environ.get(METRICS_DIR)
     if path:
-        shutil.rmtree(path, ignore_errors=True)
-        Path(path).mkdir(parents=True)
+        Path(path).mkdir(parents=True, exist_ok=True)
+        for old in Path(path).glob("*.db"):
+            old.unlink(missing_ok=True)
 
 
 def workers_registry() -> Any:
@@ -233,7 +244,11 @@ class _Processes:
 
 
 def _forget_metrics(pid: int) -> None:
-    if os.environ.get(METRICS_DIR):
+    """A dead worker's gauges go (its counters stay: totals must not fall)."""
+    path = os.environ.get(METRICS_DIR)
+    if path:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # (the `live*` gauges)
+        for stale in Path(path).glob(f"gauge_all_{pid}.db"):
+            stale.unlink(missing_ok=True)

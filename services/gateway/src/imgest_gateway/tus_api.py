@@ -234,14 +234,15 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         except Refused as refused:
             refused.response.headers.update(tus_headers())
             return refused.response
-        if int(offset_header) != row.offset:
-            return refuse(409, "Offset mismatch", f"The server has {row.offset} bytes of this "
-                          f"file, not {offset_header}: HEAD tells where to resume.")
         # One PATCH at a time per upload, whichever gateway process or replica it reaches.
         async with svc.db.advisory_lock(f"tus:{tus_id}") as mine:
             if not mine:
                 return refuse(409, "Upload in progress", "Another PATCH to this upload is "
                               "running.")
+            row = await owned(tus_id, caller)  # read again: as the PATCH before this one left it
+            if int(offset_header) != row.offset:
+                return refuse(409, "Offset mismatch", f"The server has {row.offset} bytes of "
+                              f"this file, not {offset_header}: HEAD tells where to resume.")
             outcome = await receive(request, row, row.offset)
         if isinstance(outcome, Response):
             return outcome
