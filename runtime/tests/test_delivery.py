@@ -389,3 +389,49 @@ async def _hold(db: Database, key: str) -> None:
     async with db.advisory_lock(key) as held:
         assert held
         await asyncio.sleep(60)
+
+
+async def test_listen_hears_notices_at_commit_and_listens_again_after_a_lost_connection(
+        database_url):
+    """How a gateway worker hears of an upload's outcome that another worker recorded."""
+    db = Database(database_url)
+    heard: list[str] = []
+    listener = asyncio.create_task(db.listen("test_news", heard.append))
+
+    async def notify(payload: str) -> None:
+        async with db.session() as session:
+            await session.execute(text("select pg_notify('test_news', :p)"), {"p": payload})
+            await asyncio.sleep(0.3)
+            assert payload not in heard  # not before the commit
+
+    async def until_heard(payload: str) -> None:
+        for _ in range(100):
+            if payload in heard:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{payload!r} not heard: {heard}")
+
+    try:
+        for _ in range(100):  # until it listens
+            await notify("ping")
+            await asyncio.sleep(0.1)
+            if "ping" in heard:
+                break
+        await notify("upload-1")
+        await until_heard("upload-1")
+        async with db.session() as session:  # its connection is cut (a restart, an admin)
+            cut = (await session.execute(text(
+                "select pg_terminate_backend(pid) from pg_stat_activity "
+                "where query = 'LISTEN \"test_news\"' and pid <> pg_backend_pid()"))).scalars().all()
+        assert cut == [True]
+        for attempt in range(60):  # listening again within seconds
+            await notify(f"upload-2.{attempt}")
+            await asyncio.sleep(0.2)
+            if any(h.startswith("upload-2") for h in heard):
+                break
+        assert any(h.startswith("upload-2") for h in heard), heard
+    finally:
+        listener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listener
+        await db.close()

@@ -5,7 +5,9 @@ Migrations are alembic's, run as a pre-start step (`migrate`), never inside a re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
+
+log = logging.getLogger("imgest.db")
 
 
 def async_url(url: str) -> str:
@@ -125,13 +129,36 @@ class Database:
         another holder has it, in any process or replica. On a connection of its own, not the
         pool's: it may be held for as long as an upload streams, and closing it releases the
         lock, also when the process holding it dies."""
-        conn = await asyncpg.connect(self.engine.url.set(drivername="postgresql")
-                                     .render_as_string(hide_password=False))
+        conn = await asyncpg.connect(self._driver_url())
         try:
             yield bool(await conn.fetchval(
                 "select pg_try_advisory_lock(hashtextextended($1, 0))", key))
         finally:
             await conn.close()
+
+    async def listen(self, channel: str, on_notify: Callable[[str], Any]) -> None:
+        """Calls `on_notify(payload)` for every NOTIFY on `channel`, for as long as it runs (a
+        task), on a connection of its own; one that is lost is opened again a second later
+        (what was sent meanwhile is missed: listeners must not depend on every one)."""
+        while True:
+            try:
+                conn = await asyncpg.connect(self._driver_url())
+                try:
+                    lost = asyncio.Event()
+                    conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                    await conn.add_listener(
+                        channel, lambda _conn, _pid, _channel, payload: on_notify(payload))
+                    await lost.wait()
+                finally:
+                    await conn.close()
+            except (OSError, asyncpg.PostgresError) as e:
+                log.warning("listening on %s: %s; again in 1 s", channel, e)
+            await asyncio.sleep(1)
+
+    def _driver_url(self) -> str:
+        """The URL for asyncpg itself (a connection of its own, outside the pool)."""
+        return self.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False)
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

@@ -124,6 +124,8 @@ class Service:
     store: ObjectStore | None = None
     periodic: list[Periodic] = field(default_factory=list)
     startup: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)  # before serving
+    # Runs for as long as the process serves, in every process (each worker), unlike periodic.
+    background: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
     uses_store: bool = True
     consumed: list[tuple[type[Payload], bool]] = field(default_factory=list)
     published: list[type[Payload]] = field(default_factory=list)
@@ -300,6 +302,7 @@ class Service:
         jobs = [*self.periodic, Periodic("broker-epoch", self.settings.epoch_check_seconds,
                                          self.check_epoch)] if self.primary else []
         tasks = [asyncio.create_task(self._run_periodic(job), name=job.name) for job in jobs]
+        tasks += [asyncio.create_task(work()) for work in self.background]
         log.info("%s started (pid %d)", self.name, os.getpid())
         try:
             yield self

@@ -71,16 +71,17 @@ from .settings import Settings
 from .tus_api import tus_router
 from .uploads_api import Refused, stream_to_store, submit, uploads_router
 from .views import TOPIC_OF_TYPE, event_json, json_response, upload_status, upload_view
-from .waiting import Waiters
+from .waiting import Waiters, announce
 from .xnat_api import plain_http_errors, xnat_router
 
 NAME = "gateway"
 log = logging.getLogger("imgest.gateway")
 
 
-def bootstrap(settings: Settings, waiters: Waiters | None = None) -> Service:
+def bootstrap(settings: Settings, waiters: Waiters) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
-    register_handlers(svc, waiters or Waiters())
+    register_handlers(svc)
+    svc.background.append(lambda: waiters.follow(svc.db))  # news from every worker
     # Not at the very start: the status must first catch up with events sent while it was down.
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_idle_seconds / 3),
                                  lambda: redrive(svc, settings), at_start=False))
@@ -156,7 +157,7 @@ async def _track_files(session: AsyncSession, notes: list[FileNote]) -> None:
         for n in sorted(notes, key=lambda n: n.file_id)])  # (stable: one file's in order)
 
 
-def register_handlers(svc: Service, waiters: Waiters) -> None:
+def register_handlers(svc: Service) -> None:
 
     @svc.on(FileStaged, whole_batch=True)
     async def on_files_staged(events: list[CloudEvent[FileStaged]], tx: Tx) -> None:
@@ -247,7 +248,7 @@ def register_handlers(svc: Service, waiters: Waiters) -> None:
             row.updated_at = event.time
         tx.session.add(row)
         for upload_id in p.upload_ids:  # an XNAT import may be waiting to see its entry
-            tx.after_commit(("wake", upload_id), lambda u=upload_id: waiters.wake(u))
+            tx.before_commit(("news", upload_id), lambda u=upload_id: announce(tx.session, u))
 
     # The archive's sessions, and their quarantine.
     @svc.on(SessionArchived)
@@ -321,7 +322,8 @@ def register_handlers(svc: Service, waiters: Waiters) -> None:
                     "The upload was cancelled before this file was placed.")}))
         upload = await session.get(Upload, done.upload_id, with_for_update=True)
         if upload is not None:
-            tx.after_commit(("wake", done.upload_id), lambda: waiters.wake(done.upload_id))
+            tx.before_commit(("news", done.upload_id),
+                             lambda: announce(session, done.upload_id))
             upload.state = "cancelled" if done.outcome == "cancelled" else upload_state(
                 done.counts)
             upload.completed_at = done.completed_at
