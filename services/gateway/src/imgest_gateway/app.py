@@ -78,10 +78,11 @@ NAME = "gateway"
 log = logging.getLogger("imgest.gateway")
 
 
-def bootstrap(settings: Settings, waiters: Waiters) -> Service:
+def bootstrap(settings: Settings, waiters: Waiters | None = None) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
     register_handlers(svc)
-    svc.background.append(lambda: waiters.follow(svc.db))  # news from every worker
+    following = waiters or Waiters()
+    svc.background.append(lambda: following.follow(svc.db))  # news from every worker
     # Not at the very start: the status must first catch up with events sent while it was down.
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_idle_seconds / 3),
                                  lambda: redrive(svc, settings), at_start=False))
