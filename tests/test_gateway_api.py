@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import stat
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.timeout(600)
 def gateway(request, infra: Infra, smtp_server, tmp_path_factory):
     # Two workers whatever the cores: every test here also crosses processes.
     with started_stack(request, infra, smtp_server, tmp_path_factory, "local",
-                       IMGEST_MAX_UPLOAD_BYTES=str(1024**3), IMGEST_GATEWAY_WORKERS="2") as run:
+                       IMGEST_MAX_UPLOAD_BYTES=str(1024**3), IMGEST_GATEWAY_WORKERS="2",
+                       IMGEST_TUS_IDLE_SECONDS="3") as run:
         yield run
 
 
@@ -730,6 +732,40 @@ def test_gateway_workers_share_its_port(gateway: Running):
     assert _answered_by(gateway, set(now)) == set(now)
     assert re.search(rf"worker \d \(pid {victim}\) was killed by SIGKILL; starting it again",
                      gateway.log.read_text())
+
+
+def test_a_stalled_tus_patch_is_ended_and_frees_the_upload(gateway: Running):
+    import base64
+
+    http = gateway.http
+    gateway.project("TUS3")
+    upload = http.post("/api/v1/projects/TUS3/uploads", json={}).json()
+    meta = (f"upload {base64.b64encode(upload['id'].encode()).decode()},"
+            f"filename {base64.b64encode(b's.bin').decode()}")
+    tus = {"Tus-Resumable": "1.0.0"}
+    body = os.urandom(2 * 1024 * 1024)
+    location = urljoin(gateway.url, http.post("/api/v1/tus/", headers={
+        **tus, "Upload-Length": str(len(body)), "Upload-Metadata": meta}).headers["location"])
+    patch = {**tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
+
+    def stalls():
+        yield body[:1024 * 1024]
+        time.sleep(12)  # sends nothing, and stays connected (IMGEST_TUS_IDLE_SECONDS=3)
+
+    with ThreadPoolExecutor(1) as pool:
+        stalled = pool.submit(lambda: httpx.patch(location, content=stalls(), timeout=30,
+                                                  headers={**patch, **dict(http.headers)}))
+        time.sleep(5)  # past the idle bound, well before the client gives up
+        offset = http.head(location, headers=tus).headers["upload-offset"]
+        resumed = http.patch(location, content=body[int(offset):],
+                             headers={**patch, "Upload-Offset": offset})
+        assert resumed.status_code == 204, resumed.text  # not 409 "Upload in progress"
+        assert resumed.headers["upload-offset"] == str(len(body))
+        with contextlib.suppress(httpx.HTTPError):
+            stalled.result()
+    assert "no bytes for 3 s; PATCH ended at the stored offset" in gateway.log.read_text()
+    added = [o for o in gateway.status(upload["id"])["objects"] if o["state"] == "added"]
+    assert [(o["filename"], o["size"]) for o in added] == [("s.bin", len(body))]
 
 
 def test_tus_protocol_details(gateway: Running):

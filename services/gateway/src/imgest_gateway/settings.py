@@ -36,6 +36,10 @@ class Settings(RuntimeSettings):
     tus_expire_hours: float = Field(
         24.0, gt=0, description="An unfinished resumable (tus) upload is kept this long, then "
         "its bytes are deleted (Upload-Expires).")
+    tus_idle_seconds: float = Field(
+        60.0, gt=0, description="A resumable (tus) PATCH whose body sends nothing this long is "
+        "ended, keeping what was stored (as tusd's network timeout): a stalled client must not "
+        "hold the upload's lock, and its database connection, for ever.")
     redrive_max: int = Field(5, ge=0, description="Most times one upload is re-driven.")
     importer_url: str = Field(
         "http://127.0.0.1:8083", description="The importer's HTTP API, where the gateway reads "

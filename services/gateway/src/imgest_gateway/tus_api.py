@@ -18,6 +18,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -58,6 +59,8 @@ UploadOffset = Annotated[str, Header(alias="Upload-Offset", pattern=r"^[0-9]{1,1
                                      description="Where these bytes go (what HEAD said).")]
 TusId = Annotated[str, PathParam(max_length=32, pattern=r"^[0-9a-f]{32}$",
                                  description="The tus upload's id (its Location).")]
+
+log = logging.getLogger("imgest.gateway.tus")
 
 
 class Hashes:
@@ -298,10 +301,15 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                     del leftover[: len(chunk)]
                 else:
                     try:
-                        chunk = await stream.__anext__()
+                        async with asyncio.timeout(settings.tus_idle_seconds):
+                            chunk = await stream.__anext__()
                     except StopAsyncIteration:
                         ended = True
                         return
+                    except TimeoutError:  # stalled: as if gone (resumed from Upload-Offset)
+                        log.warning("tus upload %s: no bytes for %.0f s; PATCH ended at the "
+                                    "stored offset", row.id, settings.tus_idle_seconds)
+                        raise ClientDisconnect() from None
                     if len(chunk) > size - sent:
                         leftover.extend(chunk[size - sent:])
                         chunk = chunk[: size - sent]
