@@ -655,9 +655,21 @@ def _on_each_worker(run: Running, workers: list[int], ask, each: int = 3) -> dic
     return answers
 
 
+def _tus_upload(run: Running, project: str, filename: str, size: int) -> tuple[dict, str]:
+    """A new upload session of `project` and a tus upload of `size` bytes in it: (the
+    session, the tus upload's URL)."""
+    import base64
+
+    upload = run.http.post(f"/api/v1/projects/{project}/uploads", json={}).json()
+    meta = (f"upload {base64.b64encode(upload['id'].encode()).decode()},"
+            f"filename {base64.b64encode(filename.encode()).decode()}")
+    created = run.http.post("/api/v1/tus/", headers={
+        "Tus-Resumable": "1.0.0", "Upload-Length": str(size), "Upload-Metadata": meta})
+    return upload, urljoin(run.url, created.headers["location"])
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_gateway_workers_share_its_port(gateway: Running):
-    import base64
     import re
 
     workers = _workers(gateway)
@@ -667,13 +679,9 @@ def test_gateway_workers_share_its_port(gateway: Running):
     gateway.project("WRK")
 
     # One PATCH at a time per tus upload, on whichever worker it lands.
-    upload = http.post("/api/v1/projects/WRK/uploads", json={}).json()
-    meta = (f"upload {base64.b64encode(upload['id'].encode()).decode()},"
-            f"filename {base64.b64encode(b'w.bin').decode()}")
-    tus = {"Tus-Resumable": "1.0.0"}
     size = 8 * 1024 * 1024
-    location = urljoin(gateway.url, http.post("/api/v1/tus/", headers={
-        **tus, "Upload-Length": str(size), "Upload-Metadata": meta}).headers["location"])
+    _, location = _tus_upload(gateway, "WRK", "w.bin", size)
+    tus = {"Tus-Resumable": "1.0.0"}
     patch = {**tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
     first_bytes = threading.Event()
 
@@ -735,17 +743,12 @@ def test_gateway_workers_share_its_port(gateway: Running):
 
 
 def test_a_stalled_tus_patch_is_ended_and_frees_the_upload(gateway: Running):
-    import base64
 
     http = gateway.http
     gateway.project("TUS3")
-    upload = http.post("/api/v1/projects/TUS3/uploads", json={}).json()
-    meta = (f"upload {base64.b64encode(upload['id'].encode()).decode()},"
-            f"filename {base64.b64encode(b's.bin').decode()}")
-    tus = {"Tus-Resumable": "1.0.0"}
     body = os.urandom(2 * 1024 * 1024)
-    location = urljoin(gateway.url, http.post("/api/v1/tus/", headers={
-        **tus, "Upload-Length": str(len(body)), "Upload-Metadata": meta}).headers["location"])
+    upload, location = _tus_upload(gateway, "TUS3", "s.bin", len(body))
+    tus = {"Tus-Resumable": "1.0.0"}
     patch = {**tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
 
     def stalls():
