@@ -9,9 +9,9 @@ process would have).
 
 Worker 0 is the primary: it alone consumes the service's events and runs its periodic jobs
 (one consumer, not a group reshuffled whenever a worker starts). Every worker runs a relay of
-the outbox (they take turns: outbox.Relay). Prometheus metrics are kept per process in a directory and summed by whichever worker
-answers /metrics (prometheus_client's multiprocess mode, which the service's `__main__` turns
-on before anything imports the client).
+the outbox (they take turns: outbox.Relay). Prometheus metrics are kept per process in a
+directory and summed by whichever worker answers /metrics (prometheus_client's multiprocess
+mode, which the service's `__main__` turns on before anything imports the client).
 """
 
 from __future__ import annotations
@@ -117,17 +117,7 @@ def _prepare(app: Any, dies_with_parent: Callable[[], None] | None) -> None:
     child of its own: the event loop it needs is not one the workers should inherit."""
     pid = os.fork()
     if pid == 0:
-        code = 0
-        try:
-            if dies_with_parent:
-                dies_with_parent()
-            asyncio.run(app.state.service.prepare())
-        except BaseException:  # noqa: BLE001 - reported, and the exit status says it
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.stdout.flush()
-            os._exit(code)
+        _child(lambda: asyncio.run(app.state.service.prepare()), dies_with_parent)
     _, status = os.waitpid(pid, 0)
     if status != 0:
         log.error("the start-up work %s", _how_it_ended(status))
@@ -138,29 +128,38 @@ def _worker(app: Any, index: int, sock: socket.socket, uvicorn_options: dict[str
             dies_with_parent: Callable[[], None] | None) -> None:
     import uvicorn
 
-    code = 0
-    parent = os.getppid()
-    try:
+    def serve() -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)  # uvicorn installs its own
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        # Killed with a killed parent: nothing keeps serving the port unseen.
-        if dies_with_parent:
-            dies_with_parent()
-            if os.getppid() != parent:  # it died before the call
-                raise SystemExit(1)
         service = app.state.service
         service.primary = index == 0
         service.startup = []  # done once, by the parent
         uvicorn.Server(uvicorn.Config(app, **uvicorn_options)).run(sockets=[sock])
-    except SystemExit as e:  # uvicorn's own way out (STARTUP_FAILED)
+
+    _child(serve, dies_with_parent)
+
+
+def _child(run: Callable[[], Any], dies_with_parent: Callable[[], None] | None) -> None:
+    """Runs a forked child's work and ends the child with its exit status, never returning
+    (nor running the parent's exit handlers). Killed with a killed parent: nothing it started
+    goes on unseen."""
+    code = 0
+    parent = os.getppid()
+    try:
+        if dies_with_parent:
+            dies_with_parent()
+            if os.getppid() != parent:  # it died before the call
+                raise SystemExit(1)
+        run()
+    except SystemExit as e:  # (uvicorn's own way out: STARTUP_FAILED)
         code = e.code if isinstance(e.code, int) else 1
-    except BaseException:  # noqa: BLE001 - a worker reports, then ends: the parent restarts it
+    except BaseException:  # noqa: BLE001 - reported, and the exit status says it
         traceback.print_exc()
         code = 1
     finally:
         sys.stdout.flush()
-        os._exit(code)  # not the parent's exit handlers
+        os._exit(code)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:

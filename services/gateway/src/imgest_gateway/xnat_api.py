@@ -277,7 +277,7 @@ def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter
                             f"s; follow it at /api/v1/uploads/{upload_id}"
                             + (f" or /data/status/{listener}" if listener else ""),
                             Location=f"/api/v1/uploads/{upload_id}")
-            await waiters.wait(upload_id, 0.25)  # (or another replica completed it)
+            await waiters.wait(upload_id, 0.25)  # (woken by news; looks again if it missed it)
 
     async def _entries_not_shown(session, upload: Upload) -> int:
         """How many prearchive entries the upload's outcome names that this gateway's view of
