@@ -916,6 +916,39 @@ def test_chunked_upload_past_the_limit_is_refused(running: Running, workdir):
     assert response.headers["content-type"] == "application/problem+json"
 
 
+def test_a_form_of_small_large_and_too_large_files(running: Running):
+    """Small files of a form are read whole and written by one thread; a file past 1 MiB
+    streams on its own; one past the limit (3 MiB here) is refused alone and its bytes are
+    skipped, so the file after it arrives intact. What is stored is what was sent."""
+    if running.env.get("IMGEST_MAX_UPLOAD_BYTES") is None:
+        pytest.fail("the stack must run with a small IMGEST_MAX_UPLOAD_BYTES for this test")
+    http = running.http
+    running.project("MIXEDFORM")
+    upload = http.post("/api/v1/projects/MIXEDFORM/uploads", json={}).json()
+    sizes = {"a.bin": 1000, "b.bin": 2 * 1024 * 1024, "c.bin": 4 * 1024 * 1024,
+             "d.bin": 1024 * 1024, "e.bin": 1024 * 1024 + 1, "f.bin": 10}
+    bodies = {name: os.urandom(size) for name, size in sizes.items()}
+    form = httpx.Request("POST", "/", files=[("file", (name, body))
+                                             for name, body in bodies.items()])
+    whole = form.read()
+    # Chunked, with no Content-Length (past the limit, that would refuse the request whole).
+    added = http.post(f"/api/v1/uploads/{upload['id']}/files",
+                      headers={"Content-Type": form.headers["Content-Type"]},
+                      content=(whole[i:i + 65536] for i in range(0, len(whole), 65536)))
+    assert added.status_code == 201, added.text
+    verdicts = {f["filename"]: f for f in added.json()["files"]}
+    assert verdicts["c.bin"]["state"] == "refused"
+    assert verdicts["c.bin"]["reason"]["code"] == "upload.content_too_large"
+    for name, body in bodies.items():
+        if name == "c.bin":
+            continue
+        assert verdicts[name]["state"] == "added", verdicts[name]
+        assert verdicts[name]["sha256"] == hashlib.sha256(body).hexdigest()
+        key = verdicts[name]["object_key"]
+        assert running.store.read_range(key, 0, len(body) + 1) == body, name
+    assert len(list(running.store.list(f"staging/{upload['id']}/"))) == 5  # not c.bin
+
+
 def test_schemathesis_finds_nothing_wrong_with_the_api(running: Running, tmp_path):
     on_one_store(running, "the HTTP contract is the same on either store; fuzzed once")
     """Schemathesis generates requests from the OpenAPI document (examples, coverage, fuzzing,

@@ -570,6 +570,57 @@ def test_unpacked_members_made_durable_later(st: Scoped) -> None:
     assert stored.size == 6 and st.store.read_range(st.k("m"), 0, 10) == b"member"
 
 
+def test_many_objects_are_made_durable_with_one_syncfs_unless_much_is_unwritten(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A form's files or an archive's members: one syncfs (one journal commit) for them all,
+    unless the machine has much else waiting to be written, which a syncfs would wait for too:
+    then an fsync each, side by side. A failed syncfs is an error, never a silent success."""
+    import ctypes
+    import errno
+
+    from imgest_runtime import store as store_module
+
+    store = LocalStore(tmp_path / "store")
+    keys = [f"staging/u/{i}" for i in range(3)]
+    for key in keys:
+        store.put(key, io.BytesIO(key.encode()), durable=False)
+    real_syncfs, real_fsync = store_module._syncfs(), os.fsync
+    if store_module._syncfs() is not None:  # Linux: the real calls work on the store
+        assert store_module._unwritten_bytes() is not None
+        store.make_durable_all(keys)
+    calls: list[str] = []
+    result = [0]
+
+    def syncfs(fd: int) -> int:
+        calls.append("syncfs")
+        if result[0]:
+            ctypes.set_errno(errno.EIO)
+        return result[0] or (real_syncfs(fd) if real_syncfs else 0)
+
+    monkeypatch.setattr(store_module, "_syncfs", lambda: syncfs)
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    unwritten = [0]
+    monkeypatch.setattr(store_module, "_unwritten_bytes", lambda: unwritten[0])
+
+    store.make_durable_all(keys)
+    assert calls == ["syncfs"]
+    calls.clear()
+    store.make_durable_all(keys[:1])  # one file: its own fsync
+    assert calls == ["fsync"]
+    calls.clear()
+    unwritten[0] = store_module.SYNCFS_UNWRITTEN_MAX + 1
+    store.make_durable_all(keys)
+    assert calls == ["fsync"] * 3
+    calls.clear()
+    unwritten[0], result[0] = 0, -1
+    with pytest.raises(OSError, match="syncfs of the store") as failed:
+        store.make_durable_all(keys)
+    assert failed.value.errno == errno.EIO
+    calls.clear()
+    LocalStore(tmp_path / "nosync", fsync=False).make_durable_all(keys)  # a store without
+    assert calls == []  # durability (tests) asks nothing of the disk
+
+
 async def test_write_at_async_streams_chunks(tmp_path: Path) -> None:
     from imgest_runtime.store import write_at_async
 

@@ -7,7 +7,6 @@ is asked for. Non-file fields are read and dropped (the API's parameters are in 
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 from collections import deque
 from collections.abc import AsyncIterator
@@ -37,18 +36,18 @@ class _PartChunks:
 
     def __init__(self, form: _Form):
         self.form = form
-        self.ended = asyncio.Event()  # set once the part's last byte was read
+        self.ended = False  # the part's last byte was read
 
     def __aiter__(self) -> _PartChunks:
         return self
 
     async def __anext__(self) -> bytes:
-        if self.ended.is_set():
+        if self.ended:
             raise StopAsyncIteration
         kind, value = await self.form.next_event()
         if kind == "data":
             return value  # type: ignore[return-value]
-        self.ended.set()  # "end": the part is over
+        self.ended = True  # "end": the part is over
         raise StopAsyncIteration
 
     async def skip(self) -> None:
@@ -153,7 +152,7 @@ async def file_parts(content_type: str, body: AsyncIterator[bytes]) -> AsyncIter
     form = _Form(boundary, charset, aiter(body))
     current: FilePart | None = None
     while True:
-        if current is not None and not current.chunks.ended.is_set():
+        if current is not None and not current.chunks.ended:
             await current.chunks.skip()  # the consumer stopped early: move past its bytes
         kind, value = await form.next_event()
         if kind == "done":

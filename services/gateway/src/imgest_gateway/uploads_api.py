@@ -9,6 +9,7 @@ as it is added, skipped, and reported.
 
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -35,7 +36,7 @@ from imgest_contracts.events import FIELD_NAME
 from imgest_runtime.broker import PIPELINE_FAILED
 from imgest_runtime.db import Statement, any_of
 from imgest_runtime.service import Service, problem, problem_responses
-from imgest_runtime.store import StoredObject, StoreError, fit_name, put_async
+from imgest_runtime.store import SmallObjects, StoredObject, StoreError, fit_name, put_async
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from sqlalchemy import (
     String,
@@ -104,17 +105,42 @@ class NewUpload(BaseModel):
         return fields
 
 
+WHOLE_UP_TO = 1024 * 1024  # a form's file up to this size is read whole, then written
+
+
+def too_large(limit: int) -> Refused:
+    return Refused(413, "Content Too Large", f"A file may be at most {limit} bytes.")
+
+
+def size_refusal(limit: int, size: int) -> Refused | None:
+    """Why a file of this size is refused, if it is."""
+    if size > limit:
+        return too_large(limit)
+    if size == 0:
+        return Refused(400, "Empty file", "The file was empty; nothing to import.")
+    return None
+
+
+async def _chained(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in head:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
 class _TooLarge(Exception):
     """The body went past the size limit (raised inside the stream, answered as a 413)."""
 
 
 async def stream_to_store(svc: Service, settings: Settings, key: str,
-                          chunks: AsyncIterator[bytes], length: int | None) -> StoredObject:
+                          chunks: AsyncIterator[bytes], length: int | None,
+                          durable: bool = True) -> StoredObject:
     """Streams chunks into the store under `key`, refusing a body past the size limit (also
-    when no length was announced) and an empty one."""
+    when no length was announced) and an empty one. With `durable=False`, the caller makes it
+    durable (`make_durable_all`) before recording it."""
     limit = settings.max_upload_bytes
     if length is not None and length > limit:
-        raise Refused(413, "Content Too Large", f"A file may be at most {limit} bytes.")
+        raise too_large(limit)
 
     async def limited() -> AsyncIterator[bytes]:
         received = 0
@@ -125,15 +151,16 @@ async def stream_to_store(svc: Service, settings: Settings, key: str,
             yield chunk
 
     try:
-        stored = await put_async(svc.store, key, limited(), length)  # type: ignore[arg-type]
+        stored = await put_async(svc.store, key, limited(), length,  # type: ignore[arg-type]
+                                 durable=durable)
     except _TooLarge:
         await asyncio.to_thread(svc.store.delete, key)
-        raise Refused(413, "Content Too Large", f"A file may be at most {limit} bytes.") from None
+        raise too_large(limit) from None
     except StoreError as e:
         raise Refused(503, "Store unavailable", f"The file could not be stored: {e}") from e
-    if stored.size == 0:
+    if refused := size_refusal(limit, stored.size):  # empty
         await asyncio.to_thread(svc.store.delete, key)
-        raise Refused(400, "Empty file", "The file was empty; nothing to import.")
+        raise refused
     return stored
 
 
@@ -249,62 +276,79 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
 
     async def receive_form(upload: Upload, rules: ProjectSettings, content_type: str,
                            body: AsyncIterator[bytes]) -> list[Verdict]:
-        """Streams each file part into the store as it arrives; while one part is flushed
-        (fsync), the next is already read. Then records them all in one transaction."""
-        slots = asyncio.Semaphore(8)  # files being flushed at once
-        stored: list[tuple[FilePart, str, asyncio.Task[StoredObject]] | Verdict] = []
-
-        async def store(part: FilePart, key: str) -> StoredObject:
-            try:
-                return await stream_to_store(svc, settings, key, part.chunks, None)
-            finally:
-                slots.release()
-
+        """Streams each file part into the store as it arrives. A small part is read whole and
+        handed to the form's writer thread, which writes them one after another while the next
+        parts are read; a larger one streams on its own. Then makes them all durable at once
+        (one flush of the disk, not one per file) and records them in one transaction."""
+        small = SmallObjects(svc.store, durable=False)
+        # Per file: its verdict (refused on its own), or (part, name, key, stored object; None
+        # while the writer thread has it).
+        received: list[tuple[FilePart, str, str, StoredObject | None] | Verdict] = []
         try:
             async for part in file_parts(content_type, body):
-                if len(stored) >= rules.max_files_per_upload:
+                if len(received) >= rules.max_files_per_upload:
                     raise Refused(409, "Too many files", (
                         f"A request may add at most {rules.max_files_per_upload} files to an "
                         f"upload of project {upload.project} (max_files_per_upload)."))
                 try:
                     key, name = staging_key(upload.id, part.filename)
                 except Refused as e:
-                    stored.append(refusal(part.filename, e))
+                    received.append(refusal(part.filename, e))
+                    continue  # (its bytes are skipped by file_parts)
+                head: list[bytes] = []
+                size = 0
+                async for chunk in part.chunks:
+                    head.append(chunk)
+                    size += len(chunk)
+                    if size > WHOLE_UP_TO:
+                        break
+                else:  # the whole part is here
+                    if refused := size_refusal(settings.max_upload_bytes, size):
+                        received.append(refusal(part.filename, refused))
+                    else:
+                        await small.put(key, head)
+                        received.append((part, name, key, None))
                     continue
-                await slots.acquire()
-                task = asyncio.create_task(store(part, key))
-                stored.append((part, name, task))
-                ended = asyncio.create_task(part.chunks.ended.wait())
-                await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
-                ended.cancel()
-                if task.done() and not isinstance(task.exception(), BadForm):
-                    await part.chunks.skip()  # refused early (too large, store down): skip it
-            if not stored:
+                try:
+                    stored = await stream_to_store(svc, settings, key,
+                                                   _chained(head, part.chunks), None,
+                                                   durable=False)
+                except Refused as e:  # too large, store down: this file only
+                    received.append(refusal(part.filename, e))
+                    continue
+                received.append((part, name, key, stored))
+            if not received:
                 raise Refused(422, "No files", "The form holds no file parts.")
-            await asyncio.gather(*(s[2] for s in stored if not isinstance(s, Verdict)),
-                                 return_exceptions=True)
+            written = await small.finish()
+            try:
+                await asyncio.to_thread(svc.store.make_durable_all, [
+                    r[2] for r in received if not isinstance(r, Verdict)
+                    and isinstance(r[3] or written[r[2]], StoredObject)])
+            except OSError as e:
+                raise Refused(503, "Store unavailable",
+                              f"The files could not be stored: {e}") from e
         except BaseException as e:
-            tasks = [s[2] for s in stored if not isinstance(s, Verdict)]
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await delete_objects(svc, [t.result().key for t in tasks
-                                       if not t.cancelled() and t.exception() is None])
+            with contextlib.suppress(Exception):
+                await small.finish()
+            await delete_objects(svc, [
+                key for key, obj in small.written.items() if isinstance(obj, StoredObject)] + [
+                r[3].key for r in received if not isinstance(r, Verdict) and r[3] is not None])
             if isinstance(e, BadForm):
                 raise Refused(400, "Bad form", str(e)) from e
             raise
         arrivals, verdicts = [], []
-        for s in stored:
-            if isinstance(s, Verdict):
-                verdicts.append(s)
+        for r in received:
+            if isinstance(r, Verdict):
+                verdicts.append(r)
                 continue
-            part, name, task = s
-            error = task.exception()
-            if isinstance(error, Refused):
-                verdicts.append(refusal(part.filename, error))
+            part, name, key, obj = r
+            outcome = obj or written[key]
+            if not isinstance(outcome, StoredObject):
+                verdicts.append(refusal(part.filename, Refused(
+                    503, "Store unavailable", f"The file could not be stored: {outcome}")))
                 continue
-            if error is not None:
-                raise error
-            obj = task.result()
-            arrival = Arrival(obj.key, name, obj.size, obj.sha256 or "", part.content_type)
+            arrival = Arrival(outcome.key, name, outcome.size, outcome.sha256 or "",
+                              part.content_type)
             arrivals.append(arrival)
             verdicts.append(Verdict(arrival, "pending"))
         recorded = iter(await record_arrivals(svc, upload, rules, arrivals))

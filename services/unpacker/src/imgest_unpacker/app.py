@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,37 +81,30 @@ def group_filesets(store: ObjectStore, members: list[Member]
 Progress = Callable[[int, int | None, int], None]  # (files staged, files in all, bytes)
 
 
-SYNC_THREADS = 4  # fsyncs at once: the file system commits them together
-
-
 def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
            progress: Progress | None = None) -> Unpacked:
     """Streams the archive from the store and each member back into it (blocking; in a thread).
     An archive inside it (one level deep) is unpacked in its place. Nothing is held whole: a
-    member flows chunk by chunk from the archive into its object, and is made durable by other
-    threads while the next one unpacks (one fsync after another would take longer than the
-    unpacking). If the archive is refused, what was staged of it is deleted again (all or
-    nothing); the original stays."""
+    member flows chunk by chunk from the archive into its object. The members are made durable
+    all at once at the end (one flush of the disk, not an fsync each: those would take longer
+    than the unpacking). If the archive is refused, what was staged of it is deleted again (all
+    or nothing); the original stays."""
     tally = Tally(limits, obj.size)
     staged: list[Member] = []
     try:
-        with ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="imgest-fsync") as syncer:
-            syncs = []
-            for member in _stage(store, obj, obj.object_key, obj.size, fmt, tally, staged, ""):
-                if progress:
-                    progress(len(staged), tally.expected, tally.unpacked)
-                fmt_inside = sniff(store, member.key)
-                if fmt_inside is None:
-                    syncs.append(syncer.submit(store.make_durable, member.key))
-                    continue
-                for inner in _stage(store, obj, member.key, member.size, fmt_inside, tally,
-                                    staged, member.path + "/"):
-                    syncs.append(syncer.submit(store.make_durable, inner.key))
-                staged.remove(member)  # the archive inside gives way to its members
-                store.delete(member.key)
-            filesets, loose = group_filesets(store, staged)
-            for sync in syncs:  # durable before anyone is told of them
-                sync.result()
+        for member in _stage(store, obj, obj.object_key, obj.size, fmt, tally, staged, ""):
+            if progress:
+                progress(len(staged), tally.expected, tally.unpacked)
+            fmt_inside = sniff(store, member.key)
+            if fmt_inside is None:
+                continue
+            for _ in _stage(store, obj, member.key, member.size, fmt_inside, tally, staged,
+                            member.path + "/"):
+                pass
+            staged.remove(member)  # the archive inside gives way to its members
+            store.delete(member.key)
+        filesets, loose = group_filesets(store, staged)
+        store.make_durable_all([m.key for m in staged])  # durable before anyone is told of them
     except ArchiveError:
         # Refused: what was staged of it goes. (After any other failure the work is done
         # again: the same keys are written again, and the importer empties staging at the end.)
