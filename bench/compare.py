@@ -224,6 +224,35 @@ def cpu_snapshot(postmaster: int | None) -> tuple[float, float, dict[int, tuple[
     return machine, mine, {pid: (p[0], p[2]) for pid, p in procs.items() if pid not in ours}
 
 
+SETTLED = 0.35  # cores the stack may use and count as settled (idle, it polls: 0.1–0.3)
+
+
+def settle(postmaster: int | None, database_url: str, longest: float = 120) -> float:
+    """Waits until the stack is done with the scenario before (its work after the figure:
+    staging emptied, statuses, autovacuum) and starts the next from the same state each time:
+    PostgreSQL's dirty pages written (a checkpoint) and the page cache's (sync). Seconds it
+    took."""
+    t0 = time.monotonic()
+    _, mine, _ = cpu_snapshot(postmaster)
+    quiet_for = 0
+    while quiet_for < 2 and time.monotonic() - t0 < longest:
+        time.sleep(0.5)
+        _, now, _ = cpu_snapshot(postmaster)
+        quiet_for = quiet_for + 1 if (now - mine) / 0.5 < SETTLED else 0
+        mine = now
+
+    async def checkpoint() -> None:
+        conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+        try:
+            await conn.execute("checkpoint")
+        finally:
+            await conn.close()
+
+    asyncio.run(checkpoint())
+    os.sync()
+    return time.monotonic() - t0
+
+
 class Quiet:
     """What other processes (the kernel's threads included) used while each phase ran."""
 
@@ -774,8 +803,8 @@ def run_imgest(args: argparse.Namespace, data: dict[str, Any], root: Path, log_p
                      3: lambda: scenario_tus(ctx, data["big"]),
                      4: lambda: scenario_latency(ctx, data["latency"])}
         for number in sorted(args.scenarios):
-            os.sync()
-            print(f"scenario {number}…", flush=True)
+            settled = settle(quiet.postmaster, resolved["IMGEST_DATABASE_URL"])
+            print(f"scenario {number}… (the stack settled in {settled:.1f}s)", flush=True)
             with quiet.phase(f"scenario {number}"):
                 results[number] = scenarios[number]()
     finally:
