@@ -573,8 +573,9 @@ def test_unpacked_members_made_durable_later(st: Scoped) -> None:
 def test_many_objects_are_made_durable_with_one_syncfs_unless_much_is_unwritten(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A form's files or an archive's members: one syncfs (one journal commit) for them all,
-    unless the machine has much else waiting to be written, which a syncfs would wait for too:
-    then an fsync each, side by side. A failed syncfs is an error, never a silent success."""
+    on the store's directory opened before they were written (so that it is told of their
+    write-back errors), unless the machine has much else waiting to be written, which a syncfs
+    would wait for too: then an fsync each. A failed syncfs is an error."""
     import ctypes
     import errno
 
@@ -582,43 +583,113 @@ def test_many_objects_are_made_durable_with_one_syncfs_unless_much_is_unwritten(
 
     store = LocalStore(tmp_path / "store")
     keys = [f"staging/u/{i}" for i in range(3)]
-    for key in keys:
-        store.put(key, io.BytesIO(key.encode()), durable=False)
     real_syncfs, real_fsync = store_module._syncfs(), os.fsync
-    if store_module._syncfs() is not None:  # Linux: the real calls work on the store
+    if real_syncfs is not None:  # Linux 5.8 or later: the real calls, on the store
         assert store_module._unwritten_bytes() is not None
-        store.make_durable_all(keys)
-    calls: list[str] = []
+        with store.durable_batch() as batch:
+            for key in keys:
+                store.put(key, io.BytesIO(key.encode()), durable=False)
+            batch.make_durable(keys)
+    calls: list[tuple[str, int]] = []
     result = [0]
 
     def syncfs(fd: int) -> int:
-        calls.append("syncfs")
+        calls.append(("syncfs", fd))
         if result[0]:
             ctypes.set_errno(errno.EIO)
         return result[0] or (real_syncfs(fd) if real_syncfs else 0)
 
     monkeypatch.setattr(store_module, "_syncfs", lambda: syncfs)
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", fd)), real_fsync(fd))[1])
     unwritten = [0]
     monkeypatch.setattr(store_module, "_unwritten_bytes", lambda: unwritten[0])
 
-    store.make_durable_all(keys)
-    assert calls == ["syncfs"]
+    with store.durable_batch() as batch:
+        opened = batch.fd  # type: ignore[attr-defined]
+        assert opened is not None and os.path.samestat(os.fstat(opened), os.stat(store.root))
+        for key in keys:
+            store.put(key, io.BytesIO(key.encode()), durable=False)
+        batch.make_durable(keys)
+        assert calls == [("syncfs", opened)]  # the descriptor from before the writes
+        calls.clear()
+        batch.make_durable(keys[:1])  # one file: its own fsync
+        assert [c for c, _ in calls] == ["fsync"]
+        calls.clear()
+        unwritten[0] = store_module.SYNCFS_UNWRITTEN_MAX + 1
+        batch.make_durable(keys)
+        assert [c for c, _ in calls] == ["fsync"] * 3
+        calls.clear()
+        unwritten[0], result[0] = 0, -1
+        with pytest.raises(OSError, match="syncfs of the store") as failed:
+            batch.make_durable(keys)
+        assert failed.value.errno == errno.EIO
+    assert batch.fd is None  # type: ignore[attr-defined]
     calls.clear()
-    store.make_durable_all(keys[:1])  # one file: its own fsync
-    assert calls == ["fsync"]
-    calls.clear()
-    unwritten[0] = store_module.SYNCFS_UNWRITTEN_MAX + 1
-    store.make_durable_all(keys)
-    assert calls == ["fsync"] * 3
-    calls.clear()
-    unwritten[0], result[0] = 0, -1
-    with pytest.raises(OSError, match="syncfs of the store") as failed:
-        store.make_durable_all(keys)
-    assert failed.value.errno == errno.EIO
-    calls.clear()
-    LocalStore(tmp_path / "nosync", fsync=False).make_durable_all(keys)  # a store without
-    assert calls == []  # durability (tests) asks nothing of the disk
+    with LocalStore(tmp_path / "nosync", fsync=False).durable_batch() as batch:
+        batch.make_durable(keys)  # a store without durability (tests) asks nothing of the disk
+    assert calls == []
+
+
+class _Flaky(LocalStore):
+    """A local store whose puts of some keys fail, or take their time."""
+
+    def __init__(self, root: Path, fail: dict[str, BaseException], slow: float = 0.0):
+        super().__init__(root, fsync=False)
+        self.fail, self.slow = fail, slow
+
+    def put(self, key, data, length=None, *, durable=True):  # type: ignore[no-untyped-def]
+        if self.slow:
+            import time
+
+            time.sleep(self.slow)
+        if key in self.fail:
+            raise self.fail[key]
+        return super().put(key, data, length, durable=durable)
+
+
+async def test_small_objects_are_written_by_one_thread_each_with_its_outcome(
+        tmp_path: Path) -> None:
+    """Each object's own outcome: a store error fails that object only; more objects than
+    the queue holds wait their turn (nothing dropped)."""
+    from imgest_runtime.store import SmallObjects
+
+    store = _Flaky(tmp_path, {"s/bad": StoreError("disk on fire")})
+    small = SmallObjects(store, depth=1)
+    for i in range(5):
+        await small.put(f"s/{i}", [b"ab", str(i).encode()])
+    await small.put("s/bad", [b"x"])
+    written = await small.finish()
+    assert isinstance(written["s/bad"], StoreError)
+    for i in range(5):
+        assert written[f"s/{i}"].size == 3  # type: ignore[union-attr]
+        assert store.read_range(f"s/{i}", 0, 10) == b"ab" + str(i).encode()
+    assert await small.finish() is written  # again: nothing more to wait for
+
+
+async def test_small_objects_writer_dying_is_told_and_a_cancelled_finish_can_wait_again(
+        tmp_path: Path) -> None:
+    """A writer that dies of something else than a store error is an error of the form (at
+    the next put, not only at the end); a finish cancelled midway leaves the writer going, and
+    a second finish waits for it, so that what it wrote can be deleted."""
+    from imgest_runtime.store import SmallObjects
+
+    dying = SmallObjects(_Flaky(tmp_path / "a", {"s/0": RuntimeError("a bug")}))
+    await dying.put("s/0", [b"x"])
+    await asyncio.sleep(0.2)
+    with pytest.raises(RuntimeError, match="a bug"):
+        await dying.put("s/1", [b"y"])
+
+    slow = SmallObjects(_Flaky(tmp_path / "b", {}, slow=0.2))
+    for i in range(3):
+        await slow.put(f"s/{i}", [b"z"])
+    finishing = asyncio.create_task(slow.finish())
+    await asyncio.sleep(0.1)
+    finishing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await finishing
+    written = await slow.finish()
+    assert sorted(written) == ["s/0", "s/1", "s/2"]
+    assert slow.threads is not None and slow.threads.done()
 
 
 async def test_write_at_async_streams_chunks(tmp_path: Path) -> None:

@@ -15,7 +15,10 @@ import hashlib
 import io
 import os
 import queue
+import re
 import shutil
+import sys
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections import deque
@@ -23,7 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 from .settings import RuntimeSettings
 
@@ -159,10 +162,13 @@ class ObjectStore(ABC):
         """Makes an object put with `durable=False` survive a crash of the machine (S3 objects
         are durable once put)."""
 
-    def make_durable_all(self, keys: Sequence[str]) -> None:
-        """`make_durable` for many objects at once (a store may do it in one flush)."""
-        for key in keys:
-            self.make_durable(key)
+    def durable_batch(self) -> DurableBatch:
+        """For objects about to be put with `durable=False`, then made durable together (a
+        store may do it in one flush): open it before the first is written."""
+        return DurableBatch(self)
+
+    # Small objects written side by side (`SmallObjects`): each S3 put waits a round trip.
+    small_writers = 1
 
     # A store whose objects can be written at an offset assembles a resumable upload in one
     # object (each byte written once); others keep its segments and `concat` them at the end.
@@ -259,8 +265,11 @@ def _sync_file_range() -> Callable[..., int] | None:
 
 @functools.cache
 def _syncfs() -> Callable[[int], int] | None:
-    """Linux's syncfs(2): every file of one file system to disk, with one journal commit (and,
-    since Linux 5.8, any write-back error reported). None elsewhere."""
+    """Linux's syncfs(2): every file of one file system to disk, with one journal commit. None
+    before Linux 5.8 (it did not report write-back errors) and elsewhere."""
+    release = tuple(int(n) for n in re.findall(r"\d+", os.uname().release)[:2])
+    if sys.platform != "linux" or release < (5, 8):
+        return None
     try:
         call = ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):
@@ -300,6 +309,60 @@ def _write_out(data: BinaryIO, out: BinaryIO, offset: int, *, eager: bool) -> in
         out.flush()
         start_writeback(out.fileno(), offset + started, written - started, 2)
     return written
+
+
+class DurableBatch:
+    """Objects put with `durable=False`, made durable together; a context manager."""
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+
+    def make_durable(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.store.make_durable(key)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _SyncfsBatch(DurableBatch):
+    """Many files: one syncfs, not an fsync (and journal commit) each, when little else waits
+    to be written (a syncfs waits for all of it: others' writes too); otherwise fsyncs side by
+    side, which the file system commits together. Their data is mostly on its way already
+    (`_write_out` started its write-back).
+
+    The store's directory is opened before the first file is written: a syncfs reports a
+    write-back error that came after its descriptor was opened, even one another process's
+    syncfs saw first; opened later, it could miss one of these files'."""
+
+    def __init__(self, store: LocalStore):
+        super().__init__(store)
+        self.fd: int | None = os.open(store.root, os.O_RDONLY)
+
+    def make_durable(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        syncfs = _syncfs()
+        unwritten = _unwritten_bytes()
+        if (len(keys) < 2 or syncfs is None or self.fd is None or unwritten is None
+                or unwritten > SYNCFS_UNWRITTEN_MAX):
+            with ThreadPoolExecutor(min(len(keys), 8) or 1) as pool:
+                list(pool.map(self.store.make_durable, keys))
+            return
+        if syncfs(self.fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"syncfs of the store: {os.strerror(error)}")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class LocalStore(ObjectStore):
@@ -365,26 +428,8 @@ class LocalStore(ObjectStore):
             finally:
                 os.close(fd)
 
-    def make_durable_all(self, keys: Sequence[str]) -> None:
-        """Many files: one syncfs, not an fsync (and journal commit) each, when little else is
-        waiting to be written (a syncfs waits for all of it: others' writes too). Their data is
-        mostly on its way already (`_write_out` started its write-back). Otherwise fsyncs side
-        by side, which the file system commits together."""
-        if not self.fsync or not keys:
-            return
-        syncfs = _syncfs()
-        dirty = _unwritten_bytes()
-        if len(keys) < 2 or syncfs is None or dirty is None or dirty > SYNCFS_UNWRITTEN_MAX:
-            with ThreadPoolExecutor(min(len(keys), 16)) as pool:
-                list(pool.map(self.make_durable, keys))
-            return
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            if syncfs(fd) != 0:
-                error = ctypes.get_errno()
-                raise OSError(error, f"syncfs of the store: {os.strerror(error)}")
-        finally:
-            os.close(fd)
+    def durable_batch(self) -> DurableBatch:
+        return _SyncfsBatch(self) if self.fsync and _syncfs() else DurableBatch(self)
 
     def open(self, key: str) -> BinaryIO:
         try:
@@ -471,6 +516,8 @@ class LocalStore(ObjectStore):
 
 class S3Store(ObjectStore):
     """Objects in one S3 bucket (MinIO, AWS, Ceph, SeaweedFS, moto…), through `minio`."""
+
+    small_writers = 8
 
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
                  secure: bool = False, region: str | None = None):
@@ -766,18 +813,28 @@ async def _hand_over(to: queue.Queue[Any], item: object, thread: asyncio.Future[
 
 
 class SmallObjects:
-    """Small objects, each already whole in memory, written one after another by one thread:
-    a form of many files costs one hand-off to a thread, not one each (each hand-off costs the
-    event loop a wake-up and both threads a turn at the GIL: a quarter of a form's time)."""
+    """Small objects, each already whole in memory, written one after another by one thread
+    (`store.small_writers` of them on a store where each put waits on the network): a form of
+    many files costs one hand-off to a thread, not one each (each hand-off costs the event loop
+    a wake-up and both threads a turn at the GIL: a quarter of a form's time)."""
 
     def __init__(self, store: ObjectStore, *, durable: bool = True, depth: int = 8):
         self.store, self.durable = store, durable
         self.queue: queue.Queue[tuple[str, list[bytes]] | None] = queue.Queue(depth)
-        self.thread: asyncio.Future[None] | None = None
+        self.closed = threading.Event()  # no more to come, even if the end marker never came
+        self.threads: asyncio.Future[list[Any]] | None = None
         self.written: dict[str, StoredObject | StoreError | OSError] = {}  # by key
 
     def _write_all(self) -> None:
-        while (item := self.queue.get()) is not None:
+        while True:
+            try:
+                item = self.queue.get(timeout=1)
+            except queue.Empty:
+                if self.closed.is_set():  # abandoned (cancelled): end, never wait for ever
+                    return
+                continue
+            if item is None:
+                return
             key, chunks = item
             try:
                 self.written[key] = self.store.put(key, _QueueReader.holding(chunks),
@@ -786,15 +843,24 @@ class SmallObjects:
                 self.written[key] = e
 
     async def put(self, key: str, chunks: list[bytes]) -> None:
-        if self.thread is None:
-            self.thread = asyncio.ensure_future(asyncio.to_thread(self._write_all))
-        await _hand_over(self.queue, (key, chunks), self.thread)
+        if self.threads is None:
+            self.threads = asyncio.gather(*(asyncio.to_thread(self._write_all)
+                                            for _ in range(self.store.small_writers)),
+                                          return_exceptions=True)  # done once all are
+        elif self.threads.done():  # the writers died (not of a store error): say so now
+            await self.finish()
+        await _hand_over(self.queue, (key, chunks), self.threads)
 
     async def finish(self) -> dict[str, StoredObject | StoreError | OSError]:
-        """Waits for the writes handed over; each key's stored object or error."""
-        if self.thread is not None:
-            await _hand_over(self.queue, None, self.thread)
-            await self.thread
+        """Waits for the writes handed over; each key's stored object or error. The writers go
+        on if the caller is cancelled meanwhile: call it again to wait for them."""
+        self.closed.set()
+        if self.threads is not None:
+            for _ in range(self.store.small_writers):
+                await _hand_over(self.queue, None, self.threads)
+            for outcome in await asyncio.shield(self.threads):
+                if isinstance(outcome, BaseException):
+                    raise outcome
         return self.written
 
 

@@ -128,6 +128,12 @@ async def _chained(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterat
         yield chunk
 
 
+def store_failure(error: StoreError | OSError, what: str = "The file") -> Refused:
+    """A 503 saying why the store failed (for a local disk, its error, not its paths)."""
+    why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return Refused(503, "Store unavailable", f"{what} could not be stored: {why}")
+
+
 class _TooLarge(Exception):
     """The body went past the size limit (raised inside the stream, answered as a 413)."""
 
@@ -137,7 +143,7 @@ async def stream_to_store(svc: Service, settings: Settings, key: str,
                           durable: bool = True) -> StoredObject:
     """Streams chunks into the store under `key`, refusing a body past the size limit (also
     when no length was announced) and an empty one. With `durable=False`, the caller makes it
-    durable (`make_durable_all`) before recording it."""
+    durable (a `durable_batch` opened before) before recording it."""
     limit = settings.max_upload_bytes
     if length is not None and length > limit:
         raise too_large(limit)
@@ -156,8 +162,8 @@ async def stream_to_store(svc: Service, settings: Settings, key: str,
     except _TooLarge:
         await asyncio.to_thread(svc.store.delete, key)
         raise too_large(limit) from None
-    except StoreError as e:
-        raise Refused(503, "Store unavailable", f"The file could not be stored: {e}") from e
+    except (StoreError, OSError) as e:
+        raise store_failure(e) from e
     if refused := size_refusal(limit, stored.size):  # empty
         await asyncio.to_thread(svc.store.delete, key)
         raise refused
@@ -274,6 +280,14 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             session.add(upload)
         return await view(upload.id, 201)
 
+    async def discard(small: SmallObjects, streamed: list[str]) -> None:
+        """Deletes what a form wrote: its small files once their writers are done, and the
+        streamed ones."""
+        with contextlib.suppress(Exception):  # (a writer that died: what it wrote is known)
+            await small.finish()
+        await delete_objects(svc, [key for key, obj in small.written.items()
+                                   if isinstance(obj, StoredObject)] + streamed)
+
     async def receive_form(upload: Upload, rules: ProjectSettings, content_type: str,
                            body: AsyncIterator[bytes]) -> list[Verdict]:
         """Streams each file part into the store as it arrives. A small part is read whole and
@@ -281,6 +295,7 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
         parts are read; a larger one streams on its own. Then makes them all durable at once
         (one flush of the disk, not one per file) and records them in one transaction."""
         small = SmallObjects(svc.store, durable=False)
+        batch = svc.store.durable_batch()  # before the first file is written
         # Per file: its verdict (refused on its own), or (part, name, key, stored object; None
         # while the writer thread has it).
         received: list[tuple[FilePart, str, str, StoredObject | None] | Verdict] = []
@@ -321,21 +336,20 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
                 raise Refused(422, "No files", "The form holds no file parts.")
             written = await small.finish()
             try:
-                await asyncio.to_thread(svc.store.make_durable_all, [
+                await asyncio.to_thread(batch.make_durable, [
                     r[2] for r in received if not isinstance(r, Verdict)
                     and isinstance(r[3] or written[r[2]], StoredObject)])
             except OSError as e:
-                raise Refused(503, "Store unavailable",
-                              f"The files could not be stored: {e}") from e
+                raise store_failure(e, "The files") from e
         except BaseException as e:
-            with contextlib.suppress(Exception):
-                await small.finish()
-            await delete_objects(svc, [
-                key for key, obj in small.written.items() if isinstance(obj, StoredObject)] + [
-                r[3].key for r in received if not isinstance(r, Verdict) and r[3] is not None])
+            # Shielded: a cancelled request (a client gone, a stop) leaves nothing behind either.
+            await asyncio.shield(discard(small, [
+                r[3].key for r in received if not isinstance(r, Verdict) and r[3] is not None]))
             if isinstance(e, BadForm):
                 raise Refused(400, "Bad form", str(e)) from e
             raise
+        finally:
+            batch.close()
         arrivals, verdicts = [], []
         for r in received:
             if isinstance(r, Verdict):
@@ -344,8 +358,7 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             part, name, key, obj = r
             outcome = obj or written[key]
             if not isinstance(outcome, StoredObject):
-                verdicts.append(refusal(part.filename, Refused(
-                    503, "Store unavailable", f"The file could not be stored: {outcome}")))
+                verdicts.append(refusal(part.filename, store_failure(outcome)))
                 continue
             arrival = Arrival(outcome.key, name, outcome.size, outcome.sha256 or "",
                               part.content_type)

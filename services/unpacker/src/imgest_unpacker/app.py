@@ -92,19 +92,20 @@ def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
     tally = Tally(limits, obj.size)
     staged: list[Member] = []
     try:
-        for member in _stage(store, obj, obj.object_key, obj.size, fmt, tally, staged, ""):
-            if progress:
-                progress(len(staged), tally.expected, tally.unpacked)
-            fmt_inside = sniff(store, member.key)
-            if fmt_inside is None:
-                continue
-            for _ in _stage(store, obj, member.key, member.size, fmt_inside, tally, staged,
-                            member.path + "/"):
-                pass
-            staged.remove(member)  # the archive inside gives way to its members
-            store.delete(member.key)
-        filesets, loose = group_filesets(store, staged)
-        store.make_durable_all([m.key for m in staged])  # durable before anyone is told of them
+        with store.durable_batch() as batch:  # opened before the first member is written
+            for member in _stage(store, obj, obj.object_key, obj.size, fmt, tally, staged, ""):
+                if progress:
+                    progress(len(staged), tally.expected, tally.unpacked)
+                fmt_inside = sniff(store, member.key)
+                if fmt_inside is None:
+                    continue
+                for _ in _stage(store, obj, member.key, member.size, fmt_inside, tally, staged,
+                                member.path + "/"):
+                    pass
+                staged.remove(member)  # the archive inside gives way to its members
+                store.delete(member.key)
+            filesets, loose = group_filesets(store, staged)
+            batch.make_durable([m.key for m in staged])  # before anyone is told of them
     except ArchiveError:
         # Refused: what was staged of it goes. (After any other failure the work is done
         # again: the same keys are written again, and the importer empties staging at the end.)
