@@ -352,7 +352,7 @@ class _SyncfsBatch(DurableBatch):
         unwritten = _unwritten_bytes()
         if (len(keys) < 2 or syncfs is None or self.fd is None or unwritten is None
                 or unwritten > SYNCFS_UNWRITTEN_MAX):
-            with ThreadPoolExecutor(min(len(keys), 8) or 1) as pool:
+            with ThreadPoolExecutor(min(len(keys), 8)) as pool:
                 list(pool.map(self.store.make_durable, keys))
             return
         if syncfs(self.fd) != 0:
