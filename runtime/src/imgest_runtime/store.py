@@ -167,8 +167,10 @@ class ObjectStore(ABC):
         store may do it in one flush): open it before the first is written."""
         return DurableBatch(self)
 
-    # Small objects written side by side (`SmallObjects`): each S3 put waits a round trip.
-    small_writers = 1
+    # How many small requests (a small object's put, a file's head read) are worth running side
+    # by side: on S3 each waits a round trip; on a local disk each is work for the CPU, and
+    # threads would only take turns at the GIL.
+    side_by_side = 1
 
     # A store whose objects can be written at an offset assembles a resumable upload in one
     # object (each byte written once); others keep its segments and `concat` them at the end.
@@ -517,7 +519,7 @@ class LocalStore(ObjectStore):
 class S3Store(ObjectStore):
     """Objects in one S3 bucket (MinIO, AWS, Ceph, SeaweedFS, moto…), through `minio`."""
 
-    small_writers = 8
+    side_by_side = 8
 
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
                  secure: bool = False, region: str | None = None):
@@ -814,7 +816,7 @@ async def _hand_over(to: queue.Queue[Any], item: object, thread: asyncio.Future[
 
 class SmallObjects:
     """Small objects, each already whole in memory, written one after another by one thread
-    (`store.small_writers` of them on a store where each put waits on the network): a form of
+    (`store.side_by_side` of them on a store where each put waits on the network): a form of
     many files costs one hand-off to a thread, not one each (each hand-off costs the event loop
     a wake-up and both threads a turn at the GIL: a quarter of a form's time)."""
 
@@ -845,7 +847,7 @@ class SmallObjects:
     async def put(self, key: str, chunks: list[bytes]) -> None:
         if self.threads is None:
             self.threads = asyncio.gather(*(asyncio.to_thread(self._write_all)
-                                            for _ in range(self.store.small_writers)),
+                                            for _ in range(self.store.side_by_side)),
                                           return_exceptions=True)  # done once all are
         elif self.threads.done():  # the writers died (not of a store error): say so now
             await self.finish()
@@ -856,7 +858,7 @@ class SmallObjects:
         on if the caller is cancelled meanwhile: call it again to wait for them."""
         self.closed.set()
         if self.threads is not None:
-            for _ in range(self.store.small_writers):
+            for _ in range(self.store.side_by_side):
                 await _hand_over(self.queue, None, self.threads)
             for outcome in await asyncio.shield(self.threads):
                 if isinstance(outcome, BaseException):

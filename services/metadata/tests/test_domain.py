@@ -13,11 +13,14 @@ import pytest
 from imgest_contracts import FileKind, FileStaged, Source
 from imgest_metadata.app import read_headers
 from imgest_metadata.domain import (
+    DICOM_FIELDS,
     HEAD_BYTES,
     Claim,
     FileKeys,
     Identified,
     NeedMore,
+    _text,
+    dicom_texts,
     first_claims,
     identify,
     label,
@@ -25,7 +28,8 @@ from imgest_metadata.domain import (
 )
 from imgest_runtime.store import LocalStore
 from PIL import Image
-from pydicom.data import get_testdata_file
+from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 CT_STUDY = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
 CT_SERIES = "1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322"
@@ -184,6 +188,58 @@ def test_identify_partial_head_ending_in_a_length_field_needs_more() -> None:
     data = _testfile("CT_small.dcm")
     with pytest.raises(NeedMore):
         identify(data[:6297], len(data), "CT_small.dcm")
+
+
+def _by_pydicom(data: bytes) -> dict[str, str | None]:
+    """Each field as pydicom itself converts it (what dicom_texts must give)."""
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    return {k: _text(ds, k) for k in DICOM_FIELDS}
+
+
+def _fields_of(data: bytes) -> dict[str, str | None]:
+    return dicom_texts(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True))
+
+
+@pytest.mark.parametrize("name", sorted(
+    Path(f).name for f in get_testdata_files("*.dcm")
+    if Path(f).name not in ("MR_truncated.dcm", "rtplan_truncated.dcm")))
+def test_dicom_texts_read_from_the_bytes_are_what_pydicom_reads(name: str) -> None:
+    """Every DICOM file pydicom ships: explicit and implicit VR, big endian, no preamble."""
+    data = _testfile(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _fields_of(data) == _by_pydicom(data)
+
+
+@pytest.mark.parametrize(("charset", "name"), [
+    (None, "Smith^John"), ("", "Plain^Name"), ("ISO_IR 6", "Doe^Jane  "),
+    ("ISO_IR 100", "Müller^Jörg"), ("ISO_IR 192", "Müller^Jörg=山田^太郎"),
+    ("ISO_IR 144", "Иванов^Иван"),
+    (["ISO 2022 IR 6", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),  # code extensions
+    ("NOT A CHARSET", "X^Y")])
+@pytest.mark.parametrize("transfer", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                      ExplicitVRBigEndian])
+def test_dicom_texts_in_character_sets_and_odd_values(charset: str | list[str] | None,
+                                                       name: str, transfer: str) -> None:
+    ds = _ct()
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    ds.PatientName = name
+    ds.StudyDescription = "  leading spaces"
+    ds.PatientComments = "Project: P1\\Subject: S1 "  # LT: a backslash is text
+    ds.Modality = "CT\\MR"  # two values: pydicom's own text of them
+    ds.AccessionNumber = ""
+    ds.StudyComments = "Session: X\x00"
+    ds.InstanceNumber = " 7 "
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        del ds.PixelData  # (pydicom does not turn pixel data big endian)
+        ds.file_meta.TransferSyntaxUID = transfer
+        pydicom.dcmwrite(buf, ds, little_endian=transfer != ExplicitVRBigEndian,
+                         implicit_vr=transfer == ImplicitVRLittleEndian, force_encoding=True)
+        assert _fields_of(buf.getvalue()) == _by_pydicom(buf.getvalue())
+    assert _fields_of(buf.getvalue())["PatientName"] == name.strip()
 
 
 # --- photos, other files -------------------------------------------------------------------------

@@ -223,21 +223,23 @@ def bootstrap(settings: Settings) -> Service:
                 raise RuntimeError("a key was claimed concurrently; the batch is retried")
         return duplicates
 
-    async def identify_file(staged: FileStaged, readers: asyncio.Semaphore) -> Identified:
-        if staged.fileset is not None:
-            return fileset_identified(staged)
+    def identify_files(files: list[FileStaged]) -> list[Identified]:
+        """Blocking: one reader's share of a batch, one file after another."""
         assert svc.store is not None
-        async with readers:
-            return await asyncio.to_thread(read_headers, svc.store, staged,
-                                           settings.max_header_bytes, settings.max_csv_bytes)
+        return [fileset_identified(f) if f.fileset is not None else read_headers(
+            svc.store, f, settings.max_header_bytes, settings.max_csv_bytes) for f in files]
 
     @svc.on(FileStaged, whole_batch=True)
     async def on_files_staged(events: list[CloudEvent[FileStaged]], tx: Tx) -> None:
         # Inside the batch's transaction, after the inbox: a replayed event is dropped before
-        # the store is touched. Only headers are read (side by side: with S3 each read waits
-        # on the network), so the transaction stays short.
-        readers = asyncio.Semaphore(settings.header_readers)
-        identified = await asyncio.gather(*(identify_file(e.data, readers) for e in events))
+        # the store is touched. Only headers are read, so the transaction stays short; the
+        # batch is shared among a few threads on S3 (each read waits on the network), read
+        # by one on a local store (there threads would only take turns at the GIL).
+        assert svc.store is not None
+        n = min(settings.header_readers, svc.store.side_by_side, len(events))
+        shares = await asyncio.gather(*(asyncio.to_thread(identify_files, [
+            e.data for e in events[k::n]]) for k in range(n)))
+        identified = [shares[i % n][i // n] for i in range(len(events))]
         kept = await rules_of(tx, {p for e, found in zip(events, identified)
                                    if (p := e.data.project or found.hints.project)})
         reasons: list[Reason | None] = []

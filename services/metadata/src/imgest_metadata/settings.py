@@ -11,5 +11,6 @@ class Settings(RuntimeSettings):
     max_csv_bytes: int = Field(
         256 * 1024**2, ge=1024, description="Largest CSV read (it is read whole, to count rows).")
     header_readers: int = Field(
-        8, ge=1, description="Files of a batch whose headers are read at once (with S3 each "
-        "read waits on the network).")
+        8, ge=1, description="Most files of a batch whose headers are read at once on S3, "
+        "where each read waits on the network (a local store reads them one after another: "
+        "there the work is the CPU's).")
