@@ -915,11 +915,26 @@ async def _write_async(write: Callable[[BinaryIO], StoredObject],
 
 
 class IterReader(_Reader):
-    """A blocking reader over an iterator of byte chunks (to stream a generator into `put`)."""
+    """A blocking reader over an iterator of byte chunks (to stream a generator into `put`).
+    `read` hands a chunk on as it came, or part of one: no bytes are copied on the way."""
 
     def __init__(self, chunks: Iterator[bytes]):
         self.chunks = iter(chunks)
         self.buffer = b""
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            return b"".join(iter(lambda: self.read(CHUNK), b""))
+        while not self.buffer:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                return b""
+            self.buffer = chunk  # an empty chunk is not the end: read on
+        if n >= len(self.buffer):
+            chunk, self.buffer = self.buffer, b""
+        else:
+            chunk, self.buffer = self.buffer[:n], self.buffer[n:]
+        return chunk
 
     def readinto(self, b) -> int:  # type: ignore[override]
         while not self.buffer:

@@ -387,6 +387,58 @@ def test_progress_is_told_member_by_member_with_the_zip_directory_total(store):
     assert [t[:2] for t in told] == [(1, None), (2, None), (3, None)]  # a tar does not say
 
 
+def test_small_members_written_aside_keep_the_archive_order_beside_large_ones(store):
+    """Members up to WHOLE_UP_TO are written by another thread while the next are read;
+    larger ones stream. The result lists them in the archive's order, each with its bytes and
+    hash, and an archive inside (small, so sniffed from memory) still gives way to its members."""
+    import hashlib
+
+    from imgest_unpacker.app import WHOLE_UP_TO
+
+    files = {f"s{i:02}.dcm": os.urandom(1000 + i) for i in range(12)}
+    files["big1.dcm"] = os.urandom(WHOLE_UP_TO + 1)
+    files.update({f"t{i:02}.dcm": os.urandom(i + 1) for i in range(12)})
+    files["inner.zip"] = zip_bytes({"a.dcm": b"A" * 10, "b.dcm": b"B" * 20})
+    files["edge.dcm"] = os.urandom(WHOLE_UP_TO)
+    files["big2.dcm"] = os.urandom(3 * WHOLE_UP_TO)
+    obj = stored(store, zip_bytes(files, zipfile.ZIP_STORED))
+    result = unpack(store, obj, "zip", GENEROUS)
+    # (members are listed archive by archive: the upload's own, then each one inside)
+    expected = [p for p in files if p != "inner.zip"] + ["inner.zip/a.dcm", "inner.zip/b.dcm"]
+    assert [m.path for m in result.members] == expected
+    contents = {**files, "inner.zip/a.dcm": b"A" * 10, "inner.zip/b.dcm": b"B" * 20}
+    for m in result.members:
+        with store.open(m.key) as f:
+            assert f.read() == contents[m.path]
+        assert (m.size, m.sha256) == (len(contents[m.path]),
+                                      hashlib.sha256(contents[m.path]).hexdigest())
+    assert len(list(store.list(f"staging/{obj.upload_id}/members/"))) == len(expected)
+
+
+def test_a_member_that_cannot_be_written_fails_the_unpacking_after_every_write_ended(tmp_path):
+    """A disk error on a member written aside is raised (the event is tried again), and no
+    write is still going when unpack returns."""
+    import threading
+
+    class FailingStore(LocalStore):
+        writing = threading.Event()
+
+        def put(self, key, data, length=None, *, durable=True):
+            if key.endswith("-s05.dcm"):
+                raise OSError(28, "No space left on device")
+            return super().put(key, data, length, durable=durable)
+
+    store = FailingStore(tmp_path / "store", fsync=False)
+    obj = stored(store, zip_bytes({f"s{i:02}.dcm": b"x" * 100 for i in range(20)}))
+    with pytest.raises(OSError, match="No space left"):
+        unpack(store, obj, "zip", GENEROUS)
+    before = sorted(o.key for o in store.list(f"staging/{obj.upload_id}/members/"))
+    assert before and all("-s05.dcm" not in k for k in before)
+    import time
+    time.sleep(0.2)  # nothing lands afterwards: every write had ended
+    assert sorted(o.key for o in store.list(f"staging/{obj.upload_id}/members/")) == before
+
+
 # --- found in review: bombs that hide from the counters, and names -------------------------------
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +28,9 @@ from imgest_contracts import (
 )
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, create_app
-from imgest_runtime.store import IterReader, ObjectStore, fit_name
+from imgest_runtime.store import IterReader, ObjectStore, StoredObject, fit_name
 
-from .archives import entries, sniff
+from .archives import entries, sniff, sniff_head
 from .domain import ArchiveError, Limits, Tally, file_id, listing_files, plan_filesets
 from .models import metadata
 from .settings import Settings
@@ -80,30 +83,77 @@ def group_filesets(store: ObjectStore, members: list[Member]
 
 Progress = Callable[[int, int | None, int], None]  # (files staged, files in all, bytes)
 
+WHOLE_UP_TO = 1024 * 1024  # a member up to this size is read whole and written by a writer
+
+
+class _Writers:
+    """Small members written by another thread while the next ones are read from the archive:
+    reading it (parsing, inflating) and writing them (hashing, the disk) overlap instead of
+    taking turns (a fifth less time for a zip of CT slices). At most `ahead` members wait,
+    whole, in memory. Members are recorded in `staged` in the archive's order."""
+
+    def __init__(self, store: ObjectStore, staged: list[Member], on_staged: Callable[[], None],
+                 ahead: int = 8):
+        self.store, self.staged, self.on_staged, self.ahead = store, staged, on_staged, ahead
+        self.pool = ThreadPoolExecutor(store.side_by_side, thread_name_prefix="imgest-members")
+        self.pending: deque[tuple[str, str, Future[StoredObject]]] = deque()
+
+    def put(self, path: str, key: str, chunks: list[bytes], root: str) -> None:
+        self.pending.append((path, root, self.pool.submit(
+            self.store.put, key, IterReader(iter(chunks)), durable=False)))
+        self.settle(self.ahead)
+
+    def settle(self, keep: int = 0) -> None:
+        """Records written members, oldest first, until at most `keep` are on their way;
+        raises a write's error."""
+        while len(self.pending) > keep:
+            path, root, written = self.pending.popleft()
+            stored = written.result()
+            self.staged.append(Member(path, stored.key, stored.size, stored.sha256, root))
+            self.on_staged()
+
+    def close(self) -> None:
+        """Waits for every write, so none lands after the caller's clean-up; records those
+        written (a failure has already been raised, or the archive was refused)."""
+        for path, root, written in self.pending:
+            with contextlib.suppress(Exception):
+                stored = written.result()
+                self.staged.append(Member(path, stored.key, stored.size, stored.sha256, root))
+        self.pending.clear()
+        self.pool.shutdown()
+
 
 def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
            progress: Progress | None = None) -> Unpacked:
     """Streams the archive from the store and each member back into it (blocking; in a thread).
-    An archive inside it (one level deep) is unpacked in its place. Nothing is held whole: a
-    member flows chunk by chunk from the archive into its object. The members are made durable
-    all at once at the end (one flush of the disk, not an fsync each: those would take longer
-    than the unpacking). If the archive is refused, what was staged of it is deleted again (all
-    or nothing); the original stays."""
+    An archive inside it (one level deep) is unpacked in its place. Nothing large is held
+    whole: a member over WHOLE_UP_TO flows chunk by chunk from the archive into its object.
+    The members are made durable all at once at the end (one flush of the disk, not an fsync
+    each: those would take longer than the unpacking). If the archive is refused, what was
+    staged of it is deleted again (all or nothing); the original stays."""
     tally = Tally(limits, obj.size)
     staged: list[Member] = []
+
+    def on_staged() -> None:
+        if progress:
+            progress(len(staged), tally.expected, tally.unpacked)
+
+    writers = _Writers(store, staged, on_staged)
     try:
         with store.durable_batch() as batch:  # opened before the first member is written
-            for member in _stage(store, obj, obj.object_key, obj.size, fmt, tally, staged, ""):
-                if progress:
-                    progress(len(staged), tally.expected, tally.unpacked)
-                fmt_inside = sniff(store, member.key)
-                if fmt_inside is None:
-                    continue
-                for _ in _stage(store, obj, member.key, member.size, fmt_inside, tally, staged,
-                                member.path + "/"):
-                    pass
-                staged.remove(member)  # the archive inside gives way to its members
-                store.delete(member.key)
+            try:
+                for inner in _stage(store, obj, obj.object_key, obj.size, fmt, tally, writers,
+                                    ""):
+                    # An archive inside gives way to its members (their archives stay files).
+                    try:
+                        for _ in _stage(store, obj, inner.key, inner.size, inner.fmt, tally,
+                                        writers, inner.prefix):
+                            pass
+                    finally:
+                        store.delete(inner.key)
+                writers.settle()
+            finally:
+                writers.close()
             filesets, loose = group_filesets(store, staged)
             batch.make_durable([m.key for m in staged])  # before anyone is told of them
     except ArchiveError:
@@ -115,19 +165,62 @@ def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
     return Unpacked(loose, tally.skipped, tally.unpacked, filesets)
 
 
+@dataclass
+class _Inner:
+    """An archive inside the upload's archive: stored, to be unpacked in its place."""
+    key: str
+    size: int
+    fmt: str
+    prefix: str  # its path and "/"
+
+
 def _stage(store: ObjectStore, obj: ObjectStored, key: str, size: int, fmt: str, tally: Tally,
-           staged: list[Member], prefix: str) -> Iterator[Member]:
-    """Stages each file of the archive at `key`; yields each once it is stored."""
+           writers: _Writers, prefix: str) -> Iterator[_Inner]:
+    """Stages each file of the archive at `key`; yields each archive inside it when this is
+    the upload's own archive (no `prefix`)."""
     for entry in entries(store, key, size, fmt, tally, prefix):
         path = prefix + entry.path
         fid = file_id(obj.upload_id, obj.object_key, path)
         # The file id before the name, not a folder per member (a directory per file costs
         # the disk about a seventh of a small file's write).
         member_key = f"staging/{obj.upload_id}/members/{fit_name(f'{fid}-{Path(path).name}')}"
-        stored = store.put(member_key, IterReader(entry.chunks),  # type: ignore[arg-type]
+        head, whole = _read_up_to(entry.chunks, WHOLE_UP_TO)
+        if whole and (prefix or sniff_head(_head_of(head)) is None):
+            writers.put(path, member_key, head, prefix)
+            continue
+        writers.settle()  # the members before it first: they are recorded in order
+        stored = store.put(member_key, IterReader(itertools.chain(head, entry.chunks)),
                            durable=False)
-        staged.append(Member(path, member_key, stored.size, stored.sha256, prefix))
-        yield staged[-1]
+        inner_fmt = None if prefix else sniff(store, member_key)
+        if inner_fmt is None:
+            writers.staged.append(Member(path, member_key, stored.size, stored.sha256, prefix))
+            writers.on_staged()
+            continue
+        yield _Inner(member_key, stored.size, inner_fmt, path + "/")
+
+
+def _read_up_to(chunks: Iterator[bytes], limit: int) -> tuple[list[bytes], bool]:
+    """The first chunks, to just past `limit` bytes; and whether that was all of them."""
+    head: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        head.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return head, False
+    return head, True
+
+
+def _head_of(chunks: list[bytes]) -> Callable[[int], bytes]:
+    def head(n: int) -> bytes:
+        out, size = [], 0
+        for chunk in chunks:
+            if size >= n:
+                break
+            out.append(chunk)
+            size += len(chunk)
+        return b"".join(out)[:n]
+    return head
 
 
 def bootstrap(settings: Settings) -> Service:

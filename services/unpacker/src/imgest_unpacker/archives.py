@@ -18,7 +18,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +49,16 @@ class Entry:
 
 def sniff(store: ObjectStore, key: str) -> str | None:
     """The archive format of an object, from its first bytes (decompressed if need be)."""
-    head = store.read_range(key, 0, 64 * 1024)
+    return sniff_head(lambda n: store.read_range(key, 0, n))
+
+
+def sniff_head(head_of: Callable[[int], bytes]) -> str | None:
+    """The archive format of a file whose first n bytes are head_of(n)."""
+    head = head_of(64 * 1024)
     suffix = compression(head)
     unpacked = None
     if suffix == "bz2":  # bzip2 gives nothing before its first block (up to ~900 KB) is in
-        head = store.read_range(key, 0, 1100 * 1024)
+        head = head_of(1100 * 1024)
     if suffix:
         try:  # (bounded: a few KB of bzip2 can be gigabytes of zeros)
             unpacked = _DECOMPRESSORS[suffix]().decompress(head, HEAD)
