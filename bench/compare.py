@@ -505,6 +505,7 @@ def scenario_files(ctx: Ctx, files: list[Path], clients: int) -> dict[str, Any]:
         added = time.time() - t0
         submitted = ctx.http.post(f"/api/v1/uploads/{upload_id}/submit")
         assert submitted.status_code == 200, submitted.text
+        answered = time.time() - t0
         followed.wait(ctx.timeout, ctx.log)
     finally:
         pool.shutdown(cancel_futures=True)  # on a failure or Ctrl-C: no more requests
@@ -514,7 +515,7 @@ def scenario_files(ctx: Ctx, files: list[Path], clients: int) -> dict[str, Any]:
     seconds = followed.seen["gateway:archived"] - t0
     return {"instances": len(files), "bytes": sum(p.stat().st_size for p in files),
             "clients": clients, "seconds": seconds, "rate": len(files) / seconds,
-            "all_added": added}
+            "all_added": added, "submit_answered": answered}
 
 
 def b64(text: str) -> str:
@@ -667,6 +668,7 @@ def report(args: argparse.Namespace, found: dict[str, Any], results: dict[str, A
                         "session, instances/s", f"{r['rate']:.0f}"))
         rows += ratio_rows(r["rate"], found, 1.0, args.clients)
         rows.append(Row("  every file added (first byte → last 201)", f"{r['all_added']:.2f} s"))
+        rows.append(Row("  submit answered", f"{r['submit_answered']:.2f} s"))
     if 3 in results:
         r = results[3]
         rows.append(Row(f"3 one {r['bytes'] / GIB:g} GiB file via tus, MB/s",

@@ -26,6 +26,7 @@ from imgest_runtime.store import (
     StoreError,
     _FullReads,
     check_key,
+    each_side_by_side,
     fit_name,
     part_size_for,
     put_async,
@@ -706,3 +707,24 @@ async def test_write_at_async_streams_chunks(tmp_path: Path) -> None:
     store.write_at("f", 0, io.BytesIO(b"abc"))
     assert (await write_at_async(store, "f", 3, chunks())).size == 5
     assert store.read_range("f", 0, 10) == b"abc12345"
+
+
+@pytest.mark.parametrize(("side_by_side", "most", "threads"), [(1, None, 1), (8, None, 8),
+                                                              (8, 3, 3), (8, 100, 8)])
+def test_each_side_by_side_keeps_the_order_in_as_many_threads_as_the_store_says(
+        tmp_path, monkeypatch, side_by_side, most, threads):
+    store = LocalStore(tmp_path / "s", fsync=False)
+    store.side_by_side = side_by_side
+    handed: list[int] = []  # items per hand-off to a thread
+    to_thread = asyncio.to_thread
+
+    async def counting(work, share):
+        handed.append(len(share))
+        return await to_thread(work, share)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    items = list(range(23))
+    assert asyncio.run(each_side_by_side(store, lambda i: i * i, items, most)) == [
+        i * i for i in items]
+    assert len(handed) == threads and sum(handed) == len(items)
+    assert asyncio.run(each_side_by_side(store, lambda i: i, [], most)) == []

@@ -206,8 +206,10 @@ async def submit(svc: Service, session: AsyncSession, upload: Upload,
     """Hands the upload to the pipeline: each object's object.stored, then upload.submitted
     naming them all (the importer completes the upload once every one has an outcome)."""
     rules = await project_rules(session, upload.project)
-    for obj in objects:
-        obj.event = event_json(await svc.outbox.add(session, object_stored(upload, obj, rules)))
+    events = await svc.outbox.add_many(  # one statement for all, not a round trip each
+        session, [(object_stored(upload, obj, rules), None) for obj in objects])
+    for obj, event in zip(objects, events):
+        obj.event = event_json(event)
         session.add(obj)
     upload.state = PROCESSING
     session.add(upload)

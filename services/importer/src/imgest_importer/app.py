@@ -933,8 +933,10 @@ def bootstrap(settings: Settings) -> Service:
         upload.submitted_at = u.submitted_at
         upload.updated_at = datetime.now(UTC)
         tx.session.add(upload)
-        for key in u.object_keys:
-            await importer.object(tx.session, u.upload_id, key)
+        if u.object_keys:  # a row for each object not yet heard of: all in one statement
+            await tx.session.execute(
+                pg_insert(UploadObject.__table__).on_conflict_do_nothing(),  # type: ignore[attr-defined]
+                [{"object_key": key, "upload_id": u.upload_id} for key in u.object_keys])
         importer.settle_later(tx, u.upload_id)
 
     @svc.on(ProjectUpdated)

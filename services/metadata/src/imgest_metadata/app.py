@@ -7,7 +7,6 @@ already holds (the same content, or the same DICOM instance, is skipped as a dup
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 import warnings
@@ -28,7 +27,7 @@ from imgest_contracts import (
 )
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, Tx, create_app
-from imgest_runtime.store import ObjectStore, RangeFile
+from imgest_runtime.store import ObjectStore, RangeFile, each_side_by_side
 from sqlalchemy import delete, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
@@ -223,11 +222,11 @@ def bootstrap(settings: Settings) -> Service:
                 raise RuntimeError("a key was claimed concurrently; the batch is retried")
         return duplicates
 
-    def identify_files(files: list[FileStaged]) -> list[Identified]:
-        """Blocking: one reader's share of a batch, one file after another."""
+    def identify_file(staged: FileStaged) -> Identified:
         assert svc.store is not None
-        return [fileset_identified(f) if f.fileset is not None else read_headers(
-            svc.store, f, settings.max_header_bytes, settings.max_csv_bytes) for f in files]
+        if staged.fileset is not None:
+            return fileset_identified(staged)
+        return read_headers(svc.store, staged, settings.max_header_bytes, settings.max_csv_bytes)
 
     @svc.on(FileStaged, whole_batch=True)
     async def on_files_staged(events: list[CloudEvent[FileStaged]], tx: Tx) -> None:
@@ -236,10 +235,8 @@ def bootstrap(settings: Settings) -> Service:
         # batch is shared among a few threads on S3 (each read waits on the network), read
         # by one on a local store (there threads would only take turns at the GIL).
         assert svc.store is not None
-        n = min(settings.header_readers, svc.store.side_by_side, len(events))
-        shares = await asyncio.gather(*(asyncio.to_thread(identify_files, [
-            e.data for e in events[k::n]]) for k in range(n)))
-        identified = [shares[i % n][i // n] for i in range(len(events))]
+        identified = await each_side_by_side(svc.store, identify_file, [e.data for e in events],
+                                             settings.header_readers)
         kept = await rules_of(tx, {p for e, found in zip(events, identified)
                                    if (p := e.data.project or found.hints.project)})
         reasons: list[Reason | None] = []

@@ -28,7 +28,13 @@ from imgest_contracts import (
 )
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, create_app
-from imgest_runtime.store import IterReader, ObjectStore, StoredObject, fit_name
+from imgest_runtime.store import (
+    IterReader,
+    ObjectStore,
+    StoredObject,
+    each_side_by_side,
+    fit_name,
+)
 
 from .archives import entries, sniff, sniff_head
 from .domain import ArchiveError, Limits, Tally, file_id, listing_files, plan_filesets
@@ -249,9 +255,8 @@ def bootstrap(settings: Settings) -> Service:
         assert store is not None
         handled = await svc.handled(e.id for e in events)
         todo = list({e.id: e for e in events if e.id not in handled}.values())
-        # What each is, side by side (with S3 each look waits on the network).
-        formats = await asyncio.gather(*(asyncio.to_thread(sniff, store, e.data.object_key)
-                                         for e in todo))
+        # What each is (side by side on S3, where each look waits on the network).
+        formats = await each_side_by_side(store, lambda e: sniff(store, e.data.object_key), todo)
         singles: list[CloudEvent[ObjectStored]] = []
         for event, fmt in zip(todo, formats):  # in their order: the first of equal files wins
             if fmt is None:
