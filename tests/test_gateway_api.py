@@ -683,20 +683,24 @@ def test_gateway_workers_share_its_port(gateway: Running):
     _, location = _tus_upload(gateway, "WRK", "w.bin", size)
     tus = {"Tus-Resumable": "1.0.0"}
     patch = {**tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
-    first_bytes = threading.Event()
+    first_bytes, asked = threading.Event(), threading.Event()
 
     def slowly():
-        for _ in range(size // (256 * 1024)):
+        yield b"x" * (256 * 1024)
+        first_bytes.set()
+        asked.wait(30)  # the upload stays held until every worker has been asked
+        for _ in range(size // (256 * 1024) - 1):
             yield b"x" * (256 * 1024)
-            first_bytes.set()
-            time.sleep(0.05)
 
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(http.patch, location, content=slowly(), headers=patch, timeout=60)
-        assert first_bytes.wait(10)
-        time.sleep(0.3)  # the first PATCH holds the upload
-        others = _on_each_worker(gateway, workers, lambda client: client.patch(
-            location, content=b"y" * 10, headers=patch))
+        try:
+            assert first_bytes.wait(10)
+            time.sleep(0.3)  # the first PATCH holds the upload
+            others = _on_each_worker(gateway, workers, lambda client: client.patch(
+                location, content=b"y" * 10, headers=patch))
+        finally:
+            asked.set()
         assert slow.result().status_code == 204
     assert {(r.status_code, r.json()["title"]) for a in others.values() for r in a} == {
         (409, "Upload in progress")}

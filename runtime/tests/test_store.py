@@ -728,3 +728,15 @@ def test_each_side_by_side_keeps_the_order_in_as_many_threads_as_the_store_says(
         i * i for i in items]
     assert len(handed) == threads and sum(handed) == len(items)
     assert asyncio.run(each_side_by_side(store, lambda i: i, [], most)) == []
+
+
+def test_iter_reader_hands_whole_chunks_on_and_parts_of_them_in_order():
+    chunks = [b"abc", b"", b"defgh", b"ij"]
+    reader = IterReader(iter(chunks))
+    assert reader.read(2) == b"ab"
+    assert reader.read(10) == b"c"
+    whole = reader.read(10)
+    assert whole is chunks[2]  # as it came: not a copy
+    assert reader.read(1) == b"i" and reader.read() == b"j" and reader.read(5) == b""
+    buffered = io.BufferedReader(IterReader(iter(chunks)), 4)  # (readinto)
+    assert buffered.read() == b"abcdefghij"

@@ -934,32 +934,37 @@ async def _write_async(write: Callable[[BinaryIO], StoredObject],
 
 class IterReader(_Reader):
     """A blocking reader over an iterator of byte chunks (to stream a generator into `put`).
-    `read` hands a chunk on as it came, or part of one: no bytes are copied on the way."""
+    `read` hands a chunk on as it came (a part of one is copied, the rest is not)."""
 
     def __init__(self, chunks: Iterator[bytes]):
         self.chunks = iter(chunks)
         self.buffer = b""
+        self.at = 0  # what of the buffer was read
+
+    def _filled(self) -> bool:
+        while self.at >= len(self.buffer):
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                return False
+            self.buffer, self.at = chunk, 0  # an empty chunk is not the end: read on
+        return True
 
     def read(self, n: int = -1) -> bytes:
         if n < 0:
             return b"".join(iter(lambda: self.read(CHUNK), b""))
-        while not self.buffer:
-            chunk = next(self.chunks, None)
-            if chunk is None:
-                return b""
-            self.buffer = chunk  # an empty chunk is not the end: read on
-        if n >= len(self.buffer):
-            chunk, self.buffer = self.buffer, b""
-        else:
-            chunk, self.buffer = self.buffer[:n], self.buffer[n:]
+        if not self._filled():
+            return b""
+        if self.at == 0 and n >= len(self.buffer):
+            self.at = len(self.buffer)
+            return self.buffer
+        chunk = self.buffer[self.at:self.at + n]
+        self.at += len(chunk)
         return chunk
 
     def readinto(self, b) -> int:  # type: ignore[override]
-        while not self.buffer:
-            chunk = next(self.chunks, None)
-            if chunk is None:
-                return 0
-            self.buffer = chunk  # an empty chunk is not the end: read on
-        n = min(len(b), len(self.buffer))
-        b[:n], self.buffer = self.buffer[:n], self.buffer[n:]
+        if not self._filled():
+            return 0
+        n = min(len(b), len(self.buffer) - self.at)
+        b[:n] = memoryview(self.buffer)[self.at:self.at + n]
+        self.at += n
         return n

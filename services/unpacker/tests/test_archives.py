@@ -418,11 +418,8 @@ def test_small_members_written_aside_keep_the_archive_order_beside_large_ones(st
 def test_a_member_that_cannot_be_written_fails_the_unpacking_after_every_write_ended(tmp_path):
     """A disk error on a member written aside is raised (the event is tried again), and no
     write is still going when unpack returns."""
-    import threading
 
     class FailingStore(LocalStore):
-        writing = threading.Event()
-
         def put(self, key, data, length=None, *, durable=True):
             if key.endswith("-s05.dcm"):
                 raise OSError(28, "No space left on device")

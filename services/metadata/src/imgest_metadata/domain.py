@@ -25,7 +25,7 @@ import exifread
 import jsonschema
 import pydicom
 from imgest_contracts import FileKind, ProjectRules, Reason, SessionHints
-from pydicom.charset import default_encoding, python_encoding
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 
@@ -139,7 +139,8 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
 # A header's fields are taken from the file's bytes where that gives what pydicom would:
 # pydicom converts each value on its own, looking the character set up again every time
 # (over half of the time a CT header took). Anything unusual still goes through pydicom.
-_PLAIN_VRS = frozenset({"UI", "CS", "DA", "TM", "DT", "IS", "DS", "AS"})  # default repertoire
+# (Not IS or DS: pydicom refuses a number that overflows, such as "inf".)
+_PLAIN_VRS = frozenset({"UI", "CS", "DA", "TM", "DT", "AS"})  # default repertoire
 _TEXT_VRS = frozenset({"SH", "LO", "PN", "LT", "ST", "UT", "UC"})  # in the character set
 _ONE_VALUE_VRS = frozenset({"LT", "ST", "UT"})  # a backslash is text there, not a separator
 _FIELD_TAGS = {k: (tag_for_keyword(k), dictionary_VR(k)) for k in DICOM_FIELDS}
@@ -150,10 +151,10 @@ def _codec(ds: pydicom.Dataset) -> str | None:
     elem = ds.get_item(0x00080005)  # Specific Character Set
     if elem is None:
         return default_encoding
-    value = elem.value.decode("latin-1") if isinstance(elem.value, bytes) else elem.value
-    if not isinstance(value, str) or "\\" in value:
-        return None  # several terms: code extensions
-    return python_encoding.get(value.strip(" \0"))
+    if isinstance(elem, RawDataElement) or not isinstance(elem.value, str):
+        return None  # not read yet, or several terms: code extensions
+    codecs = convert_encodings(elem.value)  # pydicom's own reading of the term, warnings too
+    return codecs[0] if len(codecs) == 1 else None
 
 
 def dicom_texts(ds: pydicom.Dataset) -> dict[str, str | None]:
@@ -174,8 +175,11 @@ def dicom_texts(ds: pydicom.Dataset) -> dict[str, str | None]:
             elif vr in _TEXT_VRS and codec and b"\x1b" not in raw:  # (ESC: code extensions)
                 with contextlib.suppress(UnicodeDecodeError):
                     text = raw.decode(codec)
-        texts[keyword] = (_text(ds, keyword) if text is None
-                          else text.rstrip(" \0").strip() or None)
+        if text is not None:
+            text = text.rstrip(" \0")
+            if vr == "PN":  # (empty groups at the end of a name are dropped)
+                text = text.rstrip("=")
+        texts[keyword] = _text(ds, keyword) if text is None else text.strip() or None
     return texts
 
 

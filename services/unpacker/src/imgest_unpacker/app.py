@@ -156,8 +156,11 @@ def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
                         for _ in _stage(store, obj, inner.key, inner.size, inner.fmt, tally,
                                         writers, inner.prefix):
                             pass
-                    finally:
-                        store.delete(inner.key)
+                    except BaseException:
+                        with contextlib.suppress(Exception):  # (the first error is the one told)
+                            store.delete(inner.key)
+                        raise
+                    store.delete(inner.key)
                 writers.settle()
             finally:
                 writers.close()
@@ -192,13 +195,15 @@ def _stage(store: ObjectStore, obj: ObjectStored, key: str, size: int, fmt: str,
         # the disk about a seventh of a small file's write).
         member_key = f"staging/{obj.upload_id}/members/{fit_name(f'{fid}-{Path(path).name}')}"
         head, whole = _read_up_to(entry.chunks, WHOLE_UP_TO)
-        if whole and (prefix or sniff_head(_head_of(head)) is None):
+        inner_fmt = None if prefix or not whole else sniff_head(_head_of(head))
+        if whole and inner_fmt is None:
             writers.put(path, member_key, head, prefix)
             continue
         writers.settle()  # the members before it first: they are recorded in order
         stored = store.put(member_key, IterReader(itertools.chain(head, entry.chunks)),
                            durable=False)
-        inner_fmt = None if prefix else sniff(store, member_key)
+        if not prefix and not whole:
+            inner_fmt = sniff(store, member_key)
         if inner_fmt is None:
             writers.record(path, prefix, stored)
             continue
