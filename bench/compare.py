@@ -590,8 +590,8 @@ def percentiles(name: str, values: list[float]) -> dict[str, float]:
 # --- the peers ------------------------------------------------------------------------------
 
 
-def run_peers(args: argparse.Namespace, files: list[Path], root: Path, quiet: Quiet
-              ) -> dict[str, Any]:
+def run_peers(args: argparse.Namespace, files: list[Path], tus_bytes: int, root: Path,
+              quiet: Quiet) -> dict[str, Any]:
     found: dict[str, Any] = {}
     (root / "scratch").mkdir()
     if args.scenarios & {1, 2}:
@@ -613,6 +613,11 @@ def run_peers(args: argparse.Namespace, files: list[Path], root: Path, quiet: Qu
                     print(f"  Orthanc failed: {e}")
                 finally:
                     shutil.rmtree(workdir, ignore_errors=True)  # its storage: the study again
+    if 3 in args.scenarios:
+        os.sync()
+        print(f"the disk writing {tus_bytes / GIB:g} GiB…", flush=True)
+        with quiet.phase("disk write"):
+            found["disk_write"] = peers.disk_write_rate(root / "scratch", tus_bytes)
     return found
 
 
@@ -773,7 +778,7 @@ def generate(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def run_imgest(args: argparse.Namespace, data: dict[str, Any], root: Path, log_path: Path,
-               quiet: Quiet, found: dict[str, Any]) -> dict[int, Any]:
+               quiet: Quiet) -> dict[int, Any]:
     env = {port_env(s): str(free_port()) for s in SERVICES}
     env["IMGEST_MAX_UPLOAD_BYTES"] = str(int(args.tus_gb * GIB) + 1024**2)
     log = log_path.open("a", buffering=1)
@@ -801,13 +806,6 @@ def run_imgest(args: argparse.Namespace, data: dict[str, Any], root: Path, log_p
                      4: lambda: scenario_latency(ctx, data["latency"])}
         for number in sorted(args.scenarios):
             settled = settle(quiet.postmaster, resolved["IMGEST_DATABASE_URL"])
-            if number == 3:  # its ceiling right before it: this disk's speed drifts with
-                # what was written before (Orthanc's runs, scenarios 1 and 2) and by the minute
-                print(f"the disk writing {args.tus_gb:g} GiB…", flush=True)
-                with quiet.phase("disk write"):
-                    found["disk_write"] = peers.disk_write_rate(root / "scratch",
-                                                                int(args.tus_gb * GIB))
-                settled += settle(quiet.postmaster, resolved["IMGEST_DATABASE_URL"])
             print(f"scenario {number}… (the stack settled in {settled:.1f}s)", flush=True)
             with quiet.phase(f"scenario {number}"):
                 results[number] = scenarios[number]()
@@ -829,8 +827,8 @@ def main() -> None:
         root.chmod(0o755)
         data = generate(args, root)
         quiet = Quiet()
-        found = run_peers(args, data.get("study", []), root, quiet)
-        results = run_imgest(args, data, root, args.log or root / "services.log", quiet, found)
+        found = run_peers(args, data.get("study", []), int(args.tus_gb * GIB), root, quiet)
+        results = run_imgest(args, data, root, args.log or root / "services.log", quiet)
 
     rows = report(args, found, results)
     study = (f"; studies of {args.instances} CT instances of 512×512, 16-bit"
