@@ -153,8 +153,8 @@ def _codec(ds: pydicom.Dataset) -> str | None:
         return default_encoding
     if isinstance(elem, RawDataElement) or not isinstance(elem.value, str):
         return None  # not read yet, or several terms: code extensions
-    codecs = convert_encodings(elem.value)  # pydicom's own reading of the term, warnings too
-    return codecs[0] if len(codecs) == 1 else None
+    found = convert_encodings(elem.value)  # pydicom's own reading of the term, warnings too
+    return found[0] if len(found) == 1 else None
 
 
 def dicom_texts(ds: pydicom.Dataset) -> dict[str, str | None]:
