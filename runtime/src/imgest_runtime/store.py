@@ -884,21 +884,28 @@ class SmallObjects:
         return self.written
 
 
+async def read_up_to(chunks: AsyncIterator[bytes], limit: int) -> tuple[list[bytes], bool]:
+    """The first chunks, to just past `limit` bytes; and whether that was all of them (the
+    rest, if not, is still to be read from `chunks`)."""
+    head: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        head.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return head, False
+    return head, True
+
+
 async def _write_async(write: Callable[[BinaryIO], StoredObject],
                        chunks: AsyncIterator[bytes], digests: Sequence[Any] = ()
                        ) -> StoredObject:
     chunks = aiter(chunks)
-    batch: list[bytes] = []  # handed over by the ~1 MiB, so hand-offs stay rare
-    size = 0
-    async for chunk in chunks:
-        batch.append(chunk)
-        size += len(chunk)
-        if size > CHUNK:
-            break
-    else:  # a small object, whole: written with one hand-off to a thread, not a stream of them
-        whole = _QueueReader.holding(batch)  # (not joined: a copy on the event loop's time)
+    batch, whole = await read_up_to(chunks, CHUNK)  # handed over by the ~1 MiB: few hand-offs
+    if whole:  # a small object: written with one hand-off to a thread, not a stream of them
+        held = _QueueReader.holding(batch)  # (not joined: a copy on the event loop's time)
         return await asyncio.to_thread(
-            write, _Digesting(whole, digests) if digests else whole)  # type: ignore[arg-type]
+            write, _Digesting(held, digests) if digests else held)  # type: ignore[arg-type]
 
     reader = _QueueReader()
     source = _Digesting(reader, digests) if digests else reader  # type: ignore[arg-type]

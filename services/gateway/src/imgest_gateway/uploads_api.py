@@ -36,7 +36,15 @@ from imgest_contracts.events import FIELD_NAME
 from imgest_runtime.broker import PIPELINE_FAILED
 from imgest_runtime.db import Statement, any_of
 from imgest_runtime.service import Service, problem, problem_responses
-from imgest_runtime.store import SmallObjects, StoredObject, StoreError, fit_name, put_async
+from imgest_runtime.store import (
+    CHUNK,
+    SmallObjects,
+    StoredObject,
+    StoreError,
+    fit_name,
+    put_async,
+    read_up_to,
+)
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from sqlalchemy import (
     String,
@@ -105,7 +113,7 @@ class NewUpload(BaseModel):
         return fields
 
 
-WHOLE_UP_TO = 1024 * 1024  # a form's file up to this size is read whole, then written
+WHOLE_UP_TO = CHUNK  # a form's file up to this size is read whole, then written
 
 
 def too_large(limit: int) -> Refused:
@@ -312,14 +320,9 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
                 except Refused as e:
                     received.append(refusal(part.filename, e))
                     continue  # (its bytes are skipped by file_parts)
-                head: list[bytes] = []
-                size = 0
-                async for chunk in part.chunks:
-                    head.append(chunk)
-                    size += len(chunk)
-                    if size > WHOLE_UP_TO:
-                        break
-                else:  # the whole part is here
+                head, whole = await read_up_to(part.chunks, WHOLE_UP_TO)
+                if whole:
+                    size = sum(len(chunk) for chunk in head)
                     if refused := size_refusal(settings.max_upload_bytes, size):
                         received.append(refusal(part.filename, refused))
                     else:

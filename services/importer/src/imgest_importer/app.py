@@ -934,9 +934,9 @@ def bootstrap(settings: Settings) -> Service:
         upload.updated_at = datetime.now(UTC)
         tx.session.add(upload)
         if u.object_keys:  # a row for each object not yet heard of: all in one statement
-            await tx.session.execute(
-                pg_insert(UploadObject.__table__).on_conflict_do_nothing(),  # type: ignore[attr-defined]
-                [{"object_key": key, "upload_id": u.upload_id} for key in u.object_keys])
+            await tx.session.execute(_NEW_OBJECT.on_conflict_do_nothing(), [
+                {"object_key": key, "upload_id": u.upload_id, "files_total": None}
+                for key in u.object_keys])
         importer.settle_later(tx, u.upload_id)
 
     @svc.on(ProjectUpdated)

@@ -29,6 +29,7 @@ from imgest_contracts import (
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, create_app
 from imgest_runtime.store import (
+    CHUNK,
     IterReader,
     ObjectStore,
     StoredObject,
@@ -89,7 +90,7 @@ def group_filesets(store: ObjectStore, members: list[Member]
 
 Progress = Callable[[int, int | None, int], None]  # (files staged, files in all, bytes)
 
-WHOLE_UP_TO = 1024 * 1024  # a member up to this size is read whole and written by a writer
+WHOLE_UP_TO = CHUNK  # a member up to this size is read whole and written by a writer
 
 
 class _Writers:
