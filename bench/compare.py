@@ -33,8 +33,14 @@ up to 20 ms late. Scenario 4 also gives the XNAT request's own time, which inclu
 endpoint's wait for the outcome.
 
 `--profile gateway,importer` records those services with py-spy (100 Hz, every thread) during
-scenario 1 and writes bench/results/profile-<service>.txt (samples by thread, the top frames by
-own and by inclusive time) and .raw (collapsed stacks, for flamegraph tools).
+scenarios 1 and 2 and writes bench/results/profile-<service>-<scenario>.txt (samples by thread,
+the top frames by own and by inclusive time) and .raw (collapsed stacks, for flamegraph tools).
+A profile slows what it records: compare figures taken without one.
+
+Below the table: the CPU seconds each part (every service, PostgreSQL, Tansu, the bench) used in
+each phase; and, per scenario and for Orthanc, the CPU used per instance and the rate the cores
+would allow for that much work. That rate is a bound no overlap of the stages can beat: a target
+above it needs less work, not better scheduling.
 
 Prints each figure, its target and MET/MISSED, and writes it all as JSON (default
 bench/results/compare-<timestamp>.json). The bench's clients share the machine's cores with the
@@ -196,10 +202,16 @@ TICK = os.sysconf("SC_CLK_TCK")
 QUIET = 0.05  # share of the machine (cores × seconds) others may use before a figure is flagged
 
 
-def cpu_snapshot(postmaster: int | None) -> tuple[float, float, dict[int, tuple[str, float]]]:
+PARTS = (*SERVICES, "tansu", "postgres")  # what our processes are, by their command line
+
+
+def cpu_snapshot(postmaster: int | None
+                 ) -> tuple[float, dict[str, float], dict[int, tuple[str, float]]]:
     """The machine's busy CPU seconds so far; ours (this process and its descendants, and
-    PostgreSQL's server: started by us, but daemonised), each counting its reaped children
-    (an Orthanc that exited); and every other process's own, by pid (name, seconds)."""
+    PostgreSQL's server: started by us, but daemonised) by part (a service, Tansu, PostgreSQL,
+    or "bench": this process, its clients and watcher, and Orthanc), each process counting its
+    reaped children (an Orthanc that exited); and every other process's own, by pid (name,
+    seconds)."""
     procs: dict[int, tuple[str, int, float, float]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -211,17 +223,32 @@ def cpu_snapshot(postmaster: int | None) -> tuple[float, float, dict[int, tuple[
             procs[int(entry.name)] = (head.split("(", 1)[1], int(f[1]),
                                       (int(f[11]) + int(f[12])) / TICK,
                                       (int(f[13]) + int(f[14])) / TICK)
-    ours, todo = set(), [os.getpid(), *([postmaster] if postmaster else [])]
+    part: dict[int, str] = {}
+    todo = [(os.getpid(), "bench"), *([(postmaster, "postgres")] if postmaster else [])]
     while todo:
-        pid = todo.pop()
-        ours.add(pid)
-        todo += [child for child, p in procs.items() if p[1] == pid and child not in ours]
+        pid, inherited = todo.pop()
+        part[pid] = _part_of(pid) or inherited
+        todo += [(child, part[pid]) for child, p in procs.items()
+                 if p[1] == pid and child not in part]
     # user nice system: what processes used. Not irq and softirq, which no process is charged
     # with: among them the loopback network the bench's own uploads cross.
     cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:4]]
     machine = sum(cpu) / TICK
-    mine = sum(p[2] + p[3] for pid, p in procs.items() if pid in ours)
-    return machine, mine, {pid: (p[0], p[2]) for pid, p in procs.items() if pid not in ours}
+    mine: dict[str, float] = {}
+    for pid, name in part.items():
+        if pid in procs:
+            mine[name] = mine.get(name, 0.0) + procs[pid][2] + procs[pid][3]
+    return machine, mine, {pid: (p[0], p[2]) for pid, p in procs.items() if pid not in part}
+
+
+def _part_of(pid: int) -> str | None:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    command = " ".join(a.decode(errors="replace") for a in argv[:4]).lower()
+    return next((name for name in PARTS if f"imgest_{name}" in command or (
+        name not in SERVICES and name in command)), None)
 
 
 SETTLED = 0.35  # cores the stack may use and count as settled (idle, it polls: 0.1–0.3)
@@ -233,11 +260,11 @@ def settle(postmaster: int | None, database_url: str, longest: float = 120) -> f
     PostgreSQL's dirty pages written (a checkpoint) and the page cache's (sync). Seconds it
     took."""
     t0 = time.monotonic()
-    _, mine, _ = cpu_snapshot(postmaster)
+    mine = sum(cpu_snapshot(postmaster)[1].values())
     quiet_for = 0
     while quiet_for < 2 and time.monotonic() - t0 < longest:
         time.sleep(0.5)
-        _, now, _ = cpu_snapshot(postmaster)
+        now = sum(cpu_snapshot(postmaster)[1].values())
         quiet_for = quiet_for + 1 if (now - mine) / 0.5 < SETTLED else 0
         mine = now
 
@@ -267,11 +294,14 @@ class Quiet:
         yield
         seconds = time.monotonic() - t0
         machine2, mine2, others2 = cpu_snapshot(self.postmaster)
-        used = (machine2 - machine) - (mine2 - mine)
+        ours = {name: cpu - mine.get(name, 0.0) for name, cpu in mine2.items()}
+        used = (machine2 - machine) - sum(ours.values())
         busiest = sorted(((cpu - others.get(pid, ("", 0.0))[1], f"{pid} {comm}")
                           for pid, (comm, cpu) in others2.items()), reverse=True)[:3]
         self.phases[name] = {
             "seconds": seconds, "others_cpu_seconds": used,
+            "ours_cpu_seconds": {name: round(cpu, 2) for name, cpu in sorted(
+                ours.items(), key=lambda item: -item[1]) if cpu >= 0.01},
             "others_share": used / (seconds * (os.cpu_count() or 1)),
             "busiest_others": {who: round(cpu, 2) for cpu, who in busiest if cpu >= 0.1}}
 
@@ -294,14 +324,16 @@ def py_spy() -> list[str]:
 class Profiles:
     """py-spy recording the named services (their pids now) until stopped."""
 
-    def __init__(self, stack: Stack, services: list[str], scratch: Path):
+    def __init__(self, stack: Stack, services: list[str], scratch: Path, scenario: int):
         assert stack.supervisor is not None
+        self.scenario = scenario
         self.runs: list[tuple[str, subprocess.Popen, Path]] = []
         for name in services:
             pid = stack.supervisor.children[name].process.pid  # type: ignore[union-attr]
-            raw = scratch / f"profile-{name}.raw"
+            raw = scratch / f"profile-{name}-{scenario}.raw"
             process = subprocess.Popen(
-                [*py_spy(), "record", "-r", "100", "-f", "raw", "--threads", "--pid", str(pid),
+                [*py_spy(), "record", "-r", "100", "-f", "raw", "--threads", "--subprocesses",
+                 "--pid", str(pid),
                  "-o", str(raw)], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 preexec_fn=die_with_parent())  # noqa: PLW1509 - a system call only
@@ -325,8 +357,8 @@ class Profiles:
                 continue
             RESULTS.mkdir(parents=True, exist_ok=True)
             shutil.copy(raw, RESULTS / raw.name)
-            summary = RESULTS / f"profile-{name}.txt"
-            summary.write_text(summarise(name, raw.read_text()))
+            summary = RESULTS / raw.with_suffix(".txt").name
+            summary.write_text(summarise(name, self.scenario, raw.read_text()))
             written[name] = summary
         self.runs.clear()
         return written
@@ -346,7 +378,7 @@ PLUMBING = {"_run_module_as_main (<frozen runpy>)", "_run_code (<frozen runpy>)"
             "_worker (concurrent/futures/thread.py)"}
 
 
-def summarise(service: str, collapsed: str, top: int = 30) -> str:
+def summarise(service: str, scenario: int, collapsed: str, top: int = 30) -> str:
     """Samples by thread and by kind (waiting, the event loop, Python at work), then the frames
     of the work where the most samples were taken (own: the frame was running; inclusive: it
     was on the stack, counted once a sample)."""
@@ -357,6 +389,8 @@ def summarise(service: str, collapsed: str, top: int = 30) -> str:
             continue
         n = int(count)
         head, *frames = stack.split(";")
+        if head.startswith("process ") and frames:  # (--subprocesses: "process 12:"cmd";thread…")
+            head, *frames = frames
         # "thread (1234): imgest-io_3" → "imgest-io": pools' threads counted together
         threads[head.split(": ", 1)[-1].rstrip("0123456789").rstrip("_-")] += n
         leaf = frames[-1] if frames else ""
@@ -373,8 +407,8 @@ def summarise(service: str, collapsed: str, top: int = 30) -> str:
                 inclusive[function] += n
     total = sum(threads.values()) or 1
     working = sum(own.values()) or 1
-    lines = [f"py-spy, 100 Hz, every thread, during scenario 1: {service}, {total} samples", "",
-             "by thread:"]
+    lines = [(f"py-spy, 100 Hz, every thread and worker process, during scenario {scenario}: "
+              f"{service}, {total} samples"), "", "by thread:"]
     lines += [f"  {n / total:6.1%}  {name}" for name, n in threads.most_common()]
     lines += ["", "by kind:"] + [f"  {n / total:6.1%}  {k}" for k, n in kinds.most_common()]
     lines += ["", f"working, top {top} by own time (file:line), % of working samples:"]
@@ -451,29 +485,23 @@ def warm_up(ctx: Ctx, path: Path) -> None:
     followed.wait(ctx.timeout, ctx.log)
 
 
-def scenario_zip(ctx: Ctx, archive: Path, files: list[Path], profile: list[str],
-                 scratch: Path) -> dict[str, Any]:
+def scenario_zip(ctx: Ctx, archive: Path, files: list[Path]) -> dict[str, Any]:
     project = ctx.project("CMP1", len(files))
-    profiles = Profiles(ctx.stack, profile, scratch) if profile else None
-    try:
-        followed = ctx.watch.follow(listener := uuid.uuid4().hex)
-        t0 = time.time()
-        answer = xnat_import(ctx, chunks(archive), archive.stat().st_size, "DICOM-zip",
-                             project, listener, "application/zip")
-        answered = time.time() - t0
-        # 504: the endpoint stopped waiting (IMGEST_XNAT_IMPORT_WAIT_SECONDS); the watch goes on.
-        assert answer.status_code in (200, 504), f"{answer.status_code} {answer.text}"
-        followed.wait(ctx.timeout, ctx.log)
-    finally:
-        written = profiles.stop() if profiles else {}
+    followed = ctx.watch.follow(listener := uuid.uuid4().hex)
+    t0 = time.time()
+    answer = xnat_import(ctx, chunks(archive), archive.stat().st_size, "DICOM-zip",
+                         project, listener, "application/zip")
+    answered = time.time() - t0
+    # 504: the endpoint stopped waiting (IMGEST_XNAT_IMPORT_WAIT_SECONDS); the watch goes on.
+    assert answer.status_code in (200, 504), f"{answer.status_code} {answer.text}"
+    followed.wait(ctx.timeout, ctx.log)
     ctx.check_archived(followed.upload_id, project, len(files), study_uid(files[0]))
     seconds = archived_after(followed, t0, answered if answer.status_code == 200 else None)
     return {"instances": len(files), "bytes": archive.stat().st_size, "seconds": seconds,
             "rate": len(files) / seconds, "xnat_answer": answer.status_code,
             "xnat_seconds": answered,
             "stages": {key: followed.seen[key] - t0 for key, _ in STAGES
-                       if key in followed.seen},
-            "profiles": {name: str(path) for name, path in written.items()}}
+                       if key in followed.seen}}
 
 
 def archived_after(followed: Follow, t0: float, answered: float | None) -> float:
@@ -651,22 +679,45 @@ def ratio_rows(rate: float, found: dict[str, Any], target: float, clients: int) 
     return rows
 
 
-def report(args: argparse.Namespace, found: dict[str, Any], results: dict[str, Any]
-           ) -> list[Row]:
+def cpu_rows(used: float, instances: int) -> list[Row]:
+    """What the system measured (imgest's services, PostgreSQL and Tansu; or Orthanc) used of
+    the cores, per instance; and the rate these cores would allow if that work were spread over
+    all of them without a gap: what no change of order or overlap can beat."""
+    if not used:
+        return []
+    cores = os.cpu_count() or 1
+    return [Row("  CPU used per instance (bench clients apart)",
+                f"{used / instances * 1000:.1f} ms"),
+            Row(f"  rate {cores} cores allow for that work", f"{instances * cores / used:.0f}")]
+
+
+def imgest_cpu(phase: dict[str, Any] | None) -> float:
+    """CPU seconds imgest's services, PostgreSQL and Tansu used in a phase."""
+    return sum(v for k, v in (phase or {}).get("ours_cpu_seconds", {}).items() if k != "bench")
+
+
+def profiled(result: dict[str, Any]) -> str:
+    """Marks a figure taken with py-spy attached (slower than without)."""
+    return " (py-spy)" if result.get("profiles") else ""
+
+
+def report(args: argparse.Namespace, found: dict[str, Any], results: dict[str, Any],
+           phases: dict[str, dict[str, Any]]) -> list[Row]:
     rows: list[Row] = []
     if 1 in results:
         r = results[1]
-        profiled = " (py-spy attached)" if r["profiles"] else ""
-        rows.append(Row(f"1 one zip ({r['bytes'] / MB:.0f} MB) via XNAT import, instances/s"
-                        + profiled, f"{r['rate']:.0f}"))
+        rows.append(Row(f"1 one zip ({r['bytes'] / MB:.0f} MB) via XNAT import, instances/s",
+                        f"{r['rate']:.0f}" + profiled(r)))
         rows += ratio_rows(r["rate"], found, 1.5, args.clients)
+        rows += cpu_rows(imgest_cpu(phases.get("scenario 1")), r["instances"])
         rows += [Row(f"  {text}", f"{r['stages'][key]:.2f} s") for key, text in sorted(
             (s for s in STAGES if s[0] in r["stages"]), key=lambda s: r["stages"][s[0]])]
     if 2 in results:
         r = results[2]
         rows.append(Row(f"2 {r['instances']} requests, {r['clients']} clients, upload "
-                        "session, instances/s", f"{r['rate']:.0f}"))
+                        "session, instances/s", f"{r['rate']:.0f}" + profiled(r)))
         rows += ratio_rows(r["rate"], found, 1.0, args.clients)
+        rows += cpu_rows(imgest_cpu(phases.get("scenario 2")), r["instances"])
         rows.append(Row("  every file added (first byte → last 201)", f"{r['all_added']:.2f} s"))
         rows.append(Row("  submit answered", f"{r['submit_answered']:.2f} s"))
     if 3 in results:
@@ -699,7 +750,15 @@ def report(args: argparse.Namespace, found: dict[str, Any], results: dict[str, A
         if "rate" in orthanc:
             rows.append(Row(f"Orthanc POST /instances, {clients} client(s), instances/s",
                             f"{orthanc['rate']:.0f}"))
+            rows += cpu_rows(orthanc.get("cpu", 0.0), orthanc["instances"])
     return rows
+
+
+def cpu_lines(phases: dict[str, dict[str, Any]]) -> list[str]:
+    """CPU seconds by part in each phase, for the table's CPU rows."""
+    return [f"{name}: {p['seconds']:.1f} s, CPU s used: " + ", ".join(
+                f"{part} {cpu:.2f}" for part, cpu in p["ours_cpu_seconds"].items())
+            for name, p in phases.items() if p.get("ours_cpu_seconds")]
 
 
 def git_state() -> dict[str, Any]:
@@ -725,7 +784,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scenarios", default="1,2,3,4", help="Which to run, e.g. 1,3.")
     parser.add_argument("--skip-orthanc", action="store_true", help="No Orthanc runs.")
     parser.add_argument("--profile", default="", metavar="SERVICE[,SERVICE]",
-                        help="py-spy these services during scenario 1.")
+                        help="py-spy these services during scenarios 1 and 2.")
     parser.add_argument("--log", type=Path, help="Keep the services' log here.")
     parser.add_argument("--json", type=Path, help="Where the JSON goes (default "
                         "bench/results/compare-<timestamp>.json).")
@@ -741,8 +800,8 @@ def parse_args() -> argparse.Namespace:
     args.profile = [s for s in args.profile.split(",") if s]
     if set(args.profile) - set(SERVICES):
         parser.error(f"--profile: services are {', '.join(SERVICES)}")
-    if args.profile and 1 not in args.scenarios:
-        parser.error("--profile records during scenario 1, which is not run")
+    if args.profile and not args.scenarios & {1, 2}:
+        parser.error("--profile records during scenarios 1 and 2, neither of which is run")
     if min(args.instances, args.clients, args.latency_files) < 1 or args.tus_gb <= 0:
         parser.error("--instances, --clients, --latency-files and --tus-gb must be positive")
     return args
@@ -800,15 +859,22 @@ def run_imgest(args: argparse.Namespace, data: dict[str, Any], root: Path, log_p
                   args.timeout)
         warm_up(ctx, data["warm"][0])
         print(f"stack ready and warm in {time.monotonic() - started:.1f}s", flush=True)
-        scenarios = {1: lambda: scenario_zip(ctx, data["zip"], data["study"], args.profile, root),
+        scenarios = {1: lambda: scenario_zip(ctx, data["zip"], data["study"]),
                      2: lambda: scenario_files(ctx, data["study2"], args.clients),
                      3: lambda: scenario_tus(ctx, data["big"]),
                      4: lambda: scenario_latency(ctx, data["latency"])}
         for number in sorted(args.scenarios):
             settled = settle(quiet.postmaster, resolved["IMGEST_DATABASE_URL"])
             print(f"scenario {number}… (the stack settled in {settled:.1f}s)", flush=True)
-            with quiet.phase(f"scenario {number}"):
-                results[number] = scenarios[number]()
+            profiles = (Profiles(stack, args.profile, root, number)
+                        if args.profile and number in (1, 2) else None)
+            try:
+                with quiet.phase(f"scenario {number}"):
+                    results[number] = scenarios[number]()
+            finally:
+                written = profiles.stop() if profiles else {}
+            if written:
+                results[number]["profiles"] = {name: str(path) for name, path in written.items()}
     finally:
         if watch:
             watch.stopping.set()
@@ -830,13 +896,16 @@ def main() -> None:
         found = run_peers(args, data.get("study", []), int(args.tus_gb * GIB), root, quiet)
         results = run_imgest(args, data, root, args.log or root / "services.log", quiet)
 
-    rows = report(args, found, results)
+    rows = report(args, found, results, quiet.phases)
     study = (f"; studies of {args.instances} CT instances of 512×512, 16-bit"
              if args.scenarios & {1, 2} else "")
     print(f"\nimgest against Orthanc and the machine ({os.cpu_count()} cores){study}")
     print(f"{'':<58}{'figure':>16}  {'target':<10}")
     for row in rows:
         print(row.line())
+    print("\nCPU by part (\"bench\": its clients, watcher, ceilings and Orthanc):")
+    for line in cpu_lines(quiet.phases):
+        print(f"  {line}")
     for line in quiet.noisy():
         print(f"NOT QUIET: {line}")
     out = args.json or RESULTS / f"compare-{started:%Y%m%d-%H%M%S}.json"

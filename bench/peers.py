@@ -58,10 +58,17 @@ class IngestResult:
     bytes: int  # bytes sent
     clients: int
     others_cpu: float = 0.0  # CPU seconds other processes (or the hypervisor) took meanwhile
+    cpu: float = 0.0  # CPU seconds Orthanc itself used meanwhile
 
     @property
     def rate(self) -> float:
         return self.instances / self.seconds
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds the process has used so far (its threads', not its children's)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 class OthersCpu:
@@ -80,10 +87,7 @@ class OthersCpu:
         busy = (cpu[0] + cpu[1] + cpu[2] + cpu[7]) / TICK
         own = os.times()
         mine = own.user + own.system
-        for pid in self.pids:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            mine += (int(fields[11]) + int(fields[12])) / TICK
-        return busy - mine
+        return busy - mine - sum(process_cpu(pid) for pid in self.pids)
 
     def start(self) -> None:
         self.seconds = -self._now()
@@ -244,15 +248,17 @@ def orthanc_ingest(files: list[Path], clients: int, workdir: Path) -> IngestResu
     # one loopback handshake, part of the figure as it is of imgest's).
     with Orthanc(workdir) as orthanc:
         assert orthanc.process is not None
-        others = OthersCpu((orthanc.process.pid,))
-        start = threading.Barrier(clients, action=lambda: (t0.append(time.monotonic()),
-                                                           others.start()))
+        pid = orthanc.process.pid
+        others, cpu = OthersCpu((pid,)), [0.0]
+        start = threading.Barrier(clients, action=lambda: (
+            t0.append(time.monotonic()), others.start(), cpu.__setitem__(0, process_cpu(pid))))
         pool = ThreadPoolExecutor(clients, thread_name_prefix="orthanc-client")
         try:
             ends = [pool.submit(_send_all, orthanc.url, files[i::clients], stop, start)
                     for i in range(clients)]
             last = max(f.result() for f in ends)
             others.stop()
+            cpu[0] = process_cpu(pid) - cpu[0]
         finally:
             # On a failure or Ctrl-C the other clients end after their request in flight,
             # before Orthanc is stopped under them.
@@ -263,7 +269,7 @@ def orthanc_ingest(files: list[Path], clients: int, workdir: Path) -> IngestResu
     if count != len(files):
         raise RuntimeError(f"Orthanc counts {count} instances after {len(files)} were stored")
     return IngestResult(instances=count, seconds=last - t0[0], bytes=size, clients=clients,
-                        others_cpu=others.seconds)
+                        others_cpu=others.seconds, cpu=cpu[0])
 
 
 def _timed(work, files: list[Path], size: int) -> dict[str, float]:
