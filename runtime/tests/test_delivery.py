@@ -260,6 +260,13 @@ async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(
             assert await outbox.seen(session, event_id, "t") is False
         async with db.session() as session:
             assert await outbox.seen(session, event_id, "t") is True  # a redelivery
+        async with db.session() as session:  # a batch: only the new ones are fresh
+            assert await outbox.fresh(session, {"e2": "a", event_id: "t", "e3": "b"}) == {
+                "e2", "e3"}
+        async with db.session() as session:
+            handled = dict((await session.execute(text(
+                "select event_id, topic from delivery_test.inbox"))).all())
+        assert handled == {event_id: "t", "e2": "a", "e3": "b"}
         async with db.session() as session:
             left = (await session.execute(text(
                 "select count(*) from delivery_test.outbox where published_at is null"))).scalar()

@@ -8,6 +8,7 @@ sent; a crash in between publishes them again, which the consumers' inbox makes 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import uuid
@@ -27,6 +28,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     select,
     text,
     update,
@@ -162,13 +164,22 @@ class Outbox:
             return set()
         if self.send_directly is not None:
             return set(events)  # unguarded: no inbox
-        now = datetime.now(UTC)
-        stmt = pg_insert(self.tables.inbox).values([
-            {"event_id": event_id, "topic": topic, "processed_at": now}
-            for event_id, topic in events.items()
-        ]).on_conflict_do_nothing(index_elements=["event_id"]).returning(
-            self.tables.inbox.c.event_id)
-        return set((await session.execute(stmt)).scalars())
+        return set((await session.execute(self._mark_handled, {
+            "ids": list(events), "topics": list(events.values()),
+            "now": datetime.now(UTC)})).scalars())
+
+    @functools.cached_property
+    def _mark_handled(self) -> Any:
+        # The ids as arrays: one statement for any batch, compiled once and kept by
+        # SQLAlchemy (a VALUES row per event was compiled anew for every batch: ~10 ms of CPU
+        # for 200 events, in every service).
+        inbox = self.tables.inbox
+        return text(
+            f"insert into {inbox.fullname} (event_id, topic, processed_at) "
+            "select event_id, topic, :now from unnest(cast(:ids as varchar[]), "
+            "cast(:topics as varchar[])) as handled(event_id, topic) "
+            "on conflict (event_id) do nothing returning event_id"
+        ).bindparams(bindparam("now", type_=DateTime(timezone=True)))
 
 
 _IDS = uuid.UUID("6f1c3d52-1b2a-4c4e-9f3e-2d6a0b7c8e90")

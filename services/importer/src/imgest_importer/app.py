@@ -224,13 +224,23 @@ class Importer:
         await session.execute(_OBJECT_TOTAL, [
             {"object_key": key, "upload_id": upload_id, "files_total": total}
             for key, (upload_id, total) in sorted(totals.items())])
-        table = UploadFile.__table__
-        inserted = set((await session.execute(
-            pg_insert(table).on_conflict_do_nothing().returning(table.c.file_id),
-            [row.model_dump() for row, _ in files])).scalars())
+        # The files known already (their uploads are locked: no one adds any meanwhile), then
+        # the new ones as one executemany. (An insert returning what it inserted is rendered
+        # anew for every batch, a cast per value: a fifth of this service's CPU.)
+        known = set((await session.execute(select(UploadFile.file_id).where(any_of(
+            col(UploadFile.file_id), [row.file_id for row, _ in files])))).scalars())
+        new: dict[str, UploadFile] = {}
+        again = []  # known before, or twice in the batch: a file's outcome told again
         for row, _ in files:
-            if row.file_id not in inserted:
-                await self.retry_outcome(session, row)
+            if row.file_id in known or row.file_id in new:
+                again.append(row)
+            else:
+                new[row.file_id] = row
+        if new:
+            await session.execute(pg_insert(UploadFile.__table__).on_conflict_do_nothing(),
+                                  [row.model_dump() for row in new.values()])
+        for row in again:
+            await self.retry_outcome(session, row)
         for upload_id in dict.fromkeys(row.upload_id for row, _ in files):
             self.settle_later(tx, upload_id)
 
