@@ -34,7 +34,9 @@ endpoint's wait for the outcome.
 
 `--profile gateway,importer` records those services with py-spy (100 Hz, every thread) during
 scenarios 1 and 2 and writes bench/results/profile-<service>-<scenario>.txt (samples by thread,
-the top frames by own and by inclusive time) and .raw (collapsed stacks, for flamegraph tools).
+the top frames by own and by inclusive time) and .raw (collapsed stacks, for flamegraph tools),
+and profile-kinds-<scenario>.txt: the working samples of every service profiled, by the kind of
+work (hashing, files, unpacking, DICOM, SQL, the driver, JSON, Kafka, HTTP…) and by service.
 A profile slows what it records: compare figures taken without one.
 
 Below the table: the CPU seconds each part (every service, PostgreSQL, Tansu, the bench) used in
@@ -360,6 +362,11 @@ class Profiles:
             summary = RESULTS / raw.with_suffix(".txt").name
             summary.write_text(summarise(name, self.scenario, raw.read_text()))
             written[name] = summary
+        if written:
+            kinds = RESULTS / f"profile-kinds-{self.scenario}.txt"
+            kinds.write_text(work_kinds({name: (RESULTS / f"profile-{name}-{self.scenario}.raw")
+                                         .read_text() for name in written}, self.scenario))
+            written["kinds"] = kinds
         self.runs.clear()
         return written
 
@@ -378,26 +385,74 @@ PLUMBING = {"_run_module_as_main (<frozen runpy>)", "_run_code (<frozen runpy>)"
             "_worker (concurrent/futures/thread.py)"}
 
 
-def summarise(service: str, scenario: int, collapsed: str, top: int = 30) -> str:
-    """Samples by thread and by kind (waiting, the event loop, Python at work), then the frames
-    of the work where the most samples were taken (own: the frame was running; inclusive: it
-    was on the stack, counted once a sample)."""
-    threads, kinds, own, inclusive = Counter(), Counter(), Counter(), Counter()
+def samples(collapsed: str) -> Iterator[tuple[str, list[str], int, str]]:
+    """py-spy's collapsed stacks: (thread, frames, samples, kind) per line; kind is waiting,
+    the event loop, or Python at work."""
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
-        n = int(count)
         head, *frames = stack.split(";")
-        if head.startswith("process ") and frames:  # (--subprocesses: "process 12:"cmd";thread…")
-            head, *frames = frames
-        # "thread (1234): imgest-io_3" → "imgest-io": pools' threads counted together
-        threads[head.split(": ", 1)[-1].rstrip("0123456789").rstrip("_-")] += n
+        while head.startswith("process ") and frames:  # --subprocesses: "process 1:"cmd";
+            head, *frames = frames                        # process 2:"cmd";thread (2): …"
         leaf = frames[-1] if frames else ""
         kind = ("no Python frame" if not leaf else
                 "waiting (a lock, an idle pool thread)" if leaf.startswith(WAITS) else
                 "event loop (uvloop in C: polling, or its own I/O)" if leaf.startswith(LOOP)
                 else "working (Python frames, or C called from them)")
+        yield head, frames, int(count), kind
+
+
+# What the work is, by the frame running (the first that matches): the bytes' own work, then
+# what moves them between services and records them.
+WORK_KINDS = [
+    ("sha256 of the bytes", ("_Hashing.read",)),
+    ("files: create, write, flush", ("imgest_runtime/store.py",)),
+    ("unpacking (crc32, parsing)", ("stream_unzip/", "zipfile.py", "tarfile.py", "zlib")),
+    ("DICOM headers (pydicom)", ("pydicom/",)),
+    ("SQL statements (SQLAlchemy, SQLModel)", ("sqlalchemy/", "sqlmodel/")),
+    ("PostgreSQL driver (asyncpg)", ("asyncpg/",)),
+    ("JSON, pydantic, jsonschema", ("pydantic", "json/", "jsonschema", "referencing/")),
+    ("Kafka client (aiokafka, FastStream)", ("aiokafka/", "faststream/", "fast_depends/")),
+    ("HTTP (uvicorn, Starlette, FastAPI)",
+     ("uvicorn/", "httptools", "starlette/", "fastapi/", "multipart/")),
+    ("imgest's own code", ("imgest_",)),
+    ("asyncio, threads", ("asyncio/", "threading.py", "concurrent/", "anyio/", "greenlet")),
+    ("paths, os", ("pathlib.py", "os.py", "shutil.py")),
+]
+
+
+def work_kinds(profiles: dict[str, str], scenario: int) -> str:
+    """The working samples of every service profiled, by kind of work, with each service's
+    share: where the CPU of the whole pipeline goes."""
+    by_kind: dict[str, Counter] = {}
+    for service, collapsed in profiles.items():
+        for _, frames, n, kind in samples(collapsed):
+            if kind.startswith("working"):
+                leaf = frames[-1]
+                work = next((name for name, marks in WORK_KINDS
+                             if any(mark in leaf for mark in marks)), "other")
+                by_kind.setdefault(work, Counter())[service] += n
+    total = sum(sum(c.values()) for c in by_kind.values()) or 1
+    lines = [(f"py-spy, 100 Hz, during scenario {scenario}: the working samples of "
+              f"{', '.join(profiles)} ({total}), by the kind of work running"),
+             "(a thread in a system call counts as working: an fsync's wait is among the files')",
+             ""]
+    for work, per in sorted(by_kind.items(), key=lambda item: -sum(item[1].values())):
+        lines.append(f"  {sum(per.values()) / total:6.1%}  {work:<40}" + "  ".join(
+            f"{service} {n}" for service, n in per.most_common()))
+    return "\n".join(lines) + "\n"
+
+
+def summarise(service: str, scenario: int, collapsed: str, top: int = 30) -> str:
+    """Samples by thread and by kind (waiting, the event loop, Python at work), then the frames
+    of the work where the most samples were taken (own: the frame was running; inclusive: it
+    was on the stack, counted once a sample)."""
+    threads, kinds, own, inclusive = Counter(), Counter(), Counter(), Counter()
+    for head, frames, n, kind in samples(collapsed):
+        # "thread (1234): imgest-io_3" → "imgest-io": pools' threads counted together
+        threads[head.split(": ", 1)[-1].rstrip("0123456789").rstrip("_-")] += n
+        leaf = frames[-1] if frames else ""
         kinds[kind] += n
         if not kind.startswith("working"):
             continue
