@@ -39,10 +39,12 @@ and profile-kinds-<scenario>.txt: the working samples of every service profiled,
 work (hashing, files, unpacking, DICOM, SQL, the driver, JSON, Kafka, HTTP…) and by service.
 A profile slows what it records: compare figures taken without one.
 
-Below the table: the CPU seconds each part (every service, PostgreSQL, Tansu, the bench) used in
-each phase; and, per scenario and for Orthanc, the CPU used per instance and the rate the cores
-would allow for that much work. That rate is a bound no overlap of the stages can beat: a target
-above it needs less work, not better scheduling.
+Below the table: the CPU seconds each part (every service, PostgreSQL, Tansu, the bench with its
+clients, watcher, Orthanc and py-spy) used in each phase; and, per scenario and for Orthanc, the
+CPU used per instance and the rate the cores would allow for that much work. No overlap of the
+stages can beat that rate by much: a target above it needs less work, not better scheduling. (It
+counts all the stack did during the scenario, its idle polling and the PostgreSQL side of the
+watcher's queries too, about 0.1-0.3 of a core; Orthanc's CPU is counted while its clients send.)
 
 Prints each figure, its target and MET/MISSED, and writes it all as JSON (default
 bench/results/compare-<timestamp>.json). The bench's clients share the machine's cores with the
@@ -66,7 +68,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -204,16 +206,14 @@ TICK = os.sysconf("SC_CLK_TCK")
 QUIET = 0.05  # share of the machine (cores × seconds) others may use before a figure is flagged
 
 
-PARTS = (*SERVICES, "tansu", "postgres")  # what our processes are, by their command line
-
-
-def cpu_snapshot(postmaster: int | None
+def cpu_snapshot(roots: dict[int, str]
                  ) -> tuple[float, dict[str, float], dict[int, tuple[str, float]]]:
-    """The machine's busy CPU seconds so far; ours (this process and its descendants, and
-    PostgreSQL's server: started by us, but daemonised) by part (a service, Tansu, PostgreSQL,
-    or "bench": this process, its clients and watcher, and Orthanc), each process counting its
-    reaped children (an Orthanc that exited); and every other process's own, by pid (name,
-    seconds)."""
+    """The machine's busy CPU seconds so far; ours by part: `roots` (pid → part: each service
+    and Tansu as the bench's stack started them, PostgreSQL's server, started by us but
+    daemonised) and their descendants, and "bench" for this process and its other descendants
+    (clients, watcher, Orthanc, py-spy), each process counting its reaped children (an Orthanc
+    that exited; a service restarted meanwhile: see `Quiet.phase`); and every other process's
+    own, by pid (name, seconds)."""
     procs: dict[int, tuple[str, int, float, float]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -226,10 +226,10 @@ def cpu_snapshot(postmaster: int | None
                                       (int(f[11]) + int(f[12])) / TICK,
                                       (int(f[13]) + int(f[14])) / TICK)
     part: dict[int, str] = {}
-    todo = [(os.getpid(), "bench"), *([(postmaster, "postgres")] if postmaster else [])]
+    todo = [(os.getpid(), "bench"), *roots.items()]
     while todo:
-        pid, inherited = todo.pop()
-        part[pid] = _part_of(pid) or inherited
+        pid, name = todo.pop()
+        part[pid] = roots.get(pid, name)
         todo += [(child, part[pid]) for child, p in procs.items()
                  if p[1] == pid and child not in part]
     # user nice system: what processes used. Not irq and softirq, which no process is charged
@@ -243,30 +243,25 @@ def cpu_snapshot(postmaster: int | None
     return machine, mine, {pid: (p[0], p[2]) for pid, p in procs.items() if pid not in part}
 
 
-def _part_of(pid: int) -> str | None:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    command = " ".join(a.decode(errors="replace") for a in argv[:4]).lower()
-    return next((name for name in PARTS if f"imgest_{name}" in command or (
-        name not in SERVICES and name in command)), None)
+def cores() -> int:
+    """The cores this process may run on (its affinity; a cgroup's quota is not seen)."""
+    return len(os.sched_getaffinity(0))
 
 
 SETTLED = 0.35  # cores the stack may use and count as settled (idle, it polls: 0.1–0.3)
 
 
-def settle(postmaster: int | None, database_url: str, longest: float = 120) -> float:
+def settle(roots: dict[int, str], database_url: str, longest: float = 120) -> float:
     """Waits until the stack is done with the scenario before (its work after the figure:
     staging emptied, statuses, autovacuum) and starts the next from the same state each time:
     PostgreSQL's dirty pages written (a checkpoint) and the page cache's (sync). Seconds it
     took."""
     t0 = time.monotonic()
-    mine = sum(cpu_snapshot(postmaster)[1].values())
+    mine = sum(cpu_snapshot(roots)[1].values())
     quiet_for = 0
     while quiet_for < 2 and time.monotonic() - t0 < longest:
         time.sleep(0.5)
-        now = sum(cpu_snapshot(postmaster)[1].values())
+        now = sum(cpu_snapshot(roots)[1].values())
         quiet_for = quiet_for + 1 if (now - mine) / 0.5 < SETTLED else 0
         mine = now
 
@@ -286,25 +281,29 @@ class Quiet:
     """What other processes (the kernel's threads included) used while each phase ran."""
 
     def __init__(self) -> None:
-        self.postmaster: int | None = None
+        self.roots: Callable[[], dict[int, str]] = dict  # the stack's processes, when it runs
         self.phases: dict[str, dict[str, Any]] = {}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        machine, mine, others = cpu_snapshot(self.postmaster)
+        roots = self.roots()
+        machine, mine, others = cpu_snapshot(roots)
         t0 = time.monotonic()
         yield
         seconds = time.monotonic() - t0
-        machine2, mine2, others2 = cpu_snapshot(self.postmaster)
-        ours = {name: cpu - mine.get(name, 0.0) for name, cpu in mine2.items()}
+        roots2 = self.roots()
+        machine2, mine2, others2 = cpu_snapshot(roots2)
+        ours = {part: mine2.get(part, 0.0) - mine.get(part, 0.0) for part in mine | mine2}
         used = (machine2 - machine) - sum(ours.values())
         busiest = sorted(((cpu - others.get(pid, ("", 0.0))[1], f"{pid} {comm}")
                           for pid, (comm, cpu) in others2.items()), reverse=True)[:3]
         self.phases[name] = {
             "seconds": seconds, "others_cpu_seconds": used,
-            "ours_cpu_seconds": {name: round(cpu, 2) for name, cpu in sorted(
-                ours.items(), key=lambda item: -item[1]) if cpu >= 0.01},
-            "others_share": used / (seconds * (os.cpu_count() or 1)),
+            "ours_cpu_seconds": {part: round(cpu, 2) for part, cpu in sorted(
+                ours.items(), key=lambda item: -item[1]) if abs(cpu) >= 0.01},
+            # A process restarted meanwhile: its CPU went to the bench (which reaped it).
+            "restarted": sorted({part for pid, part in roots.items() if pid not in roots2}),
+            "others_share": used / (seconds * cores()),
             "busiest_others": {who: round(cpu, 2) for cpu, who in busiest if cpu >= 0.1}}
 
     def noisy(self) -> list[str]:
@@ -734,16 +733,16 @@ def ratio_rows(rate: float, found: dict[str, Any], target: float, clients: int) 
     return rows
 
 
-def cpu_rows(used: float, instances: int) -> list[Row]:
+def cpu_rows(used: float, instances: int, mark: str = "") -> list[Row]:
     """What the system measured (imgest's services, PostgreSQL and Tansu; or Orthanc) used of
     the cores, per instance; and the rate these cores would allow if that work were spread over
     all of them without a gap: what no change of order or overlap can beat."""
     if not used:
         return []
-    cores = os.cpu_count() or 1
     return [Row("  CPU used per instance (bench clients apart)",
-                f"{used / instances * 1000:.1f} ms"),
-            Row(f"  rate {cores} cores allow for that work", f"{instances * cores / used:.0f}")]
+                f"{used / instances * 1000:.1f} ms" + mark),
+            Row(f"  rate {cores()} cores allow for that work",
+                f"{instances * cores() / used:.0f}" + mark)]
 
 
 def imgest_cpu(phase: dict[str, Any] | None) -> float:
@@ -764,7 +763,7 @@ def report(args: argparse.Namespace, found: dict[str, Any], results: dict[str, A
         rows.append(Row(f"1 one zip ({r['bytes'] / MB:.0f} MB) via XNAT import, instances/s",
                         f"{r['rate']:.0f}" + profiled(r)))
         rows += ratio_rows(r["rate"], found, 1.5, args.clients)
-        rows += cpu_rows(imgest_cpu(phases.get("scenario 1")), r["instances"])
+        rows += cpu_rows(imgest_cpu(phases.get("scenario 1")), r["instances"], profiled(r))
         rows += [Row(f"  {text}", f"{r['stages'][key]:.2f} s") for key, text in sorted(
             (s for s in STAGES if s[0] in r["stages"]), key=lambda s: r["stages"][s[0]])]
     if 2 in results:
@@ -772,7 +771,7 @@ def report(args: argparse.Namespace, found: dict[str, Any], results: dict[str, A
         rows.append(Row(f"2 {r['instances']} requests, {r['clients']} clients, upload "
                         "session, instances/s", f"{r['rate']:.0f}" + profiled(r)))
         rows += ratio_rows(r["rate"], found, 1.0, args.clients)
-        rows += cpu_rows(imgest_cpu(phases.get("scenario 2")), r["instances"])
+        rows += cpu_rows(imgest_cpu(phases.get("scenario 2")), r["instances"], profiled(r))
         rows.append(Row("  every file added (first byte → last 201)", f"{r['all_added']:.2f} s"))
         rows.append(Row("  submit answered", f"{r['submit_answered']:.2f} s"))
     if 3 in results:
@@ -813,6 +812,8 @@ def cpu_lines(phases: dict[str, dict[str, Any]]) -> list[str]:
     """CPU seconds by part in each phase, for the table's CPU rows."""
     return [f"{name}: {p['seconds']:.1f} s, CPU s used: " + ", ".join(
                 f"{part} {cpu:.2f}" for part, cpu in p["ours_cpu_seconds"].items())
+            + (f" (restarted meanwhile, its CPU counted as the bench's: "
+               f"{', '.join(p['restarted'])})" if p.get("restarted") else "")
             for name, p in phases.items() if p.get("ours_cpu_seconds")]
 
 
@@ -904,8 +905,13 @@ def run_imgest(args: argparse.Namespace, data: dict[str, Any], root: Path, log_p
         resolved = stack.start()
         stack.wait_ready(180)
         assert stack.postgres is not None, "the embedded stack's PostgreSQL"
-        quiet.postmaster = int((stack.postgres.directory / "postmaster.pid").read_text()
-                               .split()[0])
+        postmaster = int((stack.postgres.directory / "postmaster.pid").read_text()
+                         .split()[0])
+        supervisor = stack.supervisor
+        assert supervisor is not None
+        quiet.roots = lambda: {postmaster: "postgres", **{
+            child.process.pid: name for name, child in supervisor.children.items()
+            if child.process is not None}}
         watch = Watch(resolved["IMGEST_DATABASE_URL"].replace("postgresql+asyncpg",
                                                                "postgresql"))
         watch.start()
@@ -919,7 +925,7 @@ def run_imgest(args: argparse.Namespace, data: dict[str, Any], root: Path, log_p
                      3: lambda: scenario_tus(ctx, data["big"]),
                      4: lambda: scenario_latency(ctx, data["latency"])}
         for number in sorted(args.scenarios):
-            settled = settle(quiet.postmaster, resolved["IMGEST_DATABASE_URL"])
+            settled = settle(quiet.roots(), resolved["IMGEST_DATABASE_URL"])
             print(f"scenario {number}… (the stack settled in {settled:.1f}s)", flush=True)
             profiles = (Profiles(stack, args.profile, root, number)
                         if args.profile and number in (1, 2) else None)
@@ -935,6 +941,7 @@ def run_imgest(args: argparse.Namespace, data: dict[str, Any], root: Path, log_p
             watch.stopping.set()
             watch.join(5)  # its connection closed before PostgreSQL stops
         stack.stop()
+        quiet.roots = dict
         log.close()
     return results
 
@@ -954,7 +961,7 @@ def main() -> None:
     rows = report(args, found, results, quiet.phases)
     study = (f"; studies of {args.instances} CT instances of 512×512, 16-bit"
              if args.scenarios & {1, 2} else "")
-    print(f"\nimgest against Orthanc and the machine ({os.cpu_count()} cores){study}")
+    print(f"\nimgest against Orthanc and the machine ({cores()} cores){study}")
     print(f"{'':<58}{'figure':>16}  {'target':<10}")
     for row in rows:
         print(row.line())
@@ -966,7 +973,7 @@ def main() -> None:
     out = args.json or RESULTS / f"compare-{started:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "started": started.isoformat(timespec="seconds"), "cores": os.cpu_count(),
+        "started": started.isoformat(timespec="seconds"), "cores": cores(),
         "git": git_state(), "args": {**vars(args), "scenarios": sorted(args.scenarios),
                                      "log": str(args.log) if args.log else None,
                                      "json": str(out)},

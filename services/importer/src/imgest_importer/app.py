@@ -58,7 +58,7 @@ from imgest_runtime.db import any_of
 from imgest_runtime.outbox import derived_id, insert_ignore
 from imgest_runtime.service import Periodic, Service, Tx, create_app
 from imgest_runtime.store import ObjectNotFound, fit_name
-from sqlalchemy import bindparam, delete, func, text, update
+from sqlalchemy import bindparam, delete, func, insert, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -224,9 +224,10 @@ class Importer:
         await session.execute(_OBJECT_TOTAL, [
             {"object_key": key, "upload_id": upload_id, "files_total": total}
             for key, (upload_id, total) in sorted(totals.items())])
-        # The files known already (their uploads are locked: no one adds any meanwhile), then
-        # the new ones as one executemany. (An insert returning what it inserted is rendered
-        # anew for every batch, a cast per value: a fifth of this service's CPU.)
+        # The files known already, then the new ones as one executemany. Only this method adds
+        # files, each upload's row locked first (above): none can be added meanwhile, so a
+        # conflict would be a bug and fails the batch. (An insert returning what it inserted
+        # is rendered anew for every batch, a cast per value: a fifth of this service's CPU.)
         known = set((await session.execute(select(UploadFile.file_id).where(any_of(
             col(UploadFile.file_id), [row.file_id for row, _ in files])))).scalars())
         new: dict[str, UploadFile] = {}
@@ -237,7 +238,7 @@ class Importer:
             else:
                 new[row.file_id] = row
         if new:
-            await session.execute(pg_insert(UploadFile.__table__).on_conflict_do_nothing(),
+            await session.execute(insert(UploadFile.__table__),
                                   [row.model_dump() for row in new.values()])
         for row in again:
             await self.retry_outcome(session, row)
