@@ -965,7 +965,7 @@ def main() -> None:
     print(f"{'':<58}{'figure':>16}  {'target':<10}")
     for row in rows:
         print(row.line())
-    print("\nCPU by part (\"bench\": its clients, watcher, ceilings and Orthanc):")
+    print("\nCPU by part (\"bench\": its clients, watcher, ceilings, Orthanc and py-spy):")
     for line in cpu_lines(quiet.phases):
         print(f"  {line}")
     for line in quiet.noisy():
