@@ -5,6 +5,7 @@ periodic re-drive in its lifespan, and serves /healthz, /readyz, /metrics and /a
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -555,6 +556,12 @@ def serve(app_factory: Callable[[], FastAPI], settings: RuntimeSettings, port: i
     app = app_factory()
     app.state.service.migrate()
     fresh_metrics_dir()
+    # What start-up made (modules, the app, its models: most of the heap) is kept out of the
+    # collector's reach: a full collection then looks at the objects made since, not at all of
+    # them again (submitting 1,000 files: 0.40-0.71 -> 0.33-0.53 s, alternating restarts).
+    # Before the workers fork, so none of them touches those pages either.
+    gc.collect()
+    gc.freeze()
     options: dict[str, Any] = {
         "host": settings.http_host, "port": port, "log_config": None,
         "timeout_graceful_shutdown": 20, "limit_concurrency": None,
