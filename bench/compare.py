@@ -344,7 +344,7 @@ class Profiles:
 
     def stop(self) -> dict[str, Path]:
         """SIGINT makes py-spy write what it sampled; returns the summaries written."""
-        written = {}
+        written, sampled = {}, {}
         for _name, process, _raw in self.runs:
             if process.poll() is None:
                 process.send_signal(signal.SIGINT)
@@ -359,13 +359,13 @@ class Profiles:
                 continue
             RESULTS.mkdir(parents=True, exist_ok=True)
             shutil.copy(raw, RESULTS / raw.name)
+            sampled[name] = raw.read_text()
             summary = RESULTS / raw.with_suffix(".txt").name
-            summary.write_text(summarise(name, self.scenario, raw.read_text()))
+            summary.write_text(summarise(name, self.scenario, sampled[name]))
             written[name] = summary
-        if written:
+        if sampled:
             kinds = RESULTS / f"profile-kinds-{self.scenario}.txt"
-            kinds.write_text(work_kinds({name: (RESULTS / f"profile-{name}-{self.scenario}.raw")
-                                         .read_text() for name in written}, self.scenario))
+            kinds.write_text(work_kinds(sampled, self.scenario))
             written["kinds"] = kinds
         self.runs.clear()
         return written

@@ -7,6 +7,7 @@ already holds (the same content, or the same DICOM instance, is skipped as a dup
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
@@ -222,11 +223,10 @@ def bootstrap(settings: Settings) -> Service:
                 raise RuntimeError("a key was claimed concurrently; the batch is retried")
         return duplicates
 
-    def identify_file(staged: FileStaged) -> Identified:
-        assert svc.store is not None
+    def identify_file(store: ObjectStore, staged: FileStaged) -> Identified:
         if staged.fileset is not None:
             return fileset_identified(staged)
-        return read_headers(svc.store, staged, settings.max_header_bytes, settings.max_csv_bytes)
+        return read_headers(store, staged, settings.max_header_bytes, settings.max_csv_bytes)
 
     @svc.on(FileStaged, whole_batch=True)
     async def on_files_staged(events: list[CloudEvent[FileStaged]], tx: Tx) -> None:
@@ -234,9 +234,11 @@ def bootstrap(settings: Settings) -> Service:
         # the store is touched. Only headers are read, so the transaction stays short; the
         # batch is shared among a few threads on S3 (each read waits on the network), read
         # by one on a local store (there threads would only take turns at the GIL).
-        assert svc.store is not None
-        identified = await each_side_by_side(svc.store, identify_file, [e.data for e in events],
-                                             settings.header_readers)
+        store = svc.store
+        assert store is not None
+        identified = await each_side_by_side(
+            store, functools.partial(identify_file, store), [e.data for e in events],
+            settings.header_readers)
         kept = await rules_of(tx, {p for e, found in zip(events, identified)
                                    if (p := e.data.project or found.hints.project)})
         reasons: list[Reason | None] = []
