@@ -15,6 +15,7 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
@@ -163,6 +164,28 @@ def test_users_tokens_and_roles_from_the_command_line(gateway: Running, pydicom_
     assert bobs.get("/api/v1/me").status_code == 401
     # An administrator cannot lock themself out.
     assert gateway.http.patch("/api/v1/users/admin", json={"active": False}).status_code == 403
+
+    # Each worker keeps who a token is, and forgets it once anything about users, tokens or
+    # memberships changes, whoever changes it: here an administrator's own SQL.
+    added = imgest(gateway, "user", "add", "dee", "--token-create")
+    dee = added.stdout.split("token (shown this once): ")[1].strip()
+    assert imgest(gateway, "project", "set", "LIVER", "--member", "dee=member").returncode == 0
+
+    def dee_sees() -> list[Any]:  # new connections: the requests go to either worker
+        return [(r.status_code, r.json().get("projects")) for r in
+                (as_user(gateway, dee).get("/api/v1/me") for _ in range(6))]
+
+    def soon(expected: Any) -> None:  # the notice travels with the commit: milliseconds
+        deadline = time.monotonic() + 3
+        while (seen := dee_sees()) != [expected] * 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen == [expected] * 6, seen
+
+    soon((200, {"LIVER": "member"}))
+    gateway.query("update gateway.membership set role = 'owner' where username = 'dee'")
+    soon((200, {"LIVER": "owner"}))
+    gateway.query('update gateway."user" set active = false where username = \'dee\'')
+    soon((401, None))
 
 
 def test_cli_says_clearly_what_is_wrong(gateway: Running):

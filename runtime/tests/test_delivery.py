@@ -403,7 +403,8 @@ async def test_listen_hears_notices_at_commit_and_listens_again_after_a_lost_con
     """How a gateway worker hears of an upload's outcome that another worker recorded."""
     db = Database(database_url)
     heard: list[str] = []
-    listener = asyncio.create_task(db.listen("test_news", heard.append))
+    states: list[bool] = []  # told when it listens and when it stops: notices may be missed
+    listener = asyncio.create_task(db.listen("test_news", heard.append, states.append))
 
     async def notify(payload: str) -> None:
         async with db.session() as session:
@@ -437,6 +438,7 @@ async def test_listen_hears_notices_at_commit_and_listens_again_after_a_lost_con
             if any(h.startswith("upload-2") for h in heard):
                 break
         assert any(h.startswith("upload-2") for h in heard), heard
+        assert states == [True, False, True], states
     finally:
         listener.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -136,10 +136,12 @@ class Database:
         finally:
             await conn.close()
 
-    async def listen(self, channel: str, on_notify: Callable[[str], Any]) -> None:
+    async def listen(self, channel: str, on_notify: Callable[[str], Any],
+                     on_listening: Callable[[bool], Any] | None = None) -> None:
         """Calls `on_notify(payload)` for every NOTIFY on `channel`, for as long as it runs (a
         task), on a connection of its own; one that is lost is opened again a second later
-        (what was sent meanwhile is missed: listeners must not depend on every one)."""
+        (what was sent meanwhile is missed: listeners must not depend on every one, or must
+        know when they may miss one: `on_listening(True)` once listening, `(False)` once not)."""
         while True:
             try:
                 conn = await asyncpg.connect(self._driver_url())
@@ -148,8 +150,12 @@ class Database:
                     conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                     await conn.add_listener(
                         channel, lambda _conn, _pid, _channel, payload: on_notify(payload))
+                    if on_listening:
+                        on_listening(True)
                     await lost.wait()
                 finally:
+                    if on_listening:
+                        on_listening(False)
                     await conn.close()
             except (OSError, asyncpg.PostgresError) as e:
                 log.warning("listening on %s: %s; again in 1 s", channel, e)

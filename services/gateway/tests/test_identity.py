@@ -119,3 +119,44 @@ def test_xnat_refusals(params, status):
     with pytest.raises(XnatError) as refused:
         import_options(params)
     assert refused.value.status == status
+
+
+def test_callers_keep_rows_only_while_told_of_every_change():
+    from imgest_gateway.auth import Callers
+
+    callers = Callers()
+    callers.keep("token a", "row a", callers.generation)
+    assert callers.get("token a") is None  # not listening: a change could go unheard
+    callers.listen_state(True)
+    callers.keep("token a", "row a", callers.generation)
+    assert callers.get("token a") == "row a"
+    # A look-up that began before a change is not kept after it: it may have read the old row.
+    began = callers.generation
+    callers.changed("membership")
+    assert callers.get("token a") is None
+    callers.keep("token b", "old row b", began)
+    assert callers.get("token b") is None
+    callers.keep("token b", "row b", callers.generation)
+    callers.forget("token b")
+    assert callers.get("token b") is None
+    # A lost connection forgets all, and keeps nothing until it listens again.
+    callers.keep("token c", "row c", callers.generation)
+    callers.listen_state(False)
+    callers.keep("token c", "row c", callers.generation)
+    assert callers.get("token c") is None
+    callers.listen_state(True)
+    assert callers.get("token c") is None
+
+
+def test_callers_forget_rows_past_their_age(monkeypatch):
+    from imgest_gateway import auth
+
+    callers = auth.Callers()
+    callers.listen_state(True)
+    now = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: now[0])
+    callers.keep("token a", "row a", callers.generation)
+    now[0] += callers.MAX_AGE - 1
+    assert callers.get("token a") == "row a"
+    now[0] += 2
+    assert callers.get("token a") is None

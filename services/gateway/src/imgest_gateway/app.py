@@ -52,7 +52,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from .archive_api import archive_router
-from .auth import CallerDep, ensure_first_admin, forbidden
+from .auth import CallerDep, Callers, ensure_first_admin, forbidden
 from .catalogue_api import catalogue_router
 from .domain import FILE_STATE_RANK, UNPLACED, BadFilename, safe_filename, upload_state
 from .identity import Action, Caller, hash_password
@@ -408,6 +408,8 @@ def build_app(settings: Settings) -> FastAPI:
     waiters = Waiters()
     svc = bootstrap(settings, waiters)
     app = create_app(svc, description="Uploads into imgest, and what became of them.")
+    app.state.callers = callers = Callers()  # who each token is, kept while told of changes
+    svc.background.append(lambda: callers.follow(svc.db))
     api = APIRouter(prefix="/api/v1", tags=["uploads"],
                     responses=problem_responses(400, 404, 413, 422, 503))
     public_url = settings.public_url.rstrip("/")
