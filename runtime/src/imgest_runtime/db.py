@@ -6,6 +6,7 @@ Migrations are alembic's, run as a pre-start step (`migrate`), never inside a re
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -94,11 +95,41 @@ class Connection:
         await self.raw.executemany(statement.sql, [statement.args(r) for r in rows])
 
 
+async def _keep_session_state(_conn: Any) -> None:
+    """A connection back in the statements' pool needs no reset query (a round trip, each
+    time): asyncpg still rolls back a transaction left open; nothing else is set on them."""
+
+
+async def _json_as_sqlalchemy_does(conn: Any) -> None:
+    """JSON parameters as text, results decoded: what `Statement`s get on either pool."""
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, schema="pg_catalog", format="text",
+                                  encoder=lambda text: text, decoder=json.loads)
+
+
 class Database:
+    """Sessions (SQLAlchemy's pool) and `Statement`s (a pool of asyncpg's own: a checkout
+    through SQLAlchemy's cost 0.13 ms of CPU, asyncpg's 0.04) share `pool_size` out: each
+    keeps half, and opens as many again while busy."""
+
     def __init__(self, url: str, *, pool_size: int = 10):
+        sessions = pool_size - pool_size // 2
         self.engine: AsyncEngine = create_async_engine(
-            async_url(url), pool_size=pool_size, max_overflow=pool_size)
+            async_url(url), pool_size=sessions, max_overflow=sessions)
         event.listen(self.engine.sync_engine, "checkout", _drop_closed)
+        self._statements_max = max(1, 2 * (pool_size // 2))
+        self._statements: asyncpg.Pool | None = None
+        self._opening: asyncio.Lock | None = None  # (made in the loop that opens the pool)
+
+    async def _statement_pool(self) -> asyncpg.Pool:
+        if self._statements is None:
+            self._opening = self._opening or asyncio.Lock()
+            async with self._opening:
+                if self._statements is None:
+                    self._statements = await asyncpg.create_pool(
+                        self._driver_url(), min_size=0, max_size=self._statements_max,
+                        init=_json_as_sqlalchemy_does, reset=_keep_session_state)
+        return self._statements
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -115,8 +146,7 @@ class Database:
     async def connection(self, *, transaction: bool = False) -> AsyncIterator[Connection]:
         """A pooled connection for `Statement`s: each runs on its own (autocommit), or, with
         `transaction`, all in one that commits if the block ends normally."""
-        async with self.engine.connect() as conn:
-            raw = (await conn.get_raw_connection()).driver_connection
+        async with (await self._statement_pool()).acquire() as raw:
             if not transaction:
                 yield Connection(raw)
                 return
@@ -171,6 +201,9 @@ class Database:
             await conn.execute(text("select 1"))
 
     async def close(self) -> None:
+        if self._statements is not None:
+            await self._statements.close()
+            self._statements = self._opening = None
         await self.engine.dispose()
 
 

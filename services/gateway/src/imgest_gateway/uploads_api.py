@@ -47,7 +47,10 @@ from imgest_runtime.store import (
 )
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from sqlalchemy import (
+    ARRAY,
+    BigInteger,
     String,
+    Text,
     bindparam,
     cast,
     func,
@@ -56,6 +59,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException
@@ -629,13 +633,25 @@ _KNOWN_CONTENT = Statement(union_all(
     .join(Upload, col(Upload.id) == UploadFile.upload_id)
     .where(Upload.project == bindparam("project"), any_of(col(UploadFile.sha256), _SHAS),
            any_of(col(UploadFile.state), ["archived", "prearchived"]))))
-_OBJECT_FIELDS = ("object_key", "upload_id", "filename", "size", "sha256", "content_type",
-                  "state", "reason")
-_ADD_OBJECTS = Statement(insert(UploadObject.__table__).values(  # type: ignore[attr-defined]
-    {name: bindparam(name) for name in _OBJECT_FIELDS}))
-_COUNT_ADDED = Statement(update(Upload.__table__).where(  # type: ignore[attr-defined]
-    Upload.__table__.c.id == bindparam("upload_id")).values(  # type: ignore[attr-defined]
-    files_added=Upload.__table__.c.files_added + bindparam("added")))  # type: ignore[attr-defined]
+
+
+def _record_objects() -> Statement:
+    """The objects of one request, and the count of those added, in one statement: a column
+    an array each (`unnest`), whatever their number."""
+    fields = {"object_key": String, "filename": String, "size": BigInteger, "sha256": String,
+              "content_type": String, "state": String, "reason": Text}
+    arrived = func.unnest(*[bindparam(f"{name}s", type_=ARRAY(kind)) for name, kind in
+                            fields.items()]).table_valued(*fields).render_derived(name="arrived")
+    table, upload = UploadObject.__table__, Upload.__table__  # type: ignore[attr-defined]
+    objects = insert(table).from_select(
+        ["upload_id", *fields], select(bindparam("upload_id", type_=String), *[
+            cast(arrived.c[name], JSONB) if name == "reason" else arrived.c[name]
+            for name in fields])).cte("objects")
+    return Statement(update(upload).where(upload.c.id == bindparam("upload_id")).values(
+        files_added=upload.c.files_added + bindparam("added")).add_cte(objects))
+
+
+_RECORD_OBJECTS = _record_objects()
 
 
 async def record_arrivals(svc: Service, upload: Upload, rules: ProjectSettings,
@@ -663,16 +679,19 @@ async def record_arrivals(svc: Service, upload: Upload, rules: ProjectSettings,
                 arrivals, upload_id=upload.id, project=upload.project, in_upload=in_upload,
                 archived=archived, room=rules.max_files_per_upload - row["files_added"],
                 cap=rules.max_files_per_upload)
-            rows = [{"object_key": v.arrival.object_key, "upload_id": upload.id,
-                     "filename": v.arrival.filename, "size": v.arrival.size,
-                     "sha256": v.arrival.sha256, "content_type": v.arrival.content_type,
-                     "state": v.state,
-                     "reason": json.dumps(v.reason) if v.reason is not None else None}
-                    for v in verdicts if v.state != "refused"]
-            added = sum(v.state == "added" for v in verdicts)
-            if rows:
-                await conn.executemany(_ADD_OBJECTS, rows)
-                await conn.execute(_COUNT_ADDED, upload_id=upload.id, added=added)
+            kept = [v for v in verdicts if v.state != "refused"]
+            if kept:
+                await conn.execute(
+                    _RECORD_OBJECTS, upload_id=upload.id,
+                    added=sum(v.state == "added" for v in verdicts),
+                    object_keys=[v.arrival.object_key for v in kept],
+                    filenames=[v.arrival.filename for v in kept],
+                    sizes=[v.arrival.size for v in kept],
+                    sha256s=[v.arrival.sha256 for v in kept],
+                    content_types=[v.arrival.content_type for v in kept],
+                    states=[v.state for v in kept],
+                    reasons=[json.dumps(v.reason) if v.reason is not None else None
+                             for v in kept])
     except BaseException:
         await delete_objects(svc, [a.object_key for a in arrivals])
         raise
