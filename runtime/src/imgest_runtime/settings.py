@@ -61,8 +61,9 @@ class RuntimeSettings(BaseSettings):
     )
     database_pool_size: int = Field(
         10, ge=1, description="Connections a service keeps open to PostgreSQL, and as many again "
-        "while busy. A service with several workers shares them out (PostgreSQL's default "
-        "max_connections is 100 for all services together).")
+        "while busy, half for its sessions, half for the statements of every request or batch. "
+        "A service with several workers shares them out (PostgreSQL's default max_connections "
+        "is 100 for all services together).")
 
     # object store
     store: Literal["local", "s3"] = Field("local", description="Object store adapter.")
