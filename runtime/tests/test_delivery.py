@@ -226,11 +226,13 @@ async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(
     outbox = Outbox(tables, source="/imgest/test")
     broker = make_broker(settings(bootstrap), "outbox", registry=CollectorRegistry())
     received: list[CloudEvent] = []
+    headers: list[dict[str, bytes]] = []
     consumer = Consumer(broker, "outbox", settings(bootstrap, kafka_session_timeout_ms=3000))
 
     @consumer.on(FileValidated)
     async def on_validated(deliveries: list[Delivery]) -> None:
         received.extend(d.event for d in deliveries)
+        headers.extend(dict(d.record.headers) for d in deliveries)
 
     consumer.build()
     await ensure_topics(bootstrap, [topic_of(FileValidated)], 1)
@@ -256,6 +258,9 @@ async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(
         await asyncio.sleep(0.5)
         assert [e.id for e in received] == [event_id]
         assert received[0].data == payload and received[0].type == "imgest.file.validated.v1"
+        # Structured-mode CloudEvents, as other systems read them.
+        assert headers[0]["content-type"] == b"application/json"
+        assert headers[0]["ce_type"] == b"imgest.file.validated.v1"
         async with db.session() as session:
             assert await outbox.seen(session, event_id, "t") is False
         async with db.session() as session:

@@ -309,8 +309,6 @@ def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter
                     raise XnatError(400, f"Upload {upload_id} (src) holds no files.")
                 upload.project = options.project
                 upload.options = _stored_options(options, listener)
-                for obj in objects:
-                    obj.state = "stored"
                 await submit(svc, session, upload, objects)
                 return upload_id
         upload_id = uuid.uuid4().hex
