@@ -56,7 +56,8 @@ class Statement:
     driver's own connection: SQLAlchemy's work on every execution (its cache lookup, the
     parameters' processing, the result's rows, the session) is skipped. For the statements of
     every request: the token lookup takes 0.26 ms of CPU so, 0.76 ms through a session. JSON
-    parameters go as text (`json.dumps`); JSON results come decoded."""
+    parameters go as text (`json.dumps`); JSON results come decoded. They run with generic
+    plans (`Database.connection`): for short look-ups by index, not for reports."""
 
     _dialect = asyncpg_dialect()
 
@@ -126,9 +127,13 @@ class Database:
             self._opening = self._opening or asyncio.Lock()
             async with self._opening:
                 if self._statements is None:
+                    # Generic plans: these are short look-ups by index, and PostgreSQL
+                    # otherwise plans some anew at every execution (a custom plan), which cost
+                    # more than running them (the known-content check: 0.27 → 0.10 ms).
                     self._statements = await asyncpg.create_pool(
                         self._driver_url(), min_size=0, max_size=self._statements_max,
-                        init=_json_as_sqlalchemy_does, reset=_keep_session_state)
+                        init=_json_as_sqlalchemy_does, reset=_keep_session_state,
+                        server_settings={"plan_cache_mode": "force_generic_plan"})
         return self._statements
 
     @asynccontextmanager
