@@ -694,8 +694,7 @@ def run_peers(args: argparse.Namespace, files: list[Path], tus_bytes: int, root:
                 except Exception as e:  # noqa: BLE001 - said in the table; imgest still runs
                     found[f"orthanc_{clients}"] = {"error": f"{type(e).__name__}: {e}"}
                     print(f"  Orthanc failed: {e}")
-                finally:
-                    shutil.rmtree(workdir, ignore_errors=True)  # its storage: the study again
+                # (Its storage is kept until the run ends: see peers.ceilings.)
     if 3 in args.scenarios:
         os.sync()
         print(f"the disk writing {tus_bytes / GIB:g} GiB…", flush=True)
