@@ -371,7 +371,8 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1000, help="How many CT instances.")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4],
                         help="Client counts Orthanc is measured with.")
-    parser.add_argument("--runs", type=int, default=1, help="Orthanc runs per client count.")
+    parser.add_argument("--runs", type=int, default=1, help="Orthanc runs per client count "
+                        "(each keeps its storage, as large as the study, until the end).")
     parser.add_argument("--disk-gb", type=float, default=1.0, help="Size of the big file.")
     args = parser.parse_args()
     print(f"Orthanc: {ensure_orthanc()}")

@@ -14,6 +14,7 @@ import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -186,6 +187,13 @@ def test_users_tokens_and_roles_from_the_command_line(gateway: Running, pydicom_
     soon((200, {"LIVER": "owner"}))
     gateway.query('update gateway."user" set active = false where username = \'dee\'')
     soon((401, None))
+    # The worker that revokes a token forgets it at the commit: the next request on the same
+    # connection (so to the same worker) is refused, without waiting for the notice.
+    made = gateway.http.post("/api/v1/users/admin/tokens", json={"name": "once"}).json()
+    as_once = {"Authorization": f"Bearer {made['token']}"}
+    assert gateway.http.get("/api/v1/me", headers=as_once).status_code == 200  # kept now
+    assert gateway.http.delete(f"/api/v1/users/admin/tokens/{made['id']}").status_code == 204
+    assert gateway.http.get("/api/v1/me", headers=as_once).status_code == 401
 
 
 def test_cli_says_clearly_what_is_wrong(gateway: Running):
@@ -910,3 +918,52 @@ def test_file_states_only_move_forward_whatever_order_events_come_in(gateway: Ru
     assert (d["state"], d["object_key"], d["path"], d["kind"], d["session"], d["reason"]) == (
         "archived", "k", "a.dcm", "dicom", "/data/archive/x", "null")
     assert rows[f"{upload}-b"]["state"] == "validated"
+
+
+def test_a_worker_forgets_callers_at_its_own_identity_commits(gateway: Running):
+    """What `Callers.forget_at_own_commits` counts as a change, on the gateway's own tables:
+    what the triggers tell of, no more (a new login session, a rolled-back change)."""
+    from imgest_gateway.auth import Callers
+    from imgest_gateway.models import LoginSession, User
+    from sqlalchemy import delete, update
+
+    callers = Callers()
+    callers.listen_state(True)  # as if listening: only this process's own commits act here
+    callers.forget_at_own_commits()
+    db = Database(gateway.env["IMGEST_DATABASE_URL"])
+    name = f"forget-{os.getpid()}"
+
+    def keep() -> None:
+        callers.keep("token k", "row", callers.generation)
+
+    async def run() -> list[bool]:
+        seen = []
+        try:
+            now = datetime.now(UTC)
+            keep()
+            async with db.session() as session:  # a new user and login session: nothing
+                session.add(User(username=name, created_at=now))
+                session.add(LoginSession(id_hash=name, username=name, created_at=now,
+                                         expires_at=now))
+            seen.append(callers.get("token k") is not None)
+            async with db.session() as session:  # an ORM change of a user: forgotten
+                user = await session.get(User, name)
+                assert user is not None
+                user.email = "f@example.org"
+                session.add(user)
+            seen.append(callers.get("token k") is not None)
+            keep()
+            with contextlib.suppress(RuntimeError):
+                async with db.session() as session:  # rolled back: nothing
+                    await session.execute(update(User).where(User.username == name)
+                                          .values(active=False))
+                    raise RuntimeError("changed my mind")
+            seen.append(callers.get("token k") is not None)
+            async with db.session() as session:  # a delete statement: forgotten
+                await session.execute(delete(LoginSession).where(LoginSession.id_hash == name))
+            seen.append(callers.get("token k") is not None)
+        finally:
+            await db.close()
+        return seen
+
+    assert asyncio.run(run()) == [True, False, True, False]

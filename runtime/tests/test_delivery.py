@@ -227,12 +227,14 @@ async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(
     broker = make_broker(settings(bootstrap), "outbox", registry=CollectorRegistry())
     received: list[CloudEvent] = []
     headers: list[dict[str, bytes]] = []
+    bodies: list[bytes] = []
     consumer = Consumer(broker, "outbox", settings(bootstrap, kafka_session_timeout_ms=3000))
 
     @consumer.on(FileValidated)
     async def on_validated(deliveries: list[Delivery]) -> None:
         received.extend(d.event for d in deliveries)
         headers.extend(dict(d.record.headers) for d in deliveries)
+        bodies.extend(d.record.value for d in deliveries)
 
     consumer.build()
     await ensure_topics(bootstrap, [topic_of(FileValidated)], 1)
@@ -261,6 +263,7 @@ async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(
         # Structured-mode CloudEvents, as other systems read them.
         assert headers[0]["content-type"] == b"application/json"
         assert headers[0]["ce_type"] == b"imgest.file.validated.v1"
+        assert json.loads(bodies[0]) == json.loads(received[0].model_dump_json(exclude_none=True))
         async with db.session() as session:
             assert await outbox.seen(session, event_id, "t") is False
         async with db.session() as session:

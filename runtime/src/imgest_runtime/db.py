@@ -57,7 +57,9 @@ class Statement:
     parameters' processing, the result's rows, the session) is skipped. For the statements of
     every request: the token lookup takes 0.26 ms of CPU so, 0.76 ms through a session. JSON
     parameters go as text (`json.dumps`); JSON results come decoded. They run with generic
-    plans (`Database.connection`): for short look-ups by index, not for reports."""
+    plans (`Database.connection`): for short look-ups by index, not for reports. A plain
+    value in one is a parameter too (a generic plan cannot match it to a partial index);
+    `literal_column` writes it into the SQL."""
 
     _dialect = asyncpg_dialect()
 
@@ -92,8 +94,6 @@ class Connection:
     async def execute(self, statement: Statement, **params: Any) -> None:
         await self.raw.execute(statement.sql, *statement.args(params))
 
-    async def executemany(self, statement: Statement, rows: list[dict[str, Any]]) -> None:
-        await self.raw.executemany(statement.sql, [statement.args(r) for r in rows])
 
 
 async def _keep_session_state(_conn: Any) -> None:
@@ -109,20 +109,31 @@ async def _json_as_sqlalchemy_does(conn: Any) -> None:
 
 
 class Database:
-    """Sessions (SQLAlchemy's pool) and `Statement`s (a pool of asyncpg's own: a checkout
-    through SQLAlchemy's cost 0.13 ms of CPU, asyncpg's 0.04) share `pool_size` out: each
-    keeps half, and opens as many again while busy."""
+    """Sessions, through SQLAlchemy's pool: `pool_size` connections kept, as many again while
+    busy. With `statements`, `Statement`s have a pool of asyncpg's own (a checkout through
+    SQLAlchemy's cost 0.13 ms of CPU, asyncpg's 0.04), and the two share the 2 × `pool_size`
+    connections out: the sessions keep half of `pool_size` and open as many again, the
+    statements open up to the rest as they need them."""
 
-    def __init__(self, url: str, *, pool_size: int = 10):
-        sessions = pool_size - pool_size // 2
+    ACQUIRE_SECONDS = 30.0  # as SQLAlchemy's pool: a request waits no longer for a connection
+
+    def __init__(self, url: str, *, pool_size: int = 10, statements: bool = True):
+        if not statements:
+            sessions, overflow, self._statements_max = pool_size, pool_size, 0
+        elif pool_size == 1:
+            sessions, overflow, self._statements_max = 1, 0, 1
+        else:
+            sessions = overflow = pool_size - pool_size // 2
+            self._statements_max = 2 * (pool_size // 2)
         self.engine: AsyncEngine = create_async_engine(
-            async_url(url), pool_size=sessions, max_overflow=sessions)
+            async_url(url), pool_size=sessions, max_overflow=overflow)
         event.listen(self.engine.sync_engine, "checkout", _drop_closed)
-        self._statements_max = max(1, 2 * (pool_size // 2))
         self._statements: asyncpg.Pool | None = None
         self._opening: asyncio.Lock | None = None  # (made in the loop that opens the pool)
 
     async def _statement_pool(self) -> asyncpg.Pool:
+        if not self._statements_max:
+            raise RuntimeError("this Database was made without a pool for statements")
         if self._statements is None:
             self._opening = self._opening or asyncio.Lock()
             async with self._opening:
@@ -151,7 +162,7 @@ class Database:
     async def connection(self, *, transaction: bool = False) -> AsyncIterator[Connection]:
         """A pooled connection for `Statement`s: each runs on its own (autocommit), or, with
         `transaction`, all in one that commits if the block ends normally."""
-        async with (await self._statement_pool()).acquire() as raw:
+        async with (await self._statement_pool()).acquire(timeout=self.ACQUIRE_SECONDS) as raw:
             if not transaction:
                 yield Connection(raw)
                 return
@@ -207,8 +218,11 @@ class Database:
 
     async def close(self) -> None:
         if self._statements is not None:
-            await self._statements.close()
-            self._statements = self._opening = None
+            pool, self._statements, self._opening = self._statements, None, None
+            try:  # (connections still checked out are waited for, a while)
+                await asyncio.wait_for(pool.close(), 10)
+            except TimeoutError:
+                pool.terminate()
         await self.engine.dispose()
 
 

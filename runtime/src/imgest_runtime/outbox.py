@@ -228,8 +228,9 @@ class Relay:
             # publishing side by side could put an event ahead of an earlier one of its key.
             await session.execute(text("select pg_advisory_xact_lock(hashtextextended(:k, 0))"),
                                   {"k": f"relay:{table.fullname}"})
-            # The event as the text PostgreSQL keeps, sent as it is: not decoded into a dict
-            # only to be encoded again.
+            # The event as JSONB's text (PostgreSQL's key order and spacing; the same JSON
+            # as the event's own text), sent as it is: not decoded into a dict only to be
+            # encoded again.
             rows = (await session.execute(
                 select(table.c.seq, table.c.topic, table.c.key,
                        cast(table.c.value, Text).label("value"),

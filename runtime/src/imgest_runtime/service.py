@@ -128,6 +128,7 @@ class Service:
     # Runs for as long as the process serves, in every process (each worker), unlike periodic.
     background: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
     uses_store: bool = True
+    uses_statements: bool = False  # `Database.connection` for compiled statements (its pool)
     consumed: list[tuple[type[Payload], bool]] = field(default_factory=list)
     published: list[type[Payload]] = field(default_factory=list)
     _epoch: str | None = field(default=None, init=False)  # the broker epoch it consumes from
@@ -139,7 +140,8 @@ class Service:
         self.broker = make_broker(self.settings, self.name)
         self.consumer = Consumer(self.broker, self.name, self.settings)
         self.db = Database(self.settings.database_url,
-                           pool_size=self.settings.database_pool_size)
+                           pool_size=self.settings.database_pool_size,
+                           statements=self.uses_statements)
         self.tables = delivery_tables(self.metadata)
         self.outbox = Outbox(self.tables, source=f"/imgest/{self.name}")
         if self.settings.delivery == "unguarded":

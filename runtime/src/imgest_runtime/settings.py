@@ -61,9 +61,10 @@ class RuntimeSettings(BaseSettings):
     )
     database_pool_size: int = Field(
         10, ge=1, description="Connections a service keeps open to PostgreSQL, and as many again "
-        "while busy, half for its sessions, half for the statements of every request or batch. "
-        "A service with several workers shares them out (PostgreSQL's default max_connections "
-        "is 100 for all services together).")
+        "while busy (the gateway keeps half, and gives the rest to the statements of every "
+        "request). A service with several workers shares them out; each gateway worker also "
+        "holds two listening connections (PostgreSQL's default max_connections is 100 for all "
+        "services together).")
 
     # object store
     store: Literal["local", "s3"] = Field("local", description="Object store adapter.")

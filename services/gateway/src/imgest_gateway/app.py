@@ -52,7 +52,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from .archive_api import archive_router
-from .auth import CallerDep, Callers, ensure_first_admin, forbidden
+from .auth import CallerDep, Callers, ensure_first_admin, forbidden, sweep_login_sessions
 from .catalogue_api import catalogue_router
 from .domain import FILE_STATE_RANK, UNPLACED, BadFilename, safe_filename, upload_state
 from .identity import Action, Caller, hash_password
@@ -79,13 +79,15 @@ log = logging.getLogger("imgest.gateway")
 
 
 def bootstrap(settings: Settings, waiters: Waiters | None = None) -> Service:
-    svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
+    svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations",
+                  uses_statements=True)
     register_handlers(svc)
     following = waiters or Waiters()
     svc.background.append(lambda: following.follow(svc.db))  # news from every worker
     # Not at the very start: the status must first catch up with events sent while it was down.
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_idle_seconds / 3),
                                  lambda: redrive(svc, settings), at_start=False))
+    svc.periodic.append(Periodic("login-sessions", 3600, lambda: sweep_login_sessions(svc.db)))
     svc.publishes(ObjectStored, UploadSubmitted, UploadCancelled, ProjectUpdated,
                   PrearchiveRequested, ReleaseRequested)
     svc.startup.append(lambda: ensure_first_admin(
@@ -410,6 +412,7 @@ def build_app(settings: Settings) -> FastAPI:
     app = create_app(svc, description="Uploads into imgest, and what became of them.")
     app.state.callers = callers = Callers()  # who each token is, kept while told of changes
     svc.background.append(lambda: callers.follow(svc.db))
+    callers.forget_at_own_commits()
     api = APIRouter(prefix="/api/v1", tags=["uploads"],
                     responses=problem_responses(400, 404, 413, 422, 503))
     public_url = settings.public_url.rstrip("/")

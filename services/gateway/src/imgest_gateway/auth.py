@@ -20,7 +20,9 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyCookie, HTTPBasic, HTTPBearer
 from imgest_runtime.db import Database, Statement
 from sqlalchemy import bindparam, delete, func, text, update
+from sqlalchemy import event as sa_event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import ORMExecuteState, Session
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException
@@ -99,6 +101,7 @@ async def caller_named(session: AsyncSession, username: str) -> Caller | None:
 
 
 IDENTITY_CHANNEL = "imgest_identity"  # NOTIFYed by the triggers of migration 5e1f0c2a9d47
+IDENTITY_TABLES = {"user", "membership", "api_token", "login_session"}
 
 
 class Callers:
@@ -106,8 +109,9 @@ class Callers:
     look-up was a statement and 0.4 ms of CPU on every request. Kept only while this process
     LISTENs on IDENTITY_CHANNEL, which triggers on the user, token, membership and login
     session tables NOTIFY on any change, from any writer (the API, the CLI, an administrator's
-    SQL): everything kept is then forgotten. A revocation so takes effect within milliseconds
-    (the notice leaves with the commit, as the revoking request's answer does). Notices sent
+    SQL): everything kept is then forgotten. A revocation so takes effect at once in the
+    worker that made it (`forget_at_own_commits`), and within milliseconds in the others (the
+    notice leaves with the commit, as the revoking request's answer does). Notices sent
     while the
     connection is lost are missed, so nothing is kept until it is back, and everything is
     forgotten when it is. What is kept is the row: expiry is checked on every use."""
@@ -148,6 +152,37 @@ class Callers:
 
     async def follow(self, db: Database) -> None:
         await db.listen(IDENTITY_CHANNEL, self.changed, self.listen_state)
+
+    def forget_at_own_commits(self) -> None:
+        """Forgets at the commit of a change this process makes (through a session), not a
+        notice later: a request right after it, to this same worker, is judged on the new
+        rows. What counts is what the triggers tell of."""
+        def changes(table: Any, inserted: bool) -> bool:
+            return table.name in IDENTITY_TABLES and (not inserted or table.name == "membership")
+
+        def flushed(session: Session, _context: Any) -> None:
+            if any(changes(o.__table__, False) for o in (*session.dirty, *session.deleted)
+                   if hasattr(o, "__table__")) or any(
+                    changes(o.__table__, True) for o in session.new if hasattr(o, "__table__")):
+                session.info["identity_changed"] = True
+
+        def executed(state: ORMExecuteState) -> None:  # update(…) and delete(…) statements
+            table = getattr(state.statement, "table", None)
+            if (state.is_update or state.is_delete) and table is not None and changes(table,
+                                                                                   False):
+                state.session.info["identity_changed"] = True
+
+        def committed(session: Session) -> None:
+            if session.info.pop("identity_changed", False):
+                self.changed()
+
+        def rolled_back(session: Session) -> None:
+            session.info.pop("identity_changed", None)
+
+        sa_event.listen(Session, "after_flush", flushed)
+        sa_event.listen(Session, "do_orm_execute", executed)
+        sa_event.listen(Session, "after_commit", committed)
+        sa_event.listen(Session, "after_soft_rollback", lambda s, _t: rolled_back(s))
 
 
 async def _kept_or_fetched(db: Database, callers: Callers | None, key: str,
@@ -274,9 +309,15 @@ async def open_login_session(db: Database, username: str) -> str:
     async with db.session() as session:
         session.add(LoginSession(id_hash=token_hash(session_id), username=username,
                                  created_at=now, expires_at=now + timedelta(hours=SESSION_HOURS)))
-        # Expired sessions are swept as new ones open: no periodic job needed for them.
-        await session.execute(delete(LoginSession).where(col(LoginSession.expires_at) < now))
     return session_id
+
+
+async def sweep_login_sessions(db: Database) -> None:
+    """Deletes expired login sessions (a periodic job: at every login, each sweep would make
+    every worker forget who its callers are)."""
+    async with db.session() as session:
+        await session.execute(delete(LoginSession).where(
+            col(LoginSession.expires_at) < datetime.now(UTC)))
 
 
 async def close_login_session(db: Database, session_id: str) -> None:

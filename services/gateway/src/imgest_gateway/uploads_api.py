@@ -56,11 +56,13 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal_column,
     null,
     union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException
@@ -227,8 +229,11 @@ async def submit(svc: Service, session: AsyncSession, upload: Upload,
     recorded = [(obj, event) for obj, event in zip(objects, events) if inspect(obj).persistent]
     if recorded:
         await session.execute(_OBJECTS_STORED, {
-            "object_keys": [obj.object_key for obj, _ in recorded],
+            "of_upload": upload.id, "object_keys": [obj.object_key for obj, _ in recorded],
             "events": [event.model_dump_json(exclude_none=True) for _, event in recorded]})
+        for obj, _ in recorded:  # as the rows are now (the event unloaded: not read again)
+            set_committed_value(obj, "state", "stored")
+            session.expire(obj, ["event"])
     for obj, event in zip(objects, events):
         if not inspect(obj).persistent:
             obj.state, obj.event = "stored", event_json(event)
@@ -635,7 +640,8 @@ _SHAS = bindparam("shas")
 # The same content already in this upload, or archived in the project.
 _KNOWN_CONTENT = Statement(union_all(
     select(UploadObject.sha256, UploadObject.filename, cast(null(), String)).where(
-        UploadObject.upload_id == bindparam("upload_id"), UploadObject.state == "added",
+        UploadObject.upload_id == bindparam("upload_id"),
+        UploadObject.state == literal_column("'added'"),  # (the partial index's own words)
         any_of(col(UploadObject.sha256), _SHAS)),
     select(UploadFile.sha256, UploadFile.path, Upload.id)
     .join(Upload, col(Upload.id) == UploadFile.upload_id)
@@ -667,7 +673,9 @@ def _objects_stored() -> Any:
     moved = func.unnest(bindparam("object_keys", type_=ARRAY(String)),
                         bindparam("events", type_=ARRAY(Text))).table_valued(
         "object_key", "event").render_derived(name="moved")
-    return update(table).where(table.c.object_key == moved.c.object_key).values(
+    return update(table).where(
+        table.c.object_key == moved.c.object_key, table.c.upload_id == bindparam("of_upload"),
+        table.c.state == literal_column("'added'")).values(
         state="stored", event=cast(moved.c.event, JSONB))
 
 

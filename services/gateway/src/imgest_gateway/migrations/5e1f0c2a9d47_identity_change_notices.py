@@ -16,13 +16,15 @@ down_revision = 'cc52df036ec2'
 branch_labels = None
 depends_on = None
 
-# Statement-level: one notice a statement (one a transaction reaches listeners). A token's
-# last use is no change to who it stands for: a write of that column alone tells no one.
+# Row-level, so that a statement changing no row (a sweep of expired sessions that finds
+# none) tells no one; PostgreSQL sends the notices of one transaction once. Inserts change no
+# one's identity but a membership's. A token's last use is no change either: a write of that
+# column alone tells no one. TRUNCATE has statement-level triggers only.
 TRIGGERS = {
-    "user": "UPDATE OR DELETE OR TRUNCATE",
-    "membership": "INSERT OR UPDATE OR DELETE OR TRUNCATE",
-    "api_token": "UPDATE OF username, secret_hash, expires_at, revoked_at OR DELETE OR TRUNCATE",
-    "login_session": "UPDATE OR DELETE OR TRUNCATE",
+    "user": "UPDATE OR DELETE",
+    "membership": "INSERT OR UPDATE OR DELETE",
+    "api_token": "UPDATE OF username, secret_hash, expires_at, revoked_at OR DELETE",
+    "login_session": "UPDATE OR DELETE",
 }
 
 
@@ -35,10 +37,13 @@ def upgrade() -> None:
         end $$""")
     for table, events in TRIGGERS.items():
         op.execute(f'create trigger identity_changed after {events} on gateway."{table}" '
+                   "for each row execute function gateway.identity_changed()")
+        op.execute(f'create trigger identity_truncated after truncate on gateway."{table}" '
                    "for each statement execute function gateway.identity_changed()")
 
 
 def downgrade() -> None:
     for table in TRIGGERS:
+        op.execute(f'drop trigger identity_truncated on gateway."{table}"')
         op.execute(f'drop trigger identity_changed on gateway."{table}"')
     op.execute("drop function gateway.identity_changed()")
