@@ -95,7 +95,6 @@ class Connection:
         await self.raw.execute(statement.sql, *statement.args(params))
 
 
-
 async def _keep_session_state(_conn: Any) -> None:
     """A connection back in the statements' pool needs no reset query (a round trip, each
     time): asyncpg still rolls back a transaction left open; nothing else is set on them."""

@@ -111,9 +111,8 @@ class Callers:
     session tables NOTIFY on any change, from any writer (the API, the CLI, an administrator's
     SQL): everything kept is then forgotten. A revocation so takes effect at once in the
     worker that made it (`forget_at_own_commits`), and within milliseconds in the others (the
-    notice leaves with the commit, as the revoking request's answer does). Notices sent
-    while the
-    connection is lost are missed, so nothing is kept until it is back, and everything is
+    notice leaves with the commit, as the revoking request's answer does). Notices sent while
+    the connection is lost are missed, so nothing is kept until it is back, and everything is
     forgotten when it is. What is kept is the row: expiry is checked on every use."""
 
     MAX_ENTRIES = 10_000
@@ -158,18 +157,18 @@ class Callers:
         notice later: a request right after it, to this same worker, is judged on the new
         rows. What counts is what the triggers tell of."""
         def changes(table: Any, inserted: bool) -> bool:
-            return table.name in IDENTITY_TABLES and (not inserted or table.name == "membership")
+            return (table is not None and table.name in IDENTITY_TABLES
+                    and (not inserted or table.name == "membership"))
 
         def flushed(session: Session, _context: Any) -> None:
-            if any(changes(o.__table__, False) for o in (*session.dirty, *session.deleted)
-                   if hasattr(o, "__table__")) or any(
-                    changes(o.__table__, True) for o in session.new if hasattr(o, "__table__")):
+            written = [(o, False) for o in (*session.dirty, *session.deleted)]
+            if any(changes(getattr(o, "__table__", None), inserted)
+                   for o, inserted in written + [(o, True) for o in session.new]):
                 session.info["identity_changed"] = True
 
         def executed(state: ORMExecuteState) -> None:  # update(…) and delete(…) statements
-            table = getattr(state.statement, "table", None)
-            if (state.is_update or state.is_delete) and table is not None and changes(table,
-                                                                                   False):
+            if (state.is_update or state.is_delete) and changes(
+                    getattr(state.statement, "table", None), False):
                 state.session.info["identity_changed"] = True
 
         def committed(session: Session) -> None:
@@ -232,7 +231,7 @@ async def by_login_session(db: Database, session_id: str, callers: Callers | Non
     id_hash = token_hash(session_id)
     row = await _kept_or_fetched(db, callers, "session " + id_hash, _BY_LOGIN_SESSION,
                                  id_hash=id_hash)
-    if row is None or row[5] <= datetime.now(UTC):
+    if row is None or row["expires_at"] <= datetime.now(UTC):
         return None
     return _caller(row)
 
@@ -313,8 +312,8 @@ async def open_login_session(db: Database, username: str) -> str:
 
 
 async def sweep_login_sessions(db: Database) -> None:
-    """Deletes expired login sessions (a periodic job: at every login, each sweep would make
-    every worker forget who its callers are)."""
+    """Deletes expired login sessions: a periodic job, not a part of each login, where it made
+    the worker forget who its callers are at every login, expired sessions or not."""
     async with db.session() as session:
         await session.execute(delete(LoginSession).where(
             col(LoginSession.expires_at) < datetime.now(UTC)))

@@ -226,7 +226,13 @@ async def submit(svc: Service, session: AsyncSession, upload: Upload,
     rules = await project_rules(session, upload.project)
     events = await svc.outbox.add_many(  # one statement for all, not a round trip each
         session, [(object_stored(upload, obj, rules), None) for obj in objects])
-    recorded = [(obj, event) for obj, event in zip(objects, events) if inspect(obj).persistent]
+    recorded = []
+    for obj, event in zip(objects, events):
+        if inspect(obj).persistent:
+            recorded.append((obj, event))
+        else:
+            obj.state, obj.event = "stored", event_json(event)
+            session.add(obj)
     if recorded:
         await session.execute(_OBJECTS_STORED, {
             "of_upload": upload.id, "object_keys": [obj.object_key for obj, _ in recorded],
@@ -234,10 +240,6 @@ async def submit(svc: Service, session: AsyncSession, upload: Upload,
         for obj, _ in recorded:  # as the rows are now (the event unloaded: not read again)
             set_committed_value(obj, "state", "stored")
             session.expire(obj, ["event"])
-    for obj, event in zip(objects, events):
-        if not inspect(obj).persistent:
-            obj.state, obj.event = "stored", event_json(event)
-            session.add(obj)
     upload.state = PROCESSING
     session.add(upload)
     await svc.outbox.add(session, UploadSubmitted(
