@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -448,6 +450,39 @@ async def test_listen_hears_notices_at_commit_and_listens_again_after_a_lost_con
         assert any(h.startswith("upload-2") for h in heard), heard
         assert states == [True, False, True], states
     finally:
+        listener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listener
+        await db.close()
+
+
+async def test_a_listener_whose_server_stops_answering_listens_anew(database_url):
+    """A connection that dies unseen (here its server process is stopped, as a half-open TCP
+    connection looks) is found out by its check and replaced; the listener says so, so that
+    what it keeps (the gateway's callers) is not trusted meanwhile."""
+    db = Database(database_url)
+    states: list[bool] = []
+    listener = asyncio.create_task(db.listen("test_hung", lambda _p: None, states.append,
+                                             check_every=0.5))
+    stopped = None
+    try:
+        for _ in range(100):
+            if states:
+                break
+            await asyncio.sleep(0.05)
+        async with db.session() as session:
+            stopped = (await session.execute(text(
+                "select pid from pg_stat_activity where application_name = "
+                "'imgest listen test_hung'"))).scalar_one()
+        os.kill(stopped, signal.SIGSTOP)
+        for _ in range(200):
+            if states == [True, False, True]:
+                break
+            await asyncio.sleep(0.05)
+        assert states == [True, False, True], states
+    finally:
+        if stopped:
+            os.kill(stopped, signal.SIGCONT)
         listener.cancel()
         with pytest.raises(asyncio.CancelledError):
             await listener

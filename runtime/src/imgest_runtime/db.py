@@ -182,14 +182,19 @@ class Database:
             await conn.close()
 
     async def listen(self, channel: str, on_notify: Callable[[str], Any],
-                     on_listening: Callable[[bool], Any] | None = None) -> None:
+                     on_listening: Callable[[bool], Any] | None = None, *,
+                     check_every: float = 15.0) -> None:
         """Calls `on_notify(payload)` for every NOTIFY on `channel`, for as long as it runs (a
         task), on a connection of its own; one that is lost is opened again a second later
         (what was sent meanwhile is missed: listeners must not depend on every one, or must
-        know when they may miss one: `on_listening(True)` once listening, `(False)` once not)."""
+        know when they may miss one: `on_listening(True)` once listening, `(False)` once not).
+        A connection can also die unseen (a half-open TCP connection, a hung server): it is
+        asked `select 1` after `check_every` seconds without news, and replaced if it does not
+        answer within as long."""
         while True:
             try:
-                conn = await asyncpg.connect(self._driver_url())
+                conn = await asyncpg.connect(self._driver_url(), server_settings={
+                    "application_name": f"imgest listen {channel}"})
                 try:
                     lost = asyncio.Event()
                     conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
@@ -197,12 +202,19 @@ class Database:
                         channel, lambda _conn, _pid, _channel, payload: on_notify(payload))
                     if on_listening:
                         on_listening(True)
-                    await lost.wait()
+                    while not lost.is_set():
+                        try:
+                            await asyncio.wait_for(lost.wait(), check_every)
+                        except TimeoutError:
+                            await asyncio.wait_for(conn.fetchval("select 1"), check_every)
                 finally:
                     if on_listening:
                         on_listening(False)
-                    await conn.close()
-            except (OSError, asyncpg.PostgresError) as e:
+                    try:
+                        await asyncio.wait_for(conn.close(), 5)
+                    except (TimeoutError, OSError, asyncpg.PostgresError):
+                        conn.terminate()
+            except (OSError, asyncpg.PostgresError) as e:  # (TimeoutError is an OSError)
                 log.warning("listening on %s: %s; again in 1 s", channel, e)
             await asyncio.sleep(1)
 

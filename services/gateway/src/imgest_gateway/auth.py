@@ -116,7 +116,7 @@ class Callers:
     forgotten when it is. What is kept is the row: expiry is checked on every use."""
 
     MAX_ENTRIES = 10_000
-    MAX_AGE = 60.0  # seconds; a bound, should a notice ever be lost unseen
+    MAX_AGE = 60.0  # seconds; a bound, should a notice ever be lost unseen (a trigger off)
 
     def __init__(self) -> None:
         self.listening = False
@@ -150,7 +150,8 @@ class Callers:
         self.changed()  # what was kept may have changed unheard
 
     async def follow(self, db: Database) -> None:
-        await db.listen(IDENTITY_CHANNEL, self.changed, self.listen_state)
+        # A connection that died unseen is found out within 2 × 5 s, well inside MAX_AGE.
+        await db.listen(IDENTITY_CHANNEL, self.changed, self.listen_state, check_every=5.0)
 
     def forget_at_own_commits(self) -> None:
         """Forgets at the commit of a change this process makes (through a session), not a
