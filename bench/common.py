@@ -3,10 +3,12 @@ gateway acting as the administrator (the token the first start wrote)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -29,6 +31,24 @@ def processes(pid: int) -> list[int]:
         except OSError:
             pass
     return found
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+class ProcStat(NamedTuple):
+    name: str
+    ppid: int
+    cpu: float  # CPU seconds (user + system) of its own threads
+    reaped: float  # those of its children it has waited for
+
+
+def proc_stat(pid: int | str) -> ProcStat:
+    """A process's /proc/<pid>/stat; OSError if it is gone."""
+    head, tail = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+    f = tail.split()
+    return ProcStat(head.split("(", 1)[1], int(f[1]), (int(f[11]) + int(f[12])) / TICK,
+                    (int(f[13]) + int(f[14])) / TICK)
 
 
 def memory_kb(pid: int) -> int:

@@ -82,7 +82,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import peers
-from common import gateway_client, memory_kb, peak_watch
+from common import TICK, ProcStat, gateway_client, memory_kb, peak_watch, proc_stat
 
 from imgest.benchgen import write_study, write_zip
 from imgest.infra import die_with_parent, exit_on_sigterm, free_port
@@ -203,7 +203,6 @@ def tail(log: Path, lines: int = 40) -> str:
 
 # --- whether the machine was quiet -----------------------------------------------------------
 
-TICK = os.sysconf("SC_CLK_TCK")
 QUIET = 0.05  # share of the machine (cores × seconds) others may use before a figure is flagged
 
 
@@ -215,24 +214,20 @@ def cpu_snapshot(roots: dict[int, str]
     (clients, watcher, Orthanc, py-spy), each process counting its reaped children (an Orthanc
     that exited; a service restarted meanwhile: see `Quiet.phase`); and every other process's
     own, by pid (name, seconds)."""
-    procs: dict[int, tuple[str, int, float, float]] = {}
+    procs: dict[int, ProcStat] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                head, tail = Path(entry.path, "stat").read_text().rsplit(")", 1)
+                procs[int(entry.name)] = proc_stat(entry.name)
             except OSError:  # gone meanwhile
                 continue
-            f = tail.split()
-            procs[int(entry.name)] = (head.split("(", 1)[1], int(f[1]),
-                                      (int(f[11]) + int(f[12])) / TICK,
-                                      (int(f[13]) + int(f[14])) / TICK)
     part: dict[int, str] = {}
     todo = [(os.getpid(), "bench"), *roots.items()]
     while todo:
         pid, name = todo.pop()
         part[pid] = roots.get(pid, name)
         todo += [(child, part[pid]) for child, p in procs.items()
-                 if p[1] == pid and child not in part]
+                 if p.ppid == pid and child not in part]
     # user nice system: what processes used. Not irq and softirq, which no process is charged
     # with: among them the loopback network the bench's own uploads cross.
     cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:4]]
@@ -240,8 +235,8 @@ def cpu_snapshot(roots: dict[int, str]
     mine: dict[str, float] = {}
     for pid, name in part.items():
         if pid in procs:
-            mine[name] = mine.get(name, 0.0) + procs[pid][2] + procs[pid][3]
-    return machine, mine, {pid: (p[0], p[2]) for pid, p in procs.items() if pid not in part}
+            mine[name] = mine.get(name, 0.0) + procs[pid].cpu + procs[pid].reaped
+    return machine, mine, {pid: (p.name, p.cpu) for pid, p in procs.items() if pid not in part}
 
 
 def cores() -> int:

@@ -40,7 +40,7 @@ from pathlib import Path
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import gateway_client
+from common import TICK, gateway_client, proc_stat
 from imgest_runtime.settings import RuntimeSettings
 from imgest_runtime.store import LocalStore, open_store
 from unpack import build_zip
@@ -70,19 +70,11 @@ def query(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
     return asyncio.run(run())
 
 
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def postmaster_pid(url: str) -> int:
     data_dir = query(url, "select setting from pg_settings where name = 'data_directory'")
     return int((Path(data_dir[0]["setting"]) / "postmaster.pid").read_text().split()[0])
-
-
-def _cpu(stat: str) -> tuple[str, int, float]:
-    """The name, the parent pid and the CPU time (user + system) of a /proc/<pid>/stat."""
-    head, tail = stat.rsplit(")", 1)
-    fields = tail.split()
-    return head.split("(", 1)[1], int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
 
 
 def cpu_seconds(pids: dict[str, int], postmaster: int) -> dict[str, float]:
@@ -95,7 +87,7 @@ def cpu_seconds(pids: dict[str, int], postmaster: int) -> dict[str, float]:
             continue
         pid = int(entry.name)
         try:
-            comm, ppid, cpu = _cpu(Path(entry.path, "stat").read_text())
+            comm, ppid, cpu, _ = proc_stat(pid)
         except OSError:  # gone meanwhile
             continue
         if pid in names:

@@ -40,6 +40,7 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import TICK, proc_stat
 from unpack import instance
 
 from imgest.infra import die_with_parent, exit_on_sigterm, free_port
@@ -48,7 +49,6 @@ MB = 1e6  # MB/s as the other benches print them: decimal megabytes
 MIB = 1024 * 1024
 START_TIMEOUT = 60.0  # seconds for Orthanc to answer GET /system
 STOP_TIMEOUT = 30.0  # seconds Orthanc has to exit on SIGTERM before SIGKILL
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -63,12 +63,6 @@ class IngestResult:
     @property
     def rate(self) -> float:
         return self.instances / self.seconds
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds the process has used so far (its threads', not its children's)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 class OthersCpu:
@@ -87,7 +81,7 @@ class OthersCpu:
         busy = (cpu[0] + cpu[1] + cpu[2] + cpu[7]) / TICK
         own = os.times()
         mine = own.user + own.system
-        return busy - mine - sum(process_cpu(pid) for pid in self.pids)
+        return busy - mine - sum(proc_stat(pid).cpu for pid in self.pids)
 
     def start(self) -> None:
         self.seconds = -self._now()
@@ -251,14 +245,14 @@ def orthanc_ingest(files: list[Path], clients: int, workdir: Path) -> IngestResu
         pid = orthanc.process.pid
         others, cpu = OthersCpu((pid,)), [0.0]
         start = threading.Barrier(clients, action=lambda: (
-            t0.append(time.monotonic()), others.start(), cpu.__setitem__(0, process_cpu(pid))))
+            t0.append(time.monotonic()), others.start(), cpu.__setitem__(0, proc_stat(pid).cpu)))
         pool = ThreadPoolExecutor(clients, thread_name_prefix="orthanc-client")
         try:
             ends = [pool.submit(_send_all, orthanc.url, files[i::clients], stop, start)
                     for i in range(clients)]
             last = max(f.result() for f in ends)
             others.stop()
-            cpu[0] = process_cpu(pid) - cpu[0]
+            cpu[0] = proc_stat(pid).cpu - cpu[0]
         finally:
             # On a failure or Ctrl-C the other clients end after their request in flight,
             # before Orthanc is stopped under them.

@@ -14,7 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy import ARRAY, BindParameter, MetaData, any_, bindparam, event, exc, literal, text
+from sqlalchemy import (
+    ARRAY,
+    BindParameter,
+    MetaData,
+    any_,
+    bindparam,
+    event,
+    exc,
+    func,
+    literal,
+    text,
+)
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -49,6 +60,15 @@ def any_of(column: Any, values: Any) -> Any:
     if isinstance(values, BindParameter):
         return column == any_(bindparam(values.key, type_=ARRAY(column.type)))
     return column == any_(literal(list(values), ARRAY(column.type)))
+
+
+def unnested(name: str, **columns: Any) -> Any:
+    """Rows given as one array a column (the parameter `<column>s`), as a derived table `name`:
+    one statement for any number of rows, compiled once (rows as VALUES are rendered anew for
+    every batch, a cast per value)."""
+    return func.unnest(*[bindparam(f"{column}s", type_=ARRAY(kind))
+                         for column, kind in columns.items()]).table_valued(
+        *columns).render_derived(name=name)
 
 
 class Statement:

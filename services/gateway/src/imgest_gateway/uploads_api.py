@@ -34,7 +34,7 @@ from imgest_contracts import (
 )
 from imgest_contracts.events import FIELD_NAME
 from imgest_runtime.broker import PIPELINE_FAILED
-from imgest_runtime.db import Statement, any_of
+from imgest_runtime.db import Statement, any_of, unnested
 from imgest_runtime.service import Service, problem, problem_responses
 from imgest_runtime.store import (
     CHUNK,
@@ -47,7 +47,6 @@ from imgest_runtime.store import (
 )
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from sqlalchemy import (
-    ARRAY,
     BigInteger,
     String,
     Text,
@@ -656,8 +655,7 @@ def _record_objects() -> Statement:
     an array each (`unnest`), whatever their number."""
     fields = {"object_key": String, "filename": String, "size": BigInteger, "sha256": String,
               "content_type": String, "state": String, "reason": Text}
-    arrived = func.unnest(*[bindparam(f"{name}s", type_=ARRAY(kind)) for name, kind in
-                            fields.items()]).table_valued(*fields).render_derived(name="arrived")
+    arrived = unnested("arrived", **fields)
     table, upload = UploadObject.__table__, Upload.__table__  # type: ignore[attr-defined]
     objects = insert(table).from_select(
         ["upload_id", *fields], select(bindparam("upload_id", type_=String), *[
@@ -672,9 +670,7 @@ _RECORD_OBJECTS = _record_objects()
 
 def _objects_stored() -> Any:
     table = UploadObject.__table__  # type: ignore[attr-defined]
-    moved = func.unnest(bindparam("object_keys", type_=ARRAY(String)),
-                        bindparam("events", type_=ARRAY(Text))).table_valued(
-        "object_key", "event").render_derived(name="moved")
+    moved = unnested("moved", object_key=String, event=Text)
     return update(table).where(
         table.c.object_key == moved.c.object_key, table.c.upload_id == bindparam("of_upload"),
         table.c.state == literal_column("'added'")).values(
