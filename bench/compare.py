@@ -13,7 +13,7 @@ measurement, so no write-back of the generation lands in one.
 First the peers, with nothing of imgest running (bench/peers.py): Orthanc storing the first
 study's files through `POST /instances` with one client and with `--clients`, the machine's
 ceilings over the same files (fsync'd writes, DICOM headers, sha256, one thread each) and one
-file of the tus size written and fsync'd. Then the embedded stack (local store) once, warmed by
+file of the tus size written and fsync'd, through the page cache and by O_DIRECT. Then the embedded stack (local store) once, warmed by
 one instance sent through it, and each scenario into a project of its own (auto-archive):
 
 1. the study as one zip through XNAT's import (`POST /data/services/import`,
@@ -22,8 +22,10 @@ one instance sent through it, and each scenario into a project of its own (auto-
 2. the other study as one request per file from `--clients` clients into one upload session
    (create, add each file, submit): instances/s from the first byte to archived;
 3. one file through tus (`/api/v1/tus/`, one PATCH): MB/s against the disk's fsync'd write
-   rate (with the system CPU that write cost per MiB, and the gateway's CPU per MiB), and the
-   gateway's peak memory during it (the PSS of its processes, every 50 ms);
+   rate through the page cache (the target's) and by O_DIRECT (as imgest writes the bulk of a
+   big file), with the system CPU each write cost per MiB and the gateway's CPU per MiB; and
+   the gateway's peak memory during it (the PSS of its processes, read whenever their resident
+   size passes its largest yet, checked every 50 ms);
 4. `--latency-files` one-instance studies, one after the other, through XNAT's import
    (`import-handler=SI`): p50 and p95 from the first byte to archived.
 
@@ -695,6 +697,9 @@ def run_peers(args: argparse.Namespace, files: list[Path], tus_bytes: int, root:
         print(f"the disk writing {tus_bytes / GIB:g} GiB…", flush=True)
         with quiet.phase("disk write"):
             found["disk_write"] = peers.disk_write_rate(root / "scratch", tus_bytes)
+        with quiet.phase("disk write, O_DIRECT"):
+            found["disk_write_direct"] = peers.disk_write_rate(root / "scratch", tus_bytes,
+                                                               direct=True)
     return found
 
 
@@ -781,9 +786,15 @@ def report(args: argparse.Namespace, found: dict[str, Any], results: dict[str, A
             if "kernel_ms_per_mib" in disk:  # what writing itself costs the CPU here
                 rows.append(Row("  the disk write's kernel CPU per MiB",
                                 f"{disk['kernel_ms_per_mib']:.2f} ms"))
+        direct = found.get("disk_write_direct")
+        if direct:  # the way imgest writes the bulk of a big file (store._DirectWriter)
+            rows.append(Row(f"  ÷ disk write by O_DIRECT + fsync ({direct['mb_per_s']:.0f} MB/s)",
+                            f"{r['mb_per_s'] / direct['mb_per_s']:.0%}"))
+            rows.append(Row("  that write's kernel CPU per MiB",
+                            f"{direct['kernel_ms_per_mib']:.2f} ms"))
         gateway_cpu = phases.get("scenario 3", {}).get("ours_cpu_seconds", {}).get("gateway")
         if gateway_cpu:
-            rows.append(Row("  the gateway's CPU per MiB (HTTP, sha256, the same writing)",
+            rows.append(Row("  the gateway's CPU per MiB (HTTP, sha256, writing)",
                             f"{gateway_cpu * 1000 / (r['bytes'] / 1024**2):.2f} ms"))
         rows.append(Row(f"  gateway peak memory, all its processes (was "
                         f"{r['memory_before_mb']:.0f} MB before)",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import hashlib
 import io
+import itertools
 import os
 import socket
 import uuid
@@ -14,6 +17,8 @@ from pathlib import Path
 import pytest
 from imgest_runtime.store import (
     CHUNK,
+    DIRECT_ALIGN,
+    DIRECT_FROM,
     MAX_NAME,
     MIN_PART,
     InvalidKey,
@@ -24,6 +29,7 @@ from imgest_runtime.store import (
     S3Store,
     StoredObject,
     StoreError,
+    _DirectWriter,
     _FullReads,
     check_key,
     each_side_by_side,
@@ -740,3 +746,54 @@ def test_iter_reader_hands_whole_chunks_on_and_parts_of_them_in_order():
     assert reader.read(1) == b"i" and reader.read() == b"j" and reader.read(5) == b""
     buffered = io.BufferedReader(IterReader(iter(chunks)), 4)  # (readinto)
     assert buffered.read() == b"abcdefghij"
+
+
+class _WriteLog:
+    """os.pwrite, recording how many bytes went through descriptors opened with O_DIRECT."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False):
+        self.direct = 0
+        self.refuse_direct = refuse_direct
+        real = os.pwrite
+
+        def pwrite(fd: int, data, offset: int) -> int:
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                if self.refuse_direct:
+                    raise OSError(errno.EINVAL, "Invalid argument")
+                assert offset % DIRECT_ALIGN == 0 and len(data) % DIRECT_ALIGN == 0
+                self.direct += len(data)
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+def test_files_written_at_offsets_go_past_the_page_cache_beyond_their_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, data = LocalStore(tmp_path / "store"), os.urandom(DIRECT_FROM + 3 * MiB + 4321)
+    log = _WriteLog(monkeypatch)
+    store.put("zip", IterReader(data[i:i + 65_537] for i in range(0, len(data), 65_537)))
+    assert store.read_range("zip", 0, len(data) + 1) == data
+    assert log.direct == 0  # a put (an imported zip, a member) is read again at once: cached
+    # A tus upload's segments, at offsets no block size divides: its first DIRECT_FROM bytes
+    # are cached (a small file's headers are read soon); past them each segment is written by
+    # O_DIRECT from its first aligned byte, the unaligned ends through the page cache.
+    cuts = [0, 5 * MiB + 7, DIRECT_FROM + 1, DIRECT_FROM + MiB + 4097, len(data)]
+    for start, end in itertools.pairwise(cuts):
+        store.write_at("tus/x", start, io.BytesIO(data[start:end]))
+    assert store.read_range("tus/x", 0, len(data) + 1) == data
+    assert 3 * MiB - 3 * DIRECT_ALIGN <= log.direct <= 3 * MiB + 4321
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+def test_a_file_system_without_direct_writes_gets_them_through_the_page_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, data = LocalStore(tmp_path / "store"), os.urandom(DIRECT_FROM + 5 * MiB + 99)
+    log = _WriteLog(monkeypatch, refuse_direct=True)  # the flag taken, the writes refused
+    descriptors = len(os.listdir("/proc/self/fd"))
+    assert store.write_at("big", 0, io.BytesIO(data)).size == len(data)
+    assert store.read_range("big", 0, len(data) + 1) == data and log.direct == 0
+    monkeypatch.setattr(_DirectWriter, "open", classmethod(lambda cls, fd, at: None))
+    assert store.write_at("big", 3, io.BytesIO(data[3:])).size == len(data) - 3  # not opened
+    assert store.read_range("big", 0, len(data) + 1) == data
+    assert len(os.listdir("/proc/self/fd")) == descriptors  # the refused one closed too

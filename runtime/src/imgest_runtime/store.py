@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import io
+import mmap
 import os
 import queue
 import re
@@ -293,14 +295,36 @@ def _unwritten_bytes() -> int | None:
         return None
 
 
-def _write_out(data: BinaryIO, out: BinaryIO, offset: int, *, eager: bool) -> int:
-    """Copies `data` to `out` (positioned at `offset`); returns the bytes written. With `eager`,
-    each 8 MiB written is handed to the disk at once (SYNC_FILE_RANGE_WRITE: start, do not
-    wait): the disk then works while the rest arrives, and the final fsync finds little left,
-    where it would otherwise write the whole object back only then."""
+def _write_out(data: BinaryIO, out: BinaryIO, offset: int, *, eager: bool,
+               direct_from: int | None = None) -> int:
+    """Copies `data` to `out` (positioned at `offset`); returns the bytes written. Through the
+    page cache, but for the file's bytes past `direct_from`: by O_DIRECT where the file system
+    allows it (`_DirectWriter`)."""
+    cached = None if direct_from is None else max(0, direct_from - offset)
+    written = _write_cached(data, out, offset, eager=eager, most=cached) if cached != 0 else 0
+    if cached is None or written < cached:
+        return written
+    out.flush()
+    direct = _DirectWriter.open(out.fileno(), offset + written)
+    if direct is None:
+        return written + _write_cached(data, out, offset + written, eager=eager)
+    with direct:
+        while block := data.read(CHUNK):
+            direct.write(block)
+        direct.finish()
+    return written + direct.written
+
+
+def _write_cached(data: BinaryIO, out: BinaryIO, offset: int, *, eager: bool,
+                  most: int | None = None) -> int:
+    """Copies `data` to `out` through the page cache, until it ends or `most` bytes are written
+    (a block more at most); returns the bytes written. With `eager`, each 8 MiB written is handed
+    to the disk at once (SYNC_FILE_RANGE_WRITE: start, do not wait): the disk then works while
+    the rest arrives, and the final fsync finds little left, where it would otherwise write the
+    whole object back only then."""
     written = started = 0
     start_writeback = _sync_file_range() if eager else None
-    while block := data.read(CHUNK):
+    while (most is None or written < most) and (block := data.read(CHUNK)):
         out.write(block)
         written += len(block)
         if start_writeback is not None and written - started >= WRITEBACK_EVERY:
@@ -311,6 +335,115 @@ def _write_out(data: BinaryIO, out: BinaryIO, offset: int, *, eager: bool) -> in
         out.flush()
         start_writeback(out.fileno(), offset + started, written - started, 2)
     return written
+
+
+DIRECT_FROM = 8 * CHUNK  # a file written at offsets (tus) goes by O_DIRECT past this
+DIRECT_BUFFER = 4 * CHUNK
+DIRECT_ALIGN = 4096  # of offsets, lengths and memory: a page covers the disk's logical block
+
+
+class _DirectWriter:
+    """Writes a file from offset `at` on by O_DIRECT: gathered in an aligned buffer of its own,
+    then straight to the disk, past the page cache. Each page of the page cache costs a fault
+    when first touched, and on a virtual machine whose freed memory goes back to its host (free
+    page reporting) that fault is most of a buffered write's CPU: ~3 ms per MiB, against ~0.3
+    through recycled pages and ~0.2 this way (measured on the benchmark's machine). A big upload
+    is rarely read back whole at once, and no longer pushes other files out of the cache. The
+    unaligned ends go through the page cache (the kernel keeps the two coherent)."""
+
+    def __init__(self, cached: int, direct: int, at: int):
+        self.cached, self.direct, self.at = cached, direct, at
+        self.lead = -at % DIRECT_ALIGN  # bytes before the first aligned offset
+        self.buffer = _spare_buffers.take()
+        self.view = memoryview(self.buffer)
+        self.fill = 0
+        self.written = 0
+
+    @classmethod
+    def open(cls, fd: int, at: int) -> _DirectWriter | None:
+        """A writer on the file behind `fd`, or None where O_DIRECT is not to be had (not Linux,
+        or a file system without it, e.g. tmpfs before Linux 6.6)."""
+        try:
+            direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT)
+        except (OSError, AttributeError):
+            return None
+        return cls(fd, direct, at)
+
+    def write(self, block: bytes) -> None:
+        self.written += len(block)
+        view = memoryview(block)
+        if self.lead:
+            lead = view[:self.lead]
+            self._write(self.cached, lead)
+            self.lead -= len(lead)
+            view = view[len(lead):]
+        while view:
+            n = min(len(view), DIRECT_BUFFER - self.fill)
+            self.view[self.fill:self.fill + n] = view[:n]
+            self.fill += n
+            view = view[n:]
+            if self.fill == DIRECT_BUFFER:
+                self._write(self.direct, self.view)
+                self.fill = 0
+
+    def finish(self) -> None:
+        """Writes what the buffer holds: its aligned part by O_DIRECT, the tail cached."""
+        aligned = self.fill - self.fill % DIRECT_ALIGN
+        if aligned:
+            self._write(self.direct, self.view[:aligned])
+        if self.fill > aligned:
+            self._write(self.cached, self.view[aligned:self.fill])
+        self.fill = 0
+
+    def _write(self, fd: int, data: memoryview) -> None:
+        while data:
+            try:
+                n = os.pwrite(fd, data, self.at)
+            except OSError as e:  # a file system that took the flag but not these writes
+                if fd != self.direct or e.errno != errno.EINVAL:
+                    raise
+                os.close(self.direct)
+                fd = self.direct = self.cached  # the rest through the page cache
+                continue
+            self.at += n
+            data = data[n:]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.direct != self.cached:
+            os.close(self.direct)
+        self.view.release()
+        _spare_buffers.give(self.buffer)
+
+
+class _SpareBuffers:
+    """Aligned buffers kept for the next `_DirectWriter`s (each segment of a tus upload has
+    one): a fresh mapping's pages each cost a fault when first touched, on a virtual machine
+    as dear as the page cache's."""
+
+    KEPT = 2
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.spare: list[mmap.mmap] = []
+
+    def take(self) -> mmap.mmap:
+        with self.lock:
+            if self.spare:
+                return self.spare.pop()
+        return mmap.mmap(-1, DIRECT_BUFFER)  # page-aligned
+
+    def give(self, buffer: mmap.mmap) -> None:
+        with self.lock:
+            if len(self.spare) < self.KEPT:
+                self.spare.append(buffer)
+                return
+        buffer.close()
+
+
+_spare_buffers = _SpareBuffers()
 
 
 class DurableBatch:
@@ -406,7 +539,11 @@ class LocalStore(ObjectStore):
         fd = os.open(path, os.O_WRONLY | (os.O_CREAT if offset == 0 else 0), 0o644)
         with open(fd, "wb", closefd=True) as out:  # (no O_TRUNC: what is there stays)
             out.seek(offset)
-            written = _write_out(data, out, offset, eager=self.fsync)
+            # A file assembled at offsets is a tus upload, often of gigabytes that nothing
+            # reads back whole soon (a slide's headers are read, a zip's members once): past
+            # its first DIRECT_FROM bytes it is written past the page cache. A `put`, such as
+            # an imported zip that the unpacker reads at once, keeps the cache's pages.
+            written = _write_out(data, out, offset, eager=self.fsync, direct_from=DIRECT_FROM)
             if self.fsync and durable:
                 out.flush()
                 os.fsync(out.fileno())
