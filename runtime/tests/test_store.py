@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -31,6 +32,7 @@ from imgest_runtime.store import (
     StoreError,
     _DirectWriter,
     _FullReads,
+    _SpareBuffers,
     check_key,
     each_side_by_side,
     fit_name,
@@ -748,21 +750,33 @@ def test_iter_reader_hands_whole_chunks_on_and_parts_of_them_in_order():
     assert buffered.read() == b"abcdefghij"
 
 
-class _WriteLog:
-    """os.pwrite, recording how many bytes went through descriptors opened with O_DIRECT."""
+_PWRITE = os.pwrite  # the real one, under any log
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False):
-        self.direct = 0
-        self.refuse_direct = refuse_direct
-        real = os.pwrite
+
+class _WriteLog:
+    """os.pwrite, counting the bytes the kernel took through descriptors opened with O_DIRECT
+    (each checked aligned: offset, length and memory); or refusing such writes, or failing
+    the `fail_direct_after`-th of them with ENOSPC."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False,
+                 fail_direct_after: int | None = None):
+        self.direct = self.calls = 0
+        real = _PWRITE
 
         def pwrite(fd: int, data, offset: int) -> int:
-            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-                if self.refuse_direct:
-                    raise OSError(errno.EINVAL, "Invalid argument")
-                assert offset % DIRECT_ALIGN == 0 and len(data) % DIRECT_ALIGN == 0
-                self.direct += len(data)
-            return real(fd, data, offset)
+            if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                return real(fd, data, offset)
+            if refuse_direct:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            self.calls += 1
+            if fail_direct_after is not None and self.calls > fail_direct_after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            address = ctypes.addressof(ctypes.c_char.from_buffer(data))
+            assert (offset % DIRECT_ALIGN, len(data) % DIRECT_ALIGN,
+                    address % DIRECT_ALIGN) == (0, 0, 0)
+            written = real(fd, data, offset)  # an EINVAL here fails the test
+            self.direct += written
+            return written
 
         monkeypatch.setattr(os, "pwrite", pwrite)
 
@@ -797,3 +811,22 @@ def test_a_file_system_without_direct_writes_gets_them_through_the_page_cache(
     assert store.write_at("big", 3, io.BytesIO(data[3:])).size == len(data) - 3  # not opened
     assert store.read_range("big", 0, len(data) + 1) == data
     assert len(os.listdir("/proc/self/fd")) == descriptors  # the refused one closed too
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+def test_a_failed_direct_write_raises_its_own_error_and_leaves_nothing_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, data = LocalStore(tmp_path / "store"), os.urandom(DIRECT_FROM + 9 * MiB + 5)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    # No spare kept (as when other uploads fill the spares): a failed writer's buffer is let go.
+    monkeypatch.setattr(_SpareBuffers, "KEPT", 0)
+    for writes_that_succeed in (0, 1, 2):  # the disk full at the first, second, last write
+        _WriteLog(monkeypatch, fail_direct_after=writes_that_succeed)
+        with pytest.raises(OSError) as failed:
+            store.write_at("tus/x", 0, io.BytesIO(data))
+        assert failed.value.errno == errno.ENOSPC  # not a BufferError over it
+        del failed  # (its traceback holds a slice of the buffer)
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+    monkeypatch.undo()
+    assert store.write_at("tus/x", 0, io.BytesIO(data)).size == len(data)  # all is well again
+    assert store.read_range("tus/x", 0, len(data) + 1) == data

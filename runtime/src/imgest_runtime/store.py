@@ -367,7 +367,11 @@ class _DirectWriter:
             direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT)
         except (OSError, AttributeError):
             return None
-        return cls(fd, direct, at)
+        try:
+            return cls(fd, direct, at)
+        except BaseException:
+            os.close(direct)
+            raise
 
     def write(self, block: bytes) -> None:
         self.written += len(block)
@@ -399,12 +403,16 @@ class _DirectWriter:
         while data:
             try:
                 n = os.pwrite(fd, data, self.at)
-            except OSError as e:  # a file system that took the flag but not these writes
-                if fd != self.direct or e.errno != errno.EINVAL:
+            except OSError as e:
+                if fd != self.direct or fd == self.cached or e.errno != errno.EINVAL:
                     raise
+                # A file system that took the flag but not these writes (a logical block
+                # larger than a page): the rest through the page cache.
                 os.close(self.direct)
-                fd = self.direct = self.cached  # the rest through the page cache
+                fd = self.direct = self.cached
                 continue
+            if n == 0:
+                raise OSError(errno.EIO, "the file system wrote nothing")
             self.at += n
             data = data[n:]
 
@@ -415,6 +423,9 @@ class _DirectWriter:
         if self.direct != self.cached:
             os.close(self.direct)
         self.view.release()
+        # Not closed here: after a failed write, a frame of the traceback may still hold a
+        # slice of it (closing would raise BufferError over the real error); unmapped when the
+        # last reference goes.
         _spare_buffers.give(self.buffer)
 
 
@@ -428,19 +439,25 @@ class _SpareBuffers:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.spare: list[mmap.mmap] = []
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        """In a forked child: its own buffers and lock (a copy of a lock held at the fork would
+        stay held)."""
+        self.lock = threading.Lock()
+        self.spare = []
 
     def take(self) -> mmap.mmap:
         with self.lock:
             if self.spare:
                 return self.spare.pop()
-        return mmap.mmap(-1, DIRECT_BUFFER)  # page-aligned
+        # Private (a forked process gets its own copy) and page-aligned, as O_DIRECT needs.
+        return mmap.mmap(-1, DIRECT_BUFFER, flags=mmap.MAP_PRIVATE)
 
     def give(self, buffer: mmap.mmap) -> None:
         with self.lock:
             if len(self.spare) < self.KEPT:
                 self.spare.append(buffer)
-                return
-        buffer.close()
 
 
 _spare_buffers = _SpareBuffers()
