@@ -6,7 +6,8 @@ On the embedded stack (local store) in a temporary directory:
 
 1. one big file (2 GB of random bytes, from disk) through `POST /api/v1/uploads/{id}/files`,
    against the same file written with the store's own `put`; with the gateway's peak memory
-   during the upload (the PSS of its processes, every 50 ms: `common.memory_kb`);
+   during the upload (the PSS of its processes, `common.peak_watch`: read when their resident
+   size grows, checked every 50 ms, and every second);
 2. 1,000 small files by 4 clients at once through the same endpoint, one request per file and
    then as multipart forms of `--batch` files, against 4 threads putting the same files into
    the store.
