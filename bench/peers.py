@@ -408,7 +408,7 @@ def main() -> None:
             except OSError as e:  # a file system without O_DIRECT
                 print(f"  one file, {label}: {e}")
                 continue
-            print(f"  {f'one {args.disk_gb:g} GiB file, {label}':<26}{'':>12}"
+            print(f"  {f'one {args.disk_gb:g} GiB file, {label}':<38}"
                   f"{disk['mb_per_s']:>8.0f}{disk['seconds']:>9.2f}{disk['others_cpu']:>8.1f}")
         print("\nothers: CPU seconds the rest of the machine took meanwhile (other processes, "
               "steal);\nwell above 0, the figure beside it is disturbed.")
