@@ -751,6 +751,7 @@ def test_iter_reader_hands_whole_chunks_on_and_parts_of_them_in_order():
 
 
 _PWRITE = os.pwrite  # the real one, under any log
+needs_o_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
 
 
 class _WriteLog:
@@ -781,7 +782,7 @@ class _WriteLog:
         monkeypatch.setattr(os, "pwrite", pwrite)
 
 
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+@needs_o_direct
 def test_files_written_at_offsets_go_past_the_page_cache_beyond_their_start(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store, data = LocalStore(tmp_path / "store"), os.urandom(DIRECT_FROM + 3 * MiB + 4321)
@@ -799,7 +800,7 @@ def test_files_written_at_offsets_go_past_the_page_cache_beyond_their_start(
     assert 3 * MiB - 3 * DIRECT_ALIGN <= log.direct <= 3 * MiB + 4321
 
 
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+@needs_o_direct
 def test_a_file_system_without_direct_writes_gets_them_through_the_page_cache(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store, data = LocalStore(tmp_path / "store"), os.urandom(DIRECT_FROM + 5 * MiB + 99)
@@ -813,7 +814,7 @@ def test_a_file_system_without_direct_writes_gets_them_through_the_page_cache(
     assert len(os.listdir("/proc/self/fd")) == descriptors  # the refused one closed too
 
 
-@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+@needs_o_direct
 def test_a_failed_direct_write_raises_its_own_error_and_leaves_nothing_open(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store, data = LocalStore(tmp_path / "store"), os.urandom(DIRECT_FROM + 9 * MiB + 5)
