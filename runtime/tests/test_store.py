@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from imgest_runtime.settings import RuntimeSettings
 from imgest_runtime.store import (
     CHUNK,
     DIRECT_ALIGN,
@@ -36,6 +37,7 @@ from imgest_runtime.store import (
     check_key,
     each_side_by_side,
     fit_name,
+    open_store,
     part_size_for,
     put_async,
 )
@@ -798,6 +800,13 @@ def test_files_written_at_offsets_go_past_the_page_cache_beyond_their_start(
         store.write_at("tus/x", start, io.BytesIO(data[start:end]))
     assert store.read_range("tus/x", 0, len(data) + 1) == data
     assert 3 * MiB - 3 * DIRECT_ALIGN <= log.direct <= 3 * MiB + 4321
+    # Turned off (IMGEST_STORE_DIRECT_WRITES=false): all through the page cache.
+    log.direct = 0
+    monkeypatch.setenv("IMGEST_STORE_DIRECT_WRITES", "false")
+    cached = open_store(RuntimeSettings(data_dir=tmp_path / "cached"))
+    for start, end in itertools.pairwise(cuts):
+        cached.write_at("tus/x", start, io.BytesIO(data[start:end]))
+    assert cached.read_range("tus/x", 0, len(data) + 1) == data and log.direct == 0
 
 
 @needs_o_direct

@@ -69,6 +69,10 @@ class RuntimeSettings(BaseSettings):
     # object store
     store: Literal["local", "s3"] = Field("local", description="Object store adapter.")
     store_dir: Path | None = Field(None, description="Local store root (default DATA_DIR/objects).")
+    store_direct_writes: bool = Field(
+        True, description="The local store writes a tus upload's bytes past its first 8 MiB by "
+        "O_DIRECT, past the page cache (where the file system allows it); false: through the "
+        "page cache, e.g. on storage where each synchronous write waits long.")
     s3_endpoint: str = Field("127.0.0.1:9000", description="S3 endpoint host:port.")
     s3_access_key: str = Field("minioadmin", description="S3 access key.")
     s3_secret_key: str = Field("minioadmin", description="S3 secret key.")

@@ -520,10 +520,11 @@ class _SyncfsBatch(DurableBatch):
 class LocalStore(ObjectStore):
     """Objects as files below a root directory; writes are atomic (temp file, then rename)."""
 
-    def __init__(self, root: Path, fsync: bool = True):
+    def __init__(self, root: Path, fsync: bool = True, direct_writes: bool = True):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
+        self.direct_from = DIRECT_FROM if direct_writes else None
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -560,7 +561,8 @@ class LocalStore(ObjectStore):
             # reads back whole soon (a slide's headers are read, a zip's members once): past
             # its first DIRECT_FROM bytes it is written past the page cache. A `put`, such as
             # an imported zip that the unpacker reads at once, keeps the cache's pages.
-            written = _write_out(data, out, offset, eager=self.fsync, direct_from=DIRECT_FROM)
+            written = _write_out(data, out, offset, eager=self.fsync,
+                                 direct_from=self.direct_from)
             if self.fsync and durable:
                 out.flush()
                 os.fsync(out.fileno())
@@ -850,7 +852,7 @@ def open_store(settings: RuntimeSettings) -> ObjectStore:
                         settings.s3_bucket, settings.s3_secure, settings.s3_region)
         store.ensure_bucket()
         return store
-    return LocalStore(settings.local_store_dir)
+    return LocalStore(settings.local_store_dir, direct_writes=settings.store_direct_writes)
 
 
 class RangeFile(_Reader):
