@@ -13,8 +13,9 @@ measurement, so no write-back of the generation lands in one.
 First the peers, with nothing of imgest running (bench/peers.py): Orthanc storing the first
 study's files through `POST /instances` with one client and with `--clients`, the machine's
 ceilings over the same files (fsync'd writes, DICOM headers, sha256, one thread each) and one
-file of the tus size written and fsync'd, through the page cache and by O_DIRECT. Then the embedded stack (local store) once, warmed by
-one instance sent through it, and each scenario into a project of its own (auto-archive):
+file of the tus size written and fsync'd, through the page cache and by O_DIRECT. Then the
+embedded stack (local store) once, warmed by one instance sent through it, and each scenario
+into a project of its own (auto-archive):
 
 1. the study as one zip through XNAT's import (`POST /data/services/import`,
    `import-handler=DICOM-zip`): instances/s from the first byte to archived, with the stages
@@ -25,7 +26,7 @@ one instance sent through it, and each scenario into a project of its own (auto-
    rate through the page cache (the target's) and by O_DIRECT (as imgest writes the bulk of a
    big file), with the system CPU each write cost per MiB and the gateway's CPU per MiB; and
    the gateway's peak memory during it (the PSS of its processes, read whenever their resident
-   size passes its largest yet, checked every 50 ms);
+   size, checked every 50 ms, passes its largest yet, and every second);
 4. `--latency-files` one-instance studies, one after the other, through XNAT's import
    (`import-handler=SI`): p50 and p95 from the first byte to archived.
 
