@@ -38,6 +38,7 @@ from typing import Self
 
 import httpx
 import pydicom
+from imgest_runtime.store import DIRECT_ALIGN
 from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -335,7 +336,7 @@ def disk_write_rate(scratch: Path, total_bytes: int, chunk: int = 8 * MIB, *,
     block.write(os.urandom(chunk))  # random: a compressing file system gains nothing
     view = memoryview(block)
     if direct:
-        total_bytes -= total_bytes % 4096
+        total_bytes -= total_bytes % DIRECT_ALIGN
     path = scratch / "disk-write.bin"
     os.sync()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0),

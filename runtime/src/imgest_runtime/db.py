@@ -121,7 +121,7 @@ async def _keep_session_state(_conn: Any) -> None:
 
 
 async def _json_as_sqlalchemy_does(conn: Any) -> None:
-    """JSON parameters as text, results decoded: what `Statement`s get on either pool."""
+    """JSON parameters as text, results decoded, as SQLAlchemy's own connections have them."""
     for name in ("json", "jsonb"):
         await conn.set_type_codec(name, schema="pg_catalog", format="text",
                                   encoder=lambda text: text, decoder=json.loads)

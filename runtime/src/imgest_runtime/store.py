@@ -404,7 +404,7 @@ class _DirectWriter:
             try:
                 n = os.pwrite(fd, data, self.at)
             except OSError as e:
-                if fd != self.direct or fd == self.cached or e.errno != errno.EINVAL:
+                if fd == self.cached or e.errno != errno.EINVAL:
                     raise
                 # A file system that took the flag but not these writes (a logical block
                 # larger than a page): the rest through the page cache.
