@@ -185,6 +185,17 @@ class ObjectStore(ABC):
         already there past them stay (`move` the object once it is whole)."""
         raise NotImplementedError
 
+    # A store whose objects are files hands out their bytes in place (a memory map): read
+    # without a copy into the reader's memory, and by threads side by side (hashing and
+    # writing them never hold the GIL).
+    maps_objects = False
+
+    def mapped(self, key: str, offset: int, length: int
+               ) -> contextlib.AbstractContextManager[memoryview]:
+        """A read-only view of up to `length` bytes of the object from `offset` (fewer at its
+        end), valid until the context ends."""
+        raise NotImplementedError
+
     @abstractmethod
     def open(self, key: str) -> BinaryIO:
         """A readable stream of the object; the caller closes it."""
@@ -599,6 +610,26 @@ class LocalStore(ObjectStore):
         with self.open(key) as f:
             f.seek(offset)
             return f.read(length)
+
+    maps_objects = True
+
+    @contextlib.contextmanager
+    def mapped(self, key: str, offset: int, length: int) -> Iterator[memoryview]:
+        with self.open(key) as f:
+            end = min(os.fstat(f.fileno()).st_size, offset + length)
+            if end <= offset:
+                yield memoryview(b"")
+                return
+            # (Safe to map: an object is never changed in place once written, only replaced.)
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY  # where a map may begin
+            whole = mmap.mmap(f.fileno(), end - start, prot=mmap.PROT_READ, offset=start)
+        try:
+            yield memoryview(whole)[offset - start:]
+        finally:
+            # A view still held (by an exception's frames) would make close raise over the
+            # real error: the map then goes when its last view does.
+            with contextlib.suppress(BufferError):
+                whole.close()
 
     def stat(self, key: str) -> StoredObject | None:
         try:

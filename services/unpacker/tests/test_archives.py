@@ -524,3 +524,100 @@ def test_a_companion_of_two_slides_or_of_the_wrong_kind_is_refused(store):
     vsi = {"v.vsi": b"II*\x00", "_v_/stack1/frame_t.ets": b"e", "_v_/notes.txt": b"n"}
     result = unpack(store, stored(store, zip_bytes(vsi)), "zip", GENEROUS)
     assert [m.path for m in result.members] == ["_v_/notes.txt"]
+
+
+# --- a zip of stored members, copied out in place where the store maps its objects -------------
+
+
+def stored_zip(files: dict[str, bytes]) -> bytearray:
+    return bytearray(zip_bytes(files, zipfile.ZIP_STORED))
+
+
+def test_a_stored_zip_on_the_local_store_is_copied_out_of_the_mapped_archive(tmp_path):
+    """Every member is copied from its span of the archive (none streamed), in the archive's
+    order, with its own bytes and hash; an archive inside still gives way to its members."""
+    import hashlib
+
+    spans: list[tuple[str, int, int]] = []
+
+    class Counting(LocalStore):
+        def mapped(self, key, offset, length):
+            spans.append((key, offset, length))
+            return super().mapped(key, offset, length)
+
+    store = Counting(tmp_path / "store", fsync=False)
+    files = {f"s{i:02}.dcm": os.urandom(5000 + i) for i in range(30)}
+    files["inner.zip"] = zip_bytes({"a.dcm": b"A" * 10}, zipfile.ZIP_STORED)
+    files["big.dcm"] = os.urandom(3 * 1024 * 1024 + 17)
+    data = zip_bytes(files, zipfile.ZIP_STORED)
+    obj = stored(store, data)
+    result = unpack(store, obj, "zip", GENEROUS)
+    assert [m.path for m in result.members] == [p for p in files if p != "inner.zip"] + [
+        "inner.zip/a.dcm"]
+    contents = {**files, "inner.zip/a.dcm": b"A" * 10}
+    for m in result.members:
+        with store.open(m.key) as f:
+            assert f.read() == contents[m.path]
+        assert m.sha256 == hashlib.sha256(contents[m.path]).hexdigest()
+    # The outer archive's 32 members and the inner one's, each mapped once, where it lies.
+    outer = sorted((o, n) for k, o, n in spans if k == obj.object_key)
+    assert [bytes(data[o:o + n]) for o, n in outer] == list(files.values())
+    assert len(spans) == len(files) + 1
+
+
+@pytest.mark.parametrize("window", [None, 4096])
+@pytest.mark.parametrize("which", [0, 7, 19])
+def test_a_stored_member_whose_crc_does_not_match_refuses_the_archive(store, which, window,
+                                                                       monkeypatch):
+    """Checked as the bytes are copied (in windows, for a large member): the member written
+    before its check failed is deleted with the rest."""
+    if window:
+        monkeypatch.setattr("imgest_unpacker.archives.MAP_WINDOW", window)
+    files = {f"f{i:02}.dcm": os.urandom(20_000) for i in range(20)}
+    data = stored_zip(files)
+    at = data.index(files[f"f{which:02}.dcm"])
+    data[at + 15_000] ^= 0xFF
+    error = refused(store, stored(store, bytes(data)), "zip")
+    assert error.code == "archive.corrupt" and "CRC" in error.message
+    assert unpacked(store, stored(store, stored_zip(files)), "zip") == files  # intact: whole
+
+
+def test_stored_members_that_overlap_or_run_past_the_directory_are_refused(tmp_path):
+    """Where members are copied in place, each span must follow the last, before the central
+    directory: two entries sharing bytes are how some zip bombs multiply themselves. (Streamed,
+    from the front, the second would never be reached.)"""
+    store = LocalStore(tmp_path / "store", fsync=False)
+    inner = zip_bytes({"b.dcm": b"B" * 500}, zipfile.ZIP_STORED)
+    data = stored_zip({"a.dcm": inner})
+    # The central directory gains an entry for the member whose header lies inside a.dcm.
+    with zipfile.ZipFile(io.BytesIO(inner)) as zf:
+        inside = zf.infolist()[0]
+    start_in_outer = data.index(inner)
+    central = data.index(b"PK\x01\x02", start_in_outer + len(inner))
+    entry = bytearray(inner[inner.index(b"PK\x01\x02"):inner.index(b"PK\x05\x06")])
+    entry[42:46] = (start_in_outer + inside.header_offset).to_bytes(4, "little")
+    end = data.index(b"PK\x05\x06", central)
+    eocd = bytearray(data[end:])
+    eocd[8:10] = eocd[10:12] = (2).to_bytes(2, "little")
+    eocd[12:16] = (end - central + len(entry)).to_bytes(4, "little")
+    overlapping = bytes(data[:end]) + bytes(entry) + bytes(eocd)
+    error = refused(store, stored(store, overlapping), "zip")
+    assert error.code == "archive.corrupt" and "overlaps" in error.message
+    # A size in the directory that reaches past the member's bytes.
+    data = stored_zip({"a.dcm": b"a" * 100, "b.dcm": b"b" * 100})
+    second = data.index(b"PK\x01\x02", data.index(b"PK\x01\x02") + 1)
+    for field in (20, 24):  # compressed and uncompressed sizes
+        data[second + field:second + field + 4] = (10_000).to_bytes(4, "little")
+    error = refused(store, stored(store, bytes(data)), "zip")
+    assert error.code == "archive.corrupt" and "past the central directory" in error.message
+
+
+def test_a_local_header_that_does_not_store_its_member_refuses_the_archive(tmp_path):
+    store = LocalStore(tmp_path / "store", fsync=False)
+    data = stored_zip({"a.dcm": b"a" * 100, "b.dcm": b"b" * 100})
+    second = data.index(b"PK\x03\x04", 4)
+    data[second + 8:second + 10] = (8).to_bytes(2, "little")  # deflated, says the header
+    error = refused(store, stored(store, bytes(data)), "zip")
+    assert error.code == "archive.corrupt" and "'b.dcm'" in error.message
+    data[second:second + 4] = b"PK\x07\x08"  # no local header where the directory points
+    assert refused(store, stored(store, bytes(data)), "zip").code == "archive.corrupt"

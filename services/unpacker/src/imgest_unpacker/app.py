@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +38,7 @@ from imgest_runtime.store import (
     fit_name,
 )
 
-from .archives import entries, sniff, sniff_head
+from .archives import Span, copy_span, entries, sniff, sniff_head, sniff_span
 from .domain import ArchiveError, Limits, Tally, file_id, listing_files, plan_filesets
 from .models import metadata
 from .settings import Settings
@@ -94,20 +95,33 @@ WHOLE_UP_TO = CHUNK  # a member up to this size is read whole and written by a w
 
 
 class _Writers:
-    """Small members written by another thread while the next ones are read from the archive:
-    reading it (parsing, inflating) and writing them (hashing, the disk) overlap instead of
-    taking turns (a zip of 1,000 CT slices unpacks in about 15 % less time). At most `ahead`
-    members wait, whole, in memory. Members are recorded in `staged` in the archive's order."""
+    """Members written by other threads while the next ones are read from the archive: reading
+    it (parsing, inflating) and writing them (hashing, the disk) overlap instead of taking
+    turns (a zip of 1,000 CT slices unpacks in about 15 % less time). At most `ahead` members
+    wait their turn (streamed ones whole, in memory). Members are recorded in `staged` in the
+    archive's order.
+
+    One thread per core where members are copied out of a mapped archive (`copy_span`: the
+    work is the GIL-free kind); otherwise the store's `side_by_side` (on a local disk, more
+    threads would take turns at the GIL)."""
 
     def __init__(self, store: ObjectStore, staged: list[Member], on_staged: Callable[[], None],
                  ahead: int = 8):
         self.store, self.staged, self.on_staged, self.ahead = store, staged, on_staged, ahead
-        self.pool = ThreadPoolExecutor(store.side_by_side, thread_name_prefix="imgest-members")
+        threads = max(store.side_by_side, os.cpu_count() or 1) if store.maps_objects else (
+            store.side_by_side)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="imgest-members")
         self.pending: deque[tuple[str, str, Future[StoredObject]]] = deque()
 
     def put(self, path: str, key: str, chunks: list[bytes], root: str) -> None:
-        self.pending.append((path, root, self.pool.submit(
-            self.store.put, key, IterReader(iter(chunks)), durable=False)))
+        self._submit(path, root, self.store.put, key, IterReader(iter(chunks)), durable=False)
+
+    def copy(self, path: str, key: str, span: Span, root: str) -> None:
+        self._submit(path, root, copy_span, self.store, span, path, key)
+
+    def _submit(self, path: str, root: str, write: Callable[..., StoredObject], *args: object,
+                **kwargs: object) -> None:
+        self.pending.append((path, root, self.pool.submit(write, *args, **kwargs)))
         self.settle(self.ahead)
 
     def settle(self, keep: int = 0) -> None:
@@ -157,6 +171,7 @@ def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
                         for _ in _stage(store, obj, inner.key, inner.size, inner.fmt, tally,
                                         writers, inner.prefix):
                             pass
+                        writers.settle()  # (its members may be copied out of it in place)
                     except BaseException:
                         with contextlib.suppress(Exception):  # (the first error is the one told)
                             store.delete(inner.key)
@@ -195,6 +210,15 @@ def _stage(store: ObjectStore, obj: ObjectStored, key: str, size: int, fmt: str,
         # The file id before the name, not a folder per member (a directory per file costs
         # the disk about a seventh of a small file's write).
         member_key = f"staging/{obj.upload_id}/members/{fit_name(f'{fid}-{Path(path).name}')}"
+        if (span := entry.span) is not None:  # in place in the archive: copied, not streamed
+            inner_fmt = None if prefix else sniff_span(store, span)
+            if inner_fmt is None:
+                writers.copy(path, member_key, span, prefix)
+                continue
+            writers.settle()
+            stored = copy_span(store, span, path, member_key)
+            yield _Inner(member_key, stored.size, inner_fmt, path + "/")
+            continue
         head, whole = _read_up_to(entry.chunks, WHOLE_UP_TO)
         inner_fmt = None if prefix or not whole else sniff_head(_head_of(head))
         if whole and inner_fmt is None:

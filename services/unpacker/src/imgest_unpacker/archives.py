@@ -4,6 +4,9 @@
   the archive), so links, devices, encryption, duplicates and declared sizes are refused
   before a byte is unpacked; the members are then streamed from the front (stream-unzip:
   stored, deflate, deflate64, bzip2, zip64), their sizes and CRCs checked as they flow.
+  A zip whose members are all stored (not compressed), on a store that maps its objects, is
+  not streamed: each member is copied out of the archive where it lies (`copy_span`), by
+  threads side by side.
 - tar, tar.gz, tar.bz2, tar.xz: streamed (tarfile's `r|*`), nothing seeks.
 """
 
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import stream_unzip
-from imgest_runtime.store import IterReader, ObjectStore, RangeFile
+from imgest_runtime.store import IterReader, ObjectStore, RangeFile, StoredObject
 
 from .domain import (
     DIRECTORY,
@@ -41,10 +44,21 @@ _DECOMPRESSORS = {"gz": lambda: zlib.decompressobj(31), "bz2": bz2.BZ2Decompress
                   "xz": lzma.LZMADecompressor}
 
 
+@dataclass(frozen=True)
+class Span:
+    """A stored zip member's bytes, as they lie in the archive's object."""
+    key: str
+    offset: int
+    length: int
+    crc: int
+    head: bytes  # the first HEAD of them (enough to tell most formats)
+
+
 @dataclass
 class Entry:
     path: str
     chunks: Iterator[bytes]  # read it to the end before asking for the next entry
+    span: Span | None = None  # or, with no chunks, where its bytes lie (to `copy_span`)
 
 
 def sniff(store: ObjectStore, key: str) -> str | None:
@@ -52,14 +66,20 @@ def sniff(store: ObjectStore, key: str) -> str | None:
     return sniff_head(lambda n: store.read_range(key, 0, n))
 
 
+def sniff_span(store: ObjectStore, span: Span) -> str | None:
+    """The archive format of a stored zip member: its head is at hand; only a compressed one's
+    needs more."""
+    return sniff_head(lambda n: span.head[:n] if n <= HEAD else
+                      store.read_range(span.key, span.offset, min(n, span.length)))
+
+
 def sniff_head(head_of: Callable[[int], bytes]) -> str | None:
     """The archive format of a file whose first n bytes are head_of(n)."""
-    head = head_of(64 * 1024)
+    head = head_of(HEAD)
     suffix = compression(head)
     unpacked = None
-    if suffix == "bz2":  # bzip2 gives nothing before its first block (up to ~900 KB) is in
-        head = head_of(1100 * 1024)
-    if suffix:
+    if suffix:  # what it holds tells: more of it, decompressed (bzip2 gives nothing before
+        head = head_of(1100 * 1024 if suffix == "bz2" else 64 * 1024)  # its first block is in)
         try:  # (bounded: a few KB of bzip2 can be gigabytes of zeros)
             unpacked = _DECOMPRESSORS[suffix]().decompress(head, HEAD)
         except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError):
@@ -81,6 +101,11 @@ def entries(store: ObjectStore, key: str, size: int, fmt: str, tally: Tally, pre
 # --- zip ------------------------------------------------------------------------------------------
 
 
+def _raw_name(info: zipfile.ZipInfo) -> bytes:
+    """The member's name as the archive spells it (zipfile decodes it per the UTF-8 flag)."""
+    return info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+
+
 def _zip_kind(info: zipfile.ZipInfo) -> str:
     if info.is_dir():
         return DIRECTORY
@@ -100,7 +125,7 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: 
     _check_entry_count(store, key, size, tally)
     try:
         with zipfile.ZipFile(io.BufferedReader(RangeFile(store, key, size), 1024 * 1024)) as zf:
-            infos = zf.infolist()
+            infos, directory = zf.infolist(), zf.start_dir
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
         raise ArchiveError("archive.corrupt", "The zip archive cannot be read (its central "
                            f"directory: {e}); it may be truncated or damaged.") from e
@@ -110,14 +135,17 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: 
                   unpacked=tally.unpacked)
     listed: dict[bytes, tuple[str, str]] = {}  # raw name → (name, kind)
     for info in infos:
-        raw = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
-        listed[raw] = (info.orig_filename, _zip_kind(info))  # (zipfile decodes per the flag)
+        raw = _raw_name(info)
+        listed[raw] = (info.orig_filename, _zip_kind(info))
         check.member(info.orig_filename, listed[raw][1], bool(info.flag_bits & 0x1), prefix)
         check.grew(info.file_size)
     if tally.members == 0:  # the outermost archive: its directory gives the total
         tally.expected = check.members
     elif tally.expected is not None:  # a zip inside a zip: its files replace it
         tally.expected += check.members - tally.members - 1
+    if store.maps_objects and all(i.compress_type == zipfile.ZIP_STORED for i in infos):
+        yield from _stored_zip_entries(store, key, infos, directory, listed, tally, prefix)
+        return
     try:
         for raw_name, _size, chunks in stream_unzip.stream_unzip(store.iter_chunks(key)):
             # A name the central directory does not list is not unpacked.
@@ -130,6 +158,73 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: 
             yield Entry(path, _guarded(chunks, tally, "zip"))
     except _ERRORS["zip"] as e:
         raise _corrupt("zip", e) from e
+
+
+def _stored_zip_entries(store: ObjectStore, key: str, infos: list[zipfile.ZipInfo],
+                        directory: int, listed: dict[bytes, tuple[str, str]], tally: Tally,
+                        prefix: str) -> Iterator[Entry]:
+    """The members of a zip that stores them all, in the archive's order, each as the span of
+    the archive its local header points to. Each header must store its member; the spans must
+    lie one after the other before the central directory (`directory`), none inside another
+    (overlapping members are a way to build a bomb). A member whose local header gives another
+    name is skipped, as when streamed (what the directory lists is what is unpacked)."""
+    reach = 0  # the end of the last span
+    with store.open(key) as archive:  # (each header and head: one read, mostly from its buffer)
+        for info in sorted(infos, key=lambda i: i.header_offset):
+            archive.seek(info.header_offset)
+            header = archive.read(_LOCAL_HEADER)
+            if (len(header) < _LOCAL_HEADER or header[:4] != b"PK\x03\x04"
+                    or int.from_bytes(header[8:10], "little") != zipfile.ZIP_STORED):
+                raise ArchiveError("archive.corrupt", "The zip archive cannot be read (the "
+                                   f"local header of {info.orig_filename!r} is missing or does "
+                                   "not store it as its central directory says); it may be "
+                                   "damaged.")
+            raw = archive.read(int.from_bytes(header[26:28], "little"))
+            start = archive.tell() + int.from_bytes(header[28:30], "little")
+            if (start < reach or info.compress_size != info.file_size
+                    or start + info.file_size > directory):
+                raise ArchiveError("archive.corrupt", "The zip archive cannot be read (the "
+                                   f"member {info.orig_filename!r} overlaps another or runs "
+                                   "past the central directory); it may be damaged.")
+            reach = start + info.file_size
+            name, kind = (listed[raw] if raw == _raw_name(info)
+                          else (raw.decode("utf-8", "replace"), DIRECTORY))
+            path = tally.member(name, kind, prefix=prefix)
+            tally.grew(info.file_size)  # (what is skipped counts too, as when streamed)
+            if path is not None:
+                archive.seek(start)
+                yield Entry(path, iter(()), Span(key, start, info.file_size, info.CRC,
+                                                 archive.read(min(HEAD, info.file_size))))
+
+
+_LOCAL_HEADER = 30  # bytes of a local file header before its name and extra field
+MAP_WINDOW = 64 * 1024 * 1024  # mapped at once, of a large member
+
+
+def copy_span(store: ObjectStore, span: Span, path: str, key: str) -> StoredObject:
+    """A stored member's bytes, copied from the archive into the object `key` straight from the
+    store's map, a window at a time (not durable yet); their CRC-32 is checked on the way, and
+    the object deleted again if it fails (blocking; threads may run side by side: none of it
+    holds the GIL for long)."""
+    crc = 0
+
+    def windows() -> Iterator[memoryview]:
+        nonlocal crc
+        for at in range(0, span.length, MAP_WINDOW):
+            size = min(MAP_WINDOW, span.length - at)
+            with store.mapped(span.key, span.offset + at, size) as view:
+                if len(view) != size:
+                    raise ArchiveError("archive.corrupt", "The zip archive cannot be read "
+                                       f"({path!r} is cut short); it may be truncated.")
+                crc = zlib.crc32(view, crc)
+                yield view
+
+    stored = store.put(key, IterReader(windows()), durable=False)
+    if crc != span.crc:
+        store.delete(key)
+        raise ArchiveError("archive.corrupt", f"The zip archive cannot be read ({path!r} fails "
+                           "its CRC-32 check); it may be truncated or damaged.")
+    return stored
 
 
 def _check_entry_count(store: ObjectStore, key: str, size: int, tally: Tally) -> None:
