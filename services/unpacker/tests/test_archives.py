@@ -10,6 +10,7 @@ import stat
 import tarfile
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -526,16 +527,17 @@ def test_a_companion_of_two_slides_or_of_the_wrong_kind_is_refused(store):
     assert [m.path for m in result.members] == ["_v_/notes.txt"]
 
 
-# --- a zip of stored members, copied out in place where the store maps its objects -------------
+# --- a zip unpacked member by member from where each lies, where the store maps its objects ----
 
 
 def stored_zip(files: dict[str, bytes]) -> bytearray:
     return bytearray(zip_bytes(files, zipfile.ZIP_STORED))
 
 
-def test_a_stored_zip_on_the_local_store_is_copied_out_of_the_mapped_archive(tmp_path):
-    """Every member is copied from its span of the archive (none streamed), in the archive's
-    order, with its own bytes and hash; an archive inside still gives way to its members."""
+def test_a_zip_on_the_local_store_is_unpacked_from_the_mapped_archive(tmp_path):
+    """Every member, stored or deflated, is unpacked from its span of the archive (none
+    streamed), in the archive's order, with its own bytes and hash; an archive inside (a zip, a
+    tar.gz, itself sniffed from its unpacked head) still gives way to its members."""
     import hashlib
 
     spans: list[tuple[str, int, int]] = []
@@ -548,38 +550,80 @@ def test_a_stored_zip_on_the_local_store_is_copied_out_of_the_mapped_archive(tmp
     store = Counting(tmp_path / "store", fsync=False)
     files = {f"s{i:02}.dcm": os.urandom(5000 + i) for i in range(30)}
     files["inner.zip"] = zip_bytes({"a.dcm": b"A" * 10}, zipfile.ZIP_STORED)
+    files["inner.tgz"] = tar_bytes({"t.dcm": b"T" * 70_000}, "w:gz")
     files["big.dcm"] = os.urandom(3 * 1024 * 1024 + 17)
-    data = zip_bytes(files, zipfile.ZIP_STORED)
-    obj = stored(store, data)
+    files["zeros.dcm"] = bytes(5 * 1024 * 1024)  # deflated a chunk at a time
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for i, (name, content) in enumerate(files.items()):
+            zf.writestr(name, content, zipfile.ZIP_DEFLATED if i % 2 else zipfile.ZIP_STORED)
+    obj = stored(store, out.getvalue())
     result = unpack(store, obj, "zip", GENEROUS)
-    assert [m.path for m in result.members] == [p for p in files if p != "inner.zip"] + [
-        "inner.zip/a.dcm"]
-    contents = {**files, "inner.zip/a.dcm": b"A" * 10}
+    inside = {"inner.zip/a.dcm": b"A" * 10, "inner.tgz/t.dcm": b"T" * 70_000}
+    assert [m.path for m in result.members] == [
+        p for p in files if not p.startswith("inner.")] + ["inner.tgz/t.dcm", "inner.zip/a.dcm"]
+    contents = {**files, **inside}
     for m in result.members:
         with store.open(m.key) as f:
             assert f.read() == contents[m.path]
         assert m.sha256 == hashlib.sha256(contents[m.path]).hexdigest()
-    # The outer archive's 32 members and the inner one's, each mapped once, where it lies.
-    outer = sorted((o, n) for k, o, n in spans if k == obj.object_key)
-    assert [bytes(data[o:o + n]) for o, n in outer] == list(files.values())
-    assert len(spans) == len(files) + 1
+    # Each of the outer archive's members mapped from where its bytes begin; the inner zip's
+    # member from where it lies in the inner zip.
+    raw = out.getvalue()
+    with zipfile.ZipFile(out) as zf:
+        begins = {i.header_offset + 30 + len(i.filename) + int.from_bytes(
+            raw[i.header_offset + 28:i.header_offset + 30], "little") for i in zf.infolist()}
+    assert begins <= {o for k, o, _n in spans if k == obj.object_key}
+    assert [k.endswith("-inner.zip") for k, _o, _n in spans if k != obj.object_key] == [True]
+
+
+def set_field(data: bytearray, name: bytes, local: int, central: int, value: int) -> None:
+    """A 4-byte field of a member's local header (at `local`) and directory entry (`central`)."""
+    for signature, named, field in ((b"PK\x03\x04", 30, local), (b"PK\x01\x02", 46, central)):
+        at = data.index(signature)
+        while data[at + named:at + named + len(name)] != name:
+            at = data.index(signature, at + 1)
+        data[at + field:at + field + 4] = value.to_bytes(4, "little")
 
 
 @pytest.mark.parametrize("window", [None, 4096])
 @pytest.mark.parametrize("which", [0, 7, 19])
-def test_a_stored_member_whose_crc_does_not_match_refuses_the_archive(store, which, window,
-                                                                       monkeypatch):
-    """Checked as the bytes are copied (in windows, for a large member): the member written
-    before its check failed is deleted with the rest."""
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_a_member_whose_crc_does_not_match_refuses_the_archive(store, method, which, window,
+                                                               monkeypatch):
+    """Checked as the bytes are unpacked (a window of the archive at a time, if made small
+    here): the member written before its check failed is not left behind, nor the others."""
     if window:
         monkeypatch.setattr("imgest_unpacker.archives.MAP_WINDOW", window)
-    files = {f"f{i:02}.dcm": os.urandom(20_000) for i in range(20)}
-    data = stored_zip(files)
-    at = data.index(files[f"f{which:02}.dcm"])
-    data[at + 15_000] ^= 0xFF
+    files = {f"f{i:02}.dcm": os.urandom(9_000) * 3 for i in range(20)}
+    data = bytearray(zip_bytes(files, method))
+    name = f"f{which:02}.dcm"
+    set_field(data, name.encode(), 14, 16, zlib.crc32(files[name]) ^ 1)
     error = refused(store, stored(store, bytes(data)), "zip")
     assert error.code == "archive.corrupt" and "CRC" in error.message
-    assert unpacked(store, stored(store, stored_zip(files)), "zip") == files  # intact: whole
+    assert unpacked(store, stored(store, zip_bytes(files, method)), "zip") == files  # intact
+
+
+def test_a_member_that_unpacks_past_its_declared_size_is_refused(store):
+    """A member that declares a smaller size than it has: refused as its bytes pass that size
+    (a bomb's way to slip past the limits)."""
+    data = bytearray(zip_bytes({"a.dcm": b"a", "big.bin": os.urandom(2 * 1024**2)}))
+    set_field(data, b"big.bin", 22, 24, 1000)
+    error = refused(store, stored(store, bytes(data)), "zip")
+    assert error.code == "archive.corrupt"
+    if isinstance(store, LocalStore):  # (streamed from S3, stream-unzip says it its own way)
+        assert "more than the 1000 bytes" in error.message
+
+
+def test_a_deflated_member_cut_short_is_refused(tmp_path):
+    store = LocalStore(tmp_path / "store", fsync=False)
+    content = os.urandom(50_000) * 2
+    data = bytearray(zip_bytes({"a.dcm": content, "b.dcm": b"b"}))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        packed = zf.getinfo("a.dcm").compress_size
+    set_field(data, b"a.dcm", 18, 20, packed // 2)  # its deflate stream ends past its span
+    error = refused(store, stored(store, bytes(data)), "zip")
+    assert error.code == "archive.corrupt" and "cut short" in error.message
 
 
 def test_stored_members_that_overlap_or_run_past_the_directory_are_refused(tmp_path):

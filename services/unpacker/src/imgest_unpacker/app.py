@@ -38,7 +38,7 @@ from imgest_runtime.store import (
     fit_name,
 )
 
-from .archives import Span, copy_span, entries, sniff, sniff_head, sniff_span
+from .archives import Span, entries, sniff, sniff_head, sniff_span, write_span
 from .domain import ArchiveError, Limits, Tally, file_id, listing_files, plan_filesets
 from .models import metadata
 from .settings import Settings
@@ -101,7 +101,7 @@ class _Writers:
     wait their turn (streamed ones whole, in memory). Members are recorded in `staged` in the
     archive's order.
 
-    One thread per core where members are copied out of a mapped archive (`copy_span`: the
+    One thread per core where members are unpacked from a mapped archive (`write_span`: the
     work is the GIL-free kind); otherwise the store's `side_by_side` (on a local disk, more
     threads would take turns at the GIL)."""
 
@@ -116,8 +116,8 @@ class _Writers:
     def put(self, path: str, key: str, chunks: list[bytes], root: str) -> None:
         self._submit(path, root, self.store.put, key, IterReader(iter(chunks)), durable=False)
 
-    def copy(self, path: str, key: str, span: Span, root: str) -> None:
-        self._submit(path, root, copy_span, self.store, span, path, key)
+    def unpack(self, path: str, key: str, span: Span, root: str) -> None:
+        self._submit(path, root, write_span, self.store, span, path, key)
 
     def _submit(self, path: str, root: str, write: Callable[..., StoredObject], *args: object,
                 **kwargs: object) -> None:
@@ -210,13 +210,13 @@ def _stage(store: ObjectStore, obj: ObjectStored, key: str, size: int, fmt: str,
         # The file id before the name, not a folder per member (a directory per file costs
         # the disk about a seventh of a small file's write).
         member_key = f"staging/{obj.upload_id}/members/{fit_name(f'{fid}-{Path(path).name}')}"
-        if (span := entry.span) is not None:  # in place in the archive: copied, not streamed
+        if (span := entry.span) is not None:  # where it lies in the archive: not streamed
             inner_fmt = None if prefix else sniff_span(store, span)
             if inner_fmt is None:
-                writers.copy(path, member_key, span, prefix)
+                writers.unpack(path, member_key, span, prefix)
                 continue
             writers.settle()
-            stored = copy_span(store, span, path, member_key)
+            stored = write_span(store, span, path, member_key)
             yield _Inner(member_key, stored.size, inner_fmt, path + "/")
             continue
         head, whole = _read_up_to(entry.chunks, WHOLE_UP_TO)

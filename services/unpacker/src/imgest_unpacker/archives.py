@@ -4,8 +4,8 @@
   the archive), so links, devices, encryption, duplicates and declared sizes are refused
   before a byte is unpacked; the members are then streamed from the front (stream-unzip:
   stored, deflate, deflate64, bzip2, zip64), their sizes and CRCs checked as they flow.
-  A zip whose members are all stored (not compressed), on a store that maps its objects, is
-  not streamed: each member is copied out of the archive where it lies (`copy_span`), by
+  A zip whose members are all stored or deflated, on a store that maps its objects, is not
+  streamed: each member is unpacked from where it lies in the archive (`write_span`), by
   threads side by side.
 - tar, tar.gz, tar.bz2, tar.xz: streamed (tarfile's `r|*`), nothing seeks.
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import stream_unzip
-from imgest_runtime.store import IterReader, ObjectStore, RangeFile, StoredObject
+from imgest_runtime.store import CHUNK, IterReader, ObjectStore, RangeFile, StoredObject
 
 from .domain import (
     DIRECTORY,
@@ -46,19 +46,21 @@ _DECOMPRESSORS = {"gz": lambda: zlib.decompressobj(31), "bz2": bz2.BZ2Decompress
 
 @dataclass(frozen=True)
 class Span:
-    """A stored zip member's bytes, as they lie in the archive's object."""
+    """A zip member as it lies in the archive's object: stored, or deflated."""
     key: str
     offset: int
-    length: int
+    length: int  # its bytes in the archive
+    size: int  # its bytes unpacked, as the central directory says
     crc: int
-    head: bytes  # the first HEAD of them (enough to tell most formats)
+    deflated: bool
+    head: bytes  # the first HEAD bytes unpacked (enough to tell most formats)
 
 
 @dataclass
 class Entry:
     path: str
     chunks: Iterator[bytes]  # read it to the end before asking for the next entry
-    span: Span | None = None  # or, with no chunks, where its bytes lie (to `copy_span`)
+    span: Span | None = None  # or, with no chunks, where its bytes lie (to `write_span`)
 
 
 def sniff(store: ObjectStore, key: str) -> str | None:
@@ -67,10 +69,19 @@ def sniff(store: ObjectStore, key: str) -> str | None:
 
 
 def sniff_span(store: ObjectStore, span: Span) -> str | None:
-    """The archive format of a stored zip member: its head is at hand; only a compressed one's
-    needs more."""
-    return sniff_head(lambda n: span.head[:n] if n <= HEAD else
-                      store.read_range(span.key, span.offset, min(n, span.length)))
+    """The archive format of a zip member: its head is at hand; only a compressed one's needs
+    more."""
+    return sniff_head(lambda n: span.head[:n] if n <= HEAD else _unpacked_prefix(store, span, n))
+
+
+def _unpacked_prefix(store: ObjectStore, span: Span, n: int) -> bytes:
+    pieces, got = [], 0
+    for piece in span_chunks(store, span, ""):
+        pieces.append(bytes(piece[:n - got]))
+        got += len(pieces[-1])
+        if got >= n:
+            break
+    return b"".join(pieces)
 
 
 def sniff_head(head_of: Callable[[int], bytes]) -> str | None:
@@ -143,8 +154,8 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: 
         tally.expected = check.members
     elif tally.expected is not None:  # a zip inside a zip: its files replace it
         tally.expected += check.members - tally.members - 1
-    if store.maps_objects and all(i.compress_type == zipfile.ZIP_STORED for i in infos):
-        yield from _stored_zip_entries(store, key, infos, directory, listed, tally, prefix)
+    if store.maps_objects and all(i.compress_type in _IN_PLACE for i in infos):
+        yield from _zip_spans(store, key, infos, directory, listed, tally, prefix)
         return
     try:
         for raw_name, _size, chunks in stream_unzip.stream_unzip(store.iter_chunks(key)):
@@ -160,12 +171,15 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: 
         raise _corrupt("zip", e) from e
 
 
-def _stored_zip_entries(store: ObjectStore, key: str, infos: list[zipfile.ZipInfo],
-                        directory: int, listed: dict[bytes, tuple[str, str]], tally: Tally,
-                        prefix: str) -> Iterator[Entry]:
-    """The members of a zip that stores them all, in the archive's order, each as the span of
-    the archive its local header points to. Each header must store its member; the spans must
-    lie one after the other before the central directory (`directory`), none inside another
+_IN_PLACE = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what members `write_span` unpacks
+
+
+def _zip_spans(store: ObjectStore, key: str, infos: list[zipfile.ZipInfo], directory: int,
+               listed: dict[bytes, tuple[str, str]], tally: Tally, prefix: str
+               ) -> Iterator[Entry]:
+    """The members of a zip, in the archive's order, each as the span of the archive its local
+    header points to. Each header must agree on how its member is packed; the spans must lie
+    one after the other before the central directory (`directory`), none inside another
     (overlapping members are a way to build a bomb). A member whose local header gives another
     name is skipped, as when streamed (what the directory lists is what is unpacked)."""
     reach = 0  # the end of the last span
@@ -174,57 +188,89 @@ def _stored_zip_entries(store: ObjectStore, key: str, infos: list[zipfile.ZipInf
             archive.seek(info.header_offset)
             header = archive.read(_LOCAL_HEADER)
             if (len(header) < _LOCAL_HEADER or header[:4] != b"PK\x03\x04"
-                    or int.from_bytes(header[8:10], "little") != zipfile.ZIP_STORED):
+                    or int.from_bytes(header[8:10], "little") != info.compress_type):
                 raise ArchiveError("archive.corrupt", "The zip archive cannot be read (the "
                                    f"local header of {info.orig_filename!r} is missing or does "
-                                   "not store it as its central directory says); it may be "
+                                   "not pack it as its central directory says); it may be "
                                    "damaged.")
             raw = archive.read(int.from_bytes(header[26:28], "little"))
             start = archive.tell() + int.from_bytes(header[28:30], "little")
-            if (start < reach or info.compress_size != info.file_size
-                    or start + info.file_size > directory):
+            deflated = info.compress_type == zipfile.ZIP_DEFLATED
+            if (start < reach or start + info.compress_size > directory
+                    or (not deflated and info.compress_size != info.file_size)):
                 raise ArchiveError("archive.corrupt", "The zip archive cannot be read (the "
                                    f"member {info.orig_filename!r} overlaps another or runs "
                                    "past the central directory); it may be damaged.")
-            reach = start + info.file_size
+            reach = start + info.compress_size
             name, kind = (listed[raw] if raw == _raw_name(info)
                           else (raw.decode("utf-8", "replace"), DIRECTORY))
             path = tally.member(name, kind, prefix=prefix)
-            tally.grew(info.file_size)  # (what is skipped counts too, as when streamed)
-            if path is not None:
+            tally.grew(info.file_size)  # (what is skipped counts too, as when streamed; more
+            if path is not None:        # than it says is refused as it is unpacked)
                 archive.seek(start)
-                yield Entry(path, iter(()), Span(key, start, info.file_size, info.CRC,
-                                                 archive.read(min(HEAD, info.file_size))))
+                yield Entry(path, iter(()), Span(
+                    key, start, info.compress_size, info.file_size, info.CRC, deflated,
+                    _head(archive.read(min(info.compress_size, _HEAD_IN)), deflated)))
 
 
 _LOCAL_HEADER = 30  # bytes of a local file header before its name and extra field
+_HEAD_IN = 16 * 1024  # deflated bytes that unpack to at least HEAD (deflate never grows more)
 MAP_WINDOW = 64 * 1024 * 1024  # mapped at once, of a large member
+_INFLATE_IN = 64 * 1024  # deflated bytes handed to zlib at a time
 
 
-def copy_span(store: ObjectStore, span: Span, path: str, key: str) -> StoredObject:
-    """A stored member's bytes, copied from the archive into the object `key` straight from the
-    store's map, a window at a time (not durable yet); their CRC-32 is checked on the way, and
-    the object deleted again if it fails (blocking; threads may run side by side: none of it
-    holds the GIL for long)."""
-    crc = 0
+def _head(data: bytes, deflated: bool) -> bytes:
+    if not deflated:
+        return data[:HEAD]
+    try:
+        return zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, HEAD)
+    except zlib.error as e:
+        raise _corrupt("zip", e) from e
 
-    def windows() -> Iterator[memoryview]:
-        nonlocal crc
-        for at in range(0, span.length, MAP_WINDOW):
-            size = min(MAP_WINDOW, span.length - at)
-            with store.mapped(span.key, span.offset + at, size) as view:
-                if len(view) != size:
+
+def span_chunks(store: ObjectStore, span: Span, path: str) -> Iterator[bytes | memoryview]:
+    """A member's bytes, unpacked, straight from the store's map of the archive (a window at a
+    time; deflated ones inflated a chunk at a time). Raises ArchiveError at once if they run
+    past the size the central directory gives, and at their end if they fall short of it or
+    fail their CRC-32. Nothing here holds the GIL for long: threads run side by side."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS) if span.deflated else None
+    crc = size = 0
+    for at in range(0, span.length, MAP_WINDOW):
+        n = min(MAP_WINDOW, span.length - at)
+        with store.mapped(span.key, span.offset + at, n) as view:
+            if len(view) != n:
+                raise ArchiveError("archive.corrupt", "The zip archive cannot be read "
+                                   f"({path!r} is cut short); it may be truncated.")
+            for piece in (view,) if inflater is None else _inflated(inflater, view):
+                size += len(piece)
+                if size > span.size:
                     raise ArchiveError("archive.corrupt", "The zip archive cannot be read "
-                                       f"({path!r} is cut short); it may be truncated.")
-                crc = zlib.crc32(view, crc)
-                yield view
-
-    stored = store.put(key, IterReader(windows()), durable=False)
-    if crc != span.crc:
-        store.delete(key)
+                                       f"({path!r} unpacks to more than the {span.size} bytes "
+                                       "its directory says); it may be damaged or a bomb.")
+                crc = zlib.crc32(piece, crc)
+                yield piece
+    if size != span.size or crc != span.crc:
         raise ArchiveError("archive.corrupt", f"The zip archive cannot be read ({path!r} fails "
-                           "its CRC-32 check); it may be truncated or damaged.")
-    return stored
+                           "its CRC-32 check or is cut short); it may be truncated or damaged.")
+
+
+def _inflated(inflater: Any, data: memoryview) -> Iterator[bytes]:
+    try:
+        for at in range(0, len(data), _INFLATE_IN):
+            pending: bytes | memoryview = data[at:at + _INFLATE_IN]
+            while pending and not inflater.eof:
+                out = inflater.decompress(pending, CHUNK)  # (at most a chunk out at a time)
+                pending = inflater.unconsumed_tail
+                if out:
+                    yield out
+    except zlib.error as e:
+        raise _corrupt("zip", e) from e
+
+
+def write_span(store: ObjectStore, span: Span, path: str, key: str) -> StoredObject:
+    """A member unpacked from the archive into the object `key` (not durable yet); checked as it
+    goes (`span_chunks`), and nothing is left of the object if it fails."""
+    return store.put(key, IterReader(span_chunks(store, span, path)), durable=False)
 
 
 def _check_entry_count(store: ObjectStore, key: str, size: int, tally: Tally) -> None:
