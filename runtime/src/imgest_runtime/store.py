@@ -620,14 +620,15 @@ class LocalStore(ObjectStore):
             if end <= offset:
                 yield memoryview(b"")
                 return
-            # (Safe to map: an object is never changed in place once written, only replaced.)
+            # (Safe to map: a stored object is never changed in place, only replaced; tus writes
+            # in place only before. A read error of the disk is a SIGBUS here, not an OSError.)
             start = offset - offset % mmap.ALLOCATIONGRANULARITY  # where a map may begin
             whole = mmap.mmap(f.fileno(), end - start, prot=mmap.PROT_READ, offset=start)
         try:
             yield memoryview(whole)[offset - start:]
         finally:
-            # A view still held (by an exception's frames) would make close raise over the
-            # real error: the map then goes when its last view does.
+            # A view still held (the caller's last slice, an exception's frames) makes close
+            # raise: the map then goes when its last view does.
             with contextlib.suppress(BufferError):
                 whole.close()
 

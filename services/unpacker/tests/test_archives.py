@@ -23,6 +23,7 @@ from imgest_unpacker.app import unpack
 from imgest_unpacker.archives import sniff
 from imgest_unpacker.domain import ArchiveError, Limits
 
+CHUNK_SIZE = 1024 * 1024  # the store's chunk, the unit zlib's output is asked for in
 GENEROUS = Limits(max_members=10_000, max_unpacked_bytes=1024**3, max_ratio=1000)
 FILES = {"study/IM1.dcm": b"one" * 5000, "study/IM2.dcm": b"two" * 7000, "notes.txt": b"hi\n"}
 
@@ -97,6 +98,9 @@ def refused(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits = GE
         unpack(store, obj, fmt, limits)
     # All or nothing: no member is left behind; the original stays for inspection.
     assert [o.key for o in store.list(f"staging/{obj.upload_id}/")] == [obj.object_key]
+    if isinstance(store, LocalStore):  # (nor a temporary file, which listing does not show)
+        upload = store.root / "staging" / obj.upload_id
+        assert [p for p in upload.rglob("*") if p.is_file()] == [store.root / obj.object_key]
     return err.value
 
 
@@ -623,7 +627,31 @@ def test_a_deflated_member_cut_short_is_refused(tmp_path):
         packed = zf.getinfo("a.dcm").compress_size
     set_field(data, b"a.dcm", 18, 20, packed // 2)  # its deflate stream ends past its span
     error = refused(store, stored(store, bytes(data)), "zip")
-    assert error.code == "archive.corrupt" and "cut short" in error.message
+    assert error.code == "archive.corrupt" and f"not the {len(content)}" in error.message
+
+
+@pytest.mark.parametrize("size", [CHUNK_SIZE + 5, CHUNK_SIZE + 1, 2 * CHUNK_SIZE + 100,
+                                  3 * CHUNK_SIZE - 1])
+def test_deflated_members_just_past_a_chunk_are_whole(store, size):
+    """zlib may hold back output when the input is all in (a chunk's worth came out): it is
+    drained, not lost."""
+    files = {"zeros.dcm": bytes(size), "ab.dcm": (b"ab" * size)[:size],
+             "tail.dcm": os.urandom(size // 2) + bytes(size - size // 2)}
+    assert unpacked(store, stored(store, zip_bytes(files)), "zip") == files
+
+
+def test_a_local_header_outside_the_archive_or_encrypted_there_refuses_it(tmp_path):
+    store = LocalStore(tmp_path / "store", fsync=False)
+    data = bytearray(zip_bytes({"a.dcm": b"a" * 100, "b.dcm": b"b" * 100}))
+    end = data.index(b"PK\x05\x06")
+    shifted = bytearray(data)  # the directory's offset said 100 bytes later: headers before 0
+    shifted[end + 16:end + 20] = (int.from_bytes(data[end + 16:end + 20], "little") + 100
+                                  ).to_bytes(4, "little")
+    error = refused(store, stored(store, bytes(shifted)), "zip")
+    assert error.code == "archive.corrupt" and "lies outside" in error.message
+    second = data.index(b"PK\x03\x04", 4)
+    data[second + 6] |= 0x1  # encrypted, says the local header (not the directory)
+    assert refused(store, stored(store, bytes(data)), "zip").code == "archive.corrupt"
 
 
 def test_stored_members_that_overlap_or_run_past_the_directory_are_refused(tmp_path):

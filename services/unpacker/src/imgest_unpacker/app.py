@@ -101,27 +101,32 @@ class _Writers:
     wait their turn (streamed ones whole, in memory). Members are recorded in `staged` in the
     archive's order.
 
-    One thread per core where members are unpacked from a mapped archive (`write_span`: the
-    work is the GIL-free kind); otherwise the store's `side_by_side` (on a local disk, more
-    threads would take turns at the GIL)."""
+    Members unpacked from where they lie in a mapped archive (`write_span`) have a thread per
+    core: that work is the kind that lets go of the GIL. Streamed ones have the store's
+    `side_by_side` (on a local disk, more threads would take turns at the GIL)."""
 
-    def __init__(self, store: ObjectStore, staged: list[Member], on_staged: Callable[[], None],
-                 ahead: int = 8):
-        self.store, self.staged, self.on_staged, self.ahead = store, staged, on_staged, ahead
-        threads = max(store.side_by_side, os.cpu_count() or 1) if store.maps_objects else (
-            store.side_by_side)
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="imgest-members")
+    def __init__(self, store: ObjectStore, staged: list[Member], on_staged: Callable[[], None]):
+        self.store, self.staged, self.on_staged = store, staged, on_staged
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        self.threads = {"streamed": store.side_by_side, "spans": max(store.side_by_side, cores)}
+        self.ahead = max(8, 2 * cores) if store.maps_objects else 8
+        self.pools: dict[str, ThreadPoolExecutor] = {}  # made when first needed
         self.pending: deque[tuple[str, str, Future[StoredObject]]] = deque()
 
     def put(self, path: str, key: str, chunks: list[bytes], root: str) -> None:
-        self._submit(path, root, self.store.put, key, IterReader(iter(chunks)), durable=False)
+        self._submit("streamed", path, root, self.store.put, key, IterReader(iter(chunks)),
+                     durable=False)
 
     def unpack(self, path: str, key: str, span: Span, root: str) -> None:
-        self._submit(path, root, write_span, self.store, span, path, key)
+        self._submit("spans", path, root, write_span, self.store, span, path, key)
 
-    def _submit(self, path: str, root: str, write: Callable[..., StoredObject], *args: object,
-                **kwargs: object) -> None:
-        self.pending.append((path, root, self.pool.submit(write, *args, **kwargs)))
+    def _submit(self, kind: str, path: str, root: str, write: Callable[..., StoredObject],
+                *args: object, **kwargs: object) -> None:
+        if kind not in self.pools:
+            self.pools[kind] = ThreadPoolExecutor(self.threads[kind],
+                                                  thread_name_prefix="imgest-members")
+        self.pending.append((path, root, self.pools[kind].submit(write, *args, **kwargs)))
         self.settle(self.ahead)
 
     def settle(self, keep: int = 0) -> None:
@@ -142,14 +147,16 @@ class _Writers:
             with contextlib.suppress(Exception):
                 self.record(path, root, written.result())
         self.pending.clear()
-        self.pool.shutdown()
+        for pool in self.pools.values():
+            pool.shutdown()
 
 
 def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
            progress: Progress | None = None) -> Unpacked:
-    """Streams the archive from the store and each member back into it (blocking; in a thread).
-    An archive inside it (one level deep) is unpacked in its place. Nothing large is held
-    whole: a member over WHOLE_UP_TO flows chunk by chunk from the archive into its object.
+    """Unpacks the archive from the store into it, member by member (blocking; in a thread):
+    streamed, or from where each member lies in the mapped archive (`entries` says which). An
+    archive inside it (one level deep) is unpacked in its place. Nothing large is held whole:
+    a member over WHOLE_UP_TO flows chunk by chunk from the archive into its object.
     The members are made durable all at once at the end (one flush of the disk, not an fsync
     each: those would take longer than the unpacking). If the archive is refused, what was
     staged of it is deleted again (all or nothing); the original stays."""
@@ -211,7 +218,7 @@ def _stage(store: ObjectStore, obj: ObjectStored, key: str, size: int, fmt: str,
         # the disk about a seventh of a small file's write).
         member_key = f"staging/{obj.upload_id}/members/{fit_name(f'{fid}-{Path(path).name}')}"
         if (span := entry.span) is not None:  # where it lies in the archive: not streamed
-            inner_fmt = None if prefix else sniff_span(store, span)
+            inner_fmt = None if prefix else sniff_span(store, span, path)
             if inner_fmt is None:
                 writers.unpack(path, member_key, span, prefix)
                 continue

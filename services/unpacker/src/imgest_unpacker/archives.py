@@ -59,8 +59,8 @@ class Span:
 @dataclass
 class Entry:
     path: str
-    chunks: Iterator[bytes]  # read it to the end before asking for the next entry
-    span: Span | None = None  # or, with no chunks, where its bytes lie (to `write_span`)
+    chunks: Iterator[bytes | memoryview]  # read it to the end before asking for the next entry
+    span: Span | None = None  # where it lies in the archive: to `write_span` instead
 
 
 def sniff(store: ObjectStore, key: str) -> str | None:
@@ -68,15 +68,16 @@ def sniff(store: ObjectStore, key: str) -> str | None:
     return sniff_head(lambda n: store.read_range(key, 0, n))
 
 
-def sniff_span(store: ObjectStore, span: Span) -> str | None:
+def sniff_span(store: ObjectStore, span: Span, path: str) -> str | None:
     """The archive format of a zip member: its head is at hand; only a compressed one's needs
     more."""
-    return sniff_head(lambda n: span.head[:n] if n <= HEAD else _unpacked_prefix(store, span, n))
+    return sniff_head(lambda n: span.head[:n] if n <= HEAD
+                      else _unpacked_prefix(store, span, path, n))
 
 
-def _unpacked_prefix(store: ObjectStore, span: Span, n: int) -> bytes:
+def _unpacked_prefix(store: ObjectStore, span: Span, path: str, n: int) -> bytes:
     pieces, got = [], 0
-    for piece in span_chunks(store, span, ""):
+    for piece in span_chunks(store, span, path):
         pieces.append(bytes(piece[:n - got]))
         got += len(pieces[-1])
         if got >= n:
@@ -178,17 +179,25 @@ def _zip_spans(store: ObjectStore, key: str, infos: list[zipfile.ZipInfo], direc
                listed: dict[bytes, tuple[str, str]], tally: Tally, prefix: str
                ) -> Iterator[Entry]:
     """The members of a zip, in the archive's order, each as the span of the archive its local
-    header points to. Each header must agree on how its member is packed; the spans must lie
-    one after the other before the central directory (`directory`), none inside another
-    (overlapping members are a way to build a bomb). A member whose local header gives another
-    name is skipped, as when streamed (what the directory lists is what is unpacked)."""
-    reach = 0  # the end of the last span
+    header points to. Each header must lie before the central directory (`directory`) and agree
+    on how its member is packed; the members' bytes must lie one after the other before the
+    directory, none shared (overlapping members are a way to build a bomb). A member whose local
+    header gives another name is skipped, as when streamed (what the directory lists is what is
+    unpacked). Streamed (from S3) a zip is read from its front instead, so a few damaged ones
+    fare differently: data before the first header, or members the front's reading never
+    reaches, refuse it here."""
+    reach = 0  # the end of the last member's bytes
     with store.open(key) as archive:  # (each header and head: one read, mostly from its buffer)
         for info in sorted(infos, key=lambda i: i.header_offset):
+            if not 0 <= info.header_offset <= directory - _LOCAL_HEADER:
+                raise ArchiveError("archive.corrupt", "The zip archive cannot be read (the "
+                                   f"local header of {info.orig_filename!r} lies outside it); "
+                                   "it may be damaged.")
             archive.seek(info.header_offset)
             header = archive.read(_LOCAL_HEADER)
-            if (len(header) < _LOCAL_HEADER or header[:4] != b"PK\x03\x04"
-                    or int.from_bytes(header[8:10], "little") != info.compress_type):
+            if (header[:4] != b"PK\x03\x04"
+                    or int.from_bytes(header[8:10], "little") != info.compress_type
+                    or int.from_bytes(header[6:8], "little") & 0x1):  # (encrypted)
                 raise ArchiveError("archive.corrupt", "The zip archive cannot be read (the "
                                    f"local header of {info.orig_filename!r} is missing or does "
                                    "not pack it as its central directory says); it may be "
@@ -208,13 +217,14 @@ def _zip_spans(store: ObjectStore, key: str, infos: list[zipfile.ZipInfo], direc
             tally.grew(info.file_size)  # (what is skipped counts too, as when streamed; more
             if path is not None:        # than it says is refused as it is unpacked)
                 archive.seek(start)
-                yield Entry(path, iter(()), Span(
-                    key, start, info.compress_size, info.file_size, info.CRC, deflated,
-                    _head(archive.read(min(info.compress_size, _HEAD_IN)), deflated)))
+                head = archive.read(min(info.compress_size, _HEAD_IN if deflated else HEAD))
+                span = Span(key, start, info.compress_size, info.file_size, info.CRC, deflated,
+                            _head(head, deflated))
+                yield Entry(path, span_chunks(store, span, path), span)
 
 
 _LOCAL_HEADER = 30  # bytes of a local file header before its name and extra field
-_HEAD_IN = 16 * 1024  # deflated bytes that unpack to at least HEAD (deflate never grows more)
+_HEAD_IN = 16 * 1024  # deflated bytes that unpack to HEAD (unless crafted: then not sniffed)
 MAP_WINDOW = 64 * 1024 * 1024  # mapped at once, of a large member
 _INFLATE_IN = 64 * 1024  # deflated bytes handed to zlib at a time
 
@@ -229,10 +239,11 @@ def _head(data: bytes, deflated: bool) -> bytes:
 
 
 def span_chunks(store: ObjectStore, span: Span, path: str) -> Iterator[bytes | memoryview]:
-    """A member's bytes, unpacked, straight from the store's map of the archive (a window at a
-    time; deflated ones inflated a chunk at a time). Raises ArchiveError at once if they run
-    past the size the central directory gives, and at their end if they fall short of it or
-    fail their CRC-32. Nothing here holds the GIL for long: threads run side by side."""
+    """A member's bytes, unpacked, straight from the store's map of the archive (a window of it
+    at a time), a chunk at a time. Raises ArchiveError at once if they run past the size the
+    central directory gives, and at their end if they fall short of it or fail their CRC-32
+    (what follows a deflate stream inside the member's span is not looked at). Nothing here
+    holds the GIL for long: threads run side by side."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS) if span.deflated else None
     crc = size = 0
     for at in range(0, span.length, MAP_WINDOW):
@@ -241,7 +252,7 @@ def span_chunks(store: ObjectStore, span: Span, path: str) -> Iterator[bytes | m
             if len(view) != n:
                 raise ArchiveError("archive.corrupt", "The zip archive cannot be read "
                                    f"({path!r} is cut short); it may be truncated.")
-            for piece in (view,) if inflater is None else _inflated(inflater, view):
+            for piece in (_sliced(view) if inflater is None else _inflated(inflater, view)):
                 size += len(piece)
                 if size > span.size:
                     raise ArchiveError("archive.corrupt", "The zip archive cannot be read "
@@ -249,20 +260,31 @@ def span_chunks(store: ObjectStore, span: Span, path: str) -> Iterator[bytes | m
                                        "its directory says); it may be damaged or a bomb.")
                 crc = zlib.crc32(piece, crc)
                 yield piece
-    if size != span.size or crc != span.crc:
+    if size != span.size:
+        raise ArchiveError("archive.corrupt", f"The zip archive cannot be read ({path!r} unpacks "
+                           f"to {size} bytes, not the {span.size} its directory says); it may be "
+                           "truncated or damaged.")
+    if crc != span.crc:
         raise ArchiveError("archive.corrupt", f"The zip archive cannot be read ({path!r} fails "
-                           "its CRC-32 check or is cut short); it may be truncated or damaged.")
+                           "its CRC-32 check); it may be damaged.")
+
+
+def _sliced(data: memoryview) -> Iterator[memoryview]:
+    for at in range(0, len(data), CHUNK):  # (each checked while it is in the cache)
+        yield data[at:at + CHUNK]
 
 
 def _inflated(inflater: Any, data: memoryview) -> Iterator[bytes]:
     try:
         for at in range(0, len(data), _INFLATE_IN):
             pending: bytes | memoryview = data[at:at + _INFLATE_IN]
-            while pending and not inflater.eof:
+            while not inflater.eof:
                 out = inflater.decompress(pending, CHUNK)  # (at most a chunk out at a time)
                 pending = inflater.unconsumed_tail
                 if out:
                     yield out
+                if not pending and len(out) < CHUNK:  # all in, and nothing more held back
+                    break
     except zlib.error as e:
         raise _corrupt("zip", e) from e
 
