@@ -9,7 +9,6 @@ import fcntl
 import hashlib
 import io
 import itertools
-import mmap
 import os
 import socket
 import uuid
@@ -842,21 +841,3 @@ def test_a_failed_direct_write_raises_its_own_error_and_leaves_nothing_open(
     assert store.write_at("tus/x", 0, io.BytesIO(data)).size == len(data)  # all is well again
     assert store.read_range("tus/x", 0, len(data) + 1) == data
 
-
-def test_local_objects_are_mapped_in_place_from_any_offset(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "s", fsync=False)
-    data = os.urandom(3 * mmap.ALLOCATIONGRANULARITY + 123)
-    store.put("o/a.bin", io.BytesIO(data))
-    assert store.maps_objects and not S3Store.maps_objects
-    for offset, length in [(0, len(data)), (1, 10), (4097, 9000), (len(data) - 5, 100),
-                           (len(data), 10), (len(data) + 7, 1), (5, 0)]:
-        with store.mapped("o/a.bin", offset, length) as view:
-            assert bytes(view) == data[offset:offset + length]
-    with pytest.raises(ObjectNotFound), store.mapped("o/missing.bin", 0, 1):
-        pass
-    # A view still held when the context ends (an error's traceback keeps frames alive) does not
-    # turn the way out into a BufferError: the map goes with its last view.
-    with pytest.raises(KeyError), store.mapped("o/a.bin", 10, 100) as view:
-        held = view[1:5]
-        raise KeyError("the caller's own error")
-    assert bytes(held) == data[11:15]

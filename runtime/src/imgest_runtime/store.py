@@ -185,16 +185,10 @@ class ObjectStore(ABC):
         already there past them stay (`move` the object once it is whole)."""
         raise NotImplementedError
 
-    # A store whose objects are files hands out their bytes in place (a memory map): read
-    # without a copy into the reader's memory, and by threads side by side (hashing and
-    # writing them never hold the GIL).
-    maps_objects = False
-
-    def mapped(self, key: str, offset: int, length: int
-               ) -> contextlib.AbstractContextManager[memoryview]:
-        """A read-only view of up to `length` bytes of the object from `offset` (fewer at its
-        end), valid until the context ends."""
-        raise NotImplementedError
+    # Reading any part of an object costs no more than reading it in order (a file; on S3 each
+    # read is a request of its own): readers may go straight to each part they need, from
+    # threads side by side.
+    reads_anywhere = False
 
     @abstractmethod
     def open(self, key: str) -> BinaryIO:
@@ -611,26 +605,7 @@ class LocalStore(ObjectStore):
             f.seek(offset)
             return f.read(length)
 
-    maps_objects = True
-
-    @contextlib.contextmanager
-    def mapped(self, key: str, offset: int, length: int) -> Iterator[memoryview]:
-        with self.open(key) as f:
-            end = min(os.fstat(f.fileno()).st_size, offset + length)
-            if end <= offset:
-                yield memoryview(b"")
-                return
-            # (Safe to map: a stored object is never changed in place, only replaced; tus writes
-            # in place only before. A read error of the disk is a SIGBUS here, not an OSError.)
-            start = offset - offset % mmap.ALLOCATIONGRANULARITY  # where a map may begin
-            whole = mmap.mmap(f.fileno(), end - start, prot=mmap.PROT_READ, offset=start)
-        try:
-            yield memoryview(whole)[offset - start:]
-        finally:
-            # A view still held (the caller's last slice, an exception's frames) makes close
-            # raise: the map then goes when its last view does.
-            with contextlib.suppress(BufferError):
-                whole.close()
+    reads_anywhere = True
 
     def stat(self, key: str) -> StoredObject | None:
         try:

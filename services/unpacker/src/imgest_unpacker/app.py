@@ -101,7 +101,7 @@ class _Writers:
     wait their turn (streamed ones whole, in memory). Members are recorded in `staged` in the
     archive's order.
 
-    Members unpacked from where they lie in a mapped archive (`write_span`) have a thread per
+    Members unpacked from where they lie in the archive (`write_span`) have a thread per
     core: that work is the kind that lets go of the GIL. Streamed ones have the store's
     `side_by_side` (on a local disk, more threads would take turns at the GIL)."""
 
@@ -110,7 +110,7 @@ class _Writers:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
             os.cpu_count() or 1)
         self.threads = {"streamed": store.side_by_side, "spans": max(store.side_by_side, cores)}
-        self.ahead = max(8, 2 * cores) if store.maps_objects else 8
+        self.ahead = max(8, 2 * cores) if store.reads_anywhere else 8
         self.pools: dict[str, ThreadPoolExecutor] = {}  # made when first needed
         self.pending: deque[tuple[str, str, Future[StoredObject]]] = deque()
 
@@ -154,7 +154,7 @@ class _Writers:
 def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
            progress: Progress | None = None) -> Unpacked:
     """Unpacks the archive from the store into it, member by member (blocking; in a thread):
-    streamed, or from where each member lies in the mapped archive (`entries` says which). An
+    streamed, or from where each member lies in the archive (`entries` says which). An
     archive inside it (one level deep) is unpacked in its place. Nothing large is held whole:
     a member over WHOLE_UP_TO flows chunk by chunk from the archive into its object.
     The members are made durable all at once at the end (one flush of the disk, not an fsync

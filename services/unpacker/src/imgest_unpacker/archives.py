@@ -4,9 +4,9 @@
   the archive), so links, devices, encryption, duplicates and declared sizes are refused
   before a byte is unpacked; the members are then streamed from the front (stream-unzip:
   stored, deflate, deflate64, bzip2, zip64), their sizes and CRCs checked as they flow.
-  A zip whose members are all stored or deflated, on a store that maps its objects, is not
-  streamed: each member is unpacked from where it lies in the archive (`write_span`), by
-  threads side by side.
+  A zip whose members are all stored or deflated, on a store that reads anywhere at no cost
+  (a local disk), is not streamed: each member is unpacked from where it lies in the archive
+  (`write_span`), by threads side by side.
 - tar, tar.gz, tar.bz2, tar.xz: streamed (tarfile's `r|*`), nothing seeks.
 """
 
@@ -19,6 +19,7 @@ import io
 import lzma
 import stat
 import tarfile
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -155,7 +156,7 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: 
         tally.expected = check.members
     elif tally.expected is not None:  # a zip inside a zip: its files replace it
         tally.expected += check.members - tally.members - 1
-    if store.maps_objects and all(i.compress_type in _IN_PLACE for i in infos):
+    if store.reads_anywhere and all(i.compress_type in _IN_PLACE for i in infos):
         yield from _zip_spans(store, key, infos, directory, listed, tally, prefix)
         return
     try:
@@ -225,7 +226,7 @@ def _zip_spans(store: ObjectStore, key: str, infos: list[zipfile.ZipInfo], direc
 
 _LOCAL_HEADER = 30  # bytes of a local file header before its name and extra field
 _HEAD_IN = 16 * 1024  # deflated bytes that unpack to HEAD (unless crafted: then not sniffed)
-MAP_WINDOW = 64 * 1024 * 1024  # mapped at once, of a large member
+READ = CHUNK  # bytes of the archive read at a time, into the thread's own buffer
 _INFLATE_IN = 64 * 1024  # deflated bytes handed to zlib at a time
 
 
@@ -239,20 +240,23 @@ def _head(data: bytes, deflated: bool) -> bytes:
 
 
 def span_chunks(store: ObjectStore, span: Span, path: str) -> Iterator[bytes | memoryview]:
-    """A member's bytes, unpacked, straight from the store's map of the archive (a window of it
-    at a time), a chunk at a time. Raises ArchiveError at once if they run past the size the
-    central directory gives, and at their end if they fall short of it or fail their CRC-32
-    (what follows a deflate stream inside the member's span is not looked at). Nothing here
-    holds the GIL for long: threads run side by side."""
+    """A member's bytes, unpacked, read from where they lie in the archive a READ at a time.
+    Raises ArchiveError at once if they run past the size the central directory gives, and at
+    their end if they fall short of it or fail their CRC-32 (what follows a deflate stream
+    inside the member's span is not looked at). Nothing here holds the GIL for long: threads
+    run side by side. Each chunk is valid until the next is asked for (a stored member's are
+    views of the thread's buffer)."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS) if span.deflated else None
     crc = size = 0
-    for at in range(0, span.length, MAP_WINDOW):
-        n = min(MAP_WINDOW, span.length - at)
-        with store.mapped(span.key, span.offset + at, n) as view:
-            if len(view) != n:
+    buffer = _thread_buffer()
+    with store.open(span.key) as archive:
+        archive.seek(span.offset)
+        for at in range(0, span.length, len(buffer)):
+            read = buffer[:min(len(buffer), span.length - at)]
+            if archive.readinto(read) != len(read):
                 raise ArchiveError("archive.corrupt", "The zip archive cannot be read "
                                    f"({path!r} is cut short); it may be truncated.")
-            for piece in (_sliced(view) if inflater is None else _inflated(inflater, view)):
+            for piece in (read,) if inflater is None else _inflated(inflater, read):
                 size += len(piece)
                 if size > span.size:
                     raise ArchiveError("archive.corrupt", "The zip archive cannot be read "
@@ -269,9 +273,16 @@ def span_chunks(store: ObjectStore, span: Span, path: str) -> Iterator[bytes | m
                            "its CRC-32 check); it may be damaged.")
 
 
-def _sliced(data: memoryview) -> Iterator[memoryview]:
-    for at in range(0, len(data), CHUNK):  # (each checked while it is in the cache)
-        yield data[at:at + CHUNK]
+_buffers = threading.local()
+
+
+def _thread_buffer() -> memoryview:
+    """The calling thread's read buffer, the same one each time: memory taken fresh costs a
+    fault per page when first touched (on this kind of virtual machine, as much as a copy)."""
+    buffer = getattr(_buffers, "buffer", None)
+    if buffer is None or len(buffer) != READ:
+        buffer = _buffers.buffer = memoryview(bytearray(READ))
+    return buffer
 
 
 def _inflated(inflater: Any, data: memoryview) -> Iterator[bytes]:
