@@ -245,7 +245,7 @@ def span_chunks(store: ObjectStore, span: Span, path: str) -> Iterator[bytes | m
     their end if they fall short of it or fail their CRC-32 (what follows a deflate stream
     inside the member's span is not looked at). Nothing here holds the GIL for long: threads
     run side by side. Each chunk is valid until the next is asked for (a stored member's are
-    views of the thread's buffer)."""
+    views of the thread's buffer): a thread reads one member at a time."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS) if span.deflated else None
     crc = size = 0
     buffer = _thread_buffer()
