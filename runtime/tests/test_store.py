@@ -20,6 +20,7 @@ from imgest_runtime.settings import RuntimeSettings
 from imgest_runtime.store import (
     CHUNK,
     DIRECT_ALIGN,
+    DIRECT_BUFFER,
     DIRECT_FROM,
     MAX_NAME,
     MIN_PART,
@@ -40,6 +41,7 @@ from imgest_runtime.store import (
     open_store,
     part_size_for,
     put_async,
+    spare_buffer,
 )
 
 MiB = 1024 * 1024
@@ -841,3 +843,14 @@ def test_a_failed_direct_write_raises_its_own_error_and_leaves_nothing_open(
     assert store.write_at("tus/x", 0, io.BytesIO(data)).size == len(data)  # all is well again
     assert store.read_range("tus/x", 0, len(data) + 1) == data
 
+
+
+def test_spare_buffers_are_aligned_and_kept_for_the_next_caller() -> None:
+    with spare_buffer() as first:
+        assert len(first) == DIRECT_BUFFER
+        assert ctypes.addressof(ctypes.c_char.from_buffer(first)) % DIRECT_ALIGN == 0
+        first[:5] = b"hello"
+    with spare_buffer() as again:  # the same memory, already touched (a fresh one is zeros)
+        assert again[:5] == b"hello"
+        with spare_buffer() as other:  # one in use: another
+            assert other[:5] != b"hello"

@@ -436,10 +436,10 @@ class _DirectWriter:
 
 class _SpareBuffers:
     """Aligned buffers kept for the next `_DirectWriter`s (each segment of a tus upload has
-    one): a fresh mapping's pages each cost a fault when first touched, on a virtual machine
-    as dear as the page cache's."""
+    one) and readers (`spare_buffer`): a fresh mapping's pages each cost a fault when first
+    touched, on a virtual machine as dear as the page cache's."""
 
-    KEPT = 2
+    KEPT = 4
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -466,6 +466,19 @@ class _SpareBuffers:
 
 
 _spare_buffers = _SpareBuffers()
+
+
+@contextlib.contextmanager
+def spare_buffer() -> Iterator[memoryview]:
+    """A page-aligned buffer of DIRECT_BUFFER bytes, the caller's alone until the context ends;
+    then kept for the next caller (see `_SpareBuffers`)."""
+    buffer = _spare_buffers.take()
+    view = memoryview(buffer)
+    try:
+        yield view
+    finally:
+        view.release()
+        _spare_buffers.give(buffer)  # (never closed: see `_DirectWriter.__exit__`)
 
 
 class DurableBatch:

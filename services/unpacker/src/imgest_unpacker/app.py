@@ -109,9 +109,11 @@ class _Writers:
         self.store, self.staged, self.on_staged = store, staged, on_staged
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
             os.cpu_count() or 1)
-        self.threads = {"streamed": store.side_by_side, "spans": max(store.side_by_side, cores)}
         self.ahead = max(8, 2 * cores) if store.reads_anywhere else 8
-        self.pools: dict[str, ThreadPoolExecutor] = {}  # made when first needed
+        self.pools = {  # (a pool starts its threads only as work comes)
+            kind: ThreadPoolExecutor(threads, thread_name_prefix="imgest-members")
+            for kind, threads in (("streamed", store.side_by_side),
+                                  ("spans", max(store.side_by_side, cores)))}
         self.pending: deque[tuple[str, str, Future[StoredObject]]] = deque()
 
     def put(self, path: str, key: str, chunks: list[bytes], root: str) -> None:
@@ -123,9 +125,6 @@ class _Writers:
 
     def _submit(self, kind: str, path: str, root: str, write: Callable[..., StoredObject],
                 *args: object, **kwargs: object) -> None:
-        if kind not in self.pools:
-            self.pools[kind] = ThreadPoolExecutor(self.threads[kind],
-                                                  thread_name_prefix="imgest-members")
         self.pending.append((path, root, self.pools[kind].submit(write, *args, **kwargs)))
         self.settle(self.ahead)
 

@@ -19,7 +19,6 @@ import io
 import lzma
 import stat
 import tarfile
-import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -27,7 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import stream_unzip
-from imgest_runtime.store import CHUNK, IterReader, ObjectStore, RangeFile, StoredObject
+from imgest_runtime.store import (
+    CHUNK,
+    IterReader,
+    ObjectStore,
+    RangeFile,
+    StoredObject,
+    spare_buffer,
+)
 
 from .domain import (
     DIRECTORY,
@@ -226,7 +232,7 @@ def _zip_spans(store: ObjectStore, key: str, infos: list[zipfile.ZipInfo], direc
 
 _LOCAL_HEADER = 30  # bytes of a local file header before its name and extra field
 _HEAD_IN = 16 * 1024  # deflated bytes that unpack to HEAD (unless crafted: then not sniffed)
-READ = CHUNK  # bytes of the archive read at a time, into the thread's own buffer
+READ = CHUNK  # bytes of the archive read at a time, into a spare buffer
 _INFLATE_IN = 64 * 1024  # deflated bytes handed to zlib at a time
 
 
@@ -245,14 +251,13 @@ def span_chunks(store: ObjectStore, span: Span, path: str) -> Iterator[bytes | m
     their end if they fall short of it or fail their CRC-32 (what follows a deflate stream
     inside the member's span is not looked at). Nothing here holds the GIL for long: threads
     run side by side. Each chunk is valid until the next is asked for (a stored member's are
-    views of the thread's buffer): a thread reads one member at a time."""
+    views of a reused buffer)."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS) if span.deflated else None
     crc = size = 0
-    buffer = _thread_buffer()
-    with store.open(span.key) as archive:
+    with spare_buffer() as buffer, store.open(span.key) as archive:
         archive.seek(span.offset)
-        for at in range(0, span.length, len(buffer)):
-            read = buffer[:min(len(buffer), span.length - at)]
+        for at in range(0, span.length, READ):
+            read = buffer[:min(READ, span.length - at)]
             if archive.readinto(read) != len(read):
                 raise ArchiveError("archive.corrupt", "The zip archive cannot be read "
                                    f"({path!r} is cut short); it may be truncated.")
@@ -271,18 +276,6 @@ def span_chunks(store: ObjectStore, span: Span, path: str) -> Iterator[bytes | m
     if crc != span.crc:
         raise ArchiveError("archive.corrupt", f"The zip archive cannot be read ({path!r} fails "
                            "its CRC-32 check); it may be damaged.")
-
-
-_buffers = threading.local()
-
-
-def _thread_buffer() -> memoryview:
-    """The calling thread's read buffer, the same one each time: memory taken fresh costs a
-    fault per page when first touched (on this kind of virtual machine, as much as a copy)."""
-    buffer = getattr(_buffers, "buffer", None)
-    if buffer is None or len(buffer) != READ:
-        buffer = _buffers.buffer = memoryview(bytearray(READ))
-    return buffer
 
 
 def _inflated(inflater: Any, data: memoryview) -> Iterator[bytes]:
