@@ -686,3 +686,100 @@ def test_a_local_header_that_does_not_store_its_member_refuses_the_archive(tmp_p
     assert error.code == "archive.corrupt" and "'b.dcm'" in error.message
     data[second:second + 4] = b"PK\x07\x08"  # no local header where the directory points
     assert refused(store, stored(store, bytes(data)), "zip").code == "archive.corrupt"
+
+
+# --- members told of while their archive unpacks -------------------------------------------------
+
+
+class Told:
+    """What `unpack` tells of early: each batch with the total it gave, and the members'
+    objects as they were at that moment (each must be staged whole before it is told of)."""
+
+    def __init__(self, store: ObjectStore):
+        self.store, self.batches = store, []
+
+    def __call__(self, members, total: int) -> None:
+        for m in members:
+            with self.store.open(m.key) as f:
+                assert len(f.read()) == m.size
+        self.batches.append(([m.path for m in members], total))
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for batch, _ in self.batches for p in batch]
+
+
+def many(n: int, size: int = 300) -> dict[str, bytes]:
+    return {f"s{i:03}.dcm": os.urandom(size) for i in range(n)}
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_BZIP2])
+def test_a_zips_members_are_told_of_in_batches_while_it_unpacks(store, compression):
+    """From the start of the archive, TELL_EVERY at a time with the directory's total; the
+    rest are left to the end (the result), each member once. Streamed zips too (bzip2)."""
+    from imgest_unpacker.app import TELL_EVERY
+
+    files = many(2 * TELL_EVERY + 5)
+    told = Told(store)
+    result = unpack(store, stored(store, zip_bytes(files, compression)), "zip", GENEROUS,
+                    announce=told)
+    assert [len(b) for b, _ in told.batches] == [TELL_EVERY, TELL_EVERY]
+    assert {total for _, total in told.batches} == {len(files)}
+    assert result.told == 2 * TELL_EVERY
+    assert told.paths + [m.path for m in result.members] == list(files)
+
+
+def test_what_cannot_be_known_early_is_told_of_at_the_end(store):
+    """A tar (no directory), a zip that may hold a multi-file slide, and the members after an
+    archive inside a zip: none told early."""
+    from imgest_unpacker.app import TELL_EVERY
+
+    files = many(TELL_EVERY + 5)
+    for data, fmt in ((tar_bytes(files), "tar"),
+                      (zip_bytes({**files, "x.vsi": b"II*\x00", "_x_/stack1/frame_t.ets": b"e"}),
+                       "zip")):
+        told = Told(store)
+        result = unpack(store, stored(store, data), fmt, GENEROUS, announce=told)
+        assert told.batches == [] and result.told == 0 and len(result.members) == len(files)
+    names = list(files)
+    nested = {**{n: files[n] for n in names[:TELL_EVERY + 2]},
+              "inner.zip": zip_bytes({"a.dcm": b"a"}),
+              **{n: files[n] for n in names[TELL_EVERY + 2:]}}
+    told = Told(store)
+    result = unpack(store, stored(store, zip_bytes(nested)), "zip", GENEROUS, announce=told)
+    assert told.paths == names[:TELL_EVERY]
+    assert [m.path for m in result.members] == names[TELL_EVERY:] + ["inner.zip/a.dcm"]
+
+
+def test_an_archive_refused_after_members_were_told_of_keeps_those(tmp_path):
+    """Told is told: those members stay staged (the importer places none of them and empties
+    staging at the end); the others are deleted as always; the original stays."""
+    from imgest_unpacker.app import TELL_EVERY
+
+    store = LocalStore(tmp_path / "store", fsync=False)
+    files = many(2 * TELL_EVERY + 5, 9_000)
+    data = bytearray(zip_bytes(files, zipfile.ZIP_STORED))
+    last = list(files)[-1]
+    set_field(data, last.encode(), 14, 16, zlib.crc32(files[last]) ^ 1)
+    obj = stored(store, bytes(data))
+    told = Told(store)
+    with pytest.raises(ArchiveError) as err:
+        unpack(store, obj, "zip", GENEROUS, announce=told)
+    assert "CRC" in err.value.message and len(told.paths) == 2 * TELL_EVERY
+    left = {o.key for o in store.list(f"staging/{obj.upload_id}/")} - {obj.object_key}
+    assert len(left) == 2 * TELL_EVERY
+    for key in left:
+        assert any(key.endswith(f"-{p}") for p in told.paths)
+
+
+def test_a_batch_that_cannot_be_told_of_fails_the_unpacking(store):
+    """Not a refusal: the work is done again (nothing is deleted; the same keys are written
+    again)."""
+    from imgest_unpacker.app import TELL_EVERY
+
+    def broken(members, total):
+        raise ConnectionError("the database went away")
+
+    with pytest.raises(ConnectionError):
+        unpack(store, stored(store, zip_bytes(many(TELL_EVERY + 1))), "zip", GENEROUS,
+               announce=broken)
