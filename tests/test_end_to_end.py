@@ -278,59 +278,6 @@ def test_truncated_zip_is_refused_with_a_reason(running: Running, pydicom_file):
     assert state["objects"][0]["reason"]["code"] == "archive.corrupt"
 
 
-def test_a_big_zip_is_told_of_in_batches_as_it_unpacks_and_archived_whole(running: Running,
-                                                                           pydicom_file):
-    """The first members go on to be checked while the rest unpack (file.staged in batches of
-    their own); the upload still ends once, with every instance archived."""
-    body, _ = study_zip(pydicom_file("MR_small.dcm"), instances=150, series=1)
-    state = running.wait(running.upload("big.zip", body)["id"])
-    assert_archived(running, state, 150)
-    batches = running.query(
-        "select count(distinct created_at) as n from unpacker.outbox where key = $1 and "
-        "topic = 'imgest.file.staged'", state["id"])
-    assert batches[0]["n"] >= 3, "two batches of 64 told early, the rest at the end"
-
-
-def with_bad_crc(body: bytes, name: str) -> bytes:
-    """The zip with `name`'s CRC-32 wrong in its local header and its directory entry."""
-    data = bytearray(body)
-    with zipfile.ZipFile(io.BytesIO(body)) as zf:
-        info, directory = zf.getinfo(name), zf.start_dir
-    wrong = (info.CRC ^ 1).to_bytes(4, "little")
-    data[info.header_offset + 14:info.header_offset + 18] = wrong
-    entry = data.index(b"PK\x01\x02", directory)
-    while data[entry + 46:entry + 46 + len(name)] != name.encode():
-        entry = data.index(b"PK\x01\x02", entry + 1)
-    data[entry + 16:entry + 20] = wrong
-    return bytes(data)
-
-
-def test_a_zip_refused_after_members_were_told_of_places_none_of_them(running: Running,
-                                                                      pydicom_file):
-    """Its last member fails its CRC after 128 others went on to be checked: nothing of it is
-    archived, the upload fails with the archive's reason, and each member told of shows why it
-    was not placed; staging is emptied, the original kept."""
-    on_one_store(running, "what becomes of members told of does not depend on the store")
-    body, _ = study_zip(pydicom_file("MR_small.dcm"), instances=150, series=1)
-    body = with_bad_crc(body, "study/series1/IM0149.dcm")
-    upload = running.upload("bad.zip", body)
-    state = running.wait(upload["id"])
-    assert state["state"] == "failed", state
-    assert state["counts"]["archived"] == 0 and state["counts"]["rejected"] == 1, state
-    [obj] = state["objects"]
-    assert obj["state"] == "rejected" and obj["reason"]["code"] == "archive.corrupt"
-    assert len(state["files"]) == 128
-    for f in state["files"]:
-        assert f["state"] == "rejected" and f["reason"]["code"] == "archive.corrupt", f
-        assert f["reason"]["message"].startswith("Not placed: its archive bad.zip was refused")
-    assert not running.query("select 1 from importer.file where upload_id = $1", upload["id"])
-    assert [o.key for o in running.store.list(f"staging/{upload['id']}/")] == []
-    assert list(running.store.list(f"rejected/{upload['id']}/"))  # the original, kept
-    mail = running.mailbox.wait_for(upload["id"])
-    assert len(mail) == 1 and "bad.zip" in mail[0].get_payload()[0].get_payload(
-        decode=True).decode()
-
-
 def test_mixed_upload_is_partial(running: Running, pydicom_file):
     on_one_store(running, "how outcomes add up does not depend on the store")
     out = io.BytesIO()

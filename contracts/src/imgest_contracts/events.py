@@ -102,10 +102,9 @@ class Source(BaseModel):
     model_config = ConfigDict(extra="forbid")
     object_key: str
     member: str | None = Field(None, description="Path inside the archive, if any.")
-    files_total: int = Field(..., ge=0, description=(
-        "How many files this stored object yields in all (1 unless archive). For an archive's "
-        "member told of while the archive unpacked, how many its directory lists; "
-        "archive.unpacked gives the final count."))
+    files_total: int = Field(
+        ..., ge=0, description="How many files this stored object yields in all (1 unless archive)."
+    )
 
 
 class FilesetFile(BaseModel):
@@ -228,9 +227,7 @@ class FileStaged(Payload):
 
 class ArchiveUnpacked(Payload):
     event: ClassVar[str] = "archive.unpacked"
-    description: ClassVar[str] = (
-        "An archive's members are all staged: members_staged is how many files it yields "
-        "(file.staged events of its members may come before this one).")
+    description: ClassVar[str] = "An archive's members are all staged."
     upload_id: str
     object_key: str
     filename: str
@@ -255,15 +252,11 @@ class ArchiveProgress(Payload):
 
 class ArchiveRejected(Payload):
     event: ClassVar[str] = "archive.rejected"
-    description: ClassVar[str] = (
-        "An archive was refused as a whole: none of its files is placed. Those told of in "
-        "file.staged while it unpacked (members_staged) still get their outcomes.")
+    description: ClassVar[str] = "An archive was refused as a whole; none of its members staged."
     upload_id: str
     object_key: str
     filename: str
     reason: Reason
-    members_staged: int = Field(0, ge=0, description=(
-        "Members told of in file.staged before the archive was refused."))
 
 
 class FileValidated(Payload):

@@ -61,13 +61,6 @@ def test_rejected_object_counts_as_done() -> None:
     assert is_complete(True, keys, progress) is True
 
 
-def test_a_rejected_archive_waits_for_the_files_it_told_of_before() -> None:
-    keys = ["zip"]
-    assert is_complete(True, keys, {"zip": ObjectProgress(64, True, 63)}) is False
-    assert is_complete(True, keys, {"zip": ObjectProgress(64, True, 64)}) is True
-    assert is_complete(True, keys, {"zip": ObjectProgress(0, True, 0)}) is True
-
-
 def test_complete_with_more_terminal_than_total_and_with_empty_archive() -> None:
     # redeliveries may count twice; an empty archive yields nothing and is done at once
     assert is_complete(True, ["a"], {"a": ObjectProgress(2, False, 3)}) is True

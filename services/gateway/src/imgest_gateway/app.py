@@ -317,15 +317,6 @@ def register_handlers(svc: Service) -> None:
                   for failure, state in [(f, "rejected") for f in done.failures]
                   + [(f, "duplicate") for f in done.skipped] if failure.file_id]
         await _track_files(session, notes)
-        for failure in done.failures:  # an archive refused whole: files told of before it was
-            if failure.file_id is None:
-                await session.execute(update(UploadFile).where(
-                    col(UploadFile.upload_id) == done.upload_id,
-                    func.starts_with(col(UploadFile.path), f"{failure.path}/"),
-                    col(UploadFile.state).in_(["staged", "validated"])).values(
-                    state="rejected", reason={"code": failure.reason.code, "message": (
-                        f"Not placed: its archive {failure.path} was refused. "
-                        f"{failure.reason.message}")}))
         if done.outcome == "cancelled":  # what had not reached an outcome never will
             await session.execute(update(UploadFile).where(
                 col(UploadFile.upload_id) == done.upload_id,

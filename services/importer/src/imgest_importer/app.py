@@ -47,7 +47,6 @@ from imgest_contracts import (
     SessionPrearchived,
     SessionRef,
     SessionReleased,
-    Source,
     UploadCancelled,
     UploadCompleted,
     UploadCounts,
@@ -305,11 +304,7 @@ class Importer:
         started = time.perf_counter()
         options = ImportOptions.model_validate(upload.options or {})
         uploader = Uploader.model_validate(upload.uploader or {"username": "unknown"})
-        # An archive refused whole is one failure: files of it told of before are not placed,
-        # nor counted on their own.
-        refused_whole = {o.object_key for o in objects if o.rejected}
-        outcomes = [f for f in files if f.object_key not in refused_whole]
-        valid = [valid_file(f) for f in outcomes if f.state == "validated"]
+        valid = [valid_file(f) for f in files if f.state == "validated"]
         # Planned as of when it was found complete: a re-drive puts everything where the
         # attempt it repeats did (the same prearchive timestamps), leaving nothing behind.
         now = upload.planned_at or datetime.now(UTC)
@@ -346,8 +341,7 @@ class Importer:
                 return
             # Originals of what was refused (files, and archives refused whole) are kept for
             # inspection outside staging, which is emptied next.
-            refused = [(f.staged_key, f.file_id, f.path) for f in outcomes
-                       if f.state == "rejected"]
+            refused = [(f.staged_key, f.file_id, f.path) for f in files if f.state == "rejected"]
             refused += [(o.object_key, hashlib.sha256(o.object_key.encode()).hexdigest()[:32],
                          o.filename or o.object_key) for o in objects if o.rejected]
             for key, name, path in refused:
@@ -366,7 +360,7 @@ class Importer:
                 return
             failures = [FileFailure(file_id=f.file_id, path=f.path,
                                     reason=Reason.model_validate(f.reason))
-                        for f in outcomes if f.state == "rejected" and f.reason]
+                        for f in files if f.state == "rejected" and f.reason]
             failures += [FileFailure(path=o.filename or o.object_key,
                                      reason=Reason.model_validate(o.rejected))
                          for o in objects if o.rejected]
@@ -384,7 +378,7 @@ class Importer:
                                               "pipelines": options.trigger_pipelines})
             skipped = [FileFailure(file_id=f.file_id, path=f.path,
                                    reason=Reason.model_validate(f.reason))
-                       for f in outcomes if f.state == "duplicate" and f.reason]
+                       for f in files if f.state == "duplicate" and f.reason]
             placed = [s for s in sessions if s.state not in ("CONFLICT", "ERROR")]
             archived = sum(len(s.file_ids) for s in placed if s.archived)
             prearchived = sum(len(s.file_ids) for s in placed if not s.archived)
@@ -1000,12 +994,6 @@ def bootstrap(settings: Settings) -> Service:
         log.info("upload %s: cancelled by %s", upload.id, event.data.username)
         importer.settle_later(tx, upload.id)
 
-    def object_total(source: Source) -> int | None:
-        """How many files an object yields, where a file's event may say: a single file's
-        says 1; an archive's count comes from archive.unpacked alone (its members may be told
-        of before it is all unpacked, and others may still follow)."""
-        return source.files_total if source.member is None else None
-
     @svc.on(FileValidated, whole_batch=True)
     async def on_files_validated(events: list[CloudEvent[FileValidated]], tx: Tx) -> None:
         await importer.record_files(tx, [(UploadFile(
@@ -1013,7 +1001,7 @@ def bootstrap(settings: Settings) -> Service:
             staged_key=f.object_key, path=f.path, kind=f.kind.value, state="validated",
             size=f.size, sha256=f.sha256, hints=f.hints.model_dump(mode="json"),
             file_metadata=f.metadata,
-            fileset=f.fileset.model_dump() if f.fileset else None), object_total(f.source))
+            fileset=f.fileset.model_dump() if f.fileset else None), f.source.files_total)
             for e in events for f in [e.data]])
 
     @svc.on(FileRejected, whole_batch=True)
@@ -1022,7 +1010,7 @@ def bootstrap(settings: Settings) -> Service:
             file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
             staged_key=f.object_key, path=f.path, kind=f.kind.value,
             state="duplicate" if f.duplicate_of else "rejected",
-            reason=f.reason.model_dump()), object_total(f.source)) for e in events for f in [e.data]])
+            reason=f.reason.model_dump()), f.source.files_total) for e in events for f in [e.data]])
 
     async def archive_outcome(tx: Tx, event: CloudEvent, files_total: int | None,
                               rejected: Reason | None) -> None:
@@ -1049,7 +1037,7 @@ def bootstrap(settings: Settings) -> Service:
         await importer.record_files(tx, [(UploadFile(
             file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
             staged_key=f.object_key, path=f.path, kind="unknown", state="rejected",
-            reason=reason.model_dump()), object_total(f.source))])
+            reason=reason.model_dump()), f.source.files_total)])
 
     @svc.on(ArchiveUnpacked)
     async def on_archive_unpacked(event: CloudEvent[ArchiveUnpacked], tx: Tx) -> None:
@@ -1057,9 +1045,7 @@ def bootstrap(settings: Settings) -> Service:
 
     @svc.on(ArchiveRejected)
     async def on_archive_rejected(event: CloudEvent[ArchiveRejected], tx: Tx) -> None:
-        # Those told of before it was refused are waited for (then the upload's outcome is
-        # the last word on them).
-        await archive_outcome(tx, event, event.data.members_staged, event.data.reason)
+        await archive_outcome(tx, event, None, event.data.reason)
 
     return svc
 

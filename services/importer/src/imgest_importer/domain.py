@@ -18,22 +18,21 @@ from imgest_runtime.store import fit_name
 
 @dataclass(frozen=True)
 class ObjectProgress:
-    files_total: int | None  # of an archive refused: the files told of before it was
+    files_total: int | None
     rejected: bool
     terminal: int  # files of this object that were validated or rejected
 
 
 def is_complete(submitted: bool, object_keys: list[str],
                 progress: dict[str, ObjectProgress]) -> bool:
-    """Every object the client sent has yielded all its files, each validated or rejected (an
-    archive refused: those it told of before)."""
+    """Every object the client sent has yielded all its files, each validated or rejected."""
     if not submitted:
         return False
     for key in object_keys:
         p = progress.get(key)
         if p is None:
             return False
-        if p.rejected and p.files_total is None:
+        if p.rejected:
             continue
         if p.files_total is None or p.terminal < p.files_total:
             return False

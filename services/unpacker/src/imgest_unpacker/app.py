@@ -31,7 +31,6 @@ from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, create_app
 from imgest_runtime.store import (
     CHUNK,
-    DurableBatch,
     IterReader,
     ObjectStore,
     StoredObject,
@@ -66,11 +65,10 @@ class StagedFileset:
 
 @dataclass
 class Unpacked:
-    members: list[Member]  # loose files, but for those told of already
+    members: list[Member]  # loose files
     skipped: int
     bytes: int
     filesets: list[StagedFileset] = field(default_factory=list)
-    told: int = 0  # loose files told of while the archive unpacked
 
 
 LISTING_MAX = 1024 * 1024  # an index or Slidedat.ini larger than this is not a listing
@@ -92,60 +90,6 @@ def group_filesets(store: ObjectStore, members: list[Member]
 
 
 Progress = Callable[[int, int | None, int], None]  # (files staged, files in all, bytes)
-Announce = Callable[[list[Member], int], None]  # (members made durable, files in all): tells
-
-
-TELL_EVERY = 64  # members told of together while their archive unpacks
-TELL_WAIT = 60.0  # seconds the unpacking thread waits for a batch's transaction
-
-
-class _Early:
-    """Tells of an archive's members while it still unpacks (`Tally.listed`: each is then known
-    to be a file of its own), TELL_EVERY at a time, each batch made durable first: the next
-    stages check them meanwhile, instead of waiting for the last member. In a thread of its
-    own, so that the flush and the transaction do not hold up the unpacking. An archive inside
-    the archive ends it (its members are told of at the end, with the files they make).
-
-    Told is told: if the archive is refused later, what was told of stays staged (the importer
-    places none of an archive refused, and empties staging when the upload ends)."""
-
-    def __init__(self, announce: Announce | None, batch: DurableBatch, tally: Tally):
-        self.announce, self.batch, self.tally = announce, batch, tally
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="imgest-tell") if announce else None
-        self.queued = 0  # the staged members handed to the thread so far
-        self.told: set[str] = set()  # keys of those it has told of
-        self.telling: list[Future[None]] = []
-
-    def staged(self, staged: list[Member]) -> None:
-        if self.pool is None or not self.tally.listed or len(staged) - self.queued < TELL_EVERY:
-            return
-        members, self.queued = staged[self.queued:], len(staged)
-        self.telling.append(self.pool.submit(self._tell, members, self.tally.expected or 0))
-
-    def _tell(self, members: list[Member], total: int) -> None:
-        assert self.announce is not None
-        self.batch.make_durable([m.key for m in members])
-        self.announce(members, total)
-        self.told.update(m.key for m in members)
-
-    def stop(self) -> None:
-        """No more told of early (an archive inside: its files change what the archive holds)."""
-        self.pool, pool = None, self.pool
-        if pool is not None:
-            pool.shutdown(wait=False)
-
-    def finish(self) -> set[str]:
-        """Waits for the batches on their way, whatever they end in; the keys told of."""
-        self.stop()
-        for telling in self.telling:
-            with contextlib.suppress(Exception):  # (raised by `check`)
-                telling.result()
-        return self.told
-
-    def check(self) -> None:
-        """Raises the first failure of a batch (the archive is then unpacked again)."""
-        for telling in self.telling:
-            telling.result()
 
 WHOLE_UP_TO = CHUNK  # a member up to this size is read whole and written by a writer
 
@@ -207,32 +151,27 @@ class _Writers:
 
 
 def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
-           progress: Progress | None = None, announce: Announce | None = None) -> Unpacked:
+           progress: Progress | None = None) -> Unpacked:
     """Unpacks the archive from the store into it, member by member (blocking; in a thread):
     streamed, or from where each member lies in the archive (`entries` says which). An
     archive inside it (one level deep) is unpacked in its place. Nothing large is held whole:
     a member over WHOLE_UP_TO flows chunk by chunk from the archive into its object.
-    The members are made durable a batch at a time (one flush of the disk, not an fsync
-    each: those would take longer than the unpacking): those `announce` tells of early
-    (`_Early`), the rest at the end. If the archive is refused, what was staged of it and not
-    told of is deleted again; the original stays."""
+    The members are made durable all at once at the end (one flush of the disk, not an fsync
+    each: those would take longer than the unpacking). If the archive is refused, what was
+    staged of it is deleted again (all or nothing); the original stays."""
     tally = Tally(limits, obj.size)
     staged: list[Member] = []
-    told: set[str] = set()
 
     def on_staged() -> None:
-        early.staged(staged)
         if progress:
             progress(len(staged), tally.expected, tally.unpacked)
 
     writers = _Writers(store, staged, on_staged)
     try:
         with store.durable_batch() as batch:  # opened before the first member is written
-            early = _Early(announce, batch, tally)
             try:
                 for inner in _stage(store, obj, obj.object_key, obj.size, fmt, tally, writers,
                                     ""):
-                    early.stop()
                     # An archive inside gives way to its members (their archives stay files).
                     try:
                         for _ in _stage(store, obj, inner.key, inner.size, inner.fmt, tally,
@@ -246,23 +185,16 @@ def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
                     store.delete(inner.key)
                 writers.settle()
             finally:
-                early.stop()  # (nothing more told of: after a failure, the writes still landing)
                 writers.close()
-                told = early.finish()
-            early.check()
             filesets, loose = group_filesets(store, staged)
-            # Before anyone is told of them:
-            batch.make_durable([m.key for m in staged if m.key not in told])
+            batch.make_durable([m.key for m in staged])  # before anyone is told of them
     except ArchiveError:
-        # Refused: what was staged of it and not told of goes. (After any other failure the
-        # work is done again: the same keys are written again, the same events told again,
-        # and the importer empties staging at the end.)
+        # Refused: what was staged of it goes. (After any other failure the work is done
+        # again: the same keys are written again, and the importer empties staging at the end.)
         for m in staged:
-            if m.key not in told:
-                store.delete(m.key)
+            store.delete(m.key)
         raise
-    return Unpacked([m for m in loose if m.key not in told], tally.skipped, tally.unpacked,
-                    filesets, len(told))
+    return Unpacked(loose, tally.skipped, tally.unpacked, filesets)
 
 
 @dataclass
@@ -384,20 +316,9 @@ def bootstrap(settings: Settings) -> Service:
                 project=e.data.project, rules=e.data.rules,
             ), derived_id(e.id, "staged")) for e in fresh])
 
-    def member_staged(event: CloudEvent[ObjectStored], m: Member, total: int,
-                      fileset: Fileset | None = None) -> tuple[FileStaged, str]:
-        obj = event.data
-        return FileStaged(
-            upload_id=obj.upload_id, file_id=file_id(obj.upload_id, obj.object_key, m.path),
-            object_key=m.key, path=f"{obj.filename}/{m.path}", size=m.size, sha256=m.sha256,
-            source=Source(object_key=obj.object_key, member=m.path, files_total=total),
-            project=obj.project, rules=obj.rules, fileset=fileset,
-        ), derived_id(event.id, "staged", m.path)
-
     async def unpack_archive(event: CloudEvent[ObjectStored], fmt: str) -> None:
         """Its own units of work: an archive may take minutes to unpack, and no transaction
-        should stay open that long. Members may be told of while it unpacks (`_Early`), each
-        batch in a transaction of its own; the rest, and the outcome, at the end."""
+        should stay open that long."""
         obj = event.data
         store = svc.store
         assert store is not None
@@ -405,29 +326,16 @@ def bootstrap(settings: Settings) -> Service:
             return
         latest: list[tuple[int, int | None, int] | None] = [None]  # set by the thread
         reporter = asyncio.create_task(report_progress(obj, latest))
-        loop = asyncio.get_running_loop()
-        told = 0
-
-        async def tell(members: list[Member], total: int) -> None:
-            nonlocal told
-            async with svc.db.session() as session:
-                await svc.outbox.add_many(session, [member_staged(event, m, total)
-                                                    for m in members])
-            told += len(members)
-
-        def announce(members: list[Member], total: int) -> None:  # (from the thread)
-            asyncio.run_coroutine_threadsafe(tell(members, total), loop).result(TELL_WAIT)
-
         try:
             result = await asyncio.to_thread(unpack, store, obj, fmt, limits,
-                                             lambda *p: latest.__setitem__(0, p), announce)
+                                             lambda *p: latest.__setitem__(0, p))
         except ArchiveError as e:
             log.warning("upload %s: %s refused: %s", obj.upload_id, obj.filename, e.message)
             async with svc.handling(event) as session:
                 if session:
                     await svc.outbox.add(session, ArchiveRejected(
                         upload_id=obj.upload_id, object_key=obj.object_key, filename=obj.filename,
-                        reason=Reason(code=e.code, message=e.message), members_staged=told),
+                        reason=Reason(code=e.code, message=e.message)),
                         event_id=derived_id(event.id, "rejected"))
             return
         finally:
@@ -435,12 +343,29 @@ def bootstrap(settings: Settings) -> Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
 
-        n = result.told + len(result.members) + len(result.filesets)
-        staged = [member_staged(event, fs.index, n, Fileset(  # one image: one event for all
-            format=fs.format, files=[  # type: ignore[arg-type]
-                FilesetFile(path=p, object_key=m.key, size=m.size, sha256=m.sha256)
-                for p, m in fs.files])) for fs in result.filesets]
-        staged += [member_staged(event, m, n) for m in result.members]
+        n = len(result.members) + len(result.filesets)
+        staged = []
+        for fs in result.filesets:  # one image: one event for the index and its files
+            index = fs.index
+            staged.append((FileStaged(
+                upload_id=obj.upload_id,
+                file_id=file_id(obj.upload_id, obj.object_key, index.path),
+                object_key=index.key, path=f"{obj.filename}/{index.path}",
+                size=index.size, sha256=index.sha256,
+                source=Source(object_key=obj.object_key, member=index.path, files_total=n),
+                project=obj.project, rules=obj.rules,
+                fileset=Fileset(format=fs.format, files=[  # type: ignore[arg-type]
+                    FilesetFile(path=p, object_key=m.key, size=m.size, sha256=m.sha256)
+                    for p, m in fs.files]),
+            ), derived_id(event.id, "staged", index.path)))
+        for m in result.members:
+            staged.append((FileStaged(
+                upload_id=obj.upload_id, file_id=file_id(obj.upload_id, obj.object_key, m.path),
+                object_key=m.key, path=f"{obj.filename}/{m.path}", size=m.size,
+                sha256=m.sha256,
+                source=Source(object_key=obj.object_key, member=m.path, files_total=n),
+                project=obj.project, rules=obj.rules,
+            ), derived_id(event.id, "staged", m.path)))
         staged.append((ArchiveUnpacked(
             upload_id=obj.upload_id, object_key=obj.object_key, filename=obj.filename,
             format=fmt, members_staged=n, members_skipped=result.skipped,
@@ -449,9 +374,8 @@ def bootstrap(settings: Settings) -> Service:
             if not session:
                 return
             await svc.outbox.add_many(session, staged)
-        log.info("upload %s: %s unpacked: %d files (%d told of as it unpacked), %d skipped, "
-                 "%d bytes", obj.upload_id, obj.filename, n, result.told, result.skipped,
-                 result.bytes)
+        log.info("upload %s: %s unpacked: %d files, %d skipped, %d bytes", obj.upload_id,
+                 obj.filename, n, result.skipped, result.bytes)
 
     return svc
 

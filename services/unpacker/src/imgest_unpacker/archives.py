@@ -45,7 +45,6 @@ from .domain import (
     Tally,
     archive_format,
     compression,
-    may_hold_filesets,
 )
 
 _DECOMPRESSORS = {"gz": lambda: zlib.decompressobj(31), "bz2": bz2.BZ2Decompressor,
@@ -161,7 +160,6 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: 
         check.grew(info.file_size)
     if tally.members == 0:  # the outermost archive: its directory gives the total
         tally.expected = check.members
-        tally.listed = not may_hold_filesets(check.paths)
     elif tally.expected is not None:  # a zip inside a zip: its files replace it
         tally.expected += check.members - tally.members - 1
     if store.reads_anywhere and all(i.compress_type in _IN_PLACE for i in infos):

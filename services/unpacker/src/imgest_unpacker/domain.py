@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from xml.etree import ElementTree
@@ -82,9 +81,6 @@ class Tally:
     unpacked: int = 0
     paths: set[str] = field(default_factory=set)
     expected: int | None = None  # files in all, once an archive's directory said
-    # The outermost archive's files are all known from its directory, and none can be part of
-    # a multi-file slide: each may be told of as soon as it is staged.
-    listed: bool = False
 
     def member(self, raw: bytes | str, kind: str, encrypted: bool = False, prefix: str = ""
                ) -> str | None:
@@ -194,11 +190,6 @@ def listing_files(paths: list[str]) -> list[str]:
 # What a set's folder may hold; anything else there is a file of its own.
 _FOLDER_FILES = {"mrxs": (".dat", ".ini"), "vsi": (".ets",)}
 _LISTED_FILES = {"afi": (".svs", ".tif", ".tiff"), "ndpis": (".ndpi",)}
-
-
-def may_hold_filesets(paths: Iterable[str]) -> bool:
-    """Whether any of an archive's members could be the index of a multi-file slide."""
-    return any(_split(p)[1] in INDEX_FORMATS for p in paths)
 
 
 def plan_filesets(paths: list[str], texts: dict[str, str]) -> tuple[list[FilesetPlan], list[str]]:
