@@ -844,7 +844,6 @@ def test_a_failed_direct_write_raises_its_own_error_and_leaves_nothing_open(
     assert store.read_range("tus/x", 0, len(data) + 1) == data
 
 
-
 def test_spare_buffers_are_aligned_and_kept_for_the_next_caller() -> None:
     with spare_buffer() as first:
         assert len(first) == DIRECT_BUFFER
