@@ -795,16 +795,28 @@ def test_http_errors_are_problem_json(running: Running):
                            content=b"x"), 422),
         (running.http.get("/api/v1/uploads/nope"), 404),
         (running.http.get("/api/v1/me", headers={"X-Huge": "a" * 70_000}), 431),
+        # A NUL, which no text column stores: in the path, the query, a JSON body.
+        (running.http.get("/api/v1/uploads/a%00b"), 400),
+        (running.http.get("/api/v1/projects", params={"q": "a\0b"}), 400),
+        (running.http.post("/api/v1/prearchive/rebuild", json={
+            "entry": "/prearchive/projects/P/20260101_000000000/E\0"}), 400),
+        (running.http.get("/api/v1/me", auth=("ad\0min", "x")), 401),
     ]:
         assert response.status_code == status, response.text
         assert response.headers["content-type"] == "application/problem+json"
         problem = response.json()
         assert problem["status"] == status and problem["title"] and problem["detail"]
         if status == 405:  # both routes of the shared path, not just the first
-            assert response.headers["allow"] == "GET, PUT"
+            assert response.headers["allow"] == "GET, HEAD, PUT"
+    # HEAD is answered wherever GET is: its head, no body.
+    head, get = running.http.head("/api/v1/me"), running.http.get("/api/v1/me")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == get.headers["content-length"]
     # XNAT's paths say it in XNAT's plain text.
     huge = running.http.get("/data/projects", headers={"X-Huge": "a" * 70_000})
     assert huge.status_code == 431 and huge.headers["content-type"].startswith("text/plain")
+    nul = running.http.get("/data/prearchive/projects/a%00")
+    assert nul.status_code == 400 and nul.headers["content-type"].startswith("text/plain")
     for path, kind in [("/api/v1/me", "application/problem+json"), ("/data/projects", "text/plain")]:
         answer, sent = _endless_header(running, path)
         assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]

@@ -318,6 +318,32 @@ def test_upload_session_fields_duplicates_cap_progress_and_listing(gateway: Runn
     assert nothing.status_code == 409 and "no files" in nothing.json()["detail"]
 
 
+def test_one_file_sent_as_a_form_is_its_bytes(gateway: Running, pydicom_file):
+    """`curl -F file=@x` to the one-file endpoints stores the file, not the form around it; a
+    form of two files is refused, nothing of it kept; a media type's case does not matter."""
+    http = gateway.http
+    gateway.project("FORM1")
+    data = _dicom(pydicom_file, "FORM1")
+    one = http.post("/api/v1/uploads", params={"filename": "x.dcm", "project": "FORM1"},
+                    files={"file": ("x.dcm", data, "application/dicom")})
+    assert one.status_code == 201, one.text
+    [obj] = gateway.status(one.json()["id"])["objects"]
+    assert (obj["filename"], obj["size"]) == ("x.dcm", len(data))
+    two = http.post("/api/v1/uploads", params={"filename": "y.dcm", "project": "FORM1"},
+                    files=[("file", ("a.dcm", data)), ("file", ("b.dcm", data))])
+    assert two.status_code == 400 and "exactly one file" in two.json()["detail"]
+    xnat = http.post("/data/services/import", params={"PROJECT_ID": "FORM1"},
+                     files=[("file", ("a.zip", b"PK")), ("file", ("b.zip", b"PK"))])
+    assert xnat.status_code == 400 and "exactly one file" in xnat.text
+    assert not [o for o in gateway.store.list("staging/")
+                if o.key.endswith(("/y.dcm", "/a.zip", "/b.zip"))]
+    upload = http.post("/api/v1/projects/FORM1/uploads", json={}).json()
+    shouted = http.post(f"/api/v1/uploads/{upload['id']}/files", content=(
+        b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.dcm\"\r\n\r\n"
+        + data + b"\r\n--B--\r\n"), headers={"Content-Type": "Multipart/Form-Data; boundary=B"})
+    assert shouted.status_code == 201 and shouted.json()["files"][0]["filename"] == "s.dcm"
+
+
 def test_many_files_in_one_form_are_streamed_and_each_gets_a_verdict(gateway: Running,
                                                                     pydicom_file):
     http = gateway.http
@@ -806,6 +832,41 @@ def test_a_stalled_tus_patch_is_ended_and_frees_the_upload(gateway: Running):
     assert [(o["filename"], o["size"]) for o in added] == [("s.bin", len(body))]
 
 
+def test_a_tus_upload_terminated_during_a_patch_leaves_nothing(gateway: Running):
+    """A DELETE comes while a PATCH is still running (its first bytes in, the rest on their
+    way): it waits for the PATCH to end, then drops every byte, also those written after it
+    came."""
+    http = gateway.http
+    gateway.project("TUS4")
+    body = os.urandom(20 * 1024 * 1024)  # more than a segment (16 MiB)
+    _, location = _tus_upload(gateway, "TUS4", "t.bin", 2 * len(body))
+    tus_id = location.rstrip("/").rsplit("/", 1)[-1]
+    patch = {"Tus-Resumable": "1.0.0", "Content-Type": "application/offset+octet-stream",
+             "Upload-Offset": "0"}
+    go_on = threading.Event()
+
+    def sends_some_then_the_rest_then_lets_go():
+        yield body[:1000]
+        go_on.wait(30)
+        yield from (body[i:i + 1024 * 1024] for i in range(1000, len(body), 1024 * 1024))
+        time.sleep(0.5)
+        raise ConnectionAbortedError("the client lets go")
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(lambda: httpx.patch(
+            location, content=sends_some_then_the_rest_then_lets_go(), timeout=30,
+            headers={**patch, **dict(http.headers)}))
+        time.sleep(1)  # the PATCH holds the upload
+        threading.Timer(1.0, go_on.set).start()  # the rest goes while the DELETE is on its way
+        terminated = http.delete(location, headers=patch)
+        go_on.set()
+        with contextlib.suppress(Exception):
+            running.result()
+    assert terminated.status_code == 204, terminated.text
+    assert http.head(location, headers=patch).status_code == 404
+    assert list(gateway.store.list(f".tus/{tus_id}/")) == []
+
+
 def test_tus_protocol_details(gateway: Running):
     import base64
     import hashlib
@@ -842,10 +903,27 @@ def test_tus_protocol_details(gateway: Running):
         "Upload-Checksum": "sha256 " + base64.b64encode(
             hashlib.sha256(body[1000:]).digest()).decode()})
     assert right.status_code == 204 and right.headers["upload-offset"] == "3000"
-    # No Tus-Resumable (a declared header), no session named: refused.
-    assert http.patch(location, content=b"x", headers={
-        "Content-Type": "application/offset+octet-stream", "Upload-Offset": "3000"}
-    ).status_code == 422
+    # Whole: the last PATCH repeated (a client that missed the answer) is told the same; bytes
+    # past the end are refused; the upload stays as it is.
+    again = http.patch(location, content=b"", headers={**patch, "Upload-Offset": "3000"})
+    assert again.status_code == 204 and again.headers["upload-offset"] == "3000"
+    past = http.patch(location, content=b"x", headers={**patch, "Upload-Offset": "3000"})
+    assert past.status_code == 413 and past.headers["tus-resumable"] == "1.0.0"
+    assert http.head(location, headers=tus).headers["upload-offset"] == "3000"
+    # Another protocol version, or none, is 412 with the version spoken (OPTIONS needs none).
+    for version in ({"Tus-Resumable": "0.2.2"}, {}):
+        for refused in (http.head(location, headers=version), http.patch(
+                location, content=b"x", headers={**version, "Upload-Offset": "3000",
+                                                 "Content-Type": "application/offset+octet-stream"})):
+            assert refused.status_code == 412 and refused.headers["tus-version"] == "1.0.0"
+    # Too long for the server: 413, before any byte. Every answer says Tus-Resumable, the
+    # errors of authentication and of unknown uploads too.
+    huge = http.post("/api/v1/tus/", headers={**tus, "Upload-Length": str(2**60),
+                                               "Upload-Metadata": meta})
+    assert huge.status_code == 413 and huge.headers["tus-resumable"] == "1.0.0"
+    unknown = http.delete("/api/v1/tus/" + "0" * 32, headers=tus)
+    assert unknown.status_code == 404 and unknown.headers["tus-resumable"] == "1.0.0"
+    assert httpx.head(gateway.url + location, headers=tus).headers["tus-resumable"] == "1.0.0"
     assert http.post("/api/v1/tus/", headers={**tus, "Upload-Length": "10", "Upload-Metadata":
                                                "filename " + base64.b64encode(b"x").decode()}
                      ).status_code == 404

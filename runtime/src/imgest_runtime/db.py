@@ -189,15 +189,24 @@ class Database:
                 yield Connection(raw)
 
     @asynccontextmanager
-    async def advisory_lock(self, key: str) -> AsyncIterator[bool]:
+    async def advisory_lock(self, key: str, wait: float = 0) -> AsyncIterator[bool]:
         """Holds PostgreSQL's advisory lock on `key` while the block runs, or yields False if
-        another holder has it, in any process or replica. On a connection of its own, not the
-        pool's: it may be held for as long as an upload streams, and closing it releases the
-        lock, also when the process holding it dies."""
+        another holder has it (still, after `wait` seconds), in any process or replica. On a
+        connection of its own, not the pool's: it may be held for as long as an upload
+        streams, and closing it releases the lock, also when the process holding it dies."""
         conn = await asyncpg.connect(self._driver_url())
         try:
-            yield bool(await conn.fetchval(
-                "select pg_try_advisory_lock(hashtextextended($1, 0))", key))
+            if wait <= 0:
+                yield bool(await conn.fetchval(
+                    "select pg_try_advisory_lock(hashtextextended($1, 0))", key))
+                return
+            await conn.execute(f"set lock_timeout = {int(wait * 1000)}")
+            try:
+                await conn.execute("select pg_advisory_lock(hashtextextended($1, 0))", key)
+            except asyncpg.LockNotAvailableError:
+                yield False
+                return
+            yield True
         finally:
             await conn.close()
 

@@ -1,18 +1,22 @@
-"""A bound on a request's head, kept at both ends: the server stops reading a head that grows
-past MAX_HEADER_BYTES (so a client cannot make a process hold megabytes of headers), and
-the app answers 431 for any head over it that did arrive whole. Both answers come from the
-app, so they read as its other errors do (problem+json; the gateway's XNAT paths, text)."""
+"""Checks on a request's head before any route sees it. A bound on its size, kept at both ends:
+the server stops reading a head that grows past MAX_HEADER_BYTES (so a client cannot make a
+process hold megabytes of headers), and the app answers 431 for any head over it that did
+arrive whole. And a target whose path holds a control character, or whose query holds a NUL
+(which no text column can store), is answered 400. The answers come from the app, so they read
+as its other errors do (problem+json; the gateway's XNAT paths, text)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import urllib.parse
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEADER_BYTES = 64 * 1024  # a request's target, header names and values
@@ -22,28 +26,72 @@ _OVERFLOW = "imgest.head_overflow"  # scope key the protocol sets on a head it c
 log = logging.getLogger("imgest.http")
 
 
-class HeaderLimit:
-    """ASGI middleware: answers 431 for a head over MAX_HEADER_BYTES before any route sees
-    it, in the form the app's HTTPException handler gives."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def head_fault(scope: Any) -> HTTPException | None:
+    """What is wrong with a request's head, as the error to answer; None if nothing is."""
+    if scope.get(_OVERFLOW) or sum(
+            len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
+        return HTTPException(431, f"The request's headers are over {MAX_HEADER_BYTES} bytes.")
+    if _CONTROL.search(scope["path"]):
+        return HTTPException(400, "The URL's path holds a control character.")
+    query = scope["query_string"]
+    if b"\0" in query or b"%00" in query:
+        return HTTPException(400, "The URL's query holds a NUL character.")
+    return None
+
+
+class HeadCheck:
+    """ASGI middleware: answers a request whose head is at fault (head_fault) before any route
+    sees it, in the form the app's HTTPException handler gives."""
 
     def __init__(self, app: Any, owner: FastAPI):
         self.app, self.owner = app, owner
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and (scope.get(_OVERFLOW) or sum(
-                len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES):
+        if scope["type"] == "http" and (fault := head_fault(scope)):
             answer = self.owner.exception_handlers[HTTPException]
-            response = await answer(Request(scope), HTTPException(
-                431, f"The request's headers are over {MAX_HEADER_BYTES} bytes."))
+            response = await answer(Request(scope), fault)
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
+class _HeadSent(Exception):
+    """A HEAD's answer is out: the GET behind it stops making its body."""
+
+
+class HeadAsGet:
+    """ASGI middleware: HEAD answered as GET, without the body, wherever a GET route is (RFC
+    9110 requires it of a general-purpose server; FastAPI's routes answer only the methods
+    they name). The GET stops at its first body bytes: a file's are not read on."""
+
+    def __init__(self, app: Any, owner: FastAPI):
+        self.app, self.owner = app, owner
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD" or any(
+                route.matches(scope)[0] is Match.FULL for route in self.owner.router.routes):
+            await self.app(scope, receive, send)
+            return
+
+        async def head_only(message: Any) -> None:
+            if message["type"] == "http.response.body":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                raise _HeadSent()
+            await send(message)
+
+        try:
+            await self.app({**scope, "method": "GET"}, receive, head_only)
+        except* _HeadSent:  # (from a streaming body, within its task group)
+            pass
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, but a request head still incomplete after more than
     MAX_HEADER_BYTES is not read further: httptools would keep a header's value whole until
-    its end, however long. The app answers it 431 (through HeaderLimit) and the connection
+    its end, however long. The app answers it 431 (through HeadCheck) and the connection
     closes. The body is not counted: a chunk that completes the head passes as before."""
 
     _in_head = False

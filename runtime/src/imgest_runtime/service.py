@@ -18,7 +18,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from asyncpg.exceptions import OperatorInterventionError, PostgresConnectionError
+from asyncpg.exceptions import (
+    CharacterNotInRepertoireError,
+    OperatorInterventionError,
+    PostgresConnectionError,
+    UntranslatableCharacterError,
+)
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -28,9 +33,10 @@ from imgest_contracts import TOPICS, CloudEvent, Payload, topic_of
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import MetaData, select
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .broker import (
     Consumer,
@@ -44,7 +50,7 @@ from .broker import (
 )
 from .db import Database, any_of, migrate
 from .epoch import broker_epoch, check_epoch
-from .http import BoundedHeadProtocol, HeaderLimit
+from .http import BoundedHeadProtocol, HeadAsGet, HeadCheck
 from .outbox import DeliveryTables, Outbox, Relay, delivery_tables, derived_id
 from .settings import RuntimeSettings
 from .store import ObjectStore, open_store
@@ -398,7 +404,8 @@ def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
     app = FastAPI(title=f"imgest {service.name}", version=VERSION, lifespan=lifespan,
                   docs_url=None, redoc_url=None, **fastapi_options)
     app.state.service = service
-    app.add_middleware(HeaderLimit, owner=app)
+    app.add_middleware(HeadAsGet, owner=app)
+    app.add_middleware(HeadCheck, owner=app)
     add_problem_handlers(app)
     problem_only_openapi(app)
     add_local_docs(app)
@@ -498,7 +505,8 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
                  "headers": []}
         return any(route.matches(scope)[0] is Match.FULL for route in app.router.routes)
 
-    return [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE") if answered(m)]
+    found = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS") if answered(m)]
+    return found[:1] + ["HEAD"] + found[1:] if "GET" in found else found  # (http.HeadAsGet)
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -546,6 +554,44 @@ def add_problem_handlers(app: FastAPI) -> None:
         return await app.exception_handlers[HTTPException](request, HTTPException(
             503, "The database does not answer; try again shortly.",
             headers={"Retry-After": "5"}))
+
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _error: ClientDisconnect) -> Response:
+        """The client went away before its body ended: nothing wrong here, no one to answer
+        (what it sent is dropped by the route). 499, as nginx logs it."""
+        log.info("%s %s: the client went away before the request's body ended",
+                 request.method, request.url.path)
+        return Response(status_code=499)
+
+    @app.exception_handler(DataError)
+    @app.exception_handler(CharacterNotInRepertoireError)
+    @app.exception_handler(UntranslatableCharacterError)
+    async def unstorable_text(request: Request, error: Exception) -> Response:
+        """A value of the request's body that no text column can hold (a NUL): the client's
+        fault, told as such (its path and query are checked before: http.head_fault)."""
+        if not _unstorable(error):
+            raise error  # another kind of data error: ours, answered as a fault (500)
+        return await app.exception_handlers[HTTPException](request, HTTPException(
+            400, "The request holds a character that cannot be stored (NUL)."))
+
+    @app.exception_handler(Exception)
+    async def fault(request: Request, _error: Exception) -> Response:
+        """A fault of ours: answered in the form of every other error (uvicorn logs it)."""
+        return await app.exception_handlers[HTTPException](request, HTTPException(
+            500, "Something went wrong on our side; it is logged. Try again, or tell the "
+            "administrator if it persists."))
+
+
+def _unstorable(error: BaseException | None) -> bool:
+    """Whether the database refused a character of a value (through SQLAlchemy, or not)."""
+    for _ in range(8):  # (a chain is short; a cycle must not hang an answer)
+        if error is None:
+            return False
+        if isinstance(error, (CharacterNotInRepertoireError, UntranslatableCharacterError)):
+            return True
+        error = error.__cause__ or getattr(error, "orig", None)
+    return False
 
 
 def serve(app_factory: Callable[[], FastAPI], settings: RuntimeSettings, port: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -68,8 +69,8 @@ from .models import (
     metadata,
 )
 from .settings import Settings
-from .tus_api import tus_router
-from .uploads_api import Refused, stream_to_store, submit, uploads_router
+from .tus_api import TusProtocol, tus_router
+from .uploads_api import Refused, delete_objects, store_one_file, submit, uploads_router
 from .views import TOPIC_OF_TYPE, event_json, json_response, upload_status, upload_view
 from .waiting import Waiters, announce
 from .xnat_api import plain_http_errors, xnat_router
@@ -414,7 +415,7 @@ def build_app(settings: Settings) -> FastAPI:
     svc.background.append(lambda: callers.follow(svc.db))
     callers.forget_at_own_commits()
     api = APIRouter(prefix="/api/v1", tags=["uploads"],
-                    responses=problem_responses(400, 404, 413, 422, 503))
+                    responses=problem_responses(400, 401, 403, 404, 413, 422, 503))
     public_url = settings.public_url.rstrip("/")
 
     async def receive(request: Request, caller: Caller, filename: str, options: ImportOptions
@@ -429,20 +430,23 @@ def build_app(settings: Settings) -> FastAPI:
         if length is not None and not length.isdigit():
             return problem(400, "Bad Content-Length", "Content-Length is not a number.")
         upload_id = uuid.uuid4().hex
-        key = f"staging/{upload_id}/{name}"
-        stored = await stream_to_store(svc, settings, key, request.stream(),
-                                       int(length) if length else None)
-        async with svc.db.session() as session:
-            upload = Upload(id=upload_id, state="processing", project=options.project,
-                            uploader=caller.username, email=caller.email,
-                            options=options.model_dump(mode="json", exclude_defaults=True,
-                                                       exclude={"project"}),
-                            created_at=datetime.now(UTC))
-            obj = UploadObject(object_key=key, upload_id=upload_id, filename=name,
-                               size=stored.size, sha256=stored.sha256 or "", state="stored",
-                               content_type=request.headers.get("content-type"))
-            session.add(upload)
-            await submit(svc, session, upload, [obj])
+        key = f"staging/{upload_id}/{name}"  # (named by the URL, also when a form carries it)
+        stored, content_type = await store_one_file(svc, settings, request, lambda _: key)
+        try:
+            async with svc.db.session() as session:
+                upload = Upload(id=upload_id, state="processing", project=options.project,
+                                uploader=caller.username, email=caller.email,
+                                options=options.model_dump(mode="json", exclude_defaults=True,
+                                                           exclude={"project"}),
+                                created_at=datetime.now(UTC))
+                obj = UploadObject(object_key=key, upload_id=upload_id, filename=name,
+                                   size=stored.size, sha256=stored.sha256 or "",
+                                   state="stored", content_type=content_type)
+                session.add(upload)
+                await submit(svc, session, upload, [obj])
+        except BaseException:  # not recorded: the file is no one's (shielded, as the client
+            await asyncio.shield(delete_objects(svc, [key]))  # may be gone)
+            raise
         location = f"/api/v1/uploads/{upload_id}"
         body = upload_view(upload, [obj], [])
         body["status_url"] = public_url + location
@@ -502,6 +506,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(identity_router(svc))
     app.include_router(uploads_router(svc, settings))
     app.include_router(tus_router(svc, settings))
+    app.add_middleware(TusProtocol)
     app.include_router(xnat_router(svc, settings, waiters))
     app.include_router(archive_router(svc, settings))
     app.include_router(catalogue_router(svc, settings))

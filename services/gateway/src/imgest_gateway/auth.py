@@ -240,6 +240,8 @@ async def by_login_session(db: Database, session_id: str, callers: Callers | Non
 async def credentials(db: Database, username: str, secret: str, callers: Callers | None = None
                       ) -> Caller | None:
     """A user name with a password or a token in the password's place (XNAT's alias tokens)."""
+    if not username.isprintable():
+        return None  # no user is named so (and a NUL cannot even be looked up)
     if looks_like_token(secret):
         return await by_token(db, secret, username, callers)
     async with db.session() as session:

@@ -29,7 +29,8 @@ def safe_filename(name: str | None) -> str:
     its extension. Only a missing name is refused: a browser or scanner sends whatever name the
     file has, and the upload should not fail for it."""
     if not name:
-        raise BadFilename("A file name is required (the 'filename' query parameter or the URL).")
+        raise BadFilename("A file name is required: the 'filename' query parameter, the URL, "
+                          "or a form part's filename (an empty file input sends none).")
     base = PurePosixPath(_CONTROL.sub("_", name).replace("\\", "/")).name.strip()
     if base in ("", ".", ".."):
         base = "file"

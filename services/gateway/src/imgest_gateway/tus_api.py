@@ -38,6 +38,7 @@ from imgest_runtime.store import (
 )
 from sqlalchemy import delete, update
 from sqlmodel import col, select
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import ClientDisconnect
 
 from .auth import CallerDep, forbidden
@@ -52,6 +53,7 @@ EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
 CHECKSUMS = {"sha1": hashlib.sha1, "md5": hashlib.md5, "sha256": hashlib.sha256}
 OFFSET_STREAM = "application/offset+octet-stream"
 SEGMENT_MIN = 16 * 1024 * 1024
+TERMINATE_WAIT = 10.0  # seconds a DELETE waits for a PATCH to end (one whose client is gone)
 # The protocol's headers, declared so that the document (and a generated client) knows them.
 TusResumable = Annotated[Literal["1.0.0"], Header(alias="Tus-Resumable",
                                                  description="The tus version: 1.0.0.")]
@@ -118,13 +120,50 @@ def tus_headers(**extra: str) -> dict[str, str]:
     return {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store", **extra}
 
 
+PREFIX = "/api/v1/tus"
+
+
+class TusProtocol:
+    """ASGI middleware for the tus URLs: every answer carries Tus-Resumable, as the protocol
+    requires, whoever made it (authentication, validation, a handler); and a request of
+    another protocol version, or of none, is answered 412 with the version spoken. OPTIONS,
+    the discovery request, needs none."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
+            await self.app(scope, receive, send)
+            return
+        version = Headers(scope=scope).get("tus-resumable")
+        if scope["method"] != "OPTIONS" and version != TUS_VERSION:
+            response = problem(412, "Precondition Failed", (
+                f"This server speaks tus {TUS_VERSION}: send 'Tus-Resumable: {TUS_VERSION}'"
+                + (f", not {version!r}." if version else ".")))
+            response.headers.update(tus_headers(**{"Tus-Version": TUS_VERSION}))
+            await response(scope, receive, send)
+            return
+
+        async def tagged(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in tus_headers().items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
 def tus_router(svc: Service, settings: Settings) -> APIRouter:
-    api = APIRouter(prefix="/api/v1/tus", tags=["resumable uploads (tus)"],
-                    responses=problem_responses(400, 401, 403, 404, 409, 410, 413, 415, 422))
-    # Within the size limit, as the document says (a longer one is refused before any byte).
-    UploadLength = Annotated[int, Header(alias="Upload-Length", ge=1,
-                                         le=settings.max_upload_bytes,
-                                         description="The file's size in bytes.")]
+    api = APIRouter(prefix=PREFIX, tags=["resumable uploads (tus)"],
+                    responses={**problem_responses(400, 401, 403, 404, 409, 410, 412, 413,
+                                                   415, 422, 503),
+                               460: {**problem_responses(400)[400],
+                                     "description": "Checksum Mismatch (PATCH with "
+                                     "Upload-Checksum): nothing of the body was kept."}})
+    UploadLength = Annotated[int, Header(alias="Upload-Length", ge=1, description=(
+        "The file's size in bytes; over Tus-Max-Size, 413 before any byte."))]
     hashes = Hashes()
 
     def in_place(row: TusUpload) -> bool:
@@ -133,11 +172,6 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         segments, by an earlier version, goes on as segments.)"""
         return svc.store.writes_in_place and all(
             key == in_place_key(row.id) for _, key, _ in row.segments)
-
-    def refuse(status: int, title: str, detail: str) -> Response:
-        response = problem(status, title, detail)
-        response.headers.update(tus_headers())
-        return response
 
     async def owned(tus_id: str, caller) -> TusUpload:
         async with svc.db.session() as session:
@@ -159,13 +193,18 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
 
     @api.post("/", status_code=201, summary="Create a tus upload (Upload-Length; Upload-Metadata "
               "names the upload session as `upload` and the file as `filename`); a body is its "
-              "first bytes (creation-with-upload)")
+              "first bytes (creation-with-upload)",
+              openapi_extra={"requestBody": {"required": False, "content": {
+                  OFFSET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}})
     async def create(request: Request, caller: CallerDep, _version: TusResumable,
                      upload_length: UploadLength,
                      upload_metadata: Annotated[str, Header(
                          alias="Upload-Metadata", max_length=8192, pattern=METADATA,
                          description="`upload <base64 id>,filename <base64 name>`")] = ""
                      ) -> Response:
+        if upload_length > settings.max_upload_bytes:
+            return problem(413, "Content Too Large", f"The file is {upload_length} bytes; this "
+                           f"server takes at most {settings.max_upload_bytes} (Tus-Max-Size).")
         try:
             length = upload_length
             header = upload_metadata
@@ -193,9 +232,8 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                                 expires_at=now + timedelta(hours=settings.tus_expire_hours))
                 session.add(row)
         except Refused as refused:
-            refused.response.headers.update(tus_headers())
             return refused.response
-        location = f"/api/v1/tus/{row.id}"
+        location = f"{PREFIX}/{row.id}"
         headers = tus_headers(Location=location,
                               **{"Upload-Expires": format_datetime(row.expires_at, usegmt=True)})
         if request.headers.get("content-type") == OFFSET_STREAM:
@@ -208,11 +246,7 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
 
     @api.head("/{tus_id}", summary="How much of the file the server has")
     async def head(tus_id: TusId, caller: CallerDep) -> Response:
-        try:
-            row = await owned(tus_id, caller)
-        except Refused as refused:  # a HEAD answer has no body, only its status
-            return Response(status_code=refused.response.status_code, headers=tus_headers(),
-                            media_type="application/problem+json")
+        row = await owned(tus_id, caller)  # (a refusal's body is not sent: the server's rule)
         headers = tus_headers(**{"Upload-Offset": str(row.offset),
                                  "Upload-Length": str(row.length)})
         if row.metadata_header:
@@ -231,21 +265,24 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                         description="`<algorithm> <base64 digest>` of this PATCH's body")] = None
                     ) -> Response:
         if request.headers.get("content-type") != OFFSET_STREAM:
-            return refuse(415, "Unsupported Media Type", f"PATCH bodies are {OFFSET_STREAM}.")
-        try:
-            row = await owned(tus_id, caller)
-        except Refused as refused:
-            refused.response.headers.update(tus_headers())
-            return refused.response
+            return problem(415, "Unsupported Media Type", f"PATCH bodies are {OFFSET_STREAM}.")
+        row = await owned(tus_id, caller)
         # One PATCH at a time per upload, whichever gateway process or replica it reaches.
         async with svc.db.advisory_lock(f"tus:{tus_id}") as mine:
             if not mine:
-                return refuse(409, "Upload in progress", "Another PATCH to this upload is "
-                              "running.")
+                return problem(409, "Upload in progress", "Another PATCH to this upload is "
+                               "running.")
             row = await owned(tus_id, caller)  # read again: as the PATCH before this one left it
             if int(offset_header) != row.offset:
-                return refuse(409, "Offset mismatch", f"The server has {row.offset} bytes of "
-                              f"this file, not {offset_header}: HEAD tells where to resume.")
+                return problem(409, "Offset mismatch", f"The server has {row.offset} bytes of "
+                               f"this file, not {offset_header}: HEAD tells where to resume.")
+            if row.object_key is not None:  # whole already: a client's last PATCH, repeated
+                async for chunk in request.stream():
+                    if chunk:
+                        return problem(413, "Past Upload-Length", f"The file is {row.length} "
+                                       "bytes, all received; nothing more can be appended.")
+                return Response(status_code=204, headers=tus_headers(
+                    **{"Upload-Offset": str(row.offset)}))
             outcome = await receive(request, row, row.offset)
         if isinstance(outcome, Response):
             return outcome
@@ -253,12 +290,15 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
 
     @api.delete("/{tus_id}", status_code=204, summary="Terminate: drop the bytes received")
     async def terminate(tus_id: TusId, caller: CallerDep, _version: TusResumable) -> Response:
-        try:
+        await owned(tus_id, caller)
+        # After a PATCH still running (a client that just let go of it, say): dropped under
+        # it, its bytes would be written again where nothing would ever delete them.
+        async with svc.db.advisory_lock(f"tus:{tus_id}", wait=TERMINATE_WAIT) as mine:
+            if not mine:
+                return problem(409, "Upload in progress", "A PATCH to this upload is still "
+                               "running; end it, then terminate.")
             row = await owned(tus_id, caller)
-        except Refused as refused:
-            refused.response.headers.update(tus_headers())
-            return refused.response
-        await drop(row)
+            await drop(row)
         return Response(status_code=204, headers=tus_headers())
 
     async def receive(request: Request, row: TusUpload, start: int) -> int | Response:
@@ -270,20 +310,20 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         if checksum:
             algorithm, _, digest = checksum.partition(" ")
             if algorithm not in CHECKSUMS:
-                return refuse(400, "Unsupported checksum", f"Upload-Checksum algorithms: "
-                              f"{', '.join(CHECKSUMS)}.")
+                return problem(400, "Unsupported checksum", f"Upload-Checksum algorithms: "
+                               f"{', '.join(CHECKSUMS)}.")
             try:
                 expected = base64.b64decode(digest, validate=True)
             except binascii.Error:
-                return refuse(400, "Bad Upload-Checksum", "The digest is not base64.")
+                return problem(400, "Bad Upload-Checksum", "The digest is not base64.")
             checker = CHECKSUMS[algorithm]()
         place = in_place(row)  # (the segments it looks at stay of one kind while this runs)
         if place and start > 0:
             draft = await asyncio.to_thread(svc.store.stat, in_place_key(row.id))
             if draft is None or draft.size < start:  # (a store restored from a backup)
                 await drop(row)
-                return refuse(410, "Bytes lost", f"The {start} bytes received so far are no "
-                              "longer in the store; create the upload again.")
+                return problem(410, "Bytes lost", f"The {start} bytes received so far are no "
+                               "longer in the store; create the upload again.")
         hasher = hashes.at(row.id, start)
         size = segment_size(row.length)
         stream = request.stream().__aiter__()
@@ -352,8 +392,8 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                 except StoreError as e:
                     await settle()
                     await forget(written if expected is not None else [])
-                    return refuse(503, "Store unavailable", f"The bytes could not be stored: "
-                                  f"{e}; resume from Upload-Offset once it is back.")
+                    return problem(503, "Store unavailable", f"The bytes could not be stored: "
+                                   f"{e}; resume from Upload-Offset once it is back.")
                 except (ClientDisconnect, OSError):
                     hasher = before  # what was hashed of the lost segment does not count
                     await forget([[offset, key, 0]])
@@ -375,20 +415,18 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                 await settle()  # what was received before the refusal counts (no checksum)
             await forget(written if expected is not None else [])
             hashes.keep(row.id, row.offset, None)
-            refused.response.headers.update(tus_headers())
             return refused.response
         if expected is not None:
             if checker is None or checker.digest() != expected:
                 await forget(written)
                 hashes.keep(row.id, start, None)
-                return refuse(460, "Checksum Mismatch", "The PATCH body does not match "
-                              "Upload-Checksum; nothing of it was kept.")
+                return problem(460, "Checksum Mismatch", "The PATCH body does not match "
+                               "Upload-Checksum; nothing of it was kept.")
             await commit(row, written, offset)
         hashes.keep(row.id, offset, hasher)
         try:
             return await finish_if_done(row, offset)
         except Refused as refused:
-            refused.response.headers.update(tus_headers())
             return refused.response
 
     async def commit(row: TusUpload, segments: list[list], offset: int) -> None:
@@ -427,6 +465,7 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         if in_place(fresh):
             # Whole: no byte past the length was ever written (the body is cut there).
             await asyncio.to_thread(svc.store.move, in_place_key(row.id), key)
+            await asyncio.to_thread(svc.store.delete_prefix, f".tus/{row.id}/")  # its folder
             stored = StoredObject(key, row.length)
         else:
             sources = [k for _, k, _ in sorted(fresh.segments)]
@@ -462,7 +501,9 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                 col(TusUpload.expires_at) < datetime.now(UTC),
                 col(TusUpload.object_key).is_(None)).limit(100))).all()
         for row in expired:
-            await drop(row)
+            async with svc.db.advisory_lock(f"tus:{row.id}") as mine:
+                if mine:  # (else a PATCH begun before it expired still runs: next time)
+                    await drop(row)
 
     svc.periodic.append(Periodic("tus-expiry", 600, sweep))
     return api

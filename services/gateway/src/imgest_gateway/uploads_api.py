@@ -14,7 +14,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
@@ -182,6 +182,41 @@ async def stream_to_store(svc: Service, settings: Settings, key: str,
         await asyncio.to_thread(svc.store.delete, key)
         raise refused
     return stored
+
+
+def is_form(content_type: str) -> bool:
+    """Whether a body is multipart/form-data (a media type's name is case-insensitive)."""
+    return content_type.split(";", 1)[0].strip().lower() == "multipart/form-data"
+
+
+async def store_one_file(svc: Service, settings: Settings, request: Request,
+                         key: Callable[[str | None], str]) -> tuple[StoredObject, str | None]:
+    """Stores the one file a request carries, under `key(its name in the form, if any)`: the
+    raw body, or a form's single file part (what `curl -F file=@x` sends). Returns it with its
+    content type. A form of no file, or of several, is refused, nothing of it kept."""
+    content_type = request.headers.get("content-type", "")
+    if not is_form(content_type):
+        length = request.headers.get("content-length", "")
+        stored = await stream_to_store(svc, settings, key(None), request.stream(),
+                                       int(length) if length.isdigit() else None)
+        return stored, content_type or None
+    stored, part_type = None, None
+    try:
+        async for part in file_parts(content_type, request.stream()):
+            if stored is not None:
+                raise Refused(400, "One file only", "The form must hold exactly one file; "
+                              "send several to an upload session.")
+            stored = await stream_to_store(svc, settings, key(part.filename), part.chunks, None)
+            part_type = part.content_type
+    except BaseException as e:
+        if stored is not None:  # (shielded: a client gone leaves nothing behind either)
+            await asyncio.shield(delete_objects(svc, [stored.key]))
+        if isinstance(e, BadForm):
+            raise Refused(400, "Bad form", str(e)) from e
+        raise
+    if stored is None:
+        raise Refused(400, "No file", "The form must hold exactly one file; it holds none.")
+    return stored, part_type
 
 
 def object_stored(upload: Upload, obj: UploadObject, rules: ProjectRules | None
@@ -417,7 +452,7 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
                           "files are added to an open upload only.")
         content_type = request.headers.get("content-type", "")
         length = request.headers.get("content-length", "")
-        if content_type.startswith("multipart/form-data"):
+        if is_form(content_type):
             if length.isdigit() and int(length) > settings.max_upload_bytes:
                 raise Refused(413, "Content Too Large", "A request may be at most "
                               f"{settings.max_upload_bytes} bytes.")

@@ -10,7 +10,7 @@ import asyncio
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,11 +24,10 @@ from starlette.exceptions import HTTPException
 
 from .auth import SESSION_COOKIE, CallerDep, close_login_session, credentials, open_login_session
 from .domain import BadFilename, safe_filename
-from .form_parts import BadForm, file_parts
 from .identity import PROJECT_ID, UNASSIGNED, Action, Caller
 from .models import PrearchiveEntry, Project, Upload, UploadObject
 from .settings import Settings
-from .uploads_api import OPEN, TERMINAL, Refused, stream_to_store, submit
+from .uploads_api import OPEN, TERMINAL, Refused, delete_objects, store_one_file, submit
 from .waiting import Waiters
 from .xnat_model import SCHEMAS
 
@@ -66,6 +65,34 @@ def first(params: dict[str, str], *names: str) -> str | None:
 
 def flag(value: str | None) -> bool | None:
     return None if value is None else value.strip().lower() in _TRUE
+
+
+def _query(name: str, description: str, **schema: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": "string", **schema}}
+
+
+# What import_options reads, for the document (read by hand: XNAT's names are matched
+# case-insensitively, several spellings each, which FastAPI's parameters cannot say).
+IMPORT_PARAMETERS = [
+    _query("import-handler", "How the body is read (also `import_handler`).",
+           enum=sorted(HANDLERS.values()), default="DICOM-zip"),
+    _query("PROJECT_ID", "The project (also `project`); none: the files' headers route "
+           "them, else Unassigned."),
+    _query("SUBJECT_ID", "The subject's label (also `subject`)."),
+    _query("EXPT_LABEL", "The session's label (also `session`)."),
+    _query("dest", "/prearchive[/projects/P[/TIMESTAMP/SESSION]] or /archive[/projects/P"
+           "[/subjects/S[/experiments/E]]]."),
+    _query("overwrite", "What an existing session gets.", enum=["none", "append", "delete"]),
+    _query("quarantine", "Archive the sessions quarantined (true/false)."),
+    _query("AA", "Auto-archive: true to the archive, false to the prearchive (also "
+           "`auto-archive`, `autoArchive`); the project decides if absent."),
+    _query("triggerPipelines", "false: no pipelines.requested event."),
+    _query("src", "Import an open upload of the caller's (its URI or id) instead of a body."),
+    _query("http-session-listener", "An id to follow the import by, at /data/status/{id}."),
+    _query("Ignore-Unparsable", "true: files that are not images do not fail the import."),
+    _query("filename", "The raw body's name (otherwise from its Content-Type)."),
+]
 
 
 def import_options(params: dict[str, str]) -> tuple[ImportOptions, str, bool]:
@@ -236,6 +263,7 @@ def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter
                                                      "properties": {"file": {
                                                          "type": "string",
                                                          "format": "binary"}}}}}},
+                  "parameters": IMPORT_PARAMETERS,
                   "responses": {"200": {"description": "The session URI(s).", "content": {
                       "text/plain": {}, "text/uri-list": {}}}}})
     async def import_(request: Request, caller: CallerDep) -> Response:
@@ -312,41 +340,24 @@ def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter
                 await submit(svc, session, upload, objects)
                 return upload_id
         upload_id = uuid.uuid4().hex
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            stored = None
-            try:
-                async for part in file_parts(content_type, request.stream()):
-                    if stored is not None:
-                        await asyncio.to_thread(svc.store.delete, stored.key)
-                        raise XnatError(400, "The form must hold exactly one file.")
-                    name, part_type = part.filename or "upload", part.content_type
-                    stored = await stream_to_store(svc, settings, _key(upload_id, name),
-                                                   part.chunks, None)
-            except BadForm as e:
-                if stored is not None:
-                    await asyncio.to_thread(svc.store.delete, stored.key)
-                raise XnatError(400, str(e)) from e
-            if stored is None:
-                raise XnatError(400, "The form must hold exactly one file (it holds none).")
-        else:
-            name = first(params, "filename") or _name_for(content_type)
-            part_type = content_type or None
-            length = request.headers.get("content-length", "")
-            stored = await stream_to_store(svc, settings, _key(upload_id, name),
-                                           request.stream(),
-                                           int(length) if length.isdigit() else None)
-        async with svc.db.session() as session:
-            upload = Upload(id=upload_id, state="processing", project=options.project,
-                            uploader=caller.username, email=caller.email,
-                            options=_stored_options(options, listener),
-                            created_at=datetime.now(UTC))
-            session.add(upload)
-            obj = UploadObject(object_key=stored.key, upload_id=upload_id,
-                               filename=stored.key.rsplit("/", 1)[-1], size=stored.size,
-                               sha256=stored.sha256 or "", state="stored",
-                               content_type=part_type)
-            await submit(svc, session, upload, [obj])
+        raw_name = first(params, "filename") or _name_for(request.headers.get("content-type", ""))
+        stored, part_type = await store_one_file(svc, settings, request, lambda name: _key(
+            upload_id, raw_name if name is None else name or "upload"))
+        try:
+            async with svc.db.session() as session:
+                upload = Upload(id=upload_id, state="processing", project=options.project,
+                                uploader=caller.username, email=caller.email,
+                                options=_stored_options(options, listener),
+                                created_at=datetime.now(UTC))
+                session.add(upload)
+                obj = UploadObject(object_key=stored.key, upload_id=upload_id,
+                                   filename=stored.key.rsplit("/", 1)[-1], size=stored.size,
+                                   sha256=stored.sha256 or "", state="stored",
+                                   content_type=part_type)
+                await submit(svc, session, upload, [obj])
+        except BaseException:  # not recorded: the file is no one's (shielded, as the client
+            await asyncio.shield(delete_objects(svc, [stored.key]))  # may be gone)
+            raise
         return upload_id
 
     @api.get("/data/status/{listener}", summary="Progress of an import, by its "
