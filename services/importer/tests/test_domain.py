@@ -276,14 +276,33 @@ def test_photos_go_into_one_session_one_scan_per_image() -> None:
              photo("a.jpg", "aaaaaaaa" + "2" * 24),
              photo("other/a.jpg", "cccccccc" + "3" * 24)]
     [s] = plan("u", ImportOptions(), files, "P", NOW)
-    assert (s.project, s.subject, s.label) == ("P", "unassigned", "unassigned_images")
+    assert (s.project, s.subject, s.label) == ("P", "unassigned", "unassigned_images_u")
     assert s.study_uid is None and s.modalities == []
-    at = "archive/P/unassigned/unassigned_images/scans/"
+    at = "archive/P/unassigned/unassigned_images_u/scans/"
     assert [p.key for p in s.placements] == [
         at + "a/resources/PHOTO/files/a.jpg",
         at + "a_2/resources/PHOTO/files/a.jpg",  # two images of one name: two scans
         at + "b/resources/PHOTO/files/b.jpg",
     ]
+
+
+def test_two_series_of_one_number_are_two_scans() -> None:
+    files = [dcm("a.dcm", "1.1", "1.1.1", series="1.2.9"), dcm("b.dcm", "1.1", "1.1.2",
+                                                                series="1.2.8"),
+             dcm("c.dcm", "1.1", "1.1.3", series="1.2.9"), dcm("d.dcm", "1.1", "1.1.4",
+                                                                scan="2", series="1.2.7")]
+    [s] = plan("u", ImportOptions(), files, "P", NOW)
+    scans = {p.file.hints.sop_instance_uid: p.scan for p in s.placements}
+    assert scans == {"1.1.1": "1_2", "1.1.2": "1", "1.1.3": "1_2", "1.1.4": "2"}
+
+
+def test_the_images_of_two_uploads_are_two_sessions() -> None:
+    """Unnamed, each upload's photos make a session of their own: the second upload's are
+    not a CONFLICT with the first's, archived before."""
+    [first] = plan("0123456789abcdef", ImportOptions(), [photo("a.jpg", "a" * 32)], "P", NOW)
+    [second] = plan("fedcba9876543210", ImportOptions(), [photo("a.jpg", "b" * 32)], "P", NOW)
+    assert (first.label, second.label) == ("unassigned_images_01234567",
+                                           "unassigned_images_fedcba98")
 
 
 def test_photos_and_slides_of_an_upload_share_its_session() -> None:
@@ -301,7 +320,7 @@ def test_photos_and_dicom_in_separate_sessions() -> None:
     sessions = plan("u", ImportOptions(subject="SUBJ"), files, "P", NOW)
     assert len(sessions) == 2
     labels = {s.study_uid: s.label for s in sessions}
-    assert labels == {"1.1": "E1", None: "SUBJ_images"}
+    assert labels == {"1.1": "E1", None: "SUBJ_images_u"}
 
 
 # --- routing, quarantine and overwrite -------------------------------------------------------

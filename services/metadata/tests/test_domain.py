@@ -152,6 +152,21 @@ def test_identify_dicom_blank_study_uid_counts_as_missing() -> None:
     assert "StudyInstanceUID" in found.reason.message
 
 
+@pytest.mark.parametrize(("keyword", "uid"), [
+    ("SOPInstanceUID", "1.2.3//4"), ("SOPInstanceUID", "1.2.3/../../x"),
+    ("StudyInstanceUID", "1.2.840.99//x1"), ("SeriesInstanceUID", "1." + "2" * 70),
+    ("SOPInstanceUID", "1.2.3."), ("StudyInstanceUID", "1.2.x")])
+def test_identify_dicom_refuses_what_is_not_a_uid(keyword: str, uid: str) -> None:
+    """A UID names the file and its folders in the archive: a slash, a letter or 65
+    characters are refused, not placed."""
+    ds = _ct()
+    setattr(ds, keyword, uid)
+    data = _write(ds)
+    found = identify(data, len(data), "x.dcm")
+    assert found.reason is not None and found.reason.code == "dicom.bad_uid"
+    assert keyword in found.reason.message and repr(uid) in found.reason.message
+
+
 @pytest.mark.parametrize(
     ("cut", "code"),
     [

@@ -920,7 +920,11 @@ class Importer:
                 col(Upload.updated_at) < cutoff))).all()
         for upload_id in stuck:
             log.warning("upload %s: re-driving its completion", upload_id)
-            await self.finish(upload_id)
+            try:
+                await self.finish(upload_id)
+            except Exception:  # one that fails again must not keep the others stuck
+                log.exception("upload %s: its completion failed again; tried next pass",
+                              upload_id)
 
 
 def bootstrap(settings: Settings) -> Service:

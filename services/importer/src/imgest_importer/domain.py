@@ -272,6 +272,15 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
     timestamp = prearchive_timestamp(now)
     sessions: dict[str, SessionPlan] = {}
     labels_taken: dict[tuple[str, str], str] = {}  # XNAT: a session label is unique per project
+    # A scan per series: of two series of one number in a study (a localizer and its MPR,
+    # say), the second by UID is scan "<number>_2", never one scan of both.
+    numbered: dict[tuple[str, str], set[str | None]] = {}
+    for f in files:
+        if f.kind is FileKind.dicom:
+            numbered.setdefault((f"study:{f.hints.study_uid}", f.hints.scan or "1"),
+                                set()).add(f.hints.series_uid)
+    series_rank = {(group, scan, uid): rank for (group, scan), uids in numbered.items()
+                   for rank, uid in enumerate(sorted(uids, key=str))}
     for f in sorted(files, key=lambda f: f.path):
         h = f.hints
         group = f"study:{h.study_uid}" if f.kind is FileKind.dicom else "images"
@@ -282,8 +291,10 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
             project_rules = rules if rules and rules.project == project else projects.get(
                 project)
             subject = options.subject or h.subject or "unassigned"
+            # Unnamed, an upload's images are a session of their own (its id in the label),
+            # as a study's files are (its UID's): the next upload's never meet it as a CONFLICT.
             label = options.session or h.session or (
-                f"{subject}_images" if f.kind is not FileKind.dicom
+                f"{subject}_images_{upload_id[:8]}" if f.kind is not FileKind.dicom
                 else f"study_{(h.study_uid or upload_id)[-12:].replace('.', '_')}")
             # Two studies of one upload must not share a session label.
             base, n = label, 1
@@ -318,6 +329,8 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
             continue
         if f.kind is FileKind.dicom:
             scan = h.scan or "1"
+            if (rank := series_rank[(group, scan, h.series_uid)]) > 0:
+                scan = f"{scan}_{rank + 1}"
             name = f"{h.sop_instance_uid or f.file_id}.dcm"
             resource = "DICOM"
         else:

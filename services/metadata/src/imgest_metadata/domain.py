@@ -142,6 +142,8 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
 # (Not IS or DS: pydicom refuses a number that overflows, such as "inf".)
 _PLAIN_VRS = frozenset({"UI", "CS", "DA", "TM", "DT", "AS"})  # default repertoire
 _TEXT_VRS = frozenset({"SH", "LO", "PN", "LT", "ST", "UT", "UC"})  # in the character set
+_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_UID = re.compile(r"(?=.{1,64}\Z)[0-9]+(\.[0-9]+)*")  # (leading zeros let be: scanners write them)
 _ONE_VALUE_VRS = frozenset({"LT", "ST", "UT"})  # a backslash is text there, not a separator
 _FIELD_TAGS = {k: (tag_for_keyword(k), dictionary_VR(k)) for k in DICOM_FIELDS}
 
@@ -223,11 +225,17 @@ def dicom(head: bytes, size: int) -> Identified:
             and len(head) < size:
         raise NeedMore()  # the pixel data's element header is cut: read on to check its length
     texts = dicom_texts(ds)
-    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-               if not texts[k]]
+    missing = [k for k in _UIDS if not texts[k]]
     if missing:
         return refused(FileKind.dicom, "dicom.missing_uid", f"The DICOM file lacks "
                        f"{', '.join(missing)}; it cannot be placed in a study.")
+    # A UID names the file and its folders in the archive: only what DICOM allows (PS3.5
+    # 9.1) gets there, never a slash or a name the catalogue cannot hold.
+    bad = [f"{k} {texts[k]!r}" for k in _UIDS if not _UID.fullmatch(texts[k] or "")]
+    if bad:
+        return refused(FileKind.dicom, "dicom.bad_uid", f"The DICOM file's {', '.join(bad)} "
+                       "is not a UID (digits and dots, at most 64 characters); it cannot be "
+                       "placed in a study.")
     try:
         if stopped < len(head) and _pixel_data_overruns(head, stopped, size, ds):
             return refused(FileKind.dicom, "dicom.truncated", f"The file is cut short: its "

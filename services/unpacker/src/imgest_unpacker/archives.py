@@ -167,8 +167,9 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: 
         return
     try:
         for raw_name, _size, chunks in stream_unzip.stream_unzip(store.iter_chunks(key)):
-            # A name the central directory does not list is not unpacked.
-            name, kind = listed.get(raw_name, (raw_name.decode("utf-8", "replace"), DIRECTORY))
+            if raw_name not in listed:
+                raise _renamed(None, raw_name)
+            name, kind = listed[raw_name]
             path = tally.member(name, kind, prefix=prefix)
             if path is None:
                 for _ in _guarded(chunks, tally, "zip"):  # read (and counted) to go on
@@ -177,6 +178,17 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: 
             yield Entry(path, _guarded(chunks, tally, "zip"))
     except _ERRORS["zip"] as e:
         raise _corrupt("zip", e) from e
+
+
+def _renamed(listed_as: str | None, raw: bytes) -> ArchiveError:
+    """A member whose local header names it otherwise than the central directory does: zip
+    tools disagree on which to believe (a way to slip a file past a check), so neither is."""
+    found = raw.decode("utf-8", "replace")
+    return ArchiveError("archive.corrupt", "The zip archive cannot be read (a member's local "
+                        f"header names it {found!r}, " + (
+                            f"its central directory {listed_as!r}" if listed_as else
+                            "a name its central directory does not list") + "); it may be "
+                        "damaged.")
 
 
 _IN_PLACE = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what members `write_span` unpacks
@@ -188,9 +200,8 @@ def _zip_spans(store: ObjectStore, key: str, infos: list[zipfile.ZipInfo], direc
     """The members of a zip, in the archive's order, each as the span of the archive its local
     header points to. Each header must lie before the central directory (`directory`) and agree
     on how its member is packed; the members' bytes must lie one after the other before the
-    directory, none shared (overlapping members are a way to build a bomb). A member whose local
-    header gives another name is skipped, as when streamed (what the directory lists is what is
-    unpacked). Streamed (from S3) a zip is read from its front instead, so a few damaged ones
+    directory, none shared (overlapping members are a way to build a bomb), and its local header
+    must name it as the directory does, as when streamed. Streamed (from S3) a zip is read from its front instead, so a few damaged ones
     fare differently: data before the first header, or members the front's reading never
     reaches, refuse it here."""
     reach = 0  # the end of the last member's bytes
@@ -218,8 +229,9 @@ def _zip_spans(store: ObjectStore, key: str, infos: list[zipfile.ZipInfo], direc
                                    f"member {info.orig_filename!r} overlaps another or runs "
                                    "past the central directory); it may be damaged.")
             reach = start + info.compress_size
-            name, kind = (listed[raw] if raw == _raw_name(info)
-                          else (raw.decode("utf-8", "replace"), DIRECTORY))
+            if raw != _raw_name(info):
+                raise _renamed(info.orig_filename, raw)
+            name, kind = listed[raw]
             path = tally.member(name, kind, prefix=prefix)
             tally.grew(info.file_size)  # (what is skipped counts too, as when streamed; more
             if path is not None:        # than it says is refused as it is unpacked)
