@@ -33,7 +33,7 @@ from imgest_contracts import TOPICS, CloudEvent, Payload, topic_of
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import MetaData, select
-from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -564,14 +564,14 @@ def add_problem_handlers(app: FastAPI) -> None:
                  request.method, request.url.path)
         return Response(status_code=499)
 
-    @app.exception_handler(DataError)
+    @app.exception_handler(DBAPIError)  # (how SQLAlchemy passes it on: the driver's inside)
     @app.exception_handler(CharacterNotInRepertoireError)
     @app.exception_handler(UntranslatableCharacterError)
     async def unstorable_text(request: Request, error: Exception) -> Response:
         """A value of the request's body that no text column can hold (a NUL): the client's
         fault, told as such (its path and query are checked before: http.head_fault)."""
         if not _unstorable(error):
-            raise error  # another kind of data error: ours, answered as a fault (500)
+            raise error  # another error of the database's: a fault, answered as one (500)
         return await app.exception_handlers[HTTPException](request, HTTPException(
             400, "The request holds a character that cannot be stored (NUL)."))
 

@@ -38,7 +38,7 @@ from imgest_runtime.store import (
 )
 from sqlalchemy import delete, update
 from sqlmodel import col, select
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import MutableHeaders
 from starlette.requests import ClientDisconnect
 
 from .auth import CallerDep, forbidden
@@ -125,9 +125,7 @@ PREFIX = "/api/v1/tus"
 
 class TusProtocol:
     """ASGI middleware for the tus URLs: every answer carries Tus-Resumable, as the protocol
-    requires, whoever made it (authentication, validation, a handler); and a request of
-    another protocol version, or of none, is answered 412 with the version spoken. OPTIONS,
-    the discovery request, needs none."""
+    requires, whoever made it (authentication, validation, a handler)."""
 
     def __init__(self, app: Any):
         self.app = app
@@ -136,15 +134,6 @@ class TusProtocol:
         if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
             await self.app(scope, receive, send)
             return
-        version = Headers(scope=scope).get("tus-resumable")
-        if scope["method"] != "OPTIONS" and version != TUS_VERSION:
-            response = problem(412, "Precondition Failed", (
-                f"This server speaks tus {TUS_VERSION}: send 'Tus-Resumable: {TUS_VERSION}'"
-                + (f", not {version!r}." if version else ".")))
-            response.headers.update(tus_headers(**{"Tus-Version": TUS_VERSION}))
-            await response(scope, receive, send)
-            return
-
         async def tagged(message: Any) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
@@ -157,13 +146,15 @@ class TusProtocol:
 
 def tus_router(svc: Service, settings: Settings) -> APIRouter:
     api = APIRouter(prefix=PREFIX, tags=["resumable uploads (tus)"],
-                    responses={**problem_responses(400, 401, 403, 404, 409, 410, 412, 413,
-                                                   415, 422, 503),
+                    responses={**problem_responses(400, 401, 403, 404, 409, 410, 413, 415,
+                                                   422, 503),
                                460: {**problem_responses(400)[400],
                                      "description": "Checksum Mismatch (PATCH with "
                                      "Upload-Checksum): nothing of the body was kept."}})
-    UploadLength = Annotated[int, Header(alias="Upload-Length", ge=1, description=(
-        "The file's size in bytes; over Tus-Max-Size, 413 before any byte."))]
+    # Within the size limit, as the document says (a longer one is refused before any byte).
+    UploadLength = Annotated[int, Header(alias="Upload-Length", ge=1,
+                                         le=settings.max_upload_bytes,
+                                         description="The file's size in bytes.")]
     hashes = Hashes()
 
     def in_place(row: TusUpload) -> bool:
@@ -193,18 +184,13 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
 
     @api.post("/", status_code=201, summary="Create a tus upload (Upload-Length; Upload-Metadata "
               "names the upload session as `upload` and the file as `filename`); a body is its "
-              "first bytes (creation-with-upload)",
-              openapi_extra={"requestBody": {"required": False, "content": {
-                  OFFSET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}})
+              "first bytes (creation-with-upload)")
     async def create(request: Request, caller: CallerDep, _version: TusResumable,
                      upload_length: UploadLength,
                      upload_metadata: Annotated[str, Header(
                          alias="Upload-Metadata", max_length=8192, pattern=METADATA,
                          description="`upload <base64 id>,filename <base64 name>`")] = ""
                      ) -> Response:
-        if upload_length > settings.max_upload_bytes:
-            return problem(413, "Content Too Large", f"The file is {upload_length} bytes; this "
-                           f"server takes at most {settings.max_upload_bytes} (Tus-Max-Size).")
         try:
             length = upload_length
             header = upload_metadata

@@ -10,7 +10,7 @@ import asyncio
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.exceptions import RequestValidationError
@@ -65,34 +65,6 @@ def first(params: dict[str, str], *names: str) -> str | None:
 
 def flag(value: str | None) -> bool | None:
     return None if value is None else value.strip().lower() in _TRUE
-
-
-def _query(name: str, description: str, **schema: Any) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": {"type": "string", **schema}}
-
-
-# What import_options reads, for the document (read by hand: XNAT's names are matched
-# case-insensitively, several spellings each, which FastAPI's parameters cannot say).
-IMPORT_PARAMETERS = [
-    _query("import-handler", "How the body is read (also `import_handler`).",
-           enum=sorted(HANDLERS.values()), default="DICOM-zip"),
-    _query("PROJECT_ID", "The project (also `project`); none: the files' headers route "
-           "them, else Unassigned."),
-    _query("SUBJECT_ID", "The subject's label (also `subject`)."),
-    _query("EXPT_LABEL", "The session's label (also `session`)."),
-    _query("dest", "/prearchive[/projects/P[/TIMESTAMP/SESSION]] or /archive[/projects/P"
-           "[/subjects/S[/experiments/E]]]."),
-    _query("overwrite", "What an existing session gets.", enum=["none", "append", "delete"]),
-    _query("quarantine", "Archive the sessions quarantined (true/false)."),
-    _query("AA", "Auto-archive: true to the archive, false to the prearchive (also "
-           "`auto-archive`, `autoArchive`); the project decides if absent."),
-    _query("triggerPipelines", "false: no pipelines.requested event."),
-    _query("src", "Import an open upload of the caller's (its URI or id) instead of a body."),
-    _query("http-session-listener", "An id to follow the import by, at /data/status/{id}."),
-    _query("Ignore-Unparsable", "true: files that are not images do not fail the import."),
-    _query("filename", "The raw body's name (otherwise from its Content-Type)."),
-]
 
 
 def import_options(params: dict[str, str]) -> tuple[ImportOptions, str, bool]:
@@ -263,7 +235,6 @@ def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter
                                                      "properties": {"file": {
                                                          "type": "string",
                                                          "format": "binary"}}}}}},
-                  "parameters": IMPORT_PARAMETERS,
                   "responses": {"200": {"description": "The session URI(s).", "content": {
                       "text/plain": {}, "text/uri-list": {}}}}})
     async def import_(request: Request, caller: CallerDep) -> Response:

@@ -143,7 +143,9 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
 _PLAIN_VRS = frozenset({"UI", "CS", "DA", "TM", "DT", "AS"})  # default repertoire
 _TEXT_VRS = frozenset({"SH", "LO", "PN", "LT", "ST", "UT", "UC"})  # in the character set
 _UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-_UID = re.compile(r"(?=.{1,64}\Z)[0-9]+(\.[0-9]+)*")  # (leading zeros let be: scanners write them)
+# DICOM allows 64 characters; some systems write longer ones, which the catalogue still holds.
+# (Leading zeros are let be too: scanners write them.)
+_UID = re.compile(r"(?=.{1,128}\Z)[0-9]+(\.[0-9]+)*")
 _ONE_VALUE_VRS = frozenset({"LT", "ST", "UT"})  # a backslash is text there, not a separator
 _FIELD_TAGS = {k: (tag_for_keyword(k), dictionary_VR(k)) for k in DICOM_FIELDS}
 
@@ -229,12 +231,12 @@ def dicom(head: bytes, size: int) -> Identified:
     if missing:
         return refused(FileKind.dicom, "dicom.missing_uid", f"The DICOM file lacks "
                        f"{', '.join(missing)}; it cannot be placed in a study.")
-    # A UID names the file and its folders in the archive: only what DICOM allows (PS3.5
-    # 9.1) gets there, never a slash or a name the catalogue cannot hold.
+    # A UID names the file and its folders in the archive: only what DICOM's form allows
+    # (PS3.5 9.1) gets there, never a slash or a name the catalogue cannot hold.
     bad = [f"{k} {texts[k]!r}" for k in _UIDS if not _UID.fullmatch(texts[k] or "")]
     if bad:
         return refused(FileKind.dicom, "dicom.bad_uid", f"The DICOM file's {', '.join(bad)} "
-                       "is not a UID (digits and dots, at most 64 characters); it cannot be "
+                       "is not a UID (digits and dots, at most 128 characters); it cannot be "
                        "placed in a study.")
     try:
         if stopped < len(head) and _pixel_data_overruns(head, stopped, size, ds):
