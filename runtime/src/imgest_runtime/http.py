@@ -51,6 +51,11 @@ class HeadCheck:
         await self.app(scope, receive, send)
 
 
+def routed(app: FastAPI, scope: Any) -> bool:
+    """Whether some route of the app answers this request (its path and method) in full."""
+    return any(route.matches(scope)[0] is Match.FULL for route in app.router.routes)
+
+
 class _HeadSent(Exception):
     """A HEAD's answer is out: the GET behind it stops making its body."""
 
@@ -64,8 +69,7 @@ class HeadAsGet:
         self.app, self.owner = app, owner
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD" or any(
-                route.matches(scope)[0] is Match.FULL for route in self.owner.router.routes):
+        if scope["type"] != "http" or scope["method"] != "HEAD" or routed(self.owner, scope):
             await self.app(scope, receive, send)
             return
 

@@ -50,7 +50,7 @@ from .broker import (
 )
 from .db import Database, any_of, migrate
 from .epoch import broker_epoch, check_epoch
-from .http import BoundedHeadProtocol, HeadAsGet, HeadCheck
+from .http import BoundedHeadProtocol, HeadAsGet, HeadCheck, routed
 from .outbox import DeliveryTables, Outbox, Relay, delivery_tables, derived_id
 from .settings import RuntimeSettings
 from .store import ObjectStore, open_store
@@ -498,14 +498,8 @@ def problem_only_openapi(app: FastAPI) -> None:
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
     """The methods some route answers on this path, asked of the routes themselves."""
-    from starlette.routing import Match
-
-    def answered(method: str) -> bool:
-        scope = {"type": "http", "path": path, "method": method, "root_path": "", "app": app,
-                 "headers": []}
-        return any(route.matches(scope)[0] is Match.FULL for route in app.router.routes)
-
-    found = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS") if answered(m)]
+    found = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS") if routed(app, {
+        "type": "http", "path": path, "method": m, "root_path": "", "app": app, "headers": []})]
     return found[:1] + ["HEAD"] + found[1:] if "GET" in found else found  # (http.HeadAsGet)
 
 
@@ -554,7 +548,6 @@ def add_problem_handlers(app: FastAPI) -> None:
         return await app.exception_handlers[HTTPException](request, HTTPException(
             503, "The database does not answer; try again shortly.",
             headers={"Retry-After": "5"}))
-
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, _error: ClientDisconnect) -> Response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -70,7 +69,7 @@ from .models import (
 )
 from .settings import Settings
 from .tus_api import TusProtocol, tus_router
-from .uploads_api import Refused, delete_objects, store_one_file, submit, uploads_router
+from .uploads_api import Refused, submit_one_file, uploads_router
 from .views import TOPIC_OF_TYPE, event_json, json_response, upload_status, upload_view
 from .waiting import Waiters, announce
 from .xnat_api import plain_http_errors, xnat_router
@@ -431,22 +430,9 @@ def build_app(settings: Settings) -> FastAPI:
             return problem(400, "Bad Content-Length", "Content-Length is not a number.")
         upload_id = uuid.uuid4().hex
         key = f"staging/{upload_id}/{name}"  # (named by the URL, also when a form carries it)
-        stored, content_type = await store_one_file(svc, settings, request, lambda _: key)
-        try:
-            async with svc.db.session() as session:
-                upload = Upload(id=upload_id, state="processing", project=options.project,
-                                uploader=caller.username, email=caller.email,
-                                options=options.model_dump(mode="json", exclude_defaults=True,
-                                                           exclude={"project"}),
-                                created_at=datetime.now(UTC))
-                obj = UploadObject(object_key=key, upload_id=upload_id, filename=name,
-                                   size=stored.size, sha256=stored.sha256 or "",
-                                   state="stored", content_type=content_type)
-                session.add(upload)
-                await submit(svc, session, upload, [obj])
-        except BaseException:  # not recorded: the file is no one's (shielded, as the client
-            await asyncio.shield(delete_objects(svc, [key]))  # may be gone)
-            raise
+        upload, obj = await submit_one_file(
+            svc, settings, request, upload_id, caller, options.project, options.model_dump(
+                mode="json", exclude_defaults=True, exclude={"project"}), lambda _: key)
         location = f"/api/v1/uploads/{upload_id}"
         body = upload_view(upload, [obj], [])
         body["status_url"] = public_url + location

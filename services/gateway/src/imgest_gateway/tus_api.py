@@ -48,6 +48,7 @@ from .models import TusUpload, Upload
 from .settings import Settings
 from .uploads_api import OPEN, Refused, project_settings, record_arrivals, staging_key
 
+PREFIX = "/api/v1/tus"
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
 CHECKSUMS = {"sha1": hashlib.sha1, "md5": hashlib.md5, "sha256": hashlib.sha256}
@@ -120,9 +121,6 @@ def tus_headers(**extra: str) -> dict[str, str]:
     return {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store", **extra}
 
 
-PREFIX = "/api/v1/tus"
-
-
 class TusProtocol:
     """ASGI middleware for the tus URLs: every answer carries Tus-Resumable, as the protocol
     requires, whoever made it (authentication, validation, a handler)."""
@@ -134,6 +132,7 @@ class TusProtocol:
         if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
             await self.app(scope, receive, send)
             return
+
         async def tagged(message: Any) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)

@@ -219,6 +219,29 @@ async def store_one_file(svc: Service, settings: Settings, request: Request,
     return stored, part_type
 
 
+async def submit_one_file(svc: Service, settings: Settings, request: Request, upload_id: str,
+                          caller: Caller, project: str | None, options: dict[str, Any],
+                          key: Callable[[str | None], str]) -> tuple[Upload, UploadObject]:
+    """The one file a request carries (`store_one_file`) as a new upload, submitted at once;
+    returns both. Not recorded (the database away, the client gone), the file is deleted."""
+    stored, content_type = await store_one_file(svc, settings, request, key)
+    try:
+        async with svc.db.session() as session:
+            upload = Upload(id=upload_id, state="processing", project=project,
+                            uploader=caller.username, email=caller.email, options=options,
+                            created_at=datetime.now(UTC))
+            obj = UploadObject(object_key=stored.key, upload_id=upload_id,
+                               filename=stored.key.rsplit("/", 1)[-1], size=stored.size,
+                               sha256=stored.sha256 or "", state="stored",
+                               content_type=content_type)
+            session.add(upload)
+            await submit(svc, session, upload, [obj])
+    except BaseException:  # (shielded: a client gone leaves nothing behind either)
+        await asyncio.shield(delete_objects(svc, [stored.key]))
+        raise
+    return upload, obj
+
+
 def object_stored(upload: Upload, obj: UploadObject, rules: ProjectRules | None
                   ) -> ObjectStored:
     return ObjectStored(upload_id=upload.id, project=upload.project, object_key=obj.object_key,

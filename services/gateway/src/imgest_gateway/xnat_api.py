@@ -9,7 +9,6 @@ one per line. Errors are plain text with XNAT's status codes, not problem+json.
 import asyncio
 import re
 import uuid
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
@@ -27,7 +26,7 @@ from .domain import BadFilename, safe_filename
 from .identity import PROJECT_ID, UNASSIGNED, Action, Caller
 from .models import PrearchiveEntry, Project, Upload, UploadObject
 from .settings import Settings
-from .uploads_api import OPEN, TERMINAL, Refused, delete_objects, store_one_file, submit
+from .uploads_api import OPEN, TERMINAL, Refused, submit, submit_one_file
 from .waiting import Waiters
 from .xnat_model import SCHEMAS
 
@@ -312,23 +311,9 @@ def xnat_router(svc: Service, settings: Settings, waiters: Waiters) -> APIRouter
                 return upload_id
         upload_id = uuid.uuid4().hex
         raw_name = first(params, "filename") or _name_for(request.headers.get("content-type", ""))
-        stored, part_type = await store_one_file(svc, settings, request, lambda name: _key(
-            upload_id, raw_name if name is None else name or "upload"))
-        try:
-            async with svc.db.session() as session:
-                upload = Upload(id=upload_id, state="processing", project=options.project,
-                                uploader=caller.username, email=caller.email,
-                                options=_stored_options(options, listener),
-                                created_at=datetime.now(UTC))
-                session.add(upload)
-                obj = UploadObject(object_key=stored.key, upload_id=upload_id,
-                                   filename=stored.key.rsplit("/", 1)[-1], size=stored.size,
-                                   sha256=stored.sha256 or "", state="stored",
-                                   content_type=part_type)
-                await submit(svc, session, upload, [obj])
-        except BaseException:  # not recorded: the file is no one's (shielded, as the client
-            await asyncio.shield(delete_objects(svc, [stored.key]))  # may be gone)
-            raise
+        await submit_one_file(svc, settings, request, upload_id, caller, options.project,
+                              _stored_options(options, listener), lambda name: _key(
+                                  upload_id, raw_name if name is None else name or "upload"))
         return upload_id
 
     @api.get("/data/status/{listener}", summary="Progress of an import, by its "

@@ -256,6 +256,11 @@ def idle_entries(receiving: list[tuple[str, str, datetime]], idle: dict[str, flo
 UNASSIGNED = "Unassigned"
 
 
+def _group(f: ValidFile) -> str:
+    """Which session of an upload's a file joins: its study's, or the upload's images'."""
+    return f"study:{f.hints.study_uid}" if f.kind is FileKind.dicom else "images"
+
+
 def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default_project: str,
          now: datetime, rules: ProjectRules | None = None,
          projects: dict[str, ProjectRules] | None = None,
@@ -277,13 +282,12 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
     numbered: dict[tuple[str, str], set[str | None]] = {}
     for f in files:
         if f.kind is FileKind.dicom:
-            numbered.setdefault((f"study:{f.hints.study_uid}", f.hints.scan or "1"),
-                                set()).add(f.hints.series_uid)
+            numbered.setdefault((_group(f), f.hints.scan or "1"), set()).add(f.hints.series_uid)
     series_rank = {(group, scan, uid): rank for (group, scan), uids in numbered.items()
                    for rank, uid in enumerate(sorted(uids, key=str))}
     for f in sorted(files, key=lambda f: f.path):
         h = f.hints
-        group = f"study:{h.study_uid}" if f.kind is FileKind.dicom else "images"
+        group = _group(f)
         s = sessions.get(group)
         if s is None:
             hinted = h.project in projects and (allowed is None or h.project in allowed)

@@ -199,11 +199,11 @@ def _zip_spans(store: ObjectStore, key: str, infos: list[zipfile.ZipInfo], direc
                ) -> Iterator[Entry]:
     """The members of a zip, in the archive's order, each as the span of the archive its local
     header points to. Each header must lie before the central directory (`directory`) and agree
-    on how its member is packed; the members' bytes must lie one after the other before the
-    directory, none shared (overlapping members are a way to build a bomb), and its local header
-    must name it as the directory does, as when streamed. Streamed (from S3) a zip is read from its front instead, so a few damaged ones
-    fare differently: data before the first header, or members the front's reading never
-    reaches, refuse it here."""
+    on how its member is packed, and name it as the directory does (as when streamed); the
+    members' bytes must lie one after the other before the directory, none shared (overlapping
+    members are a way to build a bomb). Streamed (from S3) a zip is read from its front
+    instead, so a few damaged ones fare differently: data before the first header, or members
+    the front's reading never reaches, refuse it here."""
     reach = 0  # the end of the last member's bytes
     with store.open(key) as archive:  # (each header and head: one read, mostly from its buffer)
         for info in sorted(infos, key=lambda i: i.header_offset):
