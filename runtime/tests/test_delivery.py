@@ -22,6 +22,7 @@ from imgest_contracts import (
     ObjectStored,
     Reason,
     Source,
+    UploadCancelled,
     UploadSubmitted,
     topic_of,
 )
@@ -35,6 +36,7 @@ from imgest_runtime.broker import (
 )
 from imgest_runtime.db import Database
 from imgest_runtime.outbox import Outbox, Relay, delivery_tables, derived_id
+from imgest_runtime.service import Service
 from imgest_runtime.settings import RuntimeSettings
 from prometheus_client import CollectorRegistry
 from sqlalchemy import MetaData, text
@@ -53,14 +55,19 @@ def bootstrap():
 
 
 @pytest.fixture(scope="module")
-def database_url():
+def postgres():
     root = Path(tempfile.mkdtemp(prefix="imgest-runtime-pg-"))
     root.chmod(0o755)
     pg = Postgres(root / "data")
     pg.start()
-    yield pg.url("delivery")
+    yield pg
     pg.stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def database_url(postgres: Postgres) -> str:
+    return postgres.url("delivery")
 
 
 def settings(bootstrap: str, **kw) -> RuntimeSettings:
@@ -183,6 +190,44 @@ async def test_an_event_that_keeps_failing_is_dead_lettered_after_max_attempts(b
     assert len(calls) == 3 and len(letters) == 1
     assert dict(letters[0].headers)["x-imgest-error-kind"] == b"transient"
     assert dict(letters[0].headers)["x-imgest-attempts"] == b"3"
+
+
+async def test_a_database_outage_holds_events_instead_of_dead_lettering_them(
+        bootstrap, postgres, database_url):
+    """Away for longer than all of an event's attempts (3, ~10 ms apart): the service's
+    consumer waits for the database, then handles the event, and dead-letters nothing."""
+    svc = Service(name="outage", metadata=MetaData(), versions_dir=Path("."), uses_store=False,
+                  settings=settings(bootstrap, database_url=database_url,
+                                    kafka_session_timeout_ms=3000))
+    handled: list[str] = []
+
+    @svc.consumer.on(UploadCancelled)
+    async def on_cancelled(deliveries: list[Delivery]) -> None:
+        async with svc.db.session() as session:
+            await session.execute(text("select 1"))
+        handled.extend(d.event.data.upload_id for d in deliveries)
+
+    svc.consumer.build()
+    await ensure_topics(bootstrap, [topic_of(UploadCancelled)], 1)
+    await svc.broker.start()
+    try:
+        await asyncio.to_thread(postgres.stop)
+        cancelled = UploadCancelled(upload_id="u-outage", username="a",
+                                    cancelled_at=datetime.now(UTC))
+        await svc.broker.publish(json.loads(CloudEvent.wrap(cancelled, source="/t")
+                                            .model_dump_json()), topic_of(UploadCancelled))
+        await asyncio.sleep(4)
+        assert handled == []
+        await asyncio.to_thread(postgres.start)
+        for _ in range(300):
+            if handled:
+                break
+            await asyncio.sleep(0.1)
+        assert handled == ["u-outage"]
+    finally:
+        await svc.broker.stop()
+        await svc.db.close()
+    assert await dead_letters(bootstrap, topic_of(UploadCancelled), 1, timeout=2) == []
 
 
 async def test_offsets_are_committed_after_handling_so_a_restart_does_not_redeliver(bootstrap):

@@ -8,7 +8,8 @@ dead-lettered.
 - A batch goes to each topic's handler at once (one transaction for many events). If it fails,
   its events are handled one by one, each retried with exponential backoff and jitter; a
   permanent error (bad input) or the last failed attempt sends the event to `<topic>.dlq` with
-  the error, the attempt count and its origin in headers, and the batch moves on.
+  the error, the attempt count and its origin in headers, and the batch moves on. While the
+  database is away, the consumer waits for it instead: an outage is not the events' fault.
 - Long work (a multi-GB archive) never gets the member thrown out of its group: while a batch
   runs past a quarter of `max_poll_interval_ms`, the consumer pauses its partitions and keeps
   polling, which tells the group it is alive without taking more records.
@@ -77,10 +78,17 @@ class GaveUp(Exception):
         self.attempts = attempts
 
 
+Outage = Callable[[Exception], Awaitable[bool]]
+
+
 async def retrying(work: Callable[[], Awaitable[Any]], *, what: str, attempts: int,
-                   base_seconds: float, on_retry: Callable[[], None] = lambda: None) -> Any:
+                   base_seconds: float, on_retry: Callable[[], None] = lambda: None,
+                   outage: Outage | None = None) -> Any:
     """Runs `work` until it succeeds, at most `attempts` times with backoff between; raises
-    GaveUp at once on a permanent error, or after the last attempt."""
+    GaveUp at once on a permanent error, or after the last attempt.
+
+    `outage(error)` waits out a dependency that is away (the database) and says whether it
+    had to: the failure was then not the work's, and does not count as one of its attempts."""
     attempt = 0
     while True:
         attempt += 1
@@ -89,6 +97,9 @@ async def retrying(work: Callable[[], Awaitable[Any]], *, what: str, attempts: i
         except asyncio.CancelledError:
             raise
         except Exception as error:
+            if not is_permanent(error) and outage is not None and await outage(error):
+                attempt -= 1
+                continue
             if is_permanent(error) or attempt >= attempts:
                 raise GaveUp(error, attempt) from error
             on_retry()
@@ -188,6 +199,9 @@ class Consumer:
         self.settings = settings
         self.routes: dict[str, Route] = {}
         self.subscriber: Any = None
+        # Waits out the database while it is away, so that an outage does not use up the
+        # attempts of the events in hand (and dead-letter them as if they were at fault).
+        self.outage: Outage | None = None
         self._rewind_until = 0.0  # loop time: partitions assigned before then start over
 
     def on(self, payload: type[Payload], *, dead_letters: bool = False):
@@ -273,7 +287,8 @@ class Consumer:
                 await retrying(lambda d=delivery: handler([d]), what=topic,
                                attempts=self.settings.max_attempts,
                                base_seconds=self.settings.retry_base_seconds,
-                               on_retry=retries.labels(topic, self.service).inc)
+                               on_retry=retries.labels(topic, self.service).inc,
+                               outage=self.outage)
             except GaveUp as gave_up:
                 if topic.endswith(DLQ_SUFFIX):
                     # A dead letter is not dead-lettered again: it stays in its topic for the

@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,7 @@ from .workers import METRICS_DIR, fresh_metrics_dir, serve_workers, workers_regi
 log = logging.getLogger("imgest.service")
 
 VERSION = "0.1.0"
+DATABASE_PING_SECONDS = 2.0  # how often a consumer asks whether the database is back
 
 
 def setup_logging(service: str, level: str) -> None:
@@ -150,6 +152,7 @@ class Service:
                            statements=self.uses_statements)
         self.tables = delivery_tables(self.metadata)
         self.outbox = Outbox(self.tables, source=f"/imgest/{self.name}")
+        self.consumer.outage = self.wait_for_database
         if self.settings.delivery == "unguarded":
             self.outbox.send_directly = lambda topic, key, value: self.broker.publish(
                 value, topic, key=key, headers={"ce_type": value.get("type", "")})
@@ -229,10 +232,33 @@ class Service:
             try:
                 await retrying(work, what=f"{self.name}: {key}",
                                attempts=self.settings.max_attempts,
-                               base_seconds=self.settings.retry_base_seconds)
+                               base_seconds=self.settings.retry_base_seconds,
+                               outage=self.wait_for_database)
             except GaveUp as gave_up:
                 log.error("%s: %s failed after %d attempt(s) (%s); the re-drive will finish it",
                           self.name, key, gave_up.attempts, gave_up)
+
+    async def wait_for_database(self, _error: Exception) -> bool:
+        """After a failure: if the database does not answer, wait until it does, and say so
+        (the failure was the outage's, whatever it was). Meanwhile the consumer holds its
+        events (staying in its group: Consumer._kept_alive)."""
+        waited_since = None
+        while True:
+            try:
+                await asyncio.wait_for(self.db.ping(), DATABASE_PING_SECONDS)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - whatever it is, it does not answer
+                if waited_since is None:
+                    waited_since = time.monotonic()
+                    log.warning("%s: the database does not answer (%s); holding events until "
+                                "it does", self.name, type(error).__name__)
+                await asyncio.sleep(DATABASE_PING_SECONDS)
+                continue
+            if waited_since is not None:
+                log.info("%s: the database answers again after %.0fs; going on", self.name,
+                         time.monotonic() - waited_since)
+            return waited_since is not None
 
     def migrate(self) -> None:
         """Pre-start step: bring the service's schema up to date (blocking)."""
