@@ -291,6 +291,26 @@ def test_mixed_upload_is_partial(running: Running, pydicom_file):
     assert by_path["mixed.zip/readme.txt"]["reason"]["code"] == "file.unsupported_type"
 
 
+def test_an_upload_of_many_refused_files_names_the_first_thousand(running: Running):
+    """upload.completed names the first 1,000 failures (a bound on its size: an event over
+    the broker's limit cannot be sent); the status lists every file, and the email the rest's
+    number."""
+    on_one_store(running, "the event's size does not depend on the store")
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for n in range(1003):
+            zf.writestr(f"note{n:04}.txt", b"text\n")
+    state = running.wait(running.upload("notes.zip", out.getvalue())["id"], timeout=120)
+    assert state["state"] == "failed"
+    assert len(state["files"]) == 1003
+    assert {f["reason"]["code"] for f in state["files"]} == {"file.unsupported_type"}
+    [mail] = running.mailbox.wait_for(state["id"])
+    text, html = bodies(mail)
+    assert text.count("  - notes.zip/note") == 1000
+    assert "  - and 3 more: see the details below" in text
+    assert "<li>and 3 more: see the details below</li>" in html
+
+
 def bodies(mail) -> tuple[str, str]:
     """An email's plain-text and HTML bodies."""
     import email

@@ -332,6 +332,52 @@ async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(
         await db.close()
 
 
+async def test_an_event_larger_than_the_broker_takes_does_not_hold_up_later_ones(
+        bootstrap, database_url, caplog):
+    metadata = MetaData(schema="delivery_big")
+    tables = delivery_tables(metadata)
+    db = Database(database_url)
+    async with db.engine.begin() as conn:
+        await conn.execute(text('create schema if not exists "delivery_big"'))
+        await conn.run_sync(metadata.create_all)
+    outbox = Outbox(tables, source="/imgest/test")
+    broker = make_broker(settings(bootstrap), "big", registry=CollectorRegistry())
+    await ensure_topics(bootstrap, [topic_of(FileValidated)], 1)
+    await broker.start()
+
+    def validated(upload_id: str, metadata: dict) -> FileValidated:
+        return FileValidated(upload_id=upload_id, file_id="f", object_key="k", path="p",
+                             size=1, sha256=SHA, source=Source(object_key="k", files_total=1),
+                             kind="dicom", metadata=metadata)
+
+    try:
+        async with db.session() as session:  # over the producer's 8 MiB, then a small one
+            await outbox.add(session, validated("huge", {"x": "y" * (9 * 1024 * 1024)}))
+            await outbox.add(session, validated("after", {}))
+        relay = Relay(db, outbox, broker)
+        assert await relay.publish_pending() == 2
+        assert await relay.publish_pending() == 0
+    finally:
+        await broker.stop()
+        await db.close()
+    assert any("larger than the broker takes" in r.message and "delivery_big.outbox" in r.message
+               for r in caplog.records)
+    consumer = AIOKafkaConsumer(topic_of(FileValidated), bootstrap_servers=bootstrap,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    uploads: list[str] = []
+    try:
+        for _ in range(20):
+            batches = await consumer.getmany(timeout_ms=500)
+            uploads += [json.loads(r.value)["data"]["upload_id"]
+                        for batch in batches.values() for r in batch]
+            if "after" in uploads:
+                break
+    finally:
+        await consumer.stop()
+    assert "after" in uploads and "huge" not in uploads
+
+
 @pytest.mark.parametrize("keep_polling", [True, False], ids=["kept-alive", "unguarded"])
 async def test_long_work_keeps_the_member_in_its_group(bootstrap, monkeypatch, keep_polling):
     """A handler busy for 2.5× max_poll_interval_ms (a multi-GB archive, in small): the member

@@ -458,6 +458,11 @@ class UploadCounts(BaseModel):
                             "upload (not counted in `files`).")
 
 
+# How many failures (and duplicates) upload.completed names: a bound on its size, far below
+# what a broker takes (Kafka's default is 1 MiB; a failure is ~300 bytes).
+LISTED_FAILURES = 1000
+
+
 class UploadCompleted(Payload):
     event: ClassVar[str] = "upload.completed"
     description: ClassVar[str] = "Every file of an upload reached an outcome."
@@ -467,9 +472,14 @@ class UploadCompleted(Payload):
     outcome: Literal["succeeded", "partial", "failed", "cancelled"]
     counts: UploadCounts
     sessions: list[SessionOutcome]
-    failures: list[FileFailure]
+    failures: list[FileFailure] = Field(..., description=(
+        f"Files not imported, each with its reason: the first {LISTED_FAILURES:,} (the "
+        "status API lists every file)."))
+    failures_omitted: int = Field(0, ge=0, description="Failures not listed here.")
     skipped: list[FileFailure] = Field(
-        default_factory=list, description="Files skipped as duplicates, each with its reason.")
+        default_factory=list, description=f"Files skipped as duplicates, each with its "
+        f"reason: the first {LISTED_FAILURES:,}.")
+    skipped_omitted: int = Field(0, ge=0, description="Duplicates not listed here.")
     completed_at: datetime
     generation: int = Field(
         0, ge=0, description="0 the first time; one more each time a replayed dead letter "

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from aiokafka.errors import MessageSizeTooLargeError
 from imgest_contracts import CloudEvent, Payload, topic_of
+from prometheus_client import Counter
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -42,6 +44,10 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from .db import Database, any_of, unnested
 
 log = logging.getLogger("imgest.outbox")
+
+undeliverable = Counter("imgest_outbox_undeliverable_total",
+                        "Outbox events larger than the broker takes, left in the outbox",
+                        ["topic"])
 
 
 @dataclass
@@ -235,21 +241,40 @@ class Relay:
             )).all()
             if not rows:
                 return 0
-            futures = [
-                await self.broker.publish(
-                    row.value.encode(), row.topic, key=row.key.encode() if row.key else None,
-                    # structured-mode CloudEvents
-                    headers={"content-type": "application/json", "ce_type": row.type or ""},
-                    no_confirm=True,
-                )
-                for row in rows
-            ]
-            await asyncio.gather(*futures)  # every send acknowledged (acks=all) before marking
+            sends = []
+            for row in rows:
+                try:
+                    sends.append((row, await self.broker.publish(
+                        row.value.encode(), row.topic, key=row.key.encode() if row.key else None,
+                        # structured-mode CloudEvents
+                        headers={"content-type": "application/json", "ce_type": row.type or ""},
+                        no_confirm=True,
+                    )))
+                except MessageSizeTooLargeError as error:  # (the producer's own limit)
+                    self._too_large(row, error)
+            # Every send acknowledged (acks=all) before marking.
+            outcomes = await asyncio.gather(*(sent for _, sent in sends),
+                                            return_exceptions=True)
+            for (row, _), outcome in zip(sends, outcomes):
+                if isinstance(outcome, MessageSizeTooLargeError):  # (the broker's limit)
+                    self._too_large(row, outcome)
+                elif isinstance(outcome, BaseException):
+                    raise outcome
             await session.execute(
                 update(table).where(any_of(table.c.seq, [r.seq for r in rows]))
                 .values(published_at=datetime.now(UTC))
             )
         return len(rows)
+
+    def _too_large(self, row: Any, error: Exception) -> None:
+        """An event the broker will never take must not hold up every later one: it is
+        marked like the others, counted and logged, and stays in the outbox for an operator
+        (events are kept far below the limit: a list of files is cut short, e.g.
+        upload.completed's failures)."""
+        undeliverable.labels(row.topic).inc()
+        log.error("outbox: event seq %d (%s, %d bytes) is larger than the broker takes (%s); "
+                  "it is left in %s and the relay goes on", row.seq, row.type, len(row.value),
+                  error, self.outbox.tables.outbox.fullname)
 
     async def run(self) -> None:
         while not self._stopping:

@@ -132,6 +132,14 @@ def test_html_part_lists_sessions_and_failures() -> None:
     assert f'href="https://imgest.example.org/api/v1/uploads/{UPLOAD_ID}"' in html
 
 
+def test_failures_not_listed_in_the_event_are_counted_in_both_parts() -> None:
+    done = completed().model_copy(update={"failures_omitted": 24000, "skipped_omitted": 7})
+    text, html = _parts(make(done))
+    assert "  - and 24000 more: see the details below" in text
+    assert "<li>and 24000 more: see the details below</li>" in html
+    assert "and 7 more" not in text  # (no duplicates listed: no such section)
+
+
 def test_html_part_escapes_user_supplied_text() -> None:
     _, html = _parts(make(completed()))
     assert "<script>" not in html

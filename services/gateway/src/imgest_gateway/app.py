@@ -331,7 +331,7 @@ def register_handlers(svc: Service) -> None:
                 done.counts)
             upload.completed_at = done.completed_at
             upload.summary = done.model_dump(mode="json", include={
-                "outcome", "counts", "sessions", "failures"})
+                "outcome", "counts", "sessions", "failures", "failures_omitted"})
             session.add(upload)
 
 

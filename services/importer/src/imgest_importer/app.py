@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from imgest_contracts import (
+    LISTED_FAILURES,
     ArchiveRejected,
     ArchiveUnpacked,
     CloudEvent,
@@ -397,7 +398,10 @@ class Importer:
                 sessions=[SessionOutcome(uri=s.uri, label=s.label, state=outcome_state(s),
                                          file_ids=s.file_ids, reason=s.reason)
                           for s in sessions],
-                failures=failures, skipped=skipped, completed_at=now,
+                failures=failures[:LISTED_FAILURES],
+                failures_omitted=max(0, len(failures) - LISTED_FAILURES),
+                skipped=skipped[:LISTED_FAILURES],
+                skipped_omitted=max(0, len(skipped) - LISTED_FAILURES), completed_at=now,
                 generation=upload.generation,
             ), event_id=derived_id("upload.completed", upload_id, str(upload.generation)))
             # Not yet "completed": staging is emptied next, and a crash or a store outage in
