@@ -158,6 +158,14 @@ def test_zip_with_traversal_paths_is_refused_whole(running: Running, pydicom_fil
     assert state["objects"][0]["state"] == "rejected"
     assert state["objects"][0]["reason"]["code"] == "archive.unsafe_path"
     assert not list(running.store.list("etc/"))
+    # A path longer than the services keep (4,096): refused with its reason, not stuck.
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("/".join(["d" * 200] * 22) + "/a.dcm", pydicom_file("CT_small.dcm")
+                    .read_bytes())
+    state = running.wait(running.upload("long.zip", out.getvalue())["id"])
+    assert state["state"] == "failed"
+    assert state["objects"][0]["reason"]["code"] == "archive.path_too_long"
 
 
 def test_tar_xz_holding_a_zip_and_a_tar_gz_with_a_link(running: Running, pydicom_file):

@@ -253,6 +253,15 @@ def test_unpack_zip_refuses_traversal(store: LocalStore) -> None:
     assert not (store.root.parent / "evil.txt").exists()
 
 
+def test_unpack_zip_refuses_a_path_longer_than_the_services_keep(store: LocalStore) -> None:
+    deep = "/".join(["d" * 200] * 15) + "/a.dcm"  # 3,020 characters, each part a legal name
+    assert unpack(store, _stored(store, _zip_bytes({deep[:2990]: b"x"})), "zip", GENEROUS)
+    with pytest.raises(ArchiveError) as err:
+        unpack(store, _stored(store, _zip_bytes({"ok.txt": b"fine", deep: b"x"})), "zip",
+               GENEROUS)
+    assert err.value.code == "archive.path_too_long" and "3,020 characters" in str(err.value)
+
+
 def test_unpack_truncated_zip_is_corrupt(store: LocalStore) -> None:
     data = _sample_zip()
     obj = _stored(store, data[: len(data) // 2])

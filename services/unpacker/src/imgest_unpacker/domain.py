@@ -101,6 +101,10 @@ class Tally:
         if encrypted:
             raise ArchiveError("archive.encrypted", f"The archive member {name!r} is "
                                "encrypted; send the archive without a password.")
+        if len(prefix + path) > MAX_MEMBER_PATH:
+            raise ArchiveError("archive.path_too_long", f"The archive member {name[:80]!r}… "
+                               f"has a path of {len(prefix + path):,} characters; imgest keeps "
+                               f"paths of up to {MAX_MEMBER_PATH:,} inside an archive.")
         if prefix + path in self.paths:
             raise ArchiveError("archive.duplicate_member", f"The archive holds {path!r} more "
                                "than once; which one is meant cannot be known.")
@@ -115,6 +119,9 @@ class Tally:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A member's path inside the upload's archive; with the archive's own name (at most 1,024)
+# it fits the 4,096 characters the services keep of a file's path.
+MAX_MEMBER_PATH = 3000
 
 
 def member_path(raw: bytes | str) -> str | None:
