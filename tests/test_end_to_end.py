@@ -546,6 +546,13 @@ def test_routing_overwrite_quarantine_and_pipelines_through_xnat_import(running:
     listed = running.http.get("/data/prearchive/projects/OVR").json()["ResultSet"]["Result"]
     assert [(r["url"], r["status"]) for r in listed] == [
         (entry_uri.removeprefix("/data"), "CONFLICT")]  # (XNAT's url has no /data)
+    def pointing_at_entry() -> list:
+        return running.query("select 1 from gateway.upload_file where session = $1", entry_uri)
+
+    deadline = time.monotonic() + 30  # (the gateway heard of the upload's completion)
+    while not pointing_at_entry():
+        assert time.monotonic() < deadline, "the gateway never placed the files in the entry"
+        time.sleep(0.1)
     # It is archived later (XNAT's commit): still a conflict with overwrite=none …
     again = running.http.post("/data/services/archive", params={"src": entry_uri})
     assert again.status_code == 409 and "overwrite" in again.text, again.text
@@ -555,6 +562,12 @@ def test_routing_overwrite_quarantine_and_pipelines_through_xnat_import(running:
     assert merged.status_code == 200 and merged.json()["uri"] == uri, merged.text
     assert set(archived()) == {f"{study}.1.dcm", f"{study}.2.dcm"}
     assert not running.query("select 1 from importer.session where uri = $1", entry_uri)
+    # The gateway's status tells its files archived now, in the session they joined (once it
+    # heard of session.archived: the answer came on another topic).
+    deadline = time.monotonic() + 30
+    while pointing_at_entry():
+        assert time.monotonic() < deadline, "the entry's files still point at it"
+        time.sleep(0.1)
     prefix = entry_uri.removeprefix("/data/prearchive/projects/")
     assert list(running.store.list(f"prearchive/{prefix}/")) == []
     gone = running.http.post("/api/v1/prearchive/archive", json={"entry": entry_uri})
@@ -580,15 +593,36 @@ def test_routing_overwrite_quarantine_and_pipelines_through_xnat_import(running:
 
     # Routing by the project's setting, quarantine by the upload, pipelines unless turned off.
     running.project("MANUAL", auto_archive="manual")
-    kept = running.http.post("/data/services/import", content=_fresh(pydicom_file), params={
-        "PROJECT_ID": "MANUAL"}, headers={"Content-Type": "application/dicom"}, timeout=90)
-    assert kept.status_code == 200 and kept.text.startswith("/data/prearchive/projects/MANUAL/")
+    body = _fresh(pydicom_file)
+
+    def keep() -> tuple[str, str]:
+        kept = running.http.post("/data/services/import", content=body, params={
+            "PROJECT_ID": "MANUAL"}, headers={"Content-Type": "application/dicom"}, timeout=90)
+        assert kept.status_code == 200, kept.text
+        assert kept.text.startswith("/data/prearchive/projects/MANUAL/")
+        ts, label = kept.text.strip().split("/")[-2:]
+        return ts, label
+
     # A prearchive entry deleted: its files go with it.
-    ts, label = kept.text.strip().split("/")[-2:]
+    ts, label = keep()
     assert running.http.get("/api/v1/projects/MANUAL/prearchive").json()[0]["state"] == "READY"
     assert running.http.delete(f"/data/prearchive/projects/MANUAL/{ts}/{label}").status_code == 200
     assert running.http.get("/api/v1/projects/MANUAL/prearchive").json() == []
     assert list(running.store.list(f"prearchive/MANUAL/{ts}/")) == []
+    # The same file added to an upload again: taken, not skipped as already in the project
+    # (while it waited in the prearchive, it was).
+    def added() -> int:
+        upload = running.http.post("/api/v1/projects/MANUAL/uploads", json={}).json()
+        answer = running.http.post(f"/api/v1/uploads/{upload['id']}/files",
+                                   params={"filename": "again.dcm"}, content=body)
+        assert answer.status_code in (200, 201), answer.text
+        running.http.post(f"/api/v1/uploads/{upload['id']}/cancel")
+        return answer.json()["added"]
+
+    assert added() == 1
+    ts, label = keep()
+    assert added() == 0
+    assert running.http.delete(f"/data/prearchive/projects/MANUAL/{ts}/{label}").status_code == 200
     assert running.http.delete(
         f"/api/v1/projects/MANUAL/prearchive/{ts}/{label}").status_code == 404
     sent = running.http.post("/data/services/import", content=_fresh(pydicom_file), params={

@@ -45,7 +45,7 @@ from imgest_runtime.service import (
     problem,
     problem_responses,
 )
-from sqlalchemy import and_, case, delete, func, literal_column, or_, update
+from sqlalchemy import and_, case, func, literal_column, or_, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
@@ -258,8 +258,7 @@ def register_handlers(svc: Service) -> None:
     async def on_session_archived(event: CloudEvent[SessionArchived], tx: Tx) -> None:
         a = event.data
         if a.entry_key:  # archived from the prearchive: the entry is gone
-            await tx.session.execute(delete(PrearchiveEntry).where(
-                col(PrearchiveEntry.session_key) == a.entry_key))
+            await _entry_gone(tx, a.entry_key, archived_as=a.session.uri)
         row = await tx.session.get(ArchivedSession, a.session_key, with_for_update=True)
         if row is None:
             row = ArchivedSession(session_key=a.session_key, project=a.session.project,
@@ -296,8 +295,8 @@ def register_handlers(svc: Service) -> None:
             row.updated_at = datetime.now(UTC)
             tx.session.add(row)
         if done.state in ("archived", "moved", "deleted"):
-            await tx.session.execute(delete(PrearchiveEntry).where(
-                col(PrearchiveEntry.session_key) == done.session_key))
+            await _entry_gone(tx, done.session_key,
+                              archived_as=done.uri if done.state == "archived" else None)
 
     @svc.on(UploadCompleted)
     async def on_upload_completed(event: CloudEvent[UploadCompleted], tx: Tx) -> None:
@@ -333,6 +332,20 @@ def register_handlers(svc: Service) -> None:
             upload.summary = done.model_dump(mode="json", include={
                 "outcome", "counts", "sessions", "failures", "failures_omitted"})
             session.add(upload)
+
+
+async def _entry_gone(tx: Tx, session_key: str, archived_as: str | None) -> None:
+    """A prearchive entry left (told by the answer or by session.archived, whichever comes
+    first). Archived: its files are in the archive now, as the status says and the check for
+    known content counts them; deleted or moved: they are no longer in it."""
+    entry = await tx.session.get(PrearchiveEntry, session_key, with_for_update=True)
+    if entry is None:
+        return
+    if archived_as is not None:
+        await tx.session.execute(update(UploadFile).where(
+            col(UploadFile.session) == entry.uri, col(UploadFile.state) == "prearchived")
+            .values(state="archived", session=archived_as))
+    await tx.session.delete(entry)
 
 
 # --- re-drive ------------------------------------------------------------------------------------

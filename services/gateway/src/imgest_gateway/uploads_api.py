@@ -50,13 +50,16 @@ from sqlalchemy import (
     BigInteger,
     String,
     Text,
+    and_,
     bindparam,
     cast,
+    exists,
     func,
     insert,
     inspect,
     literal_column,
     null,
+    or_,
     union_all,
     update,
 )
@@ -70,7 +73,15 @@ from .auth import CallerDep, forbidden
 from .domain import Arrival, BadFilename, Verdict, safe_filename, sort_arrivals
 from .form_parts import BadForm, FilePart, file_parts
 from .identity import ALLOWED, PROJECT_ID, Action, Caller
-from .models import Membership, Project, Upload, UploadFile, UploadObject, User
+from .models import (
+    Membership,
+    PrearchiveEntry,
+    Project,
+    Upload,
+    UploadFile,
+    UploadObject,
+    User,
+)
 from .settings import Settings
 from .views import TOPIC_OF_TYPE, event_json, json_response, upload_status
 
@@ -696,7 +707,8 @@ _UPLOAD_AND_RULES = Statement(select(Upload, Project.settings.label("project_set
 _LOCK_UPLOAD = Statement(select(Upload.state, Upload.files_added).where(
     col(Upload.id) == bindparam("upload_id")).with_for_update())
 _SHAS = bindparam("shas")
-# The same content already in this upload, or archived in the project.
+# The same content already in this upload, or archived in the project (or waiting in its
+# prearchive: not once the entry was deleted).
 _KNOWN_CONTENT = Statement(union_all(
     select(UploadObject.sha256, UploadObject.filename, cast(null(), String)).where(
         UploadObject.upload_id == bindparam("upload_id"),
@@ -705,7 +717,9 @@ _KNOWN_CONTENT = Statement(union_all(
     select(UploadFile.sha256, UploadFile.path, Upload.id)
     .join(Upload, col(Upload.id) == UploadFile.upload_id)
     .where(Upload.project == bindparam("project"), any_of(col(UploadFile.sha256), _SHAS),
-           any_of(col(UploadFile.state), ["archived", "prearchived"]))))
+           or_(UploadFile.state == literal_column("'archived'"),
+               and_(UploadFile.state == literal_column("'prearchived'"),
+                    exists().where(col(PrearchiveEntry.uri) == UploadFile.session))))))
 
 
 def _record_objects() -> Statement:
