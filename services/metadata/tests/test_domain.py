@@ -455,3 +455,25 @@ def test_first_claims_knows_earlier_batches_uploads_apart_and_redelivery() -> No
     duplicates, new = first_claims(files, known)
     assert list(duplicates) == ["b"]  # a holds its own key: delivered again, no duplicate
     assert set(new) == {("u2", "sha256:x")}  # another upload's same content is its own first
+
+
+def test_read_headers_refuses_a_file_gone_from_staging(store: LocalStore) -> None:
+    # Its upload was cancelled: retrying would only hold up the files behind it.
+    staged = _staged(store, _padded_ct(10))
+    store.delete(staged.object_key)
+    found = read_headers(store, staged, limit=1024**2)
+    assert found.reason is not None and found.reason.code == "store.object_missing"
+
+
+def test_read_headers_refuses_a_tiff_gone_while_read(tmp_path: Path) -> None:
+    class Vanishing(LocalStore):  # the object goes once its head has been read
+        def read_range(self, key: str, offset: int, length: int) -> bytes:
+            data = super().read_range(key, offset, length)
+            self.delete(key)
+            return data
+
+    store = Vanishing(tmp_path / "s", fsync=False)
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format="TIFF")
+    found = read_headers(store, _staged(store, out.getvalue(), "p.tif"), limit=1024**2)
+    assert found.reason is not None and found.reason.code == "store.object_missing"

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imgest_contracts import ObjectStored
 from imgest_runtime.store import LocalStore, ObjectStore, S3Store, check_key
-from imgest_unpacker.app import unpack
+from imgest_unpacker.app import format_of, unpack
 from imgest_unpacker.archives import sniff
 from imgest_unpacker.domain import ArchiveError, Limits
 
@@ -198,6 +198,34 @@ def test_a_bad_archive_inside_refuses_the_whole(store):
     inner = zip_bytes({"../escape.dcm": b"x"})
     obj = stored(store, tar_bytes({"good.dcm": b"fine", "bad.zip": inner}))
     assert refused(store, obj, "tar").code == "archive.unsafe_path"
+
+
+def test_an_archive_gone_from_staging_is_refused_not_retried(store):
+    # Its upload was cancelled: a file goes on (the metadata service refuses it), an archive
+    # being unpacked is refused at once.
+    obj = stored(store, zip_bytes({"a.dcm": b"a" * 100}))
+    assert format_of(store, obj.object_key) == "zip"
+    store.delete(obj.object_key)
+    assert format_of(store, obj.object_key) is None
+    with pytest.raises(ArchiveError) as err:
+        unpack(store, obj, "zip", GENEROUS)
+    assert err.value.code == "store.object_missing"
+
+
+def test_an_archive_gone_while_unpacked_leaves_no_member(tmp_path):
+    class Cancelling(LocalStore):  # staging emptied once the first member is written
+        def put(self, key, data, length=None, *, durable=True):
+            written = super().put(key, data, length, durable=durable)
+            self.delete(obj.object_key)
+            return written
+
+    store = Cancelling(tmp_path / "store", fsync=False)
+    obj = stored(LocalStore(store.root, fsync=False), zip_bytes(
+        {f"{i}.dcm": os.urandom(64 * 1024) for i in range(20)}, zipfile.ZIP_STORED))
+    with pytest.raises(ArchiveError) as err:
+        unpack(store, obj, "zip", GENEROUS)
+    assert err.value.code == "store.object_missing"
+    assert not [p for p in (store.root / "staging").rglob("*") if p.is_file()]
 
 
 # --- refusals, one by one -----------------------------------------------------------------------

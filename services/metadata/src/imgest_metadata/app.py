@@ -28,7 +28,7 @@ from imgest_contracts import (
 )
 from imgest_runtime.outbox import derived_id
 from imgest_runtime.service import Service, Tx, create_app
-from imgest_runtime.store import ObjectStore, RangeFile, each_side_by_side
+from imgest_runtime.store import ObjectNotFound, ObjectStore, RangeFile, each_side_by_side
 from sqlalchemy import delete, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col, select
@@ -139,7 +139,18 @@ def _read_csv(store: ObjectStore, staged: FileStaged, head: bytes, limit: int) -
 def read_headers(store: ObjectStore, staged: FileStaged, limit: int,
                  csv_limit: int = 256 * 1024**2) -> Identified:
     """Identifies the file and reads its headers (blocking). DICOM, JPEG and PNG from the
-    head: 64 KiB first, more only if the headers go on; TIFFs by ranged reads; CSVs whole."""
+    head: 64 KiB first, more only if the headers go on; TIFFs by ranged reads; CSVs whole.
+    A file gone from staging is refused at once: retrying cannot bring it back, and each
+    retry would hold up the files behind it (a cancelled upload's staging is emptied)."""
+    try:
+        return _read_headers(store, staged, limit, csv_limit)
+    except ObjectNotFound:
+        return refused(FileKind.unknown, "store.object_missing", (
+            "The file was removed before it could be checked (was its upload cancelled?)."))
+
+
+def _read_headers(store: ObjectStore, staged: FileStaged, limit: int, csv_limit: int
+                  ) -> Identified:
     length = HEAD_BYTES
     while True:
         head = store.read_range(staged.object_key, 0, min(length, staged.size))

@@ -32,6 +32,7 @@ from imgest_runtime.service import Service, create_app
 from imgest_runtime.store import (
     CHUNK,
     IterReader,
+    ObjectNotFound,
     ObjectStore,
     StoredObject,
     each_side_by_side,
@@ -72,6 +73,16 @@ class Unpacked:
 
 
 LISTING_MAX = 1024 * 1024  # an index or Slidedat.ini larger than this is not a listing
+OBJECT_MISSING = "store.object_missing"
+
+
+def format_of(store: ObjectStore, key: str) -> str | None:
+    """The archive format of a stored object, None for a file. An object already gone (its
+    upload cancelled) goes on as a file: the metadata service refuses it at once."""
+    try:
+        return sniff(store, key)
+    except ObjectNotFound:
+        return None
 
 
 def group_filesets(store: ObjectStore, members: list[Member]
@@ -188,11 +199,16 @@ def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
                 writers.close()
             filesets, loose = group_filesets(store, staged)
             batch.make_durable([m.key for m in staged])  # before anyone is told of them
-    except ArchiveError:
-        # Refused: what was staged of it goes. (After any other failure the work is done
-        # again: the same keys are written again, and the importer empties staging at the end.)
+    except (ArchiveError, ObjectNotFound) as e:
+        # Refused, or gone from staging meanwhile (its upload was cancelled): what was staged
+        # of it goes. (After any other failure the work is done again: the same keys are
+        # written again, and the importer empties staging at the end.)
         for m in staged:
             store.delete(m.key)
+        if isinstance(e, ObjectNotFound):  # retrying cannot bring it back
+            raise ArchiveError(OBJECT_MISSING, (
+                "The archive was removed before it could be unpacked (was its upload "
+                "cancelled?).")) from e
         raise
     return Unpacked(loose, tally.skipped, tally.unpacked, filesets)
 
@@ -292,7 +308,8 @@ def bootstrap(settings: Settings) -> Service:
         handled = await svc.handled(e.id for e in events)
         todo = list({e.id: e for e in events if e.id not in handled}.values())
         # What each is (side by side on S3, where each look waits on the network).
-        formats = await each_side_by_side(store, lambda e: sniff(store, e.data.object_key), todo)
+        formats = await each_side_by_side(store, lambda e: format_of(store, e.data.object_key),
+                                           todo)
         singles: list[CloudEvent[ObjectStored]] = []
         for event, fmt in zip(todo, formats):  # in their order: the first of equal files wins
             if fmt is None:
