@@ -344,6 +344,26 @@ def test_one_file_sent_as_a_form_is_its_bytes(gateway: Running, pydicom_file):
     assert shouted.status_code == 201 and shouted.json()["files"][0]["filename"] == "s.dcm"
 
 
+def test_a_refused_one_file_upload_leaves_no_folder(gateway: Running, pydicom_file):
+    """An empty body, or a form of two files, to the one-file endpoints: refused, and its new
+    upload's staging folder goes with the file."""
+    http = gateway.http
+    gateway.project("NOFOLDER")
+    staging = gateway.store.root / "staging"
+    before = set(staging.glob("*"))
+    empty = http.post("/api/v1/uploads", params={"filename": "e.dcm", "project": "NOFOLDER"},
+                      content=b"")
+    assert empty.status_code == 400 and "empty" in empty.json()["detail"], empty.text
+    data = _dicom(pydicom_file, "NOFOLDER")
+    two = http.post("/api/v1/uploads", params={"filename": "t.dcm", "project": "NOFOLDER"},
+                    files=[("file", ("a.dcm", data)), ("file", ("b.dcm", data))])
+    assert two.status_code == 400, two.text
+    xnat = http.post("/data/services/import", params={"PROJECT_ID": "NOFOLDER"}, content=b"",
+                     headers={"Content-Type": "application/zip"})
+    assert xnat.status_code == 400, xnat.text
+    assert not set(staging.glob("*")) - before
+
+
 def test_many_files_in_one_form_are_streamed_and_each_gets_a_verdict(gateway: Running,
                                                                     pydicom_file):
     http = gateway.http

@@ -11,6 +11,7 @@ import io
 import itertools
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -305,6 +306,29 @@ def test_local_delete_prefix_leaves_no_empty_folders(tmp_path: Path) -> None:
     assert not (tmp_path / "staging" / "u1").exists()
     assert [o.key for o in store.list("staging/")] == ["staging/u2/c3/3.dcm"]
     assert store.delete_prefix("staging/u1/") == 0  # again: nothing, and no error
+
+
+def test_local_delete_prefix_removes_what_killed_writers_left(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, fsync=False)
+    put_bytes(store, "staging/u1/members/1.dcm", b"x")
+    (tmp_path / "staging" / "u1" / "members" / ".0123abcd.part").write_bytes(b"half")
+    (tmp_path / "staging" / "u1" / ".4567cdef.part").write_bytes(b"half")
+    assert store.delete_prefix("staging/u1/") == 1
+    assert not (tmp_path / "staging" / "u1").exists()
+
+
+def test_local_stale_temporaries_are_swept(tmp_path: Path, monkeypatch) -> None:
+    store = LocalStore(tmp_path, fsync=False)
+    put_bytes(store, "archive/p/s/1.dcm", b"x")
+    stale = tmp_path / "archive" / "p" / "s" / ".0123abcd.part"
+    stale.write_bytes(b"half")
+    assert store.remove_stale_temporaries(3600) == 0  # (its writer may still be at it)
+    assert stale.exists()
+    later = time.time() + 7200
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert store.remove_stale_temporaries(3600) == 1
+    assert not stale.exists()
+    assert [o.key for o in store.list("")] == ["archive/p/s/1.dcm"]
 
 
 @pytest.mark.parametrize("st", [

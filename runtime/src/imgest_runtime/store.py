@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections import deque
@@ -96,6 +97,10 @@ def _temporary_beside(path: Path) -> Path:
     """Where an object is written before its atomic rename: same directory, short unique name
     (the object's own name may already be as long as a name can be)."""
     return path.with_name(f".{uuid.uuid4().hex}.part")
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".part")
 
 
 class _Reader(io.RawIOBase):
@@ -253,6 +258,12 @@ class ObjectStore(ABC):
 
     def ping(self) -> None:
         """Raises if the store cannot be reached."""
+
+    def remove_stale_temporaries(self, older_than: float) -> int:
+        """Removes what writers killed mid-write left, untouched for `older_than` seconds;
+        returns how many. None here: an S3 object appears whole or not at all (an interrupted
+        multipart upload is for the bucket's lifecycle rules to abort)."""
+        return 0
 
 
 # --- local directory -----------------------------------------------------------------------------
@@ -657,15 +668,34 @@ class LocalStore(ObjectStore):
         self._path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> int:
-        """Also the folders emptied under a folder-like prefix (`staging/<upload>/`, with its
-        `members/`): left behind, there would be one per upload for ever."""
+        """Also, under a folder-like prefix (`staging/<upload>/`, with its `members/`), the
+        temporary files of writers killed mid-write (`list` skips them) and the folders
+        emptied: left behind, there would be some per upload for ever."""
         deleted = super().delete_prefix(prefix)
         top = self.root / prefix if prefix.endswith("/") else None
         if top is not None and top.is_dir():
-            for folder, _dirs, _files in os.walk(top, topdown=False):
+            for folder, _dirs, files in os.walk(top, topdown=False):
+                for name in files:
+                    if _is_temporary(name):
+                        (Path(folder) / name).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):  # not empty: something was added since
                     os.rmdir(folder)
         return deleted
+
+    def remove_stale_temporaries(self, older_than: float) -> int:
+        """Removes the temporary files that no write touched for `older_than` seconds: their
+        writers were killed mid-write. By ctime, which a write and a copy's link both set (a
+        link keeps its source's mtime). Returns how many."""
+        removed = 0
+        stale_before = time.time() - older_than
+        for folder, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = Path(folder) / name
+                with contextlib.suppress(FileNotFoundError):  # renamed or removed meanwhile
+                    if _is_temporary(name) and path.stat().st_ctime < stale_before:
+                        path.unlink()
+                        removed += 1
+        return removed
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         """Objects whose key starts with `prefix` (a string prefix, as in S3)."""
@@ -677,7 +707,7 @@ class LocalStore(ObjectStore):
             return
         for dirpath, _dirs, files in os.walk(start):
             for name in sorted(files):
-                if name.endswith(".part") and name.startswith("."):
+                if _is_temporary(name):
                     continue
                 path = Path(dirpath) / name
                 key = path.relative_to(self.root).as_posix()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -76,6 +77,17 @@ from .xnat_api import plain_http_errors, xnat_router
 
 NAME = "gateway"
 log = logging.getLogger("imgest.gateway")
+# A file being written is touched by every write: one untouched this long lost its writer.
+STALE_TEMPORARY_SECONDS = 6 * 3600
+
+
+async def sweep_temporaries(svc: Service) -> None:
+    """The files writers killed mid-write were writing (in any folder of the store) go."""
+    assert svc.store is not None
+    removed = await asyncio.to_thread(svc.store.remove_stale_temporaries,
+                                      STALE_TEMPORARY_SECONDS)
+    if removed:
+        log.info("store: removed %d temporary file(s) of writers killed mid-write", removed)
 
 
 def bootstrap(settings: Settings, waiters: Waiters | None = None) -> Service:
@@ -88,6 +100,7 @@ def bootstrap(settings: Settings, waiters: Waiters | None = None) -> Service:
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_idle_seconds / 3),
                                  lambda: redrive(svc, settings), at_start=False))
     svc.periodic.append(Periodic("login-sessions", 3600, lambda: sweep_login_sessions(svc.db)))
+    svc.periodic.append(Periodic("store-temporaries", 3600, lambda: sweep_temporaries(svc)))
     svc.publishes(ObjectStored, UploadSubmitted, UploadCancelled, ProjectUpdated,
                   PrearchiveRequested, ReleaseRequested)
     svc.startup.append(lambda: ensure_first_admin(

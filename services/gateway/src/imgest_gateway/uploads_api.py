@@ -234,9 +234,10 @@ async def submit_one_file(svc: Service, settings: Settings, request: Request, up
                           caller: Caller, project: str | None, options: dict[str, Any],
                           key: Callable[[str | None], str]) -> tuple[Upload, UploadObject]:
     """The one file a request carries (`store_one_file`) as a new upload, submitted at once;
-    returns both. Not recorded (the database away, the client gone), the file is deleted."""
-    stored, content_type = await store_one_file(svc, settings, request, key)
+    returns both. Refused or not recorded (the database away, the client gone), nothing of it
+    is kept: neither the file nor the upload's folder."""
     try:
+        stored, content_type = await store_one_file(svc, settings, request, key)
         async with svc.db.session() as session:
             upload = Upload(id=upload_id, state="processing", project=project,
                             uploader=caller.username, email=caller.email, options=options,
@@ -248,7 +249,8 @@ async def submit_one_file(svc: Service, settings: Settings, request: Request, up
             session.add(upload)
             await submit(svc, session, upload, [obj])
     except BaseException:  # (shielded: a client gone leaves nothing behind either)
-        await asyncio.shield(delete_objects(svc, [stored.key]))
+        await asyncio.shield(asyncio.to_thread(svc.store.delete_prefix,
+                                               f"staging/{upload_id}/"))
         raise
     return upload, obj
 
