@@ -163,6 +163,18 @@ def test_database_away_for_a_while(faulty: Running, pydicom_file):
     assert_exactly_once(faulty, upload_id, FEWER)
 
 
+def test_database_killed_mid_upload_is_started_again(faulty: Running, pydicom_file):
+    """kill -9 the embedded PostgreSQL: the supervisor starts it again on its data."""
+    upload_id = upload_study(faulty, pydicom_file, FEWER)
+    faulty.wait_files(upload_id, UNDERWAY, FEWER // 4)
+    postgres = faulty.stack.postgres
+    before = postgres.server.get_pid()
+    os.kill(before, signal.SIGKILL)
+    assert_exactly_once(faulty, upload_id, FEWER)
+    assert postgres.server.get_pid() != before
+    assert "PostgreSQL is running again" in faulty.log.read_text()
+
+
 def test_store_away_for_a_while(faulty: Running, pydicom_file):
     """The object store's directory disappears (a file in its place) and comes back."""
     upload_id = upload_study(faulty, pydicom_file, FEWER)

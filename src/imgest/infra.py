@@ -6,6 +6,7 @@ Also used by the tests, so that what they run is what `imgest up` runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -93,10 +94,37 @@ class Postgres:
 
         asyncio.run(create())
 
+    def crashed(self) -> bool:
+        """Started, not stopped, and its server gone (killed, out of memory). It is no child of
+        ours (pg_ctl starts it in the background): its pid file said which process it is."""
+        import psutil
+
+        if self.server is None:
+            return False
+        process = self.server.get_postmaster_info().process  # type: ignore[attr-defined]
+        try:
+            return (process is None or not process.is_running()
+                    or process.status() == psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return True
+
+    def restart(self) -> None:
+        """Starts the crashed server again on its data (PostgreSQL recovers from its WAL), once
+        its old process is gone: until reaped, the pid file seems to name a live server."""
+        import psutil
+
+        assert self.server is not None
+        old = self.server.get_postmaster_info().process  # type: ignore[attr-defined]
+        if old is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                old.wait(timeout=30)
+        self.server.ensure_postgres_running()  # type: ignore[attr-defined]
+
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.cleanup()  # type: ignore[attr-defined]
-            self.server = None
+        # Forgotten first: a server being stopped on purpose has not crashed.
+        server, self.server = self.server, None
+        if server is not None:
+            server.cleanup()  # type: ignore[attr-defined]
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The five services as supervised child processes, and the whole stack around them.
 
-Logs are prefixed with the service's name; a service that exits is started again (with backoff);
-stopping sends SIGTERM to all and waits for them to finish what they are doing.
+Logs are prefixed with the service's name; a service that exits is started again (with backoff),
+and so is the embedded PostgreSQL, on its data; stopping sends SIGTERM to all and waits for them
+to finish what they are doing.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Child:
 class Supervisor:
     env: dict[str, str]
     emit: Callable[[str, str], None]
+    postgres: Postgres | None = None  # embedded: watched too, though no child of ours
     children: dict[str, Child] = field(default_factory=dict)
     held: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -89,6 +91,8 @@ class Supervisor:
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
+            if self.postgres is not None and self.postgres.crashed():
+                self._restart_postgres(self.postgres)
             for child in list(self.children.values()):
                 if child.alive() or self._stop.is_set() or child.name in self.held:
                     continue
@@ -103,6 +107,18 @@ class Supervisor:
                     continue  # removed or held meanwhile: a restart now would be an orphan
                 child.restarts += 1
                 child.start()
+
+    def _restart_postgres(self, postgres: Postgres) -> None:
+        self.emit("postgres", f"PostgreSQL is not running; starting it again on its data in "
+                  f"{postgres.directory}")
+        try:
+            postgres.restart()
+        except Exception as e:  # noqa: BLE001 - e.g. its old processes not yet gone: again soon
+            self.emit("postgres", f"PostgreSQL did not start ({type(e).__name__}: {e}); "
+                      "trying again in 2s")
+            self._stop.wait(2)
+            return
+        self.emit("postgres", "PostgreSQL is running again")
 
     def hold(self, name: str) -> None:
         """Stops one child and keeps it stopped (until `release`)."""
@@ -180,7 +196,7 @@ class Stack:
             self.postgres = Postgres(self.data_dir / "postgres")
             self.emit("imgest", f"starting embedded PostgreSQL in {self.postgres.directory}")
             env["IMGEST_DATABASE_URL"] = self.postgres.start()
-        self.supervisor = Supervisor(env, self.emit)
+        self.supervisor = Supervisor(env, self.emit, self.postgres)
         if not self.setting("IMGEST_KAFKA_BOOTSTRAP"):
             # Supervised like the services: if it dies, it is started again (empty, in memory),
             # and the services' epoch check sends again what it forgot.
