@@ -153,6 +153,21 @@ def test_three_studies_same_label_are_numbered() -> None:
     assert labels == ["E1", "E1_2", "E1_3"]
 
 
+def test_composed_labels_fit_the_catalogue() -> None:
+    # A header's or the upload's label may be 64 characters already: what is added to it must
+    # not make it longer than the catalogue holds (the upload could never be finished).
+    long = "L" * 64
+    files = [dcm(f"{i}.dcm", f"1.9.{i}", f"1.9.{i}.1", session=long, scan=long,
+                 series=f"1.2.3.{i % 2}") for i in range(3)]
+    files += [dcm("x.dcm", "1.9.0", "1.9.0.2", session=long, scan=long, series="1.2.3.7")]
+    files += [photo("p.jpg", "p" * 32)]
+    sessions = plan("u1234567890", ImportOptions(subject=long), files, "P", NOW)
+    labels = [s.label for s in sessions]
+    scans = [p.scan for s in sessions for p in s.placements]
+    assert len(set(labels)) == len(labels) == 4 and len(set(scans)) >= 3
+    assert all(len(label) <= 64 for label in labels + scans), labels + scans
+
+
 def test_two_studies_explicit_session_still_distinct() -> None:
     files = [dcm("a.dcm", "1.1", "1.1.1"), dcm("b.dcm", "2.2", "2.2.1")]
     opts = ImportOptions(project="PX", subject="SX", session="EX")

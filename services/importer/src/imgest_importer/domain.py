@@ -141,6 +141,12 @@ class SessionPlan:
 
 
 _LABEL = re.compile(r"[^A-Za-z0-9_-]+")
+LABEL_MAX = 64  # the catalogue's session and scan labels (XNAT's)
+
+
+def fitted(label: str, suffix: str) -> str:
+    """A label with a suffix, cut to fit LABEL_MAX: a header's label may be that long already."""
+    return label[:LABEL_MAX - len(suffix)] + suffix
 
 
 def session_id(project: str, subject: str, label: str, archived: bool, timestamp: str) -> str:
@@ -298,13 +304,13 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
             # Unnamed, an upload's images are a session of their own (its id in the label),
             # as a study's files are (its UID's): the next upload's never meet it as a CONFLICT.
             label = options.session or h.session or (
-                f"{subject}_images_{upload_id[:8]}" if f.kind is not FileKind.dicom
+                fitted(subject, f"_images_{upload_id[:8]}") if f.kind is not FileKind.dicom
                 else f"study_{(h.study_uid or upload_id)[-12:].replace('.', '_')}")
             # Two studies of one upload must not share a session label.
             base, n = label, 1
             while labels_taken.get((project, label), group) != group:
                 n += 1
-                label = f"{base}_{n}"
+                label = fitted(base, f"_{n}")
             labels_taken[(project, label)] = group
             archived = project != UNASSIGNED and to_archive(options, h.auto_archive,
                                                             project_rules)
@@ -334,7 +340,7 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
         if f.kind is FileKind.dicom:
             scan = h.scan or "1"
             if (rank := series_rank[(group, scan, h.series_uid)]) > 0:
-                scan = f"{scan}_{rank + 1}"
+                scan = fitted(scan, f"_{rank + 1}")
             name = f"{h.sop_instance_uid or f.file_id}.dcm"
             resource = "DICOM"
         else:

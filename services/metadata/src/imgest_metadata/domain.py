@@ -128,6 +128,15 @@ def label(value: Any) -> str | None:
     return text[:64] or None
 
 
+MODALITY_MAX = 16  # DICOM's Modality is one code string (CS) of at most 16 characters
+
+
+def modality(value: str | None) -> str | None:
+    """The Modality as the catalogue keeps it: a malformed header's longer value (several
+    joined, or junk) is cut to DICOM's length, not refused: its images are still images."""
+    return value[:MODALITY_MAX] if value else None
+
+
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
     try:
         value = ds.get(keyword)
@@ -266,7 +275,7 @@ def dicom(head: bytes, size: int) -> Identified:
         study_uid=texts["StudyInstanceUID"],
         series_uid=texts["SeriesInstanceUID"],
         sop_instance_uid=texts["SOPInstanceUID"],
-        modality=texts["Modality"],
+        modality=modality(texts["Modality"]),
         scan=label(series_number) or label(texts["SeriesInstanceUID"]),
     )
     return Identified(FileKind.dicom, {k: v for k, v in meta.items() if v is not None}, hints)
