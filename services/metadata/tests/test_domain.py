@@ -21,6 +21,7 @@ from imgest_metadata.domain import (
     NeedMore,
     _text,
     dicom_texts,
+    encapsulated_cut,
     first_claims,
     identify,
     label,
@@ -29,6 +30,7 @@ from imgest_metadata.domain import (
 from imgest_runtime.store import LocalStore
 from PIL import Image
 from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 CT_STUDY = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
@@ -397,6 +399,39 @@ def test_read_headers_large_pixel_data_reads_only_the_head(tmp_path: Path) -> No
     found = read_headers(store, _staged(store, data), limit=1024**2)
     assert found.reason is None and found.hints.sop_instance_uid == CT_SOP
     assert store.reads == [(0, HEAD_BYTES)]
+
+
+def test_read_headers_compressed_pixel_data_reads_the_head_and_the_last_8_bytes(
+        tmp_path: Path) -> None:
+    store = _CountingStore(tmp_path / "s")
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_dcmtk_+eb+cy+np.dcm"))
+    ds.PixelData = encapsulate([bytes(300_000)])
+    data = _write(ds)
+    found = read_headers(store, _staged(store, data), limit=1024**2)
+    assert found.reason is None and found.kind is FileKind.dicom
+    assert store.reads == [(0, HEAD_BYTES), (len(data) - 8, 8)]
+    cut = read_headers(store, _staged(store, data[:200_000], "cut.dcm"), limit=1024**2)
+    assert cut.reason is not None and cut.reason.code == "dicom.truncated"
+
+
+def test_encapsulated_cut_walks_the_items_when_the_file_does_not_end_with_them() -> None:
+    items = b"\xfe\xff\x00\xe0" + (0).to_bytes(4, "little")  # an empty offset table
+    items += b"\xfe\xff\x00\xe0" + (4).to_bytes(4, "little") + b"abcd"
+    end = b"\xfe\xff\xdd\xe0" + bytes(4)
+    after = b"\xfc\xff\xfc\xffOB\x00\x00" + (2).to_bytes(4, "little") + bytes(2)
+    reads: list[tuple[int, int]] = []
+
+    def cut(data: bytes):
+        reads.clear()
+        return encapsulated_cut(lambda o, n: reads.append((o, n)) or data[o:o + n], 0,
+                                len(data))
+
+    assert cut(items + end) is None and reads == [(len(items), 8)]  # its end tells
+    assert cut(items + end + after) is None and len(reads) == 4  # walked: 3 items' headers
+    for data, code in [(items, "dicom.truncated"), (items[:-1], "dicom.truncated"),
+                       (items[:8] + b"garbage!" + after, "dicom.malformed")]:
+        reason = cut(data)
+        assert reason is not None and reason.code == code, data
 
 
 def test_read_headers_past_64k(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imgest_contracts import FileKind, FileStaged, ProjectRules, Source
 from imgest_metadata.app import read_headers
-from imgest_metadata.domain import CsvCheck, check_rules, identify
+from imgest_metadata.domain import HEAD_BYTES, CsvCheck, check_rules, identify
 from imgest_runtime.store import LocalStore
 from PIL import Image
 
@@ -125,6 +125,34 @@ def test_dicom_cut_in_its_pixel_data_is_truncated(store: LocalStore) -> None:
     assert "30000 bytes" in found.reason.message
 
 
+def _encapsulated() -> bytes:
+    """A JPEG-compressed DICOM: its pixel data in fragments, ending the file with a sequence
+    delimiter."""
+    data = (DICOM_FILES / "SC_rgb_dcmtk_+eb+cy+np.dcm").read_bytes()
+    assert data.endswith(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+    return data
+
+
+@pytest.mark.parametrize(("cut", "says"), [
+    (100, "a fragment of its compressed pixel data"),  # inside the last fragment
+    (8, "has no end (sequence delimiter)"),  # just the delimiter missing
+])
+def test_dicom_with_compressed_pixel_data_cut_short_is_truncated(store: LocalStore, cut: int,
+                                                                 says: str) -> None:
+    data = _encapsulated()
+    found = read(store, data[:-cut], "sc.dcm")
+    assert found.reason is not None and found.reason.code == "dicom.truncated"
+    assert says in found.reason.message
+    assert read(store, data, "whole.dcm").reason is None
+
+
+def test_compressed_dicom_with_elements_after_its_pixel_data_is_whole(store: LocalStore) -> None:
+    # Data Set Trailing Padding (FFFC,FFFC) after the pixel data: the items are walked
+    padding = b"\xfc\xff\xfc\xffOB\x00\x00" + (16).to_bytes(4, "little") + bytes(16)
+    found = read(store, _encapsulated() + padding, "padded.dcm")
+    assert found.reason is None and found.kind is FileKind.dicom
+
+
 # --- photos --------------------------------------------------------------------------------------
 
 
@@ -180,6 +208,60 @@ def test_png_size(store: LocalStore) -> None:
     Image.new("RGBA", (9, 3)).save(buf, "PNG")
     found = read(store, buf.getvalue(), "a.png")
     assert found.metadata == {"format": "png", "width": 9, "height": 3}
+
+
+def noisy_jpeg(side: int) -> bytes:
+    """A JPEG whose image data is larger than the head and the tail read (noise compresses
+    badly)."""
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 255, (side, side, 3), np.uint8)
+    Image.fromarray(pixels).save(buf, "JPEG", exif=piexif.dump(FULL_EXIF))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data", [jpeg(FULL_EXIF, (400, 300)), noisy_jpeg(600)],
+                         ids=["small", "larger-than-head-and-tail"])
+def test_jpeg_cut_short_is_truncated(store: LocalStore, data: bytes) -> None:
+    found = read(store, data[:-100], "cut.jpg")
+    assert found.kind is FileKind.photo
+    assert found.reason is not None and found.reason.code == "photo.truncated"
+    assert "end-of-image marker" in found.reason.message
+    assert read(store, data, "whole.jpg").reason is None
+
+
+def test_jpeg_cut_before_its_image_data_is_truncated(store: LocalStore) -> None:
+    """Its embedded EXIF thumbnail ends with FF D9 too: only an end after the image data
+    counts."""
+    thumb = jpeg(None, (16, 16))
+    data = jpeg({**FULL_EXIF, "1st": {}, "thumbnail": thumb}, (64, 64))
+    scan = data.rfind(b"\xff\xda")
+    found = read(store, data[:scan + 20], "cut.jpg")
+    assert found.reason is not None and found.reason.code == "photo.truncated"
+
+
+def test_jpeg_with_bytes_after_its_end_is_whole(store: LocalStore) -> None:
+    data = noisy_jpeg(600)
+    assert len(data) > 2 * HEAD_BYTES
+    assert read(store, data + bytes(4096), "padded.jpg").reason is None  # padding
+    assert read(store, data + b"SEFH" * 100, "trailer.jpg").reason is None  # a maker's trailer
+
+
+def test_motion_photo_ends_with_its_video(store: LocalStore) -> None:
+    data = bytearray(noisy_jpeg(600))
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta Camera:MotionPhoto=\"1\"/>"
+    data[2:2] = b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp  # an APP1 after SOI
+    found = read(store, bytes(data) + bytes(range(256)) * 1024, "PXL_motion.jpg")  # + "video"
+    assert found.reason is None and found.kind is FileKind.photo
+
+
+def test_png_cut_short_is_truncated(store: LocalStore) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, "PNG")
+    data = buf.getvalue()
+    found = read(store, data[:-6], "cut.png")
+    assert found.reason is not None and found.reason.code == "photo.truncated"
+    assert "IEND" in found.reason.message
+    assert read(store, data + b"junk", "trailing.png").reason is None
 
 
 def test_plain_tiff_is_a_photo(store: LocalStore) -> None:
@@ -274,6 +356,29 @@ def test_slide_reads_only_its_directories(tmp_path: Path) -> None:
     found = read(counting, data, "big.tif")  # type: ignore[arg-type]
     assert found.kind is FileKind.slide
     assert Counting.read_bytes < len(data) / 10
+
+
+@pytest.mark.parametrize("make", [pyramid, svs, lambda: pyramid(bigtiff=True)],
+                         ids=["pyramid", "svs", "bigtiff"])
+def test_slide_cut_short_is_truncated(store: LocalStore, make) -> None:
+    data = make()
+    found = read(store, data[:-1000], "cut.svs")
+    assert found.reason is not None and found.reason.code == "tiff.truncated"
+    assert f"past the {len(data) - 1000} bytes received" in found.reason.message
+
+
+def test_tiff_whose_subifd_level_is_cut_is_truncated(store: LocalStore) -> None:
+    """A generic pyramid keeps its levels in SubIFDs: their tiles are checked too."""
+    data = bytearray(pyramid())
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        level = tifffile.TiffPages(tif.pages.first)[0]
+        at = level.tags["TileByteCounts"].valueoffset
+        count = len(level.databytecounts)
+        fmt = tif.byteorder + "I" * count
+    data[at:at + 4 * count] = struct.pack(fmt, *[len(data)] * count)  # each tile past the end
+    found = read(store, bytes(data), "slide.tif")
+    assert found.reason is not None and found.reason.code == "tiff.truncated"
+    assert "directory 1 " in found.reason.message
 
 
 def test_tiff_with_a_broken_directory_chain(store: LocalStore) -> None:

@@ -11,6 +11,7 @@ import functools
 import io
 import logging
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +37,24 @@ from sqlmodel import col, select
 from .domain import (
     HEAD_BYTES,
     KIND_OF,
+    TAIL_BYTES,
     Claim,
     CsvCheck,
     FileKeys,
     Identified,
     NeedMore,
     check_rules,
+    encapsulated_cut,
     first_claims,
     identify,
     is_slide,
     newest,
+    photo_cut,
     read_exif,
     refused,
     slide_metadata,
     sniff,
+    tiff_cut,
 )
 from .models import ProjectRulesRow, SeenFile, metadata
 from .settings import Settings
@@ -114,6 +119,10 @@ def _read_tiff(store: ObjectStore, staged: FileStaged, fmt: str, limit: int) -> 
                     f.seek(0)
                     found = Identified(FileKind.photo, {
                         "format": "tiff", "width": width, "height": height, **read_exif(f)})
+                cut = tiff_cut(((d.dataoffsets, d.databytecounts)
+                                for d in _directories(slide.ts_tifffile.pages)), staged.size)
+                if cut:
+                    found = Identified(found.kind, reason=cut)
     except HeadersTooLarge as e:
         found = refused(kind, "file.headers_too_large", str(e))
     except Exception as e:  # noqa: BLE001 - tifffile, tiffslide, exifread: many kinds, all the file's fault
@@ -122,6 +131,17 @@ def _read_tiff(store: ObjectStore, staged: FileStaged, fmt: str, limit: int) -> 
     if raw.failed is not None:
         raise raw.failed
     return found
+
+
+def _directories(pages: Any) -> Iterator[Any]:
+    """Every directory of a TIFF, those in SubIFDs too (a generic pyramid's levels): only
+    their tables are read, never their image data."""
+    import tifffile
+
+    for page in pages:
+        yield page
+        if page.subifds:
+            yield from _directories(tifffile.TiffPages(page))
 
 
 def _read_csv(store: ObjectStore, staged: FileStaged, head: bytes, limit: int) -> Identified:
@@ -134,6 +154,16 @@ def _read_csv(store: ObjectStore, staged: FileStaged, head: bytes, limit: int) -
         while (chunk := f.read(CHUNK)) and not check.reason:
             check.feed(chunk)
     return check.result()
+
+
+def _reader(store: ObjectStore, staged: FileStaged, head: bytes) -> Callable[[int, int], bytes]:
+    """read(offset, n): the file's bytes, from its head if they are there, else from the
+    store."""
+    def read(offset: int, n: int) -> bytes:
+        if offset + n <= len(head):
+            return head[offset:offset + n]
+        return store.read_range(staged.object_key, offset, n)
+    return read
 
 
 def read_headers(store: ObjectStore, staged: FileStaged, limit: int,
@@ -162,9 +192,18 @@ def _read_headers(store: ObjectStore, staged: FileStaged, limit: int, csv_limit:
                                f"The headers run past {limit} bytes; refusing to read further.")
             length = min(length * 4, limit)
             continue
+        if found.pixel_items_at is not None:
+            cut = encapsulated_cut(_reader(store, staged, head), found.pixel_items_at,
+                                   staged.size)
+            return Identified(FileKind.dicom, reason=cut) if cut else found
         if found.reason or "format" not in found.metadata:
             return found
         fmt = found.metadata["format"]
+        if fmt in ("jpeg", "png"):
+            start = max(0, staged.size - TAIL_BYTES)
+            cut = photo_cut(fmt, head, _reader(store, staged, head)(start, staged.size - start),
+                            staged.size)
+            return Identified(FileKind.photo, reason=cut) if cut else found
         if fmt in ("tiff", "bigtiff"):
             return _read_tiff(store, staged, fmt, limit)
         if fmt == "csv":

@@ -5,6 +5,9 @@ from bytes and parsed values: no I/O here.
 - DICOM is read with pydicom up to the pixel data only; photos' EXIF with exifread; CSVs are fed
   chunk by chunk to a `CsvCheck`. Slides are read by the adapter (tiffslide needs random access);
   `slide_metadata` turns what it found into metadata.
+- A file cut short is told from its end: a photo's last bytes (`photo_cut`), a TIFF's
+  directories as the adapter read them (`tiff_cut`), compressed DICOM pixel data's item
+  headers, read through the function the adapter passes (`encapsulated_cut`).
 - Labels follow XNAT's conventions: `Project: P Subject: S Session: E` in Patient/Study Comments
   wins; otherwise the subject is the patient's name and the session the patient ID.
 """
@@ -16,8 +19,10 @@ import contextlib
 import csv
 import io
 import math
+import operator
 import re
 import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +47,9 @@ class Identified:
     metadata: dict[str, Any] = field(default_factory=dict)
     hints: SessionHints = field(default_factory=SessionHints)
     reason: Reason | None = None  # set when the file is refused
+    # Where compressed DICOM pixel data's items begin: the adapter checks that they end
+    # inside the file (`encapsulated_cut`), reading the file's end.
+    pixel_items_at: int | None = None
 
 
 def refused(kind: FileKind, code: str, message: str) -> Identified:
@@ -196,27 +204,56 @@ def dicom_texts(ds: pydicom.Dataset) -> dict[str, str | None]:
     return texts
 
 
-def _pixel_data_overruns(head: bytes, at: int, size: int, ds: pydicom.Dataset) -> bool:
-    """Whether the element starting at `at` (the pixel data, where reading stopped) declares
-    more bytes than the file has: a file cut short."""
+UNDEFINED = 0xFFFFFFFF  # the length of encapsulated (compressed) pixel data: items follow
+
+
+def _pixel_data(head: bytes, at: int, ds: pydicom.Dataset) -> tuple[int, int] | None:
+    """(where its value starts, its declared length) of the element starting at `at` (the
+    pixel data, where reading stopped); None if that cannot be told from `head`."""
     if at + 12 > len(head):
-        return False  # not read that far: the caller reads more, or the file ends here
+        return None  # not read that far: the caller reads more, or the file ends here
     transfer = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     if transfer == "1.2.840.10008.1.2.1.99":
-        return False  # deflated: positions in the stream are not positions in the file
+        return None  # deflated: positions in the stream are not positions in the file
     order = ">" if transfer == "1.2.840.10008.1.2.2" else "<"
     vr = head[at + 4:at + 6]
     if transfer == "1.2.840.10008.1.2" or not _VR.fullmatch(vr):
         # implicit VR (as declared, or as written despite the declaration): a 4-byte length
         (length,) = struct.unpack_from(order + "I", head, at + 4)
-        start = at + 8
-    elif vr in _LONG_VRS:
+        return at + 8, length
+    if vr in _LONG_VRS:
         (length,) = struct.unpack_from(order + "I", head, at + 8)
-        start = at + 12
-    else:
-        (length,) = struct.unpack_from(order + "H", head, at + 6)
-        start = at + 8
-    return length != 0xFFFFFFFF and start + length > size
+        return at + 12, length
+    (length,) = struct.unpack_from(order + "H", head, at + 6)
+    return at + 8, length
+
+
+_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian: encapsulated data always is
+_SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
+
+
+def encapsulated_cut(read: Callable[[int, int], bytes], at: int, size: int) -> Reason | None:
+    """Why compressed pixel data, whose items start at `at` in a file of `size` bytes, is cut
+    short or broken; None if its items end with a sequence delimiter inside the file.
+    `read(offset, n)` gives the file's bytes. Pixel data nearly always ends the file: one
+    8-byte read of its end tells; otherwise the items are walked, reading their headers only."""
+    if size - 8 >= at and read(size - 8, 8) == _SEQUENCE_END:
+        return None
+    while at + 8 <= size:
+        header = read(at, 8)
+        if header == _SEQUENCE_END:
+            return None  # (elements after the pixel data: padding, a signature)
+        (length,) = struct.unpack_from("<I", header, 4)
+        if header[:4] != _ITEM or length == UNDEFINED:
+            return Reason(code="dicom.malformed", message=f"The compressed pixel data is "
+                          f"damaged: byte {at} holds no fragment (item) of it.")
+        if at + 8 + length > size:
+            return Reason(code="dicom.truncated", message=f"The file is cut short: a fragment "
+                          f"of its compressed pixel data at byte {at} needs {length} bytes, "
+                          f"past the end of the {size} bytes received.")
+        at += 8 + length
+    return Reason(code="dicom.truncated", message="The file is cut short: its compressed pixel "
+                  f"data has no end (sequence delimiter) in the {size} bytes received.")
 
 
 def dicom(head: bytes, size: int) -> Identified:
@@ -247,12 +284,12 @@ def dicom(head: bytes, size: int) -> Identified:
         return refused(FileKind.dicom, "dicom.bad_uid", f"The DICOM file's {', '.join(bad)} "
                        "is not a UID (digits and dots, at most 128 characters); it cannot be "
                        "placed in a study.")
-    try:
-        if stopped < len(head) and _pixel_data_overruns(head, stopped, size, ds):
-            return refused(FileKind.dicom, "dicom.truncated", f"The file is cut short: its "
-                           f"pixel data needs more than the {size} bytes received.")
-    except struct.error:
-        pass  # an element header shorter than its form: the file ends there, headers whole
+    pixels = None
+    with contextlib.suppress(struct.error):  # a header shorter than its form: the file ends
+        pixels = _pixel_data(head, stopped, ds)  # there, the headers whole
+    if pixels and pixels[1] != UNDEFINED and sum(pixels) > size:
+        return refused(FileKind.dicom, "dicom.truncated", f"The file is cut short: its "
+                       f"pixel data needs more than the {size} bytes received.")
     fields: dict[str, str] = {}
     for keyword in ("PatientComments", "StudyComments", "AdditionalPatientHistory"):
         for key, value in _XNAT_FIELD.findall(texts[keyword] or ""):
@@ -278,7 +315,8 @@ def dicom(head: bytes, size: int) -> Identified:
         modality=modality(texts["Modality"]),
         scan=label(series_number) or label(texts["SeriesInstanceUID"]),
     )
-    return Identified(FileKind.dicom, {k: v for k, v in meta.items() if v is not None}, hints)
+    return Identified(FileKind.dicom, {k: v for k, v in meta.items() if v is not None}, hints,
+                      pixel_items_at=pixels[0] if pixels and pixels[1] == UNDEFINED else None)
 
 
 # --- photos --------------------------------------------------------------------------------------
@@ -287,9 +325,9 @@ def dicom(head: bytes, size: int) -> Identified:
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def jpeg_size(head: bytes) -> tuple[int, int] | None:
-    """(width, height) from the first start-of-frame segment in `head`; None if it is not
-    there yet. Raises ValueError on a broken segment chain."""
+def _segments(head: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, position, length) of each JPEG segment in `head`, up to the first scan's
+    header or the end of the image. Raises ValueError on a broken segment chain."""
     pos = 2
     while pos + 4 <= len(head):
         if head[pos] != 0xFF:
@@ -301,17 +339,37 @@ def jpeg_size(head: bytes) -> tuple[int, int] | None:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             pos += 2
             continue
-        if marker in (0xD9, 0xDA):
-            raise ValueError("the image data begins before any frame header")
+        if marker == 0xD9:
+            yield marker, pos, 0
+            return
         (length,) = struct.unpack_from(">H", head, pos + 2)
         if length < 2:
             raise ValueError(f"a JPEG segment of length {length}")
+        yield marker, pos, length
+        if marker == 0xDA:
+            return
+        pos += 2 + length
+
+
+def jpeg_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first start-of-frame segment in `head`; None if it is not
+    there yet. Raises ValueError on a broken segment chain."""
+    for marker, pos, _ in _segments(head):
+        if marker in (0xD9, 0xDA):
+            raise ValueError("the image data begins before any frame header")
         if marker in _SOF:
             if pos + 9 > len(head):
                 return None
             height, width = struct.unpack_from(">HH", head, pos + 5)
             return width, height
-        pos += 2 + length
+    return None
+
+
+def jpeg_scan_start(head: bytes) -> int | None:
+    """Where the first scan's image data begins; None if its header is not in `head`."""
+    for marker, pos, length in _segments(head):
+        if marker == 0xDA:
+            return pos + 2 + length
     return None
 
 
@@ -389,6 +447,8 @@ def photo(head: bytes, size: int, fmt: str) -> Identified:
                     raise NeedMore()
                 raise ValueError("no frame header")
             width, height = found
+            if jpeg_scan_start(head) is None and len(head) < size:
+                raise NeedMore()  # (the image's end is checked from where its data begins)
             check_exif_block(head)
         tags = read_exif(io.BytesIO(head))
     except NeedMore:
@@ -397,6 +457,45 @@ def photo(head: bytes, size: int, fmt: str) -> Identified:
         return refused(FileKind.photo, "photo.malformed",
                        f"The {fmt.upper()} image's headers cannot be read: {e}")
     return Identified(FileKind.photo, {"format": fmt, "width": width, "height": height, **tags})
+
+
+TAIL_BYTES = 64 * 1024  # a photo's last bytes, where its end is looked for
+_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # PNG's last chunk, always the same 12 bytes
+_MOTION_PHOTO = re.compile(rb"MotionPhoto|MicroVideo")  # (in its XMP)
+
+
+def photo_cut(fmt: str, head: bytes, tail: bytes, size: int) -> Reason | None:
+    """Why a JPEG or PNG of `size` bytes (`head`: its first bytes, `tail`: its last
+    TAIL_BYTES) is cut short: its end (JPEG's end-of-image marker, PNG's IEND chunk) is not
+    among its last bytes. What follows that end is let be, as decoders do: padding, a
+    camera maker's trailer, further images (MPF)."""
+    if fmt == "png":
+        if _IEND in tail:
+            return None
+        return Reason(code="photo.truncated", message="The PNG image is cut short: it does "
+                      f"not end with an IEND chunk ({size} bytes received).")
+    scan = jpeg_scan_start(head)
+    # Image data holds no FF D9 (an FF there is followed by 00 or a restart marker), so one
+    # after where it begins is the end-of-image marker.
+    if scan is not None and tail.rfind(b"\xff\xd9", max(0, scan - (size - len(tail)))) >= 0:
+        return None
+    if _MOTION_PHOTO.search(head):
+        return None  # a motion photo ends with its video, not the image's end marker
+    return Reason(code="photo.truncated", message="The JPEG image is cut short: it has no "
+                  f"end-of-image marker (FF D9) near its end ({size} bytes received).")
+
+
+def tiff_cut(directories: Iterable[tuple[Sequence[int], Sequence[int]]], size: int
+             ) -> Reason | None:
+    """Why a TIFF of `size` bytes is cut short: a directory (each given as its strips' or
+    tiles' offsets and byte counts) whose image data runs past the end."""
+    for number, (offsets, counts) in enumerate(directories):
+        end = max(map(operator.add, offsets, counts), default=0)  # (missing tiles: 0, 0)
+        if end > size:
+            return Reason(code="tiff.truncated", message=f"The TIFF is cut short: its "
+                          f"directory {number} has image data up to byte {end}, past the "
+                          f"{size} bytes received.")
+    return None
 
 
 # --- slides --------------------------------------------------------------------------------------
