@@ -456,6 +456,7 @@ def test_every_file_is_checked_against_its_projects_rules(running: Running, pydi
                 "cut.dcm": ct[:30_000],
                 "dated.jpg": jpeg_with_exif(),
                 "cut.jpg": jpeg_with_exif()[:-50],
+                "DICOMDIR": pydicom_file("DICOMDIR").read_bytes(),
                 "undated.jpg": no_date.getvalue(),
                 "cases.csv": b"case_id,site\n1,A\n",
         }.items():
@@ -472,6 +473,7 @@ def test_every_file_is_checked_against_its_projects_rules(running: Running, pydi
         "cut.dcm": ("rejected", "dicom.truncated"),
         "dated.jpg": ("archived", None),
         "cut.jpg": ("rejected", "photo.truncated"),
+        "DICOMDIR": ("rejected", "dicom.dicomdir"),
         "undated.jpg": ("rejected", "project.rules"),
         "cases.csv": ("rejected", "project.kind_not_accepted"),
     }, verdicts
@@ -480,7 +482,7 @@ def test_every_file_is_checked_against_its_projects_rules(running: Running, pydi
     assert "'DateTimeOriginal' is missing" in files["undated.jpg"]["reason"]["message"]
     assert "checked.zip/ct" in files["copy-of-ct.dcm"]["reason"]["message"]
     assert state["state"] == "partial"
-    assert state["counts"]["duplicates"] == 2 and state["counts"]["rejected"] == 5
+    assert state["counts"]["duplicates"] == 2 and state["counts"]["rejected"] == 6
     text = running.mailbox.wait_for(state["id"])[0].get_payload()[0].get_payload(
         decode=True).decode()
     assert "2 duplicates skipped" in text and "Duplicates skipped:" in text

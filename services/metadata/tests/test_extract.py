@@ -22,6 +22,7 @@ from imgest_metadata.app import read_headers
 from imgest_metadata.domain import HEAD_BYTES, CsvCheck, check_rules, identify
 from imgest_runtime.store import LocalStore
 from PIL import Image
+from pydicom.data import get_testdata_file
 
 DICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 # pydicom's own files that are broken on purpose, or lack what a study needs: refused, each
@@ -151,6 +152,13 @@ def test_compressed_dicom_with_elements_after_its_pixel_data_is_whole(store: Loc
     padding = b"\xfc\xff\xfc\xffOB\x00\x00" + (16).to_bytes(4, "little") + bytes(16)
     found = read(store, _encapsulated() + padding, "padded.dcm")
     assert found.reason is None and found.kind is FileKind.dicom
+
+
+def test_dicomdir_is_refused_as_an_index(store: LocalStore) -> None:
+    found = read(store, Path(get_testdata_file("DICOMDIR")).read_bytes(), "DICOMDIR")
+    assert found.kind is FileKind.dicom
+    assert found.reason is not None and found.reason.code == "dicom.dicomdir"
+    assert "index" in found.reason.message and "not an image" in found.reason.message
 
 
 # --- photos --------------------------------------------------------------------------------------

@@ -256,8 +256,25 @@ def encapsulated_cut(read: Callable[[int, int], bytes], at: int, size: int) -> R
                   f"data has no end (sequence delimiter) in the {size} bytes received.")
 
 
+# A DICOMDIR's file meta names it by its SOP class (PS3.10 7.2; the meta group is always
+# explicit VR little endian).
+_DICOMDIR_CLASS = b"1.2.840.10008.1.3.10"
+
+
+def _is_dicomdir(head: bytes) -> bool:
+    at = head.find(b"\x02\x00\x02\x00UI", 132, 1024)  # Media Storage SOP Class UID
+    if at < 0 or at + 8 > len(head):
+        return False
+    (length,) = struct.unpack_from("<H", head, at + 6)
+    return head[at + 8:at + 8 + length].rstrip(b"\0 ") == _DICOMDIR_CLASS
+
+
 def dicom(head: bytes, size: int) -> Identified:
     """Parses the header from `head` (the first bytes of a file of `size` bytes)."""
+    if head[128:132] == b"DICM" and _is_dicomdir(head):
+        return refused(FileKind.dicom, "dicom.dicomdir", "A DICOMDIR is the index of a DICOM "
+                       "disc or folder, not an image; the images it lists are imported from "
+                       "their own files.")
     fp = io.BytesIO(head)
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=head[128:132] != b"DICM")
