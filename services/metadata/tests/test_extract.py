@@ -432,6 +432,18 @@ def test_bad_csv(store: LocalStore, data: bytes, code: str, words: str) -> None:
     assert words in found.reason.message
 
 
+@pytest.mark.parametrize(("lines", "reason"), [(1000, None), (1001, "csv.quoting")])
+def test_a_quoted_field_of_more_than_1000_lines_is_refused_saying_so(
+        store: LocalStore, lines: int, reason: str | None) -> None:
+    data = ('id,note\n1,"' + "a line\n" * (lines - 1) + 'the end"\n2,b\n').encode()
+    found = read(store, data, "notes.csv")
+    assert (found.reason.code if found.reason else None) == reason
+    if found.reason:
+        assert found.reason.message == (
+            "A quoted field opened on line 2 goes on for more than 1,000 lines: a closing "
+            "quote is probably missing (a field of more lines than that is not read).")
+
+
 def test_csv_is_checked_across_chunks() -> None:
     """A multi-byte character split between two chunks is no encoding error."""
     data = ("id,city\n" + "".join(f"{i},Zürich\n" for i in range(1000))).encode()

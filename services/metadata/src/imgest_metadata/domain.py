@@ -563,6 +563,7 @@ def slide_metadata(properties: dict[str, Any], fmt: str) -> dict[str, Any]:
 # --- CSV -----------------------------------------------------------------------------------------
 
 DELIMITERS = ",;\t|"
+MAX_FIELD_LINES = 1000  # the most lines a quoted field may span
 
 
 def _sniff_dialect(head: bytes) -> str | None:
@@ -632,9 +633,12 @@ class CsvCheck:
         self._record.append(line)
         record = "\n".join(self._record)
         if record.count('"') % 2:  # a quoted field goes on over the next line
-            if len(self._record) > 1000:
-                self._fail("csv.quoting", f"A quoted field opened by line "
-                           f"{self.line - len(self._record) + 1} is never closed.")
+            if len(self._record) >= MAX_FIELD_LINES:
+                # (it may close further on, but a record is not held longer than this)
+                self._fail("csv.quoting", f"A quoted field opened on line "
+                           f"{self.line - len(self._record) + 1} goes on for more than "
+                           f"{MAX_FIELD_LINES:,} lines: a closing quote is probably missing "
+                           "(a field of more lines than that is not read).")
             return
         self._record = []
         if not record.strip():
