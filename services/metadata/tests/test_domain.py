@@ -10,7 +10,7 @@ from pathlib import Path
 import piexif
 import pydicom
 import pytest
-from imgest_contracts import FileKind, FileStaged, Source
+from imgest_contracts import FileKind, Fileset, FilesetFile, FileStaged, Source
 from imgest_metadata.app import read_headers
 from imgest_metadata.domain import (
     DICOM_FIELDS,
@@ -22,6 +22,7 @@ from imgest_metadata.domain import (
     _text,
     dicom_texts,
     encapsulated_cut,
+    fileset,
     first_claims,
     identify,
     label,
@@ -302,6 +303,23 @@ def test_identify_png_without_exif_is_a_photo() -> None:
     found = identify(data, len(data), "a.png")
     assert found.kind is FileKind.photo and found.reason is None
     assert found.metadata == {"format": "png", "width": 4, "height": 4}
+
+
+def test_a_multi_file_slide_with_an_empty_part_is_refused() -> None:
+    def part(path: str, size: int) -> FilesetFile:
+        return FilesetFile(path=path, object_key=f"staging/u1/{path}", size=size,
+                           sha256="0" * 64)
+
+    whole = Fileset(format="mrxs", files=[part("s/Slidedat.ini", 40), part("s/Data0000.dat",
+                                                                             900)])
+    found = fileset("up.zip/s.mrxs", 5, whole)
+    assert found.reason is None and found.kind is FileKind.slide
+    assert found.metadata == {"format": "mrxs", "vendor": "mrxs", "files": 3, "bytes": 945}
+    whole.files.append(part("s/Data0001.dat", 0))
+    found = fileset("up.zip/s.mrxs", 5, whole)
+    assert found.reason is not None and found.reason.code == "slide.empty_companion"
+    assert found.reason.message == ("The MRXS slide 'up.zip/s.mrxs' has empty files among its "
+                                    "parts: s/Data0001.dat.")
 
 
 def test_identify_random_bytes_unsupported() -> None:

@@ -45,6 +45,7 @@ from .domain import (
     NeedMore,
     check_rules,
     encapsulated_cut,
+    fileset,
     first_claims,
     identify,
     is_slide,
@@ -211,15 +212,6 @@ def _read_headers(store: ObjectStore, staged: FileStaged, limit: int, csv_limit:
         return found
 
 
-def fileset_identified(staged: FileStaged) -> Identified:
-    """A multi-file slide, checked whole by the unpacker."""
-    assert staged.fileset is not None
-    return Identified(FileKind.slide, {
-        "format": staged.fileset.format, "vendor": staged.fileset.format,
-        "files": len(staged.fileset.files) + 1,
-        "bytes": staged.size + sum(f.size for f in staged.fileset.files)})
-
-
 def bootstrap(settings: Settings) -> Service:
     svc = Service(NAME, settings, metadata, Path(__file__).parent / "migrations")
     svc.publishes(FileValidated, FileRejected)
@@ -275,7 +267,7 @@ def bootstrap(settings: Settings) -> Service:
 
     def identify_file(store: ObjectStore, staged: FileStaged) -> Identified:
         if staged.fileset is not None:
-            return fileset_identified(staged)
+            return fileset(staged.path, staged.size, staged.fileset)
         return read_headers(store, staged, settings.max_header_bytes, settings.max_csv_bytes)
 
     @svc.on(FileStaged, whole_batch=True)

@@ -29,7 +29,7 @@ from typing import Any
 import exifread
 import jsonschema
 import pydicom
-from imgest_contracts import FileKind, ProjectRules, Reason, SessionHints
+from imgest_contracts import FileKind, Fileset, ProjectRules, Reason, SessionHints
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
@@ -558,6 +558,21 @@ def slide_metadata(properties: dict[str, Any], fmt: str) -> dict[str, Any]:
         if (value := _number(properties.get(key))) is not None:
             meta[name] = value
     return meta
+
+
+def fileset(path: str, size: int, parts: Fileset) -> Identified:
+    """A multi-file slide: its index (`path`, `size` bytes) and its parts. The unpacker has
+    found each part the index names; here none may be empty (a part of no bytes is image data
+    that never arrived)."""
+    empty = [f.path for f in parts.files if f.size == 0]
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10
+                                         else "")
+        return refused(FileKind.slide, "slide.empty_companion", f"The {parts.format.upper()} "
+                       f"slide {path!r} has empty files among its parts: {shown}.")
+    return Identified(FileKind.slide, {
+        "format": parts.format, "vendor": parts.format, "files": len(parts.files) + 1,
+        "bytes": size + sum(f.size for f in parts.files)})
 
 
 # --- CSV -----------------------------------------------------------------------------------------
