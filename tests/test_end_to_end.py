@@ -238,6 +238,9 @@ def test_every_bad_archive_is_refused_whole_with_its_reason(running: Running, py
     good = wsi.getvalue()
     mrxs = zipped({"s.mrxs": b"index", "s/Slidedat.ini": b"[DATAFILE]\nFILE_0=Data0000.dat\n"})
     tgz = tar_bytes("w:gz", {"a.dcm": dcm, "b.dcm": dcm + b"x"})
+    lzma_zip = io.BytesIO()
+    with zipfile.ZipFile(lzma_zip, "w", zipfile.ZIP_LZMA) as zf:
+        zf.writestr("a.dcm", dcm)
     archives = {
         "bomb.zip": (zipped({f"layer{i}.zip": bomb_layer for i in range(6)}), "archive.bomb"),
         "traversal.tar": (tar_bytes("w", {"../../x.dcm": dcm}), "archive.unsafe_path"),
@@ -250,6 +253,8 @@ def test_every_bad_archive_is_refused_whole_with_its_reason(running: Running, py
         "cut.tgz": (tgz[: len(tgz) // 2], "archive.corrupt"),
         "cut.tar": (tar_bytes("w", {"a.dcm": dcm})[:1024], "archive.corrupt"),
         "slide.zip": (mrxs, "slide.missing_companion"),
+        "empty.zip": (zipped({}), "archive.empty"),
+        "lzma.zip": (lzma_zip.getvalue(), "archive.unsupported_compression"),
         "good.zip": (good, None),
     }
     http = running.http

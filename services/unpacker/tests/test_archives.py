@@ -310,6 +310,30 @@ def test_truncated_zip_is_refused(store):
     assert refused(store, stored(store, data[: len(data) - 30]), "zip").code == "archive.corrupt"
 
 
+@pytest.mark.parametrize(("files", "says"), [
+    ({}, "The archive holds no files."),
+    ({"folder/": b"", "__MACOSX/._a.dcm": b"x"},
+     "The archive holds no files, only folders or system files (2 skipped)."),
+])
+def test_an_archive_of_no_files_is_refused(store, files, says):
+    error = refused(store, stored(store, zip_bytes(files)), "zip")
+    assert (error.code, error.message) == ("archive.empty", says)
+
+
+def test_an_empty_archive_inside_one_with_files_is_no_refusal(store):
+    data = zip_bytes({"a.dcm": b"a" * 100, "inner.zip": zip_bytes({})})
+    assert unpacked(store, stored(store, data), "zip") == {"a.dcm": b"a" * 100}
+
+
+def test_a_zip_compressed_in_a_way_not_unpacked_is_refused_naming_it(store):
+    data = zip_bytes({"a.dcm": b"a" * 5000, "b.dcm": b"b" * 5000}, zipfile.ZIP_LZMA)
+    error = refused(store, stored(store, data), "zip")
+    assert error.code == "archive.unsupported_compression"
+    assert error.message == (
+        "The zip archive's member 'a.dcm' is compressed with LZMA (method 14), which imgest "
+        "does not unpack; zip it again with the usual compression (deflate).")
+
+
 def test_too_many_members_and_too_many_bytes(store):
     obj = stored(store, tar_bytes(FILES, "w:gz"))
     assert refused(store, obj, "tar.gz", Limits(2, 10**9, 10**6)).code == (
@@ -333,7 +357,8 @@ def test_member_paths_never_escape_the_upload(tmp_path: Path, name: str):
     try:
         result = unpack(local, obj, "tar", GENEROUS)
     except ArchiveError as e:
-        assert e.code in ("archive.unsafe_path", "archive.corrupt")
+        assert e.code in ("archive.unsafe_path", "archive.corrupt",
+                          "archive.empty")  # (a name that is a folder's or junk)
         return
     for m in result.members:
         check_key(m.key)

@@ -239,12 +239,6 @@ def test_unpack_zip_is_deterministic(store: LocalStore) -> None:
     assert len(list(store.list(f"staging/{obj.upload_id}/members/"))) == len(first.members)
 
 
-def test_unpack_empty_zip(store: LocalStore) -> None:
-    obj = _stored(store, _zip_bytes({}))
-    result = unpack(store, obj, "zip", GENEROUS)
-    assert result.members == [] and result.skipped == 0 and result.bytes == 0
-
-
 def test_unpack_zip_refuses_traversal(store: LocalStore) -> None:
     obj = _stored(store, _zip_bytes({"ok.txt": b"fine", "../../evil.txt": b"gotcha"}))
     with pytest.raises(ArchiveError) as err:

@@ -197,6 +197,10 @@ def unpack(store: ObjectStore, obj: ObjectStored, fmt: str, limits: Limits,
                 writers.settle()
             finally:
                 writers.close()
+            if not staged:
+                raise ArchiveError("archive.empty", "The archive holds no files" + (
+                    f", only folders or system files ({tally.skipped} skipped)."
+                    if tally.skipped else "."))
             filesets, loose = group_filesets(store, staged)
             batch.make_durable([m.key for m in staged])  # before anyone is told of them
     except (ArchiveError, ObjectNotFound) as e:

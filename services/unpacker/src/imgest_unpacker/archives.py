@@ -158,6 +158,7 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: 
         listed[raw] = (info.orig_filename, _zip_kind(info))
         check.member(info.orig_filename, listed[raw][1], bool(info.flag_bits & 0x1), prefix)
         check.grew(info.file_size)
+    _check_methods(infos)
     if tally.members == 0:  # the outermost archive: its directory gives the total
         tally.expected = check.members
     elif tally.expected is not None:  # a zip inside a zip: its files replace it
@@ -178,6 +179,26 @@ def _zip_entries(store: ObjectStore, key: str, size: int, tally: Tally, prefix: 
             yield Entry(path, _guarded(chunks, tally, "zip"))
     except _ERRORS["zip"] as e:
         raise _corrupt("zip", e) from e
+
+
+# Compression methods (APPNOTE 4.4.5): those unpacked (stream-unzip), and names for the rest.
+_UNPACKED = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, 9, zipfile.ZIP_BZIP2}  # 9: deflate64
+_METHODS = {1: "Shrink", 2: "Reduce", 3: "Reduce", 4: "Reduce", 5: "Reduce", 6: "Implode",
+            10: "PKWARE DCL Implode", 14: "LZMA", 16: "IBM z/OS CMPSC", 18: "IBM TERSE",
+            19: "IBM LZ77", 20: "Zstandard", 93: "Zstandard", 94: "MP3", 95: "XZ", 96: "JPEG",
+            97: "WavPack", 98: "PPMd"}
+
+
+def _check_methods(infos: list[zipfile.ZipInfo]) -> None:
+    """Refuses a zip with a member compressed in a way not unpacked here, naming the way (it
+    would fail mid-way as a corrupt archive)."""
+    for info in infos:
+        if info.compress_type not in _UNPACKED:
+            method = _METHODS.get(info.compress_type, "an unknown method")
+            raise ArchiveError("archive.unsupported_compression", (
+                f"The zip archive's member {info.orig_filename!r} is compressed with {method} "
+                f"(method {info.compress_type}), which imgest does not unpack; zip it again "
+                "with the usual compression (deflate)."))
 
 
 def _renamed(listed_as: str | None, raw: bytes) -> ArchiveError:
