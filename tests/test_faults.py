@@ -311,19 +311,25 @@ def imgest(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def test_dead_letter_shows_in_status_and_email_and_replay_fixes_it(faulty: Running,
                                                                    pydicom_file):
-    """A staged file vanishes from the store before the metadata service reads it: after its
-    retries it is dead-lettered, the upload completes as partial with the reason; the file is
-    put back and `imgest dlq replay` gets it archived, with a second email saying so."""
+    """The metadata service fails on one file (its database refuses to record that one):
+    after its retries it is dead-lettered, the upload completes as partial with the reason;
+    the cause is fixed and `imgest dlq replay` gets it archived, with a second email saying
+    so. (A staged file gone from the store is no such case: its upload was cancelled, and it
+    is refused at once.)"""
     supervisor = faulty.stack.supervisor
     supervisor.hold("metadata")
     try:
         upload_id = upload_study(faulty, pydicom_file, files=3)
         faulty.wait_files(upload_id, {"staged"}, 3)
         lost = faulty.status(upload_id)["files"][0]
-        key = [o.key for o in faulty.store.list(f"staging/{upload_id}/members/{lost['file_id']}-")]
-        assert len(key) == 1
-        saved = faulty.store.read_range(key[0], 0, 10**7)
-        faulty.store.delete(key[0])
+        faulty.query(f"""
+            create function metadata.refuse_one() returns trigger language plpgsql as $$
+            begin
+              if new.file_id = '{lost["file_id"]}' then raise exception 'injected fault'; end if;
+              return new;
+            end $$""")
+        faulty.query("create trigger refuse_one before insert on metadata.seen_file "
+                     "for each row execute function metadata.refuse_one()")
     finally:
         supervisor.release("metadata")
     state = faulty.wait(upload_id, timeout=120)
@@ -331,7 +337,7 @@ def test_dead_letter_shows_in_status_and_email_and_replay_fixes_it(faulty: Runni
     failed = {f["file_id"]: f for f in state["files"]}[lost["file_id"]]
     assert failed["state"] in ("failed", "rejected")
     assert failed["reason"]["code"] == "pipeline.failed"
-    assert "ObjectNotFound" in failed["reason"]["message"]
+    assert "injected fault" in failed["reason"]["message"], failed["reason"]
     first = faulty.mailbox.wait_for(upload_id)
     assert len(first) == 1 and "pipeline.failed" in first[0].get_payload()[0].get_payload(
         decode=True).decode()
@@ -341,13 +347,11 @@ def test_dead_letter_shows_in_status_and_email_and_replay_fixes_it(faulty: Runni
                                                   env=cli_env).stdout.splitlines()]
     letter = [d for d in listed if d["key"] == upload_id and not d["replayed"]]
     assert len(letter) == 1 and letter[0]["origin"] == "imgest.file.staged"
-    assert "ObjectNotFound" in letter[0]["error"]
+    assert "injected fault" in letter[0]["error"]
     shown = imgest("dlq", "show", letter[0]["id"], env=cli_env)
     assert shown.returncode == 0 and lost["file_id"] in shown.stdout
 
-    from io import BytesIO
-
-    faulty.store.put(key[0], BytesIO(saved))  # the cause is fixed
+    faulty.query("drop function metadata.refuse_one() cascade")  # the cause is fixed
     replayed = imgest("dlq", "replay", letter[0]["id"], env=cli_env)
     assert replayed.returncode == 0, replayed.stderr
     deadline = time.monotonic() + 60
