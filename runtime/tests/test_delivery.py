@@ -262,15 +262,20 @@ async def test_offsets_are_committed_after_handling_so_a_restart_does_not_redeli
         await probe.stop()
 
 
-async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(bootstrap,
-                                                                                database_url):
-    metadata = MetaData(schema="delivery_test")
+async def outbox_in(database_url: str, schema: str) -> tuple[Database, Outbox]:
+    """A database with an outbox (and inbox) in a schema of its own."""
+    metadata = MetaData(schema=schema)
     tables = delivery_tables(metadata)
     db = Database(database_url)
     async with db.engine.begin() as conn:
-        await conn.execute(text('create schema if not exists "delivery_test"'))
+        await conn.execute(text(f'create schema if not exists "{schema}"'))
         await conn.run_sync(metadata.create_all)
-    outbox = Outbox(tables, source="/imgest/test")
+    return db, Outbox(tables, source="/imgest/test")
+
+
+async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(bootstrap,
+                                                                                database_url):
+    db, outbox = await outbox_in(database_url, "delivery_test")
     broker = make_broker(settings(bootstrap), "outbox", registry=CollectorRegistry())
     received: list[CloudEvent] = []
     headers: list[dict[str, bytes]] = []
@@ -334,13 +339,7 @@ async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(
 
 async def test_an_event_larger_than_the_broker_takes_does_not_hold_up_later_ones(
         bootstrap, database_url, caplog):
-    metadata = MetaData(schema="delivery_big")
-    tables = delivery_tables(metadata)
-    db = Database(database_url)
-    async with db.engine.begin() as conn:
-        await conn.execute(text('create schema if not exists "delivery_big"'))
-        await conn.run_sync(metadata.create_all)
-    outbox = Outbox(tables, source="/imgest/test")
+    db, outbox = await outbox_in(database_url, "delivery_big")
     broker = make_broker(settings(bootstrap), "big", registry=CollectorRegistry())
     await ensure_topics(bootstrap, [topic_of(FileValidated)], 1)
     await broker.start()
