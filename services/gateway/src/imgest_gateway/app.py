@@ -335,16 +335,29 @@ def register_handlers(svc: Service) -> None:
                 col(UploadFile.state).in_(["staged", "validated"])).values(
                 state="cancelled", reason={"code": "upload.cancelled", "message": (
                     "The upload was cancelled before this file was placed.")}))
-        upload = await session.get(Upload, done.upload_id, with_for_update=True)
-        if upload is not None:
-            tx.before_commit(("news", done.upload_id),
-                             lambda: announce(session, done.upload_id))
-            upload.state = "cancelled" if done.outcome == "cancelled" else upload_state(
-                done.counts)
-            upload.completed_at = done.completed_at
-            upload.summary = done.model_dump(mode="json", include={
-                "outcome", "counts", "sessions", "failures", "failures_omitted"})
-            session.add(upload)
+        await _upload_finished(tx, done)
+
+    @svc.on(UploadCompleted, dead_letters_of="gateway")
+    async def on_upload_completed_dead(event: CloudEvent[UploadCompleted], tx: Tx,
+                                       reason: Reason) -> None:
+        """Its files' outcomes could not be recorded (a fault of ours): the upload still ends,
+        so that its status and a waiting XNAT import do not wait for ever."""
+        log.error("upload %s: completed, but its files' outcomes could not be recorded (%s); "
+                  "their states stay as they were", event.data.upload_id, reason.message)
+        await _upload_finished(tx, event.data)
+
+
+async def _upload_finished(tx: Tx, done: UploadCompleted) -> None:
+    """The upload's own row: its outcome, as its status and a waiting XNAT import read it."""
+    upload = await tx.session.get(Upload, done.upload_id, with_for_update=True)
+    if upload is None:
+        return
+    tx.before_commit(("news", done.upload_id), lambda: announce(tx.session, done.upload_id))
+    upload.state = "cancelled" if done.outcome == "cancelled" else upload_state(done.counts)
+    upload.completed_at = done.completed_at
+    upload.summary = done.model_dump(mode="json", include={
+        "outcome", "counts", "sessions", "failures", "failures_omitted"})
+    tx.session.add(upload)
 
 
 async def _entry_gone(tx: Tx, session_key: str, archived_as: str | None) -> None:

@@ -1041,7 +1041,22 @@ def bootstrap(settings: Settings) -> Service:
 
     @svc.on(FileStaged, dead_letters_of="metadata")
     async def on_file_dead(event: CloudEvent[FileStaged], tx: Tx, reason: Reason) -> None:
-        f = event.data
+        await file_failed(tx, event.data, reason)
+
+    # Its own dead letters too: a file whose outcome this service could not record (a fault of
+    # ours) fails with the reason, and its upload still completes.
+    @svc.on(FileValidated, dead_letters_of="importer")
+    async def on_validated_dead(event: CloudEvent[FileValidated], tx: Tx, reason: Reason
+                                ) -> None:
+        await file_failed(tx, event.data, reason)
+
+    @svc.on(FileRejected, dead_letters_of="importer")
+    async def on_rejected_dead(event: CloudEvent[FileRejected], tx: Tx, reason: Reason
+                               ) -> None:
+        await file_failed(tx, event.data, reason)
+
+    async def file_failed(tx: Tx, f: FileStaged | FileValidated | FileRejected, reason: Reason
+                          ) -> None:
         await importer.record_files(tx, [(UploadFile(
             file_id=f.file_id, upload_id=f.upload_id, object_key=f.source.object_key,
             staged_key=f.object_key, path=f.path, kind="unknown", state="rejected",
