@@ -311,8 +311,8 @@ def test_local_delete_prefix_leaves_no_empty_folders(tmp_path: Path) -> None:
 def test_local_delete_prefix_removes_what_killed_writers_left(tmp_path: Path) -> None:
     store = LocalStore(tmp_path, fsync=False)
     put_bytes(store, "staging/u1/members/1.dcm", b"x")
-    (tmp_path / "staging" / "u1" / "members" / ".0123abcd.part").write_bytes(b"half")
-    (tmp_path / "staging" / "u1" / ".4567cdef.part").write_bytes(b"half")
+    (tmp_path / "staging" / "u1" / "members" / f".{'0' * 32}.part").write_bytes(b"half")
+    (tmp_path / "staging" / "u1" / f".{'a' * 32}.part").write_bytes(b"half")
     assert store.delete_prefix("staging/u1/") == 1
     assert not (tmp_path / "staging" / "u1").exists()
 
@@ -320,7 +320,8 @@ def test_local_delete_prefix_removes_what_killed_writers_left(tmp_path: Path) ->
 def test_local_stale_temporaries_are_swept(tmp_path: Path, monkeypatch) -> None:
     store = LocalStore(tmp_path, fsync=False)
     put_bytes(store, "archive/p/s/1.dcm", b"x")
-    stale = tmp_path / "archive" / "p" / "s" / ".0123abcd.part"
+    put_bytes(store, "archive/p/s/.notes.part", b"a user's file, so named")
+    stale = tmp_path / "archive" / "p" / "s" / f".{'0123abcd' * 4}.part"
     stale.write_bytes(b"half")
     assert store.remove_stale_temporaries(3600) == 0  # (its writer may still be at it)
     assert stale.exists()
@@ -328,7 +329,7 @@ def test_local_stale_temporaries_are_swept(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(time, "time", lambda: later)
     assert store.remove_stale_temporaries(3600) == 1
     assert not stale.exists()
-    assert [o.key for o in store.list("")] == ["archive/p/s/1.dcm"]
+    assert [o.key for o in store.list("")] == ["archive/p/s/.notes.part", "archive/p/s/1.dcm"]
 
 
 @pytest.mark.parametrize("st", [
@@ -345,7 +346,7 @@ def test_list_prefix_is_a_string_prefix(st: Scoped) -> None:
 def test_list_skips_local_temp_files(tmp_path: Path) -> None:
     store = LocalStore(tmp_path, fsync=False)
     put_bytes(store, "d/real.bin", b"1")
-    (tmp_path / "d" / ".real.bin.123.456.part").write_bytes(b"half")
+    (tmp_path / "d" / f".{'f' * 32}.part").write_bytes(b"half")
     assert [o.key for o in store.list("d/")] == ["d/real.bin"]
 
 

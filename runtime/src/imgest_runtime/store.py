@@ -99,8 +99,13 @@ def _temporary_beside(path: Path) -> Path:
     return path.with_name(f".{uuid.uuid4().hex}.part")
 
 
+_TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.part")  # what _temporary_beside names
+
+
 def _is_temporary(name: str) -> bool:
-    return name.startswith(".") and name.endswith(".part")
+    """Exactly the names `_temporary_beside` makes: an object a user named `.notes.part` is
+    an object (listed, and never swept as a writer's leftover)."""
+    return _TEMPORARY.fullmatch(name) is not None
 
 
 class _Reader(io.RawIOBase):
