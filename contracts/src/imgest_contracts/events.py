@@ -458,8 +458,9 @@ class UploadCounts(BaseModel):
                             "upload (not counted in `files`).")
 
 
-# How many failures (and duplicates) upload.completed names: a bound on its size, far below
-# what a broker takes (Kafka's default is 1 MiB; a failure is ~300 bytes).
+# How many failures (and duplicates) upload.completed names: a failure is ~300 bytes, so an
+# upload of many refused files stays far below what a broker takes (its sessions' file ids,
+# ~40 bytes each, are listed whole).
 LISTED_FAILURES = 1000
 
 

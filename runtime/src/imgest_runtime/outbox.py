@@ -244,20 +244,20 @@ class Relay:
             sends = []
             for row in rows:
                 try:
-                    sends.append((row, await self.broker.publish(
-                        row.value.encode(), row.topic, key=row.key.encode() if row.key else None,
-                        # structured-mode CloudEvents
-                        headers={"content-type": "application/json", "ce_type": row.type or ""},
-                        no_confirm=True,
-                    )))
+                    sends.append((row, await self._send(row)))
                 except MessageSizeTooLargeError as error:  # (the producer's own limit)
                     self._too_large(row, error)
             # Every send acknowledged (acks=all) before marking.
             outcomes = await asyncio.gather(*(sent for _, sent in sends),
                                             return_exceptions=True)
             for (row, _), outcome in zip(sends, outcomes):
-                if isinstance(outcome, MessageSizeTooLargeError):  # (the broker's limit)
-                    self._too_large(row, outcome)
+                if isinstance(outcome, MessageSizeTooLargeError):
+                    # The broker refuses a whole record batch for one record too large: its
+                    # events go again one at a time, and only one refused alone is passed.
+                    try:
+                        await (await self._send(row))
+                    except MessageSizeTooLargeError as error:
+                        self._too_large(row, error)
                 elif isinstance(outcome, BaseException):
                     raise outcome
             await session.execute(
@@ -266,15 +266,25 @@ class Relay:
             )
         return len(rows)
 
+    async def _send(self, row: Any) -> asyncio.Future:
+        """Hands one outbox row to the producer; the future resolves once the broker has it."""
+        return await self.broker.publish(
+            row.value.encode(), row.topic, key=row.key.encode() if row.key else None,
+            # structured-mode CloudEvents
+            headers={"content-type": "application/json", "ce_type": row.type or ""},
+            no_confirm=True,
+        )
+
     def _too_large(self, row: Any, error: Exception) -> None:
         """An event the broker will never take must not hold up every later one: it is
-        marked like the others, counted and logged, and stays in the outbox for an operator
-        (events are kept far below the limit: a list of files is cut short, e.g.
-        upload.completed's failures)."""
+        marked like the others, counted and logged (the row stays in the outbox, found by its
+        seq). What it was about does not happen: events are kept below the limit where they
+        can be (upload.completed names the first 1,000 failures), but a session's file ids
+        grow with the session (~40 bytes each)."""
         undeliverable.labels(row.topic).inc()
-        log.error("outbox: event seq %d (%s, %d bytes) is larger than the broker takes (%s); "
-                  "it is left in %s and the relay goes on", row.seq, row.type, len(row.value),
-                  error, self.outbox.tables.outbox.fullname)
+        log.error("outbox: the event in row seq=%d of %s (%s, %d bytes) is larger than the "
+                  "broker takes (%s); it is not sent, and the relay goes on", row.seq,
+                  self.outbox.tables.outbox.fullname, row.type, len(row.value), error)
 
     async def run(self) -> None:
         while not self._stopping:
