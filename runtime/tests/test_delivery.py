@@ -27,12 +27,15 @@ from imgest_contracts import (
     topic_of,
 )
 from imgest_runtime.broker import (
+    MAX_OUTAGES,
     Consumer,
     Delivery,
+    GaveUp,
     PermanentError,
     dlq_topic,
     ensure_topics,
     make_broker,
+    retrying,
 )
 from imgest_runtime.db import Database
 from imgest_runtime.outbox import Outbox, Relay, delivery_tables, derived_id
@@ -119,6 +122,24 @@ async def run_consumer(bootstrap, service, payload, handler, publish, until, tim
             await asyncio.sleep(0.05)
     finally:
         await broker.stop()
+
+
+async def test_outages_waited_out_do_not_count_but_not_for_ever():
+    calls, waits = [], []
+
+    async def work() -> None:
+        calls.append(1)
+        raise RuntimeError("server closed the connection")
+
+    async def outage(_error: Exception) -> bool:  # the database was away each time
+        waits.append(1)
+        return True
+
+    with pytest.raises(GaveUp) as gave_up:
+        await retrying(work, what="t", attempts=3, base_seconds=0.001, outage=outage)
+    # Work that takes the database down each time it runs (a poison) still ends.
+    assert len(calls) == MAX_OUTAGES + 3 and len(waits) == MAX_OUTAGES
+    assert gave_up.value.attempts == 3
 
 
 async def test_a_failing_handler_is_retried_until_it_succeeds(bootstrap):

@@ -79,6 +79,7 @@ class GaveUp(Exception):
 
 
 Outage = Callable[[Exception], Awaitable[bool]]
+MAX_OUTAGES = 10  # outages waited out for one piece of work before they count as its failures
 
 
 async def retrying(work: Callable[[], Awaitable[Any]], *, what: str, attempts: int,
@@ -88,8 +89,9 @@ async def retrying(work: Callable[[], Awaitable[Any]], *, what: str, attempts: i
     GaveUp at once on a permanent error, or after the last attempt.
 
     `outage(error)` waits out a dependency that is away (the database) and says whether it
-    had to: the failure was then not the work's, and does not count as one of its attempts."""
-    attempt = 0
+    had to: the failure was then not the work's, and does not count as one of its attempts
+    (up to MAX_OUTAGES times: work that takes the database down each time it runs counts)."""
+    attempt = outages = 0
     while True:
         attempt += 1
         try:
@@ -97,8 +99,9 @@ async def retrying(work: Callable[[], Awaitable[Any]], *, what: str, attempts: i
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            if not is_permanent(error) and outage is not None and await outage(error):
-                attempt -= 1
+            if (not is_permanent(error) and outage is not None and outages < MAX_OUTAGES
+                    and await outage(error)):
+                attempt, outages = attempt - 1, outages + 1
                 continue
             if is_permanent(error) or attempt >= attempts:
                 raise GaveUp(error, attempt) from error
