@@ -91,8 +91,12 @@ class Supervisor:
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
-            if self.postgres is not None and self.postgres.crashed():
-                self._restart_postgres(self.postgres)
+            try:
+                if self.postgres is not None and self.postgres.crashed():
+                    self._restart_postgres(self.postgres)
+            except Exception as e:  # noqa: BLE001 - the services are still to be watched
+                self.emit("postgres", f"could not tell whether PostgreSQL runs ({e}); "
+                          "looking again shortly")
             for child in list(self.children.values()):
                 if child.alive() or self._stop.is_set() or child.name in self.held:
                     continue
