@@ -63,6 +63,10 @@ class UploadFile(Base, table=True):
     """One file as the pipeline sees it (an archive yields many)."""
 
     __tablename__ = "upload_file"
+    # The files of a prearchive entry, found when it leaves (archived: they are archived too)
+    # and when new content is checked against what waits in the prearchive.
+    __table_args__ = (Index("upload_file_prearchived_session", "session",
+                            postgresql_where=text("state = 'prearchived'")),)
     file_id: str = Field(primary_key=True, max_length=64)
     upload_id: str = Field(index=True, max_length=64)
     object_key: str = Field(max_length=1024)
@@ -174,7 +178,7 @@ class PrearchiveEntry(Base, table=True):
     timestamp: str = Field(max_length=20)
     label: str = Field(max_length=64)
     subject: str = Field(max_length=64)
-    uri: str = Field(max_length=1024)
+    uri: str = Field(max_length=1024, index=True)  # (the files' `session` names it)
     state: str = Field(max_length=20)  # XNAT's: READY, CONFLICT, …
     reason: dict | None = Field(default=None, sa_column=Column(JSONB))
     files: int = 0
