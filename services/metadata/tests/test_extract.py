@@ -262,6 +262,47 @@ def test_motion_photo_ends_with_its_video(store: LocalStore) -> None:
     assert found.reason is None and found.kind is FileKind.photo
 
 
+def test_progressive_jpeg_cut_in_its_last_scan_is_truncated(store: LocalStore) -> None:
+    """A progressive JPEG has markers between its scans: a cut after the last one's header is
+    still a cut inside image data."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(noisy_jpeg(600))).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    found = read(store, data[:-100], "cut.jpg")
+    assert found.reason is not None and found.reason.code == "photo.truncated"
+    assert read(store, data, "whole.jpg").reason is None
+
+
+def test_jpeg_with_a_trailer_longer_than_the_tail_read_is_whole(store: LocalStore) -> None:
+    """The end-of-image marker lies further back than the last bytes read; what is there is no
+    image data (an FF in it is followed by other than 00, a restart marker or FF), so the
+    image ended before it."""
+    data = noisy_jpeg(600)
+    trailer = np.random.default_rng(1).bytes(200 * 1024)  # a depth map, a dual shot's image…
+    trailer = trailer.replace(b"\xff\xd9", b"\xff\xd8")  # (one there would pass it by chance)
+    assert read(store, data + trailer, "trailer.jpg").reason is None
+
+
+def test_samsung_motion_photo_without_xmp_is_whole(store: LocalStore) -> None:
+    """Older Samsung motion photos: the video follows a MotionPhoto_Data marker, and the XMP
+    says nothing of it."""
+    video = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom"
+    video += np.random.default_rng(2).bytes(100 * 1024).replace(b"\xff\xd9", b"\xff\xd8")
+    found = read(store, noisy_jpeg(600) + b"MotionPhoto_Data" + video, "20190101_motion.jpg")
+    assert found.reason is None and found.kind is FileKind.photo
+
+
+def test_jpeg_with_stray_bytes_between_its_segments_is_read(store: LocalStore) -> None:
+    """libjpeg skips bytes that are no marker (with a warning): so does the reader."""
+    data = bytearray(jpeg(None, (7, 5)))
+    frame = data.find(b"\xff\xc0")
+    after = frame + 2 + struct.unpack_from(">H", data, frame + 2)[0]
+    data[after:after] = b"\x00\x12junk"  # between the frame header and the next segment
+    found = read(store, bytes(data), "stray.jpg")
+    assert found.reason is None
+    assert found.metadata == {"format": "jpeg", "width": 7, "height": 5}
+
+
 def test_png_cut_short_is_truncated(store: LocalStore) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(buf, "PNG")

@@ -342,13 +342,25 @@ def dicom(head: bytes, size: int) -> Identified:
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
+_MARKER = re.compile(rb"\xff[^\x00]")  # (FF 00 is an FF byte of image data, stuffed)
+
+
 def _segments(head: bytes) -> Iterator[tuple[int, int, int]]:
     """(marker, position, length) of each JPEG segment in `head`, up to the first scan's
-    header or the end of the image. Raises ValueError on a broken segment chain."""
+    header or the end of the image. Raises ValueError on a broken segment chain before the
+    frame header; after it, stray bytes are skipped up to the next marker, as libjpeg does
+    (with a warning), so a file it decodes is not refused for them."""
     pos = 2
+    framed = False
     while pos + 4 <= len(head):
         if head[pos] != 0xFF:
-            raise ValueError(f"no JPEG marker at byte {pos}")
+            if not framed:
+                raise ValueError(f"no JPEG marker at byte {pos}")
+            found = _MARKER.search(head, pos)
+            if found is None:
+                return
+            pos = found.start()
+            continue
         marker = head[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
@@ -365,6 +377,7 @@ def _segments(head: bytes) -> Iterator[tuple[int, int, int]]:
         yield marker, pos, length
         if marker == 0xDA:
             return
+        framed = framed or marker in _SOF
         pos += 2 + length
 
 
@@ -479,23 +492,47 @@ def photo(head: bytes, size: int, fmt: str) -> Identified:
 TAIL_BYTES = 64 * 1024  # a photo's last bytes, where its end is looked for
 _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # PNG's last chunk, always the same 12 bytes
 _MOTION_PHOTO = re.compile(rb"MotionPhoto|MicroVideo")  # (in its XMP)
+# In image (entropy-coded) data an FF byte is followed only by 00 (a stuffed FF), a restart
+# marker (D0-D7) or another FF (fill): anything else after it is a marker, or no image data.
+_NOT_IMAGE_DATA = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def _ends_in_image_data(data: bytes) -> bool:
+    """Whether `data` (a JPEG's bytes from some point after its first scan's header to the
+    end of the file) ends inside image data: nothing but image data after its last marker,
+    if that is a scan's header (a progressive JPEG's next scan), or in all of it."""
+    last = None
+    for last in _NOT_IMAGE_DATA.finditer(data):
+        pass
+    if last is None:
+        return True
+    at = last.start()
+    if data[at + 1] != 0xDA:
+        return False  # another marker, or a trailer's bytes: the image ended before them
+    if at + 5 > len(data):
+        return True  # cut inside the scan's header
+    # A scan's header: its length is 6 + 2 bytes for each of its 1 to 4 components.
+    (length,) = struct.unpack_from(">H", data, at + 2)
+    return 1 <= data[at + 4] <= 4 and length == 6 + 2 * data[at + 4]
 
 
 def photo_cut(fmt: str, head: bytes, tail: bytes, size: int) -> Reason | None:
     """Why a JPEG or PNG of `size` bytes (`head`: its first bytes, `tail`: its last
     TAIL_BYTES) is cut short: its end (JPEG's end-of-image marker, PNG's IEND chunk) is not
     among its last bytes. What follows that end is let be, as decoders do: padding, a
-    camera maker's trailer, further images (MPF)."""
+    camera maker's trailer, further images (MPF). A JPEG's end may lie further back than its
+    last bytes (a long trailer): it is cut short only if those bytes are image data."""
     if fmt == "png":
         if _IEND in tail:
             return None
         return Reason(code="photo.truncated", message="The PNG image is cut short: it does "
                       f"not end with an IEND chunk ({size} bytes received).")
     scan = jpeg_scan_start(head)
-    # Image data holds no FF D9 (an FF there is followed by 00 or a restart marker), so one
-    # after where it begins is the end-of-image marker.
-    if scan is not None and tail.rfind(b"\xff\xd9", max(0, scan - (size - len(tail)))) >= 0:
-        return None
+    if scan is not None:
+        # Image data holds no FF D9, so one after where it begins is the end-of-image marker.
+        data = tail[max(0, scan - (size - len(tail))):]
+        if b"\xff\xd9" in data or not _ends_in_image_data(data):
+            return None
     if _MOTION_PHOTO.search(head):
         return None  # a motion photo ends with its video, not the image's end marker
     return Reason(code="photo.truncated", message="The JPEG image is cut short: it has no "
