@@ -446,10 +446,24 @@ def test_encapsulated_cut_walks_the_items_when_the_file_does_not_end_with_them()
 
     assert cut(items + end) is None and reads == [(len(items), 8)]  # its end tells
     assert cut(items + end + after) is None and len(reads) == 4  # walked: 3 items' headers
-    for data, code in [(items, "dicom.truncated"), (items[:-1], "dicom.truncated"),
+    assert cut(items) is None  # every fragment whole, the delimiter left out by its writer
+    for data, code in [(items[:-1], "dicom.truncated"), (items + end[:4], "dicom.truncated"),
                        (items[:8] + b"garbage!" + after, "dicom.malformed")]:
         reason = cut(data)
         assert reason is not None and reason.code == code, data
+
+
+def test_read_headers_walks_many_fragments_in_a_few_reads(tmp_path: Path) -> None:
+    """Elements after the pixel data make its items be walked: their 8-byte headers are read
+    a window at a time, not one request each (on S3, each is a GET)."""
+    store = _CountingStore(tmp_path / "s")
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_dcmtk_+eb+cy+np.dcm"))
+    ds.PixelData = encapsulate([bytes(100)] * 2000)
+    padding = b"\xfc\xff\xfc\xffOB\x00\x00" + (16).to_bytes(4, "little") + bytes(16)
+    data = _write(ds) + padding
+    found = read_headers(store, _staged(store, data), limit=1024**2)
+    assert found.reason is None and found.kind is FileKind.dicom
+    assert len(store.reads) <= 4, store.reads[:10]
 
 
 def test_read_headers_past_64k(tmp_path: Path) -> None:

@@ -136,7 +136,7 @@ def _encapsulated() -> bytes:
 
 @pytest.mark.parametrize(("cut", "says"), [
     (100, "a fragment of its compressed pixel data"),  # inside the last fragment
-    (8, "has no end (sequence delimiter)"),  # just the delimiter missing
+    (3, "its compressed pixel data ends inside an item's header"),  # inside the delimiter
 ])
 def test_dicom_with_compressed_pixel_data_cut_short_is_truncated(store: LocalStore, cut: int,
                                                                  says: str) -> None:
@@ -145,6 +145,12 @@ def test_dicom_with_compressed_pixel_data_cut_short_is_truncated(store: LocalSto
     assert found.reason is not None and found.reason.code == "dicom.truncated"
     assert says in found.reason.message
     assert read(store, data, "whole.dcm").reason is None
+
+
+def test_compressed_dicom_without_its_sequence_delimiter_is_whole(store: LocalStore) -> None:
+    """Some writers leave the delimiter out: every fragment is whole, and ends the file."""
+    found = read(store, _encapsulated()[:-8], "no-delimiter.dcm")
+    assert found.reason is None and found.kind is FileKind.dicom
 
 
 def test_compressed_dicom_with_elements_after_its_pixel_data_is_whole(store: LocalStore) -> None:

@@ -11,7 +11,7 @@ import functools
 import io
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,14 +157,27 @@ def _read_csv(store: ObjectStore, staged: FileStaged, head: bytes, limit: int) -
     return check.result()
 
 
-def _reader(store: ObjectStore, staged: FileStaged, head: bytes) -> Callable[[int, int], bytes]:
-    """read(offset, n): the file's bytes, from its head if they are there, else from the
-    store."""
-    def read(offset: int, n: int) -> bytes:
-        if offset + n <= len(head):
-            return head[offset:offset + n]
-        return store.read_range(staged.object_key, offset, n)
-    return read
+WINDOW = 256 * 1024  # what a read past the head fetches
+
+
+class _Reader:
+    """read(offset, n): the file's bytes, from its head if they are there, else from a window
+    of the store's bytes from `offset` on, the last one kept. Walking compressed pixel data's
+    items reads an 8-byte header per fragment (thousands in a multi-frame file): a window
+    serves many of them with one request (on S3, a GET). Not larger: a file of large fragments
+    needs a request per fragment anyway, and would be fetched nearly whole."""
+
+    def __init__(self, store: ObjectStore, staged: FileStaged, head: bytes):
+        self.store, self.staged, self.head = store, staged, head
+        self.at, self.window = 0, b""
+
+    def __call__(self, offset: int, n: int) -> bytes:
+        if offset + n <= len(self.head):
+            return self.head[offset:offset + n]
+        if not self.at <= offset <= offset + n <= self.at + len(self.window):
+            self.at, self.window = offset, self.store.read_range(
+                self.staged.object_key, offset, min(max(n, WINDOW), self.staged.size - offset))
+        return self.window[offset - self.at:offset - self.at + n]
 
 
 def read_headers(store: ObjectStore, staged: FileStaged, limit: int,
@@ -194,7 +207,7 @@ def _read_headers(store: ObjectStore, staged: FileStaged, limit: int, csv_limit:
             length = min(length * 4, limit)
             continue
         if found.pixel_items_at is not None:
-            cut = encapsulated_cut(_reader(store, staged, head), found.pixel_items_at,
+            cut = encapsulated_cut(_Reader(store, staged, head), found.pixel_items_at,
                                    staged.size)
             return Identified(FileKind.dicom, reason=cut) if cut else found
         if found.reason or "format" not in found.metadata:
@@ -202,7 +215,7 @@ def _read_headers(store: ObjectStore, staged: FileStaged, limit: int, csv_limit:
         fmt = found.metadata["format"]
         if fmt in ("jpeg", "png"):
             start = max(0, staged.size - TAIL_BYTES)
-            cut = photo_cut(fmt, head, _reader(store, staged, head)(start, staged.size - start),
+            cut = photo_cut(fmt, head, _Reader(store, staged, head)(start, staged.size - start),
                             staged.size)
             return Identified(FileKind.photo, reason=cut) if cut else found
         if fmt in ("tiff", "bigtiff"):

@@ -234,9 +234,10 @@ _SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
 
 def encapsulated_cut(read: Callable[[int, int], bytes], at: int, size: int) -> Reason | None:
     """Why compressed pixel data, whose items start at `at` in a file of `size` bytes, is cut
-    short or broken; None if its items end with a sequence delimiter inside the file.
-    `read(offset, n)` gives the file's bytes. Pixel data nearly always ends the file: one
-    8-byte read of its end tells; otherwise the items are walked, reading their headers only."""
+    short or broken; None if its items end with a sequence delimiter inside the file, or end
+    the file without one (some writers leave it out). `read(offset, n)` gives the file's
+    bytes. Pixel data nearly always ends the file: one 8-byte read of its end tells; otherwise
+    the items are walked, reading their headers only."""
     if size - 8 >= at and read(size - 8, 8) == _SEQUENCE_END:
         return None
     while at + 8 <= size:
@@ -252,8 +253,11 @@ def encapsulated_cut(read: Callable[[int, int], bytes], at: int, size: int) -> R
                           f"of its compressed pixel data at byte {at} needs {length} bytes, "
                           f"past the end of the {size} bytes received.")
         at += 8 + length
+    if at == size:
+        return None  # every fragment whole: only the delimiter is missing
     return Reason(code="dicom.truncated", message="The file is cut short: its compressed pixel "
-                  f"data has no end (sequence delimiter) in the {size} bytes received.")
+                  f"data ends inside an item's header, at byte {at} of the {size} bytes "
+                  "received.")
 
 
 # A DICOMDIR's file meta names it by its SOP class (PS3.10 7.2; the meta group is always
