@@ -27,6 +27,7 @@ from imgest_metadata.domain import (
     identify,
     label,
     sniff,
+    tiff_cut,
 )
 from imgest_runtime.store import LocalStore
 from PIL import Image
@@ -464,6 +465,18 @@ def test_read_headers_walks_many_fragments_in_a_few_reads(tmp_path: Path) -> Non
     found = read_headers(store, _staged(store, data), limit=1024**2)
     assert found.reason is None and found.kind is FileKind.dicom
     assert len(store.reads) <= 4, store.reads[:10]
+
+
+def test_tiff_cut_compares_byte_counts_only_where_the_directory_has_them() -> None:
+    for directory, code in [
+        (((60, 0), (50, 0), True), None),  # whole, with a sparse tile
+        (((100,), (50,), True), "tiff.truncated"),  # runs past the end
+        (((100,), (5000,), False), None),  # its count estimated by tifffile, not read
+        (((120,), (50,), False), "tiff.truncated"),  # begins past the end
+        (((0,), (0,), False), None)]:
+        reason = tiff_cut([((10,), (10,), True), directory], 120)
+        assert (reason.code if reason else None) == code, directory
+        assert reason is None or "directory 1 " in reason.message
 
 
 def test_read_headers_past_64k(tmp_path: Path) -> None:

@@ -436,6 +436,28 @@ def test_tiff_whose_subifd_level_is_cut_is_truncated(store: LocalStore) -> None:
     assert "directory 1 " in found.reason.message
 
 
+def _without_strip_byte_counts(data: bytes) -> bytes:
+    """The TIFF with its first directory's StripByteCounts tag renamed to a private one: as
+    if its writer had left it out."""
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        at = tif.pages.first.tags["StripByteCounts"].offset  # the tag's entry
+        order = tif.byteorder
+    patched = bytearray(data)
+    patched[at:at + 2] = struct.pack(order + "H", 65000)
+    return bytes(patched)
+
+
+def test_tiff_without_strip_byte_counts_is_whole(store: LocalStore) -> None:
+    """tifffile takes a compressed strip without byte counts to be as long as uncompressed:
+    only where its data begins is checked then."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((64, 64, 3), np.uint8), compression="zlib",
+                     rowsperstrip=64, photometric="rgb")
+    data = _without_strip_byte_counts(buf.getvalue())
+    found = read(store, data, "no-counts.tif")
+    assert found.reason is None and found.kind is FileKind.photo
+
+
 def test_tiff_with_a_broken_directory_chain(store: LocalStore) -> None:
     data = bytearray(pyramid())
     (first,) = struct.unpack_from("<I", data, 4)

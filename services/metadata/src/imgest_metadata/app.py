@@ -98,6 +98,11 @@ class _Budget(io.BufferedReader):
         return super().read(size)
 
 
+# The tags tifffile takes byte counts from: TileByteCounts, StripByteCounts,
+# JPEGInterchangeFormatLength. Without one, it estimates them.
+BYTE_COUNT_TAGS = (325, 279, 514)
+
+
 def _read_tiff(store: ObjectStore, staged: FileStaged, fmt: str, limit: int) -> Identified:
     """A TIFF or BigTIFF, through tiffslide over ranged reads: a slide (pyramid or vendor
     format) with its vendor, size, levels, microns per pixel and objective power; otherwise a
@@ -120,7 +125,8 @@ def _read_tiff(store: ObjectStore, staged: FileStaged, fmt: str, limit: int) -> 
                     f.seek(0)
                     found = Identified(FileKind.photo, {
                         "format": "tiff", "width": width, "height": height, **read_exif(f)})
-                cut = tiff_cut(((d.dataoffsets, d.databytecounts)
+                cut = tiff_cut(((d.dataoffsets, d.databytecounts,
+                                 any(tag in d.tags for tag in BYTE_COUNT_TAGS))
                                 for d in _directories(slide.ts_tifffile.pages)), staged.size)
                 if cut:
                     found = Identified(found.kind, reason=cut)

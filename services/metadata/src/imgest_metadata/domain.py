@@ -543,16 +543,23 @@ def photo_cut(fmt: str, head: bytes, tail: bytes, size: int) -> Reason | None:
                   f"end-of-image marker (FF D9) near its end ({size} bytes received).")
 
 
-def tiff_cut(directories: Iterable[tuple[Sequence[int], Sequence[int]]], size: int
+def tiff_cut(directories: Iterable[tuple[Sequence[int], Sequence[int], bool]], size: int
              ) -> Reason | None:
     """Why a TIFF of `size` bytes is cut short: a directory (each given as its strips' or
-    tiles' offsets and byte counts) whose image data runs past the end."""
-    for number, (offsets, counts) in enumerate(directories):
-        end = max(map(operator.add, offsets, counts), default=0)  # (missing tiles: 0, 0)
-        if end > size:
+    tiles' offsets and byte counts, and whether it has a byte-count tag) whose image data runs
+    past the end. Without the tag, tifffile estimates the counts (for a compressed strip, as
+    long as uncompressed): then only where the data begins is known."""
+    for number, (offsets, counts, counted) in enumerate(directories):
+        if counted:
+            end = max(map(operator.add, offsets, counts), default=0)  # (missing tiles: 0, 0)
+            cut = end > size
+        else:
+            end = max(offsets, default=0)
+            cut = end >= size
+        if cut:
             return Reason(code="tiff.truncated", message=f"The TIFF is cut short: its "
-                          f"directory {number} has image data up to byte {end}, past the "
-                          f"{size} bytes received.")
+                          f"directory {number} has image data {'up to' if counted else 'at'} "
+                          f"byte {end}, past the {size} bytes received.")
     return None
 
 
