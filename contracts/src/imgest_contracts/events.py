@@ -434,8 +434,15 @@ class SessionOutcome(BaseModel):
     label: str
     state: Literal["archived", "prearchived", "receiving", "conflict", "failed"] = Field(
         ..., description="receiving: a gradual send's entry, built once idle.")
-    file_ids: list[str]
+    file_ids: list[str] = Field(..., description="Its files' ids; none when listing every "
+                                "session's would make the event larger than a broker takes "
+                                "(an upload of some 200,000 files): `files` says how many.")
+    files: int | None = Field(None, ge=0, description="How many files it holds.")
     reason: Reason | None = Field(None, description="Why a session is in conflict or failed.")
+
+    @property
+    def file_count(self) -> int:
+        return self.files if self.files is not None else len(self.file_ids)
 
 
 class FileFailure(BaseModel):
@@ -460,7 +467,7 @@ class UploadCounts(BaseModel):
 
 # How many failures (and duplicates) upload.completed names: a failure is ~300 bytes, so an
 # upload of many refused files stays far below what a broker takes (its sessions' file ids,
-# ~40 bytes each, are listed whole).
+# ~40 bytes each, are listed unless there are too many: SessionOutcome.file_ids).
 LISTED_FAILURES = 1000
 
 

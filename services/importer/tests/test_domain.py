@@ -23,6 +23,7 @@ from imgest_importer.domain import (
     session_id,
     to_archive,
     to_prearchive,
+    within_budget,
 )
 
 NOW = datetime(2024, 1, 2, 3, 4, 5, 678_901)
@@ -505,3 +506,18 @@ def test_a_session_made_after_the_upload_was_sent_is_its_twin_and_merges() -> No
     s = two_instances()
     land(s, made, "none", submitted_at=NOW.replace(second=6))  # sent after: an existing one
     assert s.state == "CONFLICT"
+
+
+def test_an_upload_too_large_to_list_its_files_still_completes_counting_them() -> None:
+    from imgest_contracts import SessionOutcome, UploadCompleted, UploadCounts, Uploader
+
+    ids = [f"{n:032x}" for n in range(3000)]
+    done = UploadCompleted(
+        upload_id="u", uploader=Uploader(username="a"), outcome="succeeded",
+        counts=UploadCounts(files=3000, archived=3000), failures=[], completed_at=NOW,
+        sessions=[SessionOutcome(uri="/data/archive/projects/P/subjects/S/experiments/E",
+                                 label="E", state="archived", file_ids=ids, files=3000)])
+    assert within_budget(done) is done  # (~105 KB: listed whole)
+    cut = within_budget(done, budget=100_000)
+    assert cut.sessions[0].file_ids == [] and cut.sessions[0].file_count == 3000
+    assert len(cut.model_dump_json()) < 1000 and cut.counts == done.counts

@@ -140,6 +140,14 @@ def test_failures_not_listed_in_the_event_are_counted_in_both_parts() -> None:
     assert "and 7 more" not in text  # (no duplicates listed: no such section)
 
 
+def test_a_session_whose_files_are_not_listed_counts_them() -> None:
+    done = completed()
+    done.sessions[0] = done.sessions[0].model_copy(update={"file_ids": [], "files": 200000})
+    text, html = _parts(make(done))
+    assert "  - E1 (archived, 200000 files)" in text
+    assert '<td>archived</td><td align="right">200000</td>' in html
+
+
 def test_html_part_escapes_user_supplied_text() -> None:
     _, html = _parts(make(completed()))
     assert "<script>" not in html

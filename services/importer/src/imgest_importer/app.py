@@ -82,6 +82,7 @@ from .domain import (
     plan,
     session_id,
     to_prearchive,
+    within_budget,
 )
 from .models import (
     CatalogueFile,
@@ -391,19 +392,23 @@ class Importer:
             outcome = ("cancelled" if cancelled
                        else "succeeded" if not failures and not conflicts and valid
                        else "partial" if placed else "failed")
-            await self.svc.outbox.add(session, UploadCompleted(
+            completed = within_budget(UploadCompleted(
                 upload_id=upload_id, uploader=uploader,
                 project=options.project or (sessions[0].project if sessions else None),
                 outcome=outcome, counts=counts,
                 sessions=[SessionOutcome(uri=s.uri, label=s.label, state=outcome_state(s),
-                                         file_ids=s.file_ids, reason=s.reason)
-                          for s in sessions],
+                                         file_ids=s.file_ids, files=len(s.file_ids),
+                                         reason=s.reason) for s in sessions],
                 failures=failures[:LISTED_FAILURES],
                 failures_omitted=max(0, len(failures) - LISTED_FAILURES),
                 skipped=skipped[:LISTED_FAILURES],
                 skipped_omitted=max(0, len(skipped) - LISTED_FAILURES), completed_at=now,
-                generation=upload.generation,
-            ), event_id=derived_id("upload.completed", upload_id, str(upload.generation)))
+                generation=upload.generation))
+            if completed.sessions and not completed.sessions[0].file_ids:
+                log.warning("upload %s: too many files to list in upload.completed; its "
+                            "sessions say how many", upload_id)
+            await self.svc.outbox.add(session, completed, event_id=derived_id(
+                "upload.completed", upload_id, str(upload.generation)))
             # Not yet "completed": staging is emptied next, and a crash or a store outage in
             # between leaves the upload "cleaning", which the re-drive finishes.
             upload.state, upload.updated_at = "cleaning", datetime.now(UTC)

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import PurePosixPath
 
-from imgest_contracts import FileKind, ImportOptions, ProjectRules, Reason, SessionHints
+from imgest_contracts import (
+    FileKind,
+    ImportOptions,
+    ProjectRules,
+    Reason,
+    SessionHints,
+    UploadCompleted,
+)
 from imgest_runtime.store import fit_name
 
 
@@ -349,3 +356,18 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
         key = f"{s.prefix}scans/{scan}/resources/{resource}/files/{name}"
         s.placements.append(Placement(f, scan, key, name))
     return list(sessions.values())
+
+
+# The most an event may weigh: the producers send up to 8 MiB, and the envelope and headers
+# need a little of it.
+EVENT_BUDGET = 7 * 1024 * 1024
+
+
+def within_budget(done: UploadCompleted, budget: int = EVENT_BUDGET) -> UploadCompleted:
+    """upload.completed as it can be sent: past `budget` bytes (an upload of some 200,000
+    files), without its sessions' file ids, whose number `files` still says. The upload still
+    ends, and its email still counts; what is in each session is in the catalogue."""
+    if len(done.model_dump_json(exclude_none=True)) <= budget:
+        return done
+    return done.model_copy(update={"sessions": [
+        s.model_copy(update={"file_ids": []}) for s in done.sessions]})

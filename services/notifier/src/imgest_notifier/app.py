@@ -161,7 +161,7 @@ def bootstrap(settings: Settings) -> Service:
             # 1,000 of them); its sender hears once the session is built.
             for s in done.sessions:
                 await insert_ignore(tx.session, HeldUpload.__table__, upload_id=done.upload_id,
-                                    entry_key=entry_key(s.uri), files=len(s.file_ids),
+                                    entry_key=entry_key(s.uri), files=s.file_count,
                                     uploader=done.uploader.model_dump(mode="json"),
                                     received_at=done.completed_at)
             log.info("upload %s: into a receiving session; told once it is built",
