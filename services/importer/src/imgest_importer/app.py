@@ -403,7 +403,7 @@ class Importer:
                 failures_omitted=max(0, len(failures) - LISTED_FAILURES),
                 skipped=skipped[:LISTED_FAILURES],
                 skipped_omitted=max(0, len(skipped) - LISTED_FAILURES), completed_at=now,
-                generation=upload.generation))
+                generation=upload.generation), self.settings.event_max_bytes)
             if completed.sessions and not completed.sessions[0].file_ids:
                 log.warning("upload %s: too many files to list in upload.completed; its "
                             "sessions say how many", upload_id)

@@ -358,12 +358,7 @@ def plan(upload_id: str, options: ImportOptions, files: list[ValidFile], default
     return list(sessions.values())
 
 
-# The most an event may weigh: the producers send up to 8 MiB, and the envelope and headers
-# need a little of it.
-EVENT_BUDGET = 7 * 1024 * 1024
-
-
-def within_budget(done: UploadCompleted, budget: int = EVENT_BUDGET) -> UploadCompleted:
+def within_budget(done: UploadCompleted, budget: int) -> UploadCompleted:
     """upload.completed as it can be sent: past `budget` bytes (an upload of some 200,000
     files), without its sessions' file ids, whose number `files` still says. The upload still
     ends, and its email still counts; what is in each session is in the catalogue."""

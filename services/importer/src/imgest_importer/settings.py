@@ -17,3 +17,8 @@ class Settings(RuntimeSettings):
     build_check_seconds: float = Field(
         60.0, gt=0, description="How often receiving entries are looked at for idleness "
         "(XNAT: every minute).")
+    event_max_bytes: int = Field(
+        7 * 1024 * 1024, ge=1024, description="The most an upload.completed may weigh: past "
+        "it, its sessions' file ids are left out (their number stays). Below the broker's "
+        "message limit: 7 MiB for Tansu and the compose Kafka (8 MiB); ~900000 for a Kafka "
+        "left at its 1 MiB default.")
