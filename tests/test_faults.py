@@ -49,9 +49,6 @@ def faulty(request, smtp: SmtpServer):
         "IMGEST_SMTP_URL": f"smtp://127.0.0.1:{smtp.port}",
         "IMGEST_RETRY_BASE_SECONDS": "0.5",  # six attempts span 8-16 s: outlives the outages
         "IMGEST_MAX_ATTEMPTS": "6",
-        # upload.completed too large to list its files, as an upload of 200,000 would be: each
-        # test's exactly-once check sees them placed all the same.
-        "IMGEST_EVENT_MAX_BYTES": "2048",
         "IMGEST_KAFKA_SESSION_TIMEOUT_MS": "3000",
         "IMGEST_KAFKA_PARTITIONS": "4",  # replicas join below: each needs partitions of its own
         "IMGEST_EPOCH_CHECK_SECONDS": "1",

@@ -316,7 +316,6 @@ def register_handlers(svc: Service) -> None:
         done = event.data
         session = tx.session
         notes = []
-        unlisted = set()  # the states of sessions whose files the event could not list
         for outcome in done.sessions:
             # A conflict waits in the prearchive (with its reason) until someone archives it.
             state = {"archived": "archived", "prearchived": "prearchived",
@@ -325,17 +324,11 @@ def register_handlers(svc: Service) -> None:
             reason = outcome.reason.model_dump() if outcome.reason else None
             notes += [FileNote(done.upload_id, file_id, state, reason=reason,
                                session_uri=outcome.uri) for file_id in outcome.file_ids]
-            if outcome.file_count and not outcome.file_ids:
-                unlisted.add(state)
         notes += [FileNote(done.upload_id, failure.file_id, state, path=failure.path,
                            reason=failure.reason.model_dump())
                   for failure, state in [(f, "rejected") for f in done.failures]
                   + [(f, "duplicate") for f in done.skipped] if failure.file_id]
         await _track_files(session, notes)
-        if len(unlisted) == 1:  # too many to list, all alike (archived, say): the files placed
-            await session.execute(update(UploadFile).where(
-                col(UploadFile.upload_id) == done.upload_id,
-                col(UploadFile.state) == "validated").values(state=unlisted.pop()))
         if done.outcome == "cancelled":  # what had not reached an outcome never will
             await session.execute(update(UploadFile).where(
                 col(UploadFile.upload_id) == done.upload_id,
