@@ -7,7 +7,7 @@ import io
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,16 @@ class Running:
 
     def tail(self, lines: int = 80) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def refuse(self, table: str, when: str) -> Callable[[], None]:
+        """A fault of ours, injected: the database refuses rows of `table` (schema.name) for
+        which `when` holds (SQL over `new`). Returns what takes it away."""
+        schema = table.split(".")[0]
+        self.query(f"""create function {schema}.refuse() returns trigger language plpgsql as $$
+            begin if {when} then raise exception 'injected fault'; end if; return new; end $$""")
+        self.query(f"create trigger refuse before insert or update on {table} "
+                   f"for each row execute function {schema}.refuse()")
+        return lambda: self.query(f"drop function {schema}.refuse() cascade")
 
     def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         url = self.env["IMGEST_DATABASE_URL"].replace("postgresql+asyncpg", "postgresql")

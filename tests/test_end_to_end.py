@@ -325,17 +325,6 @@ def test_an_upload_of_many_refused_files_names_the_first_thousand(running: Runni
     assert "<li>and 3 more: see the details below</li>" in html
 
 
-def refuse_in(running: Running, table: str, when: str) -> Callable[[], None]:
-    """A fault of ours, injected: the database refuses rows of `table` (schema.name) for which
-    `when` holds (SQL over `new`). Returns what takes it away."""
-    schema = table.split(".")[0]
-    running.query(f"""create function {schema}.refuse() returns trigger language plpgsql as $$
-        begin if {when} then raise exception 'injected fault'; end if; return new; end $$""")
-    running.query(f"create trigger refuse before insert or update on {table} "
-                  f"for each row execute function {schema}.refuse()")
-    return lambda: running.query(f"drop function {schema}.refuse() cascade")
-
-
 def test_what_the_importer_or_the_gateway_cannot_record_does_not_hold_an_upload(
         running: Running, pydicom_file):
     """Their own dead letters end what they were about: a file the importer could not record
@@ -359,15 +348,15 @@ def test_what_the_importer_or_the_gateway_cannot_record_does_not_hold_an_upload(
         finally:
             lift()
 
-    _, lost, state = held_upload(lambda _u, f: refuse_in(
-        running, "importer.upload_file", f"new.file_id = '{f}' and new.state = 'validated'"))
+    _, lost, state = held_upload(lambda _u, f: running.refuse(
+        "importer.upload_file", f"new.file_id = '{f}' and new.state = 'validated'"))
     assert state["state"] == "partial", state
     failed = {f["file_id"]: f for f in state["files"]}[lost]
     assert failed["reason"]["code"] == "pipeline.failed" and "injected fault" in (
         failed["reason"]["message"])
 
-    _, _, state = held_upload(lambda u, _f: refuse_in(
-        running, "gateway.upload_file", f"new.upload_id = '{u}' and new.state = 'archived'"))
+    _, _, state = held_upload(lambda u, _f: running.refuse(
+        "gateway.upload_file", f"new.upload_id = '{u}' and new.state = 'archived'"))
     assert state["state"] == "archived" and state["counts"]["archived"] == 3, state
 
 

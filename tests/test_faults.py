@@ -322,14 +322,7 @@ def test_dead_letter_shows_in_status_and_email_and_replay_fixes_it(faulty: Runni
         upload_id = upload_study(faulty, pydicom_file, files=3)
         faulty.wait_files(upload_id, {"staged"}, 3)
         lost = faulty.status(upload_id)["files"][0]
-        faulty.query(f"""
-            create function metadata.refuse_one() returns trigger language plpgsql as $$
-            begin
-              if new.file_id = '{lost["file_id"]}' then raise exception 'injected fault'; end if;
-              return new;
-            end $$""")
-        faulty.query("create trigger refuse_one before insert on metadata.seen_file "
-                     "for each row execute function metadata.refuse_one()")
+        lift = faulty.refuse("metadata.seen_file", f"new.file_id = '{lost['file_id']}'")
     finally:
         supervisor.release("metadata")
     state = faulty.wait(upload_id, timeout=120)
@@ -351,7 +344,7 @@ def test_dead_letter_shows_in_status_and_email_and_replay_fixes_it(faulty: Runni
     shown = imgest("dlq", "show", letter[0]["id"], env=cli_env)
     assert shown.returncode == 0 and lost["file_id"] in shown.stdout
 
-    faulty.query("drop function metadata.refuse_one() cascade")  # the cause is fixed
+    lift()  # the cause is fixed
     replayed = imgest("dlq", "replay", letter[0]["id"], env=cli_env)
     assert replayed.returncode == 0, replayed.stderr
     deadline = time.monotonic() + 60
