@@ -278,9 +278,8 @@ class Relay:
     def _too_large(self, row: Any, error: Exception) -> None:
         """An event the broker will never take must not hold up every later one: it is
         marked like the others, counted and logged (the row stays in the outbox, found by its
-        seq). What it was about does not happen: events are kept below the limit where they
-        can be (upload.completed names the first 1,000 failures), but a session's file ids
-        grow with the session (~40 bytes each)."""
+        seq). What it was about does not happen, so the events that grow with an upload are
+        kept below the limit where they are made (upload.completed: importer.within_budget)."""
         undeliverable.labels(row.topic).inc()
         log.error("outbox: the event in row seq=%d of %s (%s, %d bytes) is larger than the "
                   "broker takes (%s); it is not sent, and the relay goes on", row.seq,

@@ -100,7 +100,9 @@ def bootstrap(settings: Settings, waiters: Waiters | None = None) -> Service:
     svc.periodic.append(Periodic("redrive", max(1.0, settings.redrive_idle_seconds / 3),
                                  lambda: redrive(svc, settings), at_start=False))
     svc.periodic.append(Periodic("login-sessions", 3600, lambda: sweep_login_sessions(svc.db)))
-    svc.periodic.append(Periodic("store-temporaries", 3600, lambda: sweep_temporaries(svc)))
+    # (Not at start: it walks the whole store, and only what is hours old goes.)
+    svc.periodic.append(Periodic("store-temporaries", 3600, lambda: sweep_temporaries(svc),
+                                 at_start=False))
     svc.publishes(ObjectStored, UploadSubmitted, UploadCancelled, ProjectUpdated,
                   PrearchiveRequested, ReleaseRequested)
     svc.startup.append(lambda: ensure_first_admin(

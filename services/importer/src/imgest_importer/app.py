@@ -392,7 +392,7 @@ class Importer:
             outcome = ("cancelled" if cancelled
                        else "succeeded" if not failures and not conflicts and valid
                        else "partial" if placed else "failed")
-            completed = within_budget(UploadCompleted(
+            listed = UploadCompleted(
                 upload_id=upload_id, uploader=uploader,
                 project=options.project or (sessions[0].project if sessions else None),
                 outcome=outcome, counts=counts,
@@ -403,8 +403,9 @@ class Importer:
                 failures_omitted=max(0, len(failures) - LISTED_FAILURES),
                 skipped=skipped[:LISTED_FAILURES],
                 skipped_omitted=max(0, len(skipped) - LISTED_FAILURES), completed_at=now,
-                generation=upload.generation), self.settings.event_max_bytes)
-            if completed.sessions and not completed.sessions[0].file_ids:
+                generation=upload.generation)
+            completed = within_budget(listed, self.settings.event_max_bytes)
+            if completed is not listed:
                 log.warning("upload %s: too many files to list in upload.completed; its "
                             "sessions say how many", upload_id)
             await self.svc.outbox.add(session, completed, event_id=derived_id(
