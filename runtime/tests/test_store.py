@@ -812,17 +812,22 @@ class _WriteLog:
 
 
 @needs_o_direct
-def test_files_written_at_offsets_go_past_the_page_cache_beyond_their_start(
+def test_files_go_past_the_page_cache_beyond_their_first_bytes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store, data = LocalStore(tmp_path / "store"), os.urandom(DIRECT_FROM + 3 * MiB + 4321)
     log = _WriteLog(monkeypatch)
+    # A put (an imported zip, an archive's member, a file sent whole), in pieces no block size
+    # divides: its first DIRECT_FROM bytes cached (its headers are read next), then by
+    # O_DIRECT but for the unaligned tail.
     store.put("zip", IterReader(data[i:i + 65_537] for i in range(0, len(data), 65_537)))
     assert store.read_range("zip", 0, len(data) + 1) == data
-    assert log.direct == 0  # a put (an imported zip, a member) is read again at once: cached
-    # A tus upload's segments, at offsets no block size divides: its first DIRECT_FROM bytes
-    # are cached (a small file's headers are read soon); past them each segment is written by
-    # O_DIRECT from its first aligned byte, the unaligned ends through the page cache.
-    cuts = [0, 5 * MiB + 7, DIRECT_FROM + 1, DIRECT_FROM + MiB + 4097, len(data)]
+    assert log.direct == 3 * MiB + 4096
+    assert store.put("small", io.BytesIO(data[:DIRECT_FROM])).size == DIRECT_FROM
+    assert log.direct == 3 * MiB + 4096  # all of it cached
+    # A tus upload's segments, at offsets no block size divides: past DIRECT_FROM each is
+    # written by O_DIRECT from its first aligned byte, the unaligned ends through the cache.
+    log.direct = 0
+    cuts = [0, 5000, DIRECT_FROM + 1, DIRECT_FROM + MiB + 4097, len(data)]
     for start, end in itertools.pairwise(cuts):
         store.write_at("tus/x", start, io.BytesIO(data[start:end]))
     assert store.read_range("tus/x", 0, len(data) + 1) == data
@@ -831,9 +836,64 @@ def test_files_written_at_offsets_go_past_the_page_cache_beyond_their_start(
     log.direct = 0
     monkeypatch.setenv("IMGEST_STORE_DIRECT_WRITES", "false")
     cached = open_store(RuntimeSettings(data_dir=tmp_path / "cached"))
+    cached.put("zip", io.BytesIO(data))
     for start, end in itertools.pairwise(cuts):
         cached.write_at("tus/x", start, io.BytesIO(data[start:end]))
     assert cached.read_range("tus/x", 0, len(data) + 1) == data and log.direct == 0
+
+
+class _ReadLog:
+    """os.preadv, counting the bytes read through descriptors opened with O_DIRECT (each
+    read checked aligned), or refusing such reads."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False):
+        self.direct = self.calls = 0
+        real = os.preadv
+
+        def preadv(fd: int, buffers, offset: int) -> int:
+            if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                return real(fd, buffers, offset)
+            if refuse_direct:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            (buffer,) = buffers
+            address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+            assert (offset % DIRECT_ALIGN, len(buffer) % DIRECT_ALIGN,
+                    address % DIRECT_ALIGN) == (0, 0, 0)
+            read = real(fd, buffers, offset)
+            self.direct += read
+            self.calls += 1
+            return read
+
+        monkeypatch.setattr(os, "preadv", preadv)
+
+
+@needs_o_direct
+@pytest.mark.parametrize("refused", [False, True], ids=["direct", "refused"])
+def test_a_file_read_once_is_read_past_the_page_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: bool) -> None:
+    store, data = LocalStore(tmp_path / "store"), os.urandom(9 * MiB + 123)
+    store.put("zip", io.BytesIO(data))
+    log = _ReadLog(monkeypatch, refuse_direct=refused)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    with store.open_once("zip") as f:
+        # Small reads close together come from one read of the disk; then reads at offsets
+        # no block divides, across the buffer's end and past the file's.
+        f.seek(5000)
+        assert (f.read(30), f.read(20), f.read(512)) == (
+            data[5000:5030], data[5030:5050], data[5050:5562])
+        assert log.calls == (0 if refused else 1) and f.tell() == 5562
+        for at, n in [(4095, 1), (MiB + 7, 5 * MiB + 3), (len(data) - 10, 100),
+                      (len(data), 5), (len(data) + 4096, 1)]:
+            f.seek(at)
+            assert f.read(n) == data[at:at + n]
+        f.seek(-3, os.SEEK_END)
+        assert f.read() == data[-3:]
+    log.direct = 0
+    assert b"".join(store.iter_chunks("zip")) == data  # (an archive streamed, a download)
+    assert log.direct == (0 if refused else len(data))
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+    with pytest.raises(ObjectNotFound):
+        store.open_once("nothing")
 
 
 @needs_o_direct

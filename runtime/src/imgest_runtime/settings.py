@@ -70,7 +70,7 @@ class RuntimeSettings(BaseSettings):
     store: Literal["local", "s3"] = Field("local", description="Object store adapter.")
     store_dir: Path | None = Field(None, description="Local store root (default DATA_DIR/objects).")
     store_direct_writes: bool = Field(
-        True, description="The local store writes a tus upload's bytes past its first 8 MiB by "
+        True, description="The local store writes a file's bytes past its first 64 KiB by "
         "O_DIRECT, past the page cache (where the file system allows it); false: through the "
         "page cache, e.g. on storage where each synchronous write waits long.")
     s3_endpoint: str = Field("127.0.0.1:9000", description="S3 endpoint host:port.")

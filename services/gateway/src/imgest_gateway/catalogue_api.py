@@ -286,7 +286,7 @@ def zip_chunks(store: ObjectStore, folder: str, files: list[dict[str, Any]], whe
             member = zipfile.ZipInfo(f"{folder}/{f['path']}", when.timetuple()[:6])
             member.file_size = f["size"]  # past 4 GiB, zipfile writes ZIP64 fields from the start
             member.external_attr = 0o100644 << 16  # a regular file, readable once unzipped
-            with store.open(f["object_key"]) as stream, zf.open(member, "w") as out:
+            with store.open_once(f["object_key"]) as stream, zf.open(member, "w") as out:
                 while block := stream.read(CHUNK):
                     out.write(block)
                     yield from sink.take()

@@ -226,7 +226,7 @@ def _zip_spans(store: ObjectStore, key: str, infos: list[zipfile.ZipInfo], direc
     instead, so a few damaged ones fare differently: data before the first header, or members
     the front's reading never reaches, refuse it here."""
     reach = 0  # the end of the last member's bytes
-    with store.open(key) as archive:  # (each header and head: one read, mostly from its buffer)
+    with store.open_once(key) as archive:  # (a header and its member's head: one read)
         for info in sorted(infos, key=lambda i: i.header_offset):
             if not 0 <= info.header_offset <= directory - _LOCAL_HEADER:
                 raise ArchiveError("archive.corrupt", "The zip archive cannot be read (the "
@@ -287,7 +287,7 @@ def span_chunks(store: ObjectStore, span: Span, path: str) -> Iterator[bytes | m
     views of a reused buffer)."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS) if span.deflated else None
     crc = size = 0
-    with spare_buffer() as buffer, store.open(span.key) as archive:
+    with spare_buffer() as buffer, store.open_once(span.key) as archive:
         archive.seek(span.offset)
         for at in range(0, span.length, READ):
             read = buffer[:min(READ, span.length - at)]
