@@ -41,6 +41,7 @@ from imgest_runtime.store import (
     fit_name,
     open_store,
     part_size_for,
+    pieces,
     put_async,
     spare_buffer,
 )
@@ -888,6 +889,15 @@ def test_a_file_read_once_is_read_past_the_page_cache(
             assert f.read(n) == data[at:at + n]
         f.seek(-3, os.SEEK_END)
         assert f.read() == data[-3:]
+    # Views of the reader's own buffer (an archive's member unpacked in place); of a spare
+    # buffer from any other reader.
+    for opened in (lambda: store.open_once("zip"), lambda: io.BytesIO(data)):
+        with opened() as f:
+            f.seek(7)
+            got = [bytes(piece) for piece in pieces(f, 3 * MiB + 5, MiB)]
+            assert b"".join(got) == data[7:3 * MiB + 12] and max(map(len, got)) == MiB
+            f.seek(len(data) - 5)
+            assert b"".join(bytes(piece) for piece in pieces(f, 100)) == data[-5:]
     log.direct = 0
     assert b"".join(store.iter_chunks("zip")) == data  # (an archive streamed, a download)
     assert log.direct == (0 if refused else len(data))

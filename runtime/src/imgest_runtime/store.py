@@ -510,6 +510,18 @@ class _DirectReader(_Reader):
         self.pos += done
         return done
 
+    def pieces(self, length: int, most: int) -> Iterator[memoryview]:
+        """See `pieces`: views of this reader's own buffer, nothing copied."""
+        end = self.pos + length
+        while self.pos < end:
+            at, n = self.pos, min(most, end - self.pos)
+            if not (self.held_at <= at and at + n <= self.held_at + self.held):
+                if not self._fetch(at, n):
+                    return
+                n = min(n, self.held_at + self.held - at)
+            self.pos += n
+            yield self.view[at - self.held_at:at - self.held_at + n]
+
     def _fetch(self, at: int, wanted: int) -> bool:
         """Reads the aligned blocks from the one holding `at` on (up to a buffer); False if
         the file ends before `at`."""
@@ -540,6 +552,19 @@ class _DirectReader(_Reader):
             self.view.release()
             _spare_buffers.give(self.buffer)  # (never closed: see `_DirectWriter.__exit__`)
         super().close()
+
+
+def pieces(f: BinaryIO, length: int, most: int = CHUNK) -> Iterator[memoryview]:
+    """`length` bytes of `f` from where it stands (fewer if it ends first), at most `most` at a
+    time, each a view valid until the next is asked for: of the reader's own buffer where it
+    has one (`open_once` on a local disk: nothing is copied), else of a spare buffer."""
+    if isinstance(f, _DirectReader):
+        yield from f.pieces(length, most)
+        return
+    with spare_buffer() as buffer:
+        while length > 0 and (n := f.readinto(buffer[:min(most, length)])):
+            length -= n
+            yield buffer[:n]
 
 
 class _SpareBuffers:

@@ -32,7 +32,7 @@ from imgest_runtime.store import (
     ObjectStore,
     RangeFile,
     StoredObject,
-    spare_buffer,
+    pieces,
 )
 
 from .domain import (
@@ -265,7 +265,7 @@ def _zip_spans(store: ObjectStore, key: str, infos: list[zipfile.ZipInfo], direc
 
 _LOCAL_HEADER = 30  # bytes of a local file header before its name and extra field
 _HEAD_IN = 16 * 1024  # deflated bytes that unpack to HEAD (unless crafted: then not sniffed)
-READ = CHUNK  # bytes of the archive read at a time, into a spare buffer
+READ = CHUNK  # bytes of the archive read at a time
 _INFLATE_IN = 64 * 1024  # deflated bytes handed to zlib at a time
 
 
@@ -286,15 +286,12 @@ def span_chunks(store: ObjectStore, span: Span, path: str) -> Iterator[bytes | m
     run side by side. Each chunk is valid until the next is asked for (a stored member's are
     views of a reused buffer)."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS) if span.deflated else None
-    crc = size = 0
-    with spare_buffer() as buffer, store.open_once(span.key) as archive:
+    crc = size = read = 0
+    with store.open_once(span.key) as archive:
         archive.seek(span.offset)
-        for at in range(0, span.length, READ):
-            read = buffer[:min(READ, span.length - at)]
-            if archive.readinto(read) != len(read):
-                raise ArchiveError("archive.corrupt", "The zip archive cannot be read "
-                                   f"({path!r} is cut short); it may be truncated.")
-            for piece in (read,) if inflater is None else _inflated(inflater, read):
+        for packed in pieces(archive, span.length, READ):
+            read += len(packed)
+            for piece in (packed,) if inflater is None else _inflated(inflater, packed):
                 size += len(piece)
                 if size > span.size:
                     raise ArchiveError("archive.corrupt", "The zip archive cannot be read "
@@ -302,6 +299,9 @@ def span_chunks(store: ObjectStore, span: Span, path: str) -> Iterator[bytes | m
                                        "its directory says); it may be damaged or a bomb.")
                 crc = zlib.crc32(piece, crc)
                 yield piece
+    if read != span.length:
+        raise ArchiveError("archive.corrupt", "The zip archive cannot be read "
+                           f"({path!r} is cut short); it may be truncated.")
     if size != span.size:
         raise ArchiveError("archive.corrupt", f"The zip archive cannot be read ({path!r} unpacks "
                            f"to {size} bytes, not the {span.size} its directory says); it may be "
