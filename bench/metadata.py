@@ -14,13 +14,13 @@ header is a small fraction of each file, as in real scans. Then, in files/s:
    the parsing from the store's own speed, the store's 64 KiB `read_range` alone.
 
 Every result is checked (DICOM, no reason to refuse, the SOPInstanceUID written), so the bench
-cannot time a failure path. All reads come from the page cache (the files were just written):
-this measures the work per file, not the disk. The S3 adapter talks HTTP to moto's server in
-this process, as the tests do: no network latency, but moto's own per-request work (a few ms,
-whether in this process or its own), so that row is bounded by moto, not by a real S3; the
-"reads alone" line under it shows that bound. With `--threads N` (N > 1) a second table runs
-both sides in N threads, as the service does with `asyncio.to_thread`. Never part of the tests.
-"""
+cannot time a failure path. The heads read come from the page cache (the local store writes a
+file's first 64 KiB through it, the rest by O_DIRECT): this measures the work per file, not the
+disk. The S3 adapter talks HTTP to moto's server in this process, as the tests do: no network
+latency, but moto's own per-request work (a few ms, whether in this process or its own), so
+that row is bounded by moto, not by a real S3; the "reads alone" line under it shows that
+bound. With `--threads N` (N > 1) a second table runs both sides in N threads, as the service
+does with `asyncio.to_thread`. Never part of the tests. """
 
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ from imgest_runtime.store import (
     S3Store,
     StoredObject,
     StoreError,
+    _DirectReader,
     _DirectWriter,
     _FullReads,
     _SpareBuffers,
@@ -833,14 +834,16 @@ def test_files_go_past_the_page_cache_beyond_their_first_bytes(
         store.write_at("tus/x", start, io.BytesIO(data[start:end]))
     assert store.read_range("tus/x", 0, len(data) + 1) == data
     assert 3 * MiB - 3 * DIRECT_ALIGN <= log.direct <= 3 * MiB + 4321
-    # Turned off (IMGEST_STORE_DIRECT_WRITES=false): all through the page cache.
+    # Turned off (IMGEST_STORE_DIRECT_IO=false): all through the page cache, reads too.
     log.direct = 0
-    monkeypatch.setenv("IMGEST_STORE_DIRECT_WRITES", "false")
+    monkeypatch.setenv("IMGEST_STORE_DIRECT_IO", "false")
     cached = open_store(RuntimeSettings(data_dir=tmp_path / "cached"))
     cached.put("zip", io.BytesIO(data))
     for start, end in itertools.pairwise(cuts):
         cached.write_at("tus/x", start, io.BytesIO(data[start:end]))
     assert cached.read_range("tus/x", 0, len(data) + 1) == data and log.direct == 0
+    with cached.open_once("zip") as f:
+        assert not isinstance(f, _DirectReader) and f.read() == data
 
 
 class _ReadLog:
@@ -894,16 +897,47 @@ def test_a_file_read_once_is_read_past_the_page_cache(
     for opened in (lambda: store.open_once("zip"), lambda: io.BytesIO(data)):
         with opened() as f:
             f.seek(7)
-            got = [bytes(piece) for piece in pieces(f, 3 * MiB + 5, MiB)]
+            got, own = [], []  # (a view is valid until the next is asked for)
+            for piece in pieces(f, 3 * MiB + 5, MiB):
+                got.append(bytes(piece))
+                own.append(piece.obj is getattr(f, "buffer", None))
             assert b"".join(got) == data[7:3 * MiB + 12] and max(map(len, got)) == MiB
+            assert all(own) == isinstance(f, _DirectReader)  # its own buffer: nothing copied
             f.seek(len(data) - 5)
             assert b"".join(bytes(piece) for piece in pieces(f, 100)) == data[-5:]
     log.direct = 0
     assert b"".join(store.iter_chunks("zip")) == data  # (an archive streamed, a download)
-    assert log.direct == (0 if refused else len(data))
+    assert refused or len(data) <= log.direct <= len(data) + DIRECT_ALIGN
     assert len(os.listdir("/proc/self/fd")) == descriptors
     with pytest.raises(ObjectNotFound):
         store.open_once("nothing")
+
+
+@needs_o_direct
+def test_a_file_read_once_reads_what_is_there_now(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    store, data = LocalStore(tmp_path / "store"), os.urandom(100_000)
+    store.write_at("tus/x", 0, io.BytesIO(data[:70_000]))
+    with store.open_once("tus/x") as f:
+        assert f.read() == data[:70_000] and f.read(5) == b""  # its end, as it stands
+        store.write_at("tus/x", 70_000, io.BytesIO(data[70_000:]))  # then it grows
+        f.seek(0)
+        assert f.read() == data
+        with pytest.raises(OSError, match="negative"):
+            f.seek(-1)
+        assert fcntl.fcntl(f.fd, fcntl.F_GETFL) & os.O_DIRECT  # still past the cache
+        assert f.seek(-3, os.SEEK_END) == len(data) - 3 and f.read() == data[-3:]
+    # A file system refusing O_DIRECT when the file is opened: read through the page cache.
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, flags, *a: (
+        _raise(OSError(errno.EINVAL, "Invalid argument")) if flags & os.O_DIRECT
+        else real_open(path, flags, *a)))
+    with store.open_once("tus/x") as f:
+        assert not isinstance(f, _DirectReader) and f.read() == data
+
+
+def _raise(error: BaseException) -> None:
+    raise error
 
 
 @needs_o_direct

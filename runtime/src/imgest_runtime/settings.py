@@ -69,10 +69,11 @@ class RuntimeSettings(BaseSettings):
     # object store
     store: Literal["local", "s3"] = Field("local", description="Object store adapter.")
     store_dir: Path | None = Field(None, description="Local store root (default DATA_DIR/objects).")
-    store_direct_writes: bool = Field(
+    store_direct_io: bool = Field(
         True, description="The local store writes a file's bytes past its first 64 KiB by "
-        "O_DIRECT, past the page cache (where the file system allows it); false: through the "
-        "page cache, e.g. on storage where each synchronous write waits long.")
+        "O_DIRECT, past the page cache (where the file system allows it), and reads so what is "
+        "read whole once (archives unpacked, downloads); false: all through the page cache, "
+        "e.g. on storage where each synchronous write or read waits long.")
     s3_endpoint: str = Field("127.0.0.1:9000", description="S3 endpoint host:port.")
     s3_access_key: str = Field("minioadmin", description="S3 access key.")
     s3_secret_key: str = Field("minioadmin", description="S3 secret key.")

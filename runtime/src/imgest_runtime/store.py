@@ -474,7 +474,6 @@ class _DirectReader(_Reader):
         self.buffer = _spare_buffers.take()
         self.view = memoryview(self.buffer)
         self.held_at = self.held = 0  # the buffer holds the file's bytes [held_at, +held)
-        self.end: int | None = None  # where the file ends, once a read has come short
 
     @classmethod
     def open(cls, path: Path) -> BinaryIO:
@@ -490,9 +489,16 @@ class _DirectReader(_Reader):
         return True
 
     def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
-        base = (0, self.pos, os.fstat(self.fd).st_size)[whence]
-        self.pos = base + pos
-        return self.pos
+        if self.closed:
+            raise ValueError("seek of a closed file")
+        if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END):
+            raise ValueError(f"invalid whence ({whence})")
+        at = pos + (0 if whence == os.SEEK_SET else self.pos if whence == os.SEEK_CUR
+                    else os.fstat(self.fd).st_size)
+        if at < 0:
+            raise OSError(errno.EINVAL, f"negative seek position {at}")
+        self.pos = at
+        return at
 
     def tell(self) -> int:
         return self.pos
@@ -525,8 +531,6 @@ class _DirectReader(_Reader):
     def _fetch(self, at: int, wanted: int) -> bool:
         """Reads the aligned blocks from the one holding `at` on (up to a buffer); False if
         the file ends before `at`."""
-        if self.end is not None and at >= self.end:
-            return False
         start = at - at % DIRECT_ALIGN
         end = -(-(at + max(wanted, self.LEAST)) // DIRECT_ALIGN) * DIRECT_ALIGN
         self.held_at, self.held = start, 0
@@ -542,8 +546,6 @@ class _DirectReader(_Reader):
             os.close(self.fd)
             self.fd = cached
             self.held = os.preadv(self.fd, [piece], start)
-        if self.held < len(piece):
-            self.end = start + self.held
         return self.held > at - start
 
     def close(self) -> None:
@@ -572,7 +574,7 @@ class _SpareBuffers:
     one) and readers (`spare_buffer`): a fresh mapping's pages each cost a fault when first
     touched, on a virtual machine as dear as the page cache's."""
 
-    KEPT = 4
+    KEPT = 8  # (the unpacker's two threads per core each hold a reader's and a writer's)
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -671,11 +673,11 @@ class _SyncfsBatch(DurableBatch):
 class LocalStore(ObjectStore):
     """Objects as files below a root directory; writes are atomic (temp file, then rename)."""
 
-    def __init__(self, root: Path, fsync: bool = True, direct_writes: bool = True):
+    def __init__(self, root: Path, fsync: bool = True, direct_io: bool = True):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
-        self.direct_from = DIRECT_FROM if direct_writes else None
+        self.direct_from = DIRECT_FROM if direct_io else None
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -748,6 +750,8 @@ class LocalStore(ObjectStore):
             return f.read(length)
 
     def open_once(self, key: str) -> BinaryIO:
+        if self.direct_from is None:  # (IMGEST_STORE_DIRECT_IO=false)
+            return self.open(key)
         try:
             return _DirectReader.open(self._path(key))
         except FileNotFoundError as e:
@@ -1026,7 +1030,7 @@ def open_store(settings: RuntimeSettings) -> ObjectStore:
                         settings.s3_bucket, settings.s3_secure, settings.s3_region)
         store.ensure_bucket()
         return store
-    return LocalStore(settings.local_store_dir, direct_writes=settings.store_direct_writes)
+    return LocalStore(settings.local_store_dir, direct_io=settings.store_direct_io)
 
 
 class RangeFile(_Reader):

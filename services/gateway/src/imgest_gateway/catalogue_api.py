@@ -343,7 +343,7 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
                     **headers, "Content-Length": str(last - first + 1),
                     "Content-Range": f"bytes {first}-{last}/{size}"})
         try:  # opened before answering: a missing object is still a clean error
-            stream = await asyncio.to_thread(store().open, key)
+            stream = await asyncio.to_thread(store().open_once, key)
         except ObjectNotFound as e:
             raise HTTPException(404, f"The bytes of {f['name']} are missing from the store."
                                 ) from e
