@@ -506,14 +506,9 @@ class _DirectReader(_Reader):
     def readinto(self, b) -> int:  # type: ignore[override]
         out = memoryview(b).cast("B")
         done = 0
-        while done < len(out):
-            at, left = self.pos + done, len(out) - done
-            if not self.held_at <= at < self.held_at + self.held and not self._fetch(at, left):
-                break  # the file ends before
-            n = min(left, self.held_at + self.held - at)
-            out[done:done + n] = self.view[at - self.held_at:at - self.held_at + n]
-            done += n
-        self.pos += done
+        for piece in self.pieces(len(out), len(out)):
+            out[done:done + len(piece)] = piece
+            done += len(piece)
         return done
 
     def pieces(self, length: int, most: int) -> Iterator[memoryview]:
