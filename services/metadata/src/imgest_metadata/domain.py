@@ -33,6 +33,7 @@ from imgest_contracts import FileKind, Fileset, ProjectRules, Reason, SessionHin
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
+from pydicom.multival import MultiValue
 
 HEAD_BYTES = 64 * 1024
 
@@ -139,10 +140,15 @@ def label(value: Any) -> str | None:
 MODALITY_MAX = 16  # DICOM's Modality is one code string (CS) of at most 16 characters
 
 
-def modality(value: str | None) -> str | None:
-    """The Modality as the catalogue keeps it: a malformed header's longer value (several
-    joined, or junk) is cut to DICOM's length, not refused: its images are still images."""
-    return value[:MODALITY_MAX] if value else None
+def modality(ds: pydicom.Dataset, text: str | None) -> str | None:
+    """The Modality as the catalogue keeps it. A malformed header's is not refused (its images
+    are still images): of several values (`CT\\PT`, which pydicom's text shows as a list) the
+    first; junk cut to DICOM's 16 characters."""
+    with contextlib.suppress(Exception):  # (a value that does not decode: the text as it is)
+        if text and text.startswith("[") and isinstance(values := ds.get("Modality"),
+                                                        MultiValue) and values:
+            text = str(values[0]).strip() or None
+    return text[:MODALITY_MAX] if text else None
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
@@ -333,7 +339,7 @@ def dicom(head: bytes, size: int) -> Identified:
         study_uid=texts["StudyInstanceUID"],
         series_uid=texts["SeriesInstanceUID"],
         sop_instance_uid=texts["SOPInstanceUID"],
-        modality=modality(texts["Modality"]),
+        modality=modality(ds, texts["Modality"]),
         scan=label(series_number) or label(texts["SeriesInstanceUID"]),
     )
     return Identified(FileKind.dicom, {k: v for k, v in meta.items() if v is not None}, hints,
