@@ -781,21 +781,21 @@ def test_iter_reader_hands_whole_chunks_on_and_parts_of_them_in_order():
     assert buffered.read() == b"abcdefghij"
 
 
-_PWRITE = os.pwrite  # the real one, under any log
+_PWRITE, _PREADV = os.pwrite, os.preadv  # the real ones, under any log
 needs_o_direct = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
 
 
-class _WriteLog:
-    """os.pwrite, counting the bytes the kernel took through descriptors opened with O_DIRECT
-    (each checked aligned: offset, length and memory); or refusing such writes, or failing
-    the `fail_direct_after`-th of them with ENOSPC."""
+class _DirectLog:
+    """os.pwrite or os.preadv (`call`), counting the bytes moved through descriptors opened
+    with O_DIRECT (each call checked aligned: offset, length and memory); or refusing such
+    calls, or failing the `fail_direct_after`-th of them with ENOSPC."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False,
-                 fail_direct_after: int | None = None):
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, call: str = "pwrite",
+                 refuse_direct: bool = False, fail_direct_after: int | None = None):
         self.direct = self.calls = 0
-        real = _PWRITE
+        real = {"pwrite": _PWRITE, "preadv": _PREADV}[call]
 
-        def pwrite(fd: int, data, offset: int) -> int:
+        def direct(fd: int, data, offset: int) -> int:
             if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
                 return real(fd, data, offset)
             if refuse_direct:
@@ -803,21 +803,22 @@ class _WriteLog:
             self.calls += 1
             if fail_direct_after is not None and self.calls > fail_direct_after:
                 raise OSError(errno.ENOSPC, "No space left on device")
-            address = ctypes.addressof(ctypes.c_char.from_buffer(data))
-            assert (offset % DIRECT_ALIGN, len(data) % DIRECT_ALIGN,
-                    address % DIRECT_ALIGN) == (0, 0, 0)
-            written = real(fd, data, offset)  # an EINVAL here fails the test
-            self.direct += written
-            return written
+            for buffer in data if call == "preadv" else [data]:
+                address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+                assert (offset % DIRECT_ALIGN, len(buffer) % DIRECT_ALIGN,
+                        address % DIRECT_ALIGN) == (0, 0, 0)
+            moved = real(fd, data, offset)  # an EINVAL here fails the test
+            self.direct += moved
+            return moved
 
-        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, call, direct)
 
 
 @needs_o_direct
 def test_files_go_past_the_page_cache_beyond_their_first_bytes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store, data = LocalStore(tmp_path / "store"), os.urandom(DIRECT_FROM + 3 * MiB + 4321)
-    log = _WriteLog(monkeypatch)
+    log = _DirectLog(monkeypatch)
     # A put (an imported zip, an archive's member, a file sent whole), in pieces no block size
     # divides: its first DIRECT_FROM bytes cached (its headers are read next), then by
     # O_DIRECT but for the unaligned tail.
@@ -846,38 +847,13 @@ def test_files_go_past_the_page_cache_beyond_their_first_bytes(
         assert not isinstance(f, _DirectReader) and f.read() == data
 
 
-class _ReadLog:
-    """os.preadv, counting the bytes read through descriptors opened with O_DIRECT (each
-    read checked aligned), or refusing such reads."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False):
-        self.direct = self.calls = 0
-        real = os.preadv
-
-        def preadv(fd: int, buffers, offset: int) -> int:
-            if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-                return real(fd, buffers, offset)
-            if refuse_direct:
-                raise OSError(errno.EINVAL, "Invalid argument")
-            (buffer,) = buffers
-            address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-            assert (offset % DIRECT_ALIGN, len(buffer) % DIRECT_ALIGN,
-                    address % DIRECT_ALIGN) == (0, 0, 0)
-            read = real(fd, buffers, offset)
-            self.direct += read
-            self.calls += 1
-            return read
-
-        monkeypatch.setattr(os, "preadv", preadv)
-
-
 @needs_o_direct
 @pytest.mark.parametrize("refused", [False, True], ids=["direct", "refused"])
 def test_a_file_read_once_is_read_past_the_page_cache(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: bool) -> None:
     store, data = LocalStore(tmp_path / "store"), os.urandom(9 * MiB + 123)
     store.put("zip", io.BytesIO(data))
-    log = _ReadLog(monkeypatch, refuse_direct=refused)
+    log = _DirectLog(monkeypatch, "preadv", refuse_direct=refused)
     descriptors = len(os.listdir("/proc/self/fd"))
     with store.open_once("zip") as f:
         # Small reads close together come from one read of the disk; then reads at offsets
@@ -944,7 +920,7 @@ def _raise(error: BaseException) -> None:
 def test_a_file_system_without_direct_writes_gets_them_through_the_page_cache(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store, data = LocalStore(tmp_path / "store"), os.urandom(DIRECT_FROM + 5 * MiB + 99)
-    log = _WriteLog(monkeypatch, refuse_direct=True)  # the flag taken, the writes refused
+    log = _DirectLog(monkeypatch, refuse_direct=True)  # the flag taken, the writes refused
     descriptors = len(os.listdir("/proc/self/fd"))
     assert store.write_at("big", 0, io.BytesIO(data)).size == len(data)
     assert store.read_range("big", 0, len(data) + 1) == data and log.direct == 0
@@ -962,7 +938,7 @@ def test_a_failed_direct_write_raises_its_own_error_and_leaves_nothing_open(
     # No spare kept (as when other uploads fill the spares): a failed writer's buffer is let go.
     monkeypatch.setattr(_SpareBuffers, "KEPT", 0)
     for writes_that_succeed in (0, 1, 2):  # the disk full at the first, second, last write
-        _WriteLog(monkeypatch, fail_direct_after=writes_that_succeed)
+        _DirectLog(monkeypatch, fail_direct_after=writes_that_succeed)
         with pytest.raises(OSError) as failed:
             store.write_at("tus/x", 0, io.BytesIO(data))
         assert failed.value.errno == errno.ENOSPC  # not a BufferError over it
