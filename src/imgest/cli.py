@@ -53,6 +53,25 @@ def _opt(env: str, help: str, **kw):
     return typer.Option(envvar=env, help=help, show_envvar=True, **kw)
 
 
+class StopRequested:
+    """Whether SIGINT or SIGTERM came, from the moment it is made. A flag, where a
+    threading.Event's lock could hang the stop for ever: a second signal handled while the
+    first handler held that lock (a process group's kill and uv's passing it on arrive
+    together) waited on it in the same thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, _sig: int, _frame: object) -> None:
+        self.requested = True
+
+    def wait(self, poll: float = 0.2) -> None:
+        while not self.requested:
+            time.sleep(poll)
+
+
 @app.command()
 def up(
     data_dir: Annotated[Path, _opt("IMGEST_DATA_DIR", "Where all state lives.")] = Path(".imgest"),
@@ -87,17 +106,11 @@ def up(
             overrides[key] = value
     emit = _emitter(colour)
     stack = Stack(data_dir, overrides, emit, tansu_port=tansu_port)
-    stopping = threading.Event()
-
-    def on_signal(_sig, _frame) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stopping = StopRequested()
     try:
         stack.start()
         started = time.monotonic()
-        while not stopping.is_set():
+        while not stopping.requested:
             try:
                 stack.wait_ready(timeout=1)
                 break
@@ -105,7 +118,7 @@ def up(
                 if time.monotonic() - started > 180:
                     emit("imgest", "services are not ready after 3 minutes; see the logs above")
                     break
-        if not stopping.is_set():
+        if not stopping.requested:
             url = f"http://{host}:{gateway_port}"
             mail = smtp_url or f"{(data_dir / 'mail').resolve()}/*.eml"
             emit("imgest", f"ready in {time.monotonic() - started:.1f}s. Gateway: {url}  "

@@ -1,0 +1,34 @@
+"""The `imgest` command's own behaviour (its subcommands are tested where their work is)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def test_a_burst_of_stop_signals_stops_up_and_never_hangs_it():
+    """`imgest up` stops on SIGINT or SIGTERM however many arrive at once: a process group's
+    kill and uv's passing it on come together, and a handler taking a lock hung it (in about
+    one burst in six, so twenty are sent)."""
+    for burst in [200, 2000] * 10:
+        waiter = subprocess.Popen([sys.executable, "-c", (
+            "from imgest.cli import StopRequested\n"
+            "stop = StopRequested()\n"
+            "print('waiting', flush=True)\n"
+            "stop.wait(poll=0.05)\n"
+            "print('stopped', flush=True)\n")], stdout=subprocess.PIPE, text=True)
+        try:
+            assert waiter.stdout is not None and waiter.stdout.readline() == "waiting\n"
+            for i in range(burst):
+                os.kill(waiter.pid, signal.SIGTERM if i % 2 else signal.SIGINT)
+            started = time.monotonic()
+            out, _ = waiter.communicate(timeout=10)
+            # (A signal still on its way as Python exits may end it: it has stopped by then.)
+            assert out == "stopped\n", (burst, out, waiter.returncode)
+            assert time.monotonic() - started < 5
+        finally:
+            waiter.kill()
+            waiter.wait()
