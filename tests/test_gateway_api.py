@@ -318,6 +318,37 @@ def test_upload_session_fields_duplicates_cap_progress_and_listing(gateway: Runn
     assert nothing.status_code == 409 and "no files" in nothing.json()["detail"]
 
 
+def test_clients_adding_at_once_add_the_same_content_once_and_keep_the_cap(
+        gateway: Running, pydicom_file):
+    """Files added by many clients at the same moment: the same content is added once (the
+    others are duplicates, whichever path decided), and no more than the project's cap get in,
+    the rest refused with nothing left of them."""
+    http = gateway.http
+    gateway.project("RACE", max_files_per_upload=5)
+    upload = http.post("/api/v1/projects/RACE/uploads", json={}).json()
+    files = f"/api/v1/uploads/{upload['id']}/files"
+    same = _dicom(pydicom_file, "RACE")
+    others = [_dicom(pydicom_file, f"RACE{i}") for i in range(10)]
+
+    def add(i_data: tuple[int, bytes]) -> httpx.Response:
+        with httpx.Client(base_url=gateway.url, timeout=60, headers={
+                "Authorization": f"Bearer {gateway.token}"}) as client:
+            return client.post(files, params={"filename": f"f{i_data[0]}.dcm"},
+                               content=i_data[1])
+
+    with ThreadPoolExecutor(12) as pool:
+        twins = list(pool.map(add, enumerate([same] * 12)))
+    assert sorted(r.status_code for r in twins) == [200] * 11 + [201], [r.text for r in twins]
+    assert sum(r.json()["added"] for r in twins) == 1
+    with ThreadPoolExecutor(10) as pool:
+        rest = list(pool.map(add, enumerate(others, start=100)))
+    assert sorted(r.status_code for r in rest) == [201] * 4 + [409] * 6, [r.text for r in rest]
+    state = gateway.status(upload["id"])
+    assert sorted(o["state"] for o in state["objects"]) == ["added"] * 5 + ["duplicate"] * 11
+    # Duplicates and refused files are deleted.
+    assert len(list(gateway.store.list(f"staging/{upload['id']}/"))) == 5
+
+
 def test_one_file_sent_as_a_form_is_its_bytes(gateway: Running, pydicom_file):
     """`curl -F file=@x` to the one-file endpoints stores the file, not the form around it; a
     form of two files is refused, nothing of it kept; a media type's case does not matter."""
