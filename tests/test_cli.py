@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def test_a_burst_of_stop_signals_stops_up_and_never_hangs_it():
@@ -32,3 +34,23 @@ def test_a_burst_of_stop_signals_stops_up_and_never_hangs_it():
         finally:
             waiter.kill()
             waiter.wait()
+
+
+def test_up_refuses_ports_another_stack_listens_on(tmp_path):
+    """A second `imgest up` on the same ports says so and starts nothing: before, its Tansu
+    and services crash-looped on the ports while the first stack's answered "ready"."""
+    from imgest.infra import free_port
+
+    gateway, unpacker, tansu = free_port(), free_port(), free_port()
+    with socket.create_server(("127.0.0.1", gateway)), \
+            socket.create_server(("127.0.0.1", tansu)):
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("imgest")), "up", "--gateway-port", str(gateway),
+             "--tansu-port", str(tansu), "--data-dir", str(tmp_path / "data")],
+            env={**os.environ, "IMGEST_UNPACKER_PORT": str(unpacker)},
+            capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (f"cannot start: ports {gateway} (IMGEST_GATEWAY_PORT), {tansu} (IMGEST_TANSU_PORT)"
+            " already in use") in done.stdout
+    assert str(unpacker) not in done.stdout  # (free: not named)
+    assert "Traceback" not in done.stderr and not (tmp_path / "data" / "postgres").exists()

@@ -93,7 +93,7 @@ def up(
     """Start imgest on this machine: PostgreSQL, a Kafka-compatible broker, a local object
     store and the five services, until Ctrl-C. A second start on the same data directory
     picks up where the first stopped."""
-    from .stack import Stack
+    from .stack import PortsInUse, Stack
 
     overrides = {"IMGEST_GATEWAY_PORT": str(gateway_port), "IMGEST_HTTP_HOST": host,
                  "IMGEST_STORE": store, "IMGEST_LOG_LEVEL": log_level,
@@ -108,7 +108,11 @@ def up(
     stack = Stack(data_dir, overrides, emit, tansu_port=tansu_port)
     stopping = StopRequested()
     try:
-        stack.start()
+        try:
+            stack.start()
+        except PortsInUse as e:
+            emit("imgest", f"cannot start: {e}")
+            raise typer.Exit(1) from None
         started = time.monotonic()
         while not stopping.requested:
             try:
@@ -132,9 +136,10 @@ def up(
                  f"· emails: {mail}   · Ctrl-C stops")
         stopping.wait()
     finally:
-        emit("imgest", "stopping…")
-        stack.stop()
-        emit("imgest", "stopped")
+        if stack.postgres or stack.supervisor:  # (not when refused before starting anything)
+            emit("imgest", "stopping…")
+            stack.stop()
+            emit("imgest", "stopped")
 
 
 @app.command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -29,6 +30,18 @@ def exit_on_sigterm() -> None:
 
 
 _handed_out: set[int] = set()
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on host:port, where a service of ours would bind (as
+    uvicorn does, with SO_REUSEADDR: a port in TIME_WAIT is free)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+        return False
 
 
 def free_port() -> int:

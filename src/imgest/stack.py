@@ -20,7 +20,7 @@ from pathlib import Path
 
 from imgest_runtime.workers import die_with_parent
 
-from .infra import Postgres, Tansu, free_port, wait_for_port
+from .infra import Postgres, Tansu, free_port, port_taken, wait_for_port
 
 SERVICES = ("gateway", "unpacker", "metadata", "importer", "notifier")
 DEFAULT_PORTS = {"gateway": 8080, "unpacker": 8081, "metadata": 8082, "importer": 8083,
@@ -29,6 +29,10 @@ DEFAULT_PORTS = {"gateway": 8080, "unpacker": 8081, "metadata": 8082, "importer"
 
 def port_env(service: str) -> str:
     return f"IMGEST_{service.upper()}_PORT"
+
+
+class PortsInUse(RuntimeError):
+    """A port the stack would listen on is taken (most often: another `imgest up`)."""
 
 
 @dataclass
@@ -196,6 +200,9 @@ class Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env, "IMGEST_DATA_DIR": str(self.data_dir.resolve()),
                "PYTHONUNBUFFERED": "1"}
+        for name in SERVICES:
+            env.setdefault(port_env(name), str(DEFAULT_PORTS[name]))
+        self._check_ports(env)
         if not self.setting("IMGEST_DATABASE_URL"):
             self.postgres = Postgres(self.data_dir / "postgres")
             self.emit("imgest", f"starting embedded PostgreSQL in {self.postgres.directory}")
@@ -217,13 +224,26 @@ class Stack:
             # with one). Replicas need more: set IMGEST_KAFKA_PARTITIONS (Tansu keeps topics in
             # memory, so they are made anew, with it, at each start).
             env.setdefault("IMGEST_KAFKA_PARTITIONS", "1")
-        for name in SERVICES:
-            env.setdefault(port_env(name), str(DEFAULT_PORTS[name]))
         # The gateway reads the catalogue from the importer, wherever its port is.
         env.setdefault("IMGEST_IMPORTER_URL", f"http://127.0.0.1:{env[port_env('importer')]}")
         self.supervisor.start()
         self.resolved = env
         return env
+
+    def _check_ports(self, env: dict[str, str]) -> None:
+        """Refuses to start where another stack listens: its Tansu and services would answer
+        for ours ("ready" at once, and uploads sent to it), while ours failed to bind."""
+        host = env.get("IMGEST_HTTP_HOST") or "127.0.0.1"
+        wanted = {port_env(name): int(env[port_env(name)]) for name in SERVICES}
+        if self.tansu_port and not self.setting("IMGEST_KAFKA_BOOTSTRAP"):
+            wanted["IMGEST_TANSU_PORT"] = self.tansu_port
+        taken = [f"{port} ({setting})" for setting, port in wanted.items()
+                 if port_taken("127.0.0.1" if setting == "IMGEST_TANSU_PORT" else host, port)]
+        if taken:
+            raise PortsInUse(
+                f"port{'s' if len(taken) > 1 else ''} {', '.join(taken)} already in use on this "
+                "machine: is another `imgest up` running? Stop it, or choose other ports with "
+                "those settings.")
 
     def port(self, service: str) -> int:
         return int(self.resolved[port_env(service)])
