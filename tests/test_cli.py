@@ -54,3 +54,29 @@ def test_up_refuses_ports_another_stack_listens_on(tmp_path):
             " already in use") in done.stdout
     assert str(unpacker) not in done.stdout  # (free: not named)
     assert "Traceback" not in done.stderr and not (tmp_path / "data" / "postgres").exists()
+
+
+def test_a_killed_stack_does_not_keep_its_postgresql_running_after_the_next_stop(tmp_path):
+    """`imgest up` killed (SIGKILL, the OOM killer) never let go of its embedded PostgreSQL:
+    the next start took the server over, and its stop then left it running for ever."""
+    import psutil
+
+    from imgest.infra import Postgres
+
+    data = tmp_path / "postgres"
+    killed = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from imgest.infra import Postgres\n"
+        f"Postgres(Path({str(data)!r})).start()\n"
+        "print('holding', flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    assert killed.stdout is not None and killed.stdout.readline() == "holding\n"
+    killed.kill()
+    killed.wait()
+    postgres = Postgres(data)
+    postgres.start()  # takes over the server the killed one started
+    server = postgres.server.get_postmaster_info().process  # type: ignore[union-attr]
+    assert server.is_running()
+    postgres.stop()
+    assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE

