@@ -90,9 +90,11 @@ def up(
     log_level: Annotated[str, _opt("IMGEST_LOG_LEVEL", "Service log level.")] = "INFO",
     colour: Annotated[bool, typer.Option(help="Colour the log prefixes.")] = sys.stdout.isatty(),
 ) -> None:
-    """Start imgest on this machine: PostgreSQL, a Kafka-compatible broker, a local object
-    store and the five services, until Ctrl-C. A second start on the same data directory
-    picks up where the first stopped."""
+    """Start imgest on this machine, until Ctrl-C.
+
+    PostgreSQL, a Kafka-compatible broker, a local object store and the five
+    services. A second start on the same data directory picks up where the
+    first stopped."""
     from .stack import PortsInUse, Stack
 
     overrides = {"IMGEST_GATEWAY_PORT": str(gateway_port), "IMGEST_HTTP_HOST": host,
@@ -320,10 +322,12 @@ def bench_gen(
     session: Annotated[str, typer.Option(help="Session in the routing hint.")] = "SESS01",
     seed: Annotated[int, typer.Option(help="The same seed writes the same bytes.")] = 0,
 ) -> None:
-    """Make synthetic data for benchmarks under OUT: a DICOM CT study in dicom/ (one study,
-    one series, `Project: P Subject: S Session: E` in Study Comments) and, with --zip,
-    study.zip; JPEG photos with EXIF (camera, capture time, GPS) in photos/; tiled pyramidal
-    slides (256×256 tiles, levels at 1/4, 1/16…) in slides/, written tile by tile."""
+    """Make synthetic data for benchmarks under OUT.
+
+    A DICOM CT study in dicom/ (one study, one series, `Project: P Subject: S
+    Session: E` in Study Comments) and, with --zip, study.zip; JPEG photos with
+    EXIF (camera, capture time, GPS) in photos/; tiled pyramidal slides
+    (256×256 tiles, levels at 1/4, 1/16…) in slides/, written tile by tile."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from .benchgen import generate
@@ -399,8 +403,10 @@ def readme_with_config(text: str) -> str:
 
 @app.command("docs")
 def write_docs() -> None:
-    """Regenerate what is generated and checked in: the JSON Schemas, the AsyncAPI document
-    and the README's configuration table."""
+    """Regenerate what is generated and checked in.
+
+    The JSON Schemas, the AsyncAPI document and the README's configuration
+    table."""
     from imgest_contracts.schemas import write
 
     for path in write():
