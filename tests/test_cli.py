@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -36,24 +38,38 @@ def test_a_burst_of_stop_signals_stops_up_and_never_hangs_it():
             waiter.wait()
 
 
-def test_up_refuses_ports_another_stack_listens_on(tmp_path):
-    """A second `imgest up` on the same ports says so and starts nothing: before, its Tansu
-    and services crash-looped on the ports while the first stack's answered "ready"."""
+def test_up_refuses_ports_or_a_data_directory_another_stack_holds(tmp_path):
+    """A second `imgest up` on the same ports, or on the same data directory, says so and
+    starts nothing: before, its Tansu and services crash-looped on the ports while the first
+    stack's answered "ready", or ran on the first one's PostgreSQL with a broker of their own."""
     from imgest.infra import free_port
+    from imgest.stack import SERVICES, port_env
 
-    gateway, unpacker, tansu = free_port(), free_port(), free_port()
-    with socket.create_server(("127.0.0.1", gateway)), \
-            socket.create_server(("127.0.0.1", tansu)):
-        done = subprocess.run(
-            [str(Path(sys.executable).with_name("imgest")), "up", "--gateway-port", str(gateway),
-             "--tansu-port", str(tansu), "--data-dir", str(tmp_path / "data")],
-            env={**os.environ, "IMGEST_UNPACKER_PORT": str(unpacker)},
-            capture_output=True, text=True, timeout=60, check=False)
+    ports = {port_env(name): free_port() for name in SERVICES}
+    tansu = free_port()
+    up = [str(Path(sys.executable).with_name("imgest")), "up", "--tansu-port", str(tansu),
+          "--data-dir", str(tmp_path / "data")]
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()}}
+    held = ports["IMGEST_GATEWAY_PORT"], ports["IMGEST_METADATA_PORT"], tansu
+    with contextlib.ExitStack() as listening:
+        for port in held:
+            listening.enter_context(socket.create_server(("127.0.0.1", port)))
+        done = subprocess.run(up, env=env, capture_output=True, text=True, timeout=60,
+                              check=False)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert (f"cannot start: ports {gateway} (IMGEST_GATEWAY_PORT), {tansu} (IMGEST_TANSU_PORT)"
-            " already in use") in done.stdout
-    assert str(unpacker) not in done.stdout  # (free: not named)
-    assert "Traceback" not in done.stderr and not (tmp_path / "data" / "postgres").exists()
+    assert (f"cannot start: ports {held[0]} (IMGEST_GATEWAY_PORT), {held[1]} "
+            f"(IMGEST_METADATA_PORT), {held[2]} (IMGEST_TANSU_PORT) already in use"
+            ) in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr and not (tmp_path / "data").exists()
+
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / "up.lock", "w") as lock:  # as a running `imgest up` holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = subprocess.run(up, env=env, capture_output=True, text=True, timeout=60,
+                              check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"another `imgest up` uses the data directory {tmp_path / 'data'}" in done.stdout
+    assert not (tmp_path / "data" / "postgres").exists()
 
 
 def test_a_killed_stack_does_not_keep_its_postgresql_running_after_the_next_stop(tmp_path):

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
+import asyncpg
 import httpx
 import pytest
 from imgest_gateway.app import FileNote, _track_files
+from imgest_gateway.uploads_api import _ADD_ALL
 from imgest_runtime.db import Database
 
 from .conftest import Infra
@@ -347,6 +349,86 @@ def test_clients_adding_at_once_add_the_same_content_once_and_keep_the_cap(
     assert sorted(o["state"] for o in state["objects"]) == ["added"] * 5 + ["duplicate"] * 11
     # Duplicates and refused files are deleted.
     assert len(list(gateway.store.list(f"staging/{upload['id']}/"))) == 5
+
+
+def _upload_row(gateway: Running, upload_id: str, project: str, state: str = "open") -> None:
+    gateway.query("insert into gateway.upload (id, state, project, uploader, options, "
+                  "created_at, files_added, redrives) values ($1, $2, $3, 'admin', '{}', now(), "
+                  "0, 0)", upload_id, state, project)
+
+
+def _add_all_args(upload_id: str, project: str, shas: list[str], cap: int = 100) -> list[Any]:
+    keys = [f"staging/{upload_id}/{os.urandom(6).hex()}-f.dcm" for _ in shas]
+    return _ADD_ALL.args({
+        "upload_id": upload_id, "project": project, "added": len(shas), "cap": cap,
+        "shas": shas, "object_keys": keys, "filenames": ["f.dcm"] * len(shas),
+        "sizes": [1] * len(shas), "sha256s": shas, "content_types": [None] * len(shas)})
+
+
+def test_the_one_statement_add_adds_only_what_is_new_with_room_in_an_open_upload(
+        gateway: Running):
+    """`_ADD_ALL`, straight on the database: what it adds (n) and what it leaves to the locked
+    path (0): content archived in the project (its own look-up, not the updated upload's),
+    already in the upload, no room, an upload no longer open; and, while it waits on the
+    upload's row, what the holder did meanwhile."""
+    tag = os.urandom(3).hex()
+    p, q = f"P{tag}", f"Q{tag}"
+    archived, open_p, open_q = f"arch-{tag}", f"openp-{tag}", f"openq-{tag}"
+    for upload_id, project, state in ((archived, p, "archived"), (open_p, p, "open"),
+                                      (open_q, q, "open")):
+        _upload_row(gateway, upload_id, project, state)
+    old, new, more = (f"{c}{tag}".ljust(64, "0") for c in "abc")
+    gateway.query("insert into gateway.upload_file (file_id, upload_id, object_key, path, "
+                  "sha256, state, updated_at) values ($1, $2, 'k', 'a.dcm', $3, 'archived', "
+                  "now())", f"f-{tag}", archived, old)
+
+    def add(*args: Any, **kw: Any) -> int:
+        return gateway.query(_ADD_ALL.sql, *_add_all_args(*args, **kw))[0][0]
+
+    assert add(open_p, p, [old]) == 0  # archived in P
+    assert add(open_p, p, [new, old]) == 0  # one of two archived: neither
+    assert add(open_q, q, [old]) == 1  # archived in another project only
+    assert add(open_p, p, [new]) == 1
+    assert add(open_p, p, [new]) == 0  # already in the upload: no unique violation logged
+    assert add(open_p, p, [more], cap=1) == 0  # no room
+    assert add(open_p, p, [more], cap=2) == 1  # exactly at the cap
+    assert gateway.query("select files_added from gateway.upload where id = $1",
+                         open_p)[0][0] == 2
+    gateway.query("update gateway.upload set state = 'processing' where id = $1", open_q)
+    assert add(open_q, q, [new]) == 0
+
+    async def waiting(holder_sql: str, holder_args: list[Any], *args: Any, **kw: Any) -> Any:
+        url = gateway.env["IMGEST_DATABASE_URL"].replace("postgresql+asyncpg", "postgresql")
+        holder, waiter = await asyncpg.connect(url), await asyncpg.connect(url)
+        try:
+            held = holder.transaction()
+            await held.start()
+            await holder.fetch(holder_sql, *holder_args)
+            second = asyncio.ensure_future(waiter.fetchval(_ADD_ALL.sql, *_add_all_args(
+                *args, **kw)))
+            await asyncio.sleep(0.3)
+            assert not second.done()  # it waits on the upload's row
+            await held.commit()
+            try:
+                return await second
+            except asyncpg.UniqueViolationError as e:
+                return type(e).__name__
+        finally:
+            await holder.close()
+            await waiter.close()
+
+    same, last, shut = f"same-{tag}", f"last-{tag}", f"shut-{tag}"
+    for upload_id in (same, last, shut):
+        _upload_row(gateway, upload_id, p)
+    x, y, z = (f"{c}{tag}".ljust(64, "1") for c in "xyz")
+    assert asyncio.run(waiting(_ADD_ALL.sql, _add_all_args(same, p, [x]), same, p, [x])) == (
+        "UniqueViolationError")  # the same content, added while it waited
+    assert asyncio.run(waiting(_ADD_ALL.sql, _add_all_args(last, p, [y], cap=1), last, p, [z],
+                               cap=1)) == 0  # the last place taken while it waited
+    assert asyncio.run(waiting("update gateway.upload set state = 'processing' where id = $1",
+                               [shut], shut, p, [z])) == 0  # submitted while it waited
+    assert gateway.query("select count(*) from gateway.upload_object where upload_id = $1",
+                         shut)[0][0] == 0
 
 
 def test_one_file_sent_as_a_form_is_its_bytes(gateway: Running, pydicom_file):

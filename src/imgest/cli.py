@@ -95,7 +95,7 @@ def up(
     PostgreSQL, a Kafka-compatible broker, a local object store and the five
     services. A second start on the same data directory picks up where the
     first stopped."""
-    from .stack import PortsInUse, Stack
+    from .stack import CannotStart, Stack
 
     overrides = {"IMGEST_GATEWAY_PORT": str(gateway_port), "IMGEST_HTTP_HOST": host,
                  "IMGEST_STORE": store, "IMGEST_LOG_LEVEL": log_level,
@@ -112,7 +112,7 @@ def up(
     try:
         try:
             stack.start()
-        except PortsInUse as e:
+        except CannotStart as e:
             emit("imgest", f"cannot start: {e}")
             raise typer.Exit(1) from None
         started = time.monotonic()

@@ -7,6 +7,7 @@ to finish what they are doing.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -31,8 +32,8 @@ def port_env(service: str) -> str:
     return f"IMGEST_{service.upper()}_PORT"
 
 
-class PortsInUse(RuntimeError):
-    """A port the stack would listen on is taken (most often: another `imgest up`)."""
+class CannotStart(RuntimeError):
+    """Another stack is in the way: it listens on our ports, or uses our data directory."""
 
 
 @dataclass
@@ -192,17 +193,19 @@ class Stack:
     tansu_port: int | None = None
     postgres: Postgres | None = None
     supervisor: Supervisor | None = None
+    _data_dir_lock: int | None = field(default=None, init=False, repr=False)
 
     def setting(self, name: str) -> str | None:
         return self.env.get(name) or os.environ.get(name)
 
     def start(self) -> dict[str, str]:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env, "IMGEST_DATA_DIR": str(self.data_dir.resolve()),
                "PYTHONUNBUFFERED": "1"}
         for name in SERVICES:
             env.setdefault(port_env(name), str(DEFAULT_PORTS[name]))
         self._check_ports(env)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._hold_data_dir()
         if not self.setting("IMGEST_DATABASE_URL"):
             self.postgres = Postgres(self.data_dir / "postgres")
             self.emit("imgest", f"starting embedded PostgreSQL in {self.postgres.directory}")
@@ -240,10 +243,24 @@ class Stack:
         taken = [f"{port} ({setting})" for setting, port in wanted.items()
                  if port_taken("127.0.0.1" if setting == "IMGEST_TANSU_PORT" else host, port)]
         if taken:
-            raise PortsInUse(
+            raise CannotStart(
                 f"port{'s' if len(taken) > 1 else ''} {', '.join(taken)} already in use on this "
                 "machine: is another `imgest up` running? Stop it, or choose other ports with "
                 "those settings.")
+
+    def _hold_data_dir(self) -> None:
+        """One stack per data directory, held until it stops: a second (on other ports) would
+        run its services on the first one's PostgreSQL and store, with a broker of its own."""
+        lock = os.open(self.data_dir / "up.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise CannotStart(
+                f"another `imgest up` uses the data directory {self.data_dir.resolve()}: stop "
+                "it, or give this one a directory of its own (--data-dir, IMGEST_DATA_DIR) and "
+                "other ports.") from None
+        self._data_dir_lock = lock  # (children do not inherit it: Popen closes descriptors)
 
     def port(self, service: str) -> int:
         return int(self.resolved[port_env(service)])
@@ -263,3 +280,6 @@ class Stack:
             self.supervisor.stop()
         if self.postgres:
             self.postgres.stop()
+        if self._data_dir_lock is not None:
+            os.close(self._data_dir_lock)
+            self._data_dir_lock = None
