@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from imgest.cli import StopRequested
+
 
 def test_a_burst_of_stop_signals_stops_up_and_never_hangs_it():
     """`imgest up` stops on SIGINT or SIGTERM however many arrive at once: a process group's
@@ -96,3 +98,44 @@ def test_a_killed_stack_does_not_keep_its_postgresql_running_after_the_next_stop
     assert server.is_running()
     postgres.stop()
     assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_second_ctrl_c_kills_what_a_stop_still_waits_for():
+    """A stop waits for each process to end (30 s at most); a second Ctrl-C, a moment after the
+    first, kills what still runs. Two signals at once (a group's kill, and uv passing it on)
+    are one stop, not two."""
+    waiter = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from imgest.cli import StopRequested\n"
+        "stop = StopRequested()\n"
+        "print('waiting', flush=True)\n"
+        "stop.wait(poll=0.05)\n"
+        "print('requested', stop.forced, flush=True)\n"
+        "time.sleep(1)\n"
+        "print('forced', stop.forced, flush=True)\n")], stdout=subprocess.PIPE, text=True)
+    assert waiter.stdout is not None and waiter.stdout.readline() == "waiting\n"
+    os.kill(waiter.pid, signal.SIGINT)
+    os.kill(waiter.pid, signal.SIGTERM)
+    assert waiter.stdout.readline() == "requested False\n"
+    time.sleep(StopRequested.AGAIN_AFTER + 0.1)
+    os.kill(waiter.pid, signal.SIGINT)
+    assert waiter.communicate(timeout=10)[0] == "forced True\n"
+
+    from imgest.stack import Supervisor
+
+    said: list[str] = []
+    supervisor = Supervisor(dict(os.environ), lambda name, line: said.append(line))
+    stubborn = supervisor.start_child("stubborn", [sys.executable, "-c", (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ignoring SIGTERM', flush=True)\n"
+        "time.sleep(120)\n")])
+    for _ in range(100):
+        if said:
+            break
+        time.sleep(0.1)
+    assert said == ["ignoring SIGTERM"]
+    started = time.monotonic()
+    supervisor.stop(hurry=lambda: time.monotonic() - started > 0.5)
+    assert time.monotonic() - started < 5  # not the 30 s a stop waits otherwise
+    assert stubborn.process is not None and stubborn.process.returncode == -signal.SIGKILL

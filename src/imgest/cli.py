@@ -54,18 +54,24 @@ def _opt(env: str, help: str, **kw):
 
 
 class StopRequested:
-    """Whether SIGINT or SIGTERM came, from the moment it is made. A flag, where a
+    """Whether SIGINT or SIGTERM came, from the moment it is made; `forced` once another came
+    a while after the first (a second Ctrl-C: kill what still runs). Flags, where a
     threading.Event's lock could hang the stop for ever: a second signal handled while the
-    first handler held that lock (a process group's kill and uv's passing it on arrive
-    together) waited on it in the same thread."""
+    first handler held that lock waited on it in the same thread."""
+
+    AGAIN_AFTER = 0.5  # a process group's kill and uv's passing it on arrive together: one stop
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = self.forced = False
+        self._first = 0.0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, _sig: int, _frame: object) -> None:
-        self.requested = True
+        if not self.requested:
+            self.requested, self._first = True, time.monotonic()
+        elif time.monotonic() - self._first > self.AGAIN_AFTER:
+            self.forced = True
 
     def wait(self, poll: float = 0.2) -> None:
         while not self.requested:
@@ -139,8 +145,8 @@ def up(
         stopping.wait()
     finally:
         if stack.postgres or stack.supervisor:  # (not when refused before starting anything)
-            emit("imgest", "stopping…")
-            stack.stop()
+            emit("imgest", "stopping… (Ctrl-C again: kill what still runs)")
+            stack.stop(hurry=lambda: stopping.forced)
             emit("imgest", "stopped")
 
 

@@ -7,6 +7,7 @@ to finish what they are doing.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -152,8 +153,11 @@ class Supervisor:
         if child.process:
             child.process.send_signal(sig)
 
-    def stop(self, timeout: float = 30, infrastructure: tuple[str, ...] = ("tansu",)) -> None:
-        """Services first (they flush their outboxes to the broker), infrastructure last."""
+    def stop(self, timeout: float = 30, infrastructure: tuple[str, ...] = ("tansu",),
+             hurry: Callable[[], bool] = lambda: False) -> None:
+        """Services first (they flush their outboxes to the broker), infrastructure last. Each
+        group gets `timeout` seconds to end, or until `hurry()` (a second Ctrl-C): then what
+        still runs is killed."""
         self._stop.set()
         if self._thread:
             self._thread.join()
@@ -167,11 +171,12 @@ class Supervisor:
             for child in group:
                 if child.process is None:
                     continue
-                try:
-                    child.process.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
+                while child.alive() and time.monotonic() < deadline and not hurry():
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.process.wait(0.1)
+                if child.alive():
                     child.process.kill()
-                    child.process.wait()
+                child.process.wait()
         self.children.clear()
 
 
@@ -275,9 +280,9 @@ class Stack:
         if pending:
             raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(sorted(pending))}")
 
-    def stop(self) -> None:
+    def stop(self, hurry: Callable[[], bool] = lambda: False) -> None:
         if self.supervisor:
-            self.supervisor.stop()
+            self.supervisor.stop(hurry=hurry)
         if self.postgres:
             self.postgres.stop()
         if self._data_dir_lock is not None:
