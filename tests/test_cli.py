@@ -15,19 +15,26 @@ from pathlib import Path
 from imgest.cli import StopRequested
 
 
+def _waiting_for_a_stop(then: str) -> subprocess.Popen[str]:
+    """A process waiting as `imgest up` does for SIGINT or SIGTERM, then running `then` (its
+    StopRequested is `stop`); returned once it waits."""
+    waiter = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from imgest.cli import StopRequested\n"
+        "stop = StopRequested()\n"
+        "print('waiting', flush=True)\n"
+        "stop.wait(poll=0.05)\n" + then)], stdout=subprocess.PIPE, text=True)
+    assert waiter.stdout is not None and waiter.stdout.readline() == "waiting\n"
+    return waiter
+
+
 def test_a_burst_of_stop_signals_stops_up_and_never_hangs_it():
     """`imgest up` stops on SIGINT or SIGTERM however many arrive at once: a process group's
     kill and uv's passing it on come together, and a handler taking a lock hung it (in about
     one burst in six, so twenty are sent)."""
     for burst in [200, 2000] * 10:
-        waiter = subprocess.Popen([sys.executable, "-c", (
-            "from imgest.cli import StopRequested\n"
-            "stop = StopRequested()\n"
-            "print('waiting', flush=True)\n"
-            "stop.wait(poll=0.05)\n"
-            "print('stopped', flush=True)\n")], stdout=subprocess.PIPE, text=True)
+        waiter = _waiting_for_a_stop("print('stopped', flush=True)\n")
         try:
-            assert waiter.stdout is not None and waiter.stdout.readline() == "waiting\n"
             for i in range(burst):
                 os.kill(waiter.pid, signal.SIGTERM if i % 2 else signal.SIGINT)
             started = time.monotonic()
@@ -104,16 +111,10 @@ def test_a_second_ctrl_c_kills_what_a_stop_still_waits_for():
     """A stop waits for each process to end (30 s at most); a second Ctrl-C, a moment after the
     first, kills what still runs. Two signals at once (a group's kill, and uv passing it on)
     are one stop, not two."""
-    waiter = subprocess.Popen([sys.executable, "-c", (
-        "import time\n"
-        "from imgest.cli import StopRequested\n"
-        "stop = StopRequested()\n"
-        "print('waiting', flush=True)\n"
-        "stop.wait(poll=0.05)\n"
-        "print('requested', stop.forced, flush=True)\n"
-        "time.sleep(1)\n"
-        "print('forced', stop.forced, flush=True)\n")], stdout=subprocess.PIPE, text=True)
-    assert waiter.stdout is not None and waiter.stdout.readline() == "waiting\n"
+    waiter = _waiting_for_a_stop("print('requested', stop.forced, flush=True)\n"
+                                 "time.sleep(1)\n"
+                                 "print('forced', stop.forced, flush=True)\n")
+    assert waiter.stdout is not None
     os.kill(waiter.pid, signal.SIGINT)
     os.kill(waiter.pid, signal.SIGTERM)
     assert waiter.stdout.readline() == "requested False\n"

@@ -739,12 +739,18 @@ _ARCHIVED_IN_PROJECT = (
            or_(UploadFile.state == literal_column("'archived'"),
                and_(UploadFile.state == literal_column("'prearchived'"),
                     exists().where(col(PrearchiveEntry.uri) == UploadFile.session)))))
-# ... or already in this upload.
-_KNOWN_CONTENT = Statement(union_all(
-    select(UploadObject.sha256, UploadObject.filename, cast(null(), String)).where(
+
+
+def _in_upload(*columns: Any) -> Any:
+    """The same content already in this upload."""
+    return select(*columns).where(
         UploadObject.upload_id == bindparam("upload_id"),
         UploadObject.state == literal_column("'added'"),  # (the partial index's own words)
-        any_of(col(UploadObject.sha256), _SHAS)),
+        any_of(col(UploadObject.sha256), _SHAS))
+
+
+_KNOWN_CONTENT = Statement(union_all(
+    _in_upload(UploadObject.sha256, UploadObject.filename, cast(null(), String)),
     _ARCHIVED_IN_PROJECT))
 _ARRIVED = {"object_key": String, "filename": String, "size": BigInteger, "sha256": String,
             "content_type": String}
@@ -776,13 +782,10 @@ def _add_all() -> Statement:
     arrived = unnested("arrived", **_ARRIVED)
     table, upload = UploadObject.__table__, Upload.__table__  # type: ignore[attr-defined]
     added = bindparam("added", type_=Integer)
-    in_upload = select(table.c.sha256).where(
-        table.c.upload_id == bindparam("upload_id"),
-        table.c.state == literal_column("'added'"), any_of(table.c.sha256, _SHAS))
     room = update(upload).where(
         upload.c.id == bindparam("upload_id"), upload.c.state == literal_column(f"'{OPEN}'"),
         upload.c.files_added + added <= bindparam("cap", type_=Integer),
-        ~exists(in_upload), ~exists(_ARCHIVED_IN_PROJECT)).values(
+        ~exists(_in_upload(UploadObject.sha256)), ~exists(_ARCHIVED_IN_PROJECT)).values(
         files_added=upload.c.files_added + added).returning(upload.c.id).cte("room")
     objects = insert(table).from_select(
         ["upload_id", *_ARRIVED, "state"],
