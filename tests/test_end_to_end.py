@@ -292,6 +292,51 @@ def test_truncated_zip_is_refused_with_a_reason(running: Running, pydicom_file):
     assert state["objects"][0]["reason"]["code"] == "archive.corrupt"
 
 
+def test_an_archive_refused_late_takes_the_files_told_of_early_with_it(running: Running,
+                                                                        pydicom_file):
+    """Members go on while their archive still unpacks; a damaged member at its end still
+    refuses the archive whole: its files told of early are in no status, count or outcome,
+    nothing of it is archived, staging is emptied, and the email says why."""
+    from imgest_unpacker.app import EARLY_MEMBERS
+
+    on_one_store(running, "what the services drop does not depend on the store")
+    study = zipfile.ZipFile(io.BytesIO(study_zip(pydicom_file("MR_small.dcm"),
+                                                 instances=EARLY_MEMBERS + 30, series=1)[0]))
+    members = {name: study.read(name) for name in study.namelist() if name.startswith("study")}
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:  # (its bytes as they are)
+        for name, data in members.items():
+            zf.writestr(name, data)
+    body = bytearray(out.getvalue())
+    body[body.rfind(members[name]) + 1000] ^= 0xFF  # the last one's: only its CRC-32 tells
+    project = running.project("LATE")
+    upload_id = running.upload("late.zip", bytes(body), project=project)["id"]
+    state = running.wait(upload_id, timeout=120)
+    assert state["state"] == "failed", state
+    [obj] = state["objects"]
+    assert obj["state"] == "rejected" and obj["reason"]["code"] == "archive.corrupt", obj
+    # Some went on before the damage was found: the gateway hears of them (perhaps after the
+    # outcome, which does not wait for them), and shows none.
+    heard = 0
+    deadline = time.monotonic() + 60
+    while heard < EARLY_MEMBERS and time.monotonic() < deadline:
+        heard = running.query("select count(*) from gateway.upload_file where upload_id = $1",
+                              upload_id)[0][0]
+        time.sleep(0.2)
+    assert heard >= EARLY_MEMBERS
+    state = running.status(upload_id)
+    assert state["files"] == [], state["files"][:3]
+    assert (state["counts"]["archived"], state["counts"]["rejected"]) == (0, 1)  # the archive
+    listed = running.http.get(f"/api/v1/projects/{project}/uploads",
+                              params={"state": "failed"}).json()
+    assert [u["files"] for u in listed if u["id"] == upload_id] == [{}]
+    assert not running.query("select 1 from importer.file where upload_id = $1", upload_id)
+    assert not list(running.store.list(f"staging/{upload_id}/"))
+    mail = running.mailbox.wait_for(upload_id)[0]
+    text = mail.get_payload()[0].get_payload(decode=True).decode()
+    assert "late.zip" in text and "damaged" in text
+
+
 def test_mixed_upload_is_partial(running: Running, pydicom_file):
     on_one_store(running, "how outcomes add up does not depend on the store")
     out = io.BytesIO()

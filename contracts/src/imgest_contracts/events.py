@@ -102,8 +102,10 @@ class Source(BaseModel):
     model_config = ConfigDict(extra="forbid")
     object_key: str
     member: str | None = Field(None, description="Path inside the archive, if any.")
-    files_total: int = Field(
-        ..., ge=0, description="How many files this stored object yields in all (1 unless archive)."
+    files_total: int | None = Field(
+        None, ge=0, description="How many files this stored object yields in all (1 unless "
+        "archive); null for a member told of while its archive is still being unpacked "
+        "(archive.unpacked then says how many)."
     )
 
 

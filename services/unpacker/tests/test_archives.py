@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imgest_contracts import ObjectStored
-from imgest_runtime.store import LocalStore, ObjectStore, S3Store, check_key
+from imgest_runtime.store import LocalStore, ObjectNotFound, ObjectStore, S3Store, check_key
 from imgest_unpacker.app import format_of, unpack
 from imgest_unpacker.archives import sniff
 from imgest_unpacker.domain import ArchiveError, Limits
@@ -742,3 +742,64 @@ def test_a_local_header_that_does_not_store_its_member_refuses_the_archive(tmp_p
     assert error.code == "archive.corrupt" and "'b.dcm'" in error.message
     data[second:second + 4] = b"PK\x07\x08"  # no local header where the directory points
     assert refused(store, stored(store, bytes(data)), "zip").code == "archive.corrupt"
+
+
+def _told_groups(store: ObjectStore, groups: list[list[tuple[str, bytes | None]]]):
+    """A `tell` that notes each group as it comes: each member's path, and its bytes as the
+    store has them at that moment (None if they are not there)."""
+    def tell(members) -> None:
+        groups.append([(m.path, _stored_bytes(store, m.key)) for m in members])
+    return tell
+
+
+def _stored_bytes(store: ObjectStore, key: str) -> bytes | None:
+    try:
+        with store.open(key) as f:
+            return f.read()
+    except ObjectNotFound:
+        return None
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar.gz"])
+def test_members_are_told_of_in_groups_as_they_unpack_unless_a_slide_may_claim_them(
+        store, fmt):
+    """While the archive unpacks, members go in groups (of at most EARLY_MEMBERS), each
+    member already in the store; what a multi-file slide might claim (an .svs, a .tif: only
+    the whole listing says) waits for the end, with the members unpacked since the last
+    group. Together: every member once, in the archive's order."""
+    from imgest_unpacker.app import EARLY_MEMBERS
+
+    files = {f"study/IM{i:04}.dcm": f"slice {i}".encode() for i in range(2 * EARLY_MEMBERS + 30)}
+    files["slides/a.svs"] = b"II*\x00svs"
+    files["slides/b.TIF"] = b"II*\x00tif"
+    files.update({f"late/IM{i}.dcm": b"late" for i in range(5)})
+    body = zip_bytes(files) if fmt == "zip" else tar_bytes(files, "w:gz")
+    groups: list[list[tuple[str, bytes | None]]] = []
+    result = unpack(store, stored(store, body), fmt, GENEROUS, tell=_told_groups(store, groups))
+    told = [item for group in groups for item in group]
+    assert len(groups) >= 2 and all(0 < len(g) <= EARLY_MEMBERS for g in groups)
+    assert all(files[path] == data for path, data in told)  # in the store when told
+    assert result.told == len(told)
+    at_end = [m.path for m in result.members]
+    assert "slides/a.svs" in at_end and "slides/b.TIF" in at_end
+    assert not {"slides/a.svs", "slides/b.TIF"} & {path for path, _ in told}
+    assert sorted([path for path, _ in told] + at_end) == sorted(files)
+    assert [path for path, _ in told] == [p for p in files if p in dict(told)]  # in order
+
+
+def test_an_archive_refused_after_members_were_told_of_leaves_none_of_them(store):
+    """A damaged member near the end (its CRC-32 fails) refuses the whole archive even after
+    the members before it were told of: every member staged, told or not, is deleted again."""
+    from imgest_unpacker.app import EARLY_MEMBERS
+
+    files = {f"IM{i:04}.dcm": os.urandom(200) for i in range(EARLY_MEMBERS + 20)}
+    body = bytearray(zip_bytes(files, zipfile.ZIP_STORED))
+    last = body.rfind(files["IM%04d.dcm" % (EARLY_MEMBERS + 19)])
+    body[last] ^= 0xFF  # its bytes, not its size: only the CRC-32 can tell
+    obj = stored(store, bytes(body))
+    groups: list[list[tuple[str, bytes | None]]] = []
+    with pytest.raises(ArchiveError) as err:
+        unpack(store, obj, "zip", GENEROUS, tell=_told_groups(store, groups))
+    assert err.value.code == "archive.corrupt"
+    assert groups and all(data is not None for g in groups for _, data in g)
+    assert not list(store.list(f"staging/{obj.upload_id}/members/"))

@@ -130,6 +130,7 @@ class FileNote:
     reason: dict | None = None
     session_uri: str | None = None
     sha256: str | None = None
+    source_key: str | None = None
 
 
 def _rank(state: Any) -> Any:
@@ -157,7 +158,7 @@ _TRACK = pg_insert(_FILE).on_conflict_do_update(index_elements=[_FILE.c.file_id]
     # A late failure does not mark an archived file.
     "reason": case((_ADVANCES, _either(_FILE.c.reason, _TOLD.reason)), else_=_FILE.c.reason),
     **{name: _either(_FILE.c[name], _TOLD[name])
-       for name in ("object_key", "path", "kind", "sha256", "session")},
+       for name in ("object_key", "path", "kind", "sha256", "session", "source_key")},
     "updated_at": _TOLD.updated_at})
 
 
@@ -171,7 +172,7 @@ async def _track_files(session: AsyncSession, notes: list[FileNote]) -> None:
         "file_id": n.file_id, "upload_id": n.upload_id, "object_key": n.object_key,
         "path": n.path, "kind": n.kind, "state": n.state, "reason": n.reason,
         "session": n.session_uri, "event": n.event and event_json(n.event),
-        "sha256": n.sha256, "updated_at": now}
+        "sha256": n.sha256, "source_key": n.source_key, "updated_at": now}
         for n in sorted(notes, key=lambda n: n.file_id)])  # (stable: one file's in order)
 
 
@@ -180,8 +181,8 @@ def register_handlers(svc: Service) -> None:
     @svc.on(FileStaged, whole_batch=True)
     async def on_files_staged(events: list[CloudEvent[FileStaged]], tx: Tx) -> None:
         await _track_files(tx.session, [FileNote(
-            f.upload_id, f.file_id, "staged", event, f.object_key, f.path, sha256=f.sha256)
-            for event in events for f in [event.data]])
+            f.upload_id, f.file_id, "staged", event, f.object_key, f.path, sha256=f.sha256,
+            source_key=f.source.object_key) for event in events for f in [event.data]])
         # An object that is not an archive went on itself, as one file.
         singles = {e.data.source.object_key for e in events if e.data.source.member is None}
         if singles:
@@ -196,14 +197,15 @@ def register_handlers(svc: Service) -> None:
     async def on_files_validated(events: list[CloudEvent[FileValidated]], tx: Tx) -> None:
         await _track_files(tx.session, [FileNote(
             f.upload_id, f.file_id, "validated", event, f.object_key, f.path, f.kind.value,
-            sha256=f.sha256) for event in events for f in [event.data]])
+            sha256=f.sha256, source_key=f.source.object_key)
+            for event in events for f in [event.data]])
 
     @svc.on(FileRejected, whole_batch=True)
     async def on_files_rejected(events: list[CloudEvent[FileRejected]], tx: Tx) -> None:
         await _track_files(tx.session, [FileNote(
             f.upload_id, f.file_id, "duplicate" if f.duplicate_of else "rejected", event,
-            f.object_key, f.path, f.kind.value, f.reason.model_dump())
-            for event in events for f in [event.data]])
+            f.object_key, f.path, f.kind.value, f.reason.model_dump(),
+            source_key=f.source.object_key) for event in events for f in [event.data]])
 
     async def _object_state(tx: Tx, event: CloudEvent, state: str, reason: dict | None,
                             keep_event: bool = True) -> None:
@@ -245,7 +247,7 @@ def register_handlers(svc: Service) -> None:
         f = event.data
         await _track_files(tx.session, [FileNote(
             f.upload_id, f.file_id, "failed", None, f.object_key, f.path, "unknown",
-            reason.model_dump())])
+            reason.model_dump(), source_key=f.source.object_key)])
 
     # The prearchive as the importer tells it: entries, their states, the answers to commands.
     @svc.on(SessionPrearchived)

@@ -70,6 +70,9 @@ class UploadFile(Base, table=True):
     file_id: str = Field(primary_key=True, max_length=64)
     upload_id: str = Field(index=True, max_length=64)
     object_key: str = Field(max_length=1024)
+    # The stored object it came from (itself, or its archive): an archive refused whole takes
+    # its files with it, some told of while it still unpacked.
+    source_key: str | None = Field(default=None, max_length=1024)
     path: str = Field(max_length=4096)
     kind: str | None = Field(default=None, max_length=20)
     sha256: str | None = Field(default=None, max_length=64, index=True)  # duplicate checks

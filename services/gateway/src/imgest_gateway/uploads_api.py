@@ -87,7 +87,7 @@ from .models import (
     User,
 )
 from .settings import Settings
-from .views import TOPIC_OF_TYPE, event_json, json_response, upload_status
+from .views import SHOWN, TOPIC_OF_TYPE, event_json, json_response, upload_status
 
 OPEN, PROCESSING, CANCELLING, CANCELLED = "open", "processing", "cancelling", "cancelled"
 
@@ -579,7 +579,7 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
                 UploadFile.upload_id == upload_id,
                 col(UploadFile.state).in_(["failed", "rejected"]),
                 col(UploadFile.reason)["code"].astext == PIPELINE_FAILED,
-                col(UploadFile.event).is_not(None)))).all()
+                col(UploadFile.event).is_not(None), SHOWN))).all()
             if not failed:
                 raise Refused(409, "Nothing to retry", (
                     "No file of this upload failed in the pipeline; rejected files were "
@@ -618,7 +618,7 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             ids = [u.id for u in uploads]
             by_file = (await session.exec(
                 select(UploadFile.upload_id, UploadFile.state, func.count())
-                .where(col(UploadFile.upload_id).in_(ids))
+                .where(col(UploadFile.upload_id).in_(ids), SHOWN)
                 .group_by(UploadFile.upload_id, UploadFile.state))).all()
             by_object = (await session.exec(
                 select(UploadObject.upload_id, UploadObject.state, func.count())
@@ -651,7 +651,8 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
                 upload = await session.get(Upload, upload_id)
                 by_state = dict((await session.exec(
                     select(UploadFile.state, func.count()).where(
-                        UploadFile.upload_id == upload_id).group_by(UploadFile.state))).all())
+                        UploadFile.upload_id == upload_id, SHOWN).group_by(UploadFile.state)
+                    )).all())
                 unpacking = (await session.exec(select(
                     UploadObject.filename, UploadObject.progress).where(
                     UploadObject.upload_id == upload_id, UploadObject.state == "stored",

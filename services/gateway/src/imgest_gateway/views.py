@@ -7,7 +7,7 @@ from typing import Any
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from imgest_contracts import TOPICS, CloudEvent, event_type
-from sqlalchemy import bindparam
+from sqlalchemy import bindparam, exists
 from sqlalchemy.orm import defer
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -18,8 +18,12 @@ from .models import Upload, UploadFile, UploadObject
 # a kilobyte or more each, decoded for nothing).
 _OBJECTS = select(UploadObject).options(defer(col(UploadObject.event))).where(
     UploadObject.upload_id == bindparam("upload_id"))
+# The files an upload shows: not those of an archive refused (or failed) whole, which goes
+# with its files as if none had come (some were told of while it still unpacked).
+SHOWN = ~exists().where(col(UploadObject.object_key) == col(UploadFile.source_key),
+                        col(UploadObject.state).in_(("rejected", "failed")))
 _FILES = select(UploadFile).options(defer(col(UploadFile.event))).where(
-    UploadFile.upload_id == bindparam("upload_id")).order_by(col(UploadFile.path))
+    UploadFile.upload_id == bindparam("upload_id"), SHOWN).order_by(col(UploadFile.path))
 
 TOPIC_OF_TYPE = {event_type(payload): topic for topic, payload in TOPICS.items()}
 

@@ -300,6 +300,9 @@ class Importer:
                 UploadFile.upload_id == upload_id))).all()
             objects = (await session.exec(select(UploadObject).where(
                 UploadObject.upload_id == upload_id))).all()
+        # An archive refused whole takes its files with it (those told of while it unpacked).
+        refused_whole = {o.object_key for o in objects if o.rejected}
+        files = [f for f in files if f.object_key not in refused_whole]
         if upload.state == "cleaning":  # completed, but its staging not yet emptied
             await self._clean(upload_id, files, objects, upload.cancelled)
             return

@@ -197,6 +197,15 @@ def listing_files(paths: list[str]) -> list[str]:
 # What a set's folder may hold; anything else there is a file of its own.
 _FOLDER_FILES = {"mrxs": (".dat", ".ini"), "vsi": (".ets",)}
 _LISTED_FILES = {"afi": (".svs", ".tif", ".tiff"), "ndpis": (".ndpi",)}
+_MAY_JOIN = {*INDEX_FORMATS, *(s for group in (_FOLDER_FILES, _LISTED_FILES)
+                               for suffixes in group.values() for s in suffixes)}
+
+
+def may_join_fileset(path: str) -> bool:
+    """Whether the member could be part of a multi-file slide (an index, or what one names),
+    which only the archive's whole listing tells; any other member is a file of its own as
+    soon as it is unpacked."""
+    return _split(path)[1] in _MAY_JOIN
 
 
 def plan_filesets(paths: list[str], texts: dict[str, str]) -> tuple[list[FilesetPlan], list[str]]:
