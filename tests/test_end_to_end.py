@@ -292,14 +292,11 @@ def test_truncated_zip_is_refused_with_a_reason(running: Running, pydicom_file):
     assert state["objects"][0]["reason"]["code"] == "archive.corrupt"
 
 
-def test_an_archive_refused_late_takes_the_files_told_of_early_with_it(running: Running,
-                                                                        pydicom_file):
-    """Members go on while their archive still unpacks; a damaged member at its end still
-    refuses the archive whole: its files told of early are in no status, count or outcome,
-    nothing of it is archived, staging is emptied, and the email says why."""
+def damaged_at_its_end(pydicom_file) -> tuple[bytes, bytes]:
+    """A zip of a study of EARLY_MEMBERS + 30 instances whose last member is damaged (only
+    its CRC-32 tells), and the same zip intact."""
     from imgest_unpacker.app import EARLY_MEMBERS
 
-    on_one_store(running, "what the services drop does not depend on the store")
     study = zipfile.ZipFile(io.BytesIO(study_zip(pydicom_file("MR_small.dcm"),
                                                  instances=EARLY_MEMBERS + 30, series=1)[0]))
     members = {name: study.read(name) for name in study.namelist() if name.startswith("study")}
@@ -308,9 +305,22 @@ def test_an_archive_refused_late_takes_the_files_told_of_early_with_it(running: 
         for name, data in members.items():
             zf.writestr(name, data)
     body = bytearray(out.getvalue())
-    body[body.rfind(members[name]) + 1000] ^= 0xFF  # the last one's: only its CRC-32 tells
+    body[body.rfind(members[max(members)]) + 1000] ^= 0xFF
+    return bytes(body), out.getvalue()
+
+
+def test_an_archive_refused_late_takes_the_files_told_of_early_with_it(running: Running,
+                                                                        pydicom_file):
+    """Members go on while their archive (its upload's only object) still unpacks; a damaged
+    member at its end still refuses the archive whole: its files told of early are in no
+    status, count or outcome, nothing of it is archived, staging is emptied, and the email
+    says why."""
+    from imgest_unpacker.app import EARLY_MEMBERS
+
+    on_one_store(running, "what the services drop does not depend on the store")
     project = running.project("LATE")
-    upload_id = running.upload("late.zip", bytes(body), project=project)["id"]
+    upload_id = running.upload("late.zip", damaged_at_its_end(pydicom_file)[0],
+                               project=project)["id"]
     state = running.wait(upload_id, timeout=120)
     assert state["state"] == "failed", state
     [obj] = state["objects"]
@@ -335,6 +345,36 @@ def test_an_archive_refused_late_takes_the_files_told_of_early_with_it(running: 
     mail = running.mailbox.wait_for(upload_id)[0]
     text = mail.get_payload()[0].get_payload(decode=True).decode()
     assert "late.zip" in text and "damaged" in text
+
+
+def test_beside_another_object_an_archive_is_checked_once_unpacked(running: Running,
+                                                                    pydicom_file):
+    """With more objects in the upload, an archive's members wait for its end: a refused
+    archive's files must not be what another object's are taken for duplicates of. None of
+    the damaged zip's reaches the services, and the same study intact beside it (after it)
+    is archived whole."""
+    from imgest_unpacker.app import EARLY_MEMBERS
+
+    on_one_store(running, "which files go early does not depend on the store")
+    damaged, intact = damaged_at_its_end(pydicom_file)
+    http = running.http
+    running.project("BESIDE")
+    upload = http.post("/api/v1/projects/BESIDE/uploads", json={}).json()
+    added = http.post(f"/api/v1/uploads/{upload['id']}/files", files=[
+        ("file", ("damaged.zip", damaged)), ("file", ("intact.zip", intact))])
+    assert added.status_code == 201 and added.json()["added"] == 2, added.text
+    http.post(f"/api/v1/uploads/{upload['id']}/submit")
+    state = running.wait(upload["id"], timeout=120)
+    assert state["state"] == "partial", state["counts"]
+    assert {o["filename"]: o["state"] for o in state["objects"]} == {
+        "damaged.zip": "rejected", "intact.zip": "unpacked"}
+    counts = state["counts"]
+    assert (counts["archived"], counts["duplicates"]) == (EARLY_MEMBERS + 30, 0), counts
+    [damaged_key] = [o["object_key"] for o in state["objects"] if o["filename"] == "damaged.zip"]
+    for _ in range(15):  # (were any sent, the gateway would hear of them about now)
+        assert not running.query("select 1 from gateway.upload_file where source_key = $1",
+                                 damaged_key)
+        time.sleep(0.2)
 
 
 def test_mixed_upload_is_partial(running: Running, pydicom_file):

@@ -186,6 +186,10 @@ class ObjectStored(Payload):
     sha256: str = Field(..., pattern="^[0-9a-f]{64}$")
     content_type: str | None = None
     rules: ProjectRules | None = Field(None, description="The project's rules for its files.")
+    only_object: bool = Field(False, description=(
+        "The upload's only object. Then an archive's members may go on before it is wholly "
+        "unpacked: should it be refused after all, no other object's file was taken for a "
+        "duplicate of one of them."))
 
 
 class UploadSubmitted(Payload):

@@ -71,7 +71,7 @@ from .models import (
 from .settings import Settings
 from .tus_api import TusProtocol, tus_router
 from .uploads_api import Refused, submit_one_file, uploads_router
-from .views import TOPIC_OF_TYPE, event_json, json_response, upload_status, upload_view
+from .views import SHOWN, TOPIC_OF_TYPE, event_json, json_response, upload_status, upload_view
 from .waiting import Waiters, announce
 from .xnat_api import plain_http_errors, xnat_router
 
@@ -421,7 +421,7 @@ async def _redrive_upload(svc: Service, settings: Settings, upload_id: str,
         objects = (await session.exec(select(UploadObject).where(
             UploadObject.upload_id == upload_id))).all()
         files = (await session.exec(select(UploadFile).where(
-            UploadFile.upload_id == upload_id, col(UploadFile.state).in_(UNPLACED)))).all()
+            UploadFile.upload_id == upload_id, col(UploadFile.state).in_(UNPLACED), SHOWN))).all()
         events = [row.event for row in (*objects, *files) if row.event]
         for event in events:
             await svc.outbox.resend(session, TOPIC_OF_TYPE[event["type"]], upload_id, event)

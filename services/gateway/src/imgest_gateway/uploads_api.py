@@ -274,11 +274,11 @@ async def submit_one_file(svc: Service, settings: Settings, request: Request, up
     return upload, obj
 
 
-def object_stored(upload: Upload, obj: UploadObject, rules: ProjectRules | None
-                  ) -> ObjectStored:
+def object_stored(upload: Upload, obj: UploadObject, rules: ProjectRules | None,
+                  only_object: bool) -> ObjectStored:
     return ObjectStored(upload_id=upload.id, project=upload.project, object_key=obj.object_key,
                         filename=obj.filename, size=obj.size, sha256=obj.sha256,
-                        content_type=obj.content_type, rules=rules)
+                        content_type=obj.content_type, rules=rules, only_object=only_object)
 
 
 async def project_rules(session: AsyncSession, project_id: str | None) -> ProjectRules | None:
@@ -314,7 +314,8 @@ async def submit(svc: Service, session: AsyncSession, upload: Upload,
     added."""
     rules = await project_rules(session, upload.project)
     events = await svc.outbox.add_many(  # one statement for all, not a round trip each
-        session, [(object_stored(upload, obj, rules), None) for obj in objects])
+        session, [(object_stored(upload, obj, rules, len(objects) == 1), None)
+                  for obj in objects])
     recorded = []
     for obj, event in zip(objects, events):
         if inspect(obj).persistent:

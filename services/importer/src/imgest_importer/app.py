@@ -206,8 +206,9 @@ class Importer:
         session.add(upload)
         return True
 
-    async def record_files(self, tx: Tx, files: list[tuple[UploadFile, int]]) -> None:
-        """Records files' outcomes (with the number of files their object holds): each upload
+    async def record_files(self, tx: Tx, files: list[tuple[UploadFile, int | None]]) -> None:
+        """Records files' outcomes (with the number of files their object holds, if known yet;
+        archive.unpacked says it of members told of while their archive unpacked): each upload
         and object looked at once, the rows inserted in one statement."""
         session = tx.session
         store = self.svc.store
@@ -264,6 +265,9 @@ class Importer:
         known = await session.get(UploadFile, row.file_id, with_for_update=True)
         if known is None or known.state != "rejected" or (known.reason or {}).get(
                 "code") != PIPELINE_FAILED:
+            return
+        source = await session.get(UploadObject, row.object_key)
+        if source is not None and source.rejected:  # dropped with its archive
             return
         if row.reason and row.reason.get("code") == PIPELINE_FAILED:
             return

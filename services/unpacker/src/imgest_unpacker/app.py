@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -122,9 +123,10 @@ class _Early:
     unpacking instead of following it (scenario 1, a zip of 1,000 CT slices: the first file
     validated 0.9 s sooner, the whole 8-10 % sooner). Only members that cannot be part of a
     multi-file slide (which takes the whole listing to tell) go early, each group made durable
-    first. A group goes once it holds EARLY_MEMBERS, or when EARLY_SECONDS passed since the
-    last (large members go one by one). An archive refused later is refused whole all the
-    same: its members are deleted, and the services drop the files of a refused archive."""
+    first. A group goes once it holds EARLY_MEMBERS, or with the first member staged
+    EARLY_SECONDS or more after the last group (so large members go about one by one). An
+    archive refused later is refused whole all the same: its members are deleted, and the
+    services drop the files of a refused archive."""
 
     def __init__(self, batch: DurableBatch, tell: Tell | None):
         self.batch, self.tell = batch, tell
@@ -150,6 +152,7 @@ class _Early:
 
 EARLY_MEMBERS = 100
 EARLY_SECONDS = 0.5
+TELL_TIMEOUT = 60  # seconds a group may take to be recorded before the unpacking gives up
 
 
 class _Writers:
@@ -417,17 +420,23 @@ def bootstrap(settings: Settings) -> Service:
             return
         latest: list[tuple[int, int | None, int] | None] = [None]  # set by the thread
         reporter = asyncio.create_task(report_progress(obj, latest))
-        loop = asyncio.get_running_loop()
+        loop, abandoned = asyncio.get_running_loop(), threading.Event()
 
-        async def tell(members: list[Member]) -> None:
+        async def told(members: list[Member]) -> None:
             async with svc.db.session() as session:  # (how many in all is not known yet)
                 await svc.outbox.add_many(session, [member_staged(event, m, None)
                                                     for m in members])
 
+        def tell(members: list[Member]) -> None:  # (in the unpacking thread)
+            if abandoned.is_set():  # (this handler was cancelled: the service is stopping)
+                raise RuntimeError("the unpacking was abandoned")
+            asyncio.run_coroutine_threadsafe(told(members), loop).result(TELL_TIMEOUT)
+
         try:
+            # Early only alone in its upload (see ObjectStored.only_object).
             result = await asyncio.to_thread(
                 unpack, store, obj, fmt, limits, lambda *p: latest.__setitem__(0, p),
-                lambda members: asyncio.run_coroutine_threadsafe(tell(members), loop).result())
+                tell if obj.only_object else None)
         except ArchiveError as e:
             log.warning("upload %s: %s refused: %s", obj.upload_id, obj.filename, e.message)
             async with svc.handling(event) as session:
@@ -438,6 +447,7 @@ def bootstrap(settings: Settings) -> Service:
                         event_id=derived_id(event.id, "rejected"))
             return
         finally:
+            abandoned.set()
             reporter.cancel()  # and waited for: no progress is told after the outcome
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter

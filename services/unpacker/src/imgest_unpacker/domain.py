@@ -205,7 +205,7 @@ def may_join_fileset(path: str) -> bool:
     """Whether the member could be part of a multi-file slide (an index, or what one names),
     which only the archive's whole listing tells; any other member is a file of its own as
     soon as it is unpacked."""
-    return _split(path)[1] in _MAY_JOIN
+    return path.lower().endswith(tuple(_MAY_JOIN))  # (as slides match their files)
 
 
 def plan_filesets(paths: list[str], texts: dict[str, str]) -> tuple[list[FilesetPlan], list[str]]:
