@@ -116,6 +116,9 @@ Progress = Callable[[int, int | None, int], None]  # (files staged, files in all
 
 WHOLE_UP_TO = CHUNK  # a member up to this size is read whole and written by a writer
 Tell = Callable[[list[Member]], None]
+EARLY_MEMBERS = 100
+EARLY_SECONDS = 0.5
+TELL_TIMEOUT = 60  # seconds a group may take to be recorded before the unpacking gives up
 
 
 class _Early:
@@ -148,11 +151,6 @@ class _Early:
     def stop(self) -> None:
         """No more goes early (what is left is told with the archive's outcome)."""
         self.tell = None
-
-
-EARLY_MEMBERS = 100
-EARLY_SECONDS = 0.5
-TELL_TIMEOUT = 60  # seconds a group may take to be recorded before the unpacking gives up
 
 
 class _Writers:
