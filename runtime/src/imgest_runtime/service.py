@@ -423,7 +423,8 @@ def _documented(payload: type[Payload]) -> Callable[..., Awaitable[None]]:
 
 def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(app: FastAPI):
+        warm_routes(app)
         async with service.running():
             yield
 
@@ -459,6 +460,16 @@ def create_app(service: Service, **fastapi_options: Any) -> FastAPI:
         return service.asyncapi()
 
     return app
+
+
+def warm_routes(app: FastAPI) -> None:
+    """Builds the app's routing tables before it serves: FastAPI builds an included router's
+    routes on their first match, which made each gateway worker's first request take 0.1-0.2 s
+    (a path that matches nothing walks them all)."""
+    scope = {"type": "http", "method": "GET", "path": "/\x00", "root_path": "", "headers": [],
+             "query_string": b""}
+    for route in app.router.routes:
+        route.matches(scope)
 
 
 def add_local_docs(app: FastAPI) -> None:
