@@ -26,7 +26,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Self, TypeVar
@@ -379,13 +379,19 @@ class _DirectWriter:
     through recycled pages and ~0.02 this way (measured on the benchmark's machine). What reads
     a file whole reads it once, past the page cache too (`_DirectReader`); a big upload no
     longer pushes other files out of the cache. The unaligned ends go through the page cache
-    (the kernel keeps the two coherent)."""
+    (the kernel keeps the two coherent).
+
+    A full buffer goes to the disk from another thread while the next bytes fill a second
+    one: the caller's work on them (hashing, receiving) and the disk's wait overlap, instead
+    of taking turns (a put of 500 MiB: 0.62 s, of which 0.27 s waiting for the disk)."""
 
     def __init__(self, cached: int, direct: int, at: int):
         self.cached, self.direct, self.at = cached, direct, at
         self.lead = -at % DIRECT_ALIGN  # bytes before the first aligned offset
         self.buffer = _spare_buffers.take()
         self.view = memoryview(self.buffer)
+        self.twin: tuple[mmap.mmap, memoryview] | None = None  # taken once the first is full
+        self.pending: Future[None] | None = None  # a full buffer's write, on its way
         self.fill = 0
         self.written = 0
 
@@ -408,7 +414,8 @@ class _DirectWriter:
         view = memoryview(block)
         if self.lead:
             lead = view[:self.lead]
-            self._write(self.cached, lead)
+            self._write(self.cached, lead, self.at)
+            self.at += len(lead)
             self.lead -= len(lead)
             view = view[len(lead):]
         while view:
@@ -417,46 +424,70 @@ class _DirectWriter:
             self.fill += n
             view = view[n:]
             if self.fill == DIRECT_BUFFER:
-                self._write(self.direct, self.view)
-                self.fill = 0
+                self._hand_off()
+
+    def _hand_off(self) -> None:
+        """The full buffer to the disk, from another thread; the next bytes go to its twin
+        (once the twin's own write is done)."""
+        self._settle()
+        if self.twin is None:
+            spare = _spare_buffers.take()
+            self.twin = (spare, memoryview(spare))
+        self.pending = _direct_writes().submit(self._write, self.direct, self.view, self.at)
+        self.at += DIRECT_BUFFER
+        (self.buffer, self.view), self.twin = self.twin, (self.buffer, self.view)
+        self.fill = 0
+
+    def _settle(self) -> None:
+        """Waits for the write on its way; raises its error."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
 
     def finish(self) -> None:
         """Writes what the buffer holds: its aligned part by O_DIRECT, the tail cached."""
+        self._settle()
         aligned = self.fill - self.fill % DIRECT_ALIGN
         if aligned:
-            self._write(self.direct, self.view[:aligned])
+            self._write(self.direct, self.view[:aligned], self.at)
         if self.fill > aligned:
-            self._write(self.cached, self.view[aligned:self.fill])
+            self._write(self.cached, self.view[aligned:self.fill], self.at + aligned)
+        self.at += self.fill
         self.fill = 0
 
-    def _write(self, fd: int, data: memoryview) -> None:
+    def _write(self, fd: int, data: memoryview, at: int) -> None:
         while data:
             try:
-                n = os.pwrite(fd, data, self.at)
+                n = os.pwrite(fd, data, at)
             except OSError as e:
                 if fd == self.cached or e.errno != errno.EINVAL:
                     raise
                 # A file system that took the flag but not these writes (a logical block
-                # larger than a page): the rest through the page cache.
+                # larger than a page): the rest through the page cache. (Only one write is on
+                # its way at a time: none uses the descriptor meanwhile.)
                 os.close(self.direct)
                 fd = self.direct = self.cached
                 continue
             if n == 0:
                 raise OSError(errno.EIO, "the file system wrote nothing")
-            self.at += n
+            at += n
             data = data[n:]
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.pending is not None:  # (failing already: its buffer is let go once written)
+            with contextlib.suppress(BaseException):
+                self.pending.result()
         if self.direct != self.cached:
             os.close(self.direct)
-        self.view.release()
         # Not closed here: after a failed write, a frame of the traceback may still hold a
         # slice of it (closing would raise BufferError over the real error); unmapped when the
         # last reference goes.
-        _spare_buffers.give(self.buffer)
+        for buffer, view in [(self.buffer, self.view), *([self.twin] if self.twin else [])]:
+            view.release()
+            _spare_buffers.give(buffer)
 
 
 class _DirectReader(_Reader):
@@ -596,6 +627,28 @@ class _SpareBuffers:
 
 
 _spare_buffers = _SpareBuffers()
+
+
+class _DirectWrites:
+    """The threads that write `_DirectWriter`s' full buffers: this process's own (a pool made
+    before a fork would have no threads in the child)."""
+
+    def __init__(self) -> None:
+        self._forget()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self.pool: ThreadPoolExecutor | None = None
+        self.lock = threading.Lock()
+
+    def __call__(self) -> ThreadPoolExecutor:
+        with self.lock:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(8, thread_name_prefix="imgest-direct-writes")
+            return self.pool
+
+
+_direct_writes = _DirectWrites()
 
 
 @contextlib.contextmanager
