@@ -919,31 +919,40 @@ def _raise(error: BaseException) -> None:
 @needs_o_direct
 def test_full_buffers_go_to_the_disk_from_another_thread_while_the_next_fills(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A writer's full buffer is written by another thread while the caller fills its twin:
-    one write on its way at a time, in order, and the last (part) buffer by the caller."""
+    """A writer's full buffer is written by another thread while the caller reads on and
+    fills its twin: one write on its way at a time, in order, and the last (part) buffer by
+    the caller; the bytes intact though the disk is slow."""
     import threading
 
     store = LocalStore(tmp_path / "store")
     data = os.urandom(DIRECT_FROM + 3 * DIRECT_BUFFER + 12345)
-    writes: list[tuple[str, int]] = []
-    on_the_way = most = 0
+    writes: list[tuple[str, int, bool]] = []  # (thread, offset, the caller read on meanwhile)
+    read = on_the_way = most = 0
+
+    def chunks():
+        nonlocal read
+        for i in range(0, len(data), 65_537):
+            read += 1
+            yield data[i:i + 65_537]
 
     def pwrite(fd: int, buffer, offset: int) -> int:
         nonlocal on_the_way, most
         if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             return _PWRITE(fd, buffer, offset)
-        writes.append((threading.current_thread().name, offset))
         on_the_way += 1
         most = max(most, on_the_way)
-        time.sleep(0.05)  # a slow disk: the caller goes on meanwhile
+        before = read
+        time.sleep(0.05)  # a slow disk
+        writes.append((threading.current_thread().name, offset, read > before))
         on_the_way -= 1
         return _PWRITE(fd, buffer, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    store.put("big", IterReader(data[i:i + 65_537] for i in range(0, len(data), 65_537)))
+    store.put("big", IterReader(chunks()))
     assert store.read_range("big", 0, len(data) + 1) == data
-    assert [offset for _, offset in writes] == sorted(offset for _, offset in writes)
-    assert all(name.startswith("imgest-direct-writes") for name, _ in writes[:3])
+    assert [offset for _, offset, _ in writes] == sorted(offset for _, offset, _ in writes)
+    assert all(name.startswith("imgest-direct-writes") and overlapped
+               for name, _, overlapped in writes[:3])
     assert not writes[-1][0].startswith("imgest-direct-writes") and len(writes) == 4
     assert most == 1
 

@@ -433,7 +433,10 @@ class _DirectWriter:
         if self.twin is None:
             spare = _spare_buffers.take()
             self.twin = (spare, memoryview(spare))
-        self.pending = _direct_writes().submit(self._write, self.direct, self.view, self.at)
+        try:
+            self.pending = _direct_writes().submit(self._write, self.direct, self.view, self.at)
+        except RuntimeError:  # (the interpreter is ending: no new threads) written here
+            self._write(self.direct, self.view, self.at)
         self.at += DIRECT_BUFFER
         (self.buffer, self.view), self.twin = self.twin, (self.buffer, self.view)
         self.fill = 0
@@ -441,8 +444,8 @@ class _DirectWriter:
     def _settle(self) -> None:
         """Waits for the write on its way; raises its error."""
         if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()
+            self.pending.result()
+            self.pending = None
 
     def finish(self) -> None:
         """Writes what the buffer holds: its aligned part by O_DIRECT, the tail cached."""
@@ -477,9 +480,19 @@ class _DirectWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.pending is not None:  # (failing already: its buffer is let go once written)
-            with contextlib.suppress(BaseException):
+        if self.pending is not None:  # (failing already: the caller's error is the one told)
+            try:
                 self.pending.result()
+            except Exception:  # noqa: BLE001, S110 - its error, if any, was raised or is moot
+                pass
+            except BaseException:  # interrupted meanwhile: what it uses goes once it ends
+                self.pending.add_done_callback(lambda _: self._release())
+                self.pending = None
+                raise
+            self.pending = None
+        self._release()
+
+    def _release(self) -> None:
         if self.direct != self.cached:
             os.close(self.direct)
         # Not closed here: after a failed write, a frame of the traceback may still hold a
@@ -600,7 +613,8 @@ class _SpareBuffers:
     one) and readers (`spare_buffer`): a fresh mapping's pages each cost a fault when first
     touched, on a virtual machine as dear as the page cache's."""
 
-    KEPT = 8  # (the unpacker's two threads per core each hold a reader's and a writer's)
+    KEPT = 12  # (each of the unpacker's two threads per core holds a reader's and a writer's
+    #             two, on two cores)
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
