@@ -916,6 +916,29 @@ def _raise(error: BaseException) -> None:
     raise error
 
 
+def test_a_store_whose_directory_is_away_is_not_a_store_without_the_object(
+        tmp_path: Path) -> None:
+    """Its directory moved away (or unmounted): reads fail as a store away does, to be tried
+    again, not as an object that is gone for good; back, everything is there."""
+    store = LocalStore(tmp_path / "store")
+    store.put("a/x", io.BytesIO(b"hello"))
+    with pytest.raises(ObjectNotFound):
+        store.open("a/none")
+    assert store.stat("a/none") is None
+    store.root.rename(tmp_path / "away")
+    for call in (lambda: store.open("a/x"), lambda: store.open_once("a/x"),
+                 lambda: store.stat("a/x"), lambda: store.read_range("a/x", 0, 5),
+                 lambda: store.copy("a/x", "b/x"), lambda: store.move("a/x", "b/y")):
+        with pytest.raises(StoreError) as away:
+            call()
+        assert not isinstance(away.value, ObjectNotFound), away.value
+    with pytest.raises(StoreError):  # nor a write: it would make the directory anew
+        store.put("c/x", io.BytesIO(b"new"))
+    assert not store.root.exists()
+    (tmp_path / "away").rename(store.root)
+    assert store.read_range("a/x", 0, 5) == b"hello"
+
+
 @needs_o_direct
 def test_full_buffers_go_to_the_disk_from_another_thread_while_the_next_fills(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

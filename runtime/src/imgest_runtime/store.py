@@ -747,7 +747,7 @@ class LocalStore(ObjectStore):
     def put(self, key: str, data: BinaryIO, length: int | None = None, *,
             durable: bool = True) -> StoredObject:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._make_folder(path)
         tmp = _temporary_beside(path)
         hashing = _Hashing(data)
         try:
@@ -767,7 +767,7 @@ class LocalStore(ObjectStore):
     def write_at(self, key: str, offset: int, data: BinaryIO, *, durable: bool = True
                  ) -> StoredObject:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._make_folder(path)
         # Created at offset 0 only: later, a missing object is an error, never a file of zeros.
         fd = os.open(path, os.O_WRONLY | (os.O_CREAT if offset == 0 else 0), 0o644)
         with open(fd, "wb", closefd=True) as out:  # (no O_TRUNC: what is there stays)
@@ -800,11 +800,30 @@ class LocalStore(ObjectStore):
     def durable_batch(self) -> DurableBatch:
         return _SyncfsBatch(self) if self.fsync and _syncfs() else DurableBatch(self)
 
+    def _away(self) -> StoreError | None:
+        if not self.root.is_dir():
+            return StoreError(f"the store's directory {self.root} is not there")
+        return None
+
+    def _make_folder(self, path: Path) -> None:
+        """The object's folder, but never the store's own: a directory away (unmounted, moved)
+        must not come back empty."""
+        if away := self._away():
+            raise away
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _missing(self, key: str) -> StoreError:
+        """ObjectNotFound; unless the store's own directory is not there (unmounted, moved
+        away): then the store is away, which passes (a retry), and the object may well be
+        in it still. (Found when a service read a file just as the store went away, and took
+        it for deleted: its upload lost the file.)"""
+        return self._away() or ObjectNotFound(key)
+
     def open(self, key: str) -> BinaryIO:
         try:
             return open(self._path(key), "rb")
         except FileNotFoundError as e:
-            raise ObjectNotFound(key) from e
+            raise self._missing(key) from e
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         with self.open(key) as f:
@@ -817,21 +836,23 @@ class LocalStore(ObjectStore):
         try:
             return _DirectReader.open(self._path(key))
         except FileNotFoundError as e:
-            raise ObjectNotFound(key) from e
+            raise self._missing(key) from e
 
     reads_anywhere = True
 
     def stat(self, key: str) -> StoredObject | None:
         try:
             return StoredObject(key, self._path(key).stat().st_size)
-        except FileNotFoundError:
-            return None
+        except FileNotFoundError as e:
+            if isinstance(missing := self._missing(key), ObjectNotFound):
+                return None
+            raise missing from e
 
     def copy(self, src: str, dst: str) -> None:
         """A hard link where the file system allows (no byte is copied: objects are never
         changed in place, a write always renames a new file over the old), else a copy."""
         source, target = self._path(src), self._path(dst)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self._make_folder(target)
         tmp = _temporary_beside(target)
         try:
             try:
@@ -841,17 +862,17 @@ class LocalStore(ObjectStore):
             except OSError:  # another device, or links not allowed
                 shutil.copyfile(source, tmp)
         except FileNotFoundError as e:
-            raise ObjectNotFound(src) from e
+            raise self._missing(src) from e
         os.replace(tmp, target)
 
     def move(self, src: str, dst: str) -> None:
         source, target = self._path(src), self._path(dst)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self._make_folder(target)
         try:
             os.replace(source, target)  # same file system: a rename is the server-side move
         except FileNotFoundError as e:
             if not target.exists():
-                raise ObjectNotFound(src) from e
+                raise self._missing(src) from e
         self._sync_dir(target.parent)
 
     def delete(self, key: str) -> None:
