@@ -844,9 +844,9 @@ class LocalStore(ObjectStore):
         try:
             return StoredObject(key, self._path(key).stat().st_size)
         except FileNotFoundError as e:
-            if isinstance(missing := self._missing(key), ObjectNotFound):
-                return None
-            raise missing from e
+            if away := self._away():
+                raise away from e
+            return None
 
     def copy(self, src: str, dst: str) -> None:
         """A hard link where the file system allows (no byte is copied: objects are never
