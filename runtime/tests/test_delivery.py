@@ -9,7 +9,7 @@ import os
 import shutil
 import signal
 import tempfile
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,15 @@ from imgest_runtime.broker import (
     retrying,
 )
 from imgest_runtime.db import Database
-from imgest_runtime.outbox import Outbox, Relay, delivery_tables, derived_id
+from imgest_runtime.outbox import (
+    PASS_SETTINGS,
+    Outbox,
+    Relay,
+    delivery_tables,
+    derived_id,
+    pending,
+    prune,
+)
 from imgest_runtime.service import Service
 from imgest_runtime.settings import RuntimeSettings
 from prometheus_client import CollectorRegistry
@@ -356,6 +364,72 @@ async def test_outbox_relay_publishes_after_commit_and_inbox_drops_redeliveries(
         await relay.stop()
         await broker.stop()
         await db.close()
+
+
+async def test_the_relay_reads_its_batch_alone_however_stale_the_statistics(database_url):
+    """A replay (or a burst) leaves thousands of rows unsent while the planner's statistics
+    still say there are none: the relay's query must still walk its batch in order, not
+    fetch and sort every unsent row, values and all, on each pass (it took ~250 ms so)."""
+    db, outbox = await outbox_in(database_url, "pending_test")
+    try:
+        async with db.session() as session:
+            await session.execute(text(
+                "insert into pending_test.outbox (event_id, topic, value, created_at, "
+                "published_at) select 'e' || i, 't', jsonb_build_object('type', 'x', 'data', "
+                "repeat('a', 1000)), now(), now() from generate_series(1, 5000) i"))
+        async with db.engine.connect() as conn:
+            await conn.execute(text("analyze pending_test.outbox"))
+        async with db.session() as session:  # as a replay marks them: no fresh statistics
+            await session.execute(text("update pending_test.outbox set published_at = null"))
+        async with db.engine.connect() as conn:
+            await conn.execute(PASS_SETTINGS)
+            statement = pending(outbox.tables.outbox, 500).compile(
+                dialect=conn.dialect, compile_kwargs={"literal_binds": True})
+            plan = (await conn.execute(text(f"explain (format json) {statement}"))).scalar()
+        nodes, stack = [], [plan[0]["Plan"]]
+        while stack:
+            node = stack.pop()
+            nodes.append(node)
+            stack += node.get("Plans", [])
+        assert "Sort" not in [n["Node Type"] for n in nodes], plan
+        assert [n.get("Index Name") for n in nodes if "Index Name" in n] == ["outbox_pending"]
+    finally:
+        await db.close()
+
+
+async def test_sent_events_and_inbox_marks_past_their_keeping_are_pruned(database_url):
+    db, outbox = await outbox_in(database_url, "prune_test")
+    now = datetime.now(UTC)
+    rows = {  # event id: (created, published)
+        "sent-long-ago": (now - timedelta(hours=30), now - timedelta(hours=25)),
+        "sent-lately": (now - timedelta(hours=2), now - timedelta(hours=1)),
+        "never-sent": (now - timedelta(hours=30), None),  # (a broker away a day: still sent)
+    }
+    marks = {"handled-long-ago": now - timedelta(days=8), "handled-lately": now - timedelta(days=2)}
+    try:
+        async with db.session() as session:
+            await session.execute(outbox.tables.outbox.insert(), [
+                {"event_id": e, "topic": "t", "value": {}, "created_at": c, "published_at": p}
+                for e, (c, p) in rows.items()])
+            await session.execute(outbox.tables.inbox.insert(), [
+                {"event_id": e, "topic": "t", "processed_at": at} for e, at in marks.items()])
+        assert await prune(db, outbox.tables, replay_hours=24, inbox_hours=168) == (1, 1)
+        async with db.session() as session:
+            left = set((await session.execute(text(
+                "select event_id from prune_test.outbox"))).scalars())
+            remembered = set((await session.execute(text(
+                "select event_id from prune_test.inbox"))).scalars())
+        assert left == {"sent-lately", "never-sent"}
+        assert remembered == {"handled-lately"}
+        assert await prune(db, outbox.tables, replay_hours=24, inbox_hours=168) == (0, 0)
+    finally:
+        await db.close()
+
+
+def test_the_inbox_is_kept_at_least_as_long_as_events_can_be_replayed():
+    with pytest.raises(ValueError, match="IMGEST_INBOX_HOURS"):
+        RuntimeSettings(replay_hours=48, inbox_hours=24)
+    assert RuntimeSettings(replay_hours=48, inbox_hours=48).inbox_hours == 48
 
 
 async def test_an_event_larger_than_the_broker_takes_does_not_hold_up_later_ones(

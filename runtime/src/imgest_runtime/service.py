@@ -52,7 +52,7 @@ from .broker import (
 from .db import Database, any_of, migrate
 from .epoch import broker_epoch, check_epoch
 from .http import BoundedHeadProtocol, HeadAsGet, HeadCheck, routed
-from .outbox import DeliveryTables, Outbox, Relay, delivery_tables, derived_id
+from .outbox import DeliveryTables, Outbox, Relay, delivery_tables, derived_id, prune
 from .settings import RuntimeSettings
 from .store import ObjectStore, open_store
 from .workers import METRICS_DIR, fresh_metrics_dir, serve_workers, workers_registry
@@ -61,6 +61,7 @@ log = logging.getLogger("imgest.service")
 
 VERSION = "0.1.0"
 DATABASE_PING_SECONDS = 2.0  # how often a consumer asks whether the database is back
+PRUNE_SECONDS = 3600.0  # how often handled and sent events past their keeping are deleted
 
 
 def setup_logging(service: str, level: str) -> None:
@@ -318,6 +319,10 @@ class Service:
                                        + 2 * self.settings.kafka_session_timeout_ms / 1000)
         self._epoch = epoch
 
+    async def prune_delivery(self) -> None:
+        await prune(self.db, self.tables, replay_hours=self.settings.replay_hours,
+                    inbox_hours=self.settings.inbox_hours)
+
     @asynccontextmanager
     async def running(self):
         """Start order: store, topics, broker (consumers), relay, periodic jobs; reverse on stop."""
@@ -335,7 +340,9 @@ class Service:
         relay = Relay(self.db, self.outbox, self.broker)
         relay.start()
         jobs = [*self.periodic, Periodic("broker-epoch", self.settings.epoch_check_seconds,
-                                         self.check_epoch)] if self.primary else []
+                                         self.check_epoch),
+                Periodic("delivery-pruning", PRUNE_SECONDS, self.prune_delivery)
+                ] if self.primary else []
         tasks = [asyncio.create_task(self._run_periodic(job), name=job.name) for job in jobs]
         tasks += [asyncio.create_task(work()) for work in self.background]
         log.info("%s started (pid %d)", self.name, os.getpid())

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,7 +47,10 @@ class RuntimeSettings(BaseSettings):
         10.0, gt=0, description="How often a service checks whether the broker lost its memory.")
     replay_hours: float = Field(
         24.0, gt=0, description="How far back the outbox is sent again after the broker lost "
-        "its memory.")
+        "its memory; sent outbox rows older than that are deleted.")
+    inbox_hours: float = Field(
+        168.0, gt=0, description="How long a service remembers the events it handled (its "
+        "inbox), so that one delivered again is dropped; at least IMGEST_REPLAY_HOURS.")
     delivery: Literal["guarded", "unguarded"] = Field(
         "guarded", description="`unguarded` drops the inbox, the outbox and commit-after-work "
         "(at most once, lossy on a crash): only for bench/pipeline.py to measure what the "
@@ -89,3 +92,11 @@ class RuntimeSettings(BaseSettings):
     @property
     def local_store_dir(self) -> Path:
         return self.store_dir or self.data_dir / "objects"
+
+    @model_validator(mode="after")
+    def _inbox_outlives_replay(self) -> RuntimeSettings:
+        # An event replayed after the broker lost its memory must still be known as handled.
+        if self.inbox_hours < self.replay_hours:
+            raise ValueError(f"IMGEST_INBOX_HOURS ({self.inbox_hours:g}) must be at least "
+                             f"IMGEST_REPLAY_HOURS ({self.replay_hours:g})")
+        return self
