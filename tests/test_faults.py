@@ -270,35 +270,40 @@ async def skip_to_end(bootstrap: str, group: str, offsets: dict) -> None:
         await consumer.stop()
 
 
-@pytest.mark.parametrize("stage", ["unpacker", "metadata", "importer"])
+@pytest.mark.parametrize("stage", ["unpacker", "metadata", "importer", "submission"])
 def test_redrive_moves_on_work_whose_events_were_skipped(faulty: Running, pydicom_file,
                                                          stage: str):
     """A durable broker loses nothing, but a stage can still miss work: an operator resets its
     offsets, a bug commits past events. Here the stage is stopped, its group is moved past the
     upload's events, and it comes back: the upload stalls with objects stored but never
-    unpacked, files staged but never validated, or validated but never placed. After IMGEST_REDRIVE_IDLE_SECONDS the
-    gateway sends the unfinished work again under the same event ids, and it ends exactly
-    once."""
+    unpacked, files staged but never validated, or validated but never placed, or (the
+    importer missing upload.submitted, whose outbox row is gone as pruning takes it after
+    IMGEST_REPLAY_HOURS) never completed. After IMGEST_REDRIVE_IDLE_SECONDS the gateway sends
+    the unfinished work again under the same event ids, and it ends exactly once."""
     import asyncio
 
     bootstrap = faulty.env["IMGEST_KAFKA_BOOTSTRAP"]
     topic = {"unpacker": "imgest.object.stored", "metadata": "imgest.file.staged",
-             "importer": "imgest.file.validated"}[stage]
+             "importer": "imgest.file.validated", "submission": "imgest.upload.submitted"}[stage]
+    service = "importer" if stage == "submission" else stage
     files = 40
     before = asyncio.run(end_offsets(bootstrap, topic))
-    faulty.stack.supervisor.hold(stage)
+    faulty.stack.supervisor.hold(service)
     try:
         upload_id = upload_study(faulty, pydicom_file, files=files)
-        if stage != "unpacker":
+        if stage in ("metadata", "importer"):
             faulty.wait_files(upload_id, {"metadata": {"staged"}, "importer": {"validated"}}[
                 stage], files)
         deadline = time.monotonic() + 30
         while (after := asyncio.run(end_offsets(bootstrap, topic))) == before:
             assert time.monotonic() < deadline, f"nothing reached {topic}"
             time.sleep(0.2)
-        asyncio.run(skip_to_end(bootstrap, f"imgest-{stage}", after))
+        asyncio.run(skip_to_end(bootstrap, f"imgest-{service}", after))
+        if stage == "submission":
+            assert faulty.query("delete from gateway.outbox where key = $1 and topic = $2 "
+                                "returning seq", upload_id, topic)
     finally:
-        faulty.stack.supervisor.release(stage)
+        faulty.stack.supervisor.release(service)
     assert_exactly_once(faulty, upload_id, files)
     assert f"upload {upload_id}: no progress for" in faulty.log.read_text()
 

@@ -34,6 +34,7 @@ from sqlalchemy import (
     Text,
     bindparam,
     cast,
+    literal_column,
     select,
     text,
     update,
@@ -256,12 +257,12 @@ class Relay:
             rows = (await session.execute(pending(table, self.batch))).all()
             if not rows:
                 return 0
-            sends = []
+            sends, refused = [], []
             for row in rows:
                 try:
                     sends.append((row, await self._send(row)))
                 except MessageSizeTooLargeError as error:  # (the producer's own limit)
-                    self._too_large(row, error)
+                    refused.append(self._too_large(row, error))
             # Every send acknowledged (acks=all) before marking.
             outcomes = await asyncio.gather(*(sent for _, sent in sends),
                                             return_exceptions=True)
@@ -272,13 +273,16 @@ class Relay:
                     try:
                         await (await self._send(row))
                     except MessageSizeTooLargeError as error:
-                        self._too_large(row, error)
+                        refused.append(self._too_large(row, error))
                 elif isinstance(outcome, BaseException):
                     raise outcome
             await session.execute(
                 update(table).where(any_of(table.c.seq, [r.seq for r in rows]))
                 .values(published_at=datetime.now(UTC))
             )
+            if refused:  # passed, and kept: never old enough to be pruned
+                await session.execute(update(table).where(any_of(table.c.seq, refused))
+                                      .values(published_at=literal_column("'infinity'")))
         return len(rows)
 
     async def _send(self, row: Any) -> asyncio.Future:
@@ -290,15 +294,17 @@ class Relay:
             no_confirm=True,
         )
 
-    def _too_large(self, row: Any, error: Exception) -> None:
+    def _too_large(self, row: Any, error: Exception) -> int:
         """An event the broker will never take must not hold up every later one: it is
-        marked like the others, counted and logged (the row stays in the outbox, found by its
-        seq). What it was about does not happen, so the events that grow with an upload are
-        kept below the limit where they are made (upload.completed: importer.within_budget)."""
+        passed, counted and logged; returns its seq (the row stays in the outbox, marked sent
+        at 'infinity', so that no pruning deletes it). What it was about does not happen, so
+        the events that grow with an upload are kept below the limit where they are made
+        (upload.completed: importer.within_budget)."""
         undeliverable.labels(row.topic).inc()
         log.error("outbox: the event in row seq=%d of %s (%s, %d bytes) is larger than the "
                   "broker takes (%s); it is not sent, and the relay goes on", row.seq,
                   self.outbox.tables.outbox.fullname, row.type, len(row.value), error)
+        return row.seq
 
     async def run(self) -> None:
         while not self._stopping:
@@ -342,21 +348,37 @@ async def insert_ignore(session: AsyncSession, table: Table, **values) -> bool:
     return bool(result.rowcount)
 
 
-__all__ = ["DeliveryTables", "Outbox", "Relay", "delivery_tables", "derived_id", "insert_ignore"]
-
-
 async def prune(db: Database, tables: DeliveryTables, *, replay_hours: float,
-                inbox_hours: float) -> tuple[int, int]:
+                inbox_hours: float, batch: int = 10_000) -> tuple[int, int]:
     """Deletes outbox rows sent before the replay window (no replay sends them again) and inbox
-    marks older than `inbox_hours` (at least the replay window: every event that can come
-    again is younger); returns how many of each. Without it both tables grew for ever."""
+    marks older than `inbox_hours` (well past the window: every event that can come again is
+    younger); returns how many of each. Without it both tables grew for ever. In batches, each
+    its own transaction (the first pass of a long-running deployment has months to delete), and
+    by one of the service's replicas at a time."""
     now = datetime.now(UTC)
-    outbox, inbox = tables.outbox, tables.inbox
-    async with db.session() as session:
-        sent = (await session.execute(outbox.delete().where(
-            outbox.c.published_at < now - timedelta(hours=replay_hours)))).rowcount
-        marks = (await session.execute(inbox.delete().where(
-            inbox.c.processed_at < now - timedelta(hours=inbox_hours)))).rowcount
-    if sent or marks:
-        log.info("pruned %d sent outbox rows and %d inbox marks", sent, marks)
-    return sent, marks
+    done = []
+    for table, column, hours in [(tables.outbox, "published_at", replay_hours),
+                                 (tables.inbox, "processed_at", inbox_hours)]:
+        name = f'"{table.schema}"."{table.name}"' if table.schema else f'"{table.name}"'
+        deleted = 0
+        while True:
+            async with db.session() as session:
+                if not (await session.execute(
+                        text("select pg_try_advisory_xact_lock(hashtextextended(:k, 0))"),
+                        {"k": f"prune:{name}"})).scalar():
+                    break  # another replica prunes it now
+                n = (await session.execute(text(
+                    f"delete from {name} where ctid = any(array(select ctid from {name} "
+                    f"where {column} < :before limit :batch))"),
+                    {"before": now - timedelta(hours=hours), "batch": batch})).rowcount
+            deleted += n
+            if n < batch:
+                break
+        done.append(deleted)
+    if any(done):
+        log.info("pruned %d sent outbox rows and %d inbox marks", *done)
+    return done[0], done[1]
+
+
+__all__ = ["PASS_SETTINGS", "DeliveryTables", "Outbox", "Relay", "delivery_tables", "derived_id",
+           "insert_ignore", "pending", "prune"]

@@ -341,7 +341,9 @@ class Service:
         relay.start()
         jobs = [*self.periodic, Periodic("broker-epoch", self.settings.epoch_check_seconds,
                                          self.check_epoch),
-                Periodic("delivery-pruning", PRUNE_SECONDS, self.prune_delivery)
+                # (Not at start: a consumer that was away first catches up, its marks kept.)
+                Periodic("delivery-pruning", PRUNE_SECONDS, self.prune_delivery,
+                         at_start=False)
                 ] if self.primary else []
         tasks = [asyncio.create_task(self._run_periodic(job), name=job.name) for job in jobs]
         tasks += [asyncio.create_task(work()) for work in self.background]

@@ -49,8 +49,10 @@ class RuntimeSettings(BaseSettings):
         24.0, gt=0, description="How far back the outbox is sent again after the broker lost "
         "its memory; sent outbox rows older than that are deleted.")
     inbox_hours: float = Field(
-        168.0, gt=0, description="How long a service remembers the events it handled (its "
-        "inbox), so that one delivered again is dropped; at least IMGEST_REPLAY_HOURS.")
+        720.0, gt=0, description="How long a service remembers the events it handled (its "
+        "inbox), so that one delivered again is dropped: at least twice IMGEST_REPLAY_HOURS, "
+        "and longer than the broker keeps records (Kafka's default: 7 days, plus up to a "
+        "7-day segment) and than dead letters may wait to be replayed.")
     delivery: Literal["guarded", "unguarded"] = Field(
         "guarded", description="`unguarded` drops the inbox, the outbox and commit-after-work "
         "(at most once, lossy on a crash): only for bench/pipeline.py to measure what the "
@@ -95,8 +97,9 @@ class RuntimeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _inbox_outlives_replay(self) -> RuntimeSettings:
-        # An event replayed after the broker lost its memory must still be known as handled.
-        if self.inbox_hours < self.replay_hours:
+        # An event replayed after the broker lost its memory must still be known as handled
+        # while the replay is worked through (hence the margin).
+        if self.inbox_hours < 2 * self.replay_hours:
             raise ValueError(f"IMGEST_INBOX_HOURS ({self.inbox_hours:g}) must be at least "
-                             f"IMGEST_REPLAY_HOURS ({self.replay_hours:g})")
+                             f"twice IMGEST_REPLAY_HOURS ({self.replay_hours:g})")
         return self

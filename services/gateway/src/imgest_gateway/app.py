@@ -425,9 +425,12 @@ async def _redrive_upload(svc: Service, settings: Settings, upload_id: str,
         events = [row.event for row in (*objects, *files) if row.event]
         for event in events:
             await svc.outbox.resend(session, TOPIC_OF_TYPE[event["type"]], upload_id, event)
-        await svc.outbox.resend_key(session, upload_id, topic_of(UploadSubmitted))
-        if upload.state == "cancelling":
-            await svc.outbox.resend_key(session, upload_id, topic_of(UploadCancelled))
+        for kind, event, due in [(UploadSubmitted, upload.submission, True), (
+                UploadCancelled, upload.cancellation, upload.state == "cancelling")]:
+            if due and event is not None:
+                await svc.outbox.resend(session, topic_of(kind), upload_id, event)
+            elif due:  # (an upload handed on before its row kept the event: the outbox has it)
+                await svc.outbox.resend_key(session, upload_id, topic_of(kind))
     log.warning("upload %s: no progress for %.0fs; sent again the last event of %d object(s) "
                 "and file(s) and its submission (re-drive %d of at most %d)", upload_id,
                 settings.redrive_idle_seconds, len(events), upload.redrives,

@@ -33,6 +33,10 @@ class Upload(Base, table=True):
     redrives: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     files_added: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # the cap
     redriven_at: datetime | None = _ts(nullable=True)
+    # upload.submitted and upload.cancelled as sent: a re-drive sends them again from here
+    # (the outbox forgets sent events after IMGEST_REPLAY_HOURS).
+    submission: dict | None = Field(default=None, sa_column=Column(JSONB(none_as_null=True)))
+    cancellation: dict | None = Field(default=None, sa_column=Column(JSONB(none_as_null=True)))
 
 
 class UploadObject(Base, table=True):

@@ -331,14 +331,14 @@ async def submit(svc: Service, session: AsyncSession, upload: Upload,
             set_committed_value(obj, "state", "stored")
             session.expire(obj, ["event"])
     upload.state = PROCESSING
-    session.add(upload)
-    await svc.outbox.add(session, UploadSubmitted(
+    upload.submission = event_json(await svc.outbox.add(session, UploadSubmitted(
         upload_id=upload.id, uploader=await uploader(session, upload),
         options=ImportOptions.model_validate({  # (the gateway keeps more, e.g. a listener id)
             "project": upload.project,
             **{k: v for k, v in upload.options.items() if k in ImportOptions.model_fields}}),
         object_keys=[o.object_key for o in objects], submitted_at=datetime.now(UTC),
-        rules=rules))
+        rules=rules)))
+    session.add(upload)
 
 
 async def project_settings(session: AsyncSession, project_id: str) -> ProjectSettings:
@@ -556,9 +556,9 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             status = 200
             if upload.state == PROCESSING:
                 upload.state, status = CANCELLING, 202
-                await svc.outbox.add(session, UploadCancelled(
+                upload.cancellation = event_json(await svc.outbox.add(session, UploadCancelled(
                     upload_id=upload_id, username=caller.username,
-                    cancelled_at=datetime.now(UTC)))
+                    cancelled_at=datetime.now(UTC))))
             elif upload.state == OPEN:
                 upload.state, upload.completed_at = CANCELLED, datetime.now(UTC)
             session.add(upload)
