@@ -11,6 +11,7 @@ import io
 import subprocess
 import zipfile
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 import httpx
@@ -366,6 +367,15 @@ def test_xnats_python_client_browses_and_downloads(running: Running, archive: Ar
         study = subject.experiments["SESS1"]
         assert study.subject.label == "SUB1" and study.modality == "CT"
         assert sorted(s.id for s in study.scans.values()) == ["1", "2"]
+        # Every scan's resource is "DICOM": the client keeps resources by their IDs, so each
+        # must have its own (the README's loop got scan 1's files for scan 2).
+        for scan in study.scans.values():
+            resource = scan.resources["DICOM"]
+            assert sorted(resource.files.keys()) == sorted(archive.study[scan.id]), scan.id
+            resource.download(tmp_path / f"scan-{scan.id}.zip", verbose=False)
+            with zipfile.ZipFile(tmp_path / f"scan-{scan.id}.zip") as zf:
+                assert sorted(PurePosixPath(n).name for n in zf.namelist()) == sorted(
+                    archive.study[scan.id]), scan.id
         files = study.scans["1"].resources["DICOM"].files
         assert sorted(files.keys()) == sorted(archive.study["1"])
         name = min(archive.study["1"])
@@ -374,6 +384,35 @@ def test_xnats_python_client_browses_and_downloads(running: Running, archive: Ar
         study.download(tmp_path / "session.zip", verbose=False)
     with zipfile.ZipFile(tmp_path / "session.zip") as zf:
         assert len(zf.namelist()) == sum(len(files) for files in archive.study.values())
+
+
+def test_the_same_labels_in_two_projects_stay_apart_in_xnats_client(running: Running,
+                                                                     archive: Archive,
+                                                                     pydicom_file):
+    """XNAT's subject and session IDs are unique across the site, and xnatpy keeps objects by
+    them: with labels for IDs, CAT's SUB1/SESS1 was answered by CAT2's (its address too)."""
+    import xnat
+
+    running.project("CAT2")
+    body, _ = study_zip(pydicom_file("CT_small.dcm"), instances=2, series=1)
+    upload = running.upload("other.zip", body, project="CAT2", subject="SUB1", session="SESS1")
+    assert running.wait(upload["id"])["state"] == "archived"
+    user(running, "both", "CAT", "CAT2")
+    with xnat.connect(running.url, user="both", password=PASSWORD) as session:
+        ours, theirs = (session.projects[p].subjects["SUB1"] for p in ("CAT", "CAT2"))
+        assert (ours.id, theirs.id) == ("CAT.SUB1", "CAT2.SUB1") and ours is not theirs
+        mine, other = ours.experiments["SESS1"], theirs.experiments["SESS1"]
+        assert (mine.id, mine.project, other.id, other.project) == (
+            "CAT.SESS1", "CAT", "CAT2.SESS1", "CAT2")
+        assert "/projects/CAT/" in mine.uri and "/projects/CAT2/" in other.uri
+        assert sorted(s.id for s in mine.scans.values()) == ["1", "2"]
+        [scan] = other.scans.values()
+        names = set(scan.resources["DICOM"].files.keys())
+        assert len(names) == 2 and not names & {n for f in archive.study.values() for n in f}
+        # A path by ID reads as by label; another project's ID is no subject of this one.
+        assert session.get(f"/data/subjects/{ours.id}").status_code == 200
+    stranger = running.http.get("/data/projects/CAT/subjects/CAT2.SUB1")
+    assert stranger.status_code in (400, 404), stranger.text
 
 
 # --- without a stack ----------------------------------------------------------------------------

@@ -249,6 +249,14 @@ def test_upload_session_fields_duplicates_cap_progress_and_listing(gateway: Runn
     assert "capture_date" in missing.json()["detail"]
     assert missing.json()["errors"] == [{"loc": ["body", "fields", "capture_date"],
                                          "msg": "Field required"}]
+    # Fields travel in upload.submitted, which the broker must take: 10,000 of 1,000
+    # characters made it 10 MB, never sent, and the upload never ended.
+    crowded = http.post("/api/v1/projects/SLIDES/uploads", json={"fields": {
+        "view_name": "AP", "capture_date": "2026-11-26",
+        **{f"f{i}": "x" * 1000 for i in range(10_000)}}})
+    assert crowded.status_code == 422, crowded.text
+    [error] = crowded.json()["errors"]
+    assert error["loc"] == ["body", "fields"] and "at most 100" in error["msg"], crowded.text
     created = http.post("/api/v1/projects/SLIDES/uploads", json={
         "fields": {"view_name": "AP", "capture_date": "2026-11-26"}, "subject": "S1"})
     assert created.status_code == 201, created.text
@@ -998,6 +1006,40 @@ def test_a_tus_upload_terminated_during_a_patch_leaves_nothing(gateway: Running)
     assert terminated.status_code == 204, terminated.text
     assert http.head(location, headers=patch).status_code == 404
     assert list(gateway.store.list(f".tus/{tus_id}/")) == []
+
+
+def test_a_tus_file_its_session_refuses_at_the_end_is_not_left_looking_whole(
+        gateway: Running):
+    """The session filled up (or was closed) while the file's bytes came: the last PATCH is
+    refused with the reason, and the tus upload is gone. Kept with all its bytes counted, its
+    HEAD said it was whole, and a client resuming after the refusal reported success for a
+    file that was never added. A full session refuses the next tus upload at once."""
+    import base64
+
+    http = gateway.http
+    gateway.project("TUSCAP", max_files_per_upload=1)
+    upload = http.post("/api/v1/projects/TUSCAP/uploads", json={}).json()
+    tus = {"Tus-Resumable": "1.0.0"}
+    meta = (f"upload {base64.b64encode(upload['id'].encode()).decode()},"
+            f"filename {base64.b64encode(b'late.bin').decode()}")
+    created = http.post("/api/v1/tus/", headers={**tus, "Upload-Length": "3000",
+                                                  "Upload-Metadata": meta})
+    assert created.status_code == 201, created.text
+    location = created.headers["location"]
+    added = http.post(f"/api/v1/uploads/{upload['id']}/files", params={"filename": "a.bin"},
+                      content=os.urandom(100))
+    assert added.status_code == 201 and added.json()["added"] == 1, added.text
+    last = http.patch(location, content=os.urandom(3000), headers={
+        **tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"})
+    assert last.status_code == 409 and "max_files_per_upload" in last.json()["detail"], last.text
+    assert http.head(location, headers=tus).status_code == 404
+    state = http.get(f"/api/v1/uploads/{upload['id']}").json()
+    assert [o["filename"] for o in state["objects"]] == ["a.bin"], state
+    staged = [o.key for o in gateway.store.list(f"staging/{upload['id']}/")]
+    assert len(staged) == 1 and staged[0].endswith("a.bin"), staged
+    full = http.post("/api/v1/tus/", headers={**tus, "Upload-Length": "3000",
+                                               "Upload-Metadata": meta})
+    assert full.status_code == 409 and "max_files_per_upload" in full.json()["detail"]
 
 
 def test_tus_protocol_details(gateway: Running):

@@ -76,3 +76,17 @@ def test_a_content_type_without_boundary_is_refused():
 
     with pytest.raises(BadForm, match="boundary"):
         asyncio.run(read())
+
+
+def test_a_boundary_longer_than_the_parser_takes_is_a_bad_form():
+    """(It was a 500: the parser refuses boundaries over 256 bytes as it is made.)"""
+    boundary = "B" * 300
+
+    async def read():
+        body = f"--{boundary}\r\nContent-Disposition: form-data; name=f; filename=a\r\n\r\nabc"
+        async for _ in file_parts(f"multipart/form-data; boundary={boundary}",
+                                  _body(f"{body}\r\n--{boundary}--\r\n".encode(), 64)):
+            pass
+
+    with pytest.raises(BadForm, match="Malformed multipart/form-data: .*256"):
+        asyncio.run(read())

@@ -44,9 +44,22 @@ def test_a_session_is_xnats_items_with_its_scans_as_children_and_no_empty_fields
     })["items"]
     assert s["meta"] == {"xsi:type": "xnat:mrSessionData", "isHistory": False,
                          "start_date": "2026-01-01T00:00:00+00:00"}
-    assert s["data_fields"] == {"ID": "E1", "label": "E1", "project": "P", "subject_ID": "S1",
-                                "modality": "MR", "UID": "1.2"}
+    # IDs unique across the site (the project's, a dot, the label), as xnatpy keeps them.
+    assert s["data_fields"] == {"ID": "P.E1", "label": "E1", "project": "P",
+                                "subject_ID": "P.S1", "modality": "MR", "UID": "1.2"}
     [scans] = s["children"]
     [scan] = scans["items"]
     assert scans["field"] == "scans/scan" and scan["meta"]["xsi:type"] == "xnat:mrScanData"
     assert "type" not in scan["data_fields"]  # an empty description is left out
+
+
+def test_paths_with_ids_are_read_as_paths_with_labels():
+    from imgest_gateway.xnat_api import labelled_path
+
+    assert labelled_path("/data/archive/projects/PA/subjects/PA.S1/experiments/PA.E1/scans/1/"
+                         "resources/9/files/PA.x") == (
+        "/data/archive/projects/PA/subjects/S1/experiments/E1/scans/1/resources/9/files/PA.x")
+    assert labelled_path("/data/subjects/PA.S1") == "/data/projects/PA/subjects/S1"
+    # Another project's ID is no label of this one; the prearchive has no IDs.
+    for path in ["/data/projects/PA/subjects/PB.S1", "/data/prearchive/projects/PA/1_2/PA.E"]:
+        assert labelled_path(path) == path

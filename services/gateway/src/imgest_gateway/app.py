@@ -73,7 +73,7 @@ from .tus_api import TusProtocol, tus_router
 from .uploads_api import Refused, submit_one_file, uploads_router
 from .views import SHOWN, TOPIC_OF_TYPE, event_json, json_response, upload_status, upload_view
 from .waiting import Waiters, announce
-from .xnat_api import plain_http_errors, xnat_router
+from .xnat_api import XnatIds, plain_http_errors, xnat_router
 
 NAME = "gateway"
 log = logging.getLogger("imgest.gateway")
@@ -540,6 +540,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(tus_router(svc, settings))
     app.add_middleware(TusProtocol)
     app.include_router(xnat_router(svc, settings, waiters))
+    app.add_middleware(XnatIds)
     app.include_router(archive_router(svc, settings))
     app.include_router(catalogue_router(svc, settings))
     plain_http_errors(app)

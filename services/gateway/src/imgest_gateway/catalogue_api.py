@@ -11,6 +11,7 @@ chunk at a time: no file or zip is ever held whole in memory.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import mimetypes
 import re
@@ -34,7 +35,14 @@ from .identity import PROJECT_ID, Action, Caller
 from .identity_api import visible_project, visible_projects
 from .settings import Settings
 from .views import json_response
-from .xnat_model import project_items, scan_items, session_items, subject_items, xsi_type
+from .xnat_model import (
+    project_items,
+    scan_items,
+    session_items,
+    subject_items,
+    xnat_id,
+    xsi_type,
+)
 
 LABEL = PROJECT_ID  # subjects, sessions, scans and resources have XNAT's ID characters too
 ProjectId = Annotated[str, Path(pattern=PROJECT_ID, description="The project's ID.")]
@@ -184,12 +192,30 @@ def scan_rows(s: dict[str, Any], base: str, typed: bool) -> list[dict[str, Any]]
             for c in s["scans"]]
 
 
+def resource_id(uri: str) -> str:
+    """An archived resource's xnat_abstractresource_id: as XNAT's, a number unique across the
+    site, for clients keep resources by it (xnat's did: with every scan's "DICOM" the same, a
+    second scan's resource answered with the first one's files). From its address: stable."""
+    return str(int(hashlib.sha256(uri.encode()).hexdigest()[:12], 16))
+
+
+def resource_named(s: dict[str, Any], base: str, resource: str) -> str:
+    """The label of the resource a path names by its label or (as clients do) by its ID."""
+    if resource.isdigit():
+        for label in {f["resource"] for f in files_of(s)}:
+            if resource_id(f"{base}/{label}") == resource:
+                return label
+    return resource
+
+
 def resource_rows(s: dict[str, Any], base: str, typed: bool) -> list[dict[str, Any]]:
-    """A scan's resources (`base`: …/scans/SCAN/resources), with their file counts and sizes."""
+    """A scan's resources (`base`: …/scans/SCAN/resources), with their file counts and sizes;
+    the prearchive's are known by their labels (as XNAT's are)."""
     resources: dict[str, list[int]] = {}
     for f in files_of(s):
         resources.setdefault(f["resource"], []).append(f["size"])
-    return [{"ID": r, "xnat_abstractresource_id": r, "label": r,
+    return [{"ID": (rid := resource_id(f"{base}/{r}") if typed else r),
+             "xnat_abstractresource_id": rid, "label": r,
              **({"element_name": "xnat:resourceCatalog"} if typed else {}), "format": r,
              "file_count": str(len(sizes)), "file_size": str(sum(sizes)), "URI": f"{base}/{r}"}
             for r, sizes in sorted(resources.items())]
@@ -456,8 +482,8 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
     @xnat_get("/projects/{project}/subjects", "the project's subjects")
     async def xnat_subjects(project: ProjectId, caller: CallerDep,
                             fmt: ListFormat = "json") -> JSONResponse:
-        return result_set([{"ID": r["label"], "label": r["label"], "project": project,
-                            "insert_date": xnat_date(r["created_at"]),
+        return result_set([{"ID": xnat_id(project, r["label"]), "label": r["label"],
+                            "project": project, "insert_date": xnat_date(r["created_at"]),
                             "URI": f"/data/projects/{project}/subjects/{r['label']}"}
                            for r in await subject_rows(caller, project)])
 
@@ -490,8 +516,8 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
         rows = await catalogue.get(f"/catalogue/projects/{project}/sessions", subject=subject,
                                    state="archived")
         return result_set([{
-            "ID": r["label"], "label": r["label"], "project": project,
-            "subject_label": r["subject"],
+            "ID": xnat_id(project, r["label"]), "label": r["label"], "project": project,
+            "subject_ID": xnat_id(project, r["subject"]), "subject_label": r["subject"],
             "xsiType": xsi_type(r["modalities"][0] if r["modalities"] else None, "Session"),
             "insert_date": xnat_date(r["created_at"]),
             "URI": session_uri(project, r["subject"], r["label"])} for r in rows])
@@ -560,7 +586,8 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
                                   session: SessionLabel, scan: ScanId, resource: ResourceLabel,
                                   caller: CallerDep, fmt: ListOrZip = "json") -> Response:
         s = await archived(caller, project, subject, session, scan=scan)
-        files = files_in(s, scan, resource)
+        base = f"{session_uri(project, subject, session)}/scans/{scan}/resources"
+        files = files_in(s, scan, resource_named(s, base, resource))
         if fmt == "zip":
             return zip_response(s, files)
         return result_set(file_rows(session_uri(project, subject, session), files))
@@ -572,7 +599,9 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
                         session: SessionLabel, scan: ScanId, resource: ResourceLabel,
                         name: FileName, caller: CallerDep) -> Response:
         s = await archived(caller, project, subject, session, scan=scan, file=name)
-        return await file_response(request, files_in(s, scan, resource, name)[0])
+        base = f"{session_uri(project, subject, session)}/scans/{scan}/resources"
+        return await file_response(request, files_in(s, scan, resource_named(s, base, resource),
+                                                     name)[0])
 
     @api.get("/data/prearchive/projects/{project}/{timestamp}/{session}", tags=["xnat"],
              summary="XNAT: a prearchive entry (format=zip: its files)",

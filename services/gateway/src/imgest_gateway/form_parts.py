@@ -149,7 +149,10 @@ async def file_parts(content_type: str, body: AsyncIterator[bytes]) -> AsyncIter
         charset = codecs.lookup(charset).name
     except LookupError:
         charset = "utf-8"
-    form = _Form(boundary, charset, aiter(body))
+    try:
+        form = _Form(boundary, charset, aiter(body))
+    except FormParserError as e:  # e.g. a boundary over the parser's 256 bytes
+        raise BadForm(f"Malformed multipart/form-data: {e}") from e
     current: FilePart | None = None
     while True:
         if current is not None and not current.chunks.ended:

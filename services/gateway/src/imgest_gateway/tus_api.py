@@ -209,6 +209,11 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                 if upload.state != OPEN:
                     raise Refused(409, "Upload not open", f"Upload {upload_id} is "
                                   f"{upload.state}; files are added to an open upload only.")
+                rules = await project_settings(session, upload.project or "")
+                if upload.files_added >= rules.max_files_per_upload:  # (not 10 GB later)
+                    raise Refused(409, "Too many files", f"Upload {upload_id} holds "
+                                  f"{upload.files_added} files, the most project "
+                                  f"{upload.project} allows (max_files_per_upload).")
                 now = datetime.now(UTC)
                 row = TusUpload(id=uuid.uuid4().hex, upload_id=upload_id,
                                 username=caller.username, filename=filename, length=length,
@@ -436,9 +441,21 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                 await asyncio.to_thread(svc.store.delete, key)
 
     async def finish_if_done(row: TusUpload, offset: int) -> int:
-        """The last byte is in: the segments become the file in the upload session."""
+        """The last byte is in: the segments become the file in the upload session. A file
+        the session refuses (closed meanwhile, or full) is dropped with the tus upload, bytes
+        and all: kept, its HEAD would say it is whole, and a client resuming would take that
+        for success."""
         if offset < row.length or row.object_key is not None:
             return offset
+        key, _ = staging_key(row.upload_id, row.filename, token=row.id[:12])
+        try:
+            return await _finish(row, offset, key)
+        except Refused:
+            await asyncio.to_thread(svc.store.delete, key)
+            await drop(row)
+            raise
+
+    async def _finish(row: TusUpload, offset: int, key: str) -> int:
         async with svc.db.session() as session:
             fresh = await session.get(TusUpload, row.id)
             upload = await session.get(Upload, row.upload_id)
@@ -446,7 +463,6 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         assert fresh is not None
         if upload is None or rules is None:
             raise Refused(409, "Upload not open", f"Upload {row.upload_id} is gone.")
-        key, _ = staging_key(row.upload_id, row.filename, token=row.id[:12])
         if in_place(fresh):
             # Whole: no byte past the length was ever written (the body is cut there).
             await asyncio.to_thread(svc.store.move, in_place_key(row.id), key)

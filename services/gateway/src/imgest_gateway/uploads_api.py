@@ -109,6 +109,7 @@ TERMINAL = {"archived", "prearchived", "partial", "failed", CANCELLED}
 LABEL = r"^[A-Za-z0-9_-]{1,64}$"
 UploadState = Literal["open", "processing", "cancelling", "archived", "prearchived", "partial",
                       "failed", "cancelled"]
+MAX_FIELDS = 100  # of an upload: with their values, ~100 KB at most
 FieldValue = Annotated[str, Field(max_length=1000, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$")]
 
 
@@ -130,8 +131,10 @@ class Refused(Exception):
 class NewUpload(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fields: dict[str, FieldValue] = Field(
-        default_factory=dict, description="Free fields (e.g. view_name, capture_date); the "
-        "project says which are required.", json_schema_extra={
+        # (bounded: they travel in upload.submitted, which the broker must take whole)
+        default_factory=dict, max_length=MAX_FIELDS, description="Free fields (e.g. view_name, "
+        f"capture_date), at most {MAX_FIELDS}; the project says which are required.",
+        json_schema_extra={
             "propertyNames": {"pattern": FIELD_NAME}})
     subject: str | None = Field(None, pattern=LABEL)
     session: str | None = Field(None, pattern=LABEL)

@@ -9,7 +9,7 @@ one per line. Errors are plain text with XNAT's status codes, not problem+json.
 import asyncio
 import re
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +38,7 @@ _DEST = re.compile(
     r"(?:/(?P<timestamp>\d{8}_\d{6,9})/(?P<entry>[^/]+)"
     r"|/subjects/(?P<subject>[^/]+)(?:/experiments/(?P<session>[^/]+))?)?)?/?$")
 _TRUE = {"true", "1", "yes", "y", "on"}
+_ID = r"[A-Za-z0-9_-]{1,64}"  # a project's ID, a subject's or session's label
 
 
 class XnatError(Exception):
@@ -351,6 +352,42 @@ def _name_for(content_type: str) -> str:
             "application/x-tar": "upload.tar", "application/gzip": "upload.tar.gz",
             "application/x-gzip": "upload.tar.gz", "application/dicom": "upload.dcm",
             }.get(content_type.split(";")[0].strip().lower(), "upload")
+
+
+class XnatIds:
+    """ASGI middleware: XNAT paths take a subject's or session's ID (`xnat_model.xnat_id`,
+    as xnatpy builds its paths from IDs) where they take its label: `/data/projects/P/subjects/
+    P.S/experiments/P.E/…` is read as `…/subjects/S/experiments/E/…`, and `/data/subjects/P.S`
+    as `/data/projects/P/subjects/S`. An ID of another project stays as it is (no such label:
+    a 404)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and "." in scope["path"] and (
+                scope["path"].startswith(("/data/", "/REST/"))):
+            path = labelled_path(scope["path"])
+            if path != scope["path"]:
+                scope = {**scope, "path": path, "raw_path": path.encode()}
+        await self.app(scope, receive, send)
+
+
+_BY_ID = re.compile(rf"^(/(?:data|REST))/subjects/({_ID})\.({_ID})(?=/|$)")
+_IN_PROJECT = re.compile(rf"^(/(?:data|REST)(?:/archive)?/projects/({_ID})/)(.*)$")
+
+
+def labelled_path(path: str) -> str:
+    """The path with the IDs of its project's subjects and sessions as their labels."""
+    path = _BY_ID.sub(r"\1/projects/\2/subjects/\3", path)
+    if not (found := _IN_PROJECT.match(path)):
+        return path
+    head, project, rest = found.groups()
+    parts = rest.split("/")
+    for i in range(1, len(parts)):
+        if parts[i - 1] in ("subjects", "experiments") and parts[i].startswith(project + "."):
+            parts[i] = parts[i][len(project) + 1:]
+    return head + "/".join(parts)
 
 
 def plain_http_errors(app) -> None:

@@ -150,15 +150,26 @@ def project_items(project: Project) -> dict[str, Any]:
                  created=project.created_at.isoformat())
 
 
+def xnat_id(project: str, label: str) -> str:
+    """A subject's or session's ID. XNAT's are unique across the site, and clients keep
+    subjects and sessions by them (xnat's does: with IDs that were labels, SUBJ1 of project PA
+    was answered by PB's). Labels are unique in their project, and no label or project ID has
+    a dot, so the project and a dot before the label make one; paths take it where they take
+    the label (`xnat_api.XnatIds`)."""
+    return f"{project}.{label}"
+
+
 def subject_items(project: str, subject: dict[str, Any]) -> dict[str, Any]:
-    return items("xnat:subjectData", {"ID": subject["label"], "label": subject["label"],
-                                      "project": project}, created=subject["created_at"])
+    return items("xnat:subjectData", {"ID": xnat_id(project, subject["label"]),
+                                      "label": subject["label"], "project": project},
+                 created=subject["created_at"])
 
 
 def _scan_fields(project: str, session: str, scan: dict[str, Any]) -> dict[str, Any]:
     return {"ID": scan["label"], "type": scan["description"] or "",
             "series_description": scan["description"] or "", "modality": scan["modality"],
-            "UID": scan["series_uid"], "image_session_ID": session, "project": project}
+            "UID": scan["series_uid"], "image_session_ID": xnat_id(project, session),
+            "project": project}
 
 
 def session_items(s: dict[str, Any]) -> dict[str, Any]:
@@ -167,8 +178,9 @@ def session_items(s: dict[str, Any]) -> dict[str, Any]:
     scans = [item(xsi_type(c["modality"], "Scan"), _scan_fields(s["project"], s["label"], c))
              for c in s["scans"]]
     return items(xsi_type(modality, "Session"), {
-        "ID": s["label"], "label": s["label"], "project": s["project"],
-        "subject_ID": s["subject"], "modality": modality, "UID": s["study_uid"]},
+        "ID": xnat_id(s["project"], s["label"]), "label": s["label"], "project": s["project"],
+        "subject_ID": xnat_id(s["project"], s["subject"]), "modality": modality,
+        "UID": s["study_uid"]},
         [{"field": "scans/scan", "items": scans}] if scans else [], created=s["created_at"])
 
 
