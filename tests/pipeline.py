@@ -200,6 +200,7 @@ def study_zip(template: Path, instances: int = 20, series: int = 2) -> tuple[byt
             ds.StudyInstanceUID = study_uid
             ds.SeriesInstanceUID = series_uids[i % series]
             ds.SeriesNumber = i % series + 1
+            ds.SeriesDescription = f"Axial {i % series + 1} mm"
             ds.SOPInstanceUID = generate_uid()
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             ds.InstanceNumber = i + 1

@@ -121,7 +121,7 @@ def test_listings_at_each_level_json_and_xnat(running: Running, archive: Archive
     for prefix in ("/data", "/data/archive"):  # XNAT takes both
         assert [(r["ID"], r["label"], r["URI"]) for r in rows(http.get(
             f"{prefix}/projects/CAT/subjects", params={"format": "json"}))] == [
-            ("SUB1", "SUB1", "/data/projects/CAT/subjects/SUB1")]
+            ("CAT.SUB1", "SUB1", "/data/projects/CAT/subjects/SUB1")]  # (IDs: site-unique)
     experiments = rows(http.get("/data/projects/CAT/experiments"))
     assert {(r["label"], r["subject_label"], r["xsiType"]) for r in experiments} == {
         ("SESS1", "SUB1", "xnat:ctSessionData"), ("PHOTOS1", "SUB1", "xnat:imageSessionData")}
@@ -147,16 +147,18 @@ def test_listings_at_each_level_json_and_xnat(running: Running, archive: Archive
     [item] = http.get(XNAT_SESSION, params={"format": "json"}).json()["items"]
     assert item["meta"]["xsi:type"] == "xnat:ctSessionData"
     assert {k: item["data_fields"][k] for k in ("ID", "label", "project", "subject_ID")} == {
-        "ID": "SESS1", "label": "SESS1", "project": "CAT", "subject_ID": "SUB1"}
+        "ID": "CAT.SESS1", "label": "SESS1", "project": "CAT", "subject_ID": "CAT.SUB1"}
     [scan_children] = item["children"]
     assert scan_children["field"] == "scans/scan"
     assert [c["data_fields"]["ID"] for c in scan_children["items"]] == ["1", "2"]
     [scan_item] = http.get(f"{XNAT_SESSION}/scans/2").json()["items"]
     assert (scan_item["meta"]["xsi:type"], scan_item["data_fields"]["ID"]) == (
         "xnat:ctScanData", "2")
-    for url in ("/data/projects/CAT/subjects/SUB1", "/data/subjects/SUB1"):
+    for url in ("/data/projects/CAT/subjects/SUB1", "/data/subjects/SUB1",
+                "/data/subjects/CAT.SUB1", "/data/projects/CAT/subjects/CAT.SUB1"):
         [subject_item] = http.get(url).json()["items"]
-        assert subject_item["data_fields"] == {"ID": "SUB1", "label": "SUB1", "project": "CAT"}
+        assert subject_item["data_fields"] == {"ID": "CAT.SUB1", "label": "SUB1",
+                                               "project": "CAT"}, url
     [project_item] = http.get("/data/projects/CAT").json()["items"]
     assert (project_item["meta"]["xsi:type"], project_item["data_fields"]["ID"]) == (
         "xnat:projectData", "CAT")
@@ -370,6 +372,8 @@ def test_xnats_python_client_browses_and_downloads(running: Running, archive: Ar
         # Every scan's resource is "DICOM": the client keeps resources by their IDs, so each
         # must have its own (the README's loop got scan 1's files for scan 2).
         for scan in study.scans.values():
+            # The type XNAT's scripts pick scans by: the series' description.
+            assert (scan.type, scan.series_description) == (f"Axial {scan.id} mm",) * 2
             resource = scan.resources["DICOM"]
             assert sorted(resource.files.keys()) == sorted(archive.study[scan.id]), scan.id
             resource.download(tmp_path / f"scan-{scan.id}.zip", verbose=False)

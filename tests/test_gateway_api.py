@@ -37,7 +37,7 @@ def gateway(request, infra: Infra, smtp_server, tmp_path_factory):
     # Two workers whatever the cores: every test here also crosses processes.
     with started_stack(request, infra, smtp_server, tmp_path_factory, "local",
                        IMGEST_MAX_UPLOAD_BYTES=str(1024**3), IMGEST_GATEWAY_WORKERS="2",
-                       IMGEST_TUS_IDLE_SECONDS="3") as run:
+                       IMGEST_TUS_IDLE_SECONDS="3", IMGEST_TUS_PATCHES="3") as run:
         yield run
 
 
@@ -570,6 +570,28 @@ def test_cancel_an_open_upload_and_retry_failed_files(gateway: Running, pydicom_
     assert http.post(f"/api/v1/uploads/{upload['id']}/retry").status_code == 409
 
 
+def test_an_upload_cancelled_while_a_file_streams_in_says_so(gateway: Running):
+    """The cancel deletes the upload's folder under the file being written: the answer is the
+    upload's state (409), not a store failure (a 503, which clients retry)."""
+    http = gateway.http
+    gateway.project("CANCELMID")
+    upload = http.post("/api/v1/projects/CANCELMID/uploads", json={}).json()
+    other = httpx.Client(base_url=gateway.url, headers=http.headers, timeout=30)
+
+    def body():
+        for i in range(5):
+            if i == 3:
+                cancelled = other.post(f"/api/v1/uploads/{upload['id']}/cancel")
+                assert cancelled.status_code == 200, cancelled.text
+            yield os.urandom(1024 * 1024)
+
+    added = http.post(f"/api/v1/uploads/{upload['id']}/files", params={"filename": "big.bin"},
+                      content=body())
+    assert added.status_code == 409 and added.json()["title"] == "Upload not open", added.text
+    assert "cancelled" in added.json()["detail"]
+    assert not list(gateway.store.list(f"staging/{upload['id']}/"))
+
+
 def test_cancel_an_upload_being_processed(gateway: Running, pydicom_file):
     http = gateway.http
     gateway.project("STOP")
@@ -709,7 +731,7 @@ def test_xnat_python_client_logs_in_and_imports(gateway: Running, pydicom_file, 
                                               experiment="PY1_CT", destination="/archive")
         assert type(experiment).__name__ == "CtSessionData"
         assert (experiment.label, experiment.project, experiment.subject_id,
-                experiment.modality) == ("PY1_CT", "XPY", "PY1", "CT")
+                experiment.modality) == ("PY1_CT", "XPY", "XPY.PY1", "CT")  # (an ID)
         assert experiment.subject.label == "PY1"
         assert [p.id for p in session.projects.values()] == ["XPY"]  # what xuser may see
         browsed = session.projects["XPY"].subjects["PY1"].experiments["PY1_CT"]
@@ -1040,6 +1062,61 @@ def test_a_tus_file_its_session_refuses_at_the_end_is_not_left_looking_whole(
     full = http.post("/api/v1/tus/", headers={**tus, "Upload-Length": "3000",
                                                "Upload-Metadata": meta})
     assert full.status_code == 409 and "max_files_per_upload" in full.json()["detail"]
+    # A whole file is in its session: terminating it cannot take it back out (it said 204,
+    # and the file went on to be archived).
+    roomy = http.post("/api/v1/projects/TUSCAP/uploads", json={}).json()
+    meta = (f"upload {base64.b64encode(roomy['id'].encode()).decode()},"
+            f"filename {base64.b64encode(b'whole.bin').decode()}")
+    whole = http.post("/api/v1/tus/", content=os.urandom(100), headers={
+        **tus, "Upload-Length": "100", "Upload-Metadata": meta,
+        "Content-Type": "application/offset+octet-stream"})
+    assert whole.status_code == 201 and whole.headers["upload-offset"] == "100", whole.text
+    terminated = http.delete(whole.headers["location"], headers=tus)
+    assert terminated.status_code == 409 and "cancel the upload" in terminated.json()["detail"]
+
+
+def test_tus_patches_at_once_are_bounded(gateway: Running):
+    """Each PATCH holds a database connection of its own (its upload's lock): unbounded, 75
+    stalled clients used up PostgreSQL's, and every service failed with them. Past
+    IMGEST_TUS_PATCHES in a process (3 here, in each of 2): 503 with Retry-After; the others
+    go on."""
+    import base64
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    http = gateway.http
+    gateway.project("TUSMANY")
+    upload = http.post("/api/v1/projects/TUSMANY/uploads", json={}).json()
+    tus = {"Tus-Resumable": "1.0.0"}
+    locations = []
+    for i in range(7):
+        meta = (f"upload {base64.b64encode(upload['id'].encode()).decode()},"
+                f"filename {base64.b64encode(f'{i}.bin'.encode()).decode()}")
+        created = http.post("/api/v1/tus/", headers={**tus, "Upload-Length": "200",
+                                                      "Upload-Metadata": meta})
+        assert created.status_code == 201, created.text
+        locations.append(created.headers["location"])
+    all_sent = threading.Barrier(7, timeout=10)
+
+    def stalled(location: str) -> httpx.Response:
+        def body():
+            yield b"x" * 100
+            with contextlib.suppress(threading.BrokenBarrierError):
+                all_sent.wait()  # every PATCH is in before any ends
+            time.sleep(0.5)
+            yield b"x" * 100
+
+        with httpx.Client(base_url=gateway.url, headers=http.headers, timeout=30) as c:
+            return c.patch(location, content=body(), headers={
+                **tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"})
+
+    with ThreadPoolExecutor(7) as pool:
+        answers = list(pool.map(stalled, locations))
+    busy = [a for a in answers if a.status_code == 503]
+    assert busy and all(a.headers["retry-after"] == "5" for a in busy), [
+        a.status_code for a in answers]
+    assert all(a.status_code == 204 for a in answers if a.status_code != 503), [
+        (a.status_code, a.text) for a in answers]
 
 
 def test_tus_protocol_details(gateway: Running):
@@ -1085,15 +1162,17 @@ def test_tus_protocol_details(gateway: Running):
     past = http.patch(location, content=b"x", headers={**patch, "Upload-Offset": "3000"})
     assert past.status_code == 413 and past.headers["tus-resumable"] == "1.0.0"
     assert http.head(location, headers=tus).headers["upload-offset"] == "3000"
-    # No Tus-Resumable (a declared header), or too long for the server: refused, before any
-    # byte. Every answer says Tus-Resumable, the errors of authentication and of unknown
-    # uploads too.
-    assert http.patch(location, content=b"x", headers={
-        "Content-Type": "application/offset+octet-stream", "Upload-Offset": "3000"}
-    ).status_code == 422
+    # No Tus-Resumable, or another version: 412 naming the one spoken (tus 1.0); too long for
+    # the server: 413. Refused before any byte. Every answer says Tus-Resumable, the errors
+    # of authentication and of unknown uploads too.
+    for version in ({}, {"Tus-Resumable": "0.2.2"}):
+        old = http.patch(location, content=b"x", headers={
+            **version, "Content-Type": "application/offset+octet-stream",
+            "Upload-Offset": "3000"})
+        assert old.status_code == 412 and old.headers["tus-version"] == "1.0.0", old.text
     huge = http.post("/api/v1/tus/", headers={**tus, "Upload-Length": str(2**60),
                                                "Upload-Metadata": meta})
-    assert huge.status_code == 422 and huge.headers["tus-resumable"] == "1.0.0"
+    assert huge.status_code == 413 and huge.headers["tus-resumable"] == "1.0.0"
     unknown = http.delete("/api/v1/tus/" + "0" * 32, headers=tus)
     assert unknown.status_code == 404 and unknown.headers["tus-resumable"] == "1.0.0"
     assert httpx.head(gateway.url + location, headers=tus).headers["tus-resumable"] == "1.0.0"
@@ -1114,7 +1193,9 @@ def test_tus_protocol_details(gateway: Running):
     # Termination: the bytes go, the upload is no more.
     other = http.post("/api/v1/tus/", headers={**tus, "Upload-Length": "10",
                                                "Upload-Metadata": meta})
-    assert http.delete(other.headers["location"], headers=tus).status_code == 204
+    # (through X-HTTP-Method-Override, as clients that can only POST send it)
+    assert http.post(other.headers["location"], headers={
+        **tus, "X-HTTP-Method-Override": "DELETE"}).status_code == 204
     assert http.head(other.headers["location"], headers=tus).status_code == 404
     # Someone else's tus upload is not theirs to read or write.
     assert as_user(gateway).head(location, headers=tus).status_code == 401

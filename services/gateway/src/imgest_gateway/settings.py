@@ -40,6 +40,10 @@ class Settings(RuntimeSettings):
         60.0, gt=0, description="A resumable (tus) PATCH whose body sends nothing this long is "
         "ended, keeping what was stored (as tusd's network timeout): a stalled client must not "
         "hold the upload's lock, and its database connection, for ever.")
+    tus_patches: int = Field(
+        16, ge=1, description="Resumable (tus) PATCHes one gateway process takes at once; more "
+        "wait for a 503 with Retry-After. Each holds a database connection of its own (its "
+        "upload's lock): unbounded, stalled clients used up PostgreSQL's.")
     redrive_max: int = Field(5, ge=0, description="Most times one upload is re-driven.")
     importer_url: str = Field(
         "http://127.0.0.1:8083", description="The importer's HTTP API, where the gateway reads "

@@ -38,7 +38,7 @@ from imgest_runtime.store import (
 )
 from sqlalchemy import delete, update
 from sqlmodel import col, select
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import ClientDisconnect
 
 from .auth import CallerDep, forbidden
@@ -132,6 +132,16 @@ class TusProtocol:
         if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
             await self.app(scope, receive, send)
             return
+        headers = Headers(scope=scope)
+        override = headers.get("x-http-method-override", "").upper()
+        if scope["method"] == "POST" and override in ("PATCH", "DELETE", "HEAD"):
+            scope = {**scope, "method": override}  # (tus 1.0: for clients that only POST)
+        if scope["method"] != "OPTIONS" and headers.get("tus-resumable") != TUS_VERSION:
+            refused = problem(412, "Precondition Failed", "Send Tus-Resumable: "
+                              f"{TUS_VERSION}, the tus version this server speaks.")
+            refused.headers.update(tus_headers(**{"Tus-Version": TUS_VERSION}))
+            await refused(scope, receive, send)
+            return
 
         async def tagged(message: Any) -> None:
             if message["type"] == "http.response.start":
@@ -151,10 +161,10 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                                      "description": "Checksum Mismatch (PATCH with "
                                      "Upload-Checksum): nothing of the body was kept."}})
     # Within the size limit, as the document says (a longer one is refused before any byte).
-    UploadLength = Annotated[int, Header(alias="Upload-Length", ge=1,
-                                         le=settings.max_upload_bytes,
-                                         description="The file's size in bytes.")]
+    UploadLength = Annotated[int, Header(alias="Upload-Length", ge=1, description=(
+        "The file's size in bytes (at most Tus-Max-Size: past it, 413)."))]
     hashes = Hashes()
+    patching = asyncio.Semaphore(settings.tus_patches)  # (each holds a connection: bounded)
 
     def in_place(row: TusUpload) -> bool:
         """The store writes at offsets (the local one): the file is assembled where it lies,
@@ -190,6 +200,9 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                          alias="Upload-Metadata", max_length=8192, pattern=METADATA,
                          description="`upload <base64 id>,filename <base64 name>`")] = ""
                      ) -> Response:
+        if upload_length > settings.max_upload_bytes:
+            return problem(413, "Content Too Large", f"A file may be at most "
+                           f"{settings.max_upload_bytes} bytes (Tus-Max-Size).")
         try:
             length = upload_length
             header = upload_metadata
@@ -257,8 +270,13 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
         if request.headers.get("content-type") != OFFSET_STREAM:
             return problem(415, "Unsupported Media Type", f"PATCH bodies are {OFFSET_STREAM}.")
         row = await owned(tus_id, caller)
+        if patching.locked():
+            busy = problem(503, "Too many uploads at once", f"This server takes "
+                           f"{settings.tus_patches} PATCHes at once; resume in a moment.")
+            busy.headers["Retry-After"] = "5"
+            return busy
         # One PATCH at a time per upload, whichever gateway process or replica it reaches.
-        async with svc.db.advisory_lock(f"tus:{tus_id}") as mine:
+        async with patching, svc.db.advisory_lock(f"tus:{tus_id}") as mine:
             if not mine:
                 return problem(409, "Upload in progress", "Another PATCH to this upload is "
                                "running.")
@@ -288,6 +306,9 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                 return problem(409, "Upload in progress", "A PATCH to this upload is still "
                                "running; end it, then terminate.")
             row = await owned(tus_id, caller)
+            if row.object_key:  # (it said 204, and the file went on to be archived)
+                return problem(409, "Already added", f"The file is whole and in upload "
+                               f"{row.upload_id}; cancel the upload to drop it.")
             await drop(row)
         return Response(status_code=204, headers=tus_headers())
 

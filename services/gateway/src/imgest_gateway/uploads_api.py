@@ -520,8 +520,21 @@ def uploads_router(svc: Service, settings: Settings) -> APIRouter:
             if not filename:
                 raise Refused(422, "File name missing", "Name the file: ?filename=…")
             key, name = staging_key(upload.id, filename)
-            stored = await stream_to_store(svc, settings, key, request.stream(),
-                                           int(length) if length.isdigit() else None)
+            try:
+                stored = await stream_to_store(svc, settings, key, request.stream(),
+                                               int(length) if length.isdigit() else None)
+            except Refused as refused:
+                if refused.status != 503:
+                    raise
+                # Cancelled while the bytes came, the upload's folder went from under them:
+                # that is the answer, not a store to retry.
+                async with svc.db.connection() as conn:
+                    now = await conn.fetchrow(_UPLOAD_AND_RULES, upload_id=upload_id)
+                if now is None or now["state"] != OPEN:
+                    raise Refused(409, "Upload not open", f"Upload {upload_id} is "
+                                  f"{now['state'] if now else 'gone'}; files are added to an "
+                                  "open upload only.") from refused
+                raise
             verdicts = await record_arrivals(svc, upload, rules, [Arrival(
                 key, name, stored.size, stored.sha256 or "", content_type or None)])
         return verdicts_response(verdicts)

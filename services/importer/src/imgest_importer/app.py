@@ -578,7 +578,9 @@ class Importer:
         await session.execute(pg_insert(Scan.__table__).on_conflict_do_nothing(), [
             {"id": f"{s.id}/{label}", "session_id": s.id, "label": label,
              "series_uid": first.hints.series_uid, "modality": first.hints.modality,
-             "description": None} for label, first in scans.items()])
+             # XNAT's scan type and series description (scripts pick scans by them)
+             "description": ((first.metadata or {}).get("SeriesDescription") or "")[:256]
+             or None} for label, first in scans.items()])
         ref = SessionRef(project=s.project, subject=s.subject, session=s.label, uri=s.uri)
         upload_ids = [upload_id] if upload_id else []
         files, _ = await self._contents(session, s.id)
