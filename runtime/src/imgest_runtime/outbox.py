@@ -380,5 +380,25 @@ async def prune(db: Database, tables: DeliveryTables, *, replay_hours: float,
     return done[0], done[1]
 
 
+def index_unsent_rows(schema: str) -> None:
+    """Migration step (every service's, in its schema): the `outbox_pending` index in place of
+    the one on published_at. Not CONCURRENTLY: that waits for every older snapshot, and the
+    services waiting for the migration lock (migrations/env.py) hold one while they wait."""
+    from alembic import op
+
+    op.drop_index(f"ix_{schema}_outbox_published_at", table_name="outbox", schema=schema)
+    op.create_index("outbox_pending", "outbox", ["seq"], schema=schema,
+                    postgresql_where=text("published_at IS NULL"))
+
+
+def unindex_unsent_rows(schema: str) -> None:
+    """The reverse of `index_unsent_rows`."""
+    from alembic import op
+
+    op.drop_index("outbox_pending", table_name="outbox", schema=schema)
+    op.create_index(f"ix_{schema}_outbox_published_at", "outbox", ["published_at"],
+                    schema=schema)
+
+
 __all__ = ["PASS_SETTINGS", "DeliveryTables", "Outbox", "Relay", "delivery_tables", "derived_id",
-           "insert_ignore", "pending", "prune"]
+           "index_unsent_rows", "insert_ignore", "pending", "prune", "unindex_unsent_rows"]
