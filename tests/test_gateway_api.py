@@ -1162,14 +1162,15 @@ def test_tus_protocol_details(gateway: Running):
     past = http.patch(location, content=b"x", headers={**patch, "Upload-Offset": "3000"})
     assert past.status_code == 413 and past.headers["tus-resumable"] == "1.0.0"
     assert http.head(location, headers=tus).headers["upload-offset"] == "3000"
-    # No Tus-Resumable, or another version: 412 naming the one spoken (tus 1.0); too long for
-    # the server: 413. Refused before any byte. Every answer says Tus-Resumable, the errors
-    # of authentication and of unknown uploads too.
-    for version in ({}, {"Tus-Resumable": "0.2.2"}):
+    # Another tus version: 412 naming the one spoken (tus 1.0); none: 422 (a required
+    # header); too long for the server: 413. Refused before any byte. Every answer says
+    # Tus-Resumable, the errors of authentication and of unknown uploads too.
+    for version, status in (({}, 422), ({"Tus-Resumable": "0.2.2"}, 412)):
         old = http.patch(location, content=b"x", headers={
             **version, "Content-Type": "application/offset+octet-stream",
             "Upload-Offset": "3000"})
-        assert old.status_code == 412 and old.headers["tus-version"] == "1.0.0", old.text
+        assert old.status_code == status, old.text
+    assert old.headers["tus-version"] == "1.0.0"
     huge = http.post("/api/v1/tus/", headers={**tus, "Upload-Length": str(2**60),
                                                "Upload-Metadata": meta})
     assert huge.status_code == 413 and huge.headers["tus-resumable"] == "1.0.0"

@@ -121,6 +121,9 @@ def tus_headers(**extra: str) -> dict[str, str]:
     return {"Tus-Resumable": TUS_VERSION, "Cache-Control": "no-store", **extra}
 
 
+TUS_METHODS = ("POST", "HEAD", "PATCH", "DELETE")  # (others: 405, from the router)
+
+
 class TusProtocol:
     """ASGI middleware for the tus URLs: every answer carries Tus-Resumable, as the protocol
     requires, whoever made it (authentication, validation, a handler)."""
@@ -136,7 +139,11 @@ class TusProtocol:
         override = headers.get("x-http-method-override", "").upper()
         if scope["method"] == "POST" and override in ("PATCH", "DELETE", "HEAD"):
             scope = {**scope, "method": override}  # (tus 1.0: for clients that only POST)
-        if scope["method"] != "OPTIONS" and headers.get("tus-resumable") != TUS_VERSION:
+        # (POST creates on the collection; the rest act on one upload: other pairs are 405s)
+        creating = scope["path"].rstrip("/") == PREFIX.rstrip("/")
+        tus_request = scope["method"] in TUS_METHODS and (scope["method"] == "POST") == creating
+        version = headers.get("tus-resumable")  # (none: the route's 422, a required header)
+        if tus_request and version is not None and version != TUS_VERSION:
             refused = problem(412, "Precondition Failed", "Send Tus-Resumable: "
                               f"{TUS_VERSION}, the tus version this server speaks.")
             refused.headers.update(tus_headers(**{"Tus-Version": TUS_VERSION}))
@@ -155,14 +162,16 @@ class TusProtocol:
 
 def tus_router(svc: Service, settings: Settings) -> APIRouter:
     api = APIRouter(prefix=PREFIX, tags=["resumable uploads (tus)"],
-                    responses={**problem_responses(400, 401, 403, 404, 409, 410, 413, 415,
+                    responses={**problem_responses(400, 401, 403, 404, 409, 410, 412, 413, 415,
                                                    422, 503),
                                460: {**problem_responses(400)[400],
                                      "description": "Checksum Mismatch (PATCH with "
                                      "Upload-Checksum): nothing of the body was kept."}})
     # Within the size limit, as the document says (a longer one is refused before any byte).
-    UploadLength = Annotated[int, Header(alias="Upload-Length", ge=1, description=(
-        "The file's size in bytes (at most Tus-Max-Size: past it, 413)."))]
+    # (Checked by the handler, not by validation: past the maximum is 413, as tus says.)
+    UploadLength = Annotated[int, Header(
+        alias="Upload-Length", ge=1, description="The file's size in bytes (at most "
+        "Tus-Max-Size: past it, 413).", json_schema_extra={"maximum": settings.max_upload_bytes})]
     hashes = Hashes()
     patching = asyncio.Semaphore(settings.tus_patches)  # (each holds a connection: bounded)
 
