@@ -465,6 +465,10 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
     def session_uri(project: str, subject: str, session: str) -> str:
         return f"/data/projects/{project}/subjects/{subject}/experiments/{session}"
 
+    def resources_uri(project: str, subject: str, session: str, scan: str) -> str:
+        """Where an archived scan's resources are listed (and their IDs derive from)."""
+        return f"{session_uri(project, subject, session)}/scans/{scan}/resources"
+
     @xnat_get("/projects", "the projects the caller may see")
     async def xnat_projects(caller: CallerDep, fmt: ListFormat = "json") -> JSONResponse:
         async with svc.db.session() as db:
@@ -565,7 +569,7 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
                              ) -> JSONResponse:
         s = await archived(caller, project, subject, session, scan=scan)
         return result_set(resource_rows(
-            s, f"{session_uri(project, subject, session)}/scans/{scan}/resources", typed=True))
+            s, resources_uri(project, subject, session, scan), typed=True))
 
     @xnat_get("/projects/{project}/subjects/{subject}/experiments/{session}/scans/{scan}/files",
               "a scan's files (scan ALL: every scan's); format=zip for the files themselves",
@@ -586,8 +590,8 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
                                   session: SessionLabel, scan: ScanId, resource: ResourceLabel,
                                   caller: CallerDep, fmt: ListOrZip = "json") -> Response:
         s = await archived(caller, project, subject, session, scan=scan)
-        base = f"{session_uri(project, subject, session)}/scans/{scan}/resources"
-        files = files_in(s, scan, resource_named(s, base, resource))
+        files = files_in(s, scan, resource_named(
+            s, resources_uri(project, subject, session, scan), resource))
         if fmt == "zip":
             return zip_response(s, files)
         return result_set(file_rows(session_uri(project, subject, session), files))
@@ -599,9 +603,8 @@ def catalogue_router(svc: Service, settings: Settings) -> APIRouter:
                         session: SessionLabel, scan: ScanId, resource: ResourceLabel,
                         name: FileName, caller: CallerDep) -> Response:
         s = await archived(caller, project, subject, session, scan=scan, file=name)
-        base = f"{session_uri(project, subject, session)}/scans/{scan}/resources"
-        return await file_response(request, files_in(s, scan, resource_named(s, base, resource),
-                                                     name)[0])
+        named = resource_named(s, resources_uri(project, subject, session, scan), resource)
+        return await file_response(request, files_in(s, scan, named, name)[0])
 
     @api.get("/data/prearchive/projects/{project}/{timestamp}/{session}", tags=["xnat"],
              summary="XNAT: a prearchive entry (format=zip: its files)",

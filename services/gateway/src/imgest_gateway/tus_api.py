@@ -167,8 +167,8 @@ def tus_router(svc: Service, settings: Settings) -> APIRouter:
                                460: {**problem_responses(400)[400],
                                      "description": "Checksum Mismatch (PATCH with "
                                      "Upload-Checksum): nothing of the body was kept."}})
-    # Within the size limit, as the document says (a longer one is refused before any byte).
-    # (Checked by the handler, not by validation: past the maximum is 413, as tus says.)
+    # The document names the maximum; the handler refuses past it, before any byte, with
+    # tus's 413 (validation would say 422).
     UploadLength = Annotated[int, Header(
         alias="Upload-Length", ge=1, description="The file's size in bytes (at most "
         "Tus-Max-Size: past it, 413).", json_schema_extra={"maximum": settings.max_upload_bytes})]

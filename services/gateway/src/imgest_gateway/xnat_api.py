@@ -38,7 +38,7 @@ _DEST = re.compile(
     r"(?:/(?P<timestamp>\d{8}_\d{6,9})/(?P<entry>[^/]+)"
     r"|/subjects/(?P<subject>[^/]+)(?:/experiments/(?P<session>[^/]+))?)?)?/?$")
 _TRUE = {"true", "1", "yes", "y", "on"}
-_ID = r"[A-Za-z0-9_-]{1,64}"  # a project's ID, a subject's or session's label
+_ID = PROJECT_ID.strip("^$")  # a project's ID, a subject's or session's label (unanchored)
 
 
 class XnatError(Exception):
